@@ -1,0 +1,479 @@
+"""Eviction policies for expert buffering: which experts keep the GPU slots of one MoE layer.
+
+Expert buffering (Huang et al., "Toward Efficient Inference for Mixture of Experts", NeurIPS 2024)
+keeps only ``num_slots`` of a layer's ``num_experts`` experts on the GPU; the rest wait in pinned
+CPU memory. This module is the pure bookkeeping part: it decides which expert occupies which slot.
+It moves no weights; the GPU cache asks it what to load where and does the copies.
+
+The model, one *step* at a time (a step is one forward of one layer over one batch):
+
+* The caller passes the experts the batch needs, in routing order, optionally with the number of
+  tokens routed to each.
+* Experts already resident are **hits**; the others are **misses** and must be loaded. A needed
+  expert counts once per step, however many tokens it serves.
+* Each miss takes a free slot, or the slot of a *victim* the policy chooses. A victim is never an
+  expert needed in the current step while any other candidate exists, and never a pinned expert.
+
+Oversubscribed steps: when a step needs more unpinned experts than there are unpinned slots, the
+step cannot hold all its experts at once and is processed in *chunks*. The first chunk is every hit
+plus as many misses as fit; each later chunk holds the next ``capacity`` misses. The experts of a
+chunk are computed before the next chunk loads, so the victims of a later chunk are experts this
+step has already finished with (they were needed now, but no other candidate exists). Hits always
+sit in the first chunk, so a hit is never evicted before it is used. :attr:`StepOutcome.chunks`
+tells the compute which experts to run between loads.
+
+Pinned experts (shared or always-hot experts) own reserved slots ``0 .. len(pinned) - 1``; they are
+loaded the first time they are needed (a miss, like every first load on a cold cache) and never
+evicted. Unpinned experts share the remaining slots.
+
+Policies (``make_policy`` names):
+
+* ``"lifo"`` — the paper's policy: evict an expert idle in the current batch first (the rule every
+  policy here obeys), and among those the one loaded last (last in, first out). Early loads, which
+  on a skewed router are mostly the popular experts, therefore stay put.
+* ``"fifo"`` — among idle experts, evict the one loaded first.
+* ``"lru"`` — evict the expert whose last use is oldest.
+* ``"lfu"`` — evict the expert used in the fewest steps so far (ties: least recently used).
+* ``"lfru"`` — frequency with exponential decay combined with recency: each use adds a weight that
+  halves every ``half_life`` steps, and the expert with the smallest decayed sum is evicted (ties:
+  least recently used). Token counts, when given, raise the weight of heavily used experts. This is
+  the combined recency/frequency value of LRFU (Lee et al., 2001): a short half-life behaves like
+  LRU, a long one like LFU.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = [
+    "EvictionPolicy",
+    "FIFOPolicy",
+    "LFRUPolicy",
+    "LFUPolicy",
+    "LIFOPolicy",
+    "LRUPolicy",
+    "Load",
+    "POLICY_NAMES",
+    "StepOutcome",
+    "make_policy",
+]
+
+
+@dataclass(frozen=True)
+class Load:
+    """One expert copied into one slot.
+
+    Attributes:
+        expert: the expert loaded.
+        slot: the slot it goes to, in ``range(num_slots)``.
+        evicted: the expert that held the slot before, or ``None`` for a free slot.
+        chunk: index into :attr:`StepOutcome.chunks` of the chunk that needs this load.
+    """
+
+    expert: int
+    slot: int
+    evicted: int | None
+    chunk: int
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one step did to the cache.
+
+    Attributes:
+        hits: needed experts that were resident when the step began, in routing order.
+        misses: needed experts that had to be loaded, in routing order.
+        loads: the copies to perform, in the order the policy made them.
+        chunks: the needed experts grouped into the chunks that are resident together; one chunk
+            unless the step was oversubscribed. Within a chunk, experts keep routing order.
+    """
+
+    hits: tuple[int, ...]
+    misses: tuple[int, ...]
+    loads: tuple[Load, ...]
+    chunks: tuple[tuple[int, ...], ...]
+
+    @property
+    def evicted(self) -> tuple[int, ...]:
+        """Experts evicted during the step, in eviction order."""
+        return tuple(ld.evicted for ld in self.loads if ld.evicted is not None)
+
+
+def _normalise_step(
+    needed: Iterable[int], counts: Sequence[int] | None, num_experts: int
+) -> tuple[list[int], dict[int, int] | None]:
+    """Deduplicate ``needed`` keeping first-seen order, merge counts, and check the ids."""
+    needed = [int(e) for e in needed]
+    if counts is not None and len(counts) != len(needed):
+        raise ValueError(f"counts has {len(counts)} entries but needed has {len(needed)}")
+    order: list[int] = []
+    merged: dict[int, int] = {}
+    for i, e in enumerate(needed):
+        if not 0 <= e < num_experts:
+            raise ValueError(f"expert id {e} out of range [0, {num_experts})")
+        if e not in merged:
+            order.append(e)
+            merged[e] = 0
+        if counts is not None:
+            c = int(counts[i])
+            if c < 0:
+                raise ValueError(f"token count {c} for expert {e} is negative")
+            merged[e] += c
+    return order, (merged if counts is not None else None)
+
+
+class EvictionPolicy(ABC):
+    """Slot bookkeeping for one MoE layer; subclasses only rank eviction candidates.
+
+    Args:
+        num_slots: GPU slots for this layer's experts (pinned ones included).
+        num_experts: experts in the layer; ids are ``0 .. num_experts - 1``.
+        pinned: experts that are never evicted. They own slots ``0 .. len(pinned) - 1``.
+
+    Raises:
+        ValueError: ``num_slots < 1``, ``num_experts < 1``, a pinned id out of range or repeated,
+            more pinned experts than slots, or every slot pinned while unpinned experts remain
+            (they could never be loaded).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, num_slots: int, num_experts: int, pinned: Iterable[int] = ()) -> None:
+        num_slots, num_experts = int(num_slots), int(num_experts)
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        pinned_list = [int(e) for e in pinned]
+        for e in pinned_list:
+            if not 0 <= e < num_experts:
+                raise ValueError(f"pinned expert id {e} out of range [0, {num_experts})")
+        if len(set(pinned_list)) != len(pinned_list):
+            raise ValueError(f"pinned experts repeat an id: {pinned_list}")
+        if len(pinned_list) > num_slots:
+            raise ValueError(f"{len(pinned_list)} pinned experts do not fit in {num_slots} slots")
+        if len(pinned_list) == num_slots and num_experts > num_slots:
+            raise ValueError(
+                f"all {num_slots} slots are pinned, so the other {num_experts - num_slots} experts "
+                "could never be loaded; leave at least one slot unpinned"
+            )
+        self.num_slots = num_slots
+        self.num_experts = num_experts
+        self.pinned: tuple[int, ...] = tuple(pinned_list)
+        self._pinned_slot = {e: s for s, e in enumerate(self.pinned)}
+        self.reset()
+
+    # ----------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Empty the cache (cold start) and forget all history."""
+        self._slot_of: dict[int, int] = {}
+        # Free unpinned slots, popped from the end so the lowest slot is used first.
+        self._free: list[int] = list(range(self.num_slots - 1, len(self.pinned) - 1, -1))
+        self._step = 0  # index of the step being processed
+        self._tick = 0  # counts uses, in routing order, across all steps
+        self._seq = 0  # counts loads
+        self._reset_history()
+
+    @property
+    def capacity(self) -> int:
+        """Slots shared by unpinned experts."""
+        return self.num_slots - len(self.pinned)
+
+    @property
+    def resident(self) -> frozenset[int]:
+        """Experts currently in a slot."""
+        return frozenset(self._slot_of)
+
+    @property
+    def steps_seen(self) -> int:
+        """Steps processed since construction or the last :meth:`reset`."""
+        return self._step
+
+    def slot_of(self, expert: int) -> int | None:
+        """The slot holding ``expert``, or ``None`` if it is not resident."""
+        return self._slot_of.get(int(expert))
+
+    def is_pinned(self, expert: int) -> bool:
+        """Whether ``expert`` is pinned."""
+        return int(expert) in self._pinned_slot
+
+    # ------------------------------------------------------------------ step
+    def step(self, needed: Iterable[int], counts: Sequence[int] | None = None) -> StepOutcome:
+        """Serve one step: count hits, load misses, evict victims.
+
+        Args:
+            needed: experts the batch routes to, in routing order; repeats are merged.
+            counts: optional tokens routed to each entry of ``needed`` (same length).
+
+        Returns:
+            The hits, misses, loads and chunks of the step (see :class:`StepOutcome`).
+
+        Raises:
+            ValueError: an expert id out of range, a negative count, or ``counts`` of the wrong
+                length.
+        """
+        order, count_of = _normalise_step(needed, counts, self.num_experts)
+        self._begin_step(order, count_of)
+        position = {e: i for i, e in enumerate(order)}
+        step_set = set(order)
+        hits = [e for e in order if e in self._slot_of]
+        misses = [e for e in order if e not in self._slot_of]
+        pinned_misses = [e for e in misses if e in self._pinned_slot]
+        unpinned_misses = self._order_misses([e for e in misses if e not in self._pinned_slot])
+        unpinned_hits = sum(1 for e in hits if e not in self._pinned_slot)
+
+        first = self.capacity - unpinned_hits
+        groups = [unpinned_misses[:first]]
+        rest = unpinned_misses[first:]
+        while rest:
+            groups.append(rest[: self.capacity])
+            rest = rest[self.capacity :]
+
+        loads: list[Load] = []
+        chunks: list[tuple[int, ...]] = []
+        done: set[int] = set()  # unpinned experts of this step already computed
+        for c, group in enumerate(groups):
+            members = list(group)
+            if c == 0:
+                members += hits + pinned_misses
+                for e in pinned_misses:
+                    slot = self._pinned_slot[e]
+                    self._slot_of[e] = slot
+                    loads.append(Load(e, slot, None, 0))
+            for e in group:
+                slot, victim = self._take_slot(step_set, done)
+                self._slot_of[e] = slot
+                self._seq += 1
+                self._on_load(e, self._seq)
+                loads.append(Load(e, slot, victim, c))
+            members.sort(key=position.__getitem__)
+            for e in members:
+                if e not in self._pinned_slot:
+                    self._tick += 1
+                    self._on_use(e, self._tick, None if count_of is None else count_of[e])
+                    done.add(e)
+            chunks.append(tuple(members))
+
+        self._end_step(order, count_of)
+        self._step += 1
+        return StepOutcome(tuple(hits), tuple(misses), tuple(loads), tuple(chunks))
+
+    def _take_slot(self, step_set: set[int], done: set[int]) -> tuple[int, int | None]:
+        """A slot for one unpinned load: a free one, else a victim's."""
+        if self._free:
+            return self._free.pop(), None
+        idle = [e for e in self._slot_of if e not in self._pinned_slot and e not in step_set]
+        candidates = idle if idle else [e for e in self._slot_of if e in done]
+        if not candidates:  # pragma: no cover - excluded by the chunk sizes
+            raise RuntimeError("no eviction candidate; the chunking invariant was broken")
+        victim = self._choose_victim(candidates)
+        if victim not in candidates:  # pragma: no cover - guards subclasses
+            raise RuntimeError(f"{type(self).__name__} chose {victim}, not a candidate")
+        slot = self._slot_of.pop(victim)
+        self._on_evict(victim)
+        return slot, victim
+
+    # ----------------------------------------------------------------- hooks
+    def _reset_history(self) -> None:  # noqa: B027 - optional hook
+        """Forget per-expert history; called by :meth:`reset`."""
+
+    def _begin_step(self, order: list[int], counts: dict[int, int] | None) -> None:  # noqa: B027
+        """Called before any load of a step."""
+
+    def _end_step(self, order: list[int], counts: dict[int, int] | None) -> None:  # noqa: B027
+        """Called after the last load of a step."""
+
+    def _order_misses(self, misses: list[int]) -> list[int]:
+        """Order in which unpinned misses load (matters only for oversubscribed steps)."""
+        return misses
+
+    def _on_load(self, expert: int, seq: int) -> None:  # noqa: B027 - optional hook
+        """``expert`` was loaded; ``seq`` increases with every load."""
+
+    def _on_use(self, expert: int, tick: int, count: int | None) -> None:  # noqa: B027
+        """``expert`` served the current step; ``tick`` increases with every use."""
+
+    def _on_evict(self, expert: int) -> None:  # noqa: B027 - optional hook
+        """``expert`` left the cache."""
+
+    @abstractmethod
+    def _choose_victim(self, candidates: list[int]) -> int:
+        """Pick one of ``candidates`` (all resident, unpinned, allowed to go) to evict."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_slots={self.num_slots}, num_experts={self.num_experts}, "
+            f"pinned={self.pinned})"
+        )
+
+
+class _LoadOrderPolicy(EvictionPolicy):
+    """Shared state of the policies that rank by load order."""
+
+    def _reset_history(self) -> None:
+        self._loaded_at: dict[int, int] = {}
+
+    def _on_load(self, expert: int, seq: int) -> None:
+        self._loaded_at[expert] = seq
+
+    def _on_evict(self, expert: int) -> None:
+        del self._loaded_at[expert]
+
+
+class LIFOPolicy(_LoadOrderPolicy):
+    """The paper's policy: among experts idle in the current batch, evict the last one loaded."""
+
+    name = "lifo"
+
+    def _choose_victim(self, candidates: list[int]) -> int:
+        return max(candidates, key=self._loaded_at.__getitem__)
+
+
+class FIFOPolicy(_LoadOrderPolicy):
+    """Among experts idle in the current batch, evict the first one loaded."""
+
+    name = "fifo"
+
+    def _choose_victim(self, candidates: list[int]) -> int:
+        return min(candidates, key=self._loaded_at.__getitem__)
+
+
+class LRUPolicy(EvictionPolicy):
+    """Evict the least recently used expert (uses within a step are ordered by routing order)."""
+
+    name = "lru"
+
+    def _reset_history(self) -> None:
+        self._last_use: dict[int, int] = {}
+
+    def _on_use(self, expert: int, tick: int, count: int | None) -> None:
+        self._last_use[expert] = tick
+
+    def _choose_victim(self, candidates: list[int]) -> int:
+        return min(candidates, key=self._last_use.__getitem__)
+
+
+class LFUPolicy(EvictionPolicy):
+    """Evict the expert needed in the fewest steps so far; ties go to the least recently used.
+
+    The frequency counts every step since the last :meth:`reset`, including steps during which
+    the expert was not resident (the routing history, not the cache history).
+    """
+
+    name = "lfu"
+
+    def _reset_history(self) -> None:
+        self._freq: dict[int, int] = {}
+        self._last_use: dict[int, int] = {}
+
+    def _on_use(self, expert: int, tick: int, count: int | None) -> None:
+        self._freq[expert] = self._freq.get(expert, 0) + 1
+        self._last_use[expert] = tick
+
+    def _choose_victim(self, candidates: list[int]) -> int:
+        return min(candidates, key=lambda e: (self._freq[e], self._last_use[e]))
+
+
+class LFRUPolicy(EvictionPolicy):
+    """Decayed routing frequency combined with recency (an LRFU-style score).
+
+    Every step in which an expert is needed adds a weight to its score; scores halve every
+    ``half_life`` steps. The victim has the smallest score now (ties: least recently used).
+
+    Args:
+        num_slots, num_experts, pinned: as for :class:`EvictionPolicy`.
+        half_life: steps after which a use counts half. Small values approach LRU, large ones LFU.
+        count_weight: with token counts, a use weighs ``1 + count_weight * share``, where
+            ``share`` is the expert's fraction of the step's routed tokens; without counts, 1.
+    """
+
+    name = "lfru"
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_experts: int,
+        pinned: Iterable[int] = (),
+        *,
+        half_life: float = 16.0,
+        count_weight: float = 1.0,
+    ) -> None:
+        if not half_life > 0 or math.isinf(half_life):
+            raise ValueError(f"half_life must be a positive finite number, got {half_life}")
+        if not count_weight >= 0:
+            raise ValueError(f"count_weight must be >= 0, got {count_weight}")
+        self.half_life = float(half_life)
+        self.count_weight = float(count_weight)
+        self._log_decay = -math.log(2.0) / self.half_life
+        super().__init__(num_slots, num_experts, pinned)
+
+    def _reset_history(self) -> None:
+        self._score: dict[int, float] = {}  # value at step self._updated[e]
+        self._updated: dict[int, int] = {}
+        self._last_use: dict[int, int] = {}
+        self._step_total = 0
+
+    def _begin_step(self, order: list[int], counts: dict[int, int] | None) -> None:
+        self._step_total = sum(counts.values()) if counts is not None else 0
+
+    def score(self, expert: int) -> float:
+        """The expert's decayed score at the current step (0 if never used)."""
+        if expert not in self._score:
+            return 0.0
+        age = self._step - self._updated[expert]
+        return self._score[expert] * math.exp(self._log_decay * age)
+
+    def _on_use(self, expert: int, tick: int, count: int | None) -> None:
+        weight = 1.0
+        if count is not None and self._step_total > 0:
+            weight += self.count_weight * count / self._step_total
+        self._score[expert] = self.score(expert) + weight
+        self._updated[expert] = self._step
+        self._last_use[expert] = tick
+
+    def _choose_victim(self, candidates: list[int]) -> int:
+        return min(candidates, key=lambda e: (self.score(e), self._last_use[e]))
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, half_life={self.half_life}, count_weight={self.count_weight})"
+
+
+_POLICIES: dict[str, type[EvictionPolicy]] = {
+    cls.name: cls for cls in (LIFOPolicy, FIFOPolicy, LRUPolicy, LFUPolicy, LFRUPolicy)
+}
+POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
+"""Names :func:`make_policy` accepts."""
+
+
+def make_policy(
+    name: str, num_slots: int, num_experts: int, pinned: Iterable[int] = (), **options: float
+) -> EvictionPolicy:
+    """Build an online eviction policy by name.
+
+    Args:
+        name: one of :data:`POLICY_NAMES` (``"lifo"``, ``"fifo"``, ``"lru"``, ``"lfu"``,
+            ``"lfru"``), case-insensitive.
+        num_slots: GPU slots for the layer, pinned ones included.
+        num_experts: experts in the layer.
+        pinned: experts never evicted.
+        **options: policy-specific settings (``half_life``, ``count_weight`` for ``"lfru"``).
+
+    Raises:
+        ValueError: an unknown name, options the policy does not take, or impossible settings
+            (see :class:`EvictionPolicy`).
+    """
+    key = str(name).lower()
+    if key not in _POLICIES:
+        raise ValueError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    cls = _POLICIES[key]
+    if options and cls is not LFRUPolicy:
+        raise ValueError(f"policy {key!r} takes no options, got {sorted(options)}")
+    allowed = {"half_life", "count_weight"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"policy {key!r} does not take {sorted(unknown)}; it takes {sorted(allowed)}")
+    return cls(num_slots, num_experts, pinned, **options)

@@ -1,0 +1,154 @@
+"""Launch configurations of the fused MoE kernels, looked up by (GPU name, expert shape, token count).
+
+Tables are JSON files in ``configs/`` next to this module, one per GPU model, named after the
+device name with every run of non-alphanumeric characters replaced by ``_`` (``NVIDIA_H200.json``);
+``default.json`` serves every other device. ``benchmarks/tune_triton.py`` writes the per-GPU files.
+A directory named by ``HF_MOE_OPT_TRITON_CONFIGS`` is searched before the shipped one.
+
+File layout::
+
+    {
+      "device": "NVIDIA H200",
+      "default": [{"tokens": 1, "gemm1": {...}, "gemm2": {...}}, ...],
+      "shapes": {"E128_D768_F3072_k1": [{"tokens": 4096, "gemm1": {...}, "gemm2": {...}}, ...]}
+    }
+
+Each entry is tuned at one token count; a call uses the entry whose count is nearest on a log
+scale (a shape class by token count). ``shapes`` entries win over the file's ``default``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+ENV_CONFIG_DIR = "HF_MOE_OPT_TRITON_CONFIGS"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch options of one kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            # tl.dot needs power-of-two tiles of at least 16 in every dimension.
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name}={value} must be a power of two >= 16")
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KernelConfig:
+        return cls(**{k: int(v) for k, v in data.items()})
+
+
+# Used when no JSON can be read (e.g. package data left out of an install); mirrors default.json.
+_BUILTIN_DEFAULT: list[dict] = [
+    {
+        "tokens": 16,
+        "gemm1": {"block_m": 16, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 4},
+        "gemm2": {"block_m": 16, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 4},
+    },
+    {
+        "tokens": 4096,
+        "gemm1": {"block_m": 64, "block_n": 128, "block_k": 32, "num_warps": 4, "num_stages": 4},
+        "gemm2": {"block_m": 64, "block_n": 128, "block_k": 32, "num_warps": 4, "num_stages": 4},
+    },
+]
+
+
+def shape_key(num_experts: int, hidden: int, ffn: int, top_k: int) -> str:
+    return f"E{num_experts}_D{hidden}_F{ffn}_k{top_k}"
+
+
+def device_file_stem(device_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device: torch.device) -> str:
+    """Name a config table is keyed by; ``"default"`` off CUDA (interpreter runs)."""
+    if device.type != "cuda":
+        return "default"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_name(index)
+
+
+def _search_dirs() -> list[Path]:
+    dirs = []
+    extra = os.environ.get(ENV_CONFIG_DIR)
+    if extra:
+        dirs.append(Path(extra))
+    dirs.append(CONFIG_DIR)
+    return dirs
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        with path.open() as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(device_name: str) -> tuple[dict, ...]:
+    """Tables that apply to ``device_name``, most specific first (device file, then default.json)."""
+    tables = []
+    stems = [device_file_stem(device_name)] if device_name != "default" else []
+    for stem in [*stems, "default"]:
+        for folder in _search_dirs():
+            data = _read_json(folder / f"{stem}.json")
+            if data is not None:
+                tables.append(data)
+                break
+    tables.append({"default": _BUILTIN_DEFAULT})
+    return tuple(tables)
+
+
+def _nearest(entries: list[dict], num_tokens: int) -> dict:
+    target = math.log(max(num_tokens, 1))
+    return min(entries, key=lambda e: abs(math.log(max(int(e["tokens"]), 1)) - target))
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(device_name: str, key: str, num_tokens: int) -> tuple[KernelConfig, KernelConfig]:
+    for table in load_table(device_name):
+        entries = table.get("shapes", {}).get(key) or table.get("default")
+        if entries:
+            entry = _nearest(entries, num_tokens)
+            return KernelConfig.from_dict(entry["gemm1"]), KernelConfig.from_dict(entry["gemm2"])
+    raise RuntimeError("no launch config found")  # unreachable: the builtin table always matches
+
+
+def get_configs(
+    device: torch.device, num_experts: int, hidden: int, ffn: int, top_k: int, num_tokens: int
+) -> tuple[KernelConfig, KernelConfig]:
+    """``(gemm1, gemm2)`` launch configs for this device, expert shape and token count."""
+    return _lookup(device_name(device), shape_key(num_experts, hidden, ffn, top_k), num_tokens)
+
+
+def clear_cache() -> None:
+    """Forget loaded tables (after writing a new JSON file in the same process)."""
+    load_table.cache_clear()
+    _lookup.cache_clear()

@@ -1,0 +1,104 @@
+"""The optimized MoE layer: router -> dispatch -> experts -> combine, swapped in for a HF block.
+
+The layer keeps the HF block's ``router`` and ``experts`` children (same objects, same parameter
+names), so ``state_dict``/``save_pretrained`` are unchanged and transformers' output recorders,
+which hook the router module, still see the router logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .dispatch import make_plan
+from .experts import ExpertWeights, get_backend, resolve_backend
+from .experts.activation import Activation
+
+CAPACITY_MODES = ("model", "none")
+
+
+class OptimizedMoE(nn.Module):
+    """Dynamic-gating replacement for one sparse MoE block.
+
+    Args:
+        block: the HF sparse MLP being replaced (kept for :func:`hf_moe_opt.restore`).
+        weights: the block's expert weights, stacked in place.
+        activation: the experts' activation.
+        route: ``route(router, hidden_states, padding_mask) -> Routing``; calls ``router`` so that
+            hooks on it fire.
+        out_scale: constant factor on every expert output (NLLB-MoE's eval token-dropout scaling).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        family: a short name for messages and ``repr``.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        weights: ExpertWeights,
+        activation: Activation,
+        route: Callable,
+        *,
+        out_scale: float = 1.0,
+        backend: str = "auto",
+        family: str = "",
+    ):
+        super().__init__()
+        self.router = block.router
+        self.experts = block.experts
+        # A tuple hides the original block from nn.Module registration: no duplicate state_dict keys.
+        self._original = (block,)
+        self.weights = weights
+        self.activation = activation
+        self.route = route
+        self.out_scale = float(out_scale)
+        self.backend = backend
+        self.family = family
+        self._resolved: dict[torch.device, Callable] = {}
+        resolve_backend(backend, weights.device)  # fail early on a bad option
+        self.train(block.training)
+
+    @property
+    def original_block(self) -> nn.Module:
+        return self._original[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.weights.num_experts
+
+    def extra_repr(self) -> str:
+        w1 = self.weights.w1.tensor
+        return (
+            f"family={self.family}, num_experts={w1.shape[0]}, d_model={w1.shape[2]}, d_ff={w1.shape[1]}, "
+            f"activation={self.activation.name}, backend={self.backend}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half() give every parameter a new storage: stack them again into one.
+        result = super()._apply(fn, recurse)
+        self.weights.refresh()
+        self._resolved.clear()
+        return result
+
+    def _ffn(self, device: torch.device) -> Callable:
+        ffn = self._resolved.get(device)
+        if ffn is None:
+            ffn = get_backend(resolve_backend(self.backend, device))
+            self._resolved[device] = ffn
+        return ffn
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError(
+                "hf_moe_opt layers run inference only: call model.eval(), or hf_moe_opt.restore(model) to train"
+            )
+        if not self.weights.w1.is_current():
+            self.weights.refresh()
+        batch, seq_len, hidden = hidden_states.shape
+        routing = self.route(self.router, hidden_states, padding_mask)
+        x = hidden_states.reshape(-1, hidden)
+        plan = make_plan(routing.expert_index, routing.gates, routing.keep, self.num_experts)
+        w1, b1, w2, b2 = self.weights.tensors()
+        out = self._ffn(x.device)(x, plan, w1, b1, w2, b2, self.activation, self.out_scale)
+        return out.view(batch, seq_len, hidden)

@@ -1,0 +1,32 @@
+"""What every router returns, and the float32 router projection the families share."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class Routing(NamedTuple):
+    """Routing decisions for ``N`` tokens choosing ``k`` experts each.
+
+    ``expert_index`` ``[N, k]`` int64, ``gates`` ``[N, k]`` combine weights (in the dtype the family
+    multiplies expert outputs with), ``keep`` ``[N, k]`` bool (False: dropped by capacity, padding or
+    a random second-expert policy; a dropped assignment contributes nothing).
+    """
+
+    expert_index: torch.Tensor
+    gates: torch.Tensor
+    keep: torch.Tensor
+
+
+def router_logits(hidden_states: torch.Tensor, classifier: nn.Linear, router_dtype: torch.dtype) -> torch.Tensor:
+    """``classifier(hidden_states)`` computed in ``router_dtype`` (float32: "selective precision").
+
+    Unlike HF's routers this does not cast the classifier module in place, so the model's parameters
+    keep their dtype.
+    """
+    weight = classifier.weight.to(router_dtype)
+    bias = None if classifier.bias is None else classifier.bias.to(router_dtype)
+    return nn.functional.linear(hidden_states.to(router_dtype), weight, bias)

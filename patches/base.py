@@ -1,0 +1,60 @@
+"""What a model-family patch provides: how to find its sparse MoE block and build the layer."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+
+from torch import nn
+
+from hf_moe_opt.layer import OptimizedMoE
+
+
+class MoEPatch(ABC):
+    """One HF architecture. Subclasses name the block class and build :class:`OptimizedMoE`."""
+
+    #: ``config.model_type`` of the architecture.
+    model_type: str
+    #: module and class name of the HF sparse MoE block.
+    module_path: str
+    block_class_name: str
+
+    def block_class(self) -> type[nn.Module] | None:
+        """The HF block class, or None when the installed transformers lacks it."""
+        try:
+            module = importlib.import_module(self.module_path)
+        except ImportError:
+            return None
+        return getattr(module, self.block_class_name, None)
+
+    def matches(self, module: nn.Module) -> bool:
+        cls = self.block_class()
+        return cls is not None and type(module) is cls
+
+    @abstractmethod
+    def build(self, block: nn.Module, config, *, capacity: str, backend: str) -> OptimizedMoE:
+        """Wrap ``block`` (its router and experts are reused, weights stacked in place)."""
+
+    def restore(self, layer: OptimizedMoE) -> nn.Module:
+        """Undo :meth:`build`; returns the original block."""
+        router = layer.router
+        original_class = getattr(router, "_hf_moe_opt_original_class", None)
+        if original_class is not None:
+            router.__class__ = original_class
+            for name in [n for n in vars(router) if n.startswith("_hf_moe_opt_")]:
+                delattr(router, name)
+        return layer.original_block
+
+
+def swap_router_class(router: nn.Module, optimized_class: type[nn.Module], **options) -> None:
+    """Give the router our forward while keeping the object (and any hooks on it).
+
+    transformers records router logits with forward hooks matched by router class; a subclass keeps
+    ``isinstance`` true and the object keeps hooks already installed.
+    """
+    if not issubclass(optimized_class, type(router)):
+        raise TypeError(f"{optimized_class.__name__} must subclass {type(router).__name__}")
+    router._hf_moe_opt_original_class = type(router)
+    for key, value in options.items():
+        setattr(router, f"_hf_moe_opt_{key}", value)
+    router.__class__ = optimized_class

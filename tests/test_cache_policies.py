@@ -1,0 +1,464 @@
+"""Expert-buffering eviction policies, Belady's MIN, the simulator and the synthetic traces."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_moe_opt.cache import (
+    POLICY_NAMES,
+    BeladyPolicy,
+    EvictionPolicy,
+    LFRUPolicy,
+    RoutingTrace,
+    as_trace,
+    belady,
+    hit_rate_curve,
+    make_policy,
+    simulate,
+    synthetic_trace,
+    trace_from_assignments,
+    trace_from_counts,
+)
+
+# The textbook page-reference string (Silberschatz et al.): 3 frames give FIFO 15, LRU 12, OPT 9
+# page faults; 4 frames give OPT 8.
+TEXTBOOK = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
+# Belady's anomaly string: FIFO has 9 faults with 3 frames and 10 with 4; OPT has 7 with 3.
+ANOMALY = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 4, 5]
+
+
+def run(policy: EvictionPolicy, trace: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Evicted experts of each step."""
+    return [policy.step(step).evicted for step in trace]
+
+
+# --------------------------------------------------------------------- hand-computed eviction orders
+def test_lifo_evicts_last_loaded_idle_expert():
+    p = make_policy("lifo", 2, 5)
+    outs = [p.step(s) for s in ([0], [1], [2], [3], [0])]
+    assert [o.evicted for o in outs] == [(), (), (1,), (2,), ()]
+    assert outs[4].hits == (0,)
+    assert p.resident == {0, 3}
+    assert p.slot_of(0) == 0 and p.slot_of(3) == 1
+
+
+def test_lifo_skips_expert_needed_now():
+    # Step 3 needs 2 (hit) and 3 (miss); the last loaded expert is 2, so LIFO must take 1 instead.
+    p = make_policy("lifo", 3, 5)
+    assert run(p, [[0], [1], [2], [2, 3]]) == [(), (), (), (1,)]
+    assert p.resident == {0, 2, 3}
+
+
+def test_fifo_evicts_first_loaded():
+    p = make_policy("fifo", 2, 5)
+    assert run(p, [[0], [1], [2], [3], [0]]) == [(), (), (0,), (1,), (2,)]
+
+
+def test_lru_vs_fifo_vs_lifo_after_a_reuse():
+    trace = [[0], [1], [0], [2]]
+    assert run(make_policy("lru", 2, 3), trace)[-1] == (1,)
+    assert run(make_policy("fifo", 2, 3), trace)[-1] == (0,)
+    assert run(make_policy("lifo", 2, 3), trace)[-1] == (1,)
+
+
+def test_lru_orders_uses_within_a_step_by_routing_order():
+    # Both used in step 0; 3 routed before 1, so 3 is the least recent.
+    p = make_policy("lru", 2, 4)
+    assert run(p, [[3, 1], [2]]) == [(), (3,)]
+    p = make_policy("lru", 2, 4)
+    assert run(p, [[1, 3], [2]]) == [(), (1,)]
+
+
+def test_lfu_counts_steps_and_breaks_ties_by_recency():
+    trace = [[0], [0], [1], [2]]
+    assert run(make_policy("lfu", 2, 3), trace)[-1] == (1,)  # 0 used twice
+    assert run(make_policy("lru", 2, 3), trace)[-1] == (0,)
+    assert run(make_policy("lfu", 2, 3), [[0], [1], [2]])[-1] == (0,)  # tie: 0 is older
+
+
+def test_lfu_frequency_survives_eviction():
+    p = make_policy("lfu", 2, 4)
+    evicted = run(p, [[0], [0], [1, 2], [0, 3], [1]])
+    # step 2 evicts 0 (the only idle expert; it keeps its count of 2). Step 3 reloads 0 (count 3)
+    # and 3: idle 1 and 2 both have count 1, 1 was used first -> 1, then 2. Step 4 needs 1: the idle
+    # experts are 0 (count 3) and 3 (count 1) -> 3.
+    assert evicted == [(), (), (0,), (1, 2), (3,)]
+
+
+def test_lfru_half_life_moves_between_lru_and_lfu():
+    trace = [[0], [0], [0], [1], [2]]
+    # Half-life 1: 0 scores 1/16 + 1/8 + 1/4 = 0.4375 at step 4, 1 scores 1/2 -> evict 0 (like LRU).
+    short = LFRUPolicy(2, 3, half_life=1.0)
+    assert run(short, trace)[-1] == (0,)
+    # Long half-life: 0 scores about 3, 1 about 1 -> evict 1 (like LFU).
+    long = make_policy("lfru", 2, 3, half_life=1000.0)
+    assert run(long, trace)[-1] == (1,)
+
+
+def test_lfru_score_values():
+    p = LFRUPolicy(3, 3, half_life=2.0)
+    for step in ([0], [1], [], []):
+        p.step(step)
+    # 0 used at step 0, now step 4: 2**(-4/2); 1 used at step 1: 2**(-3/2).
+    assert p.score(0) == pytest.approx(0.25)
+    assert p.score(1) == pytest.approx(2**-1.5)
+    assert p.score(2) == 0.0
+
+
+def test_lfru_uses_token_counts():
+    # Without counts 0 and 1 tie on score; 0 routed first is older -> evicted.
+    plain = make_policy("lfru", 2, 3, half_life=1000.0)
+    assert run(plain, [[0, 1], [2]])[-1] == (0,)
+    # Counts 9:1 make 0 heavier (1 + 0.9 vs 1 + 0.1) -> 1 is evicted instead.
+    weighted = make_policy("lfru", 2, 3, half_life=1000.0)
+    weighted.step([0, 1], [9, 1])
+    assert weighted.step([2], [4]).evicted == (1,)
+    # count_weight=0 ignores the counts again.
+    flat = make_policy("lfru", 2, 3, half_life=1000.0, count_weight=0.0)
+    flat.step([0, 1], [9, 1])
+    assert flat.step([2], [4]).evicted == (0,)
+
+
+def test_repeated_ids_in_a_step_count_once_and_merge_counts():
+    p = make_policy("lfru", 2, 3, half_life=1000.0)
+    out = p.step([1, 0, 1], [1, 1, 8])  # expert 1: 9 tokens, expert 0: 1 token
+    assert out.misses == (1, 0) and out.hits == ()
+    assert p.step([2], [1]).evicted == (0,)
+
+
+# ----------------------------------------------------------------------------- oversubscribed steps
+def test_oversubscribed_step_runs_in_chunks():
+    p = make_policy("lru", 2, 5)
+    p.step([0])
+    out = p.step([1, 2, 3, 4])
+    assert out.chunks == ((1, 2), (3, 4))
+    assert out.misses == (1, 2, 3, 4) and out.hits == ()
+    # 0 is idle and goes first; then chunk 1 evicts the finished experts, least recent first.
+    assert out.evicted == (0, 1, 2)
+    assert [ld.chunk for ld in out.loads] == [0, 0, 1, 1]
+    assert p.resident == {3, 4}
+
+
+def test_oversubscribed_step_keeps_hits_in_first_chunk():
+    p = make_policy("lru", 2, 5)
+    p.step([0])
+    out = p.step([3, 0, 1, 2])
+    assert out.hits == (0,) and out.misses == (3, 1, 2)
+    assert out.chunks == ((3, 0), (1, 2))
+    assert out.evicted == (3, 0)  # 3 used before 0 within chunk 0
+
+
+# -------------------------------------------------------------------------------------- pinned
+def test_pinned_expert_owns_slot_and_is_never_evicted():
+    p = make_policy("lifo", 3, 6, pinned=[4])
+    outs = [p.step(s) for s in ([4], [0], [1], [2], [3], [4])]
+    assert outs[0].misses == (4,) and outs[0].loads[0].slot == 0
+    assert [o.evicted for o in outs] == [(), (), (), (1,), (2,), ()]
+    assert outs[5].hits == (4,)
+    assert p.slot_of(4) == 0 and p.is_pinned(4) and not p.is_pinned(0)
+
+
+def test_pinned_slot_is_reserved_before_first_use():
+    # One unpinned slot: 0 and 1 must share it even though 5 has not been loaded yet.
+    p = make_policy("lru", 2, 6, pinned=[5])
+    assert run(p, [[0], [1], [0]]) == [(), (0,), (1,)]
+    assert p.resident == {0}
+
+
+# ------------------------------------------------------------------------ invariants (hypothesis)
+@st.composite
+def cache_cases(draw, fit: bool):
+    num_experts = draw(st.integers(1, 7))
+    num_slots = draw(st.integers(1, num_experts + 1))
+    max_pinned = min(num_slots - 1 if num_experts > num_slots else num_slots, num_experts)
+    pinned = draw(st.lists(st.integers(0, num_experts - 1), unique=True, max_size=max(max_pinned, 0)))
+    capacity = num_slots - len(pinned)
+    steps = []
+    for _ in range(draw(st.integers(0, 14))):
+        step = draw(st.lists(st.integers(0, num_experts - 1), unique=True, max_size=num_experts))
+        if fit:
+            unpinned = [e for e in step if e not in pinned][:capacity]
+            step = [e for e in step if e in pinned or e in unpinned]
+        steps.append(step)
+    return num_experts, num_slots, pinned, steps
+
+
+def check_invariants(policy: EvictionPolicy, steps: list[list[int]]) -> None:
+    slot_map: dict[int, int] = {}  # slot -> expert, replayed from the outcomes
+    for step in steps:
+        before = policy.resident
+        out = policy.step(step)
+        assert set(out.hits) == set(step) & before
+        assert set(out.misses) == set(step) - before
+        assert sorted(itertools.chain(*out.chunks)) == sorted(set(step))
+        oversubscribed = len(out.chunks) > 1
+        finished: set[int] = set()
+        for c, chunk in enumerate(out.chunks):
+            for ld in (ld for ld in out.loads if ld.chunk == c):
+                assert ld.evicted not in policy.pinned
+                if ld.evicted is not None:
+                    assert slot_map[ld.slot] == ld.evicted
+                    # Needed-now experts go only once the step has finished with them.
+                    if ld.evicted in step:
+                        assert oversubscribed and ld.evicted in finished
+                else:
+                    assert ld.slot not in slot_map
+                slot_map[ld.slot] = ld.expert
+            assert set(chunk) <= set(slot_map.values())  # a chunk is resident together
+            finished |= set(chunk)
+        assert {e: s for s, e in slot_map.items()} == {e: policy.slot_of(e) for e in policy.resident}
+        assert len(policy.resident) <= policy.num_slots
+        for i, e in enumerate(policy.pinned):
+            assert policy.slot_of(e) in (None, i)
+        assert set(policy.pinned) & policy.resident >= set(policy.pinned) & before
+
+
+@settings(max_examples=60, deadline=None)
+@given(cache_cases(fit=False), st.sampled_from(POLICY_NAMES))
+def test_invariants_hold_for_every_policy(case, name):
+    num_experts, num_slots, pinned, steps = case
+    check_invariants(make_policy(name, num_slots, num_experts, pinned), steps)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cache_cases(fit=False))
+def test_invariants_hold_for_belady(case):
+    num_experts, num_slots, pinned, steps = case
+    check_invariants(BeladyPolicy(steps, num_slots, num_experts, pinned), steps)
+
+
+# --------------------------------------------------------------------------------------- Belady
+def test_belady_textbook_reference_string():
+    trace = [[x] for x in TEXTBOOK]
+    assert belady(trace, 3).misses == 9
+    assert belady(trace, 4).misses == 8
+    assert simulate(trace, "fifo", 3).misses == 15
+    assert simulate(trace, "lru", 3).misses == 12
+    assert belady(trace, 3).hits == len(TEXTBOOK) - 9
+
+
+def test_belady_anomaly_string():
+    trace = [[x] for x in ANOMALY]
+    assert simulate(trace, "fifo", 3).misses == 9
+    assert simulate(trace, "fifo", 4).misses == 10
+    assert belady(trace, 3).misses == 7
+
+
+def test_belady_policy_rejects_a_different_trace():
+    p = BeladyPolicy([[0], [1]], 1, 2)
+    p.step([0])
+    with pytest.raises(ValueError, match="trace says"):
+        p.step([0])
+    p = BeladyPolicy([[0]], 1, 2)
+    p.step([0])
+    with pytest.raises(ValueError, match="past the end"):
+        p.step([1])
+
+
+def exhaustive_optimum(steps: list[list[int]], num_slots: int) -> int:
+    """Fewest misses over every legal cache schedule (no pinned experts, no oversubscribed step)."""
+    states: dict[frozenset[int], int] = {frozenset(): 0}
+    for step in steps:
+        need = frozenset(step)
+        nxt: dict[frozenset[int], int] = {}
+        for resident, cost in states.items():
+            c = cost + len(need - resident)
+            keep_from = sorted(resident - need)
+            room = num_slots - len(need)
+            for r in range(min(room, len(keep_from)) + 1):
+                for kept in itertools.combinations(keep_from, r):
+                    s = need | frozenset(kept)
+                    if c < nxt.get(s, 1 << 30):
+                        nxt[s] = c
+        states = nxt
+    return min(states.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 5), st.data())
+def test_belady_matches_exhaustive_optimum(num_experts, num_slots, data):
+    num_slots = min(num_slots, num_experts)
+    steps = data.draw(
+        st.lists(st.lists(st.integers(0, num_experts - 1), unique=True, max_size=num_slots), max_size=9)
+    )
+    assert belady(steps, num_slots, num_experts=num_experts).misses == exhaustive_optimum(steps, num_slots)
+
+
+@settings(max_examples=80, deadline=None)
+@given(cache_cases(fit=True))
+def test_belady_beats_every_online_policy(case):
+    num_experts, num_slots, pinned, steps = case
+    best = belady(steps, num_slots, num_experts=num_experts, pinned=pinned)
+    for name in POLICY_NAMES:
+        res = simulate(steps, name, num_slots, num_experts=num_experts, pinned=pinned)
+        assert res.accesses == best.accesses
+        assert best.hits >= res.hits, name
+
+
+def test_belady_on_oversubscribed_steps_is_greedy():
+    # The documented case where the chunk rules let LIFO beat the greedy MIN.
+    trace = [[1, 0], [0, 1], [1]]
+    assert simulate(trace, "lifo", 1).hits == 2
+    assert belady(trace, 1).hits == 1
+
+
+# ------------------------------------------------------------------------------------ simulator
+def test_simulate_counts_each_needed_expert_once_per_step():
+    trace = [[0, 1], [1, 1, 2], [2]]
+    res = simulate(trace, "lru", 3)
+    assert (res.hits, res.misses, res.per_step_misses) == (2, 3, (2, 1, 0))
+    assert res.hit_rate == pytest.approx(2 / 5)
+    assert res.num_steps == 3 and res.policy == "lru" and res.num_slots == 3
+
+
+def test_simulate_cold_start_with_every_expert_resident():
+    tr = synthetic_trace(8, 2, 4, 30, seed=3)
+    cold = len({e for step in tr for e in step})
+    for name in (*POLICY_NAMES, "belady"):
+        res = simulate(tr, name, 8)
+        assert res.misses == cold, name
+        assert res.per_step_misses[0] == len(tr[0])
+
+
+def test_simulate_pinned_reduces_capacity_for_the_rest():
+    trace = [[0], [1], [0], [1]]
+    assert simulate(trace, "lru", 2).misses == 2
+    assert simulate(trace, "lru", 2, num_experts=3, pinned=[2]).misses == 4
+    assert belady(trace, 2, num_experts=3, pinned=[2]).misses == 4
+
+
+def test_hit_rate_curve_shape_and_values():
+    tr = synthetic_trace(16, 2, 2, 200, zipf_s=1.2, stickiness=0.6, seed=1)
+    slots = [4, 8, 16]
+    curve = hit_rate_curve(tr, ["lru", "lifo"], slots)
+    assert list(curve) == ["lru", "lifo", "belady"]
+    assert all(len(v) == len(slots) for v in curve.values())
+    for s_i, s in enumerate(slots):
+        assert curve["lru"][s_i] == pytest.approx(simulate(tr, "lru", s).hit_rate)
+        assert curve["belady"][s_i] >= max(curve["lru"][s_i], curve["lifo"][s_i])
+    assert curve["belady"] == sorted(curve["belady"])
+    assert curve["belady"][0] < curve["belady"][-1]
+    assert list(hit_rate_curve(tr, ["lfu"], [4], include_belady=False)) == ["lfu"]
+    assert len(hit_rate_curve([[0], [1]], ["lru"])["lru"]) == 2  # default: 1 .. num_experts
+
+
+def test_skewed_trace_policies_beat_nothing_and_trail_belady():
+    tr = synthetic_trace(32, 2, 4, 300, zipf_s=1.2, stickiness=0.5, seed=7)
+    b = simulate(tr, "belady", 8).hit_rate
+    for name in POLICY_NAMES:
+        r = simulate(tr, name, 8).hit_rate
+        assert 0.2 < r <= b, name
+
+
+# ------------------------------------------------------------------------------------ traces
+def test_synthetic_trace_shape_and_seed():
+    a = synthetic_trace(64, 2, 64, 50, seed=5)
+    assert a == synthetic_trace(64, 2, 64, 50, seed=5)
+    assert a != synthetic_trace(64, 2, 64, 50, seed=6)
+    assert len(a) == 50 and a.num_experts == 64
+    m = a.count_matrix()
+    assert m.shape == (50, 64) and (m.sum(axis=1) == 128).all()
+    for step, counts in zip(a.steps, a.counts, strict=True):
+        assert len(set(step)) == len(step) and min(counts) >= 1
+
+
+def test_synthetic_trace_is_skewed_and_sticky():
+    skew = synthetic_trace(64, 2, 16, 400, zipf_s=1.2, stickiness=0.0, seed=0).count_matrix().sum(0)
+    flat = synthetic_trace(64, 2, 16, 400, zipf_s=0.0, stickiness=0.0, seed=0).count_matrix().sum(0)
+    top8 = lambda c: np.sort(c)[-8:].sum() / c.sum()  # noqa: E731
+    assert top8(skew) > 0.5 > 0.25 > top8(flat)
+
+    def overlap(tr: RoutingTrace) -> float:
+        return float(
+            np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(tr.steps, tr.steps[1:], strict=False)])
+        )
+
+    loose = synthetic_trace(64, 1, 4, 400, zipf_s=0.5, stickiness=0.0, seed=2)
+    sticky = synthetic_trace(64, 1, 4, 400, zipf_s=0.5, stickiness=0.9, seed=2)
+    assert overlap(sticky) > overlap(loose) + 0.3
+
+
+def test_top_k_choices_are_distinct_per_token():
+    tr = synthetic_trace(4, 4, 3, 10, seed=0)  # every token must use all 4 experts
+    assert all(
+        sorted(s) == [0, 1, 2, 3] and c == (3, 3, 3, 3) for s, c in zip(tr.steps, tr.counts, strict=True)
+    )
+
+
+def test_trace_from_counts_round_trip():
+    m = np.array([[0, 3, 0, 1], [0, 0, 0, 0], [2, 0, 5, 0]])
+    tr = trace_from_counts(m)
+    assert tr.steps == ((1, 3), (), (0, 2))
+    assert tr.counts == ((3, 1), (), (2, 5))
+    np.testing.assert_array_equal(tr.count_matrix(), m)
+
+
+def test_trace_from_assignments_keeps_first_appearance_order():
+    idx = np.array([[[3, 1], [1, 0], [-1, 3]]])
+    tr = trace_from_assignments(idx, 4)
+    assert tr.steps == ((3, 1, 0),) and tr.counts == ((2, 2, 1),)
+
+
+def test_as_trace_merges_repeats_and_infers_experts():
+    tr = as_trace([[2, 0, 2], [5]], counts=[[1, 1, 3], [2]])
+    assert tr.num_experts == 6 and tr.steps == ((2, 0), (5,)) and tr.counts == ((4, 1), (2,))
+
+
+# -------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(name="mru", num_slots=2, num_experts=4), "unknown eviction policy"),
+        (dict(name="lru", num_slots=0, num_experts=4), "num_slots"),
+        (dict(name="lru", num_slots=2, num_experts=0), "num_experts"),
+        (dict(name="lru", num_slots=2, num_experts=4, pinned=[0, 1, 2]), "do not fit"),
+        (dict(name="lru", num_slots=2, num_experts=4, pinned=[0, 1]), "could never be loaded"),
+        (dict(name="lru", num_slots=2, num_experts=4, pinned=[4]), "out of range"),
+        (dict(name="lru", num_slots=3, num_experts=4, pinned=[1, 1]), "repeat"),
+        (dict(name="lru", num_slots=2, num_experts=4, half_life=3.0), "takes no options"),
+        (dict(name="lfru", num_slots=2, num_experts=4, decay=3.0), "does not take"),
+        (dict(name="lfru", num_slots=2, num_experts=4, half_life=0.0), "half_life"),
+    ],
+)
+def test_make_policy_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_policy(**kwargs)
+
+
+def test_make_policy_accepts_every_name_and_full_pinning():
+    for name in POLICY_NAMES:
+        assert make_policy(name.upper(), 3, 8).name == name
+    assert make_policy("lru", 2, 2, pinned=[0, 1]).capacity == 0  # all experts pinned: fine
+
+
+def test_step_errors():
+    p = make_policy("lru", 2, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        p.step([4])
+    with pytest.raises(ValueError, match="counts has"):
+        p.step([0, 1], [3])
+    with pytest.raises(ValueError, match="negative"):
+        p.step([0], [-1])
+
+
+def test_trace_and_simulate_errors():
+    with pytest.raises(ValueError, match="top_k"):
+        synthetic_trace(4, 5, 1, 1)
+    with pytest.raises(ValueError, match="stickiness"):
+        synthetic_trace(4, 1, 1, 1, stickiness=1.5)
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        simulate([[0]], "random", 1)
+    with pytest.raises(ValueError, match="takes no options"):
+        simulate([[0]], "belady", 1, half_life=2.0)
+    with pytest.raises(ValueError, match="out of range"):
+        simulate([[0, 5]], "lru", 2, num_experts=4)
+    with pytest.raises(ValueError, match="repeats"):
+        RoutingTrace(((0, 0),), None, 2)
+    with pytest.raises(ValueError, match="2-D|matrix"):
+        trace_from_counts(np.zeros(3))

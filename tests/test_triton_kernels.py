@@ -1,0 +1,278 @@
+"""The Triton expert kernels against the torch reference (CPU: triton's interpreter, see conftest)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+# The interpreter evaluates exp() of large negative inputs in numpy (sigmoid); inf is the right answer.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+from hf_moe_opt.dispatch import DispatchPlan, make_plan  # noqa: E402
+from hf_moe_opt.experts.activation import Activation  # noqa: E402
+from hf_moe_opt.experts.torch_backend import torch_moe_ffn  # noqa: E402
+from hf_moe_opt.kernels import (  # noqa: E402
+    KernelConfig,
+    get_configs,
+    kernel_supported,
+    kernels_interpreted,
+    moe_ffn,
+    moe_ffn_with_configs,
+)
+from hf_moe_opt.kernels.launch_config import clear_cache, device_file_stem, shape_key  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not kernels_interpreted():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {
+    "relu": Activation("relu", torch.relu),
+    "gelu": Activation("gelu", torch.nn.functional.gelu),
+    "gelu_new": Activation("gelu_new", _gelu_tanh),
+    "gelu_pytorch_tanh": Activation("gelu_pytorch_tanh", _gelu_tanh),
+    "silu": Activation("silu", torch.nn.functional.silu),
+}
+# Small tiles so the tiny test shapes still span several M/N tiles and K iterations (the interpreter's
+# cost grows with the number of programs, so not the smallest tiles everywhere).
+SMALL = KernelConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
+TINY = KernelConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
+
+
+def _weights(num_experts: int, hidden: int, ffn: int, dtype: torch.dtype, bias: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dtype)
+
+    w1 = rnd(num_experts, ffn, hidden, scale=1 / math.sqrt(hidden))
+    w2 = rnd(num_experts, hidden, ffn, scale=1 / math.sqrt(ffn))
+    b1 = rnd(num_experts, ffn, scale=0.5) if bias else None
+    b2 = rnd(num_experts, hidden, scale=0.5) if bias else None
+    return w1, b1, w2, b2
+
+
+def _plan(
+    expert_index: torch.Tensor, num_experts: int, keep: torch.Tensor | None = None, seed: int = 0
+) -> DispatchPlan:
+    g = torch.Generator().manual_seed(seed + 1)
+    gates = torch.rand(expert_index.shape, generator=g)
+    if keep is None:
+        keep = torch.ones(expert_index.shape, dtype=torch.bool)
+    return make_plan(expert_index.to(DEVICE), gates.to(DEVICE), keep.to(DEVICE), num_experts)
+
+
+def _random_index(num_tokens: int, top_k: int, num_experts: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Distinct experts per token, like a real top-k router.
+    return torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=1).indices
+
+
+def _check(x, plan, w1, b1, w2, b2, act, out_scale=1.0, config=SMALL):
+    ref = torch_moe_ffn(x, plan, w1, b1, w2, b2, act, out_scale)
+    if config is None:
+        out = moe_ffn(x, plan, w1, b1, w2, b2, act, out_scale)
+    else:
+        out = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, act, out_scale, config, config)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert torch.isfinite(out).all()
+    atol, rtol = TOL[w1.dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    return out
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activations(act: str, dtype: torch.dtype) -> None:
+    num_tokens, top_k, num_experts, hidden, ffn = 23, 2, 4, 24, 40
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    plan = _plan(_random_index(num_tokens, top_k, num_experts, seed=4), num_experts)
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, dtype, bias=True, seed=5)
+    _check(x, plan, w1, b1, w2, b2, ACTIVATIONS[act], out_scale=0.75)
+
+
+@pytest.mark.parametrize(
+    ("top_k", "bias", "dtype"),
+    [(k, b, d) for k in (1, 2) for b in (False, True) for d in (torch.float32, torch.bfloat16)]
+    + [(2, True, torch.float16)],
+)
+def test_random_routing_with_drops(top_k: int, bias: bool, dtype: torch.dtype) -> None:
+    # 37 tokens: group sizes are not multiples of BLOCK_M; D and F are not multiples of BLOCK_N/K.
+    num_tokens, num_experts, hidden, ffn = 37, 6, 40, 72
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(num_tokens, hidden, generator=g).to(DEVICE, dtype)
+    index = _random_index(num_tokens, top_k, num_experts, seed=8)
+    keep = torch.rand(num_tokens, top_k, generator=g) > 0.25
+    plan = _plan(index, num_experts, keep)
+    assert not bool(plan.kept_rows().all())
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, dtype, bias, seed=9)
+    out = _check(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu_new"], out_scale=0.5)
+    # Tokens with every assignment dropped get exact zeros (residual only).
+    all_dropped = ~keep.any(dim=1)
+    assert all_dropped.any()
+    assert (out[all_dropped.to(DEVICE)] == 0).all()
+
+
+def test_empty_experts_and_one_hot_expert() -> None:
+    num_tokens, num_experts, hidden, ffn = 33, 8, 20, 36
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, torch.float32, bias=True, seed=12)
+    # Every token on the last expert: experts 0..6 are empty, one group spans three tiles.
+    plan = _plan(torch.full((num_tokens, 1), num_experts - 1), num_experts)
+    _check(x, plan, w1, b1, w2, b2, ACTIVATIONS["relu"], config=TINY)
+    # Only experts 2 and 5 used, top-2.
+    index = torch.stack([torch.full((num_tokens,), 5), torch.full((num_tokens,), 2)], dim=1)
+    index[::3] = index[::3].flip(1)
+    _check(x, _plan(index, num_experts), w1, b1, w2, b2, ACTIVATIONS["silu"], out_scale=2.0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_single_token(top_k: int) -> None:
+    num_experts, hidden, ffn = 4, 24, 48
+    x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, torch.float32, bias=True, seed=14)
+    plan = _plan(_random_index(1, top_k, num_experts, seed=15), num_experts)
+    _check(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu"])
+    _check(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu"], config=None)
+
+
+def test_everything_dropped() -> None:
+    num_tokens, top_k, num_experts, hidden, ffn = 5, 2, 3, 16, 32
+    x = torch.randn(num_tokens, hidden).to(DEVICE)
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, torch.float32, bias=True, seed=16)
+    keep = torch.zeros(num_tokens, top_k, dtype=torch.bool)
+    plan = _plan(_random_index(num_tokens, top_k, num_experts, seed=17), num_experts, keep)
+    out = _check(x, plan, w1, b1, w2, b2, ACTIVATIONS["relu"])
+    assert (out == 0).all()
+
+
+def test_default_configs_and_mixed_dtypes() -> None:
+    # Default config path (table lookup) with x in fp32 and bf16 experts, large tiles over a tiny shape.
+    num_tokens, top_k, num_experts, hidden, ffn = 29, 2, 5, 48, 80
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(18)).to(DEVICE)
+    plan = _plan(_random_index(num_tokens, top_k, num_experts, seed=19), num_experts)
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, torch.bfloat16, bias=True, seed=20)
+    _check(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu_pytorch_tanh"], config=None)
+
+
+def test_non_contiguous_inputs() -> None:
+    num_tokens, top_k, num_experts, hidden, ffn = 19, 2, 3, 24, 40
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(hidden, num_tokens, generator=g).to(DEVICE).t()
+    w1 = (torch.randn(num_experts, hidden, ffn, generator=g) / math.sqrt(hidden)).to(DEVICE).transpose(1, 2)
+    w2 = (torch.randn(num_experts, ffn, hidden, generator=g) / math.sqrt(ffn)).to(DEVICE).transpose(1, 2)
+    plan = _plan(_random_index(num_tokens, top_k, num_experts, seed=22), num_experts)
+    _check(x, plan, w1, None, w2, None, ACTIVATIONS["silu"])
+
+
+def test_unsupported_activation_falls_back() -> None:
+    act = Activation("quick_gelu", lambda t: t * torch.sigmoid(1.702 * t))
+    assert not kernel_supported(torch.zeros(1, 4, device=DEVICE), torch.zeros(1), torch.zeros(1), act)
+    num_tokens, num_experts, hidden, ffn = 9, 3, 16, 32
+    x = torch.randn(num_tokens, hidden).to(DEVICE)
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, torch.float32, bias=True, seed=23)
+    plan = _plan(_random_index(num_tokens, 1, num_experts, seed=24), num_experts)
+    ref = torch_moe_ffn(x, plan, w1, b1, w2, b2, act)
+    torch.testing.assert_close(moe_ffn(x, plan, w1, b1, w2, b2, act), ref)
+
+
+def test_kernel_detects_wrong_weights() -> None:
+    # The comparison must be able to fail: a swapped expert is caught.
+    num_tokens, num_experts, hidden, ffn = 17, 3, 16, 32
+    x = torch.randn(num_tokens, hidden).to(DEVICE)
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, torch.float32, bias=False, seed=25)
+    plan = _plan(_random_index(num_tokens, 1, num_experts, seed=26), num_experts)
+    ref = torch_moe_ffn(x, plan, w1, b1, w2, b2, ACTIVATIONS["relu"])
+    out = moe_ffn_with_configs(x, plan, w1.flip(0), b1, w2, b2, ACTIVATIONS["relu"], 1.0, SMALL, SMALL)
+    assert not torch.allclose(out, ref, atol=1e-3)
+
+
+def test_config_lookup(tmp_path, monkeypatch) -> None:
+    gemm1, gemm2 = get_configs(torch.device("cpu"), 128, 768, 3072, 1, 1)
+    assert isinstance(gemm1, KernelConfig) and isinstance(gemm2, KernelConfig)
+    with pytest.raises(ValueError):
+        KernelConfig(block_m=24, block_n=16, block_k=16)
+    # A directory named by the environment variable overrides the shipped default table.
+    import json
+
+    key = shape_key(4, 8, 16, 2)
+    table = {
+        "default": [{"tokens": 1, "gemm1": SMALL.to_dict(), "gemm2": SMALL.to_dict()}],
+        "shapes": {
+            key: [
+                {"tokens": 8, "gemm1": SMALL.to_dict(), "gemm2": SMALL.to_dict()},
+                {"tokens": 1024, "gemm1": KernelConfig(64, 64, 32).to_dict(), "gemm2": SMALL.to_dict()},
+            ]
+        },
+    }
+    (tmp_path / f"{device_file_stem('default')}.json").write_text(json.dumps(table))
+    monkeypatch.setenv("HF_MOE_OPT_TRITON_CONFIGS", str(tmp_path))
+    clear_cache()
+    try:
+        assert get_configs(torch.device("cpu"), 4, 8, 16, 2, 10)[0] == SMALL
+        assert get_configs(torch.device("cpu"), 4, 8, 16, 2, 500)[0] == KernelConfig(64, 64, 32)
+        assert get_configs(torch.device("cpu"), 5, 8, 16, 2, 500)[0] == SMALL
+    finally:
+        monkeypatch.delenv("HF_MOE_OPT_TRITON_CONFIGS")
+        clear_cache()
+
+
+@pytest.mark.gpu
+def test_real_shape_gpu() -> None:
+    num_tokens, top_k, num_experts, hidden, ffn = 4096, 1, 128, 768, 3072
+    dtype = torch.bfloat16
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(30)).to(DEVICE, dtype)
+    plan = _plan(_random_index(num_tokens, top_k, num_experts, seed=31), num_experts)
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, dtype, bias=False, seed=32)
+    ref = torch_moe_ffn(x, plan, w1, b1, w2, b2, ACTIVATIONS["relu"])
+    out = moe_ffn(x, plan, w1, b1, w2, b2, ACTIVATIONS["relu"])
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    # top-2 with drops at the same shape.
+    keep = torch.rand(num_tokens, 2, generator=torch.Generator().manual_seed(33)) > 0.1
+    plan = _plan(_random_index(num_tokens, 2, num_experts, seed=34), num_experts, keep)
+    ref = torch_moe_ffn(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu_new"], 0.5)
+    out = moe_ffn(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu_new"], 0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_cuda_graph_capture(top_k: int) -> None:
+    num_tokens, num_experts, hidden, ffn = 64, 16, 256, 512
+    dtype = torch.bfloat16
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, dtype, bias=True, seed=40)
+    act = ACTIVATIONS["gelu"]
+    x = torch.randn(num_tokens, hidden, device=DEVICE, dtype=dtype)
+    index = _random_index(num_tokens, top_k, num_experts, seed=41).to(DEVICE)
+    gates = torch.rand(num_tokens, top_k, device=DEVICE)
+    keep = torch.ones(num_tokens, top_k, dtype=torch.bool, device=DEVICE)
+
+    def step() -> torch.Tensor:
+        return moe_ffn(x, make_plan(index, gates, keep, num_experts), w1, b1, w2, b2, act)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    # New routing and inputs, copied into the captured buffers, must change the replayed result.
+    for seed in (42, 43):
+        x.copy_(torch.randn(num_tokens, hidden, device=DEVICE, dtype=dtype))
+        index.copy_(_random_index(num_tokens, top_k, num_experts, seed=seed).to(DEVICE))
+        gates.copy_(torch.rand(num_tokens, top_k, device=DEVICE))
+        keep.copy_(torch.rand(num_tokens, top_k, device=DEVICE) > 0.2)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = torch_moe_ffn(x, make_plan(index, gates, keep, num_experts), w1, b1, w2, b2, act)
+        torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
