@@ -129,9 +129,7 @@ def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def run_training(
-    model, make_batch, batches_fn, args, peak_lr: float, warmup: int, budget_s: float, desc: str
-):
+def run_training(model, make_batch, batches_fn, args, peak_lr: float, warmup: int, budget_s: float, desc: str):
     """Train until the time budget (or ``--max-steps``) is spent; returns (steps, seconds, last losses)."""
     optim = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
     model.train()
@@ -284,7 +282,11 @@ def train_switch(args, out_dir: Path, budget_s: float) -> dict:
     sentinel_tokens = [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
     tok = train_tokenizer(train_text, args.switch_vocab, ["<pad>", "</s>", "<unk>"], sentinel_tokens)
     hf_tok = wrap_tokenizer(
-        tok, "$A </s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        tok,
+        "$A </s>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
         extra_special_tokens=sentinel_tokens,
     )
     pad_id, eos_id = tok.token_to_id("<pad>"), tok.token_to_id("</s>")
@@ -464,7 +466,12 @@ def train_nllb(args, out_dir: Path, budget_s: float) -> dict:
     both_sides = [s for s, _ in train_pairs] + [t for _, t in train_pairs]
     tok = train_tokenizer(both_sides, args.nllb_vocab, specials, [SRC_LANG, TGT_LANG])
     hf_tok = wrap_tokenizer(
-        tok, f"{SRC_LANG} $A </s>", bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        tok,
+        f"{SRC_LANG} $A </s>",
+        bos_token="<s>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
         extra_special_tokens=[SRC_LANG, TGT_LANG],
     )
     ids = {t: tok.token_to_id(t) for t in specials + [SRC_LANG, TGT_LANG]}
@@ -529,8 +536,11 @@ def train_nllb(args, out_dir: Path, budget_s: float) -> dict:
         if isinstance(m, tnt.modeling_nllb_moe.NllbMoeSparseMLP)
     }
     for m in sparse.values():
-        m.usage = {"top1": torch.zeros(8, dtype=torch.float64), "routed": torch.zeros(8, dtype=torch.float64),
-                   "tokens": 0}
+        m.usage = {
+            "top1": torch.zeros(8, dtype=torch.float64),
+            "routed": torch.zeros(8, dtype=torch.float64),
+            "tokens": 0,
+        }
     nll, n_tok = 0.0, 0
     with torch.no_grad():
         lens = [max(len(s), len(t)) for s, t in zip(test_src, test_tgt, strict=True)]
@@ -605,7 +615,6 @@ def train_nllb(args, out_dir: Path, budget_s: float) -> dict:
         "versions": versions(),
     }
     return metrics
-
 
 
 def main(argv=None) -> None:

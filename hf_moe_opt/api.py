@@ -60,9 +60,7 @@ def _check_block_weights(name: str, block: nn.Module) -> None:
     if getattr(block, "_hf_hook", None) is not None or any(
         getattr(m, "_hf_hook", None) is not None for m in block.modules()
     ):
-        raise ValueError(
-            f"{name} carries accelerate offload hooks; load its experts onto one device before optimizing"
-        )
+        raise ValueError(f"{name} carries accelerate offload hooks; load its experts onto one device before optimizing")
 
 
 def optimize(model: nn.Module, *, capacity: str = "model", backend: str = "auto") -> nn.Module:

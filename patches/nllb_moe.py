@@ -72,8 +72,12 @@ class NllbMoePatch(MoEPatch):
         weights = ExpertWeights(
             w1=ExpertStack([e.fc1.weight for e in experts], "experts.fc1"),
             w2=ExpertStack([e.fc2.weight for e in experts], "experts.fc2"),
-            b1=ExpertStack([e.fc1.bias for e in experts], "experts.fc1.bias") if experts[0].fc1.bias is not None else None,
-            b2=ExpertStack([e.fc2.bias for e in experts], "experts.fc2.bias") if experts[0].fc2.bias is not None else None,
+            b1=ExpertStack([e.fc1.bias for e in experts], "experts.fc1.bias")
+            if experts[0].fc1.bias is not None
+            else None,
+            b2=ExpertStack([e.fc2.bias for e in experts], "experts.fc2.bias")
+            if experts[0].fc2.bias is not None
+            else None,
         )
         activation = Activation(config.activation_function, experts[0].act)
         token_dropout = getattr(block.experts, "moe_token_dropout", getattr(config, "moe_token_dropout", 0.0))

@@ -284,9 +284,7 @@ def exhaustive_optimum(steps: list[list[int]], num_slots: int) -> int:
 @given(st.integers(1, 5), st.integers(1, 5), st.data())
 def test_belady_matches_exhaustive_optimum(num_experts, num_slots, data):
     num_slots = min(num_slots, num_experts)
-    steps = data.draw(
-        st.lists(st.lists(st.integers(0, num_experts - 1), unique=True, max_size=num_slots), max_size=9)
-    )
+    steps = data.draw(st.lists(st.lists(st.integers(0, num_experts - 1), unique=True, max_size=num_slots), max_size=9))
     assert belady(steps, num_slots, num_experts=num_experts).misses == exhaustive_optimum(steps, num_slots)
 
 
@@ -375,9 +373,7 @@ def test_synthetic_trace_is_skewed_and_sticky():
     assert top8(skew) > 0.5 > 0.25 > top8(flat)
 
     def overlap(tr: RoutingTrace) -> float:
-        return float(
-            np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(tr.steps, tr.steps[1:], strict=False)])
-        )
+        return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(tr.steps, tr.steps[1:], strict=False)]))
 
     loose = synthetic_trace(64, 1, 4, 400, zipf_s=0.5, stickiness=0.0, seed=2)
     sticky = synthetic_trace(64, 1, 4, 400, zipf_s=0.5, stickiness=0.9, seed=2)
@@ -386,9 +382,7 @@ def test_synthetic_trace_is_skewed_and_sticky():
 
 def test_top_k_choices_are_distinct_per_token():
     tr = synthetic_trace(4, 4, 3, 10, seed=0)  # every token must use all 4 experts
-    assert all(
-        sorted(s) == [0, 1, 2, 3] and c == (3, 3, 3, 3) for s, c in zip(tr.steps, tr.counts, strict=True)
-    )
+    assert all(sorted(s) == [0, 1, 2, 3] and c == (3, 3, 3, 3) for s, c in zip(tr.steps, tr.counts, strict=True))
 
 
 def test_trace_from_counts_round_trip():

@@ -34,7 +34,9 @@ def test_padding_from_4d_masks(causal, kind):
     allowed = keep[:, None, None, :].expand(b, 1, s, s).clone()
     if causal:
         allowed &= torch.ones(s, s, dtype=torch.bool).tril()
-    mask = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    mask = (
+        allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    )
     assert torch.equal(token_padding_mask(mask, b, s), (~keep).reshape(-1))
 
 
@@ -116,3 +118,33 @@ def test_transformers_switch_block_against_reference():
         pytest.xfail(f"transformers {TF} does not apply Switch expert capacity")
     else:
         assert close
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [dict(), dict(moe_eval_capacity_token_fraction=0.3), dict(expert_capacity=2, moe_eval_capacity_token_fraction=-1.0)],
+)
+def test_eager_nllb_baseline_is_correct_and_matches_optimized(routing):
+    import copy
+
+    import hf_moe_opt
+    from hf_moe_opt.baselines import remove_nllb_eager_reference, use_nllb_eager_reference
+
+    from .models import VOCAB, use_reference_blocks
+
+    model = tiny_nllb(num_experts=8, **routing)
+    ids = torch.randint(3, VOCAB, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    ref = copy.deepcopy(model)
+    use_reference_blocks(ref, "model", {"encoder": mask == 0})
+    base = copy.deepcopy(model)
+    assert use_nllb_eager_reference(base) == 4
+    hf_moe_opt.optimize(model)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4]).logits
+        got_base = base(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4]).logits
+        got_opt = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4]).logits
+    torch.testing.assert_close(got_base, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got_opt, want, atol=2e-5, rtol=2e-5)
+    assert remove_nllb_eager_reference(base) == 4

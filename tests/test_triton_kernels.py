@@ -154,6 +154,17 @@ def test_everything_dropped() -> None:
     assert (out == 0).all()
 
 
+def test_single_expert_and_no_tokens() -> None:
+    num_tokens, hidden, ffn = 20, 16, 32
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(27)).to(DEVICE)
+    w1, b1, w2, b2 = _weights(1, hidden, ffn, torch.float32, bias=True, seed=28)
+    plan = _plan(torch.zeros(num_tokens, 1, dtype=torch.long), 1)
+    _check(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu"])
+    empty = _plan(torch.zeros(0, 1, dtype=torch.long), 1)
+    out = moe_ffn(x[:0], empty, w1, b1, w2, b2, ACTIVATIONS["gelu"])
+    assert out.shape == (0, hidden)
+
+
 def test_default_configs_and_mixed_dtypes() -> None:
     # Default config path (table lookup) with x in fp32 and bf16 experts, large tiles over a tiny shape.
     num_tokens, top_k, num_experts, hidden, ffn = 29, 2, 5, 48, 80

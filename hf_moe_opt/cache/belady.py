@@ -70,13 +70,10 @@ class BeladyPolicy(EvictionPolicy):
 
     def _begin_step(self, order: list[int], counts: dict[int, int] | None) -> None:
         if self._step >= len(self._trace_sets):
-            raise ValueError(
-                f"step {self._step} is past the end of the trace ({len(self._trace_sets)} steps)"
-            )
+            raise ValueError(f"step {self._step} is past the end of the trace ({len(self._trace_sets)} steps)")
         if frozenset(order) != self._trace_sets[self._step]:
             raise ValueError(
-                f"step {self._step} needs {sorted(order)} but the trace says "
-                f"{sorted(self._trace_sets[self._step])}"
+                f"step {self._step} needs {sorted(order)} but the trace says {sorted(self._trace_sets[self._step])}"
             )
 
     def _order_misses(self, misses: list[int]) -> list[int]:

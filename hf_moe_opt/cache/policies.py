@@ -306,8 +306,7 @@ class EvictionPolicy(ABC):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(num_slots={self.num_slots}, num_experts={self.num_experts}, "
-            f"pinned={self.pinned})"
+            f"{type(self).__name__}(num_slots={self.num_slots}, num_experts={self.num_experts}, pinned={self.pinned})"
         )
 
 

@@ -58,7 +58,7 @@ class KernelConfig:
         return cls(**{k: int(v) for k, v in data.items()})
 
 
-# Used when no JSON can be read (e.g. package data left out of an install); mirrors default.json.
+# Used when no JSON can be read (package data left out of an install): a reduced default.json.
 _BUILTIN_DEFAULT: list[dict] = [
     {
         "tokens": 16,
@@ -81,7 +81,7 @@ def device_file_stem(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
@@ -111,7 +111,7 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_table(device_name: str) -> tuple[dict, ...]:
     """Tables that apply to ``device_name``, most specific first (device file, then default.json)."""
     tables = []

@@ -44,9 +44,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _tile_rows(
-    pid_m, counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr
-):
+def _tile_rows(pid_m, counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Group of tile ``pid_m`` and its row range ``[start, end)``.
 
     Groups are the experts, then the dropped rows as group ``num_experts``; a larger group means an
@@ -127,7 +125,8 @@ def _gather_gemm_act_kernel(
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + group.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_base = w_ptr + group.to(tl.int64) * stride_we
+    w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
@@ -197,7 +196,8 @@ def _gemm_scatter_kernel(
         return
     offs_k = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hk
-    w_ptrs = w_ptr + group.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_base = w_ptr + group.to(tl.int64) * stride_we
+    w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
@@ -300,7 +300,7 @@ def gemm_scatter(
     dst: torch.Tensor,
     config: KernelConfig,
 ) -> torch.Tensor:
-    """Kernel B into ``dst`` ([N * k, D]): row ``plan.order[r]`` gets ``gate * out_scale * (h[r] @ w2[e].T + b2[e])``.
+    """Kernel B into ``dst`` ([N * k, D]): ``dst[order[r]] = gate * out_scale * (h[r] @ w2[e].T + b2[e])``.
 
     Every row of ``dst`` is written exactly once (zeros for dropped assignments).
     """
@@ -373,9 +373,7 @@ def moe_ffn_with_configs(
     gemm2: KernelConfig,
 ) -> torch.Tensor:
     """``moe_ffn`` with explicit launch configs (tests, tuning). The activation must be kernel-supported."""
-    num_tokens, top_k = plan.num_tokens, plan.top_k
-    hidden = x.shape[1]
-    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    out = torch.empty((plan.num_tokens, x.shape[1]), dtype=x.dtype, device=x.device)
     if plan.num_rows == 0:
         return out.zero_()
     kernel_act = _KERNEL_ACTIVATION[activation.name]
@@ -387,7 +385,20 @@ def moe_ffn_with_configs(
     return _run(x, plan, w1, b1, w2, b2, kernel_act, out_scale, gemm1, gemm2, h, out)
 
 
-def _run(x, plan, w1, b1, w2, b2, kernel_act, out_scale, gemm1, gemm2, h, out) -> torch.Tensor:
+def _run(
+    x: torch.Tensor,
+    plan: DispatchPlan,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    kernel_act: str,
+    out_scale: float,
+    gemm1: KernelConfig,
+    gemm2: KernelConfig,
+    h: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
     gather_gemm_act(x, plan, w1, b1, kernel_act, h, gemm1)
     top_k = plan.top_k
     if top_k == 1:

@@ -44,9 +44,7 @@ def _normalise_layer(
             raise ValueError(f"layer {name!r}: expert {e} lists a device twice: {devices}")
         for d, s in reps:
             if not 0 <= d < num_devices:
-                raise ValueError(
-                    f"layer {name!r}: expert {e} placed on device {d}, outside [0, {num_devices})"
-                )
+                raise ValueError(f"layer {name!r}: expert {e} placed on device {d}, outside [0, {num_devices})")
             if not (np.isfinite(s) and s >= 0.0):
                 raise ValueError(f"layer {name!r}: expert {e} has an invalid share {s} on device {d}")
         total = sum(s for _, s in reps)
@@ -75,15 +73,10 @@ class PlacementPlan:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.num_devices, bool)
-            or not isinstance(self.num_devices, int)
-            or self.num_devices < 1
-        ):
+        if isinstance(self.num_devices, bool) or not isinstance(self.num_devices, int) or self.num_devices < 1:
             raise ValueError(f"num_devices must be a positive int, got {self.num_devices!r}")
         layers = {
-            str(name): _normalise_layer(str(name), experts, self.num_devices)
-            for name, experts in self.layers.items()
+            str(name): _normalise_layer(str(name), experts, self.num_devices) for name, experts in self.layers.items()
         }
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "metadata", dict(self.metadata))
@@ -102,9 +95,7 @@ class PlacementPlan:
         try:
             return self.layers[layer]  # type: ignore[return-value]
         except KeyError:
-            raise KeyError(
-                f"layer {layer!r} is not in the plan; planned layers: {self.layer_names}"
-            ) from None
+            raise KeyError(f"layer {layer!r} is not in the plan; planned layers: {self.layer_names}") from None
 
     def num_experts(self, layer: str) -> int:
         """Experts of ``layer``."""
@@ -159,9 +150,7 @@ class PlacementPlan:
         counts = trace.counts(layer)
         shares = self.share_matrix(layer)
         if counts.shape[1] != shares.shape[0]:
-            raise ValueError(
-                f"layer {layer!r}: the trace has {counts.shape[1]} experts, the plan {shares.shape[0]}"
-            )
+            raise ValueError(f"layer {layer!r}: the trace has {counts.shape[1]} experts, the plan {shares.shape[0]}")
         return counts.astype(np.float64) @ shares
 
     def evaluate(self, trace: RoutingTrace, layers: Sequence[str] | None = None) -> dict[str, Any]:
@@ -191,9 +180,7 @@ class PlacementPlan:
             peak = loads.max(axis=1)
             ratio = np.divide(peak, mean, out=np.ones_like(peak), where=mean > 0)
             total = loads.sum()
-            share = (
-                loads.sum(axis=0) / total if total > 0 else np.full(self.num_devices, 1.0 / self.num_devices)
-            )
+            share = loads.sum(axis=0) / total if total > 0 else np.full(self.num_devices, 1.0 / self.num_devices)
             per_layer[name] = {
                 "avg_max_over_mean": float(ratio.mean()),
                 "worst_max_over_mean": float(ratio.max()),
@@ -232,13 +219,9 @@ class PlacementPlan:
     def from_dict(cls, data: Mapping[str, Any]) -> PlacementPlan:
         """Inverse of :meth:`to_dict`."""
         if data.get("format") != PLAN_FORMAT:
-            raise ValueError(
-                f"not a placement plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})"
-            )
+            raise ValueError(f"not a placement plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
         if int(data.get("version", -1)) > PLAN_VERSION:
-            raise ValueError(
-                f"placement plan version {data.get('version')} is newer than supported ({PLAN_VERSION})"
-            )
+            raise ValueError(f"placement plan version {data.get('version')} is newer than supported ({PLAN_VERSION})")
         layers: dict[str, Any] = {}
         for entry in data["layers"]:
             if entry["name"] in layers:

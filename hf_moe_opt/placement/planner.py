@@ -12,14 +12,16 @@ Strategies (all per layer, deterministic, ties broken by the lower expert / devi
     The paper's variant for the MT decoder, whose experts tend to be busy together: greedy, but a
     device's score is its load (in units of the ideal per-device load) plus ``correlation_weight``
     (0.5) times the Pearson correlation between the candidate expert's per-batch load and the
-    per-batch load of the experts already on that device. Correlated experts end up apart, so
-    their bursts land on different devices. Equal expert counts, as greedy.
+    summed per-batch load of the experts already on that device (0 while it is empty).
+    Correlated experts end up apart, so their bursts land on different devices. Equal expert
+    counts, as greedy.
 ``replicate``
     Greedy first; then every device gets ``spare_slots`` extra slots per layer for redundant copies.
-    Repeatedly, the hottest expert on the busiest device gets a copy on the least-busy device with
-    a free slot, and part of its tokens (its *share*) moves there so the two loads meet. Shares are
-    finally re-balanced among the copies of every replicated expert. Slots that no longer lower the
-    expected peak stay empty.
+    One copy at a time, the planner adds the (expert, device, share of the expert's tokens moved
+    there) that most lowers the mean over the trace's batches of ``max / mean`` device load, among
+    the hottest experts; then it refines the shares of every replicated expert by coordinate
+    descent on the same objective. Working per batch, not on mean loads, it also spreads the
+    bursts of hot experts. Slots where no copy helps stay empty.
 
 Loads are mean tokens per batch from the trace (for correlation: each expert's fraction of the
 batch's tokens, so batch size does not correlate everything with everything).
@@ -144,9 +146,7 @@ def _replicate(
     fractions = np.arange(1, share_steps + 1) / (share_steps + 1)
     mean_load = c.mean(axis=0)
     # Only experts that can matter: the hottest few per device (a copy of a cold expert moves little).
-    candidates = np.argsort(-mean_load, kind="stable")[
-        : min(num_experts, 4 * num_devices * (spare_slots + 1))
-    ]
+    candidates = np.argsort(-mean_load, kind="stable")[: min(num_experts, 4 * num_devices * (spare_slots + 1))]
 
     for _ in range(spare_slots * num_devices):
         choice = None
@@ -278,7 +278,7 @@ def plan_placement(
         if strategy == "anticorrelation":
             home = _greedy(load, num_devices, _batch_fractions(counts), weight)
         else:
-            home = _round_robin(num_experts, num_devices)
+            home = _greedy(load, num_devices)
         if strategy == "replicate":
             planned[name] = _replicate(counts, home, num_devices, spare_slots)
         else:

@@ -56,9 +56,7 @@ def _as_count_array(array: Any, what: str, ndim: int) -> np.ndarray:
     return arr
 
 
-def routing_statistics(
-    expert_index: Any, num_experts: int, keep: Any | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def routing_statistics(expert_index: Any, num_experts: int, keep: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-expert token counts and the co-activation matrix of one batch of router choices.
 
     Args:
@@ -79,9 +77,7 @@ def routing_statistics(
         raise ValueError(f"expert_index must be an integer array, got dtype {idx.dtype}")
     idx = idx.astype(np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= num_experts):
-        raise ValueError(
-            f"expert_index values must lie in [0, {num_experts}), got [{idx.min()}, {idx.max()}]"
-        )
+        raise ValueError(f"expert_index values must lie in [0, {num_experts}), got [{idx.min()}, {idx.max()}]")
     if keep is None:
         mask = np.ones(idx.shape, dtype=bool)
     else:
@@ -129,9 +125,7 @@ class RoutingTrace:
         try:
             json.dumps(meta)
         except TypeError as exc:
-            raise ValueError(
-                f"metadata must be JSON-serialisable (plain str/int/float/list/dict): {exc}"
-            ) from exc
+            raise ValueError(f"metadata must be JSON-serialisable (plain str/int/float/list/dict): {exc}") from exc
         self.metadata: dict[str, Any] = meta
         self._rows: dict[str, list[np.ndarray]] = {}
         self._stacked: dict[str, np.ndarray] = {}
@@ -181,8 +175,7 @@ class RoutingTrace:
             co = _as_count_array(coactivation, "coactivation", 2)
             if co.shape != (num_experts, num_experts):
                 raise ValueError(
-                    f"layer {layer_name!r}: coactivation must be [{num_experts}, {num_experts}], "
-                    f"got {tuple(co.shape)}"
+                    f"layer {layer_name!r}: coactivation must be [{num_experts}, {num_experts}], got {tuple(co.shape)}"
                 )
             if layer_name in self._coact:
                 self._coact[layer_name] = self._coact[layer_name] + co
@@ -342,14 +335,10 @@ class RoutingTrace:
             rows = np.asarray(entry["counts"], dtype=np.int64)
             if rows.ndim != 2:
                 raise ValueError(f"layer {name!r}: counts must be a [num_batches, num_experts] table")
-            trace._load_layer(
-                name, rows, entry.get("coactivation"), int(entry.get("coactivation_batches", 0))
-            )
+            trace._load_layer(name, rows, entry.get("coactivation"), int(entry.get("coactivation_batches", 0)))
         return trace
 
-    def _load_layer(
-        self, name: str, counts: np.ndarray, coactivation: Any | None, coact_batches: int
-    ) -> None:
+    def _load_layer(self, name: str, counts: np.ndarray, coactivation: Any | None, coact_batches: int) -> None:
         if counts.shape[0] < 1:
             raise ValueError(f"layer {name!r} holds no batches")
         for row in counts:
@@ -373,8 +362,7 @@ class RoutingTrace:
             "version": TRACE_VERSION,
             "metadata": self.metadata,
             "layers": [
-                {"name": layer, "coactivation_batches": self._coact_batches.get(layer, 0)}
-                for layer in self.layers
+                {"name": layer, "coactivation_batches": self._coact_batches.get(layer, 0)} for layer in self.layers
             ],
         }
         arrays: dict[str, np.ndarray] = {"header": np.array(json.dumps(header))}
@@ -421,9 +409,7 @@ def _check_header(data: Mapping[str, Any]) -> None:
     if data.get("format") != TRACE_FORMAT:
         raise ValueError(f"not a routing trace (format {data.get('format')!r}, expected {TRACE_FORMAT!r})")
     if int(data.get("version", -1)) > TRACE_VERSION:
-        raise ValueError(
-            f"routing trace version {data.get('version')} is newer than supported ({TRACE_VERSION})"
-        )
+        raise ValueError(f"routing trace version {data.get('version')} is newer than supported ({TRACE_VERSION})")
 
 
 def synthetic_zipf_trace(
@@ -434,7 +420,7 @@ def synthetic_zipf_trace(
     top_k: int = 2,
     alpha: float = 1.0,
     seed: int = 0,
-    drift: float = 0.3,
+    drift: float = 0.2,
     group_size: int = 8,
     topic_boost: float = 2.0,
     layer_names: Iterable[str] | None = None,

@@ -1,0 +1,177 @@
+"""Tune the Triton MoE kernels' launch configs on this GPU and write the config table.
+
+For every ``(E, D, F, k)`` shape and token count it times each candidate config of the two kernels
+(gather -> GEMM1 -> activation, GEMM2 -> weighted scatter) separately on a random uniform top-k
+routing, keeps the fastest, and merges the result into
+``hf_moe_opt/kernels/configs/<GPU name>.json`` (or ``--out``), the file ``moe_ffn`` reads.
+
+    python benchmarks/tune_triton.py --shape 128,768,3072,1 --shape 128,2048,8192,2 \\
+        --tokens 1 16 64 256 1024 4096 16384
+
+Needs a CUDA device; on CPU it exits with a message (the interpreter is far too slow to time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+# Run from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+_TORCH_ACTIVATIONS = {
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_new": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+}
+
+
+def _parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"shape {text!r} must be E,D,F,k")
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def _candidates(rows_per_expert: float, quick: bool):
+    from hf_moe_opt.kernels import KernelConfig
+
+    # Tiles taller than twice the average group waste most of their rows.
+    max_m = 16
+    while max_m < 128 and max_m < 2 * rows_per_expert:
+        max_m *= 2
+    block_m = [m for m in (16, 32, 64, 128) if m <= max_m]
+    block_n = (64, 128) if quick else (32, 64, 128, 256)
+    block_k = (64,) if quick else (32, 64, 128)
+    warps = (4,) if quick else (4, 8)
+    stages = (3, 4) if quick else (2, 3, 4, 5)
+    for m, n, k, w, s in itertools.product(block_m, block_n, block_k, warps, stages):
+        if m * n >= 128 * 256 and w == 4:
+            continue  # a 4-warp program cannot hold that accumulator in registers
+        yield KernelConfig(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s)
+
+
+def _time(fn, warmup_ms: int, rep_ms: int) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms))
+
+
+def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
+    best, best_ms = None, float("inf")
+    for cfg in candidates:
+        fn = fn_for(cfg)
+        try:
+            fn()  # compile; some configs exceed shared memory or registers
+            torch.cuda.synchronize()
+        except Exception as err:  # triton raises several error types for configs that do not fit
+            print(f"  {label} {cfg}: skipped ({type(err).__name__})")
+            continue
+        ms = _time(fn, warmup_ms, rep_ms)
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"no {label} config compiled")
+    return best, best_ms
+
+
+def tune_shape(shape, tokens: int, dtype: torch.dtype, activation: str, args, device: str = "cuda") -> dict:
+    from hf_moe_opt.dispatch import make_plan
+    from hf_moe_opt.experts.activation import Activation
+    from hf_moe_opt.experts.torch_backend import torch_moe_ffn
+    from hf_moe_opt.kernels import gather_gemm_act, gemm_scatter, moe_ffn_with_configs
+    from hf_moe_opt.kernels.moe_ffn import _KERNEL_ACTIVATION
+
+    num_experts, hidden, ffn, top_k = shape
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=gen)
+    w1 = torch.randn(num_experts, ffn, hidden, device=dev, dtype=dtype, generator=gen) * hidden**-0.5
+    w2 = torch.randn(num_experts, hidden, ffn, device=dev, dtype=dtype, generator=gen) * ffn**-0.5
+    index = torch.rand(tokens, num_experts, device=dev, generator=gen).topk(top_k, dim=1).indices
+    gates = torch.rand(tokens, top_k, device=dev, generator=gen)
+    keep = torch.ones(tokens, top_k, dtype=torch.bool, device=dev)
+    plan = make_plan(index, gates, keep, num_experts)
+    kernel_act = _KERNEL_ACTIVATION[activation]
+    h = torch.empty(plan.num_rows, ffn, device=dev, dtype=dtype)
+    dst = torch.empty(tokens * top_k, hidden, device=dev, dtype=dtype)
+    rows_per_expert = tokens * top_k / num_experts
+
+    def gemm1_fn(cfg):
+        return lambda: gather_gemm_act(x, plan, w1, None, kernel_act, h, cfg)
+
+    def gemm2_fn(cfg):
+        return lambda: gemm_scatter(h, plan, w2, None, 1.0, dst, cfg)
+
+    cands = list(_candidates(rows_per_expert, args.quick))
+    g1, ms1 = _best("gemm1", gemm1_fn, cands, args.warmup_ms, args.rep_ms)
+    g2, ms2 = _best("gemm2", gemm2_fn, cands, args.warmup_ms, args.rep_ms)
+    act = Activation(activation, _TORCH_ACTIVATIONS[activation])
+    total = _time(
+        lambda: moe_ffn_with_configs(x, plan, w1, None, w2, None, act, 1.0, g1, g2),
+        args.warmup_ms,
+        args.rep_ms,
+    )
+    ref_ms = _time(lambda: torch_moe_ffn(x, plan, w1, None, w2, None, act), args.warmup_ms, args.rep_ms)
+    print(
+        f"E={num_experts} D={hidden} F={ffn} k={top_k} tokens={tokens}: gemm1 {ms1:.4f} ms {g1}, "
+        f"gemm2 {ms2:.4f} ms {g2}; moe_ffn {total:.4f} ms, torch backend {ref_ms:.4f} ms"
+    )
+    return {"tokens": tokens, "gemm1": g1.to_dict(), "gemm2": g2.to_dict(), "ms": round(total, 5)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", type=_parse_shape, action="append", help="E,D,F,k (repeatable)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096, 16384])
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--activation", default="relu", choices=sorted(_TORCH_ACTIVATIONS))
+    parser.add_argument("--out", type=Path, help="JSON file to write (default: the package's table for this GPU)")
+    parser.add_argument("--quick", action="store_true", help="a small candidate set")
+    parser.add_argument("--warmup-ms", type=int, default=10)
+    parser.add_argument("--rep-ms", type=int, default=40)
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("tune_triton.py needs a CUDA GPU: it times compiled Triton kernels. Nothing was written.")
+        return 1
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("tune_triton.py needs the triton package (pip install triton).")
+        return 1
+    from hf_moe_opt.kernels import kernels_interpreted
+    from hf_moe_opt.kernels.launch_config import CONFIG_DIR, clear_cache, device_file_stem, shape_key
+
+    if kernels_interpreted():
+        print("TRITON_INTERPRET=1 is set: unset it to time compiled kernels.")
+        return 1
+
+    shapes = args.shape or [(128, 768, 3072, 1), (128, 2048, 8192, 2)]
+    dtype = getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name()
+    out = args.out or CONFIG_DIR / f"{device_file_stem(name)}.json"
+    table = json.loads(out.read_text()) if out.exists() else {}
+    table["device"] = name
+    table.setdefault("shapes", {})
+    for shape in shapes:
+        entries = [tune_shape(shape, t, dtype, args.activation, args) for t in sorted(set(args.tokens))]
+        table["shapes"][shape_key(*shape)] = entries
+        # The first tuned shape also serves shapes this GPU has no entry for.
+        table.setdefault("default", entries)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(table, indent=2) + "\n")  # after every shape: a long run keeps its work
+        print(f"wrote {out}")
+    clear_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

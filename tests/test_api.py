@@ -1,0 +1,184 @@
+"""The public API: optimize/restore round trips, state dicts, checkpoints, memory and errors."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+import hf_moe_opt
+from hf_moe_opt import OptimizedMoE
+
+from .models import VOCAB, tiny_nllb, tiny_switch
+
+FAMILIES = {"switch": tiny_switch, "nllb": tiny_nllb}
+
+
+def _ids(batch=2, seq=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=g), torch.randint(3, VOCAB, (batch, 4), generator=g)
+
+
+def _logits(model, ids, dec):
+    with torch.no_grad():
+        return model(input_ids=ids, decoder_input_ids=dec).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_state_dict_names_and_values_unchanged(family):
+    model = FAMILIES[family]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hf_moe_opt.optimize(model)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    assert hf_moe_opt.is_optimized(model)
+    assert len(hf_moe_opt.optimized_layers(model)) == 4  # 2 encoder + 2 decoder layers, all sparse
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_experts_share_one_storage_and_memory_does_not_grow(family):
+    model = FAMILIES[family](num_experts=8)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    hf_moe_opt.optimize(model)
+    storages = {}
+    for p in model.parameters():
+        storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    # Every parameter counted once: the stacked experts hold exactly the experts' bytes.
+    assert sum(storages.values()) == nbytes
+    for _, layer in hf_moe_opt.optimized_layers(model):
+        stack = layer.weights.w1.tensor
+        for j in range(layer.num_experts):
+            w = (
+                layer.experts[f"expert_{j}"].wi.weight
+                if family == "switch"
+                else layer.experts[f"expert_{j}"].fc1.weight
+            )
+            assert w.data_ptr() == stack[j].data_ptr()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restore_gives_back_the_original_modules(family):
+    model = FAMILIES[family]()
+    ids, dec = _ids()
+    original_types = {n: type(m) for n, m in model.named_modules()}
+    want = _logits(model, ids, dec)
+    hf_moe_opt.optimize(model)
+    assert hf_moe_opt.restore(model) is model
+    assert not hf_moe_opt.is_optimized(model)
+    assert {n: type(m) for n, m in model.named_modules()} == original_types
+    assert not any(k.startswith("_hf_moe_opt") for m in model.modules() for k in vars(m))
+    torch.testing.assert_close(_logits(model, ids, dec), want, atol=0, rtol=0)
+    hf_moe_opt.optimize(model)  # and it can be optimized again
+    assert hf_moe_opt.is_optimized(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_loads_in_plain_transformers(family, tmp_path):
+    model = FAMILIES[family]()
+    ids, dec = _ids()
+    reference = copy.deepcopy(model)
+    hf_moe_opt.optimize(model)
+    want = _logits(model, ids, dec)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    assert not hf_moe_opt.is_optimized(loaded)
+    ref_sd = reference.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, ref_sd[k]), k
+    hf_moe_opt.optimize(loaded)
+    torch.testing.assert_close(_logits(loaded, ids, dec), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moving_and_casting_after_optimize_restacks(family):
+    model = FAMILIES[family]()
+    ids, dec = _ids()
+    hf_moe_opt.optimize(model)
+    want = _logits(model, ids, dec)
+    model.to(torch.bfloat16)
+    for _, layer in hf_moe_opt.optimized_layers(model):
+        assert layer.weights.w1.tensor.dtype == torch.bfloat16 and layer.weights.w1.is_current()
+    got = _logits(model, ids, dec)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
+    model.to(torch.float32)
+    torch.testing.assert_close(_logits(model, ids, dec), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_fp16_runs_and_stays_close(dtype):
+    model = tiny_switch()
+    ids, dec = _ids()
+    want = _logits(model, ids, dec)
+    hf_moe_opt.optimize(model.to(dtype))
+    got = _logits(model, ids, dec)
+    assert got.dtype == dtype
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_error_no_moe_block_names_supported_classes():
+    model = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
+    with pytest.raises(ValueError, match="SwitchTransformersSparseMLP.*NllbMoeSparseMLP"):
+        hf_moe_opt.optimize(model)
+
+
+def test_error_optimizing_twice():
+    model = hf_moe_opt.optimize(tiny_switch())
+    with pytest.raises(ValueError, match="already optimized"):
+        hf_moe_opt.optimize(model)
+
+
+def test_error_restore_unoptimized():
+    with pytest.raises(ValueError, match="not optimized"):
+        hf_moe_opt.restore(tiny_switch())
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(capacity="tight"), "capacity"), (dict(backend="cuda"), "backend")])
+def test_error_unknown_options(kwargs, match):
+    model = tiny_switch()
+    with pytest.raises(ValueError, match=match):
+        hf_moe_opt.optimize(model, **kwargs)
+    assert not hf_moe_opt.is_optimized(model)
+
+
+def test_error_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from hf_moe_opt.experts import resolve_backend
+
+    with pytest.raises(ValueError, match="triton"):
+        resolve_backend("triton", torch.device("cpu"))
+
+
+def test_error_meta_weights():
+    with torch.device("meta"):
+        model = tiny_switch()
+    with pytest.raises(ValueError, match="meta device"):
+        hf_moe_opt.optimize(model)
+    assert not hf_moe_opt.is_optimized(model)
+
+
+def test_error_training_mode_forward():
+    model = hf_moe_opt.optimize(tiny_switch())
+    model.train()
+    ids, dec = _ids()
+    with pytest.raises(RuntimeError, match="inference only"):
+        model(input_ids=ids, decoder_input_ids=dec)
+
+
+def test_error_not_a_module():
+    with pytest.raises(TypeError):
+        hf_moe_opt.optimize("google/switch-base-8")
+
+
+def test_supported_architectures():
+    archs = hf_moe_opt.supported_architectures()
+    assert archs == {"switch_transformers": "SwitchTransformersSparseMLP", "nllb-moe": "NllbMoeSparseMLP"}
+
+
+def test_layer_repr_and_type():
+    model = hf_moe_opt.optimize(tiny_nllb(num_experts=8))
+    layer = model.model.encoder.layers[0].ffn
+    assert isinstance(layer, OptimizedMoE)
+    assert "num_experts=8" in repr(layer) and "family=nllb-moe" in repr(layer)
