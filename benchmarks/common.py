@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: environment record, measured ceilings, the floor."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from hf_moe_opt.timing import median_ms
+
+# (num_experts, d_model, d_ff, top_k) of real models' MoE layers.
+LAYER_SHAPES = {
+    "switch-base-8": (8, 768, 3072, 1),
+    "switch-base-128": (128, 768, 3072, 1),
+    "switch-large-128": (128, 1024, 4096, 1),
+    "nllb-moe-54b": (128, 2048, 8192, 2),
+}
+
+
+def environment() -> dict:
+    import transformers
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """Device copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured now."""
+    n = 1 << 28  # 512 MiB of bf16
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, repeats=10, warmup=3)
+    copy_bw = 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    m = 8192
+    a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    ms = median_ms(lambda: a @ b, device, repeats=10, warmup=3)
+    return {"copy_bytes_per_s": copy_bw, "bf16_flops_per_s": 2 * m**3 / (ms * 1e-3)}
+
+
+def floor_ms(active_experts: int, d: int, f: int, assignments: int, ceilings: dict, bias: bool = False) -> float:
+    """max(bytes of the active experts' weights / copy bandwidth, FLOPs / matmul rate), in ms."""
+    weight_bytes = active_experts * (2 * d * f + (d + f if bias else 0)) * 2
+    flops = 2 * assignments * 2 * d * f
+    return 1e3 * max(weight_bytes / ceilings["copy_bytes_per_s"], flops / ceilings["bf16_flops_per_s"])
