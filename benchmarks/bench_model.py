@@ -62,7 +62,7 @@ def random_model(name: str, device: torch.device):
             p.fill_(1.0)
         else:
             p.zero_()
-    for buf_name, buf in model.named_buffers():
+    for buf in model.buffers():
         if buf.is_floating_point() and not torch.isfinite(buf).all():
             buf.zero_()
     return model.eval()

@@ -106,8 +106,8 @@ def run_demo(
             got = optimized(input_ids=ids, decoder_input_ids=dec).logits.float()
             kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
             same = torch.equal(reference.generate(ids[:4], **kw), optimized.generate(ids[:4], **kw))
-            ref_ms = median_ms(lambda m=reference: m.get_encoder()(input_ids=ids), dev)
-            opt_ms = median_ms(lambda m=optimized: m.get_encoder()(input_ids=ids), dev)
+            ref_ms = median_ms(lambda m=reference, i=ids: m.get_encoder()(input_ids=i), dev)
+            opt_ms = median_ms(lambda m=optimized, i=ids: m.get_encoder()(input_ids=i), dev)
         rows.append(
             DemoRow(
                 name, model.config.num_experts, batch * seq_len, float((got - want).abs().max()), same, ref_ms, opt_ms
@@ -117,7 +117,10 @@ def run_demo(
 
 
 def format_rows(rows: list[DemoRow]) -> str:
-    head = f"{'model':<34} {'tokens':>6} {'max |dlogit|':>12} {'same tokens':>11} {'ref ms':>8} {'opt ms':>8} {'speed-up':>8}"
+    head = (
+        f"{'model':<34} {'tokens':>6} {'max |dlogit|':>12} {'same tokens':>11} "
+        f"{'ref ms':>8} {'opt ms':>8} {'speed-up':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(

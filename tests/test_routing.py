@@ -122,7 +122,11 @@ def test_transformers_switch_block_against_reference():
 
 @pytest.mark.parametrize(
     "routing",
-    [dict(), dict(moe_eval_capacity_token_fraction=0.3), dict(expert_capacity=2, moe_eval_capacity_token_fraction=-1.0)],
+    [
+        dict(),
+        dict(moe_eval_capacity_token_fraction=0.3),
+        dict(expert_capacity=2, moe_eval_capacity_token_fraction=-1.0),
+    ],
 )
 def test_eager_nllb_baseline_is_correct_and_matches_optimized(routing):
     import copy
