@@ -77,12 +77,8 @@ def bench_shape(name, device, ceilings, tokens, repeats):
     with torch.no_grad():
         for n in tokens:
             x = inputs[n]
-            probs = torch.softmax(block.router.classifier(x.float()), -1) if k == 1 else None
-            if k == 1:
-                active = int(torch.unique(probs.argmax(-1)).numel())
-            else:
-                logits = block.router.classifier(x.float().reshape(-1, d))
-                active = int(torch.unique(logits.topk(2, dim=-1).indices).numel())
+            logits = x.float().reshape(-1, d) @ block.router.classifier.weight.float().T
+            active = int(torch.unique(logits.topk(k, dim=-1).indices).numel())
             rows[n]["active_experts"] = active
             rows[n]["floor_ms"] = floor_ms(active, d, f, n * k, ceilings, bias=k == 2)
             rows[n]["hf_eager_ms"] = median_ms(lambda x=x: eager(x), device, repeats)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -20,18 +22,33 @@ except ImportError:  # pragma: no cover - transformers without the model
     SwitchTransformersTop1Router = None
 
 
+@functools.cache
+def records_top_probability() -> bool:
+    """Whether the installed router's output[2] (what transformers records as ``router_logits``) is the
+    top-1 probability ``[B, S, 1]`` rather than the logits: transformers 5.0-5.17 overwrite the name."""
+    from transformers import SwitchTransformersConfig
+
+    router = SwitchTransformersTop1Router(SwitchTransformersConfig(d_model=4, num_experts=3))
+    with torch.no_grad():
+        out = router(torch.randn(1, 2, 4))
+    return out[2].shape[-1] == 1
+
+
 if SwitchTransformersTop1Router is not None:
 
     class OptimizedSwitchRouter(SwitchTransformersTop1Router):
-        """Same module, our routing: returns ``(Routing, None, router_logits)``.
+        """Same module, our routing: returns ``(Routing, None, recorded)``.
 
-        Index 2 is what transformers records as ``router_logits``.
+        Index 2 is what transformers records as ``router_logits``; it carries exactly what the installed
+        version's own router puts there.
         """
 
         def forward(self, hidden_states: torch.Tensor, padding_mask=None):
             logits = router_logits(hidden_states, self.classifier, self.dtype)
             capacity = self.expert_capacity if self._hf_moe_opt_capacity == "model" else None
-            return switch_route(logits, hidden_states.dtype, capacity), None, logits
+            routing = switch_route(logits, hidden_states.dtype, capacity)
+            recorded = routing.gates.view(*logits.shape[:-1], 1) if self._hf_moe_opt_records_prob else logits
+            return routing, None, recorded
 
 
 def _route(router: nn.Module, hidden_states: torch.Tensor, padding_mask) -> object:
@@ -52,5 +69,7 @@ class SwitchTransformersPatch(MoEPatch):
             b2=ExpertStack([e.wo.bias for e in experts], "experts.wo.bias") if experts[0].wo.bias is not None else None,
         )
         activation = Activation(config.dense_act_fn, experts[0].act)
-        swap_router_class(block.router, OptimizedSwitchRouter, capacity=capacity)
+        swap_router_class(
+            block.router, OptimizedSwitchRouter, capacity=capacity, records_prob=records_top_probability()
+        )
         return OptimizedMoE(block, weights, activation, _route, backend=backend, family=self.model_type)

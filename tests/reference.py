@@ -105,8 +105,8 @@ def nllb_reference(
             if keep2[t]:
                 keep2[t] = queue2[top2[t]] < capacity
                 queue2[top2[t]] += 1
-    k1 = torch.tensor(keep1, dtype=hidden.dtype)
-    k2 = torch.tensor(keep2, dtype=hidden.dtype)
+    k1 = torch.tensor(keep1, dtype=hidden.dtype, device=hidden.device)
+    k2 = torch.tensor(keep2, dtype=hidden.dtype, device=hidden.device)
     g1, g2 = p1 * k1, p2 * k2
     if not router.normalize_router_prob_before_dropping:
         g1, g2 = normalize(g1, g2)
