@@ -15,6 +15,7 @@ from torch import nn
 from .dispatch import make_plan
 from .experts import ExpertWeights, get_backend, resolve_backend
 from .experts.activation import Activation
+from .experts.backends import choose_backend
 
 CAPACITY_MODES = ("model", "none")
 
@@ -55,7 +56,7 @@ class OptimizedMoE(nn.Module):
         self.out_scale = float(out_scale)
         self.backend = backend
         self.family = family
-        self._resolved: dict[torch.device, Callable] = {}
+        self._resolved: dict[tuple[torch.device, int], Callable] = {}
         resolve_backend(backend, weights.device)  # fail early on a bad option
         self.train(block.training)
 
@@ -81,11 +82,12 @@ class OptimizedMoE(nn.Module):
         self._resolved.clear()
         return result
 
-    def _ffn(self, device: torch.device) -> Callable:
-        ffn = self._resolved.get(device)
+    def _ffn(self, device: torch.device, rows: int) -> Callable:
+        key = (device, rows)
+        ffn = self._resolved.get(key)
         if ffn is None:
-            ffn = get_backend(resolve_backend(self.backend, device))
-            self._resolved[device] = ffn
+            ffn = get_backend(choose_backend(self.backend, device, rows))
+            self._resolved[key] = ffn
         return ffn
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,5 +102,5 @@ class OptimizedMoE(nn.Module):
         x = hidden_states.reshape(-1, hidden)
         plan = make_plan(routing.expert_index, routing.gates, routing.keep, self.num_experts)
         w1, b1, w2, b2 = self.weights.tensors()
-        out = self._ffn(x.device)(x, plan, w1, b1, w2, b2, self.activation, self.out_scale)
+        out = self._ffn(x.device, plan.num_rows)(x, plan, w1, b1, w2, b2, self.activation, self.out_scale)
         return out.view(batch, seq_len, hidden)

@@ -11,6 +11,10 @@ from .torch_backend import torch_moe_ffn
 
 BACKENDS = ("auto", "torch", "triton")
 
+# "auto" on CUDA: the Triton kernels win while launches and weight reads dominate; past this many
+# routed rows torch._grouped_mm's tuned GEMMs win (benchmarks/results/layer_h200.json, H200, bf16).
+AUTO_TRITON_MAX_ROWS = 4096
+
 
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -48,6 +52,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                     "use backend='torch' or set TRITON_INTERPRET=1 for a slow correctness run"
                 )
     return backend
+
+
+def choose_backend(backend: str, device: torch.device, rows: int) -> str:
+    """The concrete backend for one call: ``backend`` resolved for ``device`` and ``rows`` routed rows."""
+    name = resolve_backend(backend, device)
+    if backend == "auto" and name == "triton" and rows > AUTO_TRITON_MAX_ROWS:
+        return "torch"
+    return name
 
 
 def get_backend(name: str) -> Callable:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .queue import queue_positions
 from .types import Routing
 
 SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
@@ -25,16 +26,16 @@ def _normalize(p1: torch.Tensor, p2: torch.Tensor) -> tuple[torch.Tensor, torch.
     return p1 / denom, p2 / denom
 
 
-def _queue_positions(expert: torch.Tensor, keep: torch.Tensor, num_experts: int, order: torch.Tensor | None):
-    """0-based position of each kept token in its expert's queue, and each expert's kept count."""
-    onehot = torch.zeros(expert.shape[0], num_experts, dtype=torch.int32, device=expert.device)
-    onehot.scatter_(1, expert[:, None], keep[:, None].to(torch.int32))
+def _queue(expert: torch.Tensor, keep: torch.Tensor, num_experts: int, order: torch.Tensor | None):
+    """0-based position of each kept token in its expert's queue (tokens taken in ``order``), and each
+    expert's kept count."""
+    key = torch.where(keep, expert, num_experts)
     if order is None:
-        position = torch.cumsum(onehot, dim=0, dtype=torch.int32) - 1
-    else:
-        position = torch.empty_like(onehot)
-        position[order] = torch.cumsum(onehot[order], dim=0, dtype=torch.int32) - 1
-    return position.gather(1, expert[:, None]).squeeze(1), onehot.sum(dim=0)
+        return queue_positions(key, num_experts)
+    ranked, counts = queue_positions(key[order], num_experts)
+    positions = torch.empty_like(ranked)
+    positions[order] = ranked
+    return positions, counts
 
 
 def nllb_route(
@@ -75,8 +76,8 @@ def nllb_route(
         order = None
         if batch_prioritized:
             order = torch.sort(probs.max(dim=-1).values, descending=True, stable=True).indices
-        loc1, first_counts = _queue_positions(top1, keep1, num_experts, order)
-        loc2, _ = _queue_positions(top2, keep2, num_experts, order)
+        loc1, first_counts = _queue(top1, keep1, num_experts, order)
+        loc2, _ = _queue(top2, keep2, num_experts, order)
         loc2 = loc2 + first_counts[top2]
         keep1 = keep1 & (loc1 < capacity)
         keep2 = keep2 & (loc2 < capacity)

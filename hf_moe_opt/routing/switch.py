@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .queue import queue_positions
 from .types import Routing
 
 
@@ -23,9 +24,9 @@ def switch_route(logits: torch.Tensor, input_dtype: torch.dtype, capacity: int |
     if capacity is None:
         keep = torch.ones_like(expert, dtype=torch.bool)
     else:
-        # Position of each token within its expert's queue, per sequence (1-based). A scatter builds the
-        # one-hot: F.one_hot checks its input range on the host.
-        onehot = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device).scatter_(-1, expert, 1)
-        position = torch.cumsum(onehot, dim=1).gather(-1, expert)
-        keep = position <= capacity
+        # One queue per (sequence, expert): key = sequence * E + expert.
+        batch, seq, num_experts = logits.shape
+        sequence = torch.arange(batch, device=logits.device)[:, None, None]
+        position, _ = queue_positions((sequence * num_experts + expert).reshape(-1), batch * num_experts)
+        keep = (position < capacity).view(batch, seq, 1)
     return Routing(expert.reshape(-1, 1), gate.reshape(-1, 1), keep.reshape(-1, 1))
