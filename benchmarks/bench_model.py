@@ -51,20 +51,26 @@ def random_model(name: str, device: torch.device):
 
     cfg = real_config(name)
     cls = SwitchTransformersForConditionalGeneration if name.startswith("switch") else NllbMoeForConditionalGeneration
-    with torch.device("meta"):
-        model = cls(cfg)
-    model = model.to_empty(device=device).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # 54B parameters do not fit an H200 in float32
+    try:
+        with torch.device("meta"):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=device)
     for pname, p in model.named_parameters():
-        std = 1.0 if "router" in pname else (0.02 if p.dim() > 1 else 0.0)
-        if p.dim() > 1 or "router" in pname:
-            p.normal_(0.0, std)
-        elif "norm" in pname or "layer_norm" in pname:
+        if "router" in pname:
+            p.normal_(0.0, 1.0)  # decisive routing, as trained routers have
+        elif p.dim() > 1:
+            p.normal_(0.0, 0.02)
+        elif "norm" in pname:
             p.fill_(1.0)
         else:
             p.zero_()
-    for buf in model.buffers():
-        if buf.is_floating_point() and not torch.isfinite(buf).all():
-            buf.zero_()
+    for module in model.modules():
+        if hasattr(module, "make_weights") and hasattr(module, "offset"):  # sinusoidal positions
+            module.make_weights(module.num_positions + module.offset, module.embedding_dim, module.padding_idx)
     return model.eval()
 
 
