@@ -16,6 +16,7 @@ from .dispatch import make_plan
 from .experts import ExpertWeights, get_backend, resolve_backend
 from .experts.activation import Activation
 from .experts.backends import choose_backend
+from .experts.store import ExpertStore, ResidentStore
 
 CAPACITY_MODES = ("model", "none")
 
@@ -51,6 +52,7 @@ class OptimizedMoE(nn.Module):
         # A tuple hides the original block from nn.Module registration: no duplicate state_dict keys.
         self._original = (block,)
         self.weights = weights
+        self.store: ExpertStore = ResidentStore(weights)
         self.activation = activation
         self.route = route
         self.out_scale = float(out_scale)
@@ -78,7 +80,7 @@ class OptimizedMoE(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to()/.cuda()/.half() give every parameter a new storage: stack them again into one.
         result = super()._apply(fn, recurse)
-        self.weights.refresh()
+        self.store.refresh()
         self._resolved.clear()
         return result
 
@@ -95,12 +97,9 @@ class OptimizedMoE(nn.Module):
             raise RuntimeError(
                 "hf_moe_opt layers run inference only: call model.eval(), or hf_moe_opt.restore(model) to train"
             )
-        if not self.weights.w1.is_current():
-            self.weights.refresh()
         batch, seq_len, hidden = hidden_states.shape
         routing = self.route(self.router, hidden_states, padding_mask)
         x = hidden_states.reshape(-1, hidden)
         plan = make_plan(routing.expert_index, routing.gates, routing.keep, self.num_experts)
-        w1, b1, w2, b2 = self.weights.tensors()
-        out = self._ffn(x.device, plan.num_rows)(x, plan, w1, b1, w2, b2, self.activation, self.out_scale)
+        out = self.store.run(x, plan, self._ffn, self.activation, self.out_scale)
         return out.view(batch, seq_len, hidden)

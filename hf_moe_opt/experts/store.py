@@ -1,0 +1,51 @@
+"""Expert stores: where a layer's expert weights live and how they reach the compute.
+
+The optimized layer asks its store to run the experts over a dispatch plan. The default keeps every
+expert resident on the layer's device; expert buffering (a GPU cache over pinned host memory) and
+multi-device placement are other stores behind the same two methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from ..dispatch import DispatchPlan
+from .activation import Activation
+from .weights import ExpertWeights
+
+# ffn_for(device, rows) -> moe_ffn(x, plan, w1, b1, w2, b2, activation, out_scale) for that call.
+FfnFactory = Callable[[torch.device, int], Callable]
+
+
+class ExpertStore(ABC):
+    """Runs a layer's experts; subclasses decide where the weights are."""
+
+    def __init__(self, weights: ExpertWeights):
+        self.weights = weights
+
+    @abstractmethod
+    def run(
+        self, x: torch.Tensor, plan: DispatchPlan, ffn_for: FfnFactory, activation: Activation, out_scale: float
+    ) -> torch.Tensor:
+        """``[N, D]`` combined expert output for ``x`` routed by ``plan``."""
+
+    def refresh(self) -> None:
+        """Called after the module was moved or cast (``model.to(...)``)."""
+        self.weights.refresh()
+
+    def stats(self) -> dict:
+        """Store-specific counters (hits, copies, ...); empty for resident experts."""
+        return {}
+
+
+class ResidentStore(ExpertStore):
+    """Every expert of the layer stacked on one device."""
+
+    def run(self, x, plan, ffn_for, activation, out_scale):
+        if not self.weights.w1.is_current():
+            self.weights.refresh()
+        w1, b1, w2, b2 = self.weights.tensors()
+        return ffn_for(x.device, plan.num_rows)(x, plan, w1, b1, w2, b2, activation, out_scale)
