@@ -72,7 +72,8 @@ def nllb_route(
         keep1 = keep1 & ~padding
         keep2 = keep2 & ~padding
 
-    if capacity is not None:
+    # With two or more experts a token's choices are distinct, so no queue exceeds num_tokens.
+    if capacity is not None and (capacity < num_tokens or num_experts == 1):
         order = None
         if batch_prioritized:
             order = torch.sort(probs.max(dim=-1).values, descending=True, stable=True).indices

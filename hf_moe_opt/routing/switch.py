@@ -21,7 +21,8 @@ def switch_route(logits: torch.Tensor, input_dtype: torch.dtype, capacity: int |
     probs = torch.softmax(logits, dim=-1, dtype=logits.dtype).to(input_dtype)
     expert = probs.argmax(dim=-1, keepdim=True)  # [B, S, 1]
     gate = probs.gather(-1, expert)
-    if capacity is None:
+    if capacity is None or logits.shape[1] <= capacity:
+        # No sequence can overflow an expert: skip the queue bookkeeping (decode steps land here).
         keep = torch.ones_like(expert, dtype=torch.bool)
     else:
         # One queue per (sequence, expert): key = sequence * E + expert.
