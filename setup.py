@@ -4,18 +4,9 @@ The top-level ``patches/`` folder ships as the subpackage ``hf_moe_opt.patches``
 named ``patches`` lands in site-packages.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "hf_moe_opt",
-    "hf_moe_opt.routing",
-    "hf_moe_opt.dispatch",
-    "hf_moe_opt.experts",
-    "hf_moe_opt.kernels",
-    "hf_moe_opt.cache",
-    "hf_moe_opt.placement",
-    "hf_moe_opt.patches",
-]
+PACKAGES = find_packages(include=["hf_moe_opt", "hf_moe_opt.*"]) + ["hf_moe_opt.patches"]
 
 setup(
     name="hf_moe_opt",
@@ -27,7 +18,7 @@ setup(
     packages=PACKAGES,
     package_dir={"hf_moe_opt.patches": "patches"},
     include_package_data=True,
-    package_data={"hf_moe_opt": ["assets/**/*", "kernels/configs/*.json"]},
+    package_data={"hf_moe_opt.assets": ["*/*"], "hf_moe_opt.kernels": ["configs/*.json"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0",

@@ -59,6 +59,8 @@ class OptimizedMoE(nn.Module):
         self.backend = backend
         self.family = family
         self._resolved: dict[tuple[torch.device, int], Callable] = {}
+        # Callables ``fn(layer, routing)`` run after routing (the routing profiler uses this).
+        self.observers: list[Callable] = []
         resolve_backend(backend, weights.device)  # fail early on a bad option
         self.train(block.training)
 
@@ -99,6 +101,8 @@ class OptimizedMoE(nn.Module):
             )
         batch, seq_len, hidden = hidden_states.shape
         routing = self.route(self.router, hidden_states, padding_mask)
+        for observer in self.observers:
+            observer(self, routing)
         x = hidden_states.reshape(-1, hidden)
         plan = make_plan(routing.expert_index, routing.gates, routing.keep, self.num_experts)
         out = self.store.run(x, plan, self._ffn, self.activation, self.out_scale)
