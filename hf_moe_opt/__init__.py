@@ -6,7 +6,7 @@
 """
 
 from ._source_layout import map_source_patches
-from .api import is_optimized, optimize, optimized_layers, restore, supported_architectures
+from .api import is_optimized, optimize, optimized_layers, reset_stats, restore, stats, supported_architectures
 from .layer import OptimizedMoE
 
 __version__ = "0.1.0"
@@ -19,6 +19,8 @@ __all__ = [
     "is_optimized",
     "optimize",
     "optimized_layers",
+    "reset_stats",
     "restore",
+    "stats",
     "supported_architectures",
 ]

@@ -63,7 +63,18 @@ def _check_block_weights(name: str, block: nn.Module) -> None:
         raise ValueError(f"{name} carries accelerate offload hooks; load its experts onto one device before optimizing")
 
 
-def optimize(model: nn.Module, *, capacity: str = "model", backend: str = "auto") -> nn.Module:
+def optimize(
+    model: nn.Module,
+    *,
+    capacity: str = "model",
+    backend: str = "auto",
+    placement=None,
+    expert_parallel=False,
+    devices=None,
+    expert_cache=None,
+    cache_policy: str = "lifo",
+    pinned_experts=None,
+) -> nn.Module:
     """Replace every supported sparse MoE block of ``model`` in place with :class:`OptimizedMoE`.
 
     Args:
@@ -73,6 +84,28 @@ def optimize(model: nn.Module, *, capacity: str = "model", backend: str = "auto"
             a token (dynamic gating).
         backend: expert compute: ``"torch"`` (grouped GEMMs), ``"triton"`` (fused kernels, CUDA)
             or ``"auto"`` (the best available for the experts' device).
+        placement: a :class:`~hf_moe_opt.placement.PlacementPlan` (``hf_moe_opt.plan_placement``):
+            spread each layer's experts over several devices of this process; tokens go to their
+            expert's device and come back (load balancing). ``devices`` gives the torch device of
+            every plan device (default ``cuda:0 .. cuda:{D-1}``).
+        expert_parallel: ``True`` (or a process group): under ``torchrun``, rank ``r`` keeps only the
+            experts ``placement`` puts on device ``r`` (round-robin when no plan is given) and the
+            layers exchange tokens with all-to-alls. Every rank must call the model the same number
+            of times; the other experts' parameters are freed (see ``hf_moe_opt.placement.expert_parallel``).
+        devices: torch devices for ``placement`` in one process, e.g. ``["cuda:0", "cuda:1"]``.
+        expert_cache: expert buffering: keep every expert in pinned host memory (one copy) and only
+            some on the compute device, in slots. An ``int`` (experts per layer), a ``float`` in
+            ``(0, 1]`` (fraction of each layer's experts, rounded down, at least one), a byte budget
+            shared by all layers (``"24GiB"``, ``"500MB"``; split evenly, or by measured routing
+            demand with ``hf_moe_opt.cache.CacheBudget(budget, demand=trace)``). Each layer computes
+            on the device of its router (the dense weights stay where they are); the experts move to
+            (or stay in) host memory. For models larger than the GPU, load with
+            ``device_map=hf_moe_opt.cache.offload_device_map(model)`` (accelerate's offload hooks on
+            the experts are taken over, no second copy) or load on the CPU and call
+            ``hf_moe_opt.cache.move_dense(model, "cuda")`` first. See ``hf_moe_opt.stats(model)``.
+        cache_policy: the eviction policy, one of ``hf_moe_opt.cache.POLICY_NAMES`` (``"lifo"``,
+            the paper's, ``"fifo"``, ``"lru"``, ``"lfu"``, ``"lfru"``).
+        pinned_experts: experts never evicted: ``{layer name: [expert ids]}`` or one list for every layer.
 
     Returns:
         ``model``, modified in place. Parameter names and values are unchanged.
@@ -89,12 +122,43 @@ def optimize(model: nn.Module, *, capacity: str = "model", backend: str = "auto"
     if not blocks:
         supported = ", ".join(f"{cls} ({mt})" for mt, cls in supported_architectures().items())
         raise ValueError(f"{type(model).__name__} has no supported sparse MoE block. Supported: {supported}")
+    placer = None
+    if placement is not None or expert_parallel:
+        from .placement.attach import Placer
+
+        placer = Placer([(b[0], b[3]) for b in blocks], placement, expert_parallel, devices)
+    elif devices is not None:
+        raise ValueError("devices= needs placement= (a PlacementPlan)")
+    cache_plan = None
+    if expert_cache is not None:
+        if placer is not None:
+            raise ValueError("expert_cache= cannot be combined with placement=/expert_parallel= yet")
+        from .cache.setup import plan_expert_cache
+
+        cache_plan = plan_expert_cache([(b[0], b[3]) for b in blocks], expert_cache, cache_policy, pinned_experts)
+    elif pinned_experts is not None or str(cache_policy).lower() != "lifo":
+        raise ValueError("cache_policy= and pinned_experts= take effect only with expert_cache=")
     for name, _, _, block, _ in blocks:
-        _check_block_weights(name, block)
+        if placer is None:
+            _check_block_weights(name, block)
+        else:
+            placer.check_block(name, block)
     for name, parent, child_name, block, patch in blocks:
+        if placer is not None:
+            placer.before_build(name, block)
         layer = patch.build(block, _config_for(model, name), capacity=capacity, backend=backend)
         layer._hf_moe_opt_patch = patch
+        if placer is not None:
+            placer.after_build(name, layer)
         setattr(parent, child_name, layer)
+    if placer is not None:
+        try:
+            placer.finish()
+        except Exception:
+            restore(model)
+            raise
+    if cache_plan is not None:
+        cache_plan.attach([(b[0], getattr(b[1], b[2])) for b in blocks])
     logger.info(f"hf_moe_opt: optimized {len(blocks)} MoE blocks (capacity={capacity}, backend={backend})")
     return model
 
@@ -118,6 +182,35 @@ def restore(model: nn.Module) -> nn.Module:
                 targets.append((parent, child_name, child))
     if not targets:
         raise ValueError("this model is not optimized (no hf_moe_opt layers found)")
+    if any(getattr(layer, "_hf_moe_opt_expert_parallel", False) for _, _, layer in targets):
+        raise ValueError("an expert-parallel model holds only this rank's experts and cannot be restored; reload it")
     for parent, child_name, layer in targets:
+        if hasattr(layer.store, "release"):
+            layer.store.release()  # expert cache: free the slots, experts back to their original device
         setattr(parent, child_name, layer._hf_moe_opt_patch.restore(layer))
     return model
+
+
+def stats(model: nn.Module) -> dict[str, dict]:
+    """Per optimized layer, its expert store's counters: ``{layer name: {...}}``.
+
+    With ``expert_cache``: ``hits``, ``misses``, ``hit_rate``, ``bytes_copied``, ``copy_time_ms``,
+    ``stall_time_ms`` (compute waiting for copies), ``resident`` (expert ids on the device now) and
+    more (see :meth:`hf_moe_opt.cache.CachedExpertStore.stats`). Layers without a cache give ``{}``.
+    Reading CUDA timings waits for the copies recorded so far.
+    """
+    layers = optimized_layers(model)
+    if not layers:
+        raise ValueError("this model is not optimized (no hf_moe_opt layers found)")
+    return {name: layer.store.stats() for name, layer in layers}
+
+
+def reset_stats(model: nn.Module) -> None:
+    """Zero the counters of every optimized layer's store (cached experts stay resident)."""
+    layers = optimized_layers(model)
+    if not layers:
+        raise ValueError("this model is not optimized (no hf_moe_opt layers found)")
+    for _, layer in layers:
+        reset = getattr(layer.store, "reset_stats", None)
+        if reset is not None:
+            reset()

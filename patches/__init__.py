@@ -5,10 +5,27 @@ from __future__ import annotations
 from torch import nn
 
 from .base import MoEPatch
+from .deepseek_v2 import DeepseekV2Patch
+from .deepseek_v3 import DeepseekV3Patch
+from .gpt_oss import GptOssPatch
+from .mixtral import MixtralPatch
 from .nllb_moe import NllbMoePatch
+from .olmoe import OlmoePatch
+from .qwen2_moe import Qwen2MoePatch
+from .qwen3_moe import Qwen3MoePatch
 from .switch_transformers import SwitchTransformersPatch
 
-_REGISTRY: list[MoEPatch] = [SwitchTransformersPatch(), NllbMoePatch()]
+_REGISTRY: list[MoEPatch] = [
+    SwitchTransformersPatch(),
+    NllbMoePatch(),
+    MixtralPatch(),
+    Qwen2MoePatch(),
+    Qwen3MoePatch(),
+    OlmoePatch(),
+    DeepseekV2Patch(),
+    DeepseekV3Patch(),
+    GptOssPatch(),
+]
 
 
 def register_patch(patch: MoEPatch) -> None:

@@ -30,6 +30,7 @@ class DispatchPlan:
         gate: ``[A]`` combine weight of each sorted row (0 for dropped rows), router dtype rules
             already applied by the router.
         num_tokens: ``N``; ``top_k``: assignments per token; ``num_experts``: ``E``.
+        may_drop: False when the router dropped nothing (``keep`` was None): kernels may skip masking.
     """
 
     order: torch.Tensor
@@ -41,6 +42,7 @@ class DispatchPlan:
     num_tokens: int
     top_k: int
     num_experts: int
+    may_drop: bool = True
 
     @property
     def num_rows(self) -> int:
@@ -51,37 +53,53 @@ class DispatchPlan:
         return self.expert < self.num_experts
 
 
-def make_plan(expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor, num_experts: int) -> DispatchPlan:
+_EXPERT_IDS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
+    key = (device, num_experts)
+    ids = _EXPERT_IDS.get(key)
+    if ids is None:
+        ids = _EXPERT_IDS[key] = torch.arange(num_experts, device=device)
+    return ids
+
+
+def make_plan(
+    expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None, num_experts: int
+) -> DispatchPlan:
     """Build the plan from the router's choices.
 
     Args:
         expert_index: ``[N, k]`` integer expert choices.
         gates: ``[N, k]`` combine weights.
-        keep: ``[N, k]`` bool, False for assignments the router dropped.
+        keep: ``[N, k]`` bool, False for assignments the router dropped; None when nothing was dropped.
         num_experts: ``E``.
     """
-    if expert_index.shape != keep.shape or expert_index.shape != gates.shape:
+    if expert_index.shape != gates.shape or (keep is not None and keep.shape != expert_index.shape):
         raise ValueError(
             f"expert_index {tuple(expert_index.shape)}, gates {tuple(gates.shape)} and keep "
-            f"{tuple(keep.shape)} must have the same [tokens, top_k] shape"
+            f"{None if keep is None else tuple(keep.shape)} must have the same [tokens, top_k] shape"
         )
     num_tokens, top_k = expert_index.shape
-    key = torch.where(keep, expert_index.long(), num_experts).reshape(-1)
+    if keep is None:
+        key = expert_index.reshape(-1).long()
+        flat_gates = gates.reshape(-1)
+    else:
+        key = torch.where(keep, expert_index.long(), num_experts).reshape(-1)
+        flat_gates = torch.where(keep, gates, torch.zeros((), dtype=gates.dtype, device=gates.device)).reshape(-1)
     sorted_key, order = torch.sort(key, stable=True)
-    # Scatter-add histogram: unlike bincount it needs no host round trip.
-    hist = torch.zeros(num_experts + 1, dtype=torch.int32, device=key.device)
-    hist.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
-    counts = hist[:num_experts]
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    gate = torch.where(keep, gates, torch.zeros_like(gates)).reshape(-1)[order]
+    # Group ends by binary search in the sorted keys: no atomics, no host round trip (unlike bincount).
+    offsets = torch.searchsorted(sorted_key, _expert_ids(num_experts, key.device), right=True, out_int32=True)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
     return DispatchPlan(
         order=order,
-        token=torch.div(order, top_k, rounding_mode="floor"),
+        token=order if top_k == 1 else torch.div(order, top_k, rounding_mode="floor"),
         expert=sorted_key,
         counts=counts,
         offsets=offsets,
-        gate=gate,
+        gate=flat_gates[order],
         num_tokens=num_tokens,
         top_k=top_k,
         num_experts=num_experts,
+        may_drop=keep is not None,
     )

@@ -1,4 +1,19 @@
-"""The expert activation: a name kernels can specialise on, and the exact callable HF uses."""
+"""The expert activation: a name kernels can specialise on, and the exact callable HF uses.
+
+Two-matrix experts apply ``fn`` elementwise to ``x W1``. Gated (GLU) experts compute ``x W1`` with
+``W1`` the fused gate and up projections (``[E, 2F, D]``) and reduce it to ``F`` columns:
+
+* ``glu="concatenated"``: ``act(h[:, :F]) * h[:, F:]`` (Mixtral, Qwen-MoE, OLMoE, DeepSeek: the
+  halves of transformers' ``gate_up_proj``, split with ``chunk(2)`` exactly as transformers does);
+* ``glu="interleaved"``: ``act(h[:, 0::2]) * h[:, 1::2]``;
+* ``glu="clamped_swiglu"``: GPT-OSS's variant on interleaved columns,
+  ``g = min(h[:, 0::2], limit)``, ``u = clamp(h[:, 1::2], -limit, limit)``,
+  ``(u + 1) * g * sigmoid(alpha * g)``;
+* ``glu="custom"``: ``gate_fn`` maps ``[rows, 2F]`` to ``[rows, F]`` (an experts module's own
+  ``_apply_gate``); nothing can specialise on it.
+
+Backends call :meth:`Activation.apply`, which covers every case.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +25,67 @@ import torch
 # Names the fused kernels implement natively; other activations run through ``fn``.
 KERNEL_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu")
 
+GLU_LAYOUTS = ("concatenated", "interleaved", "clamped_swiglu", "custom")
+
 
 @dataclass(frozen=True)
 class Activation:
+    """An expert activation.
+
+    Attributes:
+        name: the activation's name (for gated experts prefixed, e.g. ``"glu_silu"``, so kernels that
+            only know elementwise activations never take a gated one for theirs).
+        fn: the elementwise activation (for gated experts: applied to the gate half).
+        glu: ``None`` for two-matrix experts, else one of :data:`GLU_LAYOUTS`.
+        alpha, limit: the clamped SwiGLU's sigmoid gain and clamp (``glu="clamped_swiglu"`` only).
+        gate_fn: ``[rows, 2F] -> [rows, F]`` for ``glu="custom"``.
+    """
+
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
+    glu: str | None = None
+    alpha: float | None = None
+    limit: float | None = None
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.glu is not None and self.glu not in GLU_LAYOUTS:
+            raise ValueError(f"unknown GLU layout {self.glu!r}; choose one of {', '.join(GLU_LAYOUTS)}")
+        if self.glu == "clamped_swiglu" and (self.alpha is None or self.limit is None):
+            raise ValueError("a clamped SwiGLU needs alpha and limit")
+        if self.glu == "custom" and self.gate_fn is None:
+            raise ValueError("a custom GLU needs gate_fn")
+
+    @property
+    def gated(self) -> bool:
+        """Whether GEMM1 yields ``2F`` columns that this activation reduces to ``F``."""
+        return self.glu is not None
 
     @property
     def kernel_supported(self) -> bool:
-        return self.name in KERNEL_ACTIVATIONS
+        return self.glu is None and self.name in KERNEL_ACTIVATIONS
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        """``[rows, W1 out] -> [rows, W2 in]``: the activation, gated or not."""
+        if self.glu is None:
+            return self.fn(h)
+        if self.glu == "concatenated":
+            gate, up = h.chunk(2, dim=-1)
+            return self.fn(gate) * up
+        if self.glu == "interleaved":
+            return self.fn(h[..., 0::2]) * h[..., 1::2]
+        if self.glu == "clamped_swiglu":
+            gate = h[..., 0::2].clamp(min=None, max=self.limit)
+            up = h[..., 1::2].clamp(min=-self.limit, max=self.limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        return self.gate_fn(h)
+
+
+def glu_activation(name: str, fn: Callable[[torch.Tensor], torch.Tensor], *, interleaved: bool = False) -> Activation:
+    """``act(gate) * up`` over GEMM1's ``2F`` columns (gate first half, or even columns if ``interleaved``)."""
+    return Activation(f"glu_{name}", fn, glu="interleaved" if interleaved else "concatenated")
+
+
+def clamped_swiglu_activation(alpha: float, limit: float) -> Activation:
+    """GPT-OSS's clamped SwiGLU on interleaved gate/up columns."""
+    return Activation("clamped_swiglu", torch.sigmoid, glu="clamped_swiglu", alpha=float(alpha), limit=float(limit))

@@ -4,6 +4,25 @@ Grouped GEMMs want all experts of a layer in one ``[E, out, in]`` tensor; the ch
 ``experts.expert_{j}.<name>.weight`` parameters. We keep both without doubling memory: the
 parameters are re-pointed (``param.data = stack[j]``) at slices of one stacked tensor, so
 ``state_dict`` names and values are unchanged and there is one copy of every weight.
+
+transformers 5.x's newer MoE families already store a layer's experts as one fused ``[E, ...]``
+parameter (``experts.gate_up_proj``, ``experts.down_proj``, biases). :class:`FusedExpertTensor` uses
+such a parameter in place: the compute sees a view of it in ``[E, out, in]`` layout (a transpose for
+GPT-OSS's ``[E, in, out]`` storage), never a copy.
+
+What an expert store (buffering cache, multi-device placement) can rely on, for both kinds:
+
+* ``ExpertWeights.stacks()``: the ``w1, w2[, b1, b2]`` holders; each has ``tensor`` (the whole
+  ``[E, ...]`` compute view), ``expert(j)`` (expert ``j``'s slice of it, a view), ``storage()``
+  (the tensor that owns the memory: the stack, or the fused parameter's data, in checkpoint layout),
+  ``set_storage(t)`` (re-point the parameter(s) at ``t``, same shape and layout as ``storage()``:
+  e.g. pinned host memory), ``num_experts``, ``is_current()`` and ``restack()``.
+* ``ExpertWeights.expert(j)``: ``(w1_j, b1_j, w2_j, b2_j)`` views in compute layout, the unit a
+  cache copies into a device slot; ``ExpertWeights.tensors()`` the whole-layer compute views.
+* Gated experts: ``w1`` is the fused gate/up projection (``[E, 2F, D]`` in compute layout), and the
+  layer's :class:`~hf_moe_opt.experts.activation.Activation` says how its ``2F`` columns split.
+  Shared experts (Qwen2-MoE, DeepSeek) are not part of ``ExpertWeights``: they are ordinary
+  modules of the layer and stay resident with the rest of the model.
 """
 
 from __future__ import annotations
@@ -72,20 +91,138 @@ class ExpertStack:
         self.tensor = self._stack()
         return self.tensor
 
+    @property
+    def num_experts(self) -> int:
+        return len(self.params)
+
+    def expert(self, j: int) -> torch.Tensor:
+        """Expert ``j``'s weight (a view of the stack)."""
+        return self.tensor[j]
+
+    def storage(self) -> torch.Tensor:
+        """The tensor owning the memory (the stack itself)."""
+        return self.tensor
+
+    @torch.no_grad()
+    def set_storage(self, stacked: torch.Tensor) -> None:
+        """Re-point every parameter at its slice of ``stacked`` (same shape as :meth:`storage`)."""
+        if stacked.shape != self.tensor.shape:
+            raise ValueError(
+                f"{self.what}: storage of shape {tuple(stacked.shape)}, expected {tuple(self.tensor.shape)}"
+            )
+        for j, p in enumerate(self.params):
+            p.data = stacked[j]
+        self.tensor = stacked
+
+
+class FusedExpertTensor:
+    """A transformers fused ``[E, ...]`` expert parameter, used in place.
+
+    Args:
+        param: the parameter (e.g. ``experts.gate_up_proj``), ``[E, out, in]`` or, with
+            ``transposed=True``, ``[E, in, out]``; biases are ``[E, out]``.
+        what: a name for messages.
+        transposed: the parameter stores ``x @ W`` weights (GPT-OSS); :attr:`tensor` is then its
+            ``transpose(1, 2)`` view.
+
+    :attr:`tensor` reads the parameter's current data on every access, so moving or casting the
+    model needs no re-stacking.
+    """
+
+    def __init__(self, param: nn.Parameter, what: str, *, transposed: bool = False):
+        if param.device.type == "meta":
+            raise ValueError(
+                f"{what} is on the meta device. Load the model with real weights (no init_empty_weights, "
+                "no disk/CPU offload device_map) before hf_moe_opt.optimize."
+            )
+        if transposed and param.dim() != 3:
+            raise ValueError(f"{what}: only [E, in, out] weights can be transposed, got shape {tuple(param.shape)}")
+        self.param = param
+        self.what = what
+        self.transposed = transposed
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.param]
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        data = self.param.data
+        return data.transpose(1, 2) if self.transposed else data
+
+    @property
+    def num_experts(self) -> int:
+        return self.param.shape[0]
+
+    def expert(self, j: int) -> torch.Tensor:
+        """Expert ``j``'s weight in compute layout (a view)."""
+        return self.tensor[j]
+
+    def storage(self) -> torch.Tensor:
+        """The parameter's data, in checkpoint layout."""
+        return self.param.data
+
+    @torch.no_grad()
+    def set_storage(self, data: torch.Tensor) -> None:
+        """Re-point the parameter at ``data`` (same shape as :meth:`storage`; e.g. pinned host memory)."""
+        if data.shape != self.param.shape:
+            raise ValueError(f"{self.what}: storage of shape {tuple(data.shape)}, expected {tuple(self.param.shape)}")
+        self.param.data = data
+
+    def is_current(self) -> bool:
+        return True
+
+    def restack(self) -> torch.Tensor:
+        return self.tensor
+
+
+ExpertTensor = ExpertStack | FusedExpertTensor
+
 
 @dataclass
 class ExpertWeights:
-    """The stacked weights of one MoE layer of two-matrix experts ``y = W2 act(W1 x + b1) + b2``.
+    """The weights of one MoE layer's experts ``y = W2 act(W1 x + b1) + b2``.
 
     ``w1``: ``[E, F, D]``; ``w2``: ``[E, D, F]`` (``nn.Linear`` layout: out x in). Biases optional.
+    For gated experts ``w1`` is the fused gate/up projection ``[E, 2F, D]`` and the activation
+    reduces its output to ``F`` columns. Each entry is an :class:`ExpertStack` (per-expert
+    parameters stacked in place) or a :class:`FusedExpertTensor` (a fused parameter used as is).
     """
 
-    w1: ExpertStack
-    w2: ExpertStack
-    b1: ExpertStack | None = None
-    b2: ExpertStack | None = None
+    w1: ExpertTensor
+    w2: ExpertTensor
+    b1: ExpertTensor | None = None
+    b2: ExpertTensor | None = None
 
-    def stacks(self) -> list[ExpertStack]:
+    @classmethod
+    def from_fused(
+        cls,
+        gate_up: nn.Parameter,
+        down: nn.Parameter,
+        *,
+        gate_up_bias: nn.Parameter | None = None,
+        down_bias: nn.Parameter | None = None,
+        transposed: bool = False,
+        prefix: str = "experts",
+    ) -> ExpertWeights:
+        """Wrap transformers' fused expert parameters (``[E, out, in]``, or ``[E, in, out]`` if ``transposed``)."""
+        return cls(
+            w1=FusedExpertTensor(gate_up, f"{prefix}.gate_up_proj", transposed=transposed),
+            w2=FusedExpertTensor(down, f"{prefix}.down_proj", transposed=transposed),
+            b1=None if gate_up_bias is None else FusedExpertTensor(gate_up_bias, f"{prefix}.gate_up_proj_bias"),
+            b2=None if down_bias is None else FusedExpertTensor(down_bias, f"{prefix}.down_proj_bias"),
+        )
+
+    def expert(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Expert ``j``'s ``(w1, b1, w2, b2)`` in compute layout (views)."""
+        return (
+            self.w1.expert(j),
+            None if self.b1 is None else self.b1.expert(j),
+            self.w2.expert(j),
+            None if self.b2 is None else self.b2.expert(j),
+        )
+
+    def stacks(self) -> list[ExpertTensor]:
         return [s for s in (self.w1, self.w2, self.b1, self.b2) if s is not None]
 
     def refresh(self) -> None:

@@ -64,16 +64,22 @@ def nllb_route(
     if normalize_before:
         p1, p2 = _normalize(p1, p2)
 
+    # With two or more experts a token's choices are distinct, so no queue exceeds num_tokens.
+    capacity_binds = capacity is not None and (capacity < num_tokens or num_experts == 1)
+    if second_expert_policy != "random" and padding is None and not capacity_binds:
+        # Nothing can be dropped: no masks (the common decode case).
+        if not normalize_before:
+            p1, p2 = _normalize(p1, p2)
+        return Routing(torch.stack([top1, top2], dim=1), torch.stack([p1, p2], dim=1), None)
+
     keep1 = torch.ones(num_tokens, dtype=torch.bool, device=logits.device)
-    keep2 = keep1.clone()
+    keep2 = keep1
     if second_expert_policy == "random":
         keep2 = (2 * p2) > torch.rand_like(p2, dtype=torch.float32)
     if padding is not None:
         keep1 = keep1 & ~padding
         keep2 = keep2 & ~padding
-
-    # With two or more experts a token's choices are distinct, so no queue exceeds num_tokens.
-    if capacity is not None and (capacity < num_tokens or num_experts == 1):
+    if capacity_binds:
         order = None
         if batch_prioritized:
             order = torch.sort(probs.max(dim=-1).values, descending=True, stable=True).indices

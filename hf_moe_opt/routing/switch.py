@@ -23,11 +23,10 @@ def switch_route(logits: torch.Tensor, input_dtype: torch.dtype, capacity: int |
     gate = probs.gather(-1, expert)
     if capacity is None or logits.shape[1] <= capacity:
         # No sequence can overflow an expert: skip the queue bookkeeping (decode steps land here).
-        keep = torch.ones_like(expert, dtype=torch.bool)
-    else:
-        # One queue per (sequence, expert): key = sequence * E + expert.
-        batch, seq, num_experts = logits.shape
-        sequence = torch.arange(batch, device=logits.device)[:, None, None]
-        position, _ = queue_positions((sequence * num_experts + expert).reshape(-1), batch * num_experts)
-        keep = (position < capacity).view(batch, seq, 1)
+        return Routing(expert.reshape(-1, 1), gate.reshape(-1, 1), None)
+    # One queue per (sequence, expert): key = sequence * E + expert.
+    batch, seq, num_experts = logits.shape
+    sequence = torch.arange(batch, device=logits.device)[:, None, None]
+    position, _ = queue_positions((sequence * num_experts + expert).reshape(-1), batch * num_experts)
+    keep = (position < capacity).view(batch, seq, 1)
     return Routing(expert.reshape(-1, 1), gate.reshape(-1, 1), keep.reshape(-1, 1))

@@ -13,12 +13,19 @@ class Routing(NamedTuple):
 
     ``expert_index`` ``[N, k]`` int64, ``gates`` ``[N, k]`` combine weights (in the dtype the family
     multiplies expert outputs with), ``keep`` ``[N, k]`` bool (False: dropped by capacity, padding or
-    a random second-expert policy; a dropped assignment contributes nothing).
+    a random second-expert policy; a dropped assignment contributes nothing). ``keep`` is None when the
+    router dropped nothing, which lets dispatch skip the masking work.
     """
 
     expert_index: torch.Tensor
     gates: torch.Tensor
-    keep: torch.Tensor
+    keep: torch.Tensor | None
+
+    def keep_mask(self) -> torch.Tensor:
+        """``keep`` as a tensor (all True when None)."""
+        if self.keep is None:
+            return torch.ones_like(self.expert_index, dtype=torch.bool)
+        return self.keep
 
 
 def router_logits(hidden_states: torch.Tensor, classifier: nn.Linear, router_dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""``optimize(model, expert_cache=...)``: validate the options, then give each layer a cache store.
+
+Everything that can be rejected is checked by :func:`plan_expert_cache` before the model is touched;
+:meth:`ExpertCachePlan.attach` then replaces the resident stores of the built layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .budget import LayerGeometry, slots_per_layer
+from .offload import take_over_offloaded_experts
+from .policies import POLICY_NAMES, make_policy
+from .store import CachedExpertStore
+
+__all__ = ["ExpertCachePlan", "check_policy", "plan_expert_cache"]
+
+
+def check_policy(cache_policy: str) -> str:
+    """The normalised policy name. Raises ValueError for unknown names."""
+    key = str(cache_policy).lower()
+    if key not in POLICY_NAMES:
+        raise ValueError(f"unknown cache_policy {cache_policy!r}; choose one of {', '.join(map(repr, POLICY_NAMES))}")
+    return key
+
+
+def _geometry(name: str, block: nn.Module, pinned: int) -> LayerGeometry:
+    experts = getattr(block, "experts", None)
+    members = [m for n, m in experts.named_children() if n.startswith("expert_")] if experts is not None else []
+    if not members:
+        raise ValueError(
+            f"{name}: expert_cache needs experts stored as separate modules (experts.expert_<j>); "
+            f"{type(block).__name__} is not supported by the cache yet"
+        )
+    nbytes = sum(p.numel() * p.element_size() for p in members[0].parameters())
+    return LayerGeometry(name, len(members), nbytes, pinned)
+
+
+def _compute_device(name: str, block: nn.Module) -> torch.device:
+    """The device of the block's dense weights (its router): where the layer computes."""
+    dense = [p for n, p in block.named_parameters() if not n.startswith("experts.")]
+    if not dense:
+        raise ValueError(f"{name}: the MoE block has no dense (router) weights to take the compute device from")
+    devices = {p.device for p in dense}
+    if any(d.type == "meta" for d in devices):
+        raise ValueError(
+            f"{name}: the router's weights are on the meta device (offloaded). With expert_cache, keep the dense "
+            "weights on the GPU and only the experts on 'cpu' (see hf_moe_opt.cache.offload_device_map)"
+        )
+    if len(devices) > 1:
+        raise ValueError(f"{name}: the block's dense weights are spread over {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type == "cpu" and torch.cuda.is_available():
+        raise ValueError(
+            f"{name}: the model's dense weights (router) are on the CPU while CUDA is available. The expert cache "
+            "serves experts from host memory to a GPU and computes where the router is; a cache on the CPU would "
+            "only copy between host buffers. Put the dense parts on the GPU first: load with "
+            "device_map=hf_moe_opt.cache.offload_device_map(model) (experts on 'cpu', the rest on the GPU), or call "
+            "hf_moe_opt.cache.move_dense(model, 'cuda') on a CPU-loaded model, or model.to('cuda') if it fits"
+        )
+    return device
+
+
+def _normalise_pinned(pinned_experts: Any, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    if pinned_experts is None:
+        return {}
+    if isinstance(pinned_experts, Mapping):
+        unknown = sorted(set(pinned_experts) - set(names))
+        if unknown:
+            raise ValueError(
+                f"pinned_experts names layers the model does not have: {unknown[:5]}; MoE layers are named like "
+                f"{list(names[:2])} (see hf_moe_opt.optimized_layers)"
+            )
+        return {k: tuple(int(e) for e in v) for k, v in pinned_experts.items()}
+    if isinstance(pinned_experts, (list, tuple, set, frozenset)):
+        ids = tuple(int(e) for e in pinned_experts)
+        return dict.fromkeys(names, ids)
+    raise TypeError(
+        "pinned_experts must be {layer name: [expert ids]} or one list of ids for every layer, "
+        f"got {type(pinned_experts).__name__}"
+    )
+
+
+@dataclass
+class ExpertCachePlan:
+    """Validated cache settings for every MoE layer, by layer name."""
+
+    policy: str
+    slots: dict[str, int]
+    pinned: dict[str, tuple[int, ...]]
+    devices: dict[str, torch.device]
+
+    def attach(self, layers: Sequence[tuple[str, nn.Module]]) -> dict[str, CachedExpertStore]:
+        """Give every layer a :class:`CachedExpertStore`; warns once if pinned memory was unavailable."""
+        stores = {}
+        for name, layer in layers:
+            store = CachedExpertStore(
+                layer.weights, self.slots[name], self.devices[name], policy=self.policy, pinned=self.pinned.get(name, ())
+            )
+            layer.store = store
+            stores[name] = store
+        errors = {s.pin_error for s in stores.values() if s.pin_error}
+        if errors:
+            warnings.warn(
+                "hf_moe_opt expert cache: pinned (page-locked) host memory is unavailable "
+                f"({'; '.join(sorted(errors))}); the experts stay in pageable host memory, so host-to-device "
+                "copies are slower and do not overlap with compute",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return stores
+
+
+def plan_expert_cache(
+    blocks: Sequence[tuple[str, nn.Module]], expert_cache: Any, cache_policy: str, pinned_experts: Any
+) -> ExpertCachePlan:
+    """Check ``optimize``'s cache options against the model's sparse blocks and plan the slots.
+
+    Accelerate offload hooks on the experts are taken over here, after every check passed.
+
+    Raises:
+        ValueError / TypeError: the messages say what to change.
+    """
+    policy = check_policy(cache_policy)
+    names = [n for n, _ in blocks]
+    pinned = _normalise_pinned(pinned_experts, names)
+    geometry = [_geometry(n, b, len(pinned.get(n, ()))) for n, b in blocks]
+    slots = slots_per_layer(expert_cache, geometry)
+    for g, s in zip(geometry, slots, strict=True):
+        try:
+            make_policy(policy, s, g.num_experts, pinned.get(g.name, ()))
+        except ValueError as err:
+            raise ValueError(f"{g.name}: {err}") from None
+    devices = {n: _compute_device(n, b) for n, b in blocks}
+    for n, b in blocks:
+        take_over_offloaded_experts(n, b)
+    return ExpertCachePlan(policy, dict(zip(names, slots, strict=True)), pinned, devices)

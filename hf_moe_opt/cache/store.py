@@ -1,0 +1,408 @@
+"""Expert buffering: a layer's experts in (pinned) host memory, a few device slots, an eviction policy.
+
+:class:`CachedExpertStore` is the :class:`~hf_moe_opt.experts.store.ExpertStore` behind
+``optimize(model, expert_cache=...)``. For one MoE layer it holds
+
+* every expert's weights once, in host memory: the stacked ``[E, ...]`` tensors are page-locked
+  (pinned) when the platform allows, and the parameters ``experts.expert_{j}.*`` are re-pointed at
+  their slices, so ``state_dict`` is unchanged and no second copy exists;
+* ``num_slots`` device slots: stacked ``[S, F, D]`` / ``[S, D, F]`` (+ biases) tensors on the
+  compute device, which the expert kernels run on as if they were ``S`` experts;
+* an online eviction policy (:func:`hf_moe_opt.cache.make_policy`) that decides, step by step,
+  which expert goes into which slot.
+
+One forward of the layer (a *step*):
+
+1. The dispatch plan's per-expert counts are read on the host. This is the one host
+   synchronisation per layer call, and it is inherent to a cache: which experts to copy is a host
+   decision. Everything else stays on the device.
+2. The policy returns the hits, the loads (expert -> slot, victim) and the chunks (one unless the
+   step needs more experts than there are slots).
+3. Loads are copied host -> device on a dedicated CUDA stream, one event per chunk. The experts
+   already resident (the hits) are computed first, while the misses' copies run; the compute then
+   waits on the copy event and runs the loaded experts. Oversubscribed steps repeat load/compute
+   per chunk; a chunk's copies wait for the compute of the chunk before it (its victims).
+4. The compute reuses the layer's backend over the slots: the plan's expert ids are remapped to
+   slot ids (experts outside the chunk are marked dropped) and the plan is rebuilt with
+   :func:`~hf_moe_opt.dispatch.make_plan`. Every expert sees the same rows in the same order as in
+   the resident layer, and every token's top-k expert outputs are summed in the same order, so the
+   output is bitwise the resident layer's for the torch backend. (The Triton kernels pick launch
+   configurations by expert count; with a different slot count they may pick another one, which
+   changes rounding within the kernel's own tolerance.)
+
+Statistics (hits, misses, bytes copied, copy and stall time) are kept per store; CUDA times are
+measured with events and resolved lazily, so recording them adds no synchronisation.
+
+On a machine without CUDA the slots live on the CPU (useful for tests) and pinned memory is
+unavailable: the weights stay in pageable memory and :attr:`CachedExpertStore.pin_error` says why
+(``optimize`` turns that into a warning).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+
+from ..dispatch import DispatchPlan, make_plan
+from ..experts.activation import Activation
+from ..experts.store import ExpertStore, FfnFactory
+from ..experts.weights import ExpertStack, ExpertWeights
+from .policies import EvictionPolicy, Load, make_policy
+
+__all__ = ["CachedExpertStore", "expert_nbytes"]
+
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+# Resolve finished CUDA timing events once this many are pending.
+_MAX_PENDING_EVENTS = 256
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """One host-to-device copy stream per CUDA device, shared by every cached layer on it."""
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    stream = _COPY_STREAMS.get(device)
+    if stream is None:
+        stream = torch.cuda.Stream(device=device)
+        _COPY_STREAMS[device] = stream
+    return stream
+
+
+def expert_nbytes(weights: ExpertWeights) -> int:
+    """Bytes of one expert's weights (all stacks: ``w1``, ``w2`` and the biases)."""
+    return sum(s.tensor[0].numel() * s.tensor.element_size() for s in weights.stacks())
+
+
+def _host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, str | None]:
+    """An empty host tensor, page-locked if ``pin`` and possible; returns ``(tensor, why not pinned)``."""
+    if pin:
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True), None
+        except RuntimeError as err:  # no CUDA, or the driver refused to lock more memory
+            return torch.empty(shape, dtype=dtype), str(err).strip().splitlines()[0]
+    return torch.empty(shape, dtype=dtype), "pinning disabled"
+
+
+@torch.no_grad()
+def _stack_on_host(stack: ExpertStack, pin: bool) -> str | None:
+    """Give ``stack`` one host tensor that backs all its parameters; returns why it is not pinned."""
+    params = stack.params
+    current = stack.tensor if stack.is_current() else None
+    if current is not None and current.device.type == "cpu" and (current.is_pinned() or not pin):
+        return None if current.is_pinned() else "pinning disabled"
+    first = params[0]
+    if current is not None and current.device.type == "cpu":
+        # Already one host stack: only page-locking it would change anything.
+        host, why = _host_empty(tuple(current.shape), current.dtype, pin)
+        if why is not None:
+            return why
+    else:
+        host, why = _host_empty((len(params), *first.shape), first.dtype, pin)
+    for j, p in enumerate(params):
+        host[j].copy_(p.data)
+        # The old storage (device or pageable) goes as soon as nothing else points at it.
+        p.data = host[j]
+    stack.tensor = host
+    return why
+
+
+class CachedExpertStore(ExpertStore):
+    """A layer's experts in host memory, served through a fixed set of device slots.
+
+    Args:
+        weights: the layer's stacked expert weights (moved to host memory here).
+        num_slots: device slots, pinned experts' slots included; ``1 <= num_slots <= E``.
+        device: the compute device (where the slots live and the layer's input arrives).
+        policy: an eviction policy name (:data:`hf_moe_opt.cache.POLICY_NAMES`).
+        pinned: experts that are never evicted (they still load on first use).
+        pin_memory: page-lock the host copy (falls back to pageable memory where impossible; see
+            :attr:`pin_error`).
+        policy_options: extra options for the policy (``half_life``, ``count_weight`` for ``"lfru"``).
+
+    Raises:
+        ValueError: an unknown policy or impossible slot/pinned settings.
+    """
+
+    def __init__(
+        self,
+        weights: ExpertWeights,
+        num_slots: int,
+        device: torch.device | str,
+        *,
+        policy: str = "lifo",
+        pinned: Iterable[int] = (),
+        pin_memory: bool = True,
+        policy_options: dict | None = None,
+    ):
+        super().__init__(weights)
+        num_experts = weights.num_experts
+        if not 1 <= int(num_slots) <= num_experts:
+            raise ValueError(f"num_slots must be in [1, {num_experts}], got {num_slots}")
+        self.policy: EvictionPolicy = make_policy(policy, int(num_slots), num_experts, pinned, **(policy_options or {}))
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.pin_memory = bool(pin_memory)
+        self.home_device = weights.device  # where the experts were before; restore() brings them back
+        self.pin_error: str | None = None
+        self._home()
+        self._alloc_slots()
+        self.reset_stats()
+
+    # ---------------------------------------------------------------- memory
+    @property
+    def num_slots(self) -> int:
+        return self.policy.num_slots
+
+    @property
+    def num_experts(self) -> int:
+        return self.policy.num_experts
+
+    @property
+    def host_pinned(self) -> bool:
+        """Whether the host copy is page-locked."""
+        return all(s.tensor.is_pinned() for s in self.weights.stacks())
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes copied per expert load."""
+        return expert_nbytes(self.weights)
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Device memory held by the slots."""
+        return sum(t.numel() * t.element_size() for t in self._slots)
+
+    def _home(self) -> None:
+        why = None
+        for stack in self.weights.stacks():
+            why = _stack_on_host(stack, self.pin_memory) or why
+        self.pin_error = why if self.pin_memory else None
+
+    def _alloc_slots(self) -> None:
+        self._slots = [
+            torch.empty((self.num_slots, *s.tensor.shape[1:]), dtype=s.tensor.dtype, device=self.device)
+            for s in self.weights.stacks()
+        ]
+        self._slot_of: dict[int, int] = {}  # mirror of the policy's residents, as the slots hold them
+        self.policy.reset()
+
+    def _slot_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        it = iter(self._slots)
+        w1 = next(it)
+        w2 = next(it)
+        b1 = next(it) if self.weights.b1 is not None else None
+        b2 = next(it) if self.weights.b2 is not None else None
+        return w1, b1, w2, b2
+
+    def _host_tensors(self) -> list[torch.Tensor]:
+        return [s.tensor for s in self.weights.stacks()]
+
+    def refresh(self) -> None:
+        """After ``model.to(...)``/``.half()``: bring moved or cast experts back to host memory.
+
+        Moving the model moves the expert parameters too (for a moment the experts occupy the
+        target device); they are copied back into (pinned) host memory, the slots are reallocated
+        in the new dtype and the cache starts cold. Move the model *before* optimizing to avoid it.
+        """
+        if all(s.is_current() and s.tensor.device.type == "cpu" for s in self.weights.stacks()):
+            if all(t.dtype == s.tensor.dtype for t, s in zip(self._slots, self.weights.stacks(), strict=True)):
+                return
+        moved_to = next((s.params[0].device for s in self.weights.stacks() if s.params[0].device.type != "cpu"), None)
+        if moved_to is not None:
+            self.device = moved_to
+        self._home()
+        self._alloc_slots()
+
+    def release(self) -> None:
+        """Undo the cache (``hf_moe_opt.restore``): free the slots; experts that lived on an
+        accelerator before optimizing go back there, experts that lived on the CPU stay in host memory."""
+        self._slots = []
+        self._slot_of = {}
+        self.policy.reset()
+        if self.home_device.type != "cpu":
+            with torch.no_grad():
+                for stack in self.weights.stacks():
+                    dev = torch.empty_like(stack.tensor, device=self.home_device)
+                    dev.copy_(stack.tensor)
+                    for j, p in enumerate(stack.params):
+                        p.data = dev[j]
+                    stack.tensor = dev
+
+    def clear(self) -> None:
+        """Empty the cache (the next steps start cold); statistics are kept."""
+        self.policy.reset()
+        self._slot_of = {}
+
+    # ----------------------------------------------------------------- stats
+    def reset_stats(self) -> None:
+        """Zero the counters; the cache contents stay."""
+        if hasattr(self, "_pending"):
+            self._resolve_events(wait=True)
+        self._steps = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+        self._chunked_steps = 0
+        self._bytes = 0
+        self._copy_ms = 0.0
+        self._stall_ms = 0.0
+        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _resolve_events(self, wait: bool) -> None:
+        keep = []
+        for kind, start, end in self._pending:
+            if not wait and not end.query():
+                keep.append((kind, start, end))
+                continue
+            end.synchronize()
+            ms = max(0.0, start.elapsed_time(end))
+            if kind == "copy":
+                self._copy_ms += ms
+            else:
+                self._stall_ms += ms
+        self._pending = keep
+
+    def stats(self) -> dict:
+        """Counters since the last :meth:`reset_stats` and the experts resident now.
+
+        Keys: ``policy``, ``num_slots``, ``num_experts``, ``pinned_experts``, ``steps``, ``hits``,
+        ``misses`` (= loads), ``hit_rate``, ``evictions``, ``chunked_steps`` (steps that needed more
+        experts than slots), ``bytes_copied``, ``copy_time_ms`` (time the copies took on the copy
+        stream), ``stall_time_ms`` (time the compute waited for copies), ``resident`` (sorted
+        expert ids), ``device``, ``host_pinned``, ``slot_bytes``.
+        """
+        self._resolve_events(wait=True)
+        accesses = self._hits + self._misses
+        return {
+            "policy": self.policy.name,
+            "num_slots": self.num_slots,
+            "num_experts": self.num_experts,
+            "pinned_experts": list(self.policy.pinned),
+            "steps": self._steps,
+            "hits": self._hits,
+            "misses": self._misses,
+            "hit_rate": self._hits / accesses if accesses else 0.0,
+            "evictions": self._evictions,
+            "chunked_steps": self._chunked_steps,
+            "bytes_copied": self._bytes,
+            "copy_time_ms": self._copy_ms,
+            "stall_time_ms": self._stall_ms,
+            "resident": sorted(self.policy.resident),
+            "device": str(self.device),
+            "host_pinned": self.host_pinned,
+            "slot_bytes": self.slot_nbytes,
+        }
+
+    # ----------------------------------------------------------------- copies
+    def _issue(self, loads: list[Load]) -> torch.cuda.Event | None:
+        """Copy ``loads`` into their slots; on CUDA asynchronously, returning the completion event."""
+        hosts = self._host_tensors()
+        nbytes = self.expert_nbytes * len(loads)
+        self._bytes += nbytes
+        for ld in loads:
+            if ld.evicted is not None:
+                self._slot_of.pop(ld.evicted, None)
+                self._evictions += 1
+            self._slot_of[ld.expert] = ld.slot
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for ld in loads:
+                    for slot, host in zip(self._slots, hosts, strict=True):
+                        slot[ld.slot].copy_(host[ld.expert])
+            ms = (time.perf_counter() - t0) * 1e3
+            self._copy_ms += ms
+            self._stall_ms += ms  # nothing runs beside a CPU copy
+            return None
+        stream = _copy_stream(self.device)
+        # The victims' slots may still be read by compute queued before this point.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream), torch.no_grad():
+            start.record(stream)
+            for ld in loads:
+                for slot, host in zip(self._slots, hosts, strict=True):
+                    slot[ld.slot].copy_(host[ld.expert], non_blocking=True)
+            end.record(stream)
+        self._pending.append(("copy", start, end))
+        return end
+
+    def _wait(self, done: torch.cuda.Event | None) -> None:
+        if done is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        mark = torch.cuda.Event(enable_timing=True)
+        mark.record(compute)
+        compute.wait_event(done)
+        self._pending.append(("stall", mark, done))
+
+    # ---------------------------------------------------------------- compute
+    def _slot_map(self, experts: list[int]) -> torch.Tensor:
+        """``[E + 1]`` slot id of every expert of ``experts``; ``S`` (dropped) for all others."""
+        table = [self.num_slots] * (self.num_experts + 1)
+        for e in experts:
+            table[e] = self._slot_of[e]
+        return torch.tensor(table, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def run(
+        self, x: torch.Tensor, plan: DispatchPlan, ffn_for: FfnFactory, activation: Activation, out_scale: float
+    ) -> torch.Tensor:
+        if x.device != self.device:
+            # The dense parts were moved after optimizing: follow the input.
+            self.device = x.device
+            self._alloc_slots()
+        if not all(s.is_current() for s in self.weights.stacks()):
+            self.refresh()
+        counts = plan.counts.tolist()  # the one host synchronisation of a cached layer call
+        needed = [e for e, c in enumerate(counts) if c > 0]
+        outcome = self.policy.step(needed, [counts[e] for e in needed])
+        self._steps += 1
+        self._hits += len(outcome.hits)
+        self._misses += len(outcome.misses)
+        if len(outcome.chunks) > 1:
+            self._chunked_steps += 1
+        if not needed:
+            return torch.zeros_like(x)
+
+        # Groups computed one after another: the hits first (they need no copy), then each chunk's loads.
+        groups: list[tuple[list[int], list[Load]]] = []
+        for c, chunk in enumerate(outcome.chunks):
+            loads = [ld for ld in outcome.loads if ld.chunk == c]
+            loaded = {ld.expert for ld in loads}
+            ready = [e for e in chunk if e not in loaded]
+            if ready:
+                groups.append((ready, []))
+            if loads:
+                groups.append(([e for e in chunk if e in loaded], loads))
+
+        events: dict[int, torch.cuda.Event | None] = {}
+        if len(groups) > 1 and not groups[0][1] and groups[1][1] and groups[1][1][0].chunk == 0:
+            events[1] = self._issue(groups[1][1])  # start the misses' copies before computing the hits
+
+        w1, b1, w2, b2 = self._slot_tensors()
+        ei = torch.empty_like(plan.expert)
+        ei[plan.order] = plan.expert
+        gate = torch.empty_like(plan.gate)
+        gate[plan.order] = plan.gate
+        num_tokens, top_k = plan.num_tokens, plan.top_k
+        single = len(groups) == 1
+        # Several groups: run each over the assignments as top-1 "tokens" and sum the per-assignment
+        # outputs (each is non-zero in exactly one group), then combine the k slots as the resident layer does.
+        xa = x if (single or top_k == 1) else x.repeat_interleave(top_k, dim=0)
+        shape = (num_tokens, top_k) if single else (num_tokens * top_k, 1)
+        acc = None
+        for g, (experts, loads) in enumerate(groups):
+            if loads:
+                if g not in events:
+                    events[g] = self._issue(loads)
+                self._wait(events[g])
+            sid = self._slot_map(experts)[ei]
+            slot_plan = make_plan(sid.view(shape), gate.view(shape), (sid < self.num_slots).view(shape), self.num_slots)
+            y = ffn_for(x.device, slot_plan.num_rows)(xa, slot_plan, w1, b1, w2, b2, activation, out_scale)
+            acc = y if acc is None else acc + y
+        if len(self._pending) > _MAX_PENDING_EVENTS:
+            self._resolve_events(wait=False)
+        if single or top_k == 1:
+            return acc
+        return acc.view(num_tokens, top_k, -1).sum(dim=1)

@@ -1,0 +1,209 @@
+"""Glue between :func:`hf_moe_opt.optimize` and the placement stores.
+
+``optimize(model, placement=plan)`` and ``optimize(model, expert_parallel=True, placement=plan)``
+build every layer as usual, then hand it to a :class:`Placer`, which swaps the layer's resident
+store for a :class:`PlacedExpertStore` (several devices, one process) or an
+:class:`ExpertParallelStore` (one rank per plan device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .plan import PlacementPlan
+from .store import PlacedExpertStore, ReplicaTable
+
+
+def expert_modules(block: nn.Module) -> list[str]:
+    """Names ``expert_{j}`` of a sparse block's per-expert modules, in expert order."""
+    experts = getattr(block, "experts", None)
+    names = [] if experts is None else [n for n, _ in experts.named_children() if n.startswith("expert_")]
+    return sorted(names, key=lambda n: int(n.split("_", 1)[1]))
+
+
+def round_robin_plan(layers: dict[str, int], num_devices: int) -> PlacementPlan:
+    """Expert ``j`` of every layer on device ``j % num_devices`` (the plan used when none is given)."""
+    return PlacementPlan(
+        num_devices=num_devices,
+        strategy="round_robin",
+        layers={name: [[(j % num_devices, 1.0)] for j in range(n)] for name, n in layers.items()},
+    )
+
+
+def _plain_device_hook(hook: Any) -> bool:
+    """An accelerate hook that only moves inputs between devices (no offload, no weights map)."""
+    return (
+        type(hook).__name__ == "AlignDevicesHook"
+        and not getattr(hook, "offload", False)
+        and getattr(hook, "weights_map", None) is None
+    )
+
+
+def _resolve_devices(devices: Sequence[Any] | None, plan: PlacementPlan) -> list[torch.device]:
+    if devices is None:
+        if torch.cuda.is_available() and torch.cuda.device_count() >= plan.num_devices:
+            return [torch.device("cuda", i) for i in range(plan.num_devices)]
+        raise ValueError(
+            f"the placement plan spreads experts over {plan.num_devices} devices but only "
+            f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA devices are visible; pass "
+            "devices=[...] (one torch device per plan device, e.g. ['cuda:0', 'cuda:1'] or ['cpu', 'cpu'])"
+        )
+    out = [torch.device(d) if not isinstance(d, int) else torch.device("cuda", d) for d in devices]
+    if len(out) != plan.num_devices:
+        raise ValueError(f"the placement plan has {plan.num_devices} devices; devices= lists {len(out)}")
+    return out
+
+
+def _check_plan_covers(placement: PlacementPlan, counts: dict[str, int]) -> None:
+    missing = [n for n in counts if n not in placement.layers]
+    if missing:
+        raise ValueError(
+            f"the placement plan has no entry for MoE layers {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+            f"it plans {placement.layer_names[:4]}{' ...' if len(placement.layers) > 4 else ''} "
+            "(plan from a trace of this model: hf_moe_opt.profile)"
+        )
+    for name, n in counts.items():
+        if placement.num_experts(name) != n:
+            raise ValueError(f"layer {name!r} has {n} experts but the placement plan has {placement.num_experts(name)}")
+
+
+class Placer:
+    """Checks the plan against the model's MoE blocks and installs the placement stores.
+
+    Args:
+        blocks: ``(name, block)`` for every sparse MoE block about to be optimized.
+        placement: the plan (None with expert parallelism: round-robin over the ranks).
+        expert_parallel: False, True (default process group) or a process group.
+        devices: single process only: torch device of every plan device index.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[tuple[str, nn.Module]],
+        placement: PlacementPlan | None,
+        expert_parallel: Any = False,
+        devices: Sequence[Any] | None = None,
+    ):
+        self.expert_parallel = expert_parallel is not False and expert_parallel is not None
+        counts: dict[str, int] = {}
+        for name, block in blocks:
+            names = expert_modules(block)
+            if not names:
+                raise ValueError(
+                    f"{name} keeps its experts in fused tensors, not per-expert modules; expert placement "
+                    "needs per-expert modules (experts.expert_{j})"
+                )
+            counts[name] = len(names)
+        self.group = None
+        if self.expert_parallel:
+            from .expert_parallel import resolve_group
+
+            self.group = resolve_group(expert_parallel)
+            import torch.distributed as dist
+
+            if placement is None:
+                placement = round_robin_plan(counts, dist.get_world_size(self.group))
+            if devices is not None:
+                raise ValueError(
+                    "devices= is for single-process placement; with expert_parallel each rank uses its own device"
+                )
+        if placement is None:
+            raise ValueError("placement=None: pass a PlacementPlan (hf_moe_opt.plan_placement)")
+        if not isinstance(placement, PlacementPlan):
+            raise TypeError(f"placement must be a PlacementPlan, got {type(placement).__name__}")
+        # With expert parallelism a local problem is reported after the ranks compared notes, so
+        # every rank raises instead of the others waiting for it.
+        self.local_error: str | None = None
+        try:
+            _check_plan_covers(placement, counts)
+        except ValueError as exc:
+            if not self.expert_parallel:
+                raise
+            self.local_error = str(exc)
+        self.plan = placement
+        self.devices = None if self.expert_parallel else _resolve_devices(devices, placement)
+        self.pending: list[tuple[str, nn.Module]] = []
+
+    def check_block(self, name: str, block: nn.Module) -> None:
+        """Validate a block's weights; drop accelerate's device-moving hooks from its experts.
+
+        A model loaded with :meth:`PlacementPlan.device_map` carries accelerate hooks that move inputs
+        to every expert module's device; the placement store moves the rows itself, so those hooks go.
+        Offload hooks are refused.
+        """
+        from ..api import SUPPORTED_DTYPES
+
+        for module in block.modules():
+            hook = getattr(module, "_hf_hook", None)
+            if hook is not None and not _plain_device_hook(hook):
+                raise ValueError(
+                    f"{name} carries accelerate offload hooks; expert placement needs every expert's weights "
+                    "on a real device (no disk/CPU offload in the device map)"
+                )
+        from accelerate.hooks import remove_hook_from_module
+
+        experts = getattr(block, "experts", None)
+        if experts is not None:
+            for expert_name in expert_modules(block):
+                remove_hook_from_module(experts.get_submodule(expert_name), recurse=True)
+        for pname, p in block.named_parameters():
+            if p.device.type == "meta":
+                raise ValueError(f"{name}.{pname} is on the meta device; load the weights before optimizing")
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise ValueError(f"{name}.{pname} has dtype {p.dtype}; quantized experts are not supported")
+
+    @torch.no_grad()
+    def before_build(self, name: str, block: nn.Module) -> None:
+        """Bring a layer's experts onto one device (the router's) so the layer can be built.
+
+        Only experts found elsewhere move (a model loaded with the plan's device map); the placement
+        store moves them to their planned devices right after, so the peak is one layer's experts.
+        """
+        router_param = next(iter(block.router.parameters()), None) if hasattr(block, "router") else None
+        params = [p for n in expert_modules(block) for p in block.experts.get_submodule(n).parameters()]
+        if not params:
+            return
+        target = router_param.device if router_param is not None else params[0].device
+        for p in params:
+            if p.device != target:
+                p.data = p.data.to(target)
+
+    def after_build(self, name: str, layer: nn.Module) -> None:
+        """Single process: place the layer's experts now. Expert parallel: wait for :meth:`finish`."""
+        if self.expert_parallel:
+            self.pending.append((name, layer))
+            return
+        table = ReplicaTable(self.plan, name, layer.num_experts)
+        layer.store = PlacedExpertStore(layer.weights, table, self.devices)
+        layer._resolved.clear()
+
+    def finish(self) -> None:
+        """Expert parallel: check that every rank agrees, then shard the experts."""
+        if not self.expert_parallel:
+            return
+        from .expert_parallel import ExpertParallelStore, check_ranks_agree, layer_signature, plan_digest
+
+        signature = {
+            "layers": [layer_signature(name, layer.weights, layer.family) for name, layer in self.pending],
+            "plan": plan_digest(self.plan.to_json()),
+            "plan_devices": self.plan.num_devices,
+            "local_error": self.local_error,
+        }
+        check_ranks_agree(signature, self.group)
+        if self.local_error is not None:
+            raise ValueError(self.local_error)
+        for name, layer in self.pending:
+            table = ReplicaTable(self.plan, name, layer.num_experts)
+            store = ExpertParallelStore(layer.weights, table, self.group, name)
+            keep = set(table.experts_on[store.rank])
+            for expert_name in expert_modules(layer):
+                if int(expert_name.split("_", 1)[1]) not in keep:
+                    delattr(layer.experts, expert_name)
+            layer.store = store
+            layer._hf_moe_opt_expert_parallel = True
+            layer._resolved.clear()
+        self.pending.clear()

@@ -1,0 +1,249 @@
+"""Expert parallelism over ``torch.distributed``: each rank holds the experts a plan puts on it.
+
+Every rank runs the whole model on its own batch (the dense layers are replicated); inside each MoE
+layer the routed rows travel to the ranks that hold their experts and the outputs travel back:
+
+1. one ``all_to_all_single`` of the ``[world, num_experts]`` row counts (what this rank sends to
+   each rank for each expert), so every rank learns what it will receive;
+2. one variable-size ``all_to_all_single`` of the rows (split sizes from step 1), there;
+3. the local experts run over the received rows (a sub-plan sorted by local expert);
+4. one variable-size ``all_to_all_single`` of the outputs, back; the sender applies the gates and
+   combines exactly as the single-process layer does.
+
+NCCL on CUDA, gloo on CPU (rows live on the layer's device, so the backend must match it).
+Multi-node runs are the same code under ``torchrun``.
+
+Rules that follow from the collectives:
+
+* every rank must call every MoE layer the same number of times (the same number of forward
+  passes, the same ``max_new_tokens`` in ``generate``; a rank may pass zero tokens); a rank that
+  stops calling, or dies, makes the others fail with the process group's timeout (set it with
+  ``init_process_group(timeout=...)``), reported as a :class:`RuntimeError` naming the layer;
+* at setup the ranks compare their models and plans with one ``all_gather_object``; any mismatch
+  (different layers, expert counts, shapes, dtypes or plans) raises :class:`ValueError` on every rank;
+* rank ``r`` frees the parameters of the experts it does not hold: its ``state_dict`` only holds its
+  own experts (``experts.expert_{j}`` entries of the other experts are gone), and the model cannot be
+  restored with :func:`hf_moe_opt.restore`; reload it instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..dispatch import DispatchPlan
+from ..experts.activation import Activation
+from ..experts.store import ExpertStore, FfnFactory
+from ..experts.weights import ExpertStack, ExpertWeights
+from .store import ReplicaTable, _combine, _DeviceExperts, _meta_placeholder, _place_stacks, _stack_names, _sub_plan
+
+_HINT = (
+    "a peer rank died or timed out, or the ranks called the MoE layers a different number of times "
+    "(every rank must run the same number of forward passes; a rank may pass zero tokens)"
+)
+
+
+def resolve_group(expert_parallel: Any) -> Any:
+    """The process group to use for ``expert_parallel=True`` (the default group) or a given group."""
+    if not dist.is_available():
+        raise RuntimeError("expert_parallel=True needs torch.distributed, which this torch build lacks")
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "expert_parallel=True needs an initialised process group: launch with torchrun (or accelerate "
+            "launch) and call torch.distributed.init_process_group(backend='nccl' or 'gloo', timeout=...) "
+            "before hf_moe_opt.optimize"
+        )
+    return None if expert_parallel is True else expert_parallel
+
+
+def layer_signature(name: str, weights: ExpertWeights, family: str) -> dict[str, Any]:
+    """What must agree across ranks for one layer."""
+    return {
+        "name": name,
+        "family": family,
+        "stacks": {
+            n: [list(getattr(weights, n).tensor.shape), str(getattr(weights, n).tensor.dtype)]
+            for n in _stack_names(weights)
+        },
+    }
+
+
+def check_ranks_agree(signature: dict[str, Any], group: Any) -> None:
+    """``all_gather_object`` the signatures; raise the same clear error on every rank if they differ."""
+    world = dist.get_world_size(group)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, signature, group=group)
+    reference = gathered[0]
+    problems = []
+    for rank, sig in enumerate(gathered):
+        if sig == reference:
+            continue
+        for key in sorted(set(sig) | set(reference)):
+            if sig.get(key) != reference.get(key):
+                mine, theirs = sig.get(key), reference.get(key)
+                problems.append(f"rank {rank} {key}={_short(mine)} but rank 0 {key}={_short(theirs)}")
+    if problems:
+        raise ValueError(
+            "expert parallelism needs the same model and placement plan on every rank; mismatch: "
+            + "; ".join(problems[:6])
+            + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else "")
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 160 else text[:150] + "...]"
+
+
+def plan_digest(plan_json: str) -> str:
+    return hashlib.sha256(plan_json.encode("utf-8")).hexdigest()[:16]
+
+
+class ExpertParallelStore(ExpertStore):
+    """The experts of one layer that this rank holds, and the all-to-all exchange that feeds them.
+
+    Args:
+        weights: the layer's stacked weights (all experts, this rank's device).
+        table: the layer's placement; plan device ``r`` is rank ``r`` of ``group``.
+        group: process group (None: the default group).
+        name: the layer's module name (for error messages).
+    """
+
+    def __init__(self, weights: ExpertWeights, table: ReplicaTable, group: Any, name: str):
+        super().__init__(weights)
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        if table.num_devices != self.world:
+            raise ValueError(
+                f"the placement plan spreads experts over {table.num_devices} devices but the process group "
+                f"has {self.world} ranks; plan for num_devices={self.world}"
+            )
+        self.table = table
+        self.name = name
+        self.num_experts = table.num_experts
+        device = weights.device
+        self.local = _DeviceExperts(device, table.experts_on[self.rank])
+        self.calls = 0
+        self.rows_sent = 0
+        self.rows_computed = 0
+        self._place()
+
+    @torch.no_grad()
+    def _place(self) -> None:
+        keep = set(self.local.experts)
+        _place_stacks(self.weights, [self.local], None)
+        for name in _stack_names(self.weights):
+            stack: ExpertStack = getattr(self.weights, name)
+            placeholder = _meta_placeholder(stack, self.num_experts)
+            for e, p in enumerate(stack.params):
+                if e not in keep:
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            stack.params = [stack.params[e] for e in self.local.experts]
+            stack.tensor = placeholder
+
+    def refresh(self) -> None:
+        """After ``model.to(...)``: stack this rank's (moved or cast) expert parameters again."""
+        local_params = {n: getattr(self.weights, n).params for n in _stack_names(self.weights)}
+        current = all(
+            p.data_ptr() == self.local.tensors[n][i].data_ptr() and p.dtype == self.local.tensors[n].dtype
+            for n, params in local_params.items()
+            for i, p in enumerate(params)
+        )
+        if current:
+            return
+        device = local_params["w1"][0].device
+        with torch.no_grad():
+            for n, params in local_params.items():
+                new = torch.empty((len(params), *params[0].shape), dtype=params[0].dtype, device=device)
+                for i, p in enumerate(params):
+                    new[i].copy_(p.data)
+                    p.data = new[i]
+                self.local.tensors[n] = new
+                stack: ExpertStack = getattr(self.weights, n)
+                stack.tensor = torch.empty((self.num_experts, *params[0].shape), dtype=params[0].dtype, device="meta")
+        self.local.device = device
+
+    def stats(self) -> dict:
+        return {"calls": self.calls, "rows_sent": self.rows_sent, "rows_computed": self.rows_computed}
+
+    def _all_to_all(
+        self,
+        out: torch.Tensor,
+        inp: torch.Tensor,
+        out_splits: Sequence[int] | None = None,
+        in_splits: Sequence[int] | None = None,
+    ) -> None:
+        try:
+            dist.all_to_all_single(
+                out,
+                inp,
+                output_split_sizes=None if out_splits is None else list(out_splits),
+                input_split_sizes=None if in_splits is None else list(in_splits),
+                group=self.group,
+            )
+        except Exception as exc:  # noqa: BLE001 - every backend failure gets the same explanation
+            raise RuntimeError(
+                f"expert-parallel all-to-all in MoE layer {self.name!r} failed on rank {self.rank} "
+                f"(call {self.calls}): {_HINT}. Cause: {exc}"
+            ) from exc
+
+    def run(
+        self, x: torch.Tensor, plan: DispatchPlan, ffn_for: FfnFactory, activation: Activation, out_scale: float
+    ) -> torch.Tensor:
+        world, num_experts = self.world, self.num_experts
+        device = x.device
+        w1, b1, w2, b2 = self.local.weights() if self.local.experts else (None, None, None, None)
+        row_dtype = w1.dtype if w1 is not None else x.dtype
+        target = self.table.targets(plan)
+        kept = target < world
+        perm = torch.sort(target, stable=True).indices  # rows grouped by rank, by expert inside a rank
+        expert = plan.expert.clamp(max=num_experts - 1)
+        key = torch.where(kept, target * num_experts + expert, world * num_experts)
+        hist = torch.zeros(world * num_experts + 1, dtype=torch.int64, device=device)
+        hist.scatter_add_(0, key, torch.ones_like(key))
+        send_counts = hist[: world * num_experts].contiguous()
+        recv_counts = torch.empty_like(send_counts)
+        self._all_to_all(recv_counts, send_counts)
+        sizes = torch.stack([send_counts.view(world, num_experts).sum(1), recv_counts.view(world, num_experts).sum(1)])
+        send_splits, recv_splits = sizes.tolist()  # the host synchronisation every variable all-to-all needs
+        num_send, num_recv = sum(send_splits), sum(recv_splits)
+        rows = perm[:num_send]
+        send_x = x[plan.token[rows]].to(row_dtype)
+        recv_x = torch.empty((num_recv, x.shape[1]), dtype=row_dtype, device=device)
+        self._all_to_all(recv_x, send_x, recv_splits, send_splits)
+
+        # Local experts over the received rows: from each source, rows arrive sorted by expert.
+        if num_recv:
+            expert_ids = torch.arange(num_experts, device=device).repeat(world)
+            recv_expert = torch.repeat_interleave(expert_ids, recv_counts, output_size=num_recv)
+            _, _, local_index = self.table.tensors(device)
+            local = local_index[self.rank][recv_expert]
+            order = torch.sort(local, stable=True).indices
+            ones = torch.ones(num_recv, dtype=plan.gate.dtype, device=device)
+            sub = _sub_plan(local[order], ones, len(self.local.experts))
+            y_sorted = ffn_for(device, num_recv)(recv_x[order], sub, w1, b1, w2, b2, activation, 1.0)
+            y_recv = torch.empty_like(y_sorted)
+            y_recv[order] = y_sorted
+        else:
+            y_recv = recv_x  # empty
+        back = torch.empty((num_send, x.shape[1]), dtype=y_recv.dtype, device=device)
+        self._all_to_all(back, y_recv.contiguous(), send_splits, recv_splits)
+        self.calls += 1
+        self.rows_sent += num_send
+        self.rows_computed += num_recv
+
+        # Gate, scale and combine as the single-process backend does (same dtypes, same order).
+        y = torch.zeros((plan.num_rows, x.shape[1]), dtype=back.dtype, device=device)
+        if num_send:
+            y[rows] = back
+        gate = plan.gate[:, None]
+        y = y * gate.to(y.dtype) if y.dtype != gate.dtype else y * gate
+        if out_scale != 1.0:
+            y = y * out_scale
+        y = torch.where(kept[:, None], y, torch.zeros((), dtype=y.dtype, device=device))
+        return _combine(y, plan, x.dtype)

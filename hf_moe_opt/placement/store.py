@@ -1,0 +1,272 @@
+"""Expert stores that follow a placement plan: several devices in one process, or several processes.
+
+Both stores take the layer's dispatch plan (assignments sorted by expert) and give every kept
+assignment a *target*: the device (or rank) holding the copy of its expert that computes it. A
+replicated expert's assignments are split between its copies in proportion to the plan's shares,
+as contiguous runs of the expert's sorted group (earlier tokens go to the first replica), so the
+split is deterministic. Each target computes its rows with the layer's expert backend over a
+sub-plan of local experts; the results come back to the layer's device and are combined there in
+the same order and with the same rounding as :func:`hf_moe_opt.experts.torch_backend.torch_moe_ffn`.
+
+:class:`PlacedExpertStore`
+    One process, several devices (``optimize(model, placement=plan)``). Per device one stacked
+    tensor of the experts placed there; each expert's parameters are views of its home device's
+    stack (one copy of every weight; a replica on another device is an extra copy). Rows go to
+    the devices with non-blocking copies and every device's work is queued before anything is
+    read back, so the devices compute concurrently (CUDA runs each device's queue on its own).
+:class:`ExpertParallelStore`
+    One process per device (``optimize(model, expert_parallel=True, placement=plan)`` under
+    ``torchrun``): rank ``r`` keeps only the experts the plan puts on device ``r``. Per layer call
+    one ``all_to_all_single`` exchanges the per-expert row counts, then two variable-size
+    ``all_to_all_single`` calls send the rows to the experts' ranks and the outputs back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..dispatch import DispatchPlan
+from ..experts.activation import Activation
+from ..experts.store import ExpertStore, FfnFactory
+from ..experts.weights import ExpertStack, ExpertWeights
+from .plan import PlacementPlan
+
+
+class ReplicaTable:
+    """One layer's placement as tensors: replica devices, cumulative shares, local expert slots.
+
+    Attributes:
+        num_devices: ``D``; ``num_experts``: ``E``.
+        experts_on: per device, the global experts with a copy there, ascending.
+        home: per expert, the device of its first replica.
+    """
+
+    def __init__(self, plan: PlacementPlan, layer: str, num_experts: int):
+        if plan.num_experts(layer) != num_experts:
+            raise ValueError(
+                f"layer {layer!r} has {num_experts} experts but the placement plan has {plan.num_experts(layer)}"
+            )
+        self.layer = layer
+        self.num_devices = plan.num_devices
+        self.num_experts = num_experts
+        reps = [plan.replicas(layer, e) for e in range(num_experts)]
+        width = max(len(r) for r in reps)
+        dev = torch.zeros(num_experts, width, dtype=torch.int64)
+        cum = torch.ones(num_experts, width, dtype=torch.float64)
+        for e, r in enumerate(reps):
+            total = 0.0
+            for i in range(width):
+                d, s = r[min(i, len(r) - 1)]
+                if i < len(r):
+                    total += s
+                dev[e, i] = d
+                cum[e, i] = total if i < len(r) - 1 else 2.0  # the last replica takes the remainder
+        self.replica_device = dev
+        self.replica_cum = cum
+        self.home = [r[0][0] for r in reps]
+        self.experts_on = [plan.experts_on(layer, d) for d in range(self.num_devices)]
+        local = torch.full((self.num_devices, num_experts + 1), -1, dtype=torch.int64)
+        for d, experts in enumerate(self.experts_on):
+            for i, e in enumerate(experts):
+                local[d, e] = i
+        self.local_index = local
+        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(replica_device, replica_cum, local_index)`` on ``device`` (cached)."""
+        got = self._cache.get(device)
+        if got is None:
+            got = (
+                self.replica_device.to(device),
+                self.replica_cum.to(device),
+                self.local_index.to(device),
+            )
+            self._cache[device] = got
+        return got
+
+    def targets(self, plan: DispatchPlan) -> torch.Tensor:
+        """``[A]`` int64 target device of every sorted row of ``plan``; ``num_devices`` for dropped rows.
+
+        Replica ``i`` of expert ``e`` takes the rows at positions ``[round(c_{i-1} n), round(c_i n))``
+        of the expert's group of ``n`` rows, ``c_i`` the cumulative shares. No host synchronisation.
+        """
+        rep_dev, rep_cum, _ = self.tensors(plan.expert.device)
+        kept = plan.kept_rows()
+        expert = plan.expert.clamp(max=self.num_experts - 1)
+        if rep_dev.shape[1] == 1:
+            target = rep_dev[expert, 0]
+        else:
+            counts = plan.counts.to(torch.int64)
+            starts = plan.offsets.to(torch.int64) - counts
+            pos = torch.arange(plan.num_rows, device=expert.device) - starts[expert]
+            bounds = torch.floor(rep_cum[expert] * counts[expert, None].to(torch.float64) + 0.5)
+            which = (pos[:, None].to(torch.float64) >= bounds).sum(dim=1).clamp(max=rep_dev.shape[1] - 1)
+            target = rep_dev[expert].gather(1, which[:, None]).squeeze(1)
+        return torch.where(kept, target, self.num_devices)
+
+
+def _sub_plan(local: torch.Tensor, gate: torch.Tensor, num_local: int) -> DispatchPlan:
+    """A top-1 plan over rows already sorted by local expert ``local`` (every row kept)."""
+    rows = local.shape[0]
+    hist = torch.zeros(num_local, dtype=torch.int32, device=local.device)
+    hist.scatter_add_(0, local, torch.ones_like(local, dtype=torch.int32))
+    ar = torch.arange(rows, device=local.device)
+    return DispatchPlan(
+        order=ar,
+        token=ar,
+        expert=local,
+        counts=hist,
+        offsets=torch.cumsum(hist, 0, dtype=torch.int32),
+        gate=gate,
+        num_tokens=rows,
+        top_k=1,
+        num_experts=num_local,
+    )
+
+
+def _combine(rows_out: torch.Tensor, plan: DispatchPlan, x_dtype: torch.dtype) -> torch.Tensor:
+    """Unsort ``[A, D]`` per-row outputs (sorted-row order, dropped rows zero) and sum each token's slots."""
+    y = rows_out.to(x_dtype)
+    if plan.top_k == 1:
+        out = torch.empty_like(y)
+        out[plan.order] = y
+        return out
+    slots = torch.empty((plan.num_tokens * plan.top_k, y.shape[1]), dtype=y.dtype, device=y.device)
+    slots[plan.order] = y
+    return slots.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
+
+
+def _stack_names(weights: ExpertWeights) -> list[str]:
+    return [n for n in ("w1", "b1", "w2", "b2") if getattr(weights, n) is not None]
+
+
+def _meta_placeholder(stack: ExpertStack, num_experts: int) -> torch.Tensor:
+    """A no-memory ``[E, *shape]`` tensor so shape queries on the layer's weights keep working."""
+    first = stack.params[0]
+    return torch.empty((num_experts, *first.shape), dtype=first.dtype, device="meta")
+
+
+class _DeviceExperts:
+    """The stacked weights of the experts held on one device: ``{"w1": [n, F, D], ...}``."""
+
+    def __init__(self, device: torch.device, experts: list[int]):
+        self.device = device
+        self.experts = experts
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        t = self.tensors
+        return t["w1"], t.get("b1"), t["w2"], t.get("b2")
+
+
+@torch.no_grad()
+def _place_stacks(weights: ExpertWeights, groups: Sequence[_DeviceExperts], home: Sequence[int] | None) -> None:
+    """Stack each group's experts on its device; re-point parameter ``e`` at its home group's slice.
+
+    ``home[e]`` is the index of the group whose slice becomes expert ``e``'s parameter (None: every
+    group that holds ``e`` is its only holder, as in expert parallelism where one group exists).
+    """
+    for name in _stack_names(weights):
+        stack: ExpertStack = getattr(weights, name)
+        params = stack.params
+        for g, group in enumerate(groups):
+            if not group.experts:
+                group.tensors.pop(name, None)
+                continue
+            first = params[group.experts[0]]
+            new = torch.empty((len(group.experts), *first.shape), dtype=first.dtype, device=group.device)
+            for i, e in enumerate(group.experts):
+                new[i].copy_(params[e].data)
+            for i, e in enumerate(group.experts):
+                if home is None or home[e] == g:
+                    params[e].data = new[i]
+            group.tensors[name] = new
+
+
+class PlacedExpertStore(ExpertStore):
+    """Experts spread over several devices of one process by a :class:`PlacementPlan`.
+
+    Args:
+        weights: the layer's stacked weights (one device); re-stacked here per device.
+        table: the layer's placement.
+        devices: the torch device of each plan device index.
+    """
+
+    def __init__(self, weights: ExpertWeights, table: ReplicaTable, devices: Sequence[torch.device]):
+        super().__init__(weights)
+        if len(devices) != table.num_devices:
+            raise ValueError(f"the plan has {table.num_devices} devices but {len(devices)} torch devices were given")
+        self.table = table
+        self.devices = [torch.device(d) for d in devices]
+        self.num_experts = table.num_experts
+        self.groups = [_DeviceExperts(self.devices[d], table.experts_on[d]) for d in range(table.num_devices)]
+        self._place()
+        self.calls = 0
+        self.rows_per_device = [0] * table.num_devices
+
+    def _place(self) -> None:
+        _place_stacks(self.weights, self.groups, self.table.home)
+        for name in _stack_names(self.weights):
+            stack: ExpertStack = getattr(self.weights, name)
+            stack.tensor = _meta_placeholder(stack, self.num_experts)
+
+    def _is_current(self) -> bool:
+        for name in _stack_names(self.weights):
+            params = getattr(self.weights, name).params
+            for g, group in enumerate(self.groups):
+                for i, e in enumerate(group.experts):
+                    if self.table.home[e] == g and params[e].data_ptr() != group.tensors[name][i].data_ptr():
+                        return False
+                    if params[e].dtype != group.tensors[name].dtype:
+                        return False
+        return True
+
+    def refresh(self) -> None:
+        """After ``model.to(...)``: stack the (moved or cast) parameters again on their planned devices."""
+        if not self._is_current():
+            self._place()
+
+    def stats(self) -> dict:
+        return {"calls": self.calls, "rows_per_device": list(self.rows_per_device)}
+
+    def run(
+        self, x: torch.Tensor, plan: DispatchPlan, ffn_for: FfnFactory, activation: Activation, out_scale: float
+    ) -> torch.Tensor:
+        num_devices = self.table.num_devices
+        home = x.device
+        target = self.table.targets(plan)
+        perm = torch.sort(target, stable=True).indices
+        hist = torch.zeros(num_devices + 1, dtype=torch.int64, device=home)
+        hist.scatter_add_(0, target, torch.ones_like(target))
+        sizes = hist[:num_devices].tolist()  # the one host synchronisation: sizes of the device groups
+        _, _, local_index = self.table.tensors(home)
+        expert = plan.expert[perm]
+        rows_out: list[torch.Tensor] = []
+        start = 0
+        pending: list[tuple[int, int, int, torch.Tensor]] = []
+        # Queue every device's copy-in and compute before reading anything back.
+        for d, n in enumerate(sizes):
+            if n == 0:
+                continue
+            group = self.groups[d]
+            idx = perm[start : start + n]
+            dev = group.device
+            xd = x[plan.token[idx]].to(dev, non_blocking=True)
+            local = local_index[d][expert[start : start + n]].to(dev, non_blocking=True)
+            gate = plan.gate[idx].to(dev, non_blocking=True)
+            sub = _sub_plan(local, gate, len(group.experts))
+            w1, b1, w2, b2 = group.weights()
+            yd = ffn_for(dev, n)(xd, sub, w1, b1, w2, b2, activation, out_scale)
+            pending.append((d, start, n, yd))
+            self.rows_per_device[d] += n
+            start += n
+        self.calls += 1
+        for _, _, _, yd in pending:
+            rows_out.append(yd.to(home, non_blocking=True))
+        kept_rows = start
+        out_rows = torch.zeros((plan.num_rows, x.shape[1]), dtype=x.dtype, device=home)
+        if kept_rows:
+            out_rows[perm[:kept_rows]] = torch.cat(rows_out).to(x.dtype)
+        return _combine(out_rows, plan, x.dtype)

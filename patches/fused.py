@@ -1,0 +1,172 @@
+"""Shared machinery for the families transformers 5.x stores with fused 3-D expert parameters.
+
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 and GPT-OSS share one shape: a sparse block
+with a top-k router child (``gate`` or ``router``), an experts child holding ``gate_up_proj`` /
+``down_proj`` (and for GPT-OSS their biases) as ``[E, ...]`` parameters, and sometimes shared
+experts. The optimized layer:
+
+* keeps every child of the HF block under its own name and in its own order (so ``state_dict``
+  keys, values and order are unchanged), the router object included;
+* swaps the router's class for a subclass computing the family's routing with
+  :mod:`hf_moe_opt.routing.topk` and returning the same ``(router_logits, weights, indices)`` tuple,
+  so transformers' ``OutputRecorder`` (index 0 of the router's output) still records the logits;
+* uses the fused parameters in place (:class:`~hf_moe_opt.experts.weights.FusedExpertTensor`);
+* adds shared experts and returns what the HF block returns (a tensor, or GPT-OSS's
+  ``(hidden, router_scores)``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from hf_moe_opt.experts import ExpertWeights
+from hf_moe_opt.experts.activation import Activation, glu_activation
+from hf_moe_opt.layer import OptimizedMoE
+from hf_moe_opt.routing import Routing, topk_routing
+
+from .base import MoEPatch, swap_router_class
+
+
+def hf_class(module_path: str, name: str) -> type | None:
+    """``module_path.name`` from the installed transformers, or None when it lacks it."""
+    try:
+        module = importlib.import_module(module_path)
+    except ImportError:
+        return None
+    return getattr(module, name, None)
+
+
+def route_topk(router: nn.Module, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> Routing:
+    """Call the (optimized) router on ``[B, S, D]`` tokens; it returns transformers' tuple."""
+    _, weights, indices = router(hidden_states.reshape(-1, hidden_states.shape[-1]))
+    return topk_routing(weights, indices)
+
+
+class _RouterAlias:
+    """The HF block seen with its router under the name :class:`OptimizedMoE` reads (``router``)."""
+
+    def __init__(self, block: nn.Module, router_name: str):
+        self._block = block
+        self.router = getattr(block, router_name)
+
+    def __getattr__(self, name: str):
+        return getattr(self._block, name)
+
+
+class FusedMoELayer(OptimizedMoE):
+    """:class:`OptimizedMoE` for a block with fused experts, its children kept under their HF names.
+
+    Args:
+        block: the HF sparse block.
+        router_name: the block's router attribute (``"gate"`` or ``"router"``).
+        returns_router_scores: return ``(hidden, router_scores [N, k])`` as GPT-OSS's block does.
+        Other arguments as :class:`OptimizedMoE`.
+
+    Subclasses add shared experts in :meth:`add_shared`.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        weights: ExpertWeights,
+        activation: Activation,
+        route: Callable,
+        *,
+        router_name: str = "gate",
+        returns_router_scores: bool = False,
+        backend: str = "auto",
+        family: str = "",
+    ):
+        super().__init__(_RouterAlias(block, router_name), weights, activation, route, backend=backend, family=family)
+        self._original = (block,)
+        # Re-register the block's children under their names and in their order; keep any child the
+        # base class added itself.
+        added = {k: v for k, v in self._modules.items() if k not in ("router", "experts")}
+        self._modules.clear()
+        self._modules.update(block._modules)
+        self._modules.update(added)
+        self._router_name = router_name
+        self.returns_router_scores = returns_router_scores
+        self._last_gates: torch.Tensor | None = None
+        self.route = self._route_and_keep_gates if returns_router_scores else route
+        self._family_route = route
+
+    @property
+    def router(self) -> nn.Module:
+        return self._modules[self.__dict__.get("_router_name", "router")]
+
+    def _route_and_keep_gates(self, router: nn.Module, hidden_states: torch.Tensor, padding_mask) -> Routing:
+        routing = self._family_route(router, hidden_states, padding_mask)
+        self._last_gates = routing.gates
+        return routing
+
+    def extra_repr(self) -> str:
+        w1 = self.weights.w1.tensor
+        d_ff = w1.shape[1] // 2 if self.activation.gated else w1.shape[1]
+        return (
+            f"family={self.family}, num_experts={w1.shape[0]}, d_model={w1.shape[2]}, d_ff={d_ff}, "
+            f"activation={self.activation.name}, backend={self.backend}"
+        )
+
+    def add_shared(self, hidden_states: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """``routed`` plus the block's shared experts (none here)."""
+        return routed
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        routed = super().forward(hidden_states)
+        out = self.add_shared(hidden_states, routed)
+        if self.returns_router_scores:
+            gates, self._last_gates = self._last_gates, None
+            return out, gates
+        return out
+
+
+class FusedMoEPatch(MoEPatch):
+    """A family whose block has a top-k router child and a fused experts child.
+
+    Subclasses set ``model_type``, ``module_path``, ``block_class_name`` and ``router_class`` (the
+    optimized router subclass, None when the installed transformers lacks the family), and may
+    override ``router_name``, ``transposed``, ``layer_class`` and :meth:`activation`.
+    """
+
+    router_name: str = "gate"
+    router_class: type[nn.Module] | None = None
+    transposed: bool = False
+    returns_router_scores: bool = False
+    layer_class: type[FusedMoELayer] = FusedMoELayer
+
+    def activation(self, block: nn.Module, config) -> Activation:
+        """The experts' GLU: ``act(gate) * up`` on ``gate_up_proj``'s concatenated halves."""
+        return glu_activation(getattr(config, "hidden_act", "silu"), block.experts.act_fn)
+
+    def weights(self, block: nn.Module) -> ExpertWeights:
+        experts = block.experts
+        return ExpertWeights.from_fused(
+            experts.gate_up_proj,
+            experts.down_proj,
+            gate_up_bias=getattr(experts, "gate_up_proj_bias", None),
+            down_bias=getattr(experts, "down_proj_bias", None),
+            transposed=self.transposed,
+        )
+
+    def build(self, block: nn.Module, config, *, capacity: str, backend: str) -> OptimizedMoE:
+        # These families have no capacity: "model" and "none" route identically.
+        if self.router_class is None:
+            raise ValueError(f"the installed transformers has no router class for {self.model_type}")
+        weights = self.weights(block)
+        activation = self.activation(block, config)
+        swap_router_class(getattr(block, self.router_name), self.router_class)
+        return self.layer_class(
+            block,
+            weights,
+            activation,
+            route_topk,
+            router_name=self.router_name,
+            returns_router_scores=self.returns_router_scores,
+            backend=backend,
+            family=self.model_type,
+        )
