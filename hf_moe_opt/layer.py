@@ -17,6 +17,7 @@ from .experts import ExpertWeights, get_backend, resolve_backend
 from .experts.activation import Activation
 from .experts.backends import choose_backend
 from .experts.store import ExpertStore, ResidentStore
+from .graphs import GraphCache
 
 CAPACITY_MODES = ("model", "none")
 
@@ -33,6 +34,8 @@ class OptimizedMoE(nn.Module):
         out_scale: constant factor on every expert output (NLLB-MoE's eval token-dropout scaling).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         family: a short name for messages and ``repr``.
+        cuda_graphs: replay the routed part (dispatch, experts, combine) from CUDA graphs captured per
+            input shape, for small token counts on CUDA (decode steps). See :mod:`hf_moe_opt.graphs`.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class OptimizedMoE(nn.Module):
         out_scale: float = 1.0,
         backend: str = "auto",
         family: str = "",
+        cuda_graphs: bool = False,
     ):
         super().__init__()
         self.router = block.router
@@ -63,6 +67,7 @@ class OptimizedMoE(nn.Module):
         self.observers: list[Callable] = []
         resolve_backend(backend, weights.device)  # fail early on a bad option
         self.train(block.training)
+        self.graphs = GraphCache() if cuda_graphs else None
 
     @property
     def original_block(self) -> nn.Module:
@@ -84,6 +89,8 @@ class OptimizedMoE(nn.Module):
         result = super()._apply(fn, recurse)
         self.store.refresh()
         self._resolved.clear()
+        if self.graphs is not None:
+            self.graphs.clear()  # captured graphs point at the old weights
         return result
 
     def _ffn(self, device: torch.device, rows: int) -> Callable:
@@ -104,6 +111,13 @@ class OptimizedMoE(nn.Module):
         for observer in self.observers:
             observer(self, routing)
         x = hidden_states.reshape(-1, hidden)
-        plan = make_plan(routing.expert_index, routing.gates, routing.keep, self.num_experts)
-        out = self.store.run(x, plan, self._ffn, self.activation, self.out_scale)
+        if self.graphs is not None and isinstance(self.store, ResidentStore):
+            out = self.graphs.run(self._compute, x, *routing)
+        else:
+            out = self._compute(x, *routing)
         return out.view(batch, seq_len, hidden)
+
+    def _compute(self, x, expert_index, gates, keep) -> torch.Tensor:
+        """Dispatch, experts and combine for routed tokens ``x`` ``[N, D]``."""
+        plan = make_plan(expert_index, gates, keep, self.num_experts)
+        return self.store.run(x, plan, self._ffn, self.activation, self.out_scale)

@@ -129,3 +129,22 @@ def test_torch_backend_grouped_mm_used_for_bf16():
     plan = make_plan(idx, gates, keep, 128)
     out = torch_moe_ffn(x, plan, w1, b1, w2, b2, Activation("relu", torch.relu))
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["switch", "nllb"])
+def test_cuda_graphs_option_gives_identical_generation(backend, family):
+    model = tiny_switch(num_experts=8) if family == "switch" else tiny_nllb(num_experts=8)
+    model = model.cuda().to(torch.bfloat16)
+    eager = copy.deepcopy(model)
+    hf_moe_opt.optimize(eager, backend=_backend_or_skip(backend))
+    hf_moe_opt.optimize(model, backend=backend, cuda_graphs=True)
+    ids = torch.randint(3, VOCAB, (3, 10), device="cuda")
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        want = eager.generate(ids, **kw)
+        got = model.generate(ids, **kw)
+        got_again = model.generate(ids, **kw)  # replays the captured graphs
+    assert torch.equal(got, want) and torch.equal(got_again, want)
+    layers = hf_moe_opt.optimized_layers(model)
+    assert sum(len(layer.graphs.graphs) for _, layer in layers) > 0

@@ -163,7 +163,9 @@ def layer_demand(demand: Any, layers: Sequence[LayerGeometry]) -> list[float]:
     names = {g.name for g in layers}
     unknown = sorted(set(records) - names)
     if unknown:
-        raise ValueError(f"routing demand names layers the model lacks: {unknown[:5]}; its MoE layers: {sorted(names)[:5]}...")
+        raise ValueError(
+            f"routing demand names layers the model lacks: {unknown[:5]}; its MoE layers: {sorted(names)[:5]}..."
+        )
     weights: dict[str, float] = {}
     for g in layers:
         if g.name in records:
@@ -200,7 +202,11 @@ def allot_slots(budget_bytes: int, layers: Sequence[LayerGeometry], demand: Any 
     slots = [g.min_slots for g in layers]
     left = budget_bytes - minimum
     # Fill the layer whose slots are smallest relative to its demand; ties go to the earlier layer.
-    heap = [((slots[i] + 1) / w, i) for i, (g, w) in enumerate(zip(layers, weights, strict=True)) if slots[i] < g.num_experts]
+    heap = [
+        ((slots[i] + 1) / w, i)
+        for i, (g, w) in enumerate(zip(layers, weights, strict=True))
+        if slots[i] < g.num_experts
+    ]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)

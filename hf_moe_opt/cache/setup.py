@@ -101,7 +101,11 @@ class ExpertCachePlan:
         stores = {}
         for name, layer in layers:
             store = CachedExpertStore(
-                layer.weights, self.slots[name], self.devices[name], policy=self.policy, pinned=self.pinned.get(name, ())
+                layer.weights,
+                self.slots[name],
+                self.devices[name],
+                policy=self.policy,
+                pinned=self.pinned.get(name, ()),
             )
             layer.store = store
             stores[name] = store

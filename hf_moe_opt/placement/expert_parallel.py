@@ -224,7 +224,7 @@ class ExpertParallelStore(ExpertStore):
             _, _, local_index = self.table.tensors(device)
             local = local_index[self.rank][recv_expert]
             order = torch.sort(local, stable=True).indices
-            ones = torch.ones(num_recv, dtype=plan.gate.dtype, device=device)
+            ones = torch.ones(num_recv, dtype=row_dtype, device=device)  # gates apply on the way back
             sub = _sub_plan(local[order], ones, len(self.local.experts))
             y_sorted = ffn_for(device, num_recv)(recv_x[order], sub, w1, b1, w2, b2, activation, 1.0)
             y_recv = torch.empty_like(y_sorted)
@@ -241,8 +241,7 @@ class ExpertParallelStore(ExpertStore):
         y = torch.zeros((plan.num_rows, x.shape[1]), dtype=back.dtype, device=device)
         if num_send:
             y[rows] = back
-        gate = plan.gate[:, None]
-        y = y * gate.to(y.dtype) if y.dtype != gate.dtype else y * gate
+        y = y * plan.gate[:, None]
         if out_scale != 1.0:
             y = y * out_scale
         y = torch.where(kept[:, None], y, torch.zeros((), dtype=y.dtype, device=device))

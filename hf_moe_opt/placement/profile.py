@@ -40,10 +40,11 @@ class _LayerCounter:
         self.co: torch.Tensor | None = None
         self.top_k = 0
 
-    def add(self, expert_index: torch.Tensor, keep: torch.Tensor) -> None:
+    def add(self, expert_index: torch.Tensor, keep: torch.Tensor | None) -> None:
         e = self.num_experts
         idx = expert_index.reshape(-1, expert_index.shape[-1]).long()
-        kept = _member_slots(idx, keep.reshape(idx.shape).bool())
+        keep = torch.ones_like(idx, dtype=torch.bool) if keep is None else keep.reshape(idx.shape).bool()
+        kept = _member_slots(idx, keep)
         self.top_k = max(self.top_k, idx.shape[1])
         if self.counts is None:
             self.counts = torch.zeros(e, dtype=torch.int64, device=idx.device)

@@ -123,6 +123,7 @@ def _sub_plan(local: torch.Tensor, gate: torch.Tensor, num_local: int) -> Dispat
         num_tokens=rows,
         top_k=1,
         num_experts=num_local,
+        may_drop=False,
     )
 
 
