@@ -7,6 +7,7 @@
 
 from ._source_layout import map_source_patches
 from .api import is_optimized, optimize, optimized_layers, reset_stats, restore, stats, supported_architectures
+from .integrations import register_experts_implementation
 from .layer import OptimizedMoE
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "is_optimized",
     "optimize",
     "optimized_layers",
+    "register_experts_implementation",
     "reset_stats",
     "restore",
     "stats",
