@@ -144,6 +144,15 @@ class PlacementPlan:
                 mat[e, d] = s
         return mat
 
+    def device_map(self, model: Any, **kwargs: Any) -> dict[str, Any]:
+        """A ``from_pretrained(device_map=...)`` map: dense modules by accelerate, experts by this plan.
+
+        See :func:`hf_moe_opt.placement.device_map_for` for the keyword arguments.
+        """
+        from .device_map import device_map_for
+
+        return device_map_for(model, self, **kwargs)
+
     # ------------------------------------------------------------------ evaluation
     def device_loads(self, trace: RoutingTrace, layer: str) -> np.ndarray:
         """``[num_batches, num_devices]`` tokens computed by each device in each batch of ``layer``."""

@@ -1,0 +1,294 @@
+"""BLEU and chrF of the original and the optimized model on the same sources (``hf-moe-opt eval-mt``).
+
+Each phase translates every source (greedy by default, ``--num-beams`` for beam search; sources sorted
+by length, ``--batch-size`` a batch) and scores the detokenized outputs with sacrebleu's corpus BLEU
+and chrF (through ``evaluate`` when its metric scripts are cached locally or ``--metrics evaluate``
+allows downloading them, else sacrebleu directly: same numbers). It also scores the references
+teacher-forced (perplexity; dropped-token share) and compares generated token ids sentence by
+sentence. The target is ``[forced BOS] + tokens + [EOS]`` after the decoder start token, as the
+shipped model was trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from .common import DataSpec, DropCounter, EvalError, check_positive, length_batches, load_model, model_kind, pad
+from .compare import (
+    TeacherForcedBatch,
+    TeacherForcedResult,
+    compare_generations,
+    compare_teacher_forced,
+    generate_batches,
+    iterate_phases,
+    model_memory,
+    plan_phases,
+    ppl_within_tolerance,
+    teacher_forced,
+)
+from .report import RunSetup, finish_report, setup_run
+
+DEFAULT_MODEL = "nllb-moe-tiny-ddtp"
+DEFAULT_DATA = "en-de.test.tsv.gz"
+METRIC_BACKENDS = ("auto", "evaluate", "sacrebleu")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .report import add_common_arguments
+
+    add_common_arguments(parser, default_model=DEFAULT_MODEL, default_data=DEFAULT_DATA, batch_size=48)
+    g = parser.add_argument_group("translation")
+    g.add_argument("--source-field", default="source", help="JSON-lines / datasets source field")
+    g.add_argument("--target-field", default="target", help="JSON-lines / datasets target field")
+    g.add_argument("--source-lang", help="source language code (NLLB tokenizers; 'translation' records)")
+    g.add_argument("--target-lang", help="target language code: forced BOS token (default: the model's)")
+    g.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default min(400, 1.6 x padded source length + 10)")
+    g.add_argument("--max-source-length", type=int, default=386, help="source tokens incl. language tag and EOS")
+    g.add_argument("--metrics", default="auto", help="auto | evaluate | sacrebleu (see the description)")
+
+
+# ----------------------------------------------------------------------------- metrics
+def _evaluate_metric(name: str, allow_download: bool):
+    import evaluate
+    from evaluate.utils.file_utils import DownloadConfig
+
+    config = None if allow_download else DownloadConfig(local_files_only=True)
+    return evaluate.load(name, download_config=config)
+
+
+def corpus_scores(hyps: list[str], refs: list[str], backend: str) -> dict:
+    """Corpus BLEU and chrF (sacrebleu defaults); ``backend`` auto / evaluate / sacrebleu."""
+    reason = ""
+    if backend in ("auto", "evaluate"):
+        try:
+            bleu = _evaluate_metric("sacrebleu", backend == "evaluate")
+            chrf = _evaluate_metric("chrf", backend == "evaluate")
+        except ImportError as e:
+            if backend == "evaluate":
+                raise EvalError("--metrics evaluate needs the `evaluate` package (pip install evaluate)") from e
+            reason = " (`evaluate` not installed)"
+        except Exception as e:  # offline without cached metric scripts, or a failed download
+            reason = " (evaluate's metric scripts not cached; not downloaded)"
+            if backend == "evaluate":
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise EvalError(f"evaluate could not load sacrebleu/chrf: {first}") from e
+        else:
+            b = bleu.compute(predictions=hyps, references=[[r] for r in refs])
+            c = chrf.compute(predictions=hyps, references=[[r] for r in refs])
+            return {"bleu": float(b["score"]), "chrf": float(c["score"]), "metrics_backend": "evaluate"}
+    try:
+        import sacrebleu
+    except ImportError as e:
+        raise EvalError("BLEU/chrF need the `sacrebleu` package (pip install sacrebleu)") from e
+    bleu_metric, chrf_metric = sacrebleu.BLEU(), sacrebleu.CHRF()
+    b = bleu_metric.corpus_score(hyps, [refs])
+    c = chrf_metric.corpus_score(hyps, [refs])
+    return {
+        "bleu": float(b.score),
+        "chrf": float(c.score),
+        "metrics_backend": "sacrebleu" + reason,
+        "bleu_signature": str(bleu_metric.get_signature()),
+        "chrf_signature": str(chrf_metric.get_signature()),
+    }
+
+
+# ----------------------------------------------------------------------------- data
+def _token_id(tokenizer, token: str, what: str) -> int:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        raise EvalError(f"{what} {token!r} is not a token of the tokenizer")
+    return int(tid)
+
+
+def prepare(tokenizer, model, pairs: list[tuple[str, str]], args: argparse.Namespace) -> dict:
+    """Token ids of sources and targets, and the ids generation needs."""
+    if args.source_lang and hasattr(tokenizer, "src_lang"):
+        tokenizer.src_lang = args.source_lang
+    gen_config = model.generation_config
+    forced_bos = (
+        _token_id(tokenizer, args.target_lang, "--target-lang")
+        if args.target_lang
+        else getattr(gen_config, "forced_bos_token_id", None)
+    )
+    start = getattr(gen_config, "decoder_start_token_id", None)
+    if start is None:
+        start = model.config.decoder_start_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.pad_token_id
+    if start is None or eos is None or pad_id is None:
+        raise EvalError("the model/tokenizer define no decoder start, EOS or padding token")
+    enc = tokenizer([s for s, _ in pairs], truncation=True, max_length=args.max_source_length)["input_ids"]
+    body = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
+    prefix = [forced_bos] if forced_bos is not None else []
+    targets = [prefix + t[: args.max_source_length] + [eos] for t in body]
+    return {"sources": enc, "targets": targets, "start": start, "eos": eos, "pad": pad_id, "forced_bos": forced_bos}
+
+
+def scoring_batches(prep: dict, batch_size: int) -> list[TeacherForcedBatch]:
+    src, tgt, pad_id = prep["sources"], prep["targets"], prep["pad"]
+    out = []
+    for idx in length_batches([max(len(src[i]), len(tgt[i])) for i in range(len(src))], batch_size):
+        input_ids = pad([src[i] for i in idx], pad_id)
+        labels = pad([tgt[i] for i in idx], -100)
+        decoder_input_ids = pad([[prep["start"]] + tgt[i][:-1] for i in idx], pad_id)
+        out.append(
+            TeacherForcedBatch(
+                idx,
+                input_ids,
+                (input_ids != pad_id).long(),
+                labels,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=(labels != -100).long(),
+            )
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- command
+def run(args: argparse.Namespace) -> dict:
+    check_positive("--num-beams", args.num_beams)
+    check_positive("--max-new-tokens", args.max_new_tokens)
+    check_positive("--max-source-length", args.max_source_length)
+    if args.metrics not in METRIC_BACKENDS:
+        raise EvalError(f"unknown --metrics {args.metrics!r}; choose one of {', '.join(METRIC_BACKENDS)}")
+    if args.metrics == "sacrebleu":
+        try:
+            import sacrebleu  # noqa: F401
+        except ImportError as e:
+            raise EvalError("BLEU/chrF need the `sacrebleu` package (pip install sacrebleu)") from e
+
+    def make_spec(spec: dict) -> DataSpec:
+        return DataSpec(
+            **spec,
+            source_field=args.source_field,
+            target_field=args.target_field,
+            source_lang=args.source_lang,
+            target_lang=args.target_lang,
+        )
+
+    setup: RunSetup = setup_run(args, DEFAULT_DATA, make_spec)
+    from .common import read_data
+
+    pairs = read_data(setup.data, pairs=True)
+    if model_kind(setup.model_source) != "seq2seq":
+        raise EvalError(f"{args.model} is not an encoder-decoder model; eval-mt needs a translation model")
+    model, tokenizer = load_model(setup.model_source, "seq2seq", setup.dtype, setup.device)
+    prep = prepare(tokenizer, model, pairs, args)
+    batches = scoring_batches(prep, args.batch_size)
+    gen_order = length_batches([len(s) for s in prep["sources"]], args.batch_size)
+    refs = [t for _, t in pairs]
+
+    def gen_kwargs(input_ids: torch.Tensor) -> dict:
+        max_new = args.max_new_tokens or min(400, int(1.6 * input_ids.shape[1]) + 10)
+        kw = {"max_new_tokens": max_new, "num_beams": args.num_beams, "do_sample": False}
+        kw["decoder_start_token_id"] = prep["start"]
+        if prep["forced_bos"] is not None:
+            kw["forced_bos_token_id"] = prep["forced_bos"]
+        return kw
+
+    phases, baseline, notes = plan_phases(model)
+    results: dict[str, TeacherForcedResult] = {}
+    generations: dict[str, dict] = {}
+    phase_reports: dict[str, dict] = {}
+    drops = None
+    for phase in iterate_phases(model, phases, args.capacity, args.backend):
+        counter = DropCounter(model) if phase.name == baseline else None
+        try:
+            tf = teacher_forced(model, batches, setup.device, f"{phase.name} score", counter, setup.progress)
+        finally:
+            if counter is not None:
+                counter.remove()
+        if counter is not None:
+            drops = counter.summary()
+        results[phase.name] = tf
+        out, secs, new_tokens, gen_peak, _ = generate_batches(
+            model,
+            prep["sources"],
+            gen_order,
+            prep["pad"],
+            setup.device,
+            gen_kwargs,
+            f"{phase.name} translate",
+            setup.progress,
+        )
+        generations[phase.name] = out
+        hyps = [tokenizer.decode(out[i], skip_special_tokens=True).strip() for i in range(len(pairs))]
+        scores = corpus_scores(hyps, refs, args.metrics)
+        phase_reports[phase.name] = {
+            "description": phase.description,
+            "bleu": scores["bleu"],
+            "chrf": scores["chrf"],
+            "metrics_backend": scores["metrics_backend"],
+            **{k: v for k, v in scores.items() if k.endswith("signature")},
+            "perplexity": tf.perplexity,
+            "tokens_scored": tf.tokens_scored,
+            "tokens_processed": tf.tokens_processed,
+            "seconds": tf.seconds,
+            "tokens_per_second": tf.tokens_processed / tf.seconds if tf.seconds > 0 else math.nan,
+            "peak_memory_bytes": tf.peak_bytes,
+            "memory_method": tf.memory_method,
+            "generate_seconds": secs,
+            "generated_tokens": new_tokens,
+            "generated_tokens_per_second": new_tokens / secs if secs > 0 else math.nan,
+            "sentences_per_second": len(pairs) / secs if secs > 0 else math.nan,
+            "generate_peak_memory_bytes": gen_peak,
+            "weight_bytes": model_memory(model),
+        }
+
+    def compare(a: str, b: str, drops_known: bool) -> dict:
+        cmp = compare_teacher_forced(results[a], results[b], setup.dtype, drops_known)
+        cmp["bleu_diff"] = phase_reports[a]["bleu"] - phase_reports[b]["bleu"]
+        cmp["chrf_diff"] = phase_reports[a]["chrf"] - phase_reports[b]["chrf"]
+        cmp["generation"] = compare_generations(generations[a], generations[b])
+        return cmp
+
+    comparisons = {}
+    for phase in phases:
+        if phase.name != baseline:
+            comparisons[f"{phase.name}_vs_{baseline}"] = compare(
+                phase.name, baseline, drops is not None and phase.name == "optimized"
+            )
+    if "reference" in results:
+        comparisons["optimized_vs_original"] = compare("optimized", "original", False)
+
+    cmp = comparisons[f"optimized_vs_{baseline}"]
+    from .common import PPL_RTOL
+
+    ppl_ok = ppl_within_tolerance(cmp["perplexity_rel_diff"], setup.dtype)
+    same = cmp["generation"]["all_identical"]
+    verdict = {
+        "against": baseline,
+        "capacity": args.capacity,
+        "perplexity_rel_tolerance": PPL_RTOL[setup.dtype],
+        "perplexity_within_tolerance": ppl_ok,
+        "generated_tokens_identical": same,
+        "bleu_equal": cmp["bleu_diff"] == 0.0,
+        "unchanged": bool(ppl_ok and same),
+    }
+    if "sequences_changed_without_any_drop" in cmp:
+        verdict["changes_only_where_original_drops"] = cmp["sequences_changed_without_any_drop"] == 0
+    task = {
+        "objective": "translation: corpus BLEU and chrF (sacrebleu defaults), teacher-forced perplexity",
+        "pairs": len(pairs),
+        "decoding": "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams",
+        "max_new_tokens": args.max_new_tokens or "min(400, 1.6 x padded source length + 10)",
+        "max_source_length": args.max_source_length,
+        "forced_bos_token_id": prep["forced_bos"],
+        "decoder_start_token_id": prep["start"],
+        "metrics": args.metrics,
+    }
+    return finish_report(
+        setup,
+        task_name="mt_bleu",
+        task=task,
+        phases=phase_reports,
+        baseline=baseline,
+        comparisons=comparisons,
+        verdict=verdict,
+        drops=drops,
+        notes=notes,
+    )

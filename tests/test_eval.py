@@ -1,0 +1,351 @@
+"""The evaluation commands (eval-lm, eval-mt): end to end on small models, argument errors, data formats."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_moe_opt.cli import main
+from hf_moe_opt.evaluation import lm, mt
+from hf_moe_opt.evaluation.common import DataSpec, EvalError, asset_dir, read_local, resolve_model
+
+REPO = Path(__file__).resolve().parent.parent
+DDTP = REPO.parent / "shared" / "data" / "ddtp"
+SWITCH = asset_dir("switch-tiny-ddtp")
+NLLB = asset_dir("nllb-moe-tiny-ddtp")
+
+# Sentences written for these tests.
+ENGLISH = [
+    "this package provides a small command line tool for reading data files",
+    "the library offers helper functions for parsing configuration files",
+    "a simple program that shows the status of the network interfaces",
+    "documentation and examples for the graphical user interface toolkit",
+    "plugin for the text editor that adds support for a markup language",
+    "development files for the image processing library with python bindings",
+    "a fast compression tool with support for large archives and streams",
+    "the server daemon handles requests from many clients at the same time",
+    "fonts with many glyphs for use in documents and on the desktop",
+    "utilities to convert between several audio formats on the command line",
+    "a game where the player builds cities and manages their resources",
+    "translations of the manual pages into several languages",
+]
+GERMAN = [
+    "dieses Paket bietet ein kleines Werkzeug zum Lesen von Dateien",
+    "die Bibliothek bietet Hilfsfunktionen zum Einlesen von Dateien",
+    "ein einfaches Programm, das den Zustand der Netzwerke zeigt",
+    "Dokumentation und Beispiele für die grafische Oberfläche",
+]
+PAIRS = [(ENGLISH[i], GERMAN[i]) for i in range(len(GERMAN))]
+
+
+def _run(argv: list[str], tmp_path: Path, name: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    assert main([*argv, "--no-progress", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _lines_file(tmp_path: Path) -> Path:
+    path = tmp_path / "english.txt"
+    path.write_text("\n".join(ENGLISH) + "\n", encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- tiny models
+def _tiny_switch(folder: Path, expert_capacity: int) -> Path:
+    """A random Switch model that uses the shipped tokenizer (sentinels included), small capacity."""
+    from transformers import AutoTokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(SWITCH)
+    torch.manual_seed(0)
+    cfg = SwitchTransformersConfig(
+        vocab_size=len(tok),
+        d_model=16,
+        d_ff=32,
+        d_kv=4,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_experts=4,
+        expert_capacity=expert_capacity,
+        encoder_sparse_step=1,
+        decoder_sparse_step=1,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    model = SwitchTransformersForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router.classifier" in name:
+                p.normal_(0.0, 1.0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _tiny_nllb(folder: Path) -> Path:
+    """A random NLLB-MoE model with a word-level tokenizer over the test sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import GenerationConfig, NllbMoeConfig, NllbMoeForConditionalGeneration, PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "eng_Latn", "deu_Latn"]
+    words = sorted({w for s in ENGLISH + GERMAN for w in s.replace(",", " ,").split()})
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.post_processor = processors.TemplateProcessing(
+        single="eng_Latn $A </s>", special_tokens=[("eng_Latn", 4), ("</s>", 2)]
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens=["eng_Latn", "deu_Latn"],
+    )
+    torch.manual_seed(0)
+    cfg = NllbMoeConfig(
+        vocab_size=len(vocab),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        num_experts=4,
+        expert_capacity=64,
+        encoder_sparse_step=1,
+        decoder_sparse_step=1,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        moe_token_dropout=0.1,
+    )
+    model = NllbMoeForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router.classifier" in name:
+                p.normal_(0.0, 1.0)
+    model.generation_config = GenerationConfig(
+        bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=5
+    )
+    model.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_eval_lm_shipped_switch_unchanged(tmp_path):
+    data = DDTP / "en.test.txt.gz" if (DDTP / "en.test.txt.gz").is_file() else _lines_file(tmp_path)
+    args = ["eval-lm", "--data", str(data), "--limit", "16", "--batch-size", "8"]
+    report = _run([*args, "--generate-samples", "4", "--max-new-tokens", "8"], tmp_path, "lm")
+    assert report["task"] == "lm_perplexity" and report["baseline"] == "original"
+    assert report["task_settings"]["sequences"] == 16
+    cmp = report["comparisons"]["optimized_vs_original"]
+    assert abs(cmp["perplexity_rel_diff"]) <= 1e-4
+    assert cmp["generation"]["all_identical"] and cmp["generation"]["sequences"] == 4
+    assert report["unchanged"]["unchanged"] is True
+    ppl = report["phases"]["original"]["perplexity"]
+    assert 1.0 < ppl < 2000.0  # trained: far below the uniform 6000
+    for phase in report["phases"].values():
+        assert phase["tokens_per_second"] > 0 and phase["weight_bytes"] > 0
+    assert "versions" in report and report["command"].startswith("hf-moe-opt eval-lm")
+
+
+def test_eval_lm_capacity_none_changes_only_dropped(tmp_path):
+    model = _tiny_switch(tmp_path / "switch", expert_capacity=2)
+    data = _lines_file(tmp_path)
+    common = ["eval-lm", "--model", str(model), "--data", str(data), "--generate-samples", "2"]
+    report = _run([*common, "--capacity", "none"], tmp_path, "none")
+    drops = report["dropped_by_original"]
+    assert drops["dropped"] > 0 and 0 < drops["share"] < 1
+    cmp = report["comparisons"]["optimized_vs_original"]
+    assert cmp["sequences_with_dropped_tokens"] > 0
+    assert cmp["sequences_changed_without_any_drop"] == 0
+    assert report["unchanged"]["changes_only_where_original_drops"] is True
+    assert cmp["max_abs_token_nll_diff"] > 1e-3  # dropping vs not dropping does change the output
+    # capacity="model" reproduces the drops: unchanged.
+    same = _run([*common, "--capacity", "model"], tmp_path, "model")
+    assert same["unchanged"]["unchanged"] is True
+    assert same["dropped_by_original"]["dropped"] == drops["dropped"]
+
+
+def test_eval_mt_nllb_against_correct_reference(tmp_path):
+    if (NLLB / "config.json").is_file():
+        model = NLLB
+        data = tmp_path / "pairs.tsv"
+        if (DDTP / "en-de.test.tsv.gz").is_file():
+            data = DDTP / "en-de.test.tsv.gz"
+        else:
+            data.write_text("".join(f"{s}\t{t}\n" for s, t in PAIRS), encoding="utf-8")
+    else:  # the shipped checkpoint is not there yet: a random tiny one
+        model = _tiny_nllb(tmp_path / "nllb")
+        data = tmp_path / "pairs.tsv"
+        data.write_text("".join(f"{s}\t{t}\n" for s, t in PAIRS), encoding="utf-8")
+    args = ["eval-mt", "--model", str(model), "--data", str(data), "--limit", "16", "--metrics", "sacrebleu"]
+    report = _run(args, tmp_path, "mt")
+    assert report["task"] == "mt_bleu"
+    from hf_moe_opt.evaluation.common import transformers_nllb_block_is_correct
+
+    if not transformers_nllb_block_is_correct():
+        assert report["baseline"] == "reference" and set(report["phases"]) == {"original", "reference", "optimized"}
+        assert any("wrong" in n for n in report["notes"])
+        assert "optimized_vs_original" in report["comparisons"]
+    cmp = report["comparisons"][f"optimized_vs_{report['baseline']}"]
+    assert cmp["generation"]["all_identical"]
+    assert cmp["bleu_diff"] == 0.0 and cmp["chrf_diff"] == 0.0
+    assert abs(cmp["perplexity_rel_diff"]) <= 1e-4
+    assert report["unchanged"]["unchanged"] is True
+    assert report["phases"]["optimized"]["metrics_backend"].startswith("sacrebleu")
+
+
+# ----------------------------------------------------------------------------- argument errors
+def _error_line(capsys, argv: list[str]) -> str:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["eval-lm", "--data", "/nonexistent/file.txt"], "does not exist"),
+        (["eval-lm", "--dtype", "int8"], "unknown dtype"),
+        (["eval-lm", "--device", "tpu"], "device"),
+        (["eval-lm", "--limit", "0"], "--limit"),
+        (["eval-lm", "--batch-size", "-1"], "--batch-size"),
+        (["eval-lm", "--limit", "ten"], "invalid int"),
+        (["eval-lm", "--capacity", "half"], "capacity"),
+        (["eval-lm", "--backend", "magic"], "backend"),
+        (["eval-lm", "--model", "./no/such/model"], "does not exist"),
+        (["eval-lm", "--data", "x.txt", "--dataset", "y"], "either"),
+        (["eval-mt", "--num-beams", "0"], "--num-beams"),
+        (["eval-mt", "--metrics", "meteor"], "--metrics"),
+    ],
+)
+def test_bad_arguments_one_line(capsys, argv, needle):
+    assert needle in _error_line(capsys, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_without_cuda(capsys):
+    assert "CUDA" in _error_line(capsys, ["eval-mt", "--device", "cuda"])
+
+
+def test_cli_process_exit_code():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "eval" / "lm_perplexity.py"), "--limit", "-3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--limit" in proc.stderr
+
+
+def test_missing_fields_and_formats(tmp_path):
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"body": "a"}\n')
+    with pytest.raises(EvalError, match="no field 'text'"):
+        read_local(DataSpec(path=jsonl), pairs=False)
+    with pytest.raises(EvalError, match="TSV or JSON lines"):
+        read_local(DataSpec(path=_lines_file(tmp_path)), pairs=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(EvalError, match="not valid JSON"):
+        read_local(DataSpec(path=bad), pairs=False)
+
+
+# ----------------------------------------------------------------------------- data formats
+def test_local_formats_lm(tmp_path):
+    texts = ENGLISH[:3]
+    (tmp_path / "a.txt").write_text("\n".join(texts) + "\n\n")
+    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(texts) + "\n")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    (tmp_path / "a.tsv").write_text("".join(f"{t}\tignored\n" for t in texts))
+    for name in ("a.txt", "a.txt.gz", "a.jsonl", "a.tsv"):
+        assert read_local(DataSpec(path=tmp_path / name), pairs=False) == texts, name
+    assert read_local(DataSpec(path=tmp_path / "a.tsv", text_field="1"), pairs=False) == ["ignored"] * 3
+    assert read_local(DataSpec(path=tmp_path / "a.txt", limit=2), pairs=False) == texts[:2]
+
+
+def test_local_formats_mt(tmp_path):
+    (tmp_path / "p.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in PAIRS))
+    with gzip.open(tmp_path / "p.tsv.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(f"{s}\t{t}\n" for s, t in PAIRS))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in PAIRS))
+    (tmp_path / "q.jsonl").write_text(
+        "".join(json.dumps({"translation": {"en": s, "de": t}}) + "\n" for s, t in PAIRS)
+    )
+    for name in ("p.tsv", "p.tsv.gz", "p.jsonl"):
+        assert read_local(DataSpec(path=tmp_path / name), pairs=True) == PAIRS, name
+    spec = DataSpec(path=tmp_path / "q.jsonl", source_lang="en", target_lang="de")
+    assert read_local(spec, pairs=True) == PAIRS
+    with pytest.raises(EvalError, match="--source-lang"):
+        read_local(DataSpec(path=tmp_path / "q.jsonl"), pairs=True)
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_span_corruption_matches_training_script():
+    script = REPO / "eval" / "train_tiny_models.py"
+    if not script.is_file():
+        pytest.skip("training script not in this checkout")
+    spec = importlib.util.spec_from_file_location("_train_tiny_models", script)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    gen = np.random.default_rng(7)
+    seqs = [list(gen.integers(5, 500, size=int(n))) for n in gen.integers(4, 112, size=40)]
+    sentinels = list(range(5900, 6000))
+    a, b = np.random.default_rng(1234), np.random.default_rng(1234)
+    for s in seqs:
+        assert lm.corrupt(s, a, sentinels, 1) == train.span_corrupt(s, b, sentinels, 1)
+
+
+def test_strided_windows_score_every_token_once():
+    for n, window, stride in [(10, 4, 2), (10, 4, 4), (7, 16, 8), (33, 8, 3)]:
+        scored = [p for _, end, first in lm.strided_windows(n, window, stride) for p in range(first, end)]
+        assert scored == list(range(1, n))
+        assert all(end - begin <= window for begin, end, _ in lm.strided_windows(n, window, stride))
+
+
+def test_metrics_fall_back_to_sacrebleu(monkeypatch):
+    pytest.importorskip("sacrebleu")
+
+    def offline(name, allow_download):
+        raise FileNotFoundError(f"Couldn't find a module script for {name}")
+
+    monkeypatch.setattr(mt, "_evaluate_metric", offline)
+    scores = mt.corpus_scores(["das Paket bietet ein Werkzeug"], ["das Paket bietet ein Werkzeug"], "auto")
+    assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+    assert scores["metrics_backend"].startswith("sacrebleu")
+    with pytest.raises(EvalError, match="evaluate could not load"):
+        mt.corpus_scores(["a"], ["a"], "evaluate")
+
+
+def test_resolve_model():
+    assert resolve_model("switch-tiny-ddtp") == (str(SWITCH), "shipped")
+    assert resolve_model("google/switch-base-8") == ("google/switch-base-8", "hub")
+    with pytest.raises(EvalError):
+        resolve_model("/definitely/not/here")

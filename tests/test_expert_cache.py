@@ -1,0 +1,304 @@
+"""Expert buffering (``optimize(model, expert_cache=...)``): exactness, policy bookkeeping, budgets, errors."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import hf_moe_opt
+from hf_moe_opt.cache import (
+    POLICY_NAMES,
+    CacheBudget,
+    CachedExpertStore,
+    allot_slots,
+    effective_experts,
+    offload_device_map,
+    parse_bytes,
+    simulate,
+    trace_from_counts,
+)
+from hf_moe_opt.cache.budget import LayerGeometry
+
+from .models import VOCAB, tiny_nllb, tiny_switch
+
+FAMILIES = {"switch": tiny_switch, "nllb": tiny_nllb}
+NUM_EXPERTS = 8
+# Where the dense weights run: on CUDA machines the slots are on the GPU and the copies are real.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _quiet_optimize(model, **kw):
+    """optimize; on machines without CUDA the pinned-memory fallback warns, which these tests expect."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return hf_moe_opt.optimize(model, capacity="none", **kw)
+
+
+def _batches(n=3, batch=3, seq=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randint(3, VOCAB, (batch, seq), generator=g).to(DEVICE),
+            torch.randint(3, VOCAB, (batch, 5), generator=g).to(DEVICE),
+        )
+        for _ in range(n)
+    ]
+
+
+def _record_counts(model):
+    """Wrap every layer's store to record each call's per-expert counts (the routing trace)."""
+    record = {}
+    for name, layer in hf_moe_opt.optimized_layers(model):
+        inner = layer.store.run
+
+        def run(x, plan, *args, _inner=inner, _name=name):
+            record.setdefault(_name, []).append(plan.counts.tolist())
+            return _inner(x, plan, *args)
+
+        layer.store.run = run
+    return record
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    """A base model, its resident-optimized outputs on fixed batches, and the routing trace per layer."""
+    base = FAMILIES[request.param](num_experts=NUM_EXPERTS).to(DEVICE)
+    resident = copy.deepcopy(base)
+    hf_moe_opt.optimize(resident, capacity="none")
+    counts = _record_counts(resident)
+    batches = _batches()
+    with torch.no_grad():
+        outs = [resident(input_ids=i, decoder_input_ids=d).logits for i, d in batches]
+    return {
+        "name": request.param,
+        "base": base,
+        "resident": resident,
+        "batches": batches,
+        "outs": outs,
+        "counts": counts,
+    }
+
+
+def _run(model, batches):
+    with torch.no_grad():
+        return [model(input_ids=i, decoder_input_ids=d).logits for i, d in batches]
+
+
+@pytest.mark.parametrize(
+    "policy,slots",
+    [(p, 2) for p in POLICY_NAMES] + [("lifo", 1), ("lru", 1), ("lifo", 5), ("lfu", 3), ("lifo", NUM_EXPERTS)],
+)
+def test_outputs_exact_and_stats_match_simulator(family, policy, slots):
+    model = copy.deepcopy(family["base"])
+    _quiet_optimize(model, expert_cache=slots, cache_policy=policy)
+    outs = _run(model, family["batches"])
+    for a, b in zip(family["outs"], outs, strict=True):
+        assert torch.equal(a, b)
+    stats = hf_moe_opt.stats(model)
+    assert len(stats) == 4
+    for name, st in stats.items():
+        trace = trace_from_counts(family["counts"][name])
+        sim = simulate(trace, policy, slots)
+        assert (st["hits"], st["misses"]) == (sim.hits, sim.misses), name
+        assert st["steps"] == len(trace)
+        assert st["num_slots"] == slots and st["policy"] == policy
+        assert len(st["resident"]) <= slots
+        layer = dict(hf_moe_opt.optimized_layers(model))[name]
+        assert st["bytes_copied"] == st["misses"] * layer.store.expert_nbytes
+        assert st["copy_time_ms"] >= 0 and st["stall_time_ms"] >= 0
+        needs_chunks = any(sum(c > 0 for c in step) > slots for step in family["counts"][name])
+        assert (st["chunked_steps"] > 0) == needs_chunks
+    if slots == 1:
+        assert any(st["chunked_steps"] > 0 for st in stats.values())  # the chunked path ran
+    hf_moe_opt.reset_stats(model)
+    after = hf_moe_opt.stats(model)
+    assert all(st["hits"] == st["misses"] == st["bytes_copied"] == 0 for st in after.values())
+    assert [st["resident"] for st in after.values()] == [st["resident"] for st in stats.values()]
+
+
+def test_pinned_experts_stay_resident(family):
+    model = copy.deepcopy(family["base"])
+    names = [n for n, _ in hf_moe_opt.optimized_layers(family["resident"])]
+    _quiet_optimize(model, expert_cache=3, cache_policy="lru", pinned_experts={names[0]: [5, 2]})
+    outs = _run(model, family["batches"])
+    assert all(torch.equal(a, b) for a, b in zip(family["outs"], outs, strict=True))
+    st = hf_moe_opt.stats(model)[names[0]]
+    sim = simulate(trace_from_counts(family["counts"][names[0]]), "lru", 3, pinned=[5, 2])
+    assert (st["hits"], st["misses"]) == (sim.hits, sim.misses)
+    used = {e for step in family["counts"][names[0]] for e, c in enumerate(step) if c}
+    assert {5, 2} & used <= set(st["resident"])
+    assert st["pinned_experts"] == [5, 2]
+
+
+def test_generate_identical_tokens(family):
+    model = copy.deepcopy(family["base"])
+    _quiet_optimize(model, expert_cache=2)
+    ids = family["batches"][0][0][:2]
+    kw = {"max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        want = family["resident"].generate(ids, **kw)
+        got = model.generate(ids, **kw)
+    assert torch.equal(want, got)
+
+
+def test_state_dict_unchanged_one_copy_and_restore(family):
+    base = family["base"]
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    _quiet_optimize(model, expert_cache=0.25)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    # Values and dtypes unchanged; on CUDA machines the experts now live in host memory.
+    assert all(torch.equal(after[k].cpu(), v.cpu()) and after[k].dtype == v.dtype for k, v in before.items())
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    assert sum(storages.values()) == nbytes  # the host stacks are the parameters: no second copy
+    for _, layer in hf_moe_opt.optimized_layers(model):
+        assert isinstance(layer.store, CachedExpertStore)
+        assert layer.store.num_slots == 2  # 25% of 8
+        stack = layer.weights.w1.tensor
+        for j, p in enumerate(layer.weights.w1.params):
+            assert p.data_ptr() == stack[j].data_ptr()
+    _run(model, family["batches"][:1])
+    hf_moe_opt.restore(model)
+    assert not hf_moe_opt.is_optimized(model)
+    with torch.no_grad():
+        ids, dec = family["batches"][0]
+        want = base(input_ids=ids, decoder_input_ids=dec).logits
+        got = model(input_ids=ids, decoder_input_ids=dec).logits
+    assert torch.equal(want, got)
+
+
+def test_byte_budget_even_split(family):
+    model = copy.deepcopy(family["base"])
+    layers = hf_moe_opt.optimized_layers(family["resident"])
+    expert_bytes = sum(p.numel() * p.element_size() for p in layers[0][1].experts["expert_0"].parameters())
+    _quiet_optimize(model, expert_cache=str(expert_bytes * 13))  # 13 slots over 4 layers: 4, 3, 3, 3
+    slots = [st["num_slots"] for st in hf_moe_opt.stats(model).values()]
+    assert slots == [4, 3, 3, 3]
+    assert all(torch.equal(a, b) for a, b in zip(family["outs"], _run(model, family["batches"]), strict=True))
+
+
+def test_byte_budget_by_demand(family):
+    model = copy.deepcopy(family["base"])
+    names = [n for n, _ in hf_moe_opt.optimized_layers(family["resident"])]
+    layer = dict(hf_moe_opt.optimized_layers(family["resident"]))[names[0]]
+    expert_bytes = sum(p.numel() * p.element_size() for p in layer.experts["expert_0"].parameters())
+    # Layer 0 spreads its tokens over all 8 experts, the others over one: layer 0 gets most slots.
+    uniform, peaked = [10] * NUM_EXPERTS, [80] + [0] * (NUM_EXPERTS - 1)
+    demand = {names[0]: uniform, names[1]: peaked, names[2]: peaked, names[3]: peaked}
+    _quiet_optimize(model, expert_cache=CacheBudget(expert_bytes * 12, demand=demand))
+    slots = [st["num_slots"] for st in hf_moe_opt.stats(model).values()]
+    assert slots == [8, 2, 1, 1]  # 1 each, then 8 more by demand 8 : 1 : 1 : 1 (ties to the earlier layer)
+    assert all(torch.equal(a, b) for a, b in zip(family["outs"], _run(model, family["batches"]), strict=True))
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2**30
+    assert parse_bytes("500MB") == 500 * 10**6
+    assert parse_bytes("1.5 tb") == 15 * 10**11
+    assert parse_bytes("4096") == 4096
+    assert parse_bytes("2KiB") == 2048
+    for bad in ["", "GB", "12 parsecs", "-1GB", "0"]:
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+def test_allotment():
+    layers = [LayerGeometry(f"l{i}", 8, 100) for i in range(3)]
+    assert allot_slots(300, layers) == [1, 1, 1]
+    assert allot_slots(1000, layers) == [4, 3, 3]
+    assert allot_slots(2400, layers) == [8, 8, 8]
+    mixed = [LayerGeometry("a", 4, 100), LayerGeometry("b", 16, 50, pinned=2)]
+    # Evenly means the same fraction of each layer's experts: 4 of 4 and 16 of 16 only at full size.
+    assert allot_slots(100 * 2 + 50 * 8, mixed) == [2, 8]
+    assert effective_experts([1, 1, 1, 1]) == pytest.approx(4.0)
+    assert effective_experts([5, 0, 0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="below one expert per layer"):
+        allot_slots(299, layers)
+    with pytest.raises(ValueError, match="use no cache"):
+        allot_slots(2401, layers)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"expert_cache": "1KB"}, "below one expert per layer"),
+        ({"expert_cache": "10GiB"}, "larger than all experts.*use no cache"),
+        ({"expert_cache": NUM_EXPERTS + 1}, "use no cache"),
+        ({"expert_cache": 0}, "at least one expert"),
+        ({"expert_cache": 1.5}, r"\(0, 1\]"),
+        ({"expert_cache": 0.0}, r"\(0, 1\]"),
+        ({"expert_cache": 2, "cache_policy": "belady"}, "unknown cache_policy"),
+        ({"expert_cache": 2, "pinned_experts": {"nope": [0]}}, "does not have"),
+        ({"expert_cache": 2, "pinned_experts": [0, 1]}, "no free slot next to the pinned experts"),
+        ({"expert_cache": 2, "pinned_experts": [9]}, "out of range"),
+        ({"cache_policy": "lru"}, "only with expert_cache"),
+        ({"pinned_experts": [0]}, "only with expert_cache"),
+        ({"expert_cache": "lots"}, "cannot read"),
+    ],
+)
+def test_errors_leave_the_model_untouched(kwargs, match):
+    model = tiny_switch(num_experts=NUM_EXPERTS)
+    with pytest.raises(ValueError, match=match):
+        hf_moe_opt.optimize(model, **kwargs)
+    assert not hf_moe_opt.is_optimized(model)
+
+
+def test_type_errors():
+    model = tiny_switch(num_experts=4)
+    for bad in [True, [1, 2], {"a": 1}]:
+        with pytest.raises(TypeError):
+            hf_moe_opt.optimize(model, expert_cache=bad)
+    assert not hf_moe_opt.is_optimized(model)
+
+
+def test_router_on_cpu_while_cuda_present_is_explained(monkeypatch):
+    model = tiny_switch(num_experts=4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="dense weights.*on the CPU while CUDA is available.*move_dense"):
+        hf_moe_opt.optimize(model, expert_cache=2)
+    assert not hf_moe_opt.is_optimized(model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinned memory exists on CUDA machines")
+def test_pageable_fallback_warns():
+    model = tiny_switch(num_experts=4)
+    with pytest.warns(RuntimeWarning, match="pinned .*unavailable.*pageable"):
+        hf_moe_opt.optimize(model, expert_cache=2)
+    assert not any(st["host_pinned"] for st in hf_moe_opt.stats(model).values())
+
+
+def test_stats_on_models_without_cache():
+    model = tiny_switch(num_experts=4)
+    with pytest.raises(ValueError, match="not optimized"):
+        hf_moe_opt.stats(model)
+    hf_moe_opt.optimize(model)
+    assert all(st == {} for st in hf_moe_opt.stats(model).values())
+    hf_moe_opt.reset_stats(model)
+
+
+def test_accelerate_offloaded_experts_are_taken_over(family):
+    """The device-map recipe: experts offloaded by accelerate hooks, then optimize(expert_cache=...)."""
+    from accelerate import cpu_offload
+
+    model = copy.deepcopy(family["base"])
+    dmap = offload_device_map(model, "cpu")
+    expert_names = [k for k, v in dmap.items() if k and v == "cpu"]
+    assert len(expert_names) == 4 and all(n.endswith(".experts") for n in expert_names)
+    loaders = []
+    for name in expert_names:
+        module = model.get_submodule(name)
+        cpu_offload(module, execution_device=DEVICE)
+        loaders.append(module.expert_0._hf_hook.weights_map if hasattr(module.expert_0, "_hf_hook") else None)
+    assert any(p.device.type == "meta" for p in model.parameters())
+    _quiet_optimize(model, expert_cache=3)
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    outs = _run(model, family["batches"])
+    assert all(torch.equal(a, b) for a, b in zip(family["outs"], outs, strict=True))
+    # accelerate's host-side map no longer references the experts: one copy of each weight.
+    for wm in loaders:
+        if wm is not None:
+            assert len(list(wm.dataset.state_dict if hasattr(wm.dataset, "state_dict") else wm.dataset)) == 0

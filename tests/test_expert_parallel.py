@@ -1,0 +1,206 @@
+"""Expert parallelism over gloo on CPU: 2 and 4 processes give the single-process optimized output.
+
+Every process builds the same tiny model from the same seed, feeds its own batch, and compares the
+expert-parallel output with the single-process optimized model on that batch. Mismatched ranks
+and dead ranks must end in a clear error, not a hang.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hf_moe_opt
+from hf_moe_opt.placement import plan_placement, profile
+
+from .models import VOCAB, tiny_nllb, tiny_switch
+
+TIMEOUT_S = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, port: int, timeout_s: float = TIMEOUT_S) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def _batch(seed: int, batch: int = 2, src: int = 7, tgt: int = 5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(2, VOCAB, (batch, src), generator=g),
+        "decoder_input_ids": torch.randint(2, VOCAB, (batch, tgt), generator=g),
+    }
+
+
+def _plan(model, world: int, strategy: str):
+    # The same batches on every rank give the same trace, hence the same plan.
+    trace = profile(model, [_batch(100 + i, 4) for i in range(4)], progress=False)
+    return plan_placement(trace, world, strategy, 1 if strategy == "replicate" else 0)
+
+
+def _check_case(rank: int, world: int, make, num_experts: int, strategy: str) -> None:
+    model = make(num_experts=num_experts, seed=0)
+    plan = _plan(model, world, strategy)
+    batch = _batch(1000 + rank, batch=1 + rank % 2)  # different batch sizes per rank
+    reference = hf_moe_opt.optimize(copy.deepcopy(model))
+    with torch.no_grad():
+        want = reference(**batch).logits
+    hf_moe_opt.optimize(model, expert_parallel=True, placement=plan)
+    with torch.no_grad():
+        got = model(**batch).logits
+        got_again = model(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, got_again), "expert-parallel output is not deterministic"
+    # Each rank keeps only its experts: state_dict and parameter memory shrink accordingly.
+    for name, layer in hf_moe_opt.optimized_layers(model):
+        mine = set(plan.experts_on(name, rank))
+        held = {int(n.split("_")[1]) for n, _ in layer.experts.named_children() if n.startswith("expert_")}
+        assert held == mine, (name, held, mine)
+        keys = [k for k in model.state_dict() if k.startswith(f"{name}.experts.")]
+        assert {int(k.split(".experts.expert_")[1].split(".")[0]) for k in keys} == mine
+        assert layer.store.stats()["calls"] == 2
+    with pytest.raises(ValueError, match="cannot be restored"):
+        hf_moe_opt.restore(model)
+
+
+def _zero_token_case(rank: int, world: int) -> None:
+    model = tiny_switch(num_experts=4, seed=0, expert_capacity=64)
+    plan = _plan(model, world, "greedy")
+    layer_ref = copy.deepcopy(model)
+    hf_moe_opt.optimize(layer_ref)
+    hf_moe_opt.optimize(model, expert_parallel=True, placement=plan)
+    name, layer = hf_moe_opt.optimized_layers(model)[0]
+    ref = dict(hf_moe_opt.optimized_layers(layer_ref))[name]
+    g = torch.Generator().manual_seed(rank)
+    # Rank 0 sends no tokens at all; the others still exchange with it.
+    tokens = 0 if rank == 0 else 6
+    hidden = torch.randn(1, tokens, model.config.d_model, generator=g)
+    with torch.no_grad():
+        got = layer(hidden)
+        want = ref(hidden)
+    assert got.shape == (1, tokens, model.config.d_model)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _worker(rank: int, world: int, port: int, cases: list, errors) -> None:
+    try:
+        _init(rank, world, port)
+        for case in cases:
+            if case == "zero":
+                _zero_token_case(rank, world)
+            else:
+                family, num_experts, strategy = case
+                make = tiny_switch if family == "switch" else tiny_nllb
+                _check_case(rank, world, make, num_experts, strategy)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - report to the parent, which fails the test
+        errors.put((rank, traceback.format_exc()))
+        raise
+
+
+def _context():
+    # A fork server that imported torch, transformers and this module once: every rank starts in
+    # well under a second instead of importing everything again (and nothing forks a process that
+    # already ran OpenMP threads).
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def _run(world: int, target, *args) -> list:
+    ctx = _context()
+    errors = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, errors)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 120
+    for p in procs:
+        p.join(max(1.0, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert not alive, f"ranks hung: {[procs.index(p) for p in alive]}; errors: {found}"
+    return found
+
+
+def test_two_ranks_match_single_process():
+    errors = _run(2, _worker, [("switch", 4, "replicate"), ("nllb", 4, "greedy"), "zero"])
+    assert not errors, "\n".join(f"rank {r}:\n{tb}" for r, tb in errors)
+
+
+def test_four_ranks_match_single_process():
+    errors = _run(4, _worker, [("nllb", 8, "replicate"), ("switch", 4, "round_robin")])
+    assert not errors, "\n".join(f"rank {r}:\n{tb}" for r, tb in errors)
+
+
+def _mismatch_worker(rank: int, world: int, port: int, errors) -> None:
+    _init(rank, world, port)
+    model = tiny_switch(num_experts=8 if rank == 1 else 4, seed=0)
+    start = time.monotonic()
+    try:
+        hf_moe_opt.optimize(model, expert_parallel=True)
+    except ValueError as exc:
+        took = time.monotonic() - start
+        errors.put((rank, f"ValueError after {took:.1f}s: {exc}"))
+        assert not hf_moe_opt.is_optimized(model), "a failed optimize must leave the model as it was"
+        return
+    errors.put((rank, "no error"))
+
+
+def test_mismatched_rank_raises_clear_error_on_every_rank():
+    results = sorted(_run(2, _mismatch_worker))
+    assert [r for r, _ in results] == [0, 1], results
+    for _, message in results:
+        assert message.startswith("ValueError"), message
+        assert "same model and placement plan on every rank" in message
+        assert float(message.split("after ")[1].split("s:")[0]) < TIMEOUT_S
+
+
+def _dead_rank_worker(rank: int, world: int, port: int, errors) -> None:
+    _init(rank, world, port, timeout_s=10)
+    model = tiny_switch(num_experts=4, seed=0)
+    hf_moe_opt.optimize(model, expert_parallel=True)
+    if rank == 1:
+        os._exit(0)  # dies without taking part in the forward
+    start = time.monotonic()
+    try:
+        with torch.no_grad():
+            model(**_batch(0))
+    except RuntimeError as exc:
+        errors.put((rank, f"RuntimeError after {time.monotonic() - start:.1f}s: {exc}"))
+        return
+    errors.put((rank, "no error"))
+
+
+def test_dead_rank_raises_instead_of_hanging():
+    results = _run(2, _dead_rank_worker)
+    assert len(results) == 1 and results[0][0] == 0, results
+    message = results[0][1]
+    assert message.startswith("RuntimeError"), message
+    assert "expert-parallel all-to-all" in message and "peer rank died" in message

@@ -1,0 +1,93 @@
+"""``experts_implementation="hf_moe_opt"``: transformers' experts interface running our dispatch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hf_moe_opt
+from hf_moe_opt.integrations import (
+    EXPERTS_IMPLEMENTATION,
+    experts_forward,
+    is_experts_implementation_registered,
+    register_experts_implementation,
+)
+
+from .test_families import FAMILIES, _ids, tiny_model
+
+moe = pytest.importorskip("transformers.integrations.moe")
+if not hasattr(moe, "ExpertsInterface"):  # pragma: no cover - older transformers
+    pytest.skip("this transformers has no ExpertsInterface", allow_module_level=True)
+
+FP32 = dict(atol=2e-5, rtol=2e-5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    assert register_experts_implementation() == EXPERTS_IMPLEMENTATION
+    assert is_experts_implementation_registered()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_experts_implementation_matches_default(family):
+    default = tiny_model(family)  # transformers' default experts implementation
+    ours = tiny_model(family, experts_implementation="hf_moe_opt")  # same seed: same weights
+    assert ours.config._experts_implementation == "hf_moe_opt"
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, default(ids).logits, **FP32)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_set_experts_implementation_and_generate(family):
+    model = tiny_model(family)
+    ref = copy.deepcopy(model)
+    model.set_experts_implementation("hf_moe_opt")
+    prompt = _ids(batch=2, seq=5, seed=3)
+    with torch.no_grad():
+        a = ref.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        b = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_experts_forward_is_used_and_drops_sentinels():
+    model = tiny_model("qwen3_moe", experts_implementation="hf_moe_opt")
+    experts = model.model.layers[0].mlp.experts
+    calls = []
+    original = moe.ExpertsInterface._global_mapping[EXPERTS_IMPLEMENTATION]
+    moe.ExpertsInterface._global_mapping[EXPERTS_IMPLEMENTATION] = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            model(_ids())
+    finally:
+        moe.ExpertsInterface._global_mapping[EXPERTS_IMPLEMENTATION] = original
+    assert len(calls) == 2
+    # An index >= num_experts (an expert-parallel sentinel) contributes nothing.
+    x = torch.randn(4, 32)
+    idx = torch.tensor([[0, 1], [2, experts.num_experts], [3, 4], [5, 0]])
+    w = torch.rand(4, 2)
+    with torch.no_grad():
+        full = experts_forward(experts, x, idx.clamp(max=experts.num_experts - 1), w * (idx < experts.num_experts))
+        dropped = experts_forward(experts, x, idx, w)
+    torch.testing.assert_close(dropped, full, **FP32)
+
+
+def test_bf16_close_to_default():
+    default = tiny_model("deepseek_v3").to(torch.bfloat16)
+    ours = copy.deepcopy(default)
+    ours.set_experts_implementation("hf_moe_opt")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits.float(), default(ids).logits.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_training_mode_raises():
+    model = tiny_model("olmoe", experts_implementation="hf_moe_opt").train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        model(_ids())
+
+
+def test_exported_from_package():
+    assert hf_moe_opt.register_experts_implementation is register_experts_implementation

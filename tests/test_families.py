@@ -1,0 +1,401 @@
+"""Decoder MoE families with fused experts: the optimized model against transformers' own.
+
+For each family a tiny model from a config (random weights, routers scaled so routing is decisive):
+logits, greedy generation, router logits, state dict, restore and the capacity modes must match
+transformers' model (whose implementations of these families serve as the reference).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import hf_moe_opt
+from hf_moe_opt.experts import ExpertWeights, FusedExpertTensor
+from hf_moe_opt.experts.activation import Activation, clamped_swiglu_activation, glu_activation
+from hf_moe_opt.routing import deepseek_topk, softmax_topk, topk_softmax
+
+VOCAB = 64
+FP32 = dict(atol=2e-5, rtol=2e-5)
+BF16 = dict(atol=1e-2, rtol=1e-2)  # HF grouped_mm vs eager already differ by ~4e-3 here
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _configs() -> dict[str, tuple[str, str, dict]]:
+    """``family -> (config class, model class, config kwargs)``: tiny, every routing option exercised."""
+    dsv = dict(
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        num_key_value_heads=4,  # multi-head latent attention: as many key/value heads as query heads
+    )
+    return {
+        "mixtral": (
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
+        ),
+        "qwen2_moe": (
+            "Qwen2MoeConfig",
+            "Qwen2MoeForCausalLM",
+            dict(
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                shared_expert_intermediate_size=20,
+                num_experts=6,
+                num_experts_per_tok=2,
+                norm_topk_prob=False,
+            ),
+        ),
+        "qwen3_moe": (
+            "Qwen3MoeConfig",
+            "Qwen3MoeForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                num_experts=6,
+                num_experts_per_tok=2,
+                norm_topk_prob=True,
+            ),
+        ),
+        "olmoe": (
+            "OlmoeConfig",
+            "OlmoeForCausalLM",
+            dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False),
+        ),
+        "deepseek_v2": (
+            "DeepseekV2Config",
+            "DeepseekV2ForCausalLM",
+            dict(
+                dsv,
+                topk_method="group_limited_greedy",
+                routed_scaling_factor=1.5,
+                q_lora_rank=None,
+                head_dim=4,
+            ),
+        ),
+        "deepseek_v3": (
+            "DeepseekV3Config",
+            "DeepseekV3ForCausalLM",
+            dict(dsv, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=12),
+        ),
+        "gpt_oss": (
+            "GptOssConfig",
+            "GptOssForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=24,
+                num_local_experts=6,
+                num_experts_per_tok=2,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            ),
+        ),
+    }
+
+
+FAMILIES = list(_configs())
+
+# Block class of each family, as ``supported_architectures`` must report it.
+BLOCKS = {
+    "mixtral": "MixtralSparseMoeBlock",
+    "qwen2_moe": "Qwen2MoeSparseMoeBlock",
+    "qwen3_moe": "Qwen3MoeSparseMoeBlock",
+    "olmoe": "OlmoeSparseMoeBlock",
+    "deepseek_v2": "DeepseekV2Moe",
+    "deepseek_v3": "DeepseekV3MoE",
+    "gpt_oss": "GptOssMLP",
+}
+
+
+def tiny_model(family: str, seed: int = 0, experts_implementation: str | None = None, **overrides) -> nn.Module:
+    """A tiny random causal LM of ``family`` in eval mode (fp32)."""
+    config_name, model_name, kwargs = _configs()[family]
+    config_cls = getattr(transformers, config_name, None)
+    if config_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
+    config = config_cls(**{**_COMMON, **kwargs, **overrides})
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    _spread(model)
+    return model
+
+
+@torch.no_grad()
+def _spread(model: nn.Module) -> None:
+    # Random init gives near-uniform routers and tiny expert outputs; scale both up so routing is
+    # decisive and the experts move the logits. Nonzero biases and correction biases are exercised.
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if ".mlp.gate.weight" in name or ".mlp.router." in name:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+        elif ".mlp.experts." in name:
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 3 else 0.2))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+def _ids(batch: int = 3, seq: int = 9, seed: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def _records_router_logits(model: nn.Module) -> bool:
+    # transformers 5.17 records no router logits for DeepSeek-V2/V3 (no recorder, no output field).
+    return "router_logits" in getattr(model, "_can_record_outputs", {}) or "router_logits" in getattr(
+        model.model, "_can_record_outputs", {}
+    )
+
+
+def _pair(family: str, dtype: torch.dtype = torch.float32, capacity: str = "model", **kw):
+    ref = tiny_model(family, **kw).to(dtype)
+    opt = copy.deepcopy(ref)
+    hf_moe_opt.optimize(opt, capacity=capacity, backend="torch")
+    return ref, opt
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_fp32_matches_transformers(family):
+    ref, opt = _pair(family)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    layers = hf_moe_opt.optimized_layers(opt)
+    expected = 1 if family.startswith("deepseek") else 2  # DeepSeek's first layer is dense
+    assert len(layers) == expected
+    assert all(layer.family == family for _, layer in layers)
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on one row
+    record = _records_router_logits(ref)
+    with torch.no_grad():
+        r = ref(ids, attention_mask=mask, output_router_logits=record)
+        o = opt(ids, attention_mask=mask, output_router_logits=record)
+    torch.testing.assert_close(o.logits, r.logits, **FP32)
+    if record:
+        assert len(o.router_logits) == len(r.router_logits) == expected
+        for a, b in zip(r.router_logits, o.router_logits, strict=True):
+            torch.testing.assert_close(b, a, **FP32)
+    # The state dict is unchanged: same keys in the same order, same values, same dtypes, and the
+    # fused expert parameters are the very same tensors (no copies).
+    opt_state = opt.state_dict()
+    assert list(opt_state) == list(state)
+    for key, value in state.items():
+        assert opt_state[key].dtype == value.dtype
+        torch.testing.assert_close(opt_state[key], value, atol=0, rtol=0)
+    for name, p in opt.named_parameters():
+        if name.endswith("gate_up_proj") or name.endswith("down_proj"):
+            layer = dict(layers)[name.rsplit(".experts.", 1)[0]]
+            fused = layer.weights.w1 if name.endswith("gate_up_proj") else layer.weights.w2
+            assert fused.param is p and fused.tensor.data_ptr() == p.data_ptr()
+    # Greedy generation gives the reference tokens.
+    prompt = _ids(batch=2, seq=5, seed=3)
+    with torch.no_grad():
+        g_ref = ref.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        g_opt = opt.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(g_opt, g_ref)
+    # Restore: the original blocks and router classes back, same parameters.
+    hf_moe_opt.restore(opt)
+    assert not hf_moe_opt.is_optimized(opt)
+    assert type(opt.model.layers[-1].mlp).__name__ == BLOCKS[family]
+    router = opt.model.layers[-1].mlp.router if family == "gpt_oss" else opt.model.layers[-1].mlp.gate
+    assert not type(router).__name__.startswith("Optimized")
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids, attention_mask=mask).logits, r.logits, **FP32)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_family_bf16_matches_transformers(family):
+    ref, opt = _pair(family, torch.bfloat16)
+    ids = _ids()
+    with torch.no_grad():
+        r = ref(ids).logits.float()
+        o = opt(ids).logits.float()
+    torch.testing.assert_close(o, r, **BF16)
+    assert (o.argmax(-1) == r.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_capacity_none_equals_model(family):
+    # These families have no capacity: both modes route every assignment.
+    model = tiny_model(family)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    hf_moe_opt.optimize(a, capacity="model", backend="torch")
+    hf_moe_opt.optimize(b, capacity="none", backend="torch")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_supported_architectures_lists_families():
+    supported = hf_moe_opt.supported_architectures()
+    for family, block in BLOCKS.items():
+        assert supported[family] == block
+
+
+def test_gpt_oss_block_returns_router_scores():
+    ref, opt = _pair("gpt_oss")
+    block_ref, block_opt = ref.model.layers[0].mlp, opt.model.layers[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        h_ref, s_ref = block_ref(x)
+        h_opt, s_opt = block_opt(x)
+    torch.testing.assert_close(h_opt, h_ref, **FP32)
+    torch.testing.assert_close(s_opt, s_ref, **FP32)
+
+
+def test_deepseek_v2_greedy_and_v3_without_norm():
+    for family, overrides in (("deepseek_v2", dict(topk_method="greedy")), ("deepseek_v3", dict(norm_topk_prob=False))):
+        ref, opt = _pair(family, **overrides)
+        ids = _ids()
+        with torch.no_grad():
+            torch.testing.assert_close(opt(ids).logits, ref(ids).logits, **FP32)
+
+
+def test_fused_moe_raises_in_training_mode():
+    _, opt = _pair("qwen3_moe")
+    opt.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        opt(_ids())
+
+
+# --- routing functions against the transformers routers, on random logits -------------------------
+
+
+def _hf_router(family: str, **overrides) -> nn.Module:
+    model = tiny_model(family, **overrides)
+    block = model.model.layers[-1].mlp
+    return block.router if family == "gpt_oss" else block.gate
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routing_functions_match_transformers_routers(family):
+    router = _hf_router(family)
+    x = torch.randn(40, 32) * 2
+    with torch.no_grad():
+        logits, weights, indices = router(x)
+        if family in ("deepseek_v2", "deepseek_v3"):
+            method = router.topk_method if family == "deepseek_v2" else "noaux_tc"
+            w, i = deepseek_topk(
+                logits,
+                router.top_k,
+                scoring="softmax" if family == "deepseek_v2" else "sigmoid",
+                method=method,
+                n_group=router.num_group,
+                topk_group=router.topk_group,
+                correction_bias=getattr(router, "e_score_correction_bias", None),
+                normalize=family == "deepseek_v3" and router.norm_topk_prob,
+                scaling=router.routed_scaling_factor,
+            )
+        elif family == "gpt_oss":
+            w, i = topk_softmax(logits, router.top_k)
+        elif family == "mixtral":
+            w, i = softmax_topk(logits, router.top_k, normalize=True)
+        else:
+            w, i = softmax_topk(logits, router.top_k, normalize=router.norm_topk_prob, weights_dtype=logits.dtype)
+    assert torch.equal(i.sort(-1).values, indices.sort(-1).values)
+    order_ref, order = indices.argsort(-1), i.argsort(-1)
+    torch.testing.assert_close(w.gather(-1, order), weights.gather(-1, order_ref), atol=0, rtol=0)
+    assert w.dtype == weights.dtype
+
+
+def test_deepseek_group_limit_restricts_choice():
+    logits = torch.randn(64, 12)
+    _, indices = deepseek_topk(logits, 3, scoring="sigmoid", method="noaux_tc", n_group=4, topk_group=1)
+    groups = indices // 3
+    assert bool((groups == groups[:, :1]).all())  # one group allowed: all picks from it
+
+
+# --- GLU experts in the torch backend -----------------------------------------------------------
+
+
+def _loop_reference(x, idx, gates, w1, b1, w2, b2, act):
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for s in range(idx.shape[1]):
+            e = int(idx[n, s])
+            h = x[n] @ w1[e].T + (0 if b1 is None else b1[e])
+            y = act.apply(h[None])[0] @ w2[e].T + (0 if b2 is None else b2[e])
+            out[n] += gates[n, s] * y
+    return out
+
+
+@pytest.mark.parametrize("variant", ["concatenated", "interleaved", "clamped_swiglu"])
+def test_glu_backend_matches_loop(variant):
+    from hf_moe_opt.dispatch import make_plan
+    from hf_moe_opt.experts.torch_backend import torch_moe_ffn
+
+    torch.manual_seed(0)
+    E, D, F_, N, k = 5, 16, 12, 23, 2
+    if variant == "clamped_swiglu":
+        act = clamped_swiglu_activation(1.702, 0.5)  # a small limit so the clamps bite
+        fused_up = nn.Parameter(torch.randn(E, D, 2 * F_))  # [E, in, out] as GPT-OSS stores it
+        fused_down = nn.Parameter(torch.randn(E, F_, D))
+        weights = ExpertWeights.from_fused(
+            fused_up,
+            fused_down,
+            gate_up_bias=nn.Parameter(torch.randn(E, 2 * F_)),
+            down_bias=nn.Parameter(torch.randn(E, D)),
+            transposed=True,
+        )
+    else:
+        act = glu_activation("silu", torch.nn.functional.silu, interleaved=variant == "interleaved")
+        weights = ExpertWeights.from_fused(nn.Parameter(torch.randn(E, 2 * F_, D)), nn.Parameter(torch.randn(E, D, F_)))
+    x = torch.randn(N, D)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    gates = torch.rand(N, k)
+    w1, b1, w2, b2 = weights.tensors()
+    plan = make_plan(idx, gates, torch.ones_like(idx, dtype=torch.bool), E)
+    out = torch_moe_ffn(x, plan, w1, b1, w2, b2, act)
+    torch.testing.assert_close(out, _loop_reference(x, idx, gates, w1, b1, w2, b2, act), atol=1e-4, rtol=1e-4)
+    if variant == "clamped_swiglu":
+        # The compute views are views of the fused parameters: no copies.
+        assert w1.data_ptr() == fused_up.data_ptr() and w1.shape == (E, 2 * F_, D)
+        assert weights.expert(3)[0].data_ptr() == fused_up[3].data_ptr()
+
+
+def test_fused_expert_tensor_store_interface():
+    p = nn.Parameter(torch.randn(4, 6, 3))
+    t = FusedExpertTensor(p, "experts.down_proj", transposed=True)
+    assert t.num_experts == 4 and t.tensor.shape == (4, 3, 6) and t.is_current()
+    torch.testing.assert_close(t.expert(2), p.data[2].T)
+    new = p.data.clone()
+    t.set_storage(new)
+    assert p.data_ptr() == new.data_ptr() and t.storage().data_ptr() == new.data_ptr()
+    with pytest.raises(ValueError):
+        t.set_storage(torch.zeros(4, 6))
+
+
+def test_gated_activation_is_not_kernel_activation():
+    act = glu_activation("silu", torch.nn.functional.silu)
+    assert act.gated and not act.kernel_supported and act.name == "glu_silu"
+    assert Activation("silu", torch.nn.functional.silu).kernel_supported
+    with pytest.raises(ValueError):
+        Activation("x", torch.sigmoid, glu="clamped_swiglu")

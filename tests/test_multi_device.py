@@ -1,0 +1,190 @@
+"""Single-process placement over several devices (CPU stand-ins) and accelerate device maps."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hf_moe_opt
+from hf_moe_opt.api import _find_blocks
+from hf_moe_opt.placement import PlacementPlan, plan_placement, profile, synthetic_zipf_trace
+from hf_moe_opt.placement.store import PlacedExpertStore, ReplicaTable
+
+from .models import VOCAB, tiny_nllb, tiny_switch
+
+DEVICES = ["cpu", "cpu", "cpu"]
+
+
+def _batch(seed: int, batch: int = 3, src: int = 9, tgt: int = 6) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(2, VOCAB, (batch, src), generator=g),
+        "decoder_input_ids": torch.randint(2, VOCAB, (batch, tgt), generator=g),
+    }
+
+
+def _plans(model, num_devices: int) -> dict[str, PlacementPlan]:
+    trace = profile(model, [_batch(50 + i, 4) for i in range(6)], progress=False)
+    return {
+        "round_robin": plan_placement(trace, num_devices, "round_robin"),
+        "greedy": plan_placement(trace, num_devices, "greedy"),
+        "replicate": plan_placement(trace, num_devices, "replicate", 1),
+        "hand_replicas": _hand_plan(trace.layers, trace.num_experts, num_devices),
+    }
+
+
+def _hand_plan(layers, num_experts: int, num_devices: int) -> PlacementPlan:
+    # Every expert on every device with uneven shares: every split path runs.
+    shares = [0.5, 0.3, 0.2][:num_devices]
+    shares = [s / sum(shares) for s in shares]
+    experts = [[((e + i) % num_devices, shares[i]) for i in range(num_devices)] for e in range(num_experts)]
+    return PlacementPlan(num_devices=num_devices, strategy="hand", layers={n: experts for n in layers})
+
+
+def _unique_storage_bytes(model) -> int:
+    seen = {}
+    for p in model.parameters():
+        s = p.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("make", [tiny_switch, tiny_nllb], ids=["switch", "nllb"])
+@pytest.mark.parametrize("num_devices", [2, 3])
+def test_placed_store_equals_single_device(make, num_devices):
+    model = make(num_experts=6)
+    reference = hf_moe_opt.optimize(copy.deepcopy(model))
+    batch = _batch(7)
+    with torch.no_grad():
+        want = reference(**batch).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for strategy, plan in _plans(model, num_devices).items():
+        placed = hf_moe_opt.optimize(copy.deepcopy(model), placement=plan, devices=DEVICES[:num_devices])
+        with torch.no_grad():
+            got = placed(**batch).logits
+        replicated = any(len(plan.replicas(n, e)) > 1 for n in plan.layer_names for e in range(6))
+        if replicated:
+            # A replicated expert's rows are split into smaller GEMMs: same math, other blocking.
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=strategy)
+        else:
+            assert torch.equal(got, want), strategy
+        layers = hf_moe_opt.optimized_layers(placed)
+        assert all(isinstance(layer.store, PlacedExpertStore) for _, layer in layers)
+        rows = [sum(layer.store.stats()["rows_per_device"]) for _, layer in layers]
+        assert all(r > 0 for r in rows)
+        # Names and values unchanged; parameters are views of the per-device stacks.
+        placed_state = placed.state_dict()
+        assert list(placed_state) == list(state)
+        for k, v in state.items():
+            assert torch.equal(placed_state[k], v), k
+        if not replicated:
+            params = sum(p.numel() * p.element_size() for p in placed.parameters())
+            assert _unique_storage_bytes(placed) == params
+        hf_moe_opt.restore(placed)
+
+
+def test_replica_split_follows_shares_and_is_deterministic():
+    from hf_moe_opt.dispatch import make_plan
+
+    plan = PlacementPlan(
+        num_devices=2,
+        strategy="hand",
+        layers={"l": [[(0, 0.25), (1, 0.75)], [(1, 1.0)], [(0, 1.0)]]},
+    )
+    table = ReplicaTable(plan, "l", 3)
+    expert_index = torch.tensor([[0]] * 8 + [[1]] * 2 + [[2]] * 3)
+    keep = torch.ones_like(expert_index, dtype=torch.bool)
+    keep[-1] = False
+    dispatch = make_plan(expert_index, torch.ones(13, 1), keep, 3)
+    targets = table.targets(dispatch).tolist()
+    # Expert 0: 8 rows, first 2 (25%) on device 0, the rest on device 1; dropped row -> 2.
+    assert targets == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 2]
+    assert table.targets(dispatch).tolist() == targets
+
+
+def test_placement_errors_are_clear():
+    model = tiny_switch(num_experts=4)
+    names = [b[0] for b in _find_blocks(model)]
+    plan = PlacementPlan(num_devices=2, strategy="x", layers={names[0]: [[(e % 2, 1.0)] for e in range(4)]})
+    with pytest.raises(ValueError, match="no entry for MoE layers"):
+        hf_moe_opt.optimize(copy.deepcopy(model), placement=plan, devices=["cpu", "cpu"])
+    trace = synthetic_zipf_trace(len(names), 8, 4, 64, 1, layer_names=names)
+    with pytest.raises(ValueError, match="has 4 experts but the placement plan has 8"):
+        hf_moe_opt.optimize(copy.deepcopy(model), placement=plan_placement(trace, 2), devices=["cpu", "cpu"])
+    good = plan_placement(synthetic_zipf_trace(len(names), 4, 4, 64, 1, layer_names=names), 2)
+    with pytest.raises(ValueError, match="devices= lists 3"):
+        hf_moe_opt.optimize(copy.deepcopy(model), placement=good, devices=["cpu"] * 3)
+    with pytest.raises(ValueError, match="needs placement"):
+        hf_moe_opt.optimize(copy.deepcopy(model), devices=["cpu"])
+    with pytest.raises(RuntimeError, match="initialised process group"):
+        hf_moe_opt.optimize(copy.deepcopy(model), expert_parallel=True, placement=good)
+    assert not hf_moe_opt.is_optimized(model)
+
+
+def test_placed_model_survives_dtype_cast():
+    model = tiny_nllb(num_experts=4)
+    names = [b[0] for b in _find_blocks(model)]
+    plan = plan_placement(synthetic_zipf_trace(len(names), 4, 4, 64, 2, layer_names=names), 2, "replicate", 1)
+    reference = hf_moe_opt.optimize(copy.deepcopy(model)).to(torch.float64)
+    placed = hf_moe_opt.optimize(model, placement=plan, devices=["cpu", "cpu"]).to(torch.float64)
+    batch = _batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(placed(**batch).logits, reference(**batch).logits, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------- device maps
+
+
+def _plan_for(model, num_devices: int, strategy: str = "replicate") -> PlacementPlan:
+    names = [b[0] for b in _find_blocks(model)]
+    experts = model.config.num_experts
+    trace = synthetic_zipf_trace(len(names), experts, 8, 256, 2, seed=1, layer_names=names)
+    return plan_placement(trace, num_devices, strategy, 1 if strategy == "replicate" else 0)
+
+
+@pytest.mark.parametrize("make", [tiny_switch, tiny_nllb], ids=["switch", "nllb"])
+def test_device_map_puts_experts_on_planned_devices(make):
+    model = make(num_experts=4)
+    plan = _plan_for(model, 2)
+    # Fake GPU ids: accelerate only reads the budgets given here, no device is touched.
+    budget = {0: 400_000, 1: 400_000, "cpu": 10**9}
+    dm = plan.device_map(model, max_memory=budget)
+    keys = list(dm)
+    # No key contains another (what from_pretrained/accelerate expect) and every parameter is covered.
+    for k in keys:
+        assert not any(o != k and o.startswith(k + ".") for o in keys), k
+    for pname, _ in model.named_parameters():
+        assert any(pname == k or pname.startswith(k + ".") for k in keys), pname
+    for name in plan.layer_names:
+        for e in range(4):
+            assert dm[f"{name}.experts.expert_{e}"] == plan.replicas(name, e)[0][0]
+    # Dense modules come from accelerate: only budget devices, and the routers sit beside their block.
+    assert set(dm.values()) <= {0, 1, "cpu"}
+    # The map does not change the model.
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in make(num_experts=4).named_parameters()]
+
+
+def test_device_map_custom_devices_and_budget_errors():
+    model = tiny_switch(num_experts=4)
+    plan = _plan_for(model, 2, "greedy")
+    dm = plan.device_map(model, devices=["cpu", "cpu"], max_memory={"cpu": 10**9})
+    assert set(dm.values()) == {"cpu"}
+    with pytest.raises(ValueError, match="need"):
+        plan.device_map(model, max_memory={0: 1000, 1: 1000, "cpu": 10**9})
+
+
+def test_device_map_loads_with_from_pretrained_and_optimizes(tmp_path):
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    model = tiny_switch(num_experts=4)
+    model.save_pretrained(tmp_path)
+    plan = _plan_for(model, 2)
+    dm = plan.device_map(model, devices=["cpu", "cpu"], max_memory={"cpu": 10**9})
+    loaded = SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path, device_map=dm).eval()
+    reference = hf_moe_opt.optimize(copy.deepcopy(model))
+    hf_moe_opt.optimize(loaded, placement=plan, devices=["cpu", "cpu"])
+    batch = _batch(11)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,115 @@
+"""The routing profiler: counts equal a manual count of the routing, and traces round-trip to disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hf_moe_opt
+from hf_moe_opt.placement import RoutingTrace, plan_placement, profile, routing_statistics
+
+from .models import VOCAB, tiny_nllb, tiny_switch
+
+
+def _batches(n: int, seed: int = 0, batch: int = 3, src: int = 9, tgt: int = 6) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(2, VOCAB, (batch, src), generator=g),
+            "decoder_input_ids": torch.randint(2, VOCAB, (batch, tgt), generator=g),
+        }
+        for _ in range(n)
+    ]
+
+
+def _manual_trace(model, batches) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Record every routing with a separate observer and count it with routing_statistics."""
+    seen: dict[str, list] = {}
+    layers = hf_moe_opt.optimized_layers(model)
+    names = {id(layer): name for name, layer in layers}
+    current: dict[str, list] = {}
+
+    def observe(layer, routing):
+        current.setdefault(names[id(layer)], []).append((routing.expert_index.clone(), routing.keep))
+
+    for _, layer in layers:
+        layer.observers.append(observe)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                current.clear()
+                model(**b)
+                for name, layer in layers:
+                    total_c = np.zeros(layer.num_experts, dtype=np.int64)
+                    total_co = np.zeros((layer.num_experts, layer.num_experts), dtype=np.int64)
+                    for idx, keep in current.get(name, []):
+                        c, co = routing_statistics(idx, layer.num_experts, keep)
+                        total_c += c
+                        total_co += co
+                    seen.setdefault(name, []).append((total_c, total_co))
+    finally:
+        for _, layer in layers:
+            layer.observers.remove(observe)
+    return seen
+
+
+@pytest.mark.parametrize("make", [tiny_switch, tiny_nllb], ids=["switch", "nllb"])
+def test_profile_counts_equal_manual_count(make):
+    model = make(num_experts=4)
+    batches = _batches(3)
+    trace = profile(model, batches, progress=False)
+    assert not hf_moe_opt.is_optimized(model), "a temporary optimization must be undone"
+    hf_moe_opt.optimize(model)
+    manual = _manual_trace(model, batches)
+    assert trace.layers == list(manual)
+    assert trace.num_experts == 4
+    assert trace.top_k == (1 if make is tiny_switch else 2)
+    for name, rows in manual.items():
+        np.testing.assert_array_equal(trace.counts(name), np.stack([c for c, _ in rows]))
+        np.testing.assert_array_equal(trace.coactivation(name), sum(co for _, co in rows))
+        assert trace.coactivation_batches(name) == len(batches)
+    # Capacity drops are not counted: Switch capacity 3 per sequence caps every expert.
+    if make is tiny_switch:
+        first = trace.layers[0]
+        assert trace.counts(first).max() <= 3 * 3
+
+
+def test_profile_on_optimized_model_keeps_it_optimized_and_removes_observers():
+    model = hf_moe_opt.optimize(tiny_switch(num_experts=4))
+    trace = profile(model, _batches(2), progress=True)
+    assert hf_moe_opt.is_optimized(model)
+    assert all(not layer.observers for _, layer in hf_moe_opt.optimized_layers(model))
+    assert trace.num_batches() == 2
+    with pytest.raises(ValueError, match="already optimized"):
+        profile(model, _batches(1), progress=False, capacity="none")
+
+
+def test_profile_with_generate_accumulates_decode_steps():
+    model = tiny_switch(num_experts=4)
+    batches = [{"input_ids": b["input_ids"]} for b in _batches(2)]
+    trace = profile(
+        model,
+        batches,
+        progress=False,
+        run=lambda m, b: m.generate(**b, max_new_tokens=4, do_sample=False),
+        capacity="none",
+    )
+    decoder = [n for n in trace.layers if n.startswith("decoder")][0]
+    encoder = [n for n in trace.layers if n.startswith("encoder")][0]
+    # Encoder: 3 sequences x 9 tokens once; decoder: 3 sequences x (up to) 4 steps, top-1.
+    assert trace.counts(encoder).sum(axis=1).tolist() == [27, 27]
+    assert 3 <= trace.counts(decoder).sum(axis=1).min() <= 12
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_profile_trace_round_trips(tmp_path, suffix):
+    model = tiny_nllb(num_experts=4)
+    trace = profile(model, _batches(3, seed=5), progress=False, max_batches=2, metadata={"dataset": "random"})
+    assert trace.num_batches() == 2
+    assert trace.metadata["dataset"] == "random"
+    path = trace.save(tmp_path / f"trace{suffix}")
+    loaded = RoutingTrace.load(path)
+    assert loaded == trace
+    plan = plan_placement(loaded, 2, "greedy")
+    assert plan.layer_names == trace.layers
