@@ -177,7 +177,11 @@ def test_error_not_a_module():
 
 def test_supported_architectures():
     archs = hf_moe_opt.supported_architectures()
-    assert archs == {"switch_transformers": "SwitchTransformersSparseMLP", "nllb-moe": "NllbMoeSparseMLP"}
+    assert archs["switch_transformers"] == "SwitchTransformersSparseMLP"
+    assert archs["nllb-moe"] == "NllbMoeSparseMLP"
+    from hf_moe_opt.patches import registered_patches
+
+    assert archs == {p.model_type: p.block_class_name for p in registered_patches()}
 
 
 def test_layer_repr_and_type():
