@@ -18,6 +18,11 @@ reference semantics of DESIGN.md:
 The HF router module is still called, so ``output_router_logits`` (and with it the load-balancing
 auxiliary loss of ``NllbMoeForConditionalGeneration``) keeps working; its own routing result is
 discarded.
+
+``install(model, dense_experts=True)`` runs every expert on every token and weights the outputs by
+the combine weights (zero where a token is not routed to the expert). The result is the same as the
+gathered forward (up to float summation order) but has no data-dependent shapes, so on a GPU it needs
+no host synchronisation; for the tiny model's few-MB experts the extra FLOPs are negligible.
 """
 
 from __future__ import annotations
@@ -152,14 +157,22 @@ def sparse_mlp_forward(self, hidden_states: torch.Tensor, padding_mask: torch.Te
     if usage is not None:
         with torch.no_grad():
             real = torch.ones_like(top1, dtype=torch.bool) if pad is None else ~pad
-            usage["top1"] += torch.bincount(top1[real], minlength=self.num_experts).double()
-            usage["routed"] += (mask1 + mask2).sum(dim=0).double()
+            dev = usage["top1"].device
+            usage["top1"] += torch.bincount(top1[real], minlength=self.num_experts).double().to(dev)
+            usage["routed"] += (mask1 + mask2).sum(dim=0).double().to(dev)
             usage["tokens"] += int(real.sum())
 
     experts = self.experts
     p_drop = experts.moe_token_dropout
     out = torch.zeros_like(flat)
     combined = gate1[:, None] * mask1 + gate2[:, None] * mask2
+    if getattr(self, "dense_experts", False):
+        for j in range(self.num_experts):
+            y = experts[f"expert_{j}"](flat) * combined[:, j, None].to(flat.dtype)
+            if p_drop > 0:
+                y = experts.token_dropout(y) if self.training else y * (1 - p_drop)
+            out = out + y.to(out.dtype)
+        return out.reshape(batch_size, sequence_length, hidden_dim)
     hit = (mask1 + mask2) > 0
     for j in range(self.num_experts):
         idx = hit[:, j].nonzero().squeeze(1)
@@ -172,12 +185,17 @@ def sparse_mlp_forward(self, hidden_states: torch.Tensor, padding_mask: torch.Te
     return out.reshape(batch_size, sequence_length, hidden_dim)
 
 
-def install(model) -> None:
-    """Use the correct forward for every NLLB-MoE sparse MLP (class-level, this process only)."""
+def install(model, dense_experts: bool = False) -> None:
+    """Use the correct forward for every NLLB-MoE sparse MLP (class-level, this process only).
+
+    ``dense_experts``: run each expert on all tokens, weighted by the combine weights (same result,
+    no host synchronisation; meant for GPUs).
+    """
     modeling_nllb_moe.NllbMoeSparseMLP.forward = sparse_mlp_forward
     for module in model.modules():
         if isinstance(module, modeling_nllb_moe.NllbMoeSparseMLP):
             module.train_expert_capacity = model.config.expert_capacity
+            module.dense_experts = dense_experts
 
 
 def uninstall() -> None:

@@ -10,6 +10,14 @@ Both get their own byte-level-free BPE tokenizer trained on the training text, a
 with the correct top-2 sparse MLP of ``_tiny_nllb_training`` (transformers 5.x's own one is wrong).
 
     python eval/train_tiny_models.py --which both --out-dir hf_moe_opt/assets --minutes 10 --seed 0
+
+Files read from ``--data-dir``: ``en.train.txt.gz`` and ``en.test.txt.gz`` (Switch),
+``en-de.train.tsv.gz`` and ``en-de.test.tsv.gz`` (NLLB-MoE), and, only with ``--valid-every N``,
+``en.valid.txt.gz`` / ``en-de.valid.tsv.gz``.
+
+``--device cuda`` trains with bf16 autocast (fp32 master weights and fp32 routers; checkpoints are
+saved in fp32) and evaluates in fp32 on the GPU. GPU runs are seeded but not bit-reproducible
+(atomic adds in the backward pass); CPU runs with one thread are.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import platform
 import random
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +98,15 @@ def encode(tok, texts: list[str], max_len: int) -> list[list[int]]:
 
 
 def length_batches(lengths: list[int], max_tokens: int, max_rows: int, rng: random.Random, shuffle: bool):
-    """Batches of indices of similar length (pool of 50 batches sorted by length), padded size capped."""
+    """Batches of indices of similar length (pools of up to 50 * max_rows sorted by length), padded size capped.
+
+    The pool is at most a quarter of the data (but at least 3200 rows), so large batches still differ
+    from epoch to epoch.
+    """
     idx = list(range(len(lengths)))
     if shuffle:
         rng.shuffle(idx)
-    pool = max_rows * 50
+    pool = min(max_rows * 50, max(3200, len(idx) // 4))
     batches = []
     for start in range(0, len(idx), pool):
         chunk = sorted(idx[start : start + pool], key=lambda i: lengths[i])
@@ -113,15 +126,51 @@ def length_batches(lengths: list[int], max_tokens: int, max_rows: int, rng: rand
     return batches
 
 
-def pad_to(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+def pad_to(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> torch.Tensor:
     width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    out = np.full((len(seqs), width), pad_id, dtype=np.int64)
     for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
+        out[i, : len(s)] = s
+    return torch.from_numpy(out).to(device, non_blocking=True)
 
 
-# ----------------------------------------------------------------------------- training loop helpers
+# ----------------------------------------------------------------------------- device helpers
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def autocast_ctx(args):
+    """bf16 autocast for the training forward on CUDA (unless --no-bf16); a no-op on CPU."""
+    enabled = args.device.type == "cuda" and not args.no_bf16
+    return torch.autocast(device_type=args.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _fp32_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+def keep_routers_fp32(model, router_cls) -> int:
+    """Router classifiers run in float32 even under autocast (instance-level forward, weights untouched)."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, router_cls):
+            module.classifier.forward = types.MethodType(_fp32_linear_forward, module.classifier)
+            n += 1
+    return n
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- training loop
 def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay over the run's progress (fraction of the step/time budget)."""
     if step < warmup:
@@ -129,12 +178,36 @@ def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def run_training(model, make_batch, batches_fn, args, peak_lr: float, warmup: int, budget_s: float, desc: str):
-    """Train until the time budget (or ``--max-steps``) is spent; returns (steps, seconds, last losses)."""
-    optim = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+def run_training(
+    model, make_batch, batches_fn, args, peak_lr: float, warmup: int, budget_s: float, desc: str, valid_fn=None
+):
+    """Train until the time budget (or ``--max-steps``) is spent.
+
+    ``make_batch`` runs the forward (under ``autocast_ctx``) and returns (loss, aux) on the model's device;
+    losses stay on the device and are read back every 20 steps, so a GPU is not synchronised every step.
+    With ``valid_fn`` and ``--valid-every N`` the validation loss is computed every N steps and at the
+    end, and the weights with the lowest one are restored. Returns a dict with steps, seconds, epochs,
+    the mean of the last 100 training losses and the validation history.
+    """
+    kw = {"fused": True} if args.device.type == "cuda" else {}
+    optim = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01, **kw)
     model.train()
     step, epoch, t0 = 0, 0, time.perf_counter()
     losses: list[float] = []
+    pending: list[torch.Tensor] = []
+    valid_every = args.valid_every if valid_fn is not None else 0
+    history: list[dict] = []
+    best: tuple[float, int, dict] | None = None
+
+    def validate():
+        nonlocal best
+        value = valid_fn()
+        history.append({"step": step, "valid_loss": round(value, 4)})
+        if best is None or value < best[0]:
+            best = (value, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        model.train()
+        return value
+
     bar = tqdm(total=int(budget_s), desc=desc, unit="s", dynamic_ncols=True, mininterval=5)
     last_tick = 0
     done = False
@@ -149,24 +222,45 @@ def run_training(model, make_batch, batches_fn, args, peak_lr: float, warmup: in
                 break
             for group in optim.param_groups:
                 group["lr"] = lr_at(step, progress, peak_lr, warmup)
-            loss, aux = make_batch(batch_idx)
+            with autocast_ctx(args):
+                loss, aux = make_batch(batch_idx)
             optim.zero_grad(set_to_none=True)
-            (loss + aux).backward()
+            (loss.float() + aux.float()).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optim.step()
             step += 1
-            losses.append(float(loss))
+            pending.append(loss.detach().float())
             now = int(time.perf_counter() - t0)
             if now > last_tick:
                 bar.update(min(now, int(budget_s)) - last_tick)
                 last_tick = min(now, int(budget_s))
             if step % 20 == 0:
+                losses.extend(torch.stack(pending).cpu().tolist())
+                pending.clear()
                 recent = np.mean(losses[-20:])
                 bar.set_postfix(step=step, epoch=epoch, loss=f"{recent:.3f}", aux=f"{float(aux):.4f}")
+            if valid_every and step % valid_every == 0:
+                bar.write(f"[{desc}] step {step}: valid loss {validate():.4f}")
         epoch += 1
+    if pending:
+        losses.extend(torch.stack(pending).cpu().tolist())
+    sync(args.device)
+    seconds = time.perf_counter() - t0
     bar.close()
+    result = {
+        "steps": step,
+        "seconds": seconds,
+        "epochs": epoch,
+        "last_loss": float(np.mean(losses[-100:])) if losses else float("nan"),
+    }
+    if valid_every:
+        if not history or history[-1]["step"] != step:
+            print(f"[{desc}] step {step}: valid loss {validate():.4f}")
+        model.load_state_dict(best[2])
+        result.update(valid_history=history, best_step=best[1], best_valid_loss=round(best[0], 4))
+        print(f"[{desc}] restored the weights of step {best[1]} (valid loss {best[0]:.4f})")
     model.eval()
-    return step, time.perf_counter() - t0, epoch, float(np.mean(losses[-100:])) if losses else float("nan")
+    return result
 
 
 def usage_summary(counts: dict[str, np.ndarray]) -> dict:
@@ -186,13 +280,45 @@ def file_sizes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def versions() -> dict[str, str]:
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def train_metrics(args, trained: dict, peak_lr: float, loss_key: str) -> dict:
+    out = {
+        "train_steps": trained["steps"],
+        "train_epochs_started": trained["epochs"],
+        "train_seconds": round(trained["seconds"], 1),
+        loss_key: round(trained["last_loss"], 4),
+        "seed": args.seed,
+        "max_tokens_per_batch": args.max_tokens,
+        "max_rows_per_batch": args.max_rows,
+        "peak_lr": peak_lr,
+        "warmup_steps": args.warmup,
+        "device": str(args.device),
+        "bf16_autocast": args.device.type == "cuda" and not args.no_bf16,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if "valid_history" in trained:
+        out["valid_every_steps"] = args.valid_every
+        out["best_step"] = trained["best_step"]
+        out["best_valid_loss"] = trained["best_valid_loss"]
+        out["valid_history"] = trained["valid_history"]
+    return out
+
+
+def versions(device: torch.device | None = None) -> dict[str, str]:
     import tokenizers
     import transformers
 
     v = {"python": platform.python_version(), "torch": torch.__version__}
     v["transformers"] = transformers.__version__
     v["tokenizers"] = tokenizers.__version__
+    if device is not None and device.type == "cuda":
+        v["cuda"] = str(torch.version.cuda)
+        v["gpu"] = torch.cuda.get_device_name(device)
     try:
         import sacrebleu
 
@@ -241,7 +367,7 @@ def span_corrupt(ids: list[int], rng: np.random.Generator, sentinels: list[int],
     return inputs + [eos], labels + [eos]
 
 
-def switch_config(vocab_size: int, pad_id: int, eos_id: int):
+def switch_config(vocab_size: int, pad_id: int, eos_id: int, dropout: float = 0.05):
     from transformers import SwitchTransformersConfig
 
     return SwitchTransformersConfig(
@@ -261,7 +387,7 @@ def switch_config(vocab_size: int, pad_id: int, eos_id: int):
         router_z_loss_coef=0.001,
         relative_attention_num_buckets=32,
         relative_attention_max_distance=128,
-        dropout_rate=0.05,
+        dropout_rate=dropout,
         dense_act_fn="relu",
         pad_token_id=pad_id,
         eos_token_id=eos_id,
@@ -295,9 +421,11 @@ def train_switch(args, out_dir: Path, budget_s: float) -> dict:
     train_ids = [s for s in encode(tok, train_text, max_len) if len(s) >= 4]
     test_ids = [s for s in encode(tok, test_text, max_len) if len(s) >= 4]
 
-    torch.manual_seed(args.seed)
-    config = switch_config(tok.get_vocab_size(), pad_id, eos_id)
-    model = SwitchTransformersForConditionalGeneration(config)
+    device = args.device
+    seed_everything(args.seed)
+    config = switch_config(tok.get_vocab_size(), pad_id, eos_id, args.switch_dropout)
+    model = SwitchTransformersForConditionalGeneration(config).to(device)
+    keep_routers_fp32(model, ms.SwitchTransformersTop1Router)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[switch] vocab {config.vocab_size}, params {n_params / 1e6:.2f}M, train seqs {len(train_ids)}")
 
@@ -306,12 +434,12 @@ def train_switch(args, out_dir: Path, budget_s: float) -> dict:
     lengths = [len(s) for s in train_ids]
 
     def batches_fn(epoch):
-        return length_batches(lengths, args.max_tokens, 64, py_rng, shuffle=True)
+        return length_batches(lengths, args.max_tokens, args.max_rows, py_rng, shuffle=True)
 
     def make_batch(batch_idx):
         pairs = [span_corrupt(train_ids[i], np_rng, sentinels, eos_id) for i in batch_idx]
-        input_ids = pad_to([p[0] for p in pairs], pad_id)
-        labels = pad_to([p[1] for p in pairs], -100)
+        input_ids = pad_to([p[0] for p in pairs], pad_id, device)
+        labels = pad_to([p[1] for p in pairs], -100, device)
         out = model(
             input_ids=input_ids,
             attention_mask=(input_ids != pad_id).long(),
@@ -320,11 +448,44 @@ def train_switch(args, out_dir: Path, budget_s: float) -> dict:
         )
         aux = config.router_aux_loss_coef * (out.encoder_aux_loss + out.decoder_aux_loss)
         aux = aux + config.router_z_loss_coef * (out.encoder_z_loss + out.decoder_z_loss)
-        return F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100), aux
+        logits = out.logits.flatten(0, 1).float()
+        return F.cross_entropy(logits, labels.flatten(), ignore_index=-100), aux
 
-    steps, seconds, epochs, last_loss = run_training(
-        model, make_batch, batches_fn, args, args.switch_lr, 100, budget_s, "switch"
+    def span_nll(pairs, batch_tokens: int, batch_rows: int, masks: dict | None = None):
+        """Summed NLL and target-token count of span-corruption pairs (eval mode, fp32, no grad)."""
+        model.eval()
+        nll = torch.zeros((), dtype=torch.float64, device=device)
+        n_tok = 0
+        with torch.no_grad():
+            for batch_idx in length_batches([len(q[0]) for q in pairs], batch_tokens, batch_rows, py_rng, False):
+                input_ids = pad_to([pairs[i][0] for i in batch_idx], pad_id, device)
+                labels = pad_to([pairs[i][1] for i in batch_idx], -100, device)
+                if masks is not None:
+                    masks["encoder"] = input_ids != pad_id
+                    masks["decoder"] = labels != -100
+                attention_mask = (input_ids != pad_id).long()
+                out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+                logits = out.logits.flatten(0, 1).float()
+                nll += F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum").double()
+                n_tok += sum(len(pairs[i][1]) for i in batch_idx)
+        return float(nll), n_tok
+
+    valid_fn = None
+    if args.valid_every:
+        valid_text = read_lines(data / "en.valid.txt.gz")
+        valid_rng = np.random.default_rng(4321)
+        valid_pairs = [
+            span_corrupt(s, valid_rng, sentinels, eos_id) for s in encode(tok, valid_text, max_len) if len(s) >= 4
+        ]
+
+        def valid_fn():
+            nll, n = span_nll(valid_pairs, max(8192, args.max_tokens), max(128, args.max_rows))
+            return nll / n
+
+    trained = run_training(
+        model, make_batch, batches_fn, args, args.switch_lr, args.warmup, budget_s, "switch", valid_fn
     )
+    steps, seconds = trained["steps"], trained["seconds"]
 
     # Evaluation: span-corruption perplexity on the test split (fixed corruption seed), expert usage.
     counts: dict[str, np.ndarray] = {}
@@ -339,28 +500,18 @@ def train_switch(args, out_dir: Path, budget_s: float) -> dict:
                 side = "encoder" if key.startswith("encoder") else "decoder"
                 real = current_mask[side].reshape(-1)
                 top1 = output[2].argmax(dim=-1).reshape(-1)[real]
-                counts[key] += np.bincount(top1.numpy(), minlength=config.num_experts)
+                counts[key] += np.bincount(top1.cpu().numpy(), minlength=config.num_experts)
 
             hooks.append(module.register_forward_hook(hook))
     eval_rng = np.random.default_rng(1234)
     test_pairs = [span_corrupt(s, eval_rng, sentinels, eos_id) for s in test_ids]
-    nll, n_tok = 0.0, 0
-    with torch.no_grad():
-        for batch_idx in length_batches([len(p[0]) for p in test_pairs], 8192, 128, py_rng, shuffle=False):
-            input_ids = pad_to([test_pairs[i][0] for i in batch_idx], pad_id)
-            labels = pad_to([test_pairs[i][1] for i in batch_idx], -100)
-            current_mask["encoder"] = input_ids != pad_id
-            current_mask["decoder"] = labels != -100
-            attention_mask = (input_ids != pad_id).long()
-            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-            logits = out.logits.flatten(0, 1)
-            nll += float(F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum"))
-            n_tok += int((labels != -100).sum())
+    nll, n_tok = span_nll(test_pairs, 8192, 128, current_mask)
     for h in hooks:
         h.remove()
     ppl = math.exp(nll / n_tok)
     print(f"[switch] steps {steps}, {seconds / 60:.1f} min, test span-corruption ppl {ppl:.2f}")
 
+    model.to("cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     hf_tok.save_pretrained(out_dir)
@@ -375,40 +526,36 @@ def train_switch(args, out_dir: Path, budget_s: float) -> dict:
         "test_corruption_seed": 1234,
         "vocab_size": config.vocab_size,
         "parameters": n_params,
-        "train_steps": steps,
-        "train_epochs_started": epochs,
-        "train_seconds": round(seconds, 1),
-        "train_final_loss": round(last_loss, 4),
-        "seed": args.seed,
-        "max_tokens_per_batch": args.max_tokens,
-        "peak_lr": args.switch_lr,
-        "torch_threads": torch.get_num_threads(),
+        **train_metrics(args, trained, args.switch_lr, "train_final_loss"),
+        "dropout": args.switch_dropout,
         "expert_usage_test": {
             "definition": "fraction of non-padding test tokens whose top-1 (router argmax) is each expert",
             "layers": usage_summary(counts),
         },
-        "versions": versions(),
+        "versions": versions(args.device),
     }
     return metrics
 
 
 # ----------------------------------------------------------------------------- NLLB-MoE
-def nllb_config(vocab_size: int, ids: dict[str, int], expert_capacity: int):
+def nllb_config(vocab_size: int, ids: dict[str, int], expert_capacity: int, args=None):
     from transformers import NllbMoeConfig
 
+    d_model = getattr(args, "nllb_d_model", 128)
+    ffn = getattr(args, "nllb_ffn_dim", 256)
     return NllbMoeConfig(
         vocab_size=vocab_size,
         max_position_embeddings=512,
-        d_model=128,
-        encoder_layers=4,
-        decoder_layers=2,
-        encoder_ffn_dim=256,
-        decoder_ffn_dim=256,
+        d_model=d_model,
+        encoder_layers=getattr(args, "nllb_encoder_layers", 4),
+        decoder_layers=getattr(args, "nllb_decoder_layers", 2),
+        encoder_ffn_dim=ffn,
+        decoder_ffn_dim=ffn,
         encoder_attention_heads=4,
         decoder_attention_heads=4,
         encoder_layerdrop=0.0,
         decoder_layerdrop=0.0,
-        dropout=0.1,
+        dropout=getattr(args, "nllb_dropout", 0.1),
         attention_dropout=0.0,
         activation_dropout=0.0,
         activation_function="relu",
@@ -435,11 +582,12 @@ def nllb_config(vocab_size: int, ids: dict[str, int], expert_capacity: int):
 def translate(model, src_ids: list[list[int]], pad_id: int, gen_kwargs: dict, batch_rows: int = 48):
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
     outputs: list[list[int]] = [[] for _ in src_ids]
+    device = next(model.parameters()).device
     with torch.no_grad():
         starts = range(0, len(order), batch_rows)
         for start in tqdm(starts, desc="translate", dynamic_ncols=True, mininterval=5):
             chunk = order[start : start + batch_rows]
-            input_ids = pad_to([src_ids[i] for i in chunk], pad_id)
+            input_ids = pad_to([src_ids[i] for i in chunk], pad_id, device)
             max_new = min(400, int(1.6 * input_ids.shape[1]) + 10)
             gen = model.generate(
                 input_ids=input_ids,
@@ -482,11 +630,14 @@ def train_nllb(args, out_dir: Path, budget_s: float) -> dict:
     test_src = [[ids[SRC_LANG]] + s + [eos_id] for s in encode(tok, [s for s, _ in test_pairs], 3 * ml)]
     test_tgt = [[ids[TGT_LANG]] + t + [eos_id] for t in encode(tok, [t for _, t in test_pairs], 3 * ml)]
 
-    torch.manual_seed(args.seed)
+    device = args.device
+    seed_everything(args.seed)
     # Train-mode capacity over the flattened batch: 2 * ceil(N / E) for a full batch of --max-tokens.
-    config = nllb_config(tok.get_vocab_size(), ids, 2 * math.ceil(args.max_tokens / 8))
-    model = NllbMoeForConditionalGeneration(config)
-    tnt.install(model)
+    config = nllb_config(tok.get_vocab_size(), ids, 2 * math.ceil(args.max_tokens / 8), args)
+    model = NllbMoeForConditionalGeneration(config).to(device)
+    dense_experts = device.type == "cuda" if args.dense_experts == "auto" else args.dense_experts == "on"
+    tnt.install(model, dense_experts=dense_experts)
+    keep_routers_fp32(model, tnt.modeling_nllb_moe.NllbMoeTop2Router)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[nllb] vocab {config.vocab_size}, params {n_params / 1e6:.2f}M, train pairs {len(train_src)}")
 
@@ -494,12 +645,12 @@ def train_nllb(args, out_dir: Path, budget_s: float) -> dict:
     lengths = [max(len(s), len(t)) for s, t in zip(train_src, train_tgt, strict=True)]
 
     def batches_fn(epoch):
-        return length_batches(lengths, args.max_tokens, 64, py_rng, shuffle=True)
+        return length_batches(lengths, args.max_tokens, args.max_rows, py_rng, shuffle=True)
 
     def make_batch(batch_idx):
-        input_ids = pad_to([train_src[i] for i in batch_idx], pad_id)
-        labels = pad_to([train_tgt[i] for i in batch_idx], -100)
-        decoder_input_ids = pad_to([[eos_id] + train_tgt[i][:-1] for i in batch_idx], pad_id)
+        input_ids = pad_to([train_src[i] for i in batch_idx], pad_id, device)
+        labels = pad_to([train_tgt[i] for i in batch_idx], -100, device)
+        decoder_input_ids = pad_to([[eos_id] + train_tgt[i][:-1] for i in batch_idx], pad_id, device)
         out = model(
             input_ids=input_ids,
             attention_mask=(input_ids != pad_id).long(),
@@ -509,14 +660,46 @@ def train_nllb(args, out_dir: Path, budget_s: float) -> dict:
             output_router_logits=True,
         )
         aux = config.router_aux_loss_coef * (out.encoder_aux_loss + out.decoder_aux_loss)
-        logits = out.logits.flatten(0, 1)
+        logits = out.logits.flatten(0, 1).float()
         smoothing = args.label_smoothing
         loss = F.cross_entropy(logits, labels.flatten(), ignore_index=-100, label_smoothing=smoothing)
         return loss, aux
 
-    steps, seconds, epochs, last_loss = run_training(
-        model, make_batch, batches_fn, args, args.nllb_lr, 100, budget_s, "nllb-moe"
+    def teacher_forced_nll(src, tgt):
+        """Summed NLL (no label smoothing) and target-token count, eval mode, fp32, no grad."""
+        model.eval()
+        nll = torch.zeros((), dtype=torch.float64, device=device)
+        n_tok = 0
+        with torch.no_grad():
+            lens = [max(len(s), len(t)) for s, t in zip(src, tgt, strict=True)]
+            for batch_idx in length_batches(lens, max(8192, args.max_tokens), 64, py_rng, shuffle=False):
+                input_ids = pad_to([src[i] for i in batch_idx], pad_id, device)
+                labels = pad_to([tgt[i] for i in batch_idx], -100, device)
+                out = model(
+                    input_ids=input_ids,
+                    attention_mask=(input_ids != pad_id).long(),
+                    decoder_input_ids=pad_to([[eos_id] + tgt[i][:-1] for i in batch_idx], pad_id, device),
+                    decoder_attention_mask=(labels != -100).long(),
+                )
+                logits = out.logits.flatten(0, 1).float()
+                nll += F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum").double()
+                n_tok += sum(len(tgt[i]) for i in batch_idx)
+        return float(nll), n_tok
+
+    valid_fn = None
+    if args.valid_every:
+        valid_pairs = read_pairs(data / "en-de.valid.tsv.gz")
+        valid_src = [[ids[SRC_LANG]] + s + [eos_id] for s in encode(tok, [s for s, _ in valid_pairs], ml)]
+        valid_tgt = [[ids[TGT_LANG]] + t + [eos_id] for t in encode(tok, [t for _, t in valid_pairs], ml)]
+
+        def valid_fn():
+            nll, n = teacher_forced_nll(valid_src, valid_tgt)
+            return nll / n
+
+    trained = run_training(
+        model, make_batch, batches_fn, args, args.nllb_lr, args.warmup, budget_s, "nllb-moe", valid_fn
     )
+    steps, seconds = trained["steps"], trained["seconds"]
 
     gen_kwargs = {
         "decoder_start_token_id": eos_id,
@@ -537,33 +720,20 @@ def train_nllb(args, out_dir: Path, budget_s: float) -> dict:
     }
     for m in sparse.values():
         m.usage = {
-            "top1": torch.zeros(8, dtype=torch.float64),
-            "routed": torch.zeros(8, dtype=torch.float64),
+            "top1": torch.zeros(config.num_experts, dtype=torch.float64, device=device),
+            "routed": torch.zeros(config.num_experts, dtype=torch.float64, device=device),
             "tokens": 0,
         }
-    nll, n_tok = 0.0, 0
-    with torch.no_grad():
-        lens = [max(len(s), len(t)) for s, t in zip(test_src, test_tgt, strict=True)]
-        for batch_idx in length_batches(lens, 8192, 64, py_rng, shuffle=False):
-            input_ids = pad_to([test_src[i] for i in batch_idx], pad_id)
-            labels = pad_to([test_tgt[i] for i in batch_idx], -100)
-            out = model(
-                input_ids=input_ids,
-                attention_mask=(input_ids != pad_id).long(),
-                decoder_input_ids=pad_to([[eos_id] + test_tgt[i][:-1] for i in batch_idx], pad_id),
-                decoder_attention_mask=(labels != -100).long(),
-            )
-            logits = out.logits.flatten(0, 1)
-            nll += float(F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum"))
-            n_tok += int((labels != -100).sum())
-    top1_counts = {k: m.usage["top1"].numpy() for k, m in sparse.items()}
-    routed_counts = {k: m.usage["routed"].numpy() for k, m in sparse.items()}
+    nll, n_tok = teacher_forced_nll(test_src, test_tgt)
+    top1_counts = {k: m.usage["top1"].cpu().numpy() for k, m in sparse.items()}
+    routed_counts = {k: m.usage["routed"].cpu().numpy() for k, m in sparse.items()}
     for m in sparse.values():
         del m.usage
     test_ppl = math.exp(nll / n_tok)
 
     t_gen = time.perf_counter()
-    hyp_ids = translate(model, test_src, pad_id, {**gen_kwargs})
+    hyp_ids = translate(model, test_src, pad_id, {**gen_kwargs}, args.gen_batch)
+    sync(device)
     gen_seconds = time.perf_counter() - t_gen
     hyps = [hf_tok.decode(h, skip_special_tokens=True).strip() for h in hyp_ids]
     refs = [t for _, t in test_pairs]
@@ -573,6 +743,7 @@ def train_nllb(args, out_dir: Path, budget_s: float) -> dict:
     print(f"[nllb] steps {steps}, {seconds / 60:.1f} min, test ppl {test_ppl:.2f}, {bleu}, {chrf}")
 
     tnt.uninstall()
+    model.to("cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     hf_tok.save_pretrained(out_dir)
@@ -588,21 +759,21 @@ def train_nllb(args, out_dir: Path, budget_s: float) -> dict:
         "chrf_signature": str(chrf_metric.get_signature()),
         "bleu_detail": str(bleu),
         "generate_kwargs": gen_kwargs,
-        "generate_max_new_tokens": "min(400, 1.6 * padded source length + 10); 48 rows a batch, by length",
+        "generate_max_new_tokens": (
+            f"min(400, 1.6 * padded source length + 10); {args.gen_batch} rows a batch, by length"
+        ),
         "generate_seconds": round(gen_seconds, 1),
         "test_teacher_forced_perplexity": round(test_ppl, 3),
         "vocab_size": config.vocab_size,
         "parameters": n_params,
-        "train_steps": steps,
-        "train_epochs_started": epochs,
-        "train_seconds": round(seconds, 1),
-        "train_final_loss_label_smoothed": round(last_loss, 4),
+        **train_metrics(args, trained, args.nllb_lr, "train_final_loss_label_smoothed"),
         "label_smoothing": args.label_smoothing,
-        "seed": args.seed,
-        "max_tokens_per_batch": args.max_tokens,
-        "peak_lr": args.nllb_lr,
-        "torch_threads": torch.get_num_threads(),
-        "moe_forward": "correct top-2 sparse MLP (eval/_tiny_nllb_training.py), not transformers 5.x's",
+        "dropout": config.dropout,
+        "max_len_per_side": ml,
+        "moe_forward": (
+            "correct top-2 sparse MLP (eval/_tiny_nllb_training.py), not transformers 5.x's"
+            + (", every expert run on all tokens with zero-weight masking" if dense_experts else "")
+        ),
         "expert_usage_test": {
             "definition": (
                 "teacher-forced test split, correct routing at eval (capacity fraction 1.0): 'top1' = "
@@ -612,7 +783,7 @@ def train_nllb(args, out_dir: Path, budget_s: float) -> dict:
             "top1": usage_summary(top1_counts),
             "routed": usage_summary(routed_counts),
         },
-        "versions": versions(),
+        "versions": versions(device),
     }
     return metrics
 
@@ -622,27 +793,59 @@ def main(argv=None) -> None:
     p.add_argument("--which", choices=["switch", "nllb", "both"], default="both")
     p.add_argument("--out-dir", default=str(REPO_ROOT / "hf_moe_opt" / "assets"))
     p.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data" / "ddtp"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; cuda trains with bf16 autocast")
+    p.add_argument("--no-bf16", action="store_true", help="on CUDA, train in fp32 instead of bf16 autocast")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget per model")
     p.add_argument("--nllb-minutes", type=float, default=None, help="override --minutes for NLLB-MoE")
     p.add_argument("--max-steps", type=int, default=0, help="also stop (and schedule the LR) by steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=2048, help="padded tokens per batch (longest side)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (matters on CPU only)")
+    p.add_argument(
+        "--max-tokens",
+        "--max-tokens-per-batch",
+        dest="max_tokens",
+        type=int,
+        default=2048,
+        help="padded tokens per training batch (longest side); NLLB's train capacity is 2*ceil(this/8)",
+    )
+    p.add_argument("--max-rows", type=int, default=64, help="rows per training batch at most")
+    p.add_argument("--warmup", type=int, default=100, help="linear LR warm-up steps")
+    p.add_argument(
+        "--valid-every",
+        type=int,
+        default=0,
+        help="every N steps (and at the end) compute the loss on the valid split and finally keep the best "
+        "weights (reads en.valid.txt.gz / en-de.valid.tsv.gz); 0 = off, keep the last weights",
+    )
     p.add_argument("--switch-vocab", type=int, default=6000)
     p.add_argument("--switch-max-len", type=int, default=112)
     p.add_argument("--switch-lr", type=float, default=2e-3)
+    p.add_argument("--switch-dropout", type=float, default=0.05)
     p.add_argument("--nllb-vocab", type=int, default=8000)
-    p.add_argument("--nllb-max-len", type=int, default=128)
+    p.add_argument("--nllb-max-len", type=int, default=128, help="training tokens per side (test: 3x)")
     p.add_argument("--nllb-lr", type=float, default=2e-3)
+    p.add_argument("--nllb-dropout", type=float, default=0.1)
+    p.add_argument("--nllb-d-model", type=int, default=128)
+    p.add_argument("--nllb-ffn-dim", type=int, default=256, help="dense FFN and each expert")
+    p.add_argument("--nllb-encoder-layers", type=int, default=4, help="every 2nd layer is sparse")
+    p.add_argument("--nllb-decoder-layers", type=int, default=2, help="every 2nd layer is sparse")
+    p.add_argument(
+        "--dense-experts",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="NLLB-MoE: run each expert on all tokens with zero-weight masking (same result, no GPU sync); "
+        "auto = on for CUDA",
+    )
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--no-repeat-ngram", type=int, default=0)
+    p.add_argument("--no-repeat-ngram", type=int, default=0, help="NLLB generation no_repeat_ngram_size")
+    p.add_argument("--gen-batch", type=int, default=48, help="NLLB test sentences per generate() call")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test lines (0 = all)")
     args = p.parse_args(argv)
+    args.device = resolve_device(args.device)
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    seed_everything(args.seed)
     out_root = Path(args.out_dir)
     command = "python eval/train_tiny_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
 

@@ -9,6 +9,7 @@ from ._source_layout import map_source_patches
 from .api import is_optimized, optimize, optimized_layers, reset_stats, restore, stats, supported_architectures
 from .integrations import register_experts_implementation
 from .layer import OptimizedMoE
+from .placement import PlacementPlan, RoutingTrace, plan_placement, profile
 
 __version__ = "0.1.0"
 
@@ -16,10 +17,14 @@ map_source_patches()
 
 __all__ = [
     "OptimizedMoE",
+    "PlacementPlan",
+    "RoutingTrace",
     "__version__",
     "is_optimized",
     "optimize",
     "optimized_layers",
+    "plan_placement",
+    "profile",
     "register_experts_implementation",
     "reset_stats",
     "restore",

@@ -185,18 +185,11 @@ def test_eval_lm_capacity_none_changes_only_dropped(tmp_path):
 
 
 def test_eval_mt_nllb_against_correct_reference(tmp_path):
-    if (NLLB / "config.json").is_file():
-        model = NLLB
-        data = tmp_path / "pairs.tsv"
-        if (DDTP / "en-de.test.tsv.gz").is_file():
-            data = DDTP / "en-de.test.tsv.gz"
-        else:
-            data.write_text("".join(f"{s}\t{t}\n" for s, t in PAIRS), encoding="utf-8")
-    else:  # the shipped checkpoint is not there yet: a random tiny one
-        model = _tiny_nllb(tmp_path / "nllb")
-        data = tmp_path / "pairs.tsv"
-        data.write_text("".join(f"{s}\t{t}\n" for s, t in PAIRS), encoding="utf-8")
-    args = ["eval-mt", "--model", str(model), "--data", str(data), "--limit", "16", "--metrics", "sacrebleu"]
+    # The shipped checkpoint when present (a random tiny one otherwise), on sentences written here.
+    model = NLLB if (NLLB / "config.json").is_file() else _tiny_nllb(tmp_path / "nllb")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in PAIRS), encoding="utf-8")
+    args = ["eval-mt", "--model", str(model), "--data", str(data), "--metrics", "sacrebleu", "--max-new-tokens", "12"]
     report = _run(args, tmp_path, "mt")
     assert report["task"] == "mt_bleu"
     from hf_moe_opt.evaluation.common import transformers_nllb_block_is_correct
@@ -296,9 +289,7 @@ def test_local_formats_mt(tmp_path):
     with gzip.open(tmp_path / "p.tsv.gz", "wt", encoding="utf-8") as f:
         f.write("".join(f"{s}\t{t}\n" for s, t in PAIRS))
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in PAIRS))
-    (tmp_path / "q.jsonl").write_text(
-        "".join(json.dumps({"translation": {"en": s, "de": t}}) + "\n" for s, t in PAIRS)
-    )
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"translation": {"en": s, "de": t}}) + "\n" for s, t in PAIRS))
     for name in ("p.tsv", "p.tsv.gz", "p.jsonl"):
         assert read_local(DataSpec(path=tmp_path / name), pairs=True) == PAIRS, name
     spec = DataSpec(path=tmp_path / "q.jsonl", source_lang="en", target_lang="de")
@@ -324,10 +315,14 @@ def test_span_corruption_matches_training_script():
 
 
 def test_strided_windows_score_every_token_once():
-    for n, window, stride in [(10, 4, 2), (10, 4, 4), (7, 16, 8), (33, 8, 3)]:
+    for n, window, stride in [(10, 4, 2), (10, 4, 3), (7, 16, 8), (33, 8, 3), (2, 4, 1)]:
         scored = [p for _, end, first in lm.strided_windows(n, window, stride) for p in range(first, end)]
         assert scored == list(range(1, n))
-        assert all(end - begin <= window for begin, end, _ in lm.strided_windows(n, window, stride))
+        assert all(
+            begin < first and end - begin <= window for begin, end, first in lm.strided_windows(n, window, stride)
+        )
+    with pytest.raises(EvalError):
+        lm.strided_windows(10, 4, 4)
 
 
 def test_metrics_fall_back_to_sacrebleu(monkeypatch):

@@ -51,8 +51,7 @@ def _unique_storage_bytes(model) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("make", [tiny_switch, tiny_nllb], ids=["switch", "nllb"])
-@pytest.mark.parametrize("num_devices", [2, 3])
+@pytest.mark.parametrize(("make", "num_devices"), [(tiny_switch, 2), (tiny_nllb, 3)], ids=["switch-2", "nllb-3"])
 def test_placed_store_equals_single_device(make, num_devices):
     model = make(num_experts=6)
     reference = hf_moe_opt.optimize(copy.deepcopy(model))

@@ -288,8 +288,8 @@ def read_data(spec: DataSpec, pairs: bool) -> list:
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices sorted by length (longest first, stable), cut into batches of ``batch_size``."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    """Indices sorted by length (shortest first, stable), cut into batches of ``batch_size``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -401,10 +401,12 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "hf_moe_opt": hf_moe_opt.__version__,
     }
+    from importlib import metadata
+
     for name in ("tokenizers", "sacrebleu", "evaluate", "datasets"):
         try:
-            v[name] = __import__(name).__version__
-        except ImportError:
+            v[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             pass
     return v
 

@@ -140,18 +140,20 @@ def seq2seq_batches(pairs: Sequence[tuple[list, list]], batch_size: int, pad_id:
 
 # ----------------------------------------------------------------------------- causal LMs
 def strided_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """``(begin, end, first scored position)`` of each window; every token from position 1 on is
-    scored exactly once, with up to ``window - 1`` tokens of context."""
-    windows = []
-    prev_end = 0
-    for begin in range(0, num_tokens, stride):
-        end = min(begin + window, num_tokens)
-        first = max(prev_end, begin + 1)
-        if first < end:
-            windows.append((begin, end, first))
-        prev_end = end
-        if end == num_tokens:
-            break
+    """``(begin, end, first scored position)`` of each window (``stride < window``).
+
+    The first window scores positions ``1 .. window-1``; each next one scores the following ``stride``
+    positions with the ``window - stride`` (or more) tokens before them as context. Every position from
+    1 on is scored exactly once.
+    """
+    if not 0 < stride < window:
+        raise EvalError(f"the stride ({stride}) must be positive and smaller than the window ({window})")
+    end = min(window, num_tokens)
+    windows = [(0, end, 1)] if end > 1 else []
+    while end < num_tokens:
+        first = end
+        end = min(first + stride, num_tokens)
+        windows.append((max(0, end - window), end, first))
     return windows
 
 
@@ -263,6 +265,8 @@ def run(args: argparse.Namespace) -> dict:
             extra.setdefault("weight_bytes", {})[phase.name] = model_memory(model)
     else:
         stride = args.stride or max(args.max_length // 2, 1)
+        if stride >= args.max_length:
+            raise EvalError(f"--stride ({stride}) must be smaller than --max-length ({args.max_length})")
         joined = "\n\n".join(texts)
         ids = torch.tensor(tokenizer(joined, add_special_tokens=False)["input_ids"], dtype=torch.long)
         if ids.numel() < 2:
