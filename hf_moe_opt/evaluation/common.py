@@ -302,6 +302,16 @@ def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- meters
+def _release_free_heap() -> None:
+    """Ask glibc to hand freed heap pages back to the OS, so an RSS baseline does not hide reuse."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
@@ -332,7 +342,7 @@ class PeakMemory:
         self.method = (
             "cuda max_memory_allocated - memory_allocated at start"
             if device.type == "cuda"
-            else "cpu: peak process RSS (sampled every 2 ms) - RSS at start; approximate"
+            else "cpu: peak process RSS (sampled every 2 ms) - RSS at start (after gc and malloc_trim); approximate"
         )
 
     def __enter__(self) -> PeakMemory:
@@ -342,6 +352,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        _release_free_heap()
         self._base = _rss_bytes()
         self._peak = self._base
         self._stop = threading.Event()

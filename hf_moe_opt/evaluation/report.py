@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,10 +121,17 @@ def setup_run(args: argparse.Namespace, default_data: str, make_spec: Callable[[
     return RunSetup(args, device, dtype, source, origin, data, not args.no_progress)
 
 
+SCRIPTS = {"eval-lm": "eval/lm_perplexity.py", "eval-mt": "eval/mt_bleu.py"}
+
+
 def command_line(args: argparse.Namespace) -> str:
+    """The command as typed: ``python eval/<script>.py ...`` for the wrapper scripts, else ``hf-moe-opt ...``."""
     argv = getattr(args, "argv", None)
-    if argv is None:
+    if not argv:
         return ""
+    script = SCRIPTS.get(argv[0])
+    if script and Path(sys.argv[0]).name == Path(script).name:
+        return " ".join(shlex.quote(a) for a in ["python", script, *argv[1:]])
     return " ".join(shlex.quote(a) for a in ["hf-moe-opt", *argv])
 
 
