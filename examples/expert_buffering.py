@@ -71,15 +71,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="switch", help="'switch', 'nllb' (shipped models) or a path / hub name")
     parser.add_argument("--device", default="cpu", help="compute device of the dense weights, e.g. cpu, cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5],
-                        help="share of each layer's experts kept on the device")
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5],
+        help="share of each layer's experts kept on the device",
+    )
     parser.add_argument("--policy", default="lifo", choices=list(POLICY_NAMES), help="eviction policy")
-    parser.add_argument("--recipe", default="move_dense", choices=["move_dense", "device_map"],
-                        help="how the model is loaded: on the host then move_dense, or with offload_device_map")
+    parser.add_argument(
+        "--recipe",
+        default="move_dense",
+        choices=["move_dense", "device_map"],
+        help="how the model is loaded: on the host then move_dense, or with offload_device_map",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--num-prompts", type=int, default=4)
-    parser.add_argument("--no-reference", action="store_true",
-                        help="skip the fully resident run (for models that do not fit on the device)")
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the fully resident run (for models that do not fit on the device)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args(argv)
 
@@ -127,8 +139,10 @@ def main(argv=None) -> int:
         reference, t_resident = generate_all(resident)
         del resident
     model = load(path, args)
-    print(f"{path} ({args.device}, {args.dtype}), policy {args.policy!r}, {len(prompts)} prompts, "
-          f"{args.max_new_tokens} new tokens each, loaded with the {args.recipe!r} recipe")
+    print(
+        f"{path} ({args.device}, {args.dtype}), policy {args.policy!r}, {len(prompts)} prompts, "
+        f"{args.max_new_tokens} new tokens each, loaded with the {args.recipe!r} recipe"
+    )
     if reference is not None:
         print(f"fully resident: {t_resident * 1e3:.1f} ms")
         print(f"decoded: {tok.decode(reference[0][0], skip_special_tokens=False)!r}")
@@ -143,16 +157,20 @@ def main(argv=None) -> int:
         stats = hf_moe_opt.stats(model)
         check = "" if reference is None else f", tokens identical to fully resident: {same}"
         print(f"\nexpert_cache={fraction}: {elapsed * 1e3:.1f} ms{check}")
-        print(f"  {'layer':34s} {'slots':>5s} {'hits':>5s} {'misses':>6s} {'hit rate':>8s} "
-              f"{'MiB copied':>10s} {'copy ms':>8s} {'stall ms':>8s}  resident")
+        print(
+            f"  {'layer':34s} {'slots':>5s} {'hits':>5s} {'misses':>6s} {'hit rate':>8s} "
+            f"{'MiB copied':>10s} {'copy ms':>8s} {'stall ms':>8s}  resident"
+        )
         total_hits = total_access = total_bytes = 0
         for name, st in stats.items():
             total_hits += st["hits"]
             total_access += st["hits"] + st["misses"]
             total_bytes += st["bytes_copied"]
-            print(f"  {name:34s} {st['num_slots']:5d} {st['hits']:5d} {st['misses']:6d} {st['hit_rate']:8.2f} "
-                  f"{st['bytes_copied'] / 2**20:10.2f} {st['copy_time_ms']:8.2f} {st['stall_time_ms']:8.2f}  "
-                  f"{st['resident']}")
+            print(
+                f"  {name:34s} {st['num_slots']:5d} {st['hits']:5d} {st['misses']:6d} {st['hit_rate']:8.2f} "
+                f"{st['bytes_copied'] / 2**20:10.2f} {st['copy_time_ms']:8.2f} {st['stall_time_ms']:8.2f}  "
+                f"{st['resident']}"
+            )
         rate = total_hits / total_access if total_access else 0.0
         print(f"  all layers: hit rate {rate:.2f}, {total_bytes / 2**20:.2f} MiB copied")
         hf_moe_opt.restore(model)  # experts back to host memory, slots freed

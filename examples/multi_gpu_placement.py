@@ -83,13 +83,18 @@ def span_corruption_batch(tok, rng: random.Random, batch_size: int) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(shipped_model_path("switch-tiny-ddtp")), help="path or hub name")
-    parser.add_argument("--devices", nargs="+", default=None,
-                        help="the devices to spread the experts over (default: cuda:0 cuda:1 if visible, else cpu cpu)")
+    parser.add_argument(
+        "--devices",
+        nargs="+",
+        default=None,
+        help="the devices to spread the experts over (default: cuda:0 cuda:1 if visible, else cpu cpu)",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batches", type=int, default=16, help="batches to profile (half of them held out)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--strategy", default="replicate", choices=list(STRATEGIES),
-                        help="the plan the model runs with at the end")
+    parser.add_argument(
+        "--strategy", default="replicate", choices=list(STRATEGIES), help="the plan the model runs with at the end"
+    )
     parser.add_argument("--save-plan", default=None, help="write the chosen plan as JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args(argv)
@@ -116,16 +121,20 @@ def main(argv=None) -> int:
     # 1. Routing profile (the model is optimized for the run and restored afterwards).
     start = time.perf_counter()
     trace = hf_moe_opt.profile(model, batches, progress=False)
-    print(f"profiled {trace.num_batches()} batches of {args.batch_size} in {time.perf_counter() - start:.2f} s: "
-          f"{len(trace.layers)} MoE layers, {trace.num_experts} experts each")
+    print(
+        f"profiled {trace.num_batches()} batches of {args.batch_size} in {time.perf_counter() - start:.2f} s: "
+        f"{len(trace.layers)} MoE layers, {trace.num_experts} experts each"
+    )
     for layer in trace.layers:
         share = trace.mean_load(layer) / max(trace.mean_load(layer).sum(), 1e-12)
         print(f"  {layer:32s} token share per expert: {' '.join(f'{s:.2f}' for s in share)}")
 
     # 2. Plan from the first half, judge on the second.
     history, held_out = trace.split(0.5)
-    print(f"\nheld-out busiest-device load / mean load over {num_devices} devices "
-          f"({held_out.num_batches()} batches x {len(held_out.layers)} layers):")
+    print(
+        f"\nheld-out busiest-device load / mean load over {num_devices} devices "
+        f"({held_out.num_batches()} batches x {len(held_out.layers)} layers):"
+    )
     print(f"  {'strategy':16s} {'avg':>6s} {'worst':>6s}")
     plans = {}
     for strategy in STRATEGIES:
@@ -155,14 +164,18 @@ def main(argv=None) -> int:
     with torch.no_grad():
         want = reference(**check).logits
         got = model(**check).logits
-        tokens_ref = reference.generate(input_ids=check["input_ids"], attention_mask=check["attention_mask"],
-                                        max_new_tokens=12, do_sample=False)
-        tokens = model.generate(input_ids=check["input_ids"], attention_mask=check["attention_mask"],
-                                max_new_tokens=12, do_sample=False)
+        tokens_ref = reference.generate(
+            input_ids=check["input_ids"], attention_mask=check["attention_mask"], max_new_tokens=12, do_sample=False
+        )
+        tokens = model.generate(
+            input_ids=check["input_ids"], attention_mask=check["attention_mask"], max_new_tokens=12, do_sample=False
+        )
     error = (got.float() - want.float()).abs().max().item()
     same = tokens.shape == tokens_ref.shape and torch.equal(tokens.cpu(), tokens_ref.cpu())
-    print(f"\noptimize(model, placement=plan, devices={args.devices}): max |placed - one device| = {error:.2e}, "
-          f"generated tokens identical: {same}")
+    print(
+        f"\noptimize(model, placement=plan, devices={args.devices}): max |placed - one device| = {error:.2e}, "
+        f"generated tokens identical: {same}"
+    )
     if args.dtype == "float32" and (error > 1e-4 or not same):
         print("the placed model deviates from the single-device model", file=sys.stderr)
         return 1

@@ -65,8 +65,10 @@ def main(argv=None) -> int:
     reference = copy.deepcopy(model)
     swapped = use_nllb_eager_reference(reference)
     hf_moe_opt.optimize(model)  # in place: every NllbMoeSparseMLP -> one dynamic-gating layer
-    print(f"{args.model}: {len(hf_moe_opt.optimized_layers(model))} MoE layers optimized, "
-          f"{swapped} swapped for the eager reference ({args.device}, {args.dtype})")
+    print(
+        f"{args.model}: {len(hf_moe_opt.optimized_layers(model))} MoE layers optimized, "
+        f"{swapped} swapped for the eager reference ({args.device}, {args.dtype})"
+    )
 
     texts = SENTENCES[: max(1, args.num_sentences)]
     batch = tok(texts, return_tensors="pt", padding=True).to(args.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -12,16 +13,81 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_rows, rows_as_dicts, run_demo
+    from .demo import as_dict, format_table, plot, run_demo
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but no CUDA device is available")
-    rows = run_demo(args.device, DTYPES[args.dtype], args.batch, args.seq_len, args.backend)
-    print(format_rows(rows))
+        raise ValueError("--device cuda requested but no CUDA device is available")
+    if not 0 < args.cache_fraction <= 1:
+        raise ValueError("--cache-fraction must be in (0, 1]")
+    result = run_demo(args.device, DTYPES[args.dtype], args.backend, args.cache_fraction)
+    print(format_table(result))
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "dtype": args.dtype, "rows": rows_as_dicts(rows)}, f, indent=2)
+            json.dump({"device": args.device, "dtype": args.dtype, **as_dict(result)}, f, indent=2)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    if not torch.cuda.is_available():
+        raise ValueError("benchmarks need a CUDA device (none is available here)")
+    module = importlib.import_module(f".benchmarking.{args.which}", __package__)
+    return module.main(args.rest)
+
+
+def _load_model(name: str, device: str, dtype: str):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from .assets import SHIPPED_MODELS, shipped_model_path
+
+    source = str(shipped_model_path(name)) if name in SHIPPED_MODELS else name
+    model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=DTYPES[dtype]).to(device).eval()
+    return source, model
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .evaluation.common import DataSpec, read_data
+    from .placement import profile
+
+    if args.batches <= 0 or args.batch_size <= 0:
+        raise ValueError("--batches and --batch-size must be positive")
+    source, model = _load_model(args.model, args.device, args.dtype)
+    tok = AutoTokenizer.from_pretrained(source)
+    texts = read_data(DataSpec(path=Path(args.data), limit=args.batches * args.batch_size), pairs=False)
+    batches = []
+    for i in range(0, len(texts), args.batch_size):
+        chunk = [t if isinstance(t, str) else t[0] for t in texts[i : i + args.batch_size]]
+        enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=args.max_length)
+        batches.append({**enc, "labels": enc["input_ids"].clamp(min=0)})
+    trace = profile(model, batches, progress=True, metadata={"model": source})
+    trace.save(args.out)
+    print(f"profiled {len(batches)} batches, {len(trace.layers)} MoE layers; wrote {args.out}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .placement import RoutingTrace, plan_placement
+
+    trace = RoutingTrace.load(args.trace)
+    fit, held_out = trace.split(0.5)
+    print(f"{'strategy':<16} {'avg max/mean':>12} {'worst':>8}   (held-out half of {args.trace})")
+    chosen = None
+    for strategy in ("round_robin", "greedy", "anticorrelation", "replicate"):
+        spare = args.spare_slots if strategy == "replicate" else 0
+        plan = plan_placement(fit, args.devices, strategy=strategy, spare_slots=spare)
+        overall = plan.evaluate(held_out)["overall"]
+        print(f"{strategy:<16} {overall['avg_max_over_mean']:>12.3f} {overall['worst_max_over_mean']:>8.3f}")
+        if strategy == args.strategy:
+            chosen = plan_placement(trace, args.devices, strategy=strategy, spare_slots=spare)
+    chosen.save(args.out)
+    print(f"wrote the {args.strategy} plan for {args.devices} devices (fitted on the whole trace) to {args.out}")
     return 0
 
 
@@ -61,15 +127,36 @@ def _add_eval_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(prog="hf-moe-opt", description="Fast MoE inference for Hugging Face models")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="original vs optimized on small MoE models (offline)")
+    demo = sub.add_parser("demo", help="the shipped MoE models, original vs optimized (offline)")
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    demo.add_argument("--batch", type=int, default=16)
-    demo.add_argument("--seq-len", type=int, default=64)
     demo.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    demo.add_argument("--cache-fraction", type=float, default=0.5, help="experts per layer kept on the device")
+    demo.add_argument("--plot", default="hf_moe_opt_demo.png", help="where to save the plot ('' for none)")
     demo.add_argument("--json", help="also write the table as JSON to this path")
     demo.set_defaults(func=_demo)
     _add_eval_commands(sub)
+    bench = sub.add_parser("bench", help="CUDA benchmarks: `bench layer ...` or `bench model ...` (see --help of each)")
+    bench.add_argument("which", choices=["layer", "model"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench.set_defaults(func=_bench)
+    prof = sub.add_parser("profile", help="record per-layer expert routing of a model on text data")
+    prof.add_argument("--model", default="switch-tiny-ddtp", help="shipped model name, local path or hub name")
+    prof.add_argument("--data", required=True, help="text file (.txt/.jsonl/.tsv, optionally .gz)")
+    prof.add_argument("--batches", type=int, default=8)
+    prof.add_argument("--batch-size", type=int, default=16)
+    prof.add_argument("--max-length", type=int, default=128)
+    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    prof.add_argument("--out", default="routing_trace.json", help=".json or .npz")
+    prof.set_defaults(func=_profile)
+    plan = sub.add_parser("plan", help="plan expert placement from a routing trace and compare strategies")
+    plan.add_argument("trace", help="a trace written by `hf-moe-opt profile` (.json/.npz)")
+    plan.add_argument("--devices", type=int, default=2)
+    plan.add_argument("--strategy", choices=["round_robin", "greedy", "anticorrelation", "replicate"], default="greedy")
+    plan.add_argument("--spare-slots", type=int, default=1, help="extra expert slots per device for 'replicate'")
+    plan.add_argument("--out", default="placement_plan.json")
+    plan.set_defaults(func=_plan)
     return parser
 
 
@@ -78,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except ValueError as e:  # user-facing errors: one line, non-zero exit
+    except (ValueError, OSError) as e:  # user-facing errors (bad input, missing files): one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
 

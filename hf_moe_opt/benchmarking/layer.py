@@ -1,0 +1,168 @@
+"""MoE layer benchmark at real layer shapes: HF eager vs sort + grouped GEMM vs Triton, eager and graphed.
+
+    python benchmarks/bench_layer.py --out benchmarks/results/layer_h200.json
+
+For each shape and token count, in one run on one GPU: HF's eager block (for NLLB-MoE the correct
+eager reference in transformers 4.57's loop structure), our layer with the torch backend
+(sort + ``torch._grouped_mm``) and with the Triton backend, each eager and CUDA-graph replayed;
+the floor from the bandwidth and matmul rate measured in the same run; ratios; peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..baselines import NllbMoeEagerReference
+from ..experts import available_backends
+from ..timing import median_ms
+from .common import LAYER_SHAPES, environment, floor_ms, measure_ceilings
+
+TOKENS = (1, 8, 64, 512, 4096, 16384)
+
+
+def build_block(name: str, device: torch.device):
+    from transformers import NllbMoeConfig, SwitchTransformersConfig
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeSparseMLP
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    e, d, f, k = LAYER_SHAPES[name]
+    with torch.device(device):
+        if k == 1:
+            cfg = SwitchTransformersConfig(d_model=d, d_ff=f, num_experts=e, expert_capacity=1 << 30)
+            block = SwitchTransformersSparseMLP(cfg)
+        else:
+            cfg = NllbMoeConfig(d_model=d, num_experts=e, moe_token_dropout=0.0)
+            block = NllbMoeSparseMLP(cfg, ffn_dim=f)
+    return block.to(torch.bfloat16).eval(), cfg
+
+
+def graphed(fn, example):
+    """Capture ``fn(example)`` in a CUDA graph; returns a replay callable."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn(example)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(example)
+    return g.replay
+
+
+def peak_mb(fn, device) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def bench_shape(name, device, ceilings, tokens, repeats):
+    from ..patches import NllbMoePatch, SwitchTransformersPatch
+
+    e, d, f, k = LAYER_SHAPES[name]
+    block, cfg = build_block(name, device)
+    eager = block if k == 1 else NllbMoeEagerReference(block)
+    inputs = {n: torch.randn(1, n, d, device=device, dtype=torch.bfloat16) for n in tokens}
+    rows = {n: {"shape": name, "tokens": n} for n in tokens}
+    with torch.no_grad():
+        for n in tokens:
+            x = inputs[n]
+            logits = x.float().reshape(-1, d) @ block.router.classifier.weight.float().T
+            active = int(torch.unique(logits.topk(k, dim=-1).indices).numel())
+            rows[n]["active_experts"] = active
+            rows[n]["floor_ms"] = floor_ms(active, d, f, n * k, ceilings, bias=k == 2)
+            rows[n]["hf_eager_ms"] = median_ms(lambda x=x: eager(x), device, repeats)
+            rows[n]["hf_eager_peak_mb"] = peak_mb(lambda x=x: eager(x), device)
+        patch = SwitchTransformersPatch() if k == 1 else NllbMoePatch()
+        layer = patch.build(block, cfg, capacity="model", backend="torch")
+        backends = [b for b in ("torch", "triton") if b in available_backends()]
+        for backend in backends:
+            layer.backend = backend
+            layer._resolved.clear()
+            for n in tokens:
+                x = inputs[n]
+                rows[n][f"{backend}_ms"] = median_ms(lambda x=x: layer(x), device, repeats)
+                rows[n][f"{backend}_peak_mb"] = peak_mb(lambda x=x: layer(x), device)
+                replay = graphed(layer, x)
+                rows[n][f"{backend}_graph_ms"] = median_ms(replay, device, repeats)
+    for r in rows.values():
+        for key in [k_ for k_ in r if k_.endswith("_ms") and k_ != "floor_ms"]:
+            r[key.replace("_ms", "_x_floor")] = r[key] / r["floor_ms"]
+        for backend in ("torch", "triton"):
+            if f"{backend}_ms" in r:
+                r[f"hf_over_{backend}"] = r["hf_eager_ms"] / r[f"{backend}_ms"]
+        if "triton_ms" in r:
+            r["torch_over_triton"] = r["torch_ms"] / r["triton_ms"]
+            r["torch_graph_over_triton_graph"] = r["torch_graph_ms"] / r["triton_graph_ms"]
+    return list(rows.values())
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        rows = [r for r in result["rows"] if r["shape"] == shape]
+        x = [r["tokens"] for r in rows]
+        for key, label in [
+            ("hf_eager_ms", "HF eager"),
+            ("torch_ms", "sort+grouped_mm"),
+            ("torch_graph_ms", "sort+grouped_mm, graph"),
+            ("triton_ms", "triton"),
+            ("triton_graph_ms", "triton, graph"),
+            ("floor_ms", "floor"),
+        ]:
+            if key in rows[0]:
+                ax.plot(x, [r[key] for r in rows], marker="o", label=label, ls="--" if key == "floor_ms" else "-")
+        ax.set(xscale="log", yscale="log", title=shape, xlabel="tokens", ylabel="ms")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"MoE layer time, bf16, {result['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(LAYER_SHAPES))
+    p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default="benchmarks/results/layer.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the layer benchmark needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    ceilings = measure_ceilings(device)
+    tb, tf = ceilings["copy_bytes_per_s"] / 1e12, ceilings["bf16_flops_per_s"] / 1e12
+    print(f"ceilings: copy {tb:.2f} TB/s, bf16 {tf:.0f} TFLOP/s")
+    rows = []
+    for name in args.shapes:
+        for r in bench_shape(name, device, ceilings, args.tokens, args.repeats):
+            rows.append(r)
+            cols = [f"{k}={v:.3f}" for k, v in r.items() if k.endswith("_ms")]
+            print(f"{name:>17} n={r['tokens']:>5} " + " ".join(cols), flush=True)
+        torch.cuda.empty_cache()
+    result = {"command": " ".join(sys.argv), "environment": environment(), "ceilings": ceilings, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The demo's own inputs: short package-description style sentences written for this project."""
+
+ENGLISH = [
+    "This package provides a small library for reading and writing configuration files.",
+    "A fast web server with support for plugins, virtual hosts and secure connections.",
+    "Command line tools to create, resize and check disk partitions.",
+    "Python bindings for the image processing library, with examples and documentation.",
+    "This package contains the header files needed to build programs against the library.",
+    "A simple text editor for the terminal with syntax highlighting for many languages.",
+    "Utilities to monitor the temperature and fan speed of the computer.",
+    "A daemon that synchronises the system clock with servers on the network.",
+    "Fonts for the display of mathematical symbols in documents.",
+    "A graphical tool to browse and search the contents of archives.",
+    "Documentation for the programming language, including a tutorial and a reference manual.",
+    "A library to compress and decompress data streams quickly.",
+    "Shared data files used by the game, such as sounds, maps and images.",
+    "A plugin that adds spell checking to the mail client.",
+    "Debugging symbols for the database server.",
+    "A collection of scripts to back up home directories to a remote machine.",
+]
+
+# English -> German pairs for the translation demo (references written for this project).
+PAIRS = [
+    ("This package provides a small library for reading configuration files.",
+     "Dieses Paket stellt eine kleine Bibliothek zum Lesen von Konfigurationsdateien bereit."),
+    ("Command line tools to create and check disk partitions.",
+     "Befehlszeilenwerkzeuge zum Erstellen und Überprüfen von Festplattenpartitionen."),
+    ("This package contains the header files for the library.",
+     "Dieses Paket enthält die Header-Dateien für die Bibliothek."),
+    ("A simple text editor for the terminal.",
+     "Ein einfacher Texteditor für das Terminal."),
+    ("Documentation for the programming language.",
+     "Dokumentation für die Programmiersprache."),
+    ("A library to compress and decompress data.",
+     "Eine Bibliothek zum Komprimieren und Dekomprimieren von Daten."),
+    ("Debugging symbols for the database server.",
+     "Debugging-Symbole für den Datenbankserver."),
+    ("Python bindings for the image library.",
+     "Python-Anbindungen für die Bildbibliothek."),
+    ("A plugin for the mail client.",
+     "Ein Plugin für den E-Mail-Client."),
+    ("Shared data files for the game.",
+     "Gemeinsam genutzte Datendateien für das Spiel."),
+    ("A daemon that synchronises the system clock.",
+     "Ein Daemon, der die Systemuhr synchronisiert."),
+    ("Fonts for mathematical symbols.",
+     "Schriften für mathematische Symbole."),
+]  # fmt: skip

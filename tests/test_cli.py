@@ -1,0 +1,57 @@
+"""The command line: demo on the shipped models, profile -> plan, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hf_moe_opt.cli import main
+
+
+def test_demo_table_plot_and_json(tmp_path, capsys):
+    out_json, out_png = tmp_path / "demo.json", tmp_path / "demo.png"
+    assert main(["demo", "--plot", str(out_png), "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "switch-tiny-ddtp" in printed and "nllb-moe-tiny-ddtp" in printed
+    rows = json.loads(out_json.read_text())["rows"]
+    for model in {r["model"] for r in rows}:
+        group = [r for r in rows if r["model"] == model]
+        baseline = next(r for r in group if r["same_tokens"] == "baseline")
+        for r in group:
+            if r["variant"].startswith("hf_moe_opt"):
+                # Every optimized variant reproduces the correct baseline: tokens and quality.
+                assert r["same_tokens"] == "yes", r
+                assert r["quality"] == pytest.approx(baseline["quality"], rel=1e-6), r
+    cache = [r for r in rows if "cache" in r["variant"]]
+    assert cache and all(0 <= r["hit_rate"] <= 1 for r in cache)
+    assert all(r["expert_mib"] < baseline["expert_mib"] for r in cache if r["model"] == baseline["model"])
+    assert out_png.stat().st_size > 10_000
+
+
+def test_profile_then_plan(tmp_path, capsys):
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(f"A small tool number {i} for managing files and folders." for i in range(32)))
+    trace = tmp_path / "trace.json"
+    assert main(["profile", "--data", str(data), "--batches", "2", "--batch-size", "8", "--out", str(trace)]) == 0
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", str(trace), "--devices", "2", "--out", str(plan_path)]) == 0
+    plan = json.loads(plan_path.read_text())
+    assert plan["num_devices"] == 2 and plan["strategy"] == "greedy"
+    assert "round_robin" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "/nonexistent/trace.json"],
+        ["demo", "--cache-fraction", "0"],
+        ["profile", "--data", "/nonexistent.txt"],
+        ["demo", "--dtype", "int8"],
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(argv):
+    proc = subprocess.run([sys.executable, "-m", "hf_moe_opt.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("Loading")]
+    assert len(lines) == 1 and "error" in lines[0], proc.stderr
