@@ -22,11 +22,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from hf_moe_opt.experts import ExpertWeights
 from hf_moe_opt.experts.activation import Activation, glu_activation
 from hf_moe_opt.layer import OptimizedMoE
-from hf_moe_opt.routing import Routing, topk_routing
+from hf_moe_opt.routing import Routing, softmax_topk, topk_routing
 
 from .base import MoEPatch, swap_router_class
 
@@ -44,6 +45,27 @@ def route_topk(router: nn.Module, hidden_states: torch.Tensor, padding_mask: tor
     """Call the (optimized) router on ``[B, S, D]`` tokens; it returns transformers' tuple."""
     _, weights, indices = router(hidden_states.reshape(-1, hidden_states.shape[-1]))
     return topk_routing(weights, indices)
+
+
+class SoftmaxTopKRouting:
+    """Forward for HF softmax top-k routers (Mixtral, Qwen2/3-MoE, OLMoE), mixed in before the HF class.
+
+    Returns ``(logits, weights, indices)`` as the HF router does, with the routing of
+    :func:`~hf_moe_opt.routing.softmax_topk`.
+    """
+
+    #: Mixtral renormalises the top-k weights unconditionally and keeps them in float32.
+    normalize_always = False
+
+    def forward(self, hidden_states: torch.Tensor):
+        logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+        if self.normalize_always:
+            weights, indices = softmax_topk(logits, self.top_k, normalize=True)
+        else:
+            weights, indices = softmax_topk(
+                logits, self.top_k, normalize=self.norm_topk_prob, weights_dtype=logits.dtype
+            )
+        return logits, weights, indices
 
 
 class _RouterAlias:

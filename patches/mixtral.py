@@ -7,25 +7,17 @@ the weights stay float32, so bf16 experts multiply them in float32. Experts: ``g
 
 from __future__ import annotations
 
-import torch
-from torch.nn import functional as F
-
-from hf_moe_opt.routing import softmax_topk
-
-from .fused import FusedMoEPatch, hf_class
+from .fused import FusedMoEPatch, SoftmaxTopKRouting, hf_class
 
 MODULE = "transformers.models.mixtral.modeling_mixtral"
 MixtralTopKRouter = hf_class(MODULE, "MixtralTopKRouter")
 
 if MixtralTopKRouter is not None:
 
-    class OptimizedMixtralRouter(MixtralTopKRouter):
-        """Same module, routing from :func:`softmax_topk`; returns ``(logits, weights, indices)``."""
+    class OptimizedMixtralRouter(SoftmaxTopKRouting, MixtralTopKRouter):
+        """Same module, routing from :func:`~hf_moe_opt.routing.softmax_topk`."""
 
-        def forward(self, hidden_states: torch.Tensor):
-            logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
-            weights, indices = softmax_topk(logits, self.top_k, normalize=True)
-            return logits, weights, indices
+        normalize_always = True
 
 else:  # pragma: no cover - transformers without the model
     OptimizedMixtralRouter = None

@@ -6,27 +6,15 @@ weights cast back to the logits' dtype. Experts as Mixtral's.
 
 from __future__ import annotations
 
-import torch
-from torch.nn import functional as F
-
-from hf_moe_opt.routing import softmax_topk
-
-from .fused import FusedMoEPatch, hf_class
+from .fused import FusedMoEPatch, SoftmaxTopKRouting, hf_class
 
 MODULE = "transformers.models.olmoe.modeling_olmoe"
 OlmoeTopKRouter = hf_class(MODULE, "OlmoeTopKRouter")
 
 if OlmoeTopKRouter is not None:
 
-    class OptimizedOlmoeRouter(OlmoeTopKRouter):
-        """Same module, routing from :func:`softmax_topk`; returns ``(logits, weights, indices)``."""
-
-        def forward(self, hidden_states: torch.Tensor):
-            logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
-            weights, indices = softmax_topk(
-                logits, self.top_k, normalize=self.norm_topk_prob, weights_dtype=logits.dtype
-            )
-            return logits, weights, indices
+    class OptimizedOlmoeRouter(SoftmaxTopKRouting, OlmoeTopKRouter):
+        """Same module, routing from :func:`~hf_moe_opt.routing.softmax_topk`."""
 
 else:  # pragma: no cover - transformers without the model
     OptimizedOlmoeRouter = None

@@ -11,24 +11,15 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from hf_moe_opt.routing import softmax_topk
-
-from .fused import FusedMoELayer, FusedMoEPatch, hf_class
+from .fused import FusedMoELayer, FusedMoEPatch, SoftmaxTopKRouting, hf_class
 
 MODULE = "transformers.models.qwen2_moe.modeling_qwen2_moe"
 Qwen2MoeTopKRouter = hf_class(MODULE, "Qwen2MoeTopKRouter")
 
 if Qwen2MoeTopKRouter is not None:
 
-    class OptimizedQwen2MoeRouter(Qwen2MoeTopKRouter):
-        """Same module, routing from :func:`softmax_topk`; returns ``(logits, weights, indices)``."""
-
-        def forward(self, hidden_states: torch.Tensor):
-            logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
-            weights, indices = softmax_topk(
-                logits, self.top_k, normalize=self.norm_topk_prob, weights_dtype=logits.dtype
-            )
-            return logits, weights, indices
+    class OptimizedQwen2MoeRouter(SoftmaxTopKRouting, Qwen2MoeTopKRouter):
+        """Same module, routing from :func:`~hf_moe_opt.routing.softmax_topk`."""
 
 else:  # pragma: no cover - transformers without the model
     OptimizedQwen2MoeRouter = None

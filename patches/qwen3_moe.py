@@ -6,27 +6,15 @@ weights cast back to the logits' dtype. Experts as Mixtral's.
 
 from __future__ import annotations
 
-import torch
-from torch.nn import functional as F
-
-from hf_moe_opt.routing import softmax_topk
-
-from .fused import FusedMoEPatch, hf_class
+from .fused import FusedMoEPatch, SoftmaxTopKRouting, hf_class
 
 MODULE = "transformers.models.qwen3_moe.modeling_qwen3_moe"
 Qwen3MoeTopKRouter = hf_class(MODULE, "Qwen3MoeTopKRouter")
 
 if Qwen3MoeTopKRouter is not None:
 
-    class OptimizedQwen3MoeRouter(Qwen3MoeTopKRouter):
-        """Same module, routing from :func:`softmax_topk`; returns ``(logits, weights, indices)``."""
-
-        def forward(self, hidden_states: torch.Tensor):
-            logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
-            weights, indices = softmax_topk(
-                logits, self.top_k, normalize=self.norm_topk_prob, weights_dtype=logits.dtype
-            )
-            return logits, weights, indices
+    class OptimizedQwen3MoeRouter(SoftmaxTopKRouting, Qwen3MoeTopKRouter):
+        """Same module, routing from :func:`~hf_moe_opt.routing.softmax_topk`."""
 
 else:  # pragma: no cover - transformers without the model
     OptimizedQwen3MoeRouter = None
