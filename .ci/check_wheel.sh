@@ -16,9 +16,11 @@ from transformers import AutoModelForSeq2SeqLM
 
 import hf_moe_opt
 from hf_moe_opt.assets import SHIPPED_MODELS, shipped_model_path
-from hf_moe_opt.kernels.launch_config import get_configs  # noqa: F401  (config JSON packaged)
+from pathlib import Path
 
 assert "site-packages" in hf_moe_opt.__file__, hf_moe_opt.__file__
+assert (Path(hf_moe_opt.__file__).parent / "kernels" / "configs" / "default.json").is_file()
+import hf_moe_opt.patches  # the top-level patches/ folder, installed as a subpackage
 for name in SHIPPED_MODELS:
     path = shipped_model_path(name)
     model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
