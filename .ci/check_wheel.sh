@@ -12,7 +12,7 @@ python3 -m venv "$work/venv"
 cd "$work"
 "$work/venv/bin/python" - <<'PY'
 import torch
-from transformers import AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import hf_moe_opt
 from hf_moe_opt.assets import SHIPPED_MODELS, shipped_model_path
@@ -23,7 +23,8 @@ assert (Path(hf_moe_opt.__file__).parent / "kernels" / "configs" / "default.json
 import hf_moe_opt.patches  # the top-level patches/ folder, installed as a subpackage
 for name in SHIPPED_MODELS:
     path = shipped_model_path(name)
-    model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+    seq2seq = AutoConfig.from_pretrained(path).is_encoder_decoder
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(path).eval()
     hf_moe_opt.optimize(model)
     print("wheel ok:", name, "->", len(hf_moe_opt.optimized_layers(model)), "optimized layers")
 PY
