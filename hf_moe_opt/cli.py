@@ -41,12 +41,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _load_model(name: str, device: str, dtype: str):
-    from transformers import AutoModelForSeq2SeqLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from .assets import SHIPPED_MODELS, shipped_model_path
 
     source = str(shipped_model_path(name)) if name in SHIPPED_MODELS else name
-    model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=DTYPES[dtype]).to(device).eval()
+    auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(source).is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(source, dtype=DTYPES[dtype]).to(device).eval()
     return source, model
 
 
@@ -65,7 +66,8 @@ def _profile(args: argparse.Namespace) -> int:
     for i in range(0, len(texts), args.batch_size):
         chunk = [t if isinstance(t, str) else t[0] for t in texts[i : i + args.batch_size]]
         enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=args.max_length)
-        batches.append({**enc, "labels": enc["input_ids"].clamp(min=0)})
+        seq2seq = model.config.is_encoder_decoder  # the decoder then needs targets to run
+        batches.append({**enc, "labels": enc["input_ids"].clamp(min=0)} if seq2seq else dict(enc))
     trace = profile(model, batches, progress=True, metadata={"model": source})
     trace.save(args.out)
     print(f"profiled {len(batches)} batches, {len(trace.layers)} MoE layers; wrote {args.out}")

@@ -9,6 +9,7 @@ _HERE = Path(__file__).resolve().parent
 SHIPPED_MODELS = {
     "switch-tiny-ddtp": "Switch Transformers, 8 experts, span-corruption LM on English Debian descriptions",
     "nllb-moe-tiny-ddtp": "NLLB-MoE, 8 experts top-2, English->German on Debian descriptions",
+    "qwen3-moe-tiny-ddtp": "Qwen3-MoE causal LM, 8 experts top-2, next-token LM on English Debian descriptions",
 }
 
 

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SHIPPED_MODELS = ("switch-tiny-ddtp", "nllb-moe-tiny-ddtp")
+from ..assets import SHIPPED_MODELS as _SHIPPED
+
+SHIPPED_MODELS = tuple(_SHIPPED)  # the names of hf_moe_opt.assets.SHIPPED_MODELS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DATA_SUBDIR = Path("shared") / "data" / "ddtp"
 

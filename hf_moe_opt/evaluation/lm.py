@@ -9,7 +9,10 @@
   sentinels and ``</s>`` included). Greedy generations on the first ``--generate-samples`` corrupted
   inputs are compared token by token.
 * Causal LMs: the texts joined by blank lines, scored with a window of ``--max-length`` tokens moved by
-  ``--stride`` tokens; each window scores only the tokens no earlier window scored.
+  ``--stride`` tokens; each window scores only the tokens no earlier window scored. Greedy
+  continuations of the first ``--generate-samples`` texts (prompt: each text's first
+  ``CAUSAL_PROMPT_TOKENS`` tokens as the tokenizer encodes it, special tokens such as BOS included;
+  one prompt a ``generate`` call, so no padding) are compared token by token.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ DEFAULT_DATA = "en.test.txt.gz"
 NOISE_DENSITY = 0.15
 MEAN_SPAN = 3.0
 MIN_TOKENS = 4
+CAUSAL_PROMPT_TOKENS = 16
 
 
 # ----------------------------------------------------------------------------- span corruption
@@ -190,6 +194,46 @@ def causal_perplexity(
     return result
 
 
+def causal_prompts(texts: Sequence[str], tokenizer, count: int) -> list[list[int]]:
+    """The first ``CAUSAL_PROMPT_TOKENS`` tokens of each of the first ``count`` texts (special tokens kept)."""
+    prompts = []
+    for text in texts[:count]:
+        ids = tokenizer(text)["input_ids"][:CAUSAL_PROMPT_TOKENS]
+        if ids:
+            prompts.append(ids)
+    return prompts
+
+
+def causal_generations(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    device: torch.device,
+    max_new_tokens: int,
+    pad_id: int | None,
+    desc: str,
+    progress: bool = True,
+) -> tuple[dict[int, list[int]], float, int]:
+    """Greedy continuation of each prompt, one ``generate`` call each; ``(new tokens per index, seconds,
+    generated tokens)``. Padding after an early EOS is removed."""
+    outputs: dict[int, list[int]] = {}
+    clock = Stopwatch(device)
+    new_tokens = 0
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
+    if pad_id is not None:
+        kwargs["pad_token_id"] = pad_id
+    with torch.no_grad():
+        for i, prompt in enumerate(tqdm(prompts, desc=desc, unit="text", disable=not progress, leave=False)):
+            input_ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+            with clock.time():
+                gen = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+            row = gen[0, input_ids.shape[1] :].tolist()
+            while row and pad_id is not None and row[-1] == pad_id:
+                row.pop()
+            outputs[i] = row
+            new_tokens += len(row)
+    return outputs, clock.seconds, new_tokens
+
+
 # ----------------------------------------------------------------------------- command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .report import add_common_arguments
@@ -200,7 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=int, default=112, help="tokens per text (seq2seq) / window (causal)")
     g.add_argument("--corruption-seed", type=int, default=1234, help="span-corruption seed (seq2seq)")
     g.add_argument("--stride", type=int, default=None, help="causal window stride (default: max-length / 2)")
-    g.add_argument("--generate-samples", type=int, default=32, help="greedy generations compared (seq2seq; 0: none)")
+    g.add_argument("--generate-samples", type=int, default=32, help="greedy generations compared (0: none)")
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens per compared generation")
 
 
@@ -271,17 +315,31 @@ def run(args: argparse.Namespace) -> dict:
         ids = torch.tensor(tokenizer(joined, add_special_tokens=False)["input_ids"], dtype=torch.long)
         if ids.numel() < 2:
             raise EvalError("the data tokenizes to fewer than 2 tokens")
+        prompts = causal_prompts(texts, tokenizer, args.generate_samples)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         task = {
             "objective": "causal LM, strided window",
             "window": args.max_length,
             "stride": stride,
             "texts": len(texts),
             "tokens": int(ids.numel()),
+            "generation_check": {
+                "samples": len(prompts),
+                "prompt": f"first {CAUSAL_PROMPT_TOKENS} tokens of each text (tokenizer's special tokens included)",
+                "max_new_tokens": args.max_new_tokens,
+                "decoding": "greedy",
+            },
         }
         for phase in iterate_phases(model, phases, args.capacity, args.backend):
             results[phase.name] = causal_perplexity(
                 model, ids, args.max_length, stride, setup.device, f"{phase.name} ppl", setup.progress
             )
+            if prompts:
+                out, secs, new_tokens = causal_generations(
+                    model, prompts, setup.device, args.max_new_tokens, pad_id, f"{phase.name} generate", setup.progress
+                )
+                generations[phase.name] = out
+                gen_stats[phase.name] = {"seconds": secs, "new_tokens": new_tokens}
             extra.setdefault("weight_bytes", {})[phase.name] = model_memory(model)
 
     phase_reports = {}
