@@ -40,21 +40,29 @@ def _parse_shape(text: str) -> tuple[int, int, int, int]:
     return parts[0], parts[1], parts[2], parts[3]
 
 
-def _candidates(rows_per_expert: float, quick: bool):
+def _candidates(rows_per_expert: float, quick: bool, gated: bool):
     from hf_moe_opt.kernels import KernelConfig
 
-    # Tiles taller than twice the average group waste most of their rows.
+    # Tiles taller than twice the average group waste most of their rows; much shorter ones re-read
+    # the weights too often.
     max_m = 16
     while max_m < 128 and max_m < 2 * rows_per_expert:
         max_m *= 2
-    block_m = [m for m in (16, 32, 64, 128) if m <= max_m]
-    block_n = (64, 128) if quick else (32, 64, 128, 256)
-    block_k = (64,) if quick else (32, 64, 128)
-    warps = (4,) if quick else (4, 8)
-    stages = (3, 4) if quick else (2, 3, 4, 5)
+    block_m = [m for m in (16, 32, 64, 128) if max_m // 4 <= m <= max_m]
+    small = max_m <= 32  # weight-read bound: many narrow programs, deep K tiles
+    if quick:
+        block_n, block_k, warps, stages = (32, 64, 128), (64,), (4,), (3, 4)
+    elif small:
+        block_n, block_k, warps, stages = (16, 32, 64), (128, 256), (4,), (3, 4)
+    else:
+        block_m = [m for m in block_m if m >= 64] or block_m
+        block_n, block_k, warps, stages = (64, 128, 256), (64,), (4, 8), (3, 4)
     for m, n, k, w, s in itertools.product(block_m, block_n, block_k, warps, stages):
         if m * n >= 128 * 256 and w == 4:
             continue  # a 4-warp program cannot hold that accumulator in registers
+        tiles = m + (2 * n if gated else n)
+        if tiles * k * 2 * s > 200 * 1024:
+            continue  # more shared memory than an H100/H200 SM has
         yield KernelConfig(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s)
 
 
@@ -84,22 +92,26 @@ def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
 
 def tune_shape(shape, tokens: int, dtype: torch.dtype, activation: str, args, device: str = "cuda") -> dict:
     from hf_moe_opt.dispatch import make_plan
-    from hf_moe_opt.experts.activation import Activation
+    from hf_moe_opt.experts.activation import Activation, glu_activation
     from hf_moe_opt.experts.torch_backend import torch_moe_ffn
     from hf_moe_opt.kernels import gather_gemm_act, gemm_scatter, moe_ffn_with_configs
-    from hf_moe_opt.kernels.moe_ffn import _KERNEL_ACTIVATION
+    from hf_moe_opt.kernels.moe_ffn import KernelActivation
 
     num_experts, hidden, ffn, top_k = shape
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=gen)
-    w1 = torch.randn(num_experts, ffn, hidden, device=dev, dtype=dtype, generator=gen) * hidden**-0.5
+    gated = activation.startswith("glu_")
+    w1_rows = 2 * ffn if gated else ffn
+    w1 = torch.randn(num_experts, w1_rows, hidden, device=dev, dtype=dtype, generator=gen) * hidden**-0.5
     w2 = torch.randn(num_experts, hidden, ffn, device=dev, dtype=dtype, generator=gen) * ffn**-0.5
     index = torch.rand(tokens, num_experts, device=dev, generator=gen).topk(top_k, dim=1).indices
     gates = torch.rand(tokens, top_k, device=dev, generator=gen)
     keep = torch.ones(tokens, top_k, dtype=torch.bool, device=dev)
     plan = make_plan(index, gates, keep, num_experts)
-    kernel_act = _KERNEL_ACTIVATION[activation]
+    base = activation.removeprefix("glu_")
+    act = glu_activation(base, _TORCH_ACTIVATIONS[base]) if gated else Activation(base, _TORCH_ACTIVATIONS[base])
+    kernel_act = KernelActivation.of(act, ffn)
     h = torch.empty(plan.num_rows, ffn, device=dev, dtype=dtype)
     dst = torch.empty(tokens * top_k, hidden, device=dev, dtype=dtype)
     rows_per_expert = tokens * top_k / num_experts
@@ -110,10 +122,12 @@ def tune_shape(shape, tokens: int, dtype: torch.dtype, activation: str, args, de
     def gemm2_fn(cfg):
         return lambda: gemm_scatter(h, plan, w2, None, 1.0, dst, cfg)
 
-    cands = list(_candidates(rows_per_expert, args.quick))
-    g1, ms1 = _best("gemm1", gemm1_fn, cands, args.warmup_ms, args.rep_ms)
-    g2, ms2 = _best("gemm2", gemm2_fn, cands, args.warmup_ms, args.rep_ms)
-    act = Activation(activation, _TORCH_ACTIVATIONS[activation])
+    g1, ms1 = _best(
+        "gemm1", gemm1_fn, list(_candidates(rows_per_expert, args.quick, gated)), args.warmup_ms, args.rep_ms
+    )
+    g2, ms2 = _best(
+        "gemm2", gemm2_fn, list(_candidates(rows_per_expert, args.quick, False)), args.warmup_ms, args.rep_ms
+    )
     total = _time(
         lambda: moe_ffn_with_configs(x, plan, w1, None, w2, None, act, 1.0, g1, g2),
         args.warmup_ms,
@@ -132,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=_parse_shape, action="append", help="E,D,F,k (repeatable)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096, 16384])
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    parser.add_argument("--activation", default="relu", choices=sorted(_TORCH_ACTIVATIONS))
+    parser.add_argument(
+        "--activation",
+        default="relu",
+        choices=sorted(_TORCH_ACTIVATIONS) + [f"glu_{a}" for a in sorted(_TORCH_ACTIVATIONS)],
+        help="the experts' activation; glu_* tunes gated experts (W1 holds gate and up)",
+    )
     parser.add_argument("--out", type=Path, help="JSON file to write (default: the package's table for this GPU)")
     parser.add_argument("--quick", action="store_true", help="a small candidate set")
     parser.add_argument("--warmup-ms", type=int, default=10)

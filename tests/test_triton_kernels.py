@@ -12,7 +12,11 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 from hf_moe_opt.dispatch import DispatchPlan, make_plan  # noqa: E402
-from hf_moe_opt.experts.activation import Activation  # noqa: E402
+from hf_moe_opt.experts.activation import (  # noqa: E402
+    Activation,
+    clamped_swiglu_activation,
+    glu_activation,
+)
 from hf_moe_opt.experts.torch_backend import torch_moe_ffn  # noqa: E402
 from hf_moe_opt.kernels import (  # noqa: E402
     KernelConfig,
@@ -195,6 +199,62 @@ def test_unsupported_activation_falls_back() -> None:
     torch.testing.assert_close(moe_ffn(x, plan, w1, b1, w2, b2, act), ref)
 
 
+GATED = {
+    "glu_silu": glu_activation("silu", torch.nn.functional.silu),
+    "glu_gelu_interleaved": glu_activation("gelu", torch.nn.functional.gelu, interleaved=True),
+    "clamped_swiglu": clamped_swiglu_activation(alpha=1.702, limit=0.8),
+}
+
+
+@pytest.mark.parametrize("act", list(GATED))
+@pytest.mark.parametrize(("dtype", "bias", "top_k"), [(torch.float32, True, 2), (torch.bfloat16, False, 3)])
+def test_gated_experts(act: str, dtype: torch.dtype, bias: bool, top_k: int) -> None:
+    # W1 holds the gate and up projections fused ([E, 2F, D]); h has F columns.
+    num_tokens, num_experts, hidden, ffn = 27, 5, 24, 40
+    g = torch.Generator().manual_seed(50)
+    x = torch.randn(num_tokens, hidden, generator=g).to(DEVICE, dtype)
+    w1, b1, _, _ = _weights(num_experts, hidden, 2 * ffn, dtype, bias, seed=51)
+    _, _, w2, b2 = _weights(num_experts, hidden, ffn, dtype, bias, seed=52)
+    keep = torch.rand(num_tokens, top_k, generator=g) > 0.2
+    plan = _plan(_random_index(num_tokens, top_k, num_experts, seed=53), num_experts, keep)
+    activation = GATED[act]
+    assert kernel_supported(x, w1, w2, activation)
+    out = _check(x, plan, w1, b1, w2, b2, activation, out_scale=0.5)
+    # The layout matters: reading the halves the wrong way round must change the result.
+    other = Activation(
+        activation.name, activation.fn, glu="interleaved" if activation.glu == "concatenated" else "concatenated"
+    )
+    if activation.glu != "clamped_swiglu":
+        wrong = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, other, 0.5, SMALL, SMALL)
+        assert not torch.allclose(wrong.float(), out.float(), atol=1e-2)
+
+
+def test_gated_transposed_weights_default_configs() -> None:
+    # transformers' fused [E, D, 2F] parameters, used through a transposed view (no copy).
+    num_tokens, top_k, num_experts, hidden, ffn = 21, 2, 4, 32, 48
+    g = torch.Generator().manual_seed(60)
+    x = torch.randn(num_tokens, hidden, generator=g).to(DEVICE, torch.bfloat16)
+    gate_up = (torch.randn(num_experts, hidden, 2 * ffn, generator=g) / math.sqrt(hidden)).to(DEVICE, torch.bfloat16)
+    down = (torch.randn(num_experts, ffn, hidden, generator=g) / math.sqrt(ffn)).to(DEVICE, torch.bfloat16)
+    plan = _plan(_random_index(num_tokens, top_k, num_experts, seed=61), num_experts)
+    _check(x, plan, gate_up.transpose(1, 2), None, down.transpose(1, 2), None, GATED["glu_silu"], config=None)
+
+
+def test_custom_glu_falls_back() -> None:
+    act = Activation("glu_custom", torch.relu, glu="custom", gate_fn=lambda h: h[:, ::2] * h[:, 1::2])
+    w1, w2 = torch.zeros(2, 8, 4, device=DEVICE), torch.zeros(2, 4, 4, device=DEVICE)
+    assert not kernel_supported(torch.zeros(1, 4, device=DEVICE), w1, w2, act)
+
+
+def test_many_row_tiles_per_expert() -> None:
+    # 150 rows on each of two experts: ten 16-row tiles each, more than one GROUP_M swizzle group.
+    num_tokens, num_experts, hidden, ffn = 300, 4, 16, 48
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(70)).to(DEVICE)
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, torch.float32, bias=True, seed=71)
+    index = torch.where(torch.arange(num_tokens) % 2 == 0, 1, 3)[:, None]
+    _check(x, _plan(index, num_experts), w1, b1, w2, b2, ACTIVATIONS["relu"], config=TINY)
+
+
 def test_kernel_detects_wrong_weights() -> None:
     # The comparison must be able to fail: a swapped expert is caught.
     num_tokens, num_experts, hidden, ffn = 17, 3, 16, 32
@@ -287,3 +347,24 @@ def test_cuda_graph_capture(top_k: int) -> None:
         torch.cuda.synchronize()
         ref = torch_moe_ffn(x, make_plan(index, gates, keep, num_experts), w1, b1, w2, b2, act)
         torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "top_k", "num_experts", "drops"),
+    [(1, 1, 8, False), (1, 2, 4, True), (13, 2, 5, True), (64, 2, 128, False), (37, 3, 7, True), (20, 1, 1, False)],
+)
+def test_fused_plan_equals_make_plan(num_tokens: int, top_k: int, num_experts: int, drops: bool) -> None:
+    from hf_moe_opt.kernels.plan import fused_plan
+
+    g = torch.Generator().manual_seed(num_tokens * 31 + top_k)
+    index = _random_index(num_tokens, top_k, num_experts, seed=num_tokens).to(DEVICE)
+    if num_experts > 2:
+        index[: num_tokens // 2, 0] = 1  # a crowded expert: ties broken by index
+    gates = torch.rand(num_tokens, top_k, generator=g).to(DEVICE, torch.bfloat16)
+    keep = (torch.rand(num_tokens, top_k, generator=g) > 0.3).to(DEVICE) if drops else None
+    ref = make_plan(index, gates, keep, num_experts)
+    got = fused_plan(index, gates, keep, num_experts)
+    for name in ("order", "token", "expert", "counts", "offsets", "gate"):
+        a, b = getattr(got, name), getattr(ref, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert (got.num_tokens, got.top_k, got.num_experts, got.may_drop) == (num_tokens, top_k, num_experts, drops)

@@ -5,12 +5,14 @@ The plan sorts the assignments by expert (stably, so earlier tokens come first i
 Assignments the router dropped (capacity, padding, random second expert) sort behind every
 expert's group and are never computed: capacity is a mask on this metadata, not padding.
 
+Small batches on CUDA take one Triton launch instead (``hf_moe_opt.kernels.plan``, same result).
 Nothing here calls ``.item()``, ``.tolist()``, ``nonzero`` or ``bincount``, so a forward built on
 it can be captured in a CUDA graph for fixed shapes.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,16 @@ def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
     return ids
 
 
+@functools.cache
+def _fused_planner():
+    """The one-launch planner for small batches on CUDA (``hf_moe_opt.kernels.plan``), if Triton compiles."""
+    try:
+        from ..kernels import moe_ffn, plan
+    except ImportError:
+        return None
+    return None if moe_ffn.kernels_interpreted() else plan
+
+
 def make_plan(
     expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None, num_experts: int
 ) -> DispatchPlan:
@@ -81,6 +93,10 @@ def make_plan(
             f"{None if keep is None else tuple(keep.shape)} must have the same [tokens, top_k] shape"
         )
     num_tokens, top_k = expert_index.shape
+    if expert_index.is_cuda:
+        fused = _fused_planner()
+        if fused is not None and fused.fits(num_tokens * top_k, num_experts):
+            return fused.fused_plan(expert_index, gates, keep, num_experts)
     if keep is None:
         key = expert_index.reshape(-1).long()
         flat_gates = gates.reshape(-1)

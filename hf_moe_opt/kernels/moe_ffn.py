@@ -3,20 +3,27 @@
 Two kernels, both driven by the plan's rows sorted by expert:
 
 * ``gather_gemm_act``: ``h[r] = act(x[token[r]] @ w1[e].T + b1[e])`` -- the gather of token rows is
-  fused into GEMM1's loads, accumulation in fp32, ``h`` stored in ``w2``'s dtype.
+  fused into GEMM1's loads, accumulation in fp32, ``h`` stored in ``w2``'s dtype. Gated experts
+  (SiLU-GLU and kin) compute the gate and up columns of the fused ``w1`` as two accumulators in the
+  same program and store ``act(gate) * up``: ``h`` has ``F`` columns, never ``2F``.
 * ``gemm_scatter``: ``dst[order[r]] = gate[r] * out_scale * (h[r] @ w2[e].T + b2[e])``. ``order`` is
   a permutation, so every destination row has exactly one writer: no atomics, deterministic.
   Dropped rows (after ``offsets[-1]``) write zeros. For ``top_k > 1`` the ``k`` slots of a token
   are then summed in a fixed order.
 
-Tile scheduling needs no host sync: each program derives its expert and row range from
-``plan.counts`` on the device (per-expert tile counts, a cumulative sum, a compare-and-count). The
-grid is sized for the worst case (``cdiv(A, BLOCK_M)`` tiles plus one partial tile per non-empty
-group), unused tiles exit at once, and tiles never straddle experts. With fixed shapes the whole
-forward is capturable in a CUDA graph.
+Tile scheduling needs no host sync: each program derives its expert, row range and column tile
+from ``plan.counts`` on the device (per-expert tile counts, a cumulative sum, a compare-and-count).
+The 1-D grid is sized for the worst case (``cdiv(A, BLOCK_M)`` row tiles plus one partial tile per
+non-empty group, times the column tiles), unused programs exit at once, and tiles never straddle
+experts. Programs are ordered expert by expert, and inside an expert in groups of ``GROUP_M`` row
+tiles that sweep the column tiles together: an expert's weight tile is read from memory once and
+served from L2 to its row tiles, and its rows stay in L2 while the columns are swept. With fixed
+shapes the whole forward is capturable in a CUDA graph.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -44,27 +51,45 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _tile_rows(pid_m, counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Group of tile ``pid_m`` and its row range ``[start, end)``.
+def _tile_coords(
+    pid,
+    counts_ptr,
+    offsets_ptr,
+    num_rows,
+    num_experts,
+    num_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Group, row range ``[start, end)`` and column tile of program ``pid``.
 
     Groups are the experts, then the dropped rows as group ``num_experts``; a larger group means an
-    unused tile of the worst-case grid.
+    unused program of the worst-case grid.
     """
     idx = tl.arange(0, BLOCK_E)
     kept = tl.load(offsets_ptr + num_experts - 1).to(tl.int32)
     cnt = tl.load(counts_ptr + idx, mask=idx < num_experts, other=0).to(tl.int32)
     cnt = tl.where(idx == num_experts, num_rows - kept, cnt)
     tiles = (cnt + BLOCK_M - 1) // BLOCK_M
-    tile_end = tl.cumsum(tiles, axis=0)
-    # Groups that end at or before this tile precede it; their number is this tile's group.
-    group = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
-    first_tile = tl.sum(tl.where(idx < group, tiles, 0), axis=0)
+    prog_end = tl.cumsum(tiles, axis=0) * num_n
+    # Groups whose programs end at or before this one precede it; their number is this group.
+    group = tl.sum((prog_end <= pid).to(tl.int32), axis=0)
+    first_prog = tl.sum(tl.where(idx < group, tiles, 0), axis=0) * num_n
+    group_tiles = tl.sum(tl.where(idx == group, tiles, 0), axis=0)
+    # Inside the group: GROUP_M row tiles at a time, row tile fastest, then the column tile.
+    local = pid - first_prog
+    width = GROUP_M * num_n
+    first_m = (local // width) * GROUP_M
+    size_m = tl.maximum(tl.minimum(group_tiles - first_m, GROUP_M), 1)
+    tile_m = first_m + (local % width) % size_m
+    tile_n = (local % width) // size_m
     is_expert = group < num_experts
     last = tl.minimum(group, num_experts - 1)
     end = tl.where(is_expert, tl.load(offsets_ptr + last).to(tl.int32), num_rows)
     size = tl.where(is_expert, tl.load(counts_ptr + last).to(tl.int32), num_rows - kept)
-    start = end - size + (pid_m - first_tile) * BLOCK_M
-    return group, start, end
+    start = end - size + tile_m * BLOCK_M
+    return group, start, end, tile_n
 
 
 @triton.jit
@@ -83,6 +108,16 @@ def _activate(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _glu(gate, up, alpha, limit, ACTIVATION: tl.constexpr, GLU: tl.constexpr):
+    """``[rows, F]`` gate and up accumulators (fp32, bias added) -> the gated activation."""
+    if GLU == "clamped_swiglu":
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+    return _activate(gate, ACTIVATION) * up
+
+
+@triton.jit
 def _gather_gemm_act_kernel(
     x_ptr,
     token_ptr,
@@ -95,6 +130,10 @@ def _gather_gemm_act_kernel(
     num_experts,
     N,
     K,
+    row_mul,
+    up_offset,
+    alpha,
+    limit,
     stride_xm,
     stride_xk,
     stride_we,
@@ -106,17 +145,20 @@ def _gather_gemm_act_kernel(
     stride_hn,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
+    GLU: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group, row_start, row_end = _tile_rows(pid_m, counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M, BLOCK_E)
-    if group >= num_experts:  # dropped rows are never computed; unused tiles exit
+    num_n = tl.cdiv(N, BLOCK_N)
+    group, row_start, row_end, pid_n = _tile_coords(
+        tl.program_id(0), counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
+    )
+    if group >= num_experts:  # dropped rows are never computed; unused programs exit
         return
     rows = row_start + tl.arange(0, BLOCK_M)
     mask_m = rows < row_end
@@ -126,22 +168,39 @@ def _gather_gemm_act_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_base = w_ptr + group.to(tl.int64) * stride_we
-    w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    # Gated experts: output column n reads W1 row n * row_mul (gate) and that + up_offset (up).
+    gate_rows = offs_n * row_mul
+    w_ptrs = w_base + gate_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    u_ptrs = w_ptrs + up_offset * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        mask_w = mask_k[:, None] & mask_n[None, :]
+        w = tl.load(w_ptrs, mask=mask_w, other=0.0)
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(w.dtype)
         if DOT_FP32:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if GLU != "none":
+            u = tl.load(u_ptrs, mask=mask_w, other=0.0)
+            if DOT_FP32:
+                u = u.to(tl.float32)
+            acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
+            u_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
-        bias = tl.load(b_ptr + group.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    acc = _activate(acc, ACTIVATION)
+        b_base = b_ptr + group.to(tl.int64) * stride_be
+        acc += tl.load(b_base + gate_rows * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GLU != "none":
+            bias_up = tl.load(b_base + (gate_rows + up_offset) * stride_bn, mask=mask_n, other=0.0)
+            acc_up += bias_up.to(tl.float32)[None, :]
+    if GLU != "none":
+        acc = _glu(acc, acc_up, alpha, limit, ACTIVATION, GLU)
+    else:
+        acc = _activate(acc, ACTIVATION)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
     tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -177,10 +236,12 @@ def _gemm_scatter_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group, row_start, row_end = _tile_rows(pid_m, counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M, BLOCK_E)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group, row_start, row_end, pid_n = _tile_coords(
+        tl.program_id(0), counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
+    )
     if group > num_experts:
         return
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -221,6 +282,41 @@ def _gemm_scatter_kernel(
 # there the operands are widened first (exact: products of 16-bit floats are exact in fp32). Compiled
 # kernels keep 16-bit tensor-core dots with fp32 accumulation.
 
+# Row tiles of one expert that sweep the column tiles together (see the module docstring).
+GROUP_M = 8
+
+
+@dataclass(frozen=True)
+class KernelActivation:
+    """What kernel A applies: an elementwise activation, optionally gated.
+
+    ``glu`` is ``"none"``, ``"glu"`` (``act(gate) * up``) or ``"clamped_swiglu"``; output column ``n``
+    of a gated expert reads W1 rows ``n * row_mul`` (gate) and ``n * row_mul + up_offset`` (up).
+    """
+
+    name: str
+    glu: str = "none"
+    row_mul: int = 1
+    up_offset: int = 0
+    alpha: float = 0.0
+    limit: float = 0.0
+
+    @classmethod
+    def of(cls, activation: Activation, ffn: int) -> KernelActivation | None:
+        """The kernel form of ``activation`` for ``F = ffn`` columns, or None if the kernels lack it."""
+        if activation.glu is None:
+            name = _KERNEL_ACTIVATION.get(activation.name)
+            return None if name is None else cls(name)
+        if activation.glu == "clamped_swiglu":
+            return cls("silu", "clamped_swiglu", 2, 1, float(activation.alpha), float(activation.limit))
+        base = activation.name.removeprefix("glu_")
+        name = _KERNEL_ACTIVATION.get(base)
+        if name is None or activation.glu not in ("concatenated", "interleaved"):
+            return None
+        if activation.glu == "concatenated":
+            return cls(name, "glu", 1, ffn)
+        return cls(name, "glu", 2, 1)
+
 
 def _dot_precision(dtype: torch.dtype) -> str | None:
     # Match torch: fp32 matmuls use TF32 only where torch is told to.
@@ -229,9 +325,10 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _tile_grid_m(num_rows: int, num_experts: int, block_m: int) -> int:
-    # Every non-empty group (experts + dropped rows) can add one partial tile.
-    return triton.cdiv(num_rows, block_m) + min(num_experts + 1, num_rows)
+def _grid(num_rows: int, num_experts: int, block_m: int, columns: int, block_n: int) -> tuple[int]:
+    # Every non-empty group (experts + dropped rows) can add one partial row tile.
+    row_tiles = triton.cdiv(num_rows, block_m) + min(num_experts + 1, num_rows)
+    return (row_tiles * triton.cdiv(columns, block_n),)
 
 
 def _block_e(num_experts: int) -> int:
@@ -243,20 +340,22 @@ def gather_gemm_act(
     plan: DispatchPlan,
     w1: torch.Tensor,
     b1: torch.Tensor | None,
-    activation: str,
+    activation: KernelActivation | str,
     h: torch.Tensor,
     config: KernelConfig,
 ) -> torch.Tensor:
     """Kernel A into ``h`` ([A, F]): ``act(x[plan.token] @ w1[e].T + b1[e])`` for the kept rows.
 
-    ``activation`` is a kernel name (``relu``, ``gelu``, ``gelu_tanh``, ``silu``). Rows of dropped
-    assignments are left unwritten.
+    ``activation`` is a :class:`KernelActivation` or an elementwise kernel name (``relu``, ``gelu``,
+    ``gelu_tanh``, ``silu``). For gated activations ``w1`` has ``2F`` rows and ``h`` ``F`` columns.
+    Rows of dropped assignments are left unwritten.
     """
+    if isinstance(activation, str):
+        activation = KernelActivation(activation)
     num_rows, num_experts = plan.num_rows, plan.num_experts
-    ffn, hidden = w1.shape[1], w1.shape[2]
+    ffn, hidden = h.shape[1], w1.shape[2]
     bias = b1 if b1 is not None else w1  # placeholder pointer, never read
-    grid = (_tile_grid_m(num_rows, num_experts, config.block_m), triton.cdiv(ffn, config.block_n))
-    _gather_gemm_act_kernel[grid](
+    _gather_gemm_act_kernel[_grid(num_rows, num_experts, config.block_m, ffn, config.block_n)](
         x,
         plan.token,
         plan.counts,
@@ -268,6 +367,10 @@ def gather_gemm_act(
         num_experts,
         ffn,
         hidden,
+        activation.row_mul,
+        activation.up_offset,
+        activation.alpha,
+        activation.limit,
         x.stride(0),
         x.stride(1),
         w1.stride(0),
@@ -278,13 +381,15 @@ def gather_gemm_act(
         h.stride(0),
         h.stride(1),
         HAS_BIAS=b1 is not None,
-        ACTIVATION=activation,
+        ACTIVATION=activation.name,
+        GLU=activation.glu,
         DOT_PRECISION=_dot_precision(w1.dtype),
         DOT_FP32=kernels_interpreted(),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         BLOCK_E=_block_e(num_experts),
+        GROUP_M=GROUP_M,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -307,8 +412,7 @@ def gemm_scatter(
     num_rows, num_experts = plan.num_rows, plan.num_experts
     hidden, ffn = w2.shape[1], w2.shape[2]
     bias = b2 if b2 is not None else w2  # placeholder pointer, never read
-    grid = (_tile_grid_m(num_rows, num_experts, config.block_m), triton.cdiv(hidden, config.block_n))
-    _gemm_scatter_kernel[grid](
+    _gemm_scatter_kernel[_grid(num_rows, num_experts, config.block_m, hidden, config.block_n)](
         h,
         plan.order,
         plan.gate,
@@ -338,6 +442,7 @@ def gemm_scatter(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         BLOCK_E=_block_e(num_experts),
+        GROUP_M=GROUP_M,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -351,7 +456,7 @@ def kernels_interpreted() -> bool:
 
 def kernel_supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, activation: Activation) -> bool:
     """Whether the fused kernels handle this call (else ``moe_ffn`` runs the torch reference)."""
-    if activation.name not in _KERNEL_ACTIVATION:
+    if KernelActivation.of(activation, w2.shape[-1] if w2.dim() == 3 else 0) is None:
         return False
     if x.dtype not in _DTYPES or w1.dtype not in _DTYPES or w2.dtype not in _DTYPES:
         return False
@@ -376,8 +481,11 @@ def moe_ffn_with_configs(
     out = torch.empty((plan.num_tokens, x.shape[1]), dtype=x.dtype, device=x.device)
     if plan.num_rows == 0:
         return out.zero_()
-    kernel_act = _KERNEL_ACTIVATION[activation.name]
-    h = torch.empty((plan.num_rows, w1.shape[1]), dtype=w2.dtype, device=x.device)
+    ffn = w2.shape[2]
+    kernel_act = KernelActivation.of(activation, ffn)
+    if kernel_act is None:
+        raise ValueError(f"the Triton kernels do not implement activation {activation.name!r}")
+    h = torch.empty((plan.num_rows, ffn), dtype=w2.dtype, device=x.device)
     if x.device.type == "cuda":
         # Triton launches on the current device; models split by a device map live on several.
         with torch.cuda.device(x.device):
@@ -392,7 +500,7 @@ def _run(
     b1: torch.Tensor | None,
     w2: torch.Tensor,
     b2: torch.Tensor | None,
-    kernel_act: str,
+    kernel_act: KernelActivation,
     out_scale: float,
     gemm1: KernelConfig,
     gemm2: KernelConfig,
@@ -428,5 +536,5 @@ def moe_ffn(
     """
     if not kernel_supported(x, w1, w2, activation):
         return torch_moe_ffn(x, plan, w1, b1, w2, b2, activation, out_scale)
-    gemm1, gemm2 = get_configs(x.device, plan.num_experts, w1.shape[2], w1.shape[1], plan.top_k, plan.num_tokens)
+    gemm1, gemm2 = get_configs(x.device, plan.num_experts, w1.shape[2], w2.shape[2], plan.top_k, plan.num_tokens)
     return moe_ffn_with_configs(x, plan, w1, b1, w2, b2, activation, out_scale, gemm1, gemm2)

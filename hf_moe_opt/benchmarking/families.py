@@ -1,0 +1,195 @@
+"""Fused-expert families at real layer shapes: transformers' own experts implementations vs ours.
+
+    hf-moe-opt bench families --out benchmarks/results/families_h200.json
+
+For the Mixtral-8x7B and Qwen3-30B-A3B MoE blocks (random weights, bf16), in one run on one GPU:
+the HF block with ``experts_implementation="grouped_mm"`` (transformers' default on CUDA) and
+``"eager"``, and our layer with the torch and Triton backends; each eager and, where capturable,
+CUDA-graph replayed; the floor from the bandwidth and matmul rate measured in the same run; ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..experts import available_backends
+from ..timing import median_ms
+from .common import environment, measure_ceilings
+from .layer import graphed, peak_mb
+
+TOKENS = (1, 8, 64, 512, 4096, 16384)
+
+# name: (transformers config class, block module, block class, config kwargs)
+FAMILY_SHAPES = {
+    "mixtral-8x7b": (
+        "MixtralConfig",
+        "transformers.models.mixtral.modeling_mixtral",
+        "MixtralSparseMoeBlock",
+        {"hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2},
+    ),
+    "qwen3-30b-a3b": (
+        "Qwen3MoeConfig",
+        "transformers.models.qwen3_moe.modeling_qwen3_moe",
+        "Qwen3MoeSparseMoeBlock",
+        {
+            "hidden_size": 2048,
+            "moe_intermediate_size": 768,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "norm_topk_prob": True,
+        },
+    ),
+}
+
+
+def build_block(name: str, device: torch.device):
+    import importlib
+
+    import transformers
+
+    config_name, module, block_name, kwargs = FAMILY_SHAPES[name]
+    config = getattr(transformers, config_name)(num_hidden_layers=1, **kwargs)
+    with torch.device(device):
+        block = getattr(importlib.import_module(module), block_name)(config)
+    with torch.no_grad():
+        for p in block.parameters():  # fused expert parameters start uninitialised
+            p.normal_(0.0, 0.02)
+    return block.to(torch.bfloat16).eval(), config
+
+
+def _dims(config) -> tuple[int, int, int, int]:
+    e = getattr(config, "num_local_experts", None) or config.num_experts
+    f = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return e, config.hidden_size, f, config.num_experts_per_tok
+
+
+def floor_ms(active: int, d: int, f: int, assignments: int, ceilings: dict) -> float:
+    """max(active experts' bytes / copy bandwidth, FLOPs / matmul rate) for three-matrix GLU experts."""
+    weight_bytes = active * 3 * d * f * 2
+    flops = 2 * assignments * 3 * d * f
+    return 1e3 * max(weight_bytes / ceilings["copy_bytes_per_s"], flops / ceilings["bf16_flops_per_s"])
+
+
+def _time_variant(rows, key, fn, inputs, tokens, device, repeats, graph: bool) -> None:
+    for n in tokens:
+        x = inputs[n]
+        try:
+            rows[n][f"{key}_ms"] = median_ms(lambda x=x: fn(x), device, repeats)
+            rows[n][f"{key}_peak_mb"] = peak_mb(lambda x=x: fn(x), device)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+            rows[n][f"{key}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            continue
+        if graph:
+            try:
+                rows[n][f"{key}_graph_ms"] = median_ms(graphed(fn, x), device, repeats)
+            except RuntimeError as err:  # not capturable (host syncs)
+                rows[n][f"{key}_graph_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                torch.cuda.synchronize()
+
+
+def bench_family(name: str, device, ceilings, tokens, repeats, eager_max_tokens: int) -> list[dict]:
+    from ..patches import find_patch
+
+    block, config = build_block(name, device)
+    e, d, f, k = _dims(config)
+    inputs = {n: torch.randn(1, n, d, device=device, dtype=torch.bfloat16) for n in tokens}
+    rows = {n: {"shape": name, "tokens": n, "E": e, "D": d, "F": f, "k": k} for n in tokens}
+    with torch.no_grad():
+        for n in tokens:
+            _, _, index = block.gate(inputs[n].view(-1, d))
+            active = int(torch.unique(index).numel())
+            rows[n]["active_experts"] = active
+            rows[n]["floor_ms"] = floor_ms(active, d, f, n * k, ceilings)
+        config._experts_implementation = "grouped_mm"
+        _time_variant(rows, "hf_grouped_mm", block, inputs, tokens, device, repeats, graph=True)
+        config._experts_implementation = "eager"
+        small = [n for n in tokens if n <= eager_max_tokens]
+        _time_variant(rows, "hf_eager", block, inputs, small, device, max(3, repeats // 4), graph=False)
+        config._experts_implementation = "grouped_mm"
+        reference = {n: block(inputs[n]) for n in tokens}
+        layer = find_patch(block).build(block, config, capacity="model", backend="torch")
+        for backend in [b for b in ("torch", "triton") if b in available_backends()]:
+            layer.backend = backend
+            layer._resolved.clear()
+            _time_variant(rows, backend, layer, inputs, tokens, device, repeats, graph=True)
+            for n in tokens:
+                diff = (layer(inputs[n]).float() - reference[n].float()).abs().max().item()
+                rows[n][f"{backend}_max_abs_diff_vs_hf"] = diff
+    for r in rows.values():
+        for key in [k_ for k_ in r if k_.endswith("_ms") and k_ != "floor_ms"]:
+            r[key.replace("_ms", "_x_floor")] = r[key] / r["floor_ms"]
+        for ours in ("torch", "triton"):
+            for suffix in ("", "_graph"):
+                if f"hf_grouped_mm{suffix}_ms" in r and f"{ours}{suffix}_ms" in r:
+                    r[f"hf_grouped_mm_over_{ours}{suffix}"] = r[f"hf_grouped_mm{suffix}_ms"] / r[f"{ours}{suffix}_ms"]
+    return list(rows.values())
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        rows = [r for r in result["rows"] if r["shape"] == shape]
+        for key, label in [
+            ("hf_eager_ms", "HF eager"),
+            ("hf_grouped_mm_ms", "HF grouped_mm"),
+            ("hf_grouped_mm_graph_ms", "HF grouped_mm, graph"),
+            ("torch_graph_ms", "ours torch, graph"),
+            ("triton_ms", "ours triton"),
+            ("triton_graph_ms", "ours triton, graph"),
+            ("floor_ms", "floor"),
+        ]:
+            pts = [(r["tokens"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label, ls="--" if key == "floor_ms" else "-")
+        ax.set(xscale="log", yscale="log", title=shape, xlabel="tokens", ylabel="ms")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"MoE block time, bf16, {result['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=list(FAMILY_SHAPES), choices=list(FAMILY_SHAPES))
+    p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--eager-max-tokens", type=int, default=512, help="skip HF's eager loop above this")
+    p.add_argument("--out", default="benchmarks/results/families.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the families benchmark needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    ceilings = measure_ceilings(device)
+    tb, tf = ceilings["copy_bytes_per_s"] / 1e12, ceilings["bf16_flops_per_s"] / 1e12
+    print(f"ceilings: copy {tb:.2f} TB/s, bf16 {tf:.0f} TFLOP/s")
+    rows = []
+    for name in args.shapes:
+        for r in bench_family(name, device, ceilings, args.tokens, args.repeats, args.eager_max_tokens):
+            rows.append(r)
+            cols = [f"{k}={v:.3f}" for k, v in r.items() if k.endswith("_ms")]
+            print(f"{name:>14} n={r['tokens']:>5} " + " ".join(cols), flush=True)
+        torch.cuda.empty_cache()
+    result = {"command": " ".join(sys.argv), "environment": environment(), "ceilings": ceilings, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
