@@ -40,7 +40,7 @@ def _parse_shape(text: str) -> tuple[int, int, int, int]:
     return parts[0], parts[1], parts[2], parts[3]
 
 
-def _candidates(rows_per_expert: float, quick: bool, gated: bool):
+def _candidates(rows_per_expert: float, quick: bool, gated: bool, split: bool = False):
     from hf_moe_opt.kernels import KernelConfig
 
     # Tiles taller than twice the average group waste most of their rows; much shorter ones re-read
@@ -63,7 +63,9 @@ def _candidates(rows_per_expert: float, quick: bool, gated: bool):
         tiles = m + (2 * n if gated else n)
         if tiles * k * 2 * s > 200 * 1024:
             continue  # more shared memory than an H100/H200 SM has
-        yield KernelConfig(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s)
+        # Split-K (GEMM2 only) spreads a few rows' weight reads over more programs.
+        for split_k in (1, 2, 4, 8) if split and small and not quick else (1,):
+            yield KernelConfig(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s, split_k=split_k)
 
 
 def _time(fn, warmup_ms: int, rep_ms: int) -> float:
@@ -126,7 +128,11 @@ def tune_shape(shape, tokens: int, dtype: torch.dtype, activation: str, args, de
         "gemm1", gemm1_fn, list(_candidates(rows_per_expert, args.quick, gated)), args.warmup_ms, args.rep_ms
     )
     g2, ms2 = _best(
-        "gemm2", gemm2_fn, list(_candidates(rows_per_expert, args.quick, False)), args.warmup_ms, args.rep_ms
+        "gemm2",
+        gemm2_fn,
+        list(_candidates(rows_per_expert, args.quick, False, split=True)),
+        args.warmup_ms,
+        args.rep_ms,
     )
     total = _time(
         lambda: moe_ffn_with_configs(x, plan, w1, None, w2, None, act, 1.0, g1, g2),
@@ -138,7 +144,8 @@ def tune_shape(shape, tokens: int, dtype: torch.dtype, activation: str, args, de
         f"E={num_experts} D={hidden} F={ffn} k={top_k} tokens={tokens}: gemm1 {ms1:.4f} ms {g1}, "
         f"gemm2 {ms2:.4f} ms {g2}; moe_ffn {total:.4f} ms, torch backend {ref_ms:.4f} ms"
     )
-    return {"tokens": tokens, "gemm1": g1.to_dict(), "gemm2": g2.to_dict(), "ms": round(total, 5)}
+    entry = {"tokens": tokens, "gemm1": g1.to_dict(), "gemm2": g2.to_dict()}
+    return {**entry, "ms": round(total, 5), "torch_ms": round(ref_ms, 5)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     table.setdefault("shapes", {})
     for shape in shapes:
         entries = [tune_shape(shape, t, dtype, args.activation, args) for t in sorted(set(args.tokens))]
-        table["shapes"][shape_key(*shape)] = entries
+        # Entries at token counts not tuned now are kept.
+        kept = [e for e in table["shapes"].get(shape_key(*shape), []) if e["tokens"] not in set(args.tokens)]
+        table["shapes"][shape_key(*shape)] = sorted(kept + entries, key=lambda e: e["tokens"])
         # The first tuned shape also serves shapes this GPU has no entry for.
         table.setdefault("default", entries)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from torch import nn
 from .dispatch import make_plan
 from .experts import ExpertWeights, get_backend, resolve_backend
 from .experts.activation import Activation
-from .experts.backends import AUTO_TRITON_MAX_ROWS, choose_backend
+from .experts.backends import choose_backend
 from .experts.store import ExpertStore, ResidentStore
 from .graphs import GraphCache
 
@@ -62,7 +62,7 @@ class OptimizedMoE(nn.Module):
         self.out_scale = float(out_scale)
         self.backend = backend
         self.family = family
-        self._resolved: dict[tuple[torch.device, bool], Callable] = {}
+        self._resolved: dict[torch.device, Callable] = {}
         # Callables ``fn(layer, routing)`` run after routing (the routing profiler uses this).
         self.observers: list[Callable] = []
         resolve_backend(backend, weights.device)  # fail early on a bad option
@@ -94,11 +94,10 @@ class OptimizedMoE(nn.Module):
         return result
 
     def _ffn(self, device: torch.device, rows: int) -> Callable:
-        key = (device, rows > AUTO_TRITON_MAX_ROWS)  # the only thing the choice depends on besides the device
-        ffn = self._resolved.get(key)
+        # Per device; "auto" picks torch or Triton per call (experts.backends.auto_moe_ffn).
+        ffn = self._resolved.get(device)
         if ffn is None:
-            ffn = get_backend(choose_backend(self.backend, device, rows))
-            self._resolved[key] = ffn
+            ffn = self._resolved[device] = get_backend(choose_backend(self.backend, device, rows))
         return ffn
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:

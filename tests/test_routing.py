@@ -152,3 +152,23 @@ def test_eager_nllb_baseline_is_correct_and_matches_optimized(routing):
     torch.testing.assert_close(got_base, want, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got_opt, want, atol=2e-5, rtol=2e-5)
     assert remove_nllb_eager_reference(base) == 4
+
+
+def test_router_logits_cast_copy_follows_weight_updates() -> None:
+    from torch import nn
+
+    from hf_moe_opt.routing import router_logits
+
+    classifier = nn.Linear(8, 4, bias=True).to(torch.bfloat16)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+
+    def expected() -> torch.Tensor:
+        return nn.functional.linear(x.float(), classifier.weight.float(), classifier.bias.float())
+
+    torch.testing.assert_close(router_logits(x, classifier, torch.float32), expected(), rtol=0, atol=0)
+    with torch.no_grad():
+        classifier.weight.mul_(-2)  # in place: same storage, new version
+    torch.testing.assert_close(router_logits(x, classifier, torch.float32), expected(), rtol=0, atol=0)
+    classifier.bias = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))  # new storage
+    torch.testing.assert_close(router_logits(x, classifier, torch.float32), expected(), rtol=0, atol=0)
+    assert classifier.weight.dtype == torch.bfloat16  # the module is not cast in place

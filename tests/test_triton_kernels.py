@@ -368,3 +368,35 @@ def test_fused_plan_equals_make_plan(num_tokens: int, top_k: int, num_experts: i
         a, b = getattr(got, name), getattr(ref, name)
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert (got.num_tokens, got.top_k, got.num_experts, got.may_drop) == (num_tokens, top_k, num_experts, drops)
+
+
+def test_make_plan_takes_the_fused_planner_on_cuda_only() -> None:
+    from hf_moe_opt.dispatch.plan import _fused_planner
+
+    planner = _fused_planner()
+    # Compiled kernels: the planner module; the interpreter (CPU) never plans with it.
+    assert (planner is None) == kernels_interpreted()
+    if planner is not None:
+        assert planner.fits(64, 128) and not planner.fits(0, 8) and not planner.fits(planner.MAX_ROWS + 1, 8)
+
+
+@pytest.mark.parametrize(
+    ("split_k", "top_k", "dtype"), [(2, 1, torch.float32), (3, 2, torch.bfloat16), (4, 2, torch.float32)]
+)
+def test_split_k_gemm2(split_k: int, top_k: int, dtype: torch.dtype) -> None:
+    # K = 72 over 16-wide K tiles: splits of unequal tile counts; drops and bias through the combine.
+    num_tokens, num_experts, hidden, ffn = 19, 5, 40, 72
+    g = torch.Generator().manual_seed(80 + split_k)
+    x = torch.randn(num_tokens, hidden, generator=g).to(DEVICE, dtype)
+    keep = torch.rand(num_tokens, top_k, generator=g) > 0.25
+    plan = _plan(_random_index(num_tokens, top_k, num_experts, seed=81), num_experts, keep)
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, dtype, bias=True, seed=82)
+    config = KernelConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2, split_k=split_k)
+    out = _check(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu"], out_scale=0.5, config=config)
+    all_dropped = ~keep.any(dim=1)
+    assert (out[all_dropped.to(DEVICE)] == 0).all()
+    # Deterministic: the partials are summed in a fixed order.
+    again = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu"], 0.5, config, config)
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError):
+        KernelConfig(16, 16, 16, split_k=0)

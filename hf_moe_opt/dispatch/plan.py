@@ -70,10 +70,10 @@ def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
 def _fused_planner():
     """The one-launch planner for small batches on CUDA (``hf_moe_opt.kernels.plan``), if Triton compiles."""
     try:
-        from ..kernels import moe_ffn, plan
+        from ..kernels import kernels_interpreted, plan
     except ImportError:
         return None
-    return None if moe_ffn.kernels_interpreted() else plan
+    return None if kernels_interpreted() else plan
 
 
 def make_plan(

@@ -11,8 +11,9 @@ from .torch_backend import torch_moe_ffn
 
 BACKENDS = ("auto", "torch", "triton")
 
-# "auto" on CUDA: the Triton kernels win while launches and weight reads dominate; past this many
-# routed rows torch._grouped_mm's tuned GEMMs win (benchmarks/results/layer_h200.json, H200, bf16).
+# "auto" on CUDA runs, per call, the backend the GPU's tuned table measured faster for the expert
+# shape and token count (hf_moe_opt/kernels/configs/<GPU>.json). Shapes without timings: Triton up
+# to this many routed rows, torch._grouped_mm's tuned GEMMs past it.
 AUTO_TRITON_MAX_ROWS = 4096
 
 
@@ -55,11 +56,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def choose_backend(backend: str, device: torch.device, rows: int) -> str:
-    """The concrete backend for one call: ``backend`` resolved for ``device`` and ``rows`` routed rows."""
+    """The backend for calls on ``device``: ``"torch"``, ``"triton"``, or ``"auto"`` (a per-call choice
+    between the two, by measured speed; see :func:`auto_moe_ffn`)."""
     name = resolve_backend(backend, device)
-    if backend == "auto" and name == "triton" and rows > AUTO_TRITON_MAX_ROWS:
-        return "torch"
-    return name
+    return "auto" if backend == "auto" and name == "triton" else name
+
+
+def auto_moe_ffn(x, plan, w1, b1, w2, b2, activation, out_scale: float = 1.0) -> torch.Tensor:
+    """``moe_ffn`` of the faster backend for this shape and token count on this GPU."""
+    from ..kernels import moe_ffn, torch_faster
+
+    faster = torch_faster(x.device, plan.num_experts, w1.shape[2], w2.shape[2], plan.top_k, plan.num_tokens)
+    if faster is None:
+        faster = plan.num_rows > AUTO_TRITON_MAX_ROWS
+    fn = torch_moe_ffn if faster else moe_ffn
+    return fn(x, plan, w1, b1, w2, b2, activation, out_scale)
 
 
 def get_backend(name: str) -> Callable:
@@ -70,4 +81,6 @@ def get_backend(name: str) -> Callable:
         from ..kernels import moe_ffn
 
         return moe_ffn
+    if name == "auto":
+        return auto_moe_ffn
     raise ValueError(f"unknown backend {name!r}")

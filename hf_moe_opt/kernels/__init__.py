@@ -1,6 +1,6 @@
 """Triton kernels: fused gather -> GEMM1 -> activation and GEMM2 -> weighted scatter over a dispatch plan."""
 
-from .launch_config import KernelConfig, get_configs
+from .launch_config import KernelConfig, get_configs, torch_faster
 from .moe_ffn import (
     gather_gemm_act,
     gemm_scatter,
@@ -19,4 +19,5 @@ __all__ = [
     "kernels_interpreted",
     "moe_ffn",
     "moe_ffn_with_configs",
+    "torch_faster",
 ]

@@ -14,7 +14,9 @@ File layout::
     }
 
 Each entry is tuned at one token count; a call uses the entry whose count is nearest on a log
-scale (a shape class by token count). ``shapes`` entries win over the file's ``default``.
+scale (a shape class by token count). Entries may also carry ``ms`` and ``torch_ms``, the Triton and
+torch backends' times measured by the tuning run; ``backend="auto"`` runs the faster one.
+``shapes`` entries win over the file's ``default``.
 """
 
 from __future__ import annotations
@@ -42,8 +44,13 @@ class KernelConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    # GEMM2 only: K split over this many programs per tile (small batches), fp32 partials summed
+    # in a fixed order by a combine kernel.
+    split_k: int = 1
 
     def __post_init__(self) -> None:
+        if self.split_k < 1:
+            raise ValueError(f"split_k={self.split_k} must be >= 1")
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
             # tl.dot needs power-of-two tiles of at least 16 in every dimension.
@@ -51,7 +58,10 @@ class KernelConfig:
                 raise ValueError(f"{name}={value} must be a power of two >= 16")
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        data = asdict(self)
+        if self.split_k == 1:
+            del data["split_k"]  # tables stay readable by versions without split-K
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> KernelConfig:
@@ -141,6 +151,29 @@ def _lookup(device_name: str, key: str, num_tokens: int) -> tuple[KernelConfig, 
     raise RuntimeError("no launch config found")  # unreachable: the builtin table always matches
 
 
+@functools.lru_cache(maxsize=4096)
+def _torch_faster(device_name: str, key: str, num_tokens: int) -> bool | None:
+    for table in load_table(device_name):
+        entries = table.get("shapes", {}).get(key)
+        if entries:
+            entry = _nearest(entries, num_tokens)
+            if "ms" in entry and "torch_ms" in entry:
+                return float(entry["torch_ms"]) < float(entry["ms"])
+            return None
+    return None
+
+
+def torch_faster(
+    device: torch.device, num_experts: int, hidden: int, ffn: int, top_k: int, num_tokens: int
+) -> bool | None:
+    """Whether the tuning run measured the torch backend faster at the nearest tuned token count.
+
+    None when this GPU's table has no timed entry for the shape (``backend="auto"`` then decides by
+    the number of routed rows).
+    """
+    return _torch_faster(device_name(device), shape_key(num_experts, hidden, ffn, top_k), num_tokens)
+
+
 def get_configs(
     device: torch.device, num_experts: int, hidden: int, ffn: int, top_k: int, num_tokens: int
 ) -> tuple[KernelConfig, KernelConfig]:
@@ -152,3 +185,4 @@ def clear_cache() -> None:
     """Forget loaded tables (after writing a new JSON file in the same process)."""
     load_table.cache_clear()
     _lookup.cache_clear()
+    _torch_faster.cache_clear()

@@ -229,7 +229,9 @@ def _gemm_scatter_kernel(
     stride_bn,
     stride_om,
     stride_on,
+    k_per_split,
     HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -242,7 +244,7 @@ def _gemm_scatter_kernel(
     group, row_start, row_end, pid_n = _tile_coords(
         tl.program_id(0), counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
     )
-    if group > num_experts:
+    if group > num_experts or (SPLIT and group == num_experts):  # split: the combine writes dropped rows
         return
     rows = row_start + tl.arange(0, BLOCK_M)
     mask_m = rows < row_end
@@ -255,13 +257,16 @@ def _gemm_scatter_kernel(
         # Dropped assignments contribute nothing, but their slot must still be defined.
         tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=mask_out)
         return
-    offs_k = tl.arange(0, BLOCK_K)
+    # K range of this program: everything, or split number program_id(1) of a split-K launch.
+    k_begin = tl.program_id(1) * k_per_split
+    k_stop = tl.minimum(k_begin + k_per_split, K)
+    offs_k = k_begin + tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hk
     w_base = w_ptr + group.to(tl.int64) * stride_we
     w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
+    for k0 in range(0, k_per_split, BLOCK_K):
+        mask_k = offs_k < k_stop - k0
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if DOT_FP32:
@@ -270,12 +275,62 @@ def _gemm_scatter_kernel(
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         h_ptrs += BLOCK_K * stride_hk
         w_ptrs += BLOCK_K * stride_wk
+    if SPLIT:
+        # fp32 partial of sorted row r at out[split, r, n]; strides: om = row, on = split plane.
+        part_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * stride_on + rows.to(tl.int64)[:, None] * stride_om
+        tl.store(part_ptrs + offs_n[None, :], acc, mask=mask_out)
+        return
     if HAS_BIAS:
         bias = tl.load(b_ptr + group.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     gate = tl.load(gate_ptr + rows, mask=mask_m, other=0.0).to(tl.float32) * out_scale
     acc = acc * gate[:, None]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _split_combine_kernel(
+    part_ptr,
+    expert_ptr,
+    order_ptr,
+    gate_ptr,
+    b_ptr,
+    out_ptr,
+    out_scale,
+    num_rows,
+    num_experts,
+    N,
+    stride_part,
+    stride_be,
+    stride_bn,
+    stride_om,
+    stride_on,
+    SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``dst[order[r]] = gate[r] * out_scale * (sum_s part[s, r] + b2[e])``, zeros for dropped rows."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = rows < num_rows
+    mask = mask_r[:, None] & (offs_n < N)[None, :]
+    expert = tl.load(expert_ptr + rows, mask=mask_r, other=num_experts)
+    kept = expert < num_experts
+    src = part_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):  # fixed order: deterministic
+        acc += tl.load(src + s * stride_part, mask=mask & kept[:, None], other=0.0)
+    if HAS_BIAS:
+        e = tl.minimum(expert, num_experts - 1).to(tl.int64)
+        bias = tl.load(b_ptr + e[:, None] * stride_be + offs_n[None, :] * stride_bn, mask=mask, other=0.0)
+        acc += bias.to(tl.float32)
+    gate = tl.load(gate_ptr + rows, mask=mask_r, other=0.0).to(tl.float32) * out_scale
+    acc = tl.where(kept[:, None], acc * gate[:, None], 0.0)
+    dst = tl.load(order_ptr + rows, mask=mask_r, other=0).to(tl.int64)
+    tl.store(
+        out_ptr + dst[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 # DOT_FP32: triton's interpreter multiplies bf16 tiles as raw uint16 bits and fp16 tiles in fp16, so
@@ -407,12 +462,22 @@ def gemm_scatter(
 ) -> torch.Tensor:
     """Kernel B into ``dst`` ([N * k, D]): ``dst[order[r]] = gate * out_scale * (h[r] @ w2[e].T + b2[e])``.
 
-    Every row of ``dst`` is written exactly once (zeros for dropped assignments).
+    Every row of ``dst`` is written exactly once (zeros for dropped assignments). With
+    ``config.split_k > 1`` the K dimension is split over programs writing fp32 partials, which a
+    second kernel sums in a fixed order before the gate, bias and scatter.
     """
     num_rows, num_experts = plan.num_rows, plan.num_experts
     hidden, ffn = w2.shape[1], w2.shape[2]
+    splits = config.split_k if num_rows > 0 else 1
+    k_per_split = triton.cdiv(triton.cdiv(ffn, splits), config.block_k) * config.block_k
+    splits = triton.cdiv(ffn, k_per_split)  # no empty splits
+    part = torch.empty((splits, num_rows, hidden), dtype=torch.float32, device=h.device) if splits > 1 else None
+    target = part if part is not None else dst
+    # Partials: row stride hidden, split-plane stride passed as "stride_on" (see the kernel).
+    stride_om, stride_on = (hidden, num_rows * hidden) if part is not None else (dst.stride(0), dst.stride(1))
     bias = b2 if b2 is not None else w2  # placeholder pointer, never read
-    _gemm_scatter_kernel[_grid(num_rows, num_experts, config.block_m, hidden, config.block_n)](
+    grid = _grid(num_rows, num_experts, config.block_m, hidden, config.block_n) + (splits,)
+    _gemm_scatter_kernel[grid](
         h,
         plan.order,
         plan.gate,
@@ -420,7 +485,7 @@ def gemm_scatter(
         plan.offsets,
         w2,
         bias,
-        dst,
+        target,
         float(out_scale),
         num_rows,
         num_experts,
@@ -433,9 +498,11 @@ def gemm_scatter(
         w2.stride(2),
         b2.stride(0) if b2 is not None else 0,
         b2.stride(1) if b2 is not None else 0,
-        dst.stride(0),
-        dst.stride(1),
+        stride_om,
+        stride_on,
+        k_per_split,
         HAS_BIAS=b2 is not None,
+        SPLIT=part is not None,
         DOT_PRECISION=_dot_precision(w2.dtype),
         DOT_FP32=kernels_interpreted(),
         BLOCK_M=config.block_m,
@@ -446,6 +513,29 @@ def gemm_scatter(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    if part is not None:
+        block_r, block_n = 16, 128
+        _split_combine_kernel[(triton.cdiv(num_rows, block_r), triton.cdiv(hidden, block_n))](
+            part,
+            plan.expert,
+            plan.order,
+            plan.gate,
+            bias,
+            dst,
+            float(out_scale),
+            num_rows,
+            num_experts,
+            hidden,
+            num_rows * hidden,
+            b2.stride(0) if b2 is not None else 0,
+            b2.stride(1) if b2 is not None else 0,
+            dst.stride(0),
+            dst.stride(1),
+            SPLITS=splits,
+            HAS_BIAS=b2 is not None,
+            BLOCK_R=block_r,
+            BLOCK_N=block_n,
+        )
     return dst
 
 
