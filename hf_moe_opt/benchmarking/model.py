@@ -44,7 +44,7 @@ def real_config(name: str):
 
 @torch.no_grad()
 def random_model(name: str, device: torch.device):
-    """The real architecture with random bf16 weights, built directly on the device."""
+    """The real architecture with random bf16 weights, built directly on the device (or host memory)."""
     from transformers import NllbMoeForConditionalGeneration, SwitchTransformersForConditionalGeneration
 
     cfg = real_config(name)
@@ -57,9 +57,19 @@ def random_model(name: str, device: torch.device):
     finally:
         torch.set_default_dtype(default)
     model = model.to_empty(device=device)
+    # Host memory: 54B normal_ draws take minutes on a few cores; copies of a shared random pool at
+    # random offsets take seconds and still give every matrix its own values.
+    pool = torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 0.02
+    gen = torch.Generator().manual_seed(1)
     for pname, p in model.named_parameters():
         if "router" in pname:
             p.normal_(0.0, 1.0)  # decisive routing, as trained routers have
+        elif p.dim() > 1 and device.type == "cpu":
+            flat = p.view(-1)
+            for start in range(0, flat.numel(), pool.numel() // 2):
+                chunk = flat[start : start + pool.numel() // 2]
+                offset = int(torch.randint(0, pool.numel() // 2, (1,), generator=gen))
+                chunk.copy_(pool[offset : offset + chunk.numel()])
         elif p.dim() > 1:
             p.normal_(0.0, 0.02)
         elif "norm" in pname:
