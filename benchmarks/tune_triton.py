@@ -40,7 +40,7 @@ def _parse_shape(text: str) -> tuple[int, int, int, int]:
     return parts[0], parts[1], parts[2], parts[3]
 
 
-def _candidates(rows_per_expert: float, quick: bool, gated: bool, split: bool = False):
+def _candidates(rows_per_expert: float, quick: bool, gated: bool, split: bool = False, wide: bool = False):
     from hf_moe_opt.kernels import KernelConfig
 
     # Tiles taller than twice the average group waste most of their rows; much shorter ones re-read
@@ -57,6 +57,8 @@ def _candidates(rows_per_expert: float, quick: bool, gated: bool, split: bool = 
     else:
         block_m = [m for m in block_m if m >= 64] or block_m
         block_n, block_k, warps, stages = (64, 128, 256), (64,), (4, 8), (3, 4)
+        if wide:
+            block_k, stages = (32, 64, 128), (3, 4, 5)
     for m, n, k, w, s in itertools.product(block_m, block_n, block_k, warps, stages):
         if m * n >= 128 * 256 and w == 4:
             continue  # a 4-warp program cannot hold that accumulator in registers
@@ -125,12 +127,16 @@ def tune_shape(shape, tokens: int, dtype: torch.dtype, activation: str, args, de
         return lambda: gemm_scatter(h, plan, w2, None, 1.0, dst, cfg)
 
     g1, ms1 = _best(
-        "gemm1", gemm1_fn, list(_candidates(rows_per_expert, args.quick, gated)), args.warmup_ms, args.rep_ms
+        "gemm1",
+        gemm1_fn,
+        list(_candidates(rows_per_expert, args.quick, gated, wide=args.wide)),
+        args.warmup_ms,
+        args.rep_ms,
     )
     g2, ms2 = _best(
         "gemm2",
         gemm2_fn,
-        list(_candidates(rows_per_expert, args.quick, False, split=True)),
+        list(_candidates(rows_per_expert, args.quick, False, split=True, wide=args.wide)),
         args.warmup_ms,
         args.rep_ms,
     )
@@ -161,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="JSON file to write (default: the package's table for this GPU)")
     parser.add_argument("--quick", action="store_true", help="a small candidate set")
+    parser.add_argument("--wide", action="store_true", help="more K tiles and pipeline depths for large batches")
     parser.add_argument("--warmup-ms", type=int, default=10)
     parser.add_argument("--rep-ms", type=int, default=40)
     args = parser.parse_args(argv)

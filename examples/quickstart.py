@@ -1,7 +1,7 @@
 """Quickstart: load a MoE model, optimize it, generate, restore. Runs offline on the shipped model.
 
-    python examples/quickstart.py                 # shipped switch-tiny-ddtp on CPU
-    python examples/quickstart.py --model google/switch-base-8 --device cuda --dtype bfloat16
+python examples/quickstart.py                 # shipped switch-tiny-ddtp on CPU
+python examples/quickstart.py --model google/switch-base-8 --device cuda --dtype bfloat16
 """
 
 import argparse

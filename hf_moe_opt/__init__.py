@@ -1,8 +1,8 @@
 """hf_moe_opt: fast, memory-lean mixture-of-experts inference for Hugging Face Transformers.
 
-    import hf_moe_opt
-    hf_moe_opt.optimize(model)   # every sparse MoE block -> one dynamic-gating layer
-    hf_moe_opt.restore(model)    # the original modules back
+import hf_moe_opt
+hf_moe_opt.optimize(model)   # every sparse MoE block -> one dynamic-gating layer
+hf_moe_opt.restore(model)    # the original modules back
 """
 
 from ._source_layout import map_source_patches

@@ -127,8 +127,7 @@ def _switch_rows(device, dtype, backend, cache_fraction, result: DemoResult) -> 
     batches = seq2seq_batches(pairs, batch_size=8, pad_id=tok.pad_token_id)
     prompts = tok(ENGLISH[:8], return_tensors="pt", padding=True).to(device)
     as_inputs = [
-        {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels.clamp(min=0)}
-        for b in batches
+        {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels.clamp(min=0)} for b in batches
     ]
 
     def measure(variant: str, baseline_tokens=None, balance=None):
@@ -185,8 +184,9 @@ def _nllb_rows(device, dtype, backend, cache_fraction, result: DemoResult) -> No
         hyps = tok.batch_decode(tokens, skip_special_tokens=True)
         same = "baseline" if baseline_tokens is None else ("yes" if torch.equal(tokens, baseline_tokens) else "no")
         result.rows.append(
-            DemoRow(name, variant, "BLEU", _bleu(hyps, refs), same, ms, _expert_mib(model), _hit_rate(model),
-                    balance, note)  # fmt: skip
+            DemoRow(
+                name, variant, "BLEU", _bleu(hyps, refs), same, ms, _expert_mib(model), _hit_rate(model), balance, note
+            )  # fmt: skip
         )
         return tokens
 
