@@ -70,10 +70,20 @@ def _candidates(rows_per_expert: float, quick: bool, gated: bool, split: bool = 
             yield KernelConfig(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s, split_k=split_k)
 
 
+# Device time of CUDA-graph replays by default: eager timing of a few-microsecond kernel measures the
+# host's launch overhead (tens of microseconds per Triton launch), which would steer small batches
+# away from configs with a second launch (split-K) for the wrong reason.
+GRAPH_TIMING = True
+
+
 def _time(fn, warmup_ms: int, rep_ms: int) -> float:
     import triton
 
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms))
+    if GRAPH_TIMING:
+        fn()  # compile and allocate outside the capture
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
 def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
@@ -150,7 +160,12 @@ def tune_shape(shape, tokens: int, dtype: torch.dtype, activation: str, args, de
         f"E={num_experts} D={hidden} F={ffn} k={top_k} tokens={tokens}: gemm1 {ms1:.4f} ms {g1}, "
         f"gemm2 {ms2:.4f} ms {g2}; moe_ffn {total:.4f} ms, torch backend {ref_ms:.4f} ms"
     )
-    entry = {"tokens": tokens, "gemm1": g1.to_dict(), "gemm2": g2.to_dict()}
+    entry = {
+        "tokens": tokens,
+        "gemm1": g1.to_dict(),
+        "gemm2": g2.to_dict(),
+        "timing": "graph" if GRAPH_TIMING else "eager",
+    }
     return {**entry, "ms": round(total, 5), "torch_ms": round(ref_ms, 5)}
 
 
@@ -168,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON file to write (default: the package's table for this GPU)")
     parser.add_argument("--quick", action="store_true", help="a small candidate set")
     parser.add_argument("--wide", action="store_true", help="more K tiles and pipeline depths for large batches")
+    parser.add_argument("--eager-timing", action="store_true", help="time eager launches instead of CUDA-graph replays")
     parser.add_argument("--warmup-ms", type=int, default=10)
     parser.add_argument("--rep-ms", type=int, default=40)
     args = parser.parse_args(argv)
+    global GRAPH_TIMING
+    GRAPH_TIMING = not args.eager_timing
 
     if not torch.cuda.is_available():
         print("tune_triton.py needs a CUDA GPU: it times compiled Triton kernels. Nothing was written.")
