@@ -41,6 +41,7 @@ TOP_LEVEL_ORDER = [
 EXTRA_MODULES = {
     "hf_moe_opt.assets": ["shipped_model_path", "SHIPPED_MODELS"],
     "hf_moe_opt.baselines": ["use_nllb_eager_reference", "remove_nllb_eager_reference", "NllbMoeEagerReference"],
+    "hf_moe_opt.integrations": ["continuous_batching_config", "continuous_batching_available", "uncapturable_layers"],
 }
 SECTION_RE = re.compile(
     r"^(Args|Arguments|Parameters|Returns|Return|Yields|Raises|Attributes|Keys|Example|Examples|Note|Notes):\s*$"

@@ -22,6 +22,11 @@ from .graphs import GraphCache
 CAPACITY_MODES = ("model", "none")
 
 
+def _stream_capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s CUDA stream is capturing a graph (never on CPU, where the query would raise)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class OptimizedMoE(nn.Module):
     """Dynamic-gating replacement for one sparse MoE block.
 
@@ -104,6 +109,13 @@ class OptimizedMoE(nn.Module):
         if self.training:
             raise RuntimeError(
                 "hf_moe_opt layers run inference only: call model.eval(), or hf_moe_opt.restore(model) to train"
+            )
+        if not self.store.capturable and _stream_capturing(hidden_states):
+            # Otherwise the store's host read fails deep inside with a bare CUDA capture error.
+            raise RuntimeError(
+                f"{type(self.store).__name__} reads the routing on the host and cannot run inside a CUDA-graph "
+                "capture; for continuous batching build the config with "
+                "hf_moe_opt.integrations.continuous_batching_config(model) (or use_cuda_graph=False)"
             )
         batch, seq_len, hidden = hidden_states.shape
         routing = self.route(self.router, hidden_states, padding_mask)

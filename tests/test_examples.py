@@ -79,6 +79,18 @@ def test_multi_gpu_placement(tmp_path):
     assert plan.num_devices == 2 and plan.strategy == "replicate"
 
 
+def test_continuous_batching():
+    from hf_moe_opt.integrations import continuous_batching_available
+
+    if not continuous_batching_available():
+        pytest.skip("the installed transformers has no continuous batching (generate_batch)")
+    out = _run("continuous_batching.py", "--max-new-tokens", "12", "--threads", "1")
+    assert out.count(" -> ") == 6
+    assert "identical tokens: True; generate_batch" in out
+    assert "same as per-request generate: True" in out
+    assert 'experts_implementation="hf_moe_opt": identical tokens: True' in out
+
+
 def test_api_reference_is_current():
     spec = importlib.util.spec_from_file_location("gen_api", ROOT / "docs" / "gen_api.py")
     gen_api = importlib.util.module_from_spec(spec)

@@ -23,6 +23,10 @@ FfnFactory = Callable[[torch.device, int], Callable]
 class ExpertStore(ABC):
     """Runs a layer's experts; subclasses decide where the weights are."""
 
+    #: Whether :meth:`run` can be captured in a CUDA graph (no host read of the routing). The layer
+    #: refuses to run an uncapturable store inside a capture (continuous batching, step graphs).
+    capturable: bool = False
+
     def __init__(self, weights: ExpertWeights):
         self.weights = weights
 
@@ -43,6 +47,8 @@ class ExpertStore(ABC):
 
 class ResidentStore(ExpertStore):
     """Every expert of the layer stacked on one device."""
+
+    capturable = True
 
     def run(self, x, plan, ffn_for, activation, out_scale):
         if not self.weights.w1.is_current():
