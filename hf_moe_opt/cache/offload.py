@@ -20,7 +20,9 @@ Two recipes lead to the same place, ready for ``optimize(model, expert_cache=...
    the whole model (it is there anyway: the experts stay in host memory).
 
 In both, the layer's compute device is the device of its router (the dense weights) and the
-experts' home is host memory.
+experts' home is host memory. For the fused families (Mixtral, Qwen, OLMoE, DeepSeek, GPT-OSS) a
+layer's experts are one ``experts`` module with ``[E, ...]`` parameters: the device map offloads
+that module whole and the take-over is the same; shared experts are its siblings and stay dense.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["expert_module_names", "move_dense", "offload_device_map", "take_over_offloaded_experts"]
+__all__ = [
+    "expert_module_names",
+    "move_dense",
+    "offload_device_map",
+    "take_over_module",
+    "take_over_offloaded_experts",
+]
 
 
 def _sparse_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -127,8 +135,6 @@ def take_over_offloaded_experts(name: str, block: nn.Module) -> int:
     hooked = [m for m in block.modules() if getattr(m, "_hf_hook", None) is not None]
     if not hooked:
         return 0
-    from accelerate.hooks import remove_hook_from_module
-
     experts = getattr(block, "experts", None)
     expert_ids = {id(m) for m in experts.modules()} if experts is not None else set()
     for module in hooked:
@@ -140,9 +146,19 @@ def take_over_offloaded_experts(name: str, block: nn.Module) -> int:
                 "'cpu' only for the '...experts' modules, see hf_moe_opt.cache.offload_device_map)"
             )
     for module in hooked:
-        maps = [h.weights_map for h in _hooks_of(module) if getattr(h, "weights_map", None) is not None]
-        remove_hook_from_module(module)  # puts offloaded tensors back on their original (host) device
-        for key, p in list(module._parameters.items()) + list(module._buffers.items()):
+        take_over_module(name, module)
+    return len(hooked)
+
+
+def take_over_module(name: str, module: nn.Module) -> None:
+    """Remove accelerate's hooks from ``module`` (and its children); offloaded parameters and
+    buffers become the host tensors of the hook's weight map, which forgets them."""
+    from accelerate.hooks import remove_hook_from_module
+
+    for sub in [m for m in module.modules() if getattr(m, "_hf_hook", None) is not None]:
+        maps = [h.weights_map for h in _hooks_of(sub) if getattr(h, "weights_map", None) is not None]
+        remove_hook_from_module(sub)  # puts offloaded tensors back on their original (host) device
+        for key, p in list(sub._parameters.items()) + list(sub._buffers.items()):
             if p is None:
                 continue
             if p.device.type == "meta":
@@ -154,12 +170,11 @@ def take_over_offloaded_experts(name: str, block: nn.Module) -> int:
                     except KeyError:
                         continue
                 if value is None:
-                    raise ValueError(f"{name}: the offloaded weight {key!r} of {type(module).__name__} was not found")
+                    raise ValueError(f"{name}: the offloaded weight {key!r} of {type(sub).__name__} was not found")
                 value = value.to("cpu")
-                if key in module._parameters:
-                    module._parameters[key] = nn.Parameter(value, requires_grad=p.requires_grad)
+                if key in sub._parameters:
+                    sub._parameters[key] = nn.Parameter(value, requires_grad=p.requires_grad)
                 else:
-                    module._buffers[key] = value
+                    sub._buffers[key] = value
             for wm in maps:
                 _forget(wm, key)
-    return len(hooked)

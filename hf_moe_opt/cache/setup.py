@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..experts.layout import expert_layout
 from .budget import LayerGeometry, slots_per_layer
 from .offload import take_over_offloaded_experts
 from .policies import POLICY_NAMES, make_policy
@@ -31,15 +32,13 @@ def check_policy(cache_policy: str) -> str:
 
 
 def _geometry(name: str, block: nn.Module, pinned: int) -> LayerGeometry:
-    experts = getattr(block, "experts", None)
-    members = [m for n, m in experts.named_children() if n.startswith("expert_")] if experts is not None else []
-    if not members:
+    layout = expert_layout(block)
+    if layout is None:
         raise ValueError(
-            f"{name}: expert_cache needs experts stored as separate modules (experts.expert_<j>); "
-            f"{type(block).__name__} is not supported by the cache yet"
+            f"{name}: expert_cache needs experts stored as separate modules (experts.expert_<j>) or as fused "
+            f"[E, ...] tensors (experts.gate_up_proj / down_proj); {type(block).__name__} has neither"
         )
-    nbytes = sum(p.numel() * p.element_size() for p in members[0].parameters())
-    return LayerGeometry(name, len(members), nbytes, pinned)
+    return LayerGeometry(name, layout.num_experts, layout.expert_bytes, pinned)
 
 
 def _compute_device(name: str, block: nn.Module) -> torch.device:

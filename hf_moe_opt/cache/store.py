@@ -3,13 +3,20 @@
 :class:`CachedExpertStore` is the :class:`~hf_moe_opt.experts.store.ExpertStore` behind
 ``optimize(model, expert_cache=...)``. For one MoE layer it holds
 
-* every expert's weights once, in host memory: the stacked ``[E, ...]`` tensors are page-locked
-  (pinned) when the platform allows, and the parameters ``experts.expert_{j}.*`` are re-pointed at
-  their slices, so ``state_dict`` is unchanged and no second copy exists;
-* ``num_slots`` device slots: stacked ``[S, F, D]`` / ``[S, D, F]`` (+ biases) tensors on the
-  compute device, which the expert kernels run on as if they were ``S`` experts;
+* every expert's weights once, in host memory, page-locked (pinned) when the platform allows:
+  per-expert parameters ``experts.expert_{j}.*`` are re-pointed at slices of one stacked
+  ``[E, ...]`` host tensor; fused parameters (``experts.gate_up_proj [E, 2F, D]`` and the like,
+  transformers 5.x's Mixtral, Qwen, OLMoE, DeepSeek, GPT-OSS) get their data replaced by a host
+  copy in the same layout. Either way ``state_dict`` is unchanged, no second copy exists and
+  expert ``j``'s slice ``[j]`` is contiguous;
+* ``num_slots`` device slots per tensor, ``[S, ...]`` in the host tensor's layout (one contiguous
+  copy per load), which the expert kernels run on as if they were ``S`` experts (through
+  ``compute_view``: GPT-OSS's ``[S, in, out]`` slots are seen transposed, as its parameters are);
 * an online eviction policy (:func:`hf_moe_opt.cache.make_policy`) that decides, step by step,
   which expert goes into which slot.
+
+Shared experts (Qwen2-MoE's ``shared_expert``, DeepSeek's ``shared_experts``) are dense modules of
+the layer, not routed experts: they are not in the store and stay resident on the compute device.
 
 One forward of the layer (a *step*):
 
@@ -48,7 +55,7 @@ import torch
 from ..dispatch import DispatchPlan, make_plan
 from ..experts.activation import Activation
 from ..experts.store import ExpertStore, FfnFactory
-from ..experts.weights import ExpertStack, ExpertWeights
+from ..experts.weights import ExpertTensor, ExpertWeights
 from .policies import EvictionPolicy, Load, make_policy
 
 __all__ = ["CachedExpertStore", "expert_nbytes"]
@@ -84,25 +91,33 @@ def _host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> tuple[
 
 
 @torch.no_grad()
-def _stack_on_host(stack: ExpertStack, pin: bool) -> str | None:
-    """Give ``stack`` one host tensor that backs all its parameters; returns why it is not pinned."""
-    params = stack.params
-    current = stack.tensor if stack.is_current() else None
+def _move_to_host(stack: ExpertTensor, pin: bool) -> str | None:
+    """Give ``stack`` one host tensor that backs its parameter(s); returns why it is not pinned.
+
+    Per-expert parameters get one stacked host tensor whose slices they become; a fused parameter's
+    data is replaced by a host copy in the same layout. Either way the host tensor *is* the
+    parameter data: ``state_dict`` is unchanged and no second copy exists.
+    """
+    current = stack.storage() if stack.is_current() else None
     if current is not None and current.device.type == "cpu" and (current.is_pinned() or not pin):
         return None if current.is_pinned() else "pinning disabled"
-    first = params[0]
     if current is not None and current.device.type == "cpu":
-        # Already one host stack: only page-locking it would change anything.
+        # Already in host memory: only page-locking it would change anything.
         host, why = _host_empty(tuple(current.shape), current.dtype, pin)
         if why is not None:
             return why
-    else:
-        host, why = _host_empty((len(params), *first.shape), first.dtype, pin)
-    for j, p in enumerate(params):
-        host[j].copy_(p.data)
-        # The old storage (device or pageable) goes as soon as nothing else points at it.
-        p.data = host[j]
-    stack.tensor = host
+    elif current is not None:
+        host, why = _host_empty(tuple(current.shape), current.dtype, pin)
+    else:  # per-expert parameters moved one by one (model.to): gather them straight from where they are
+        first = stack.params[0]
+        host, why = _host_empty((len(stack.params), *first.shape), first.dtype, pin)
+        for j, p in enumerate(stack.params):
+            host[j].copy_(p.data)
+            p.data = host[j]  # the old storage goes as soon as nothing else points at it
+        stack.tensor = host
+        return why
+    host.copy_(current)
+    stack.set_storage(host)  # the old (device or pageable) storage is freed here
     return why
 
 
@@ -161,7 +176,7 @@ class CachedExpertStore(ExpertStore):
     @property
     def host_pinned(self) -> bool:
         """Whether the host copy is page-locked."""
-        return all(s.tensor.is_pinned() for s in self.weights.stacks())
+        return all(s.storage().is_pinned() for s in self.weights.stacks())
 
     @property
     def expert_nbytes(self) -> int:
@@ -176,19 +191,20 @@ class CachedExpertStore(ExpertStore):
     def _home(self) -> None:
         why = None
         for stack in self.weights.stacks():
-            why = _stack_on_host(stack, self.pin_memory) or why
+            why = _move_to_host(stack, self.pin_memory) or why
         self.pin_error = why if self.pin_memory else None
 
     def _alloc_slots(self) -> None:
+        # Slots in the host tensors' layout, so a load is one contiguous copy per tensor; the kernels
+        # see them through compute_view (e.g. GPT-OSS's [S, in, out] slots as [S, out, in]).
         self._slots = [
-            torch.empty((self.num_slots, *s.tensor.shape[1:]), dtype=s.tensor.dtype, device=self.device)
-            for s in self.weights.stacks()
+            torch.empty((self.num_slots, *h.shape[1:]), dtype=h.dtype, device=self.device) for h in self._host_tensors()
         ]
         self._slot_of: dict[int, int] = {}  # mirror of the policy's residents, as the slots hold them
         self.policy.reset()
 
     def _slot_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        it = iter(self._slots)
+        it = (s.compute_view(t) for s, t in zip(self.weights.stacks(), self._slots, strict=True))
         w1 = next(it)
         w2 = next(it)
         b1 = next(it) if self.weights.b1 is not None else None
@@ -196,7 +212,8 @@ class CachedExpertStore(ExpertStore):
         return w1, b1, w2, b2
 
     def _host_tensors(self) -> list[torch.Tensor]:
-        return [s.tensor for s in self.weights.stacks()]
+        """Each stack's host tensor in storage layout: ``[j]`` is expert ``j``'s slice."""
+        return [s.storage() for s in self.weights.stacks()]
 
     def refresh(self) -> None:
         """After ``model.to(...)``/``.half()``: bring moved or cast experts back to host memory.
@@ -205,8 +222,8 @@ class CachedExpertStore(ExpertStore):
         target device); they are copied back into (pinned) host memory, the slots are reallocated
         in the new dtype and the cache starts cold. Move the model *before* optimizing to avoid it.
         """
-        if all(s.is_current() and s.tensor.device.type == "cpu" for s in self.weights.stacks()):
-            if all(t.dtype == s.tensor.dtype for t, s in zip(self._slots, self.weights.stacks(), strict=True)):
+        if all(s.is_current() and s.storage().device.type == "cpu" for s in self.weights.stacks()):
+            if all(t.dtype == h.dtype for t, h in zip(self._slots, self._host_tensors(), strict=True)):
                 return
         moved_to = next((s.params[0].device for s in self.weights.stacks() if s.params[0].device.type != "cpu"), None)
         if moved_to is not None:
@@ -223,11 +240,7 @@ class CachedExpertStore(ExpertStore):
         if self.home_device.type != "cpu":
             with torch.no_grad():
                 for stack in self.weights.stacks():
-                    dev = torch.empty_like(stack.tensor, device=self.home_device)
-                    dev.copy_(stack.tensor)
-                    for j, p in enumerate(stack.params):
-                        p.data = dev[j]
-                    stack.tensor = dev
+                    stack.set_storage(stack.storage().to(self.home_device))
 
     def clear(self) -> None:
         """Empty the cache (the next steps start cold); statistics are kept."""

@@ -16,7 +16,10 @@ What an expert store (buffering cache, multi-device placement) can rely on, for 
   ``[E, ...]`` compute view), ``expert(j)`` (expert ``j``'s slice of it, a view), ``storage()``
   (the tensor that owns the memory: the stack, or the fused parameter's data, in checkpoint layout),
   ``set_storage(t)`` (re-point the parameter(s) at ``t``, same shape and layout as ``storage()``:
-  e.g. pinned host memory), ``num_experts``, ``is_current()`` and ``restack()``.
+  e.g. pinned host memory), ``compute_view(t)`` (a tensor in storage layout seen in compute
+  layout: what a store hands the backends after copying slices into its own buffers),
+  ``num_experts``, ``is_current()`` and ``restack()``. ``storage()[j]`` is expert ``j``'s slice in
+  checkpoint layout, contiguous when the storage is: the unit a store copies.
 * ``ExpertWeights.expert(j)``: ``(w1_j, b1_j, w2_j, b2_j)`` views in compute layout, the unit a
   cache copies into a device slot; ``ExpertWeights.tensors()`` the whole-layer compute views.
 * Gated experts: ``w1`` is the fused gate/up projection (``[E, 2F, D]`` in compute layout), and the
@@ -103,6 +106,10 @@ class ExpertStack:
         """The tensor owning the memory (the stack itself)."""
         return self.tensor
 
+    def compute_view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (laid out as :meth:`storage`) in compute layout: stacks are stored that way already."""
+        return t
+
     @torch.no_grad()
     def set_storage(self, stacked: torch.Tensor) -> None:
         """Re-point every parameter at its slice of ``stacked`` (same shape as :meth:`storage`)."""
@@ -126,7 +133,8 @@ class FusedExpertTensor:
             ``transpose(1, 2)`` view.
 
     :attr:`tensor` reads the parameter's current data on every access, so moving or casting the
-    model needs no re-stacking.
+    model needs no re-stacking. After :meth:`keep_experts` (expert parallelism) the parameter holds
+    only some experts and :attr:`tensor` is a meta placeholder of the whole layer's shape.
     """
 
     def __init__(self, param: nn.Parameter, what: str, *, transposed: bool = False):
@@ -140,6 +148,7 @@ class FusedExpertTensor:
         self.param = param
         self.what = what
         self.transposed = transposed
+        self.placeholder: torch.Tensor | None = None
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -147,12 +156,32 @@ class FusedExpertTensor:
 
     @property
     def tensor(self) -> torch.Tensor:
-        data = self.param.data
-        return data.transpose(1, 2) if self.transposed else data
+        if self.placeholder is not None:
+            return self.placeholder
+        return self.compute_view(self.param.data)
+
+    def compute_view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (laid out as :meth:`storage`) in compute layout: the transpose for ``[E, in, out]`` storage."""
+        return t.transpose(1, 2) if self.transposed else t
 
     @property
     def num_experts(self) -> int:
-        return self.param.shape[0]
+        return self.tensor.shape[0]
+
+    @torch.no_grad()
+    def keep_experts(self, experts: Sequence[int]) -> torch.Tensor:
+        """Shrink the parameter to ``experts``' slices (in that order) and free the others.
+
+        Expert parallelism: a rank holds only its experts, so the parameter becomes ``[n, ...]``
+        (its ``state_dict`` entry too) while :attr:`tensor` keeps answering shape and dtype queries
+        for the whole layer from a meta placeholder. Returns the kept experts in compute layout.
+        """
+        full = self.tensor
+        data = self.param.data
+        index = torch.as_tensor(list(experts), dtype=torch.long, device=data.device)
+        self.param.data = data.index_select(0, index)
+        self.placeholder = torch.empty(full.shape, dtype=full.dtype, device="meta")
+        return self.compute_view(self.param.data)
 
     def expert(self, j: int) -> torch.Tensor:
         """Expert ``j``'s weight in compute layout (a view)."""
@@ -165,6 +194,8 @@ class FusedExpertTensor:
     @torch.no_grad()
     def set_storage(self, data: torch.Tensor) -> None:
         """Re-point the parameter at ``data`` (same shape as :meth:`storage`; e.g. pinned host memory)."""
+        if self.placeholder is not None:
+            raise ValueError(f"{self.what}: holds only some experts (expert parallelism); its storage is fixed")
         if data.shape != self.param.shape:
             raise ValueError(f"{self.what}: storage of shape {tuple(data.shape)}, expected {tuple(self.param.shape)}")
         self.param.data = data

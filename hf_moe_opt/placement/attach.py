@@ -14,15 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..experts.layout import expert_layout, expert_modules
 from .plan import PlacementPlan
 from .store import PlacedExpertStore, ReplicaTable
-
-
-def expert_modules(block: nn.Module) -> list[str]:
-    """Names ``expert_{j}`` of a sparse block's per-expert modules, in expert order."""
-    experts = getattr(block, "experts", None)
-    names = [] if experts is None else [n for n, _ in experts.named_children() if n.startswith("expert_")]
-    return sorted(names, key=lambda n: int(n.split("_", 1)[1]))
 
 
 def round_robin_plan(layers: dict[str, int], num_devices: int) -> PlacementPlan:
@@ -91,13 +85,13 @@ class Placer:
         self.expert_parallel = expert_parallel is not False and expert_parallel is not None
         counts: dict[str, int] = {}
         for name, block in blocks:
-            names = expert_modules(block)
-            if not names:
+            layout = expert_layout(block)
+            if layout is None:
                 raise ValueError(
-                    f"{name} keeps its experts in fused tensors, not per-expert modules; expert placement "
-                    "needs per-expert modules (experts.expert_{j})"
+                    f"{name}: expert placement needs experts stored as separate modules (experts.expert_<j>) or "
+                    f"as fused [E, ...] tensors (experts.gate_up_proj / down_proj); {type(block).__name__} has neither"
                 )
-            counts[name] = len(names)
+            counts[name] = layout.num_experts
         self.group = None
         if self.expert_parallel:
             from .expert_parallel import resolve_group
@@ -133,25 +127,30 @@ class Placer:
 
         A model loaded with :meth:`PlacementPlan.device_map` carries accelerate hooks that move inputs
         to every expert module's device; the placement store moves the rows itself, so those hooks go.
-        Offload hooks are refused.
+        Fused experts, which that map keeps in host memory, may be offloaded by accelerate (weights in
+        its host-side map, parameters on the meta device): they are taken over as host tensors, as
+        the expert cache does. Other offload hooks are refused.
         """
         from ..api import SUPPORTED_DTYPES
 
+        experts = getattr(block, "experts", None)
+        fused = experts is not None and not expert_modules(block)
+        # Fused experts' hooks (offload included) are taken over in before_build, once every block passed.
+        skip = {id(m) for m in experts.modules()} if fused else set()
         for module in block.modules():
             hook = getattr(module, "_hf_hook", None)
-            if hook is not None and not _plain_device_hook(hook):
+            if id(module) not in skip and hook is not None and not _plain_device_hook(hook):
                 raise ValueError(
                     f"{name} carries accelerate offload hooks; expert placement needs every expert's weights "
-                    "on a real device (no disk/CPU offload in the device map)"
+                    "on a real device (no disk/CPU offload in the device map, except for fused experts)"
                 )
         from accelerate.hooks import remove_hook_from_module
 
-        experts = getattr(block, "experts", None)
-        if experts is not None:
-            for expert_name in expert_modules(block):
-                remove_hook_from_module(experts.get_submodule(expert_name), recurse=True)
+        for expert_name in expert_modules(block):
+            remove_hook_from_module(experts.get_submodule(expert_name), recurse=True)
+        offloaded = fused and getattr(experts, "_hf_hook", None) is not None
         for pname, p in block.named_parameters():
-            if p.device.type == "meta":
+            if p.device.type == "meta" and not (offloaded and pname.startswith("experts.")):
                 raise ValueError(f"{name}.{pname} is on the meta device; load the weights before optimizing")
             if p.dtype not in SUPPORTED_DTYPES:
                 raise ValueError(f"{name}.{pname} has dtype {p.dtype}; quantized experts are not supported")
@@ -160,9 +159,16 @@ class Placer:
     def before_build(self, name: str, block: nn.Module) -> None:
         """Bring a layer's experts onto one device (the router's) so the layer can be built.
 
-        Only experts found elsewhere move (a model loaded with the plan's device map); the placement
-        store moves them to their planned devices right after, so the peak is one layer's experts.
+        Fused experts stay in one tensor wherever they are; accelerate hooks on them are removed and
+        offloaded ones become host tensors. Per-expert modules found elsewhere move (a model loaded
+        with the plan's device map); the placement store moves them to their planned devices right
+        after, so the peak is one layer's experts.
         """
+        experts = getattr(block, "experts", None)
+        if experts is not None and not expert_modules(block) and getattr(experts, "_hf_hook", None) is not None:
+            from ..cache.offload import take_over_module
+
+            take_over_module(name, experts)  # fused experts: host tensors, whatever accelerate did with them
         router_param = next(iter(block.router.parameters()), None) if hasattr(block, "router") else None
         params = [p for n in expert_modules(block) for p in block.experts.get_submodule(n).parameters()]
         if not params:

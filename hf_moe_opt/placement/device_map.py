@@ -9,6 +9,10 @@
   budget reduced by the experts the plan puts there (replica copies included, since
   ``optimize(model, placement=plan)`` makes them on load);
 * each expert module ``<layer>.experts.expert_{j}`` maps to its home device (first replica);
+* a layer with fused ``[E, ...]`` expert tensors (Mixtral, Qwen, OLMoE, DeepSeek, GPT-OSS) has one
+  ``<layer>.experts`` module that accelerate cannot split: it maps to ``"cpu"`` (host memory, or
+  accelerate's CPU offload when the rest is on GPUs), and ``optimize(model, placement=plan)``
+  copies every device's slices there (the devices' budgets are reduced by those slices as above);
 * modules on the path from an accelerate entry down to an MoE layer are split into their children,
   so no key of the map contains another (what accelerate and transformers expect).
 
@@ -33,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..experts.layout import expert_layout, expert_modules
 from .plan import PlacementPlan
 
 DeviceKey = int | str
@@ -70,6 +75,15 @@ def _parse_memory(value: int | str) -> int:
     from accelerate.utils import convert_file_size_to_int
 
     return int(value) if isinstance(value, int) else int(convert_file_size_to_int(value))
+
+
+def _reinsert(owner: nn.Module, keys: list[str], removed: dict[str, nn.Module]) -> None:
+    """Put detached children back, every child at its original position (``keys``: the order before)."""
+    current = dict(owner._modules)
+    owner._modules.clear()
+    for key in keys:
+        owner._modules[key] = removed[key] if key in removed else current.pop(key)
+    owner._modules.update(current)  # anything added meanwhile (nothing, normally) goes last
 
 
 def _split_along(
@@ -118,7 +132,8 @@ def device_map_for(
             ``device_map="balanced"`` does; False fills the devices in order.
 
     Returns:
-        An ordered ``{module or tensor name: device}`` map with every expert module listed.
+        An ordered ``{module or tensor name: device}`` map with every expert module listed (fused
+        experts modules as ``"cpu"``).
     """
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory, get_max_memory
@@ -130,19 +145,27 @@ def device_map_for(
     missing = [n for n in blocks if n not in plan.layers]
     if missing:
         raise ValueError(f"the placement plan has no entry for MoE layers {missing[:4]}")
-    from .attach import expert_modules
-
     size = _dtype_size(dtype)
     expert_bytes: dict[DeviceKey, int] = {t: 0 for t in targets}
-    detached: list[tuple[nn.Module, dict[str, nn.Module]]] = []
+    detached: list[tuple[nn.Module, list[str], dict[str, nn.Module]]] = []
     homes: dict[str, list[DeviceKey]] = {}
+    fused: set[str] = set()
+    host_bytes = 0
     for name, block in blocks.items():
+        layout = expert_layout(block, size)
+        if layout is None:
+            raise ValueError(f"layer {name!r}: {type(block).__name__} keeps its experts in an unknown layout")
+        if layout.num_experts != plan.num_experts(name):
+            raise ValueError(
+                f"layer {name!r} has {layout.num_experts} experts but the plan has {plan.num_experts(name)}"
+            )
+        if layout.fused:
+            fused.add(name)
+            host_bytes += layout.num_experts * layout.expert_bytes
         names = expert_modules(block)
-        if len(names) != plan.num_experts(name):
-            raise ValueError(f"layer {name!r} has {len(names)} experts but the plan has {plan.num_experts(name)}")
         homes[name] = []
-        for j, ename in enumerate(names):
-            nbytes = _module_bytes(block.experts.get_submodule(ename), size)
+        for j in range(layout.num_experts):
+            nbytes = _module_bytes(block.experts.get_submodule(names[j]), size) if names else layout.expert_bytes
             for d in plan.devices_of(name, j):
                 expert_bytes[targets[d]] += nbytes
             homes[name].append(targets[plan.replicas(name, j)[0][0]])
@@ -158,23 +181,27 @@ def device_map_for(
                 f"{_parse_memory(memory[t]) / 2**30:.2f} GiB budget"
             )
         memory[t] = left
+    if host_bytes and "cpu" in memory:
+        # Fused experts load whole into host memory; optimize(placement=plan) copies each device's slices.
+        memory["cpu"] = max(0, _parse_memory(memory["cpu"]) - host_bytes)
     no_split = list(no_split_module_classes or getattr(model, "_no_split_modules", None) or [])
 
     # Dense placement on the model without its experts (put back in the same order afterwards).
     try:
-        for block in blocks.values():
-            experts = block.experts
-            removed = {n: experts._modules.pop(n) for n in expert_modules(block)}
-            detached.append((experts, removed))
+        for name, block in blocks.items():
+            if name in fused:
+                owner, key = block, "experts"  # the whole experts module: one tensor per weight
+            else:
+                owner, key = block.experts, None
+            keys = list(owner._modules)
+            removed = {n: owner._modules.pop(n) for n in ([key] if key else expert_modules(block))}
+            detached.append((owner, keys, removed))
         if balanced and len([k for k in memory if k not in ("cpu", "disk")]) > 1:
             memory = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
         dense = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
     finally:
-        for experts, removed in detached:
-            order = list(experts._modules.items())
-            experts._modules.clear()
-            experts._modules.update(removed)
-            experts._modules.update(order)
+        for owner, keys, removed in detached:
+            _reinsert(owner, keys, removed)
     dense = dict(dense)
 
     def split_block(layer: str):
@@ -184,6 +211,9 @@ def device_map_for(
             for cname, child in module.named_children():
                 if cname != "experts":
                     out[prefix + cname] = device
+                    continue
+                if layer in fused:
+                    out[prefix + cname] = "cpu"
                     continue
                 for pname, _ in child.named_parameters(recurse=False):
                     out[f"{prefix}experts.{pname}"] = device
@@ -201,6 +231,8 @@ def device_map_for(
         if owner is None:
             # accelerate already split inside the block: replace its entries under experts.
             result = {k: v for k, v in result.items() if not k.startswith(f"{name}.experts")}
+            if name in fused:
+                result[f"{name}.experts"] = "cpu"
             for j, ename in enumerate(expert_modules(blocks[name])):
                 result[f"{name}.experts.{ename}"] = homes[name][j]
             continue

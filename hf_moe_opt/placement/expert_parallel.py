@@ -22,8 +22,10 @@ Rules that follow from the collectives:
 * at setup the ranks compare their models and plans with one ``all_gather_object``; any mismatch
   (different layers, expert counts, shapes, dtypes or plans) raises :class:`ValueError` on every rank;
 * rank ``r`` frees the parameters of the experts it does not hold: its ``state_dict`` only holds its
-  own experts (``experts.expert_{j}`` entries of the other experts are gone), and the model cannot be
-  restored with :func:`hf_moe_opt.restore`; reload it instead.
+  own experts (``experts.expert_{j}`` entries of the other experts are gone; a fused
+  ``experts.gate_up_proj`` / ``down_proj`` (+ biases) shrinks to ``[n_r, ...]``, the rank's experts
+  in ``plan.experts_on(layer, r)`` order), and the model cannot be restored with
+  :func:`hf_moe_opt.restore`; reload it instead.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch.distributed as dist
 from ..dispatch import DispatchPlan
 from ..experts.activation import Activation
 from ..experts.store import ExpertStore, FfnFactory
-from ..experts.weights import ExpertStack, ExpertWeights
+from ..experts.weights import ExpertStack, ExpertWeights, FusedExpertTensor
 from .store import ReplicaTable, _combine, _DeviceExperts, _meta_placeholder, _place_stacks, _stack_names, _sub_plan
 
 _HINT = (
@@ -133,8 +135,16 @@ class ExpertParallelStore(ExpertStore):
         self.rows_computed = 0
         self._place()
 
+    def _fused(self) -> bool:
+        return isinstance(self.weights.w1, FusedExpertTensor)
+
     @torch.no_grad()
     def _place(self) -> None:
+        if self._fused():
+            # Shrunk in place: the kept slices become the parameters (no second copy), the rest is freed.
+            for name in _stack_names(self.weights):
+                self.local.tensors[name] = getattr(self.weights, name).keep_experts(self.local.experts)
+            return
         keep = set(self.local.experts)
         _place_stacks(self.weights, [self.local], None)
         for name in _stack_names(self.weights):
@@ -148,6 +158,12 @@ class ExpertParallelStore(ExpertStore):
 
     def refresh(self) -> None:
         """After ``model.to(...)``: stack this rank's (moved or cast) expert parameters again."""
+        if self._fused():
+            for name in _stack_names(self.weights):
+                stack: FusedExpertTensor = getattr(self.weights, name)
+                self.local.tensors[name] = stack.compute_view(stack.param.data)
+            self.local.device = self.weights.w1.param.device
+            return
         local_params = {n: getattr(self.weights, n).params for n in _stack_names(self.weights)}
         current = all(
             p.data_ptr() == self.local.tensors[n][i].data_ptr() and p.dtype == self.local.tensors[n].dtype

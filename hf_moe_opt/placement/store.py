@@ -11,7 +11,10 @@ the same order and with the same rounding as :func:`hf_moe_opt.experts.torch_bac
 :class:`PlacedExpertStore`
     One process, several devices (``optimize(model, placement=plan)``). Per device one stacked
     tensor of the experts placed there; each expert's parameters are views of its home device's
-    stack (one copy of every weight; a replica on another device is an extra copy). Rows go to
+    stack (one copy of every weight; a replica on another device is an extra copy). Fused
+    ``[E, ...]`` parameters (Mixtral, Qwen, DeepSeek, GPT-OSS, ...) cannot be split over devices:
+    each device gets a *copy* of its experts' slices, and the parameter itself, the ``state_dict``
+    copy, moves to host memory (so no accelerator holds experts that are not placed on it). Rows go to
     the devices with non-blocking copies and every device's work is queued before anything is
     read back, so the devices compute concurrently (CUDA runs each device's queue on its own).
 :class:`ExpertParallelStore`
@@ -30,7 +33,7 @@ import torch
 from ..dispatch import DispatchPlan
 from ..experts.activation import Activation
 from ..experts.store import ExpertStore, FfnFactory
-from ..experts.weights import ExpertStack, ExpertWeights
+from ..experts.weights import ExpertStack, ExpertWeights, FusedExpertTensor
 from .plan import PlacementPlan
 
 
@@ -163,6 +166,18 @@ class _DeviceExperts:
 
 
 @torch.no_grad()
+def _copy_fused_slices(name: str, stack: FusedExpertTensor, groups: Sequence[_DeviceExperts]) -> None:
+    """Each group gets a copy of its experts' slices of a fused parameter, in the parameter's layout."""
+    source = stack.storage()
+    for group in groups:
+        if not group.experts:
+            group.tensors.pop(name, None)
+            continue
+        index = torch.tensor(group.experts, dtype=torch.long, device=source.device)
+        group.tensors[name] = stack.compute_view(source.index_select(0, index).to(group.device))
+
+
+@torch.no_grad()
 def _place_stacks(weights: ExpertWeights, groups: Sequence[_DeviceExperts], home: Sequence[int] | None) -> None:
     """Stack each group's experts on its device; re-point parameter ``e`` at its home group's slice.
 
@@ -170,7 +185,10 @@ def _place_stacks(weights: ExpertWeights, groups: Sequence[_DeviceExperts], home
     group that holds ``e`` is its only holder, as in expert parallelism where one group exists).
     """
     for name in _stack_names(weights):
-        stack: ExpertStack = getattr(weights, name)
+        stack = getattr(weights, name)
+        if isinstance(stack, FusedExpertTensor):
+            _copy_fused_slices(name, stack, groups)
+            continue
         params = stack.params
         for g, group in enumerate(groups):
             if not group.experts:
@@ -203,6 +221,7 @@ class PlacedExpertStore(ExpertStore):
         self.devices = [torch.device(d) for d in devices]
         self.num_experts = table.num_experts
         self.groups = [_DeviceExperts(self.devices[d], table.experts_on[d]) for d in range(table.num_devices)]
+        self.fused_home = weights.device  # where fused parameters return on restore
         self._place()
         self.calls = 0
         self.rows_per_device = [0] * table.num_devices
@@ -210,12 +229,23 @@ class PlacedExpertStore(ExpertStore):
     def _place(self) -> None:
         _place_stacks(self.weights, self.groups, self.table.home)
         for name in _stack_names(self.weights):
-            stack: ExpertStack = getattr(self.weights, name)
-            stack.tensor = _meta_placeholder(stack, self.num_experts)
+            stack = getattr(self.weights, name)
+            if isinstance(stack, FusedExpertTensor):
+                if stack.storage().device.type != "cpu":
+                    stack.set_storage(stack.storage().to("cpu"))
+            else:
+                stack.tensor = _meta_placeholder(stack, self.num_experts)
 
     def _is_current(self) -> bool:
         for name in _stack_names(self.weights):
-            params = getattr(self.weights, name).params
+            stack = getattr(self.weights, name)
+            if isinstance(stack, FusedExpertTensor):
+                data = stack.storage()
+                held = [g.tensors[name] for g in self.groups if g.experts]
+                if data.device.type != "cpu" or any(t.dtype != data.dtype for t in held):
+                    return False
+                continue
+            params = stack.params
             for g, group in enumerate(self.groups):
                 for i, e in enumerate(group.experts):
                     if self.table.home[e] == g and params[e].data_ptr() != group.tensors[name][i].data_ptr():
@@ -228,6 +258,16 @@ class PlacedExpertStore(ExpertStore):
         """After ``model.to(...)``: stack the (moved or cast) parameters again on their planned devices."""
         if not self._is_current():
             self._place()
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """``hf_moe_opt.restore``: fused parameters go back to the device they had before placement."""
+        for name in _stack_names(self.weights):
+            stack = getattr(self.weights, name)
+            if isinstance(stack, FusedExpertTensor) and stack.storage().device != self.fused_home:
+                stack.set_storage(stack.storage().to(self.fused_home))
+        for group in self.groups:
+            group.tensors.clear()
 
     def stats(self) -> dict:
         return {"calls": self.calls, "rows_per_device": list(self.rows_per_device)}
