@@ -4,7 +4,8 @@
     python docs/gen_api.py --check    # exit 1 if docs/api.md is out of date
 
 Covers everything in ``hf_moe_opt.__all__``, the public names of ``hf_moe_opt.cache`` and
-``hf_moe_opt.placement``, and the helpers the examples use (``hf_moe_opt.assets``,
+``hf_moe_opt.placement``, the whole-step graph runner (``hf_moe_opt.step_graphs``,
+``hf_moe_opt.host_sync``) and the helpers the examples use (``hf_moe_opt.assets``,
 ``hf_moe_opt.baselines``). Docstrings are Google style with reStructuredText inline markup; this
 script turns them into Markdown (sections into lists, ``::`` literal blocks into code fences, roles
 such as ``:func:`x``` into code spans).
@@ -39,6 +40,8 @@ TOP_LEVEL_ORDER = [
     "OptimizedMoE",
 ]
 EXTRA_MODULES = {
+    "hf_moe_opt.step_graphs": ["StepGraphs", "CudaGraphCapture", "EagerCapture", "runner_of", "check_supported"],
+    "hf_moe_opt.host_sync": ["no_host_reads", "HostReadError"],
     "hf_moe_opt.assets": ["shipped_model_path", "SHIPPED_MODELS"],
     "hf_moe_opt.baselines": ["use_nllb_eager_reference", "remove_nllb_eager_reference", "NllbMoeEagerReference"],
     "hf_moe_opt.integrations": ["continuous_batching_config", "continuous_batching_available", "uncapturable_layers"],

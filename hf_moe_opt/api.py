@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from . import step_graphs
 from .experts.backends import BACKENDS
 from .graphs import GraphCache
 from .layer import CAPACITY_MODES, OptimizedMoE
@@ -13,6 +14,7 @@ from .layer import CAPACITY_MODES, OptimizedMoE
 logger = logging.get_logger(__name__)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CUDA_GRAPH_MODES = (False, True, "step")
 
 
 def _patches():
@@ -69,7 +71,7 @@ def optimize(
     *,
     capacity: str = "model",
     backend: str = "auto",
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | str = False,
     placement=None,
     expert_parallel=False,
     devices=None,
@@ -86,9 +88,17 @@ def optimize(
             a token (dynamic gating).
         backend: expert compute: ``"torch"`` (grouped GEMMs), ``"triton"`` (fused kernels, CUDA)
             or ``"auto"`` (the best available for the experts' device).
-        cuda_graphs: on CUDA, replay each layer's dispatch + experts + combine from a CUDA graph
-            captured per input shape (up to 1024 routed rows, 16 shapes per layer): decode steps then
-            cost one graph launch instead of dozens of kernel launches. Resident experts only.
+        cuda_graphs: on CUDA, ``True`` replays each layer's dispatch + experts + combine from a CUDA
+            graph captured per input shape (up to 1024 routed rows, 16 shapes per layer): the MoE part
+            of a decode step costs one graph launch instead of dozens of kernel launches.
+            ``"step"`` captures whole decode steps instead: ``model.generate`` then runs with a static
+            KV cache, and every one-token step (all layers, attention, MoE layers, LM head) is
+            replayed from one CUDA graph per batch size and length bucket (the prefill stays eager).
+            Greedy and sampling give the tokens of plain ``generate``; beam search, assisted or
+            chunked-prefill generation, a cache passed in, and non-CUDA devices run plain ``generate``
+            with a warning. Switch Transformers and the causal families without sliding-window
+            layers; NLLB-MoE and GPT-OSS raise ``ValueError`` (see :mod:`hf_moe_opt.step_graphs`).
+            Resident experts only.
         placement: a :class:`~hf_moe_opt.placement.PlacementPlan` (``hf_moe_opt.plan_placement``):
             spread each layer's experts over several devices of this process; tokens go to their
             expert's device and come back (load balancing). ``devices`` gives the torch device of
@@ -119,6 +129,8 @@ def optimize(
         raise ValueError(f"unknown capacity {capacity!r}; choose one of {', '.join(map(repr, CAPACITY_MODES))}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+    if not isinstance(cuda_graphs, (bool, str)) or cuda_graphs not in CUDA_GRAPH_MODES:
+        raise ValueError(f"unknown cuda_graphs {cuda_graphs!r}; choose False, True or 'step'")
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     if is_optimized(model):
@@ -127,6 +139,11 @@ def optimize(
     if not blocks:
         supported = ", ".join(f"{cls} ({mt})" for mt, cls in supported_architectures().items())
         raise ValueError(f"{type(model).__name__} has no supported sparse MoE block. Supported: {supported}")
+    if cuda_graphs == "step":
+        if placement is not None or expert_parallel or expert_cache is not None:
+            raise ValueError('cuda_graphs="step" needs resident experts: it cannot be combined with expert_cache=, '
+                             "placement= or expert_parallel=")  # fmt: skip
+        step_graphs.check_supported(model)
     placer = None
     if placement is not None or expert_parallel:
         from .placement.attach import Placer
@@ -153,7 +170,7 @@ def optimize(
             placer.before_build(name, block)
         layer = patch.build(block, _config_for(model, name), capacity=capacity, backend=backend)
         layer._hf_moe_opt_patch = patch
-        if cuda_graphs:
+        if cuda_graphs is True:
             layer.graphs = GraphCache()
         if placer is not None:
             placer.after_build(name, layer)
@@ -166,6 +183,8 @@ def optimize(
             raise
     if cache_plan is not None:
         cache_plan.attach([(b[0], getattr(b[1], b[2])) for b in blocks])
+    if cuda_graphs == "step":
+        step_graphs.attach(model)
     logger.info(f"hf_moe_opt: optimized {len(blocks)} MoE blocks (capacity={capacity}, backend={backend})")
     return model
 
@@ -191,6 +210,7 @@ def restore(model: nn.Module) -> nn.Module:
         raise ValueError("this model is not optimized (no hf_moe_opt layers found)")
     if any(getattr(layer, "_hf_moe_opt_expert_parallel", False) for _, _, layer in targets):
         raise ValueError("an expert-parallel model holds only this rank's experts and cannot be restored; reload it")
+    step_graphs.detach(model)
     for parent, child_name, layer in targets:
         if hasattr(layer.store, "release"):
             layer.store.release()  # expert cache: free the slots, experts back to their original device

@@ -35,14 +35,16 @@ def environment() -> dict:
     return env
 
 
-def measure_ceilings(device: torch.device) -> dict:
-    """Device copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured now."""
-    n = 1 << 28  # 512 MiB of bf16
-    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+def measure_ceilings(device: torch.device, copy_numel: int = 1 << 28, matmul_size: int = 8192) -> dict:
+    """Device copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured now.
+
+    The defaults (512 MiB of bf16, 8192^3 matmul) saturate a data-centre GPU; CPU smoke runs pass less.
+    """
+    src = torch.empty(copy_numel, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device, repeats=10, warmup=3)
     copy_bw = 2 * src.numel() * src.element_size() / (ms * 1e-3)
-    m = 8192
+    m = matmul_size
     a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
     b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
     ms = median_ms(lambda: a @ b, device, repeats=10, warmup=3)

@@ -39,16 +39,33 @@ def real_config(name: str):
             encoder_sparse_step=4, decoder_sparse_step=4, expert_capacity=64, moe_token_dropout=0.2,
             decoder_start_token_id=2, pad_token_id=1, eos_token_id=2, bos_token_id=0, max_position_embeddings=1024,
         )  # fmt: skip
+    if name == "qwen3-30b-a3b":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+            num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+            num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=4096, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
     raise ValueError(f"unknown model {name!r}")
 
 
 @torch.no_grad()
-def random_model(name: str, device: torch.device):
-    """The real architecture with random bf16 weights, built directly on the device (or host memory)."""
-    from transformers import NllbMoeForConditionalGeneration, SwitchTransformersForConditionalGeneration
+def random_model(name: str, device: torch.device, config=None):
+    """The real architecture with random bf16 weights, built directly on the device (or host memory).
 
-    cfg = real_config(name)
-    cls = SwitchTransformersForConditionalGeneration if name.startswith("switch") else NllbMoeForConditionalGeneration
+    ``config`` replaces :func:`real_config`'s (a smaller one for smoke runs); ``name`` still picks the class.
+    """
+    from transformers import (
+        NllbMoeForConditionalGeneration,
+        Qwen3MoeForCausalLM,
+        SwitchTransformersForConditionalGeneration,
+    )
+
+    cfg = real_config(name) if config is None else config
+    classes = {"switch": SwitchTransformersForConditionalGeneration, "nllb": NllbMoeForConditionalGeneration}
+    cls = classes.get(name.split("-")[0], Qwen3MoeForCausalLM)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # 54B parameters do not fit an H200 in float32
     try:
@@ -62,7 +79,7 @@ def random_model(name: str, device: torch.device):
     pool = torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 0.02
     gen = torch.Generator().manual_seed(1)
     for pname, p in model.named_parameters():
-        if "router" in pname:
+        if "router" in pname or ".mlp.gate." in pname:
             p.normal_(0.0, 1.0)  # decisive routing, as trained routers have
         elif p.dim() > 1 and device.type == "cpu":
             flat = p.view(-1)
@@ -79,6 +96,10 @@ def random_model(name: str, device: torch.device):
     for module in model.modules():
         if hasattr(module, "make_weights") and hasattr(module, "offset"):  # sinusoidal positions
             module.make_weights(module.num_positions + module.offset, module.embedding_dim, module.padding_idx)
+        elif isinstance(getattr(module, "inv_freq", None), torch.Tensor):  # rotary tables: to_empty left garbage
+            fresh = type(module)(module.config)  # built on the host, copied in
+            for buf_name, buf in fresh.named_buffers(recurse=False):
+                getattr(module, buf_name).copy_(buf)
     return model.eval()
 
 
@@ -88,14 +109,18 @@ def encoder_tps(model, batch: int, seq: int, device) -> float:
     return batch * seq / (ms * 1e-3)
 
 
-def decode_ms_per_token(model, batch: int, device, short: int = 4, long: int = 20) -> float:
-    ids = torch.randint(3, 1000, (batch, 32), device=device)
+def decode_ms_per_token(
+    model, batch: int, device, short: int = 4, long: int = 20, prompt: int = 32, repeats: int = 3
+) -> float:
+    """Time of one decode step (one new token per sequence): the difference of two greedy generations of
+    ``long`` and ``short`` new tokens from the same ``batch x prompt`` random prompt, so prefill cancels."""
+    ids = torch.randint(3, min(1000, model.config.get_text_config().vocab_size), (batch, prompt), device=device)
 
     def gen(n):
         return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    t_short = median_ms(gen(short), device, repeats=3, warmup=1)
-    t_long = median_ms(gen(long), device, repeats=3, warmup=1)
+    t_short = median_ms(gen(short), device, repeats=repeats, warmup=1)
+    t_long = median_ms(gen(long), device, repeats=repeats, warmup=1)
     return (t_long - t_short) / (long - short)
 
 

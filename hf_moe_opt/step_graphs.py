@@ -1,0 +1,520 @@
+"""Whole-step CUDA graphs for ``generate``: every decode step of the model replayed as one graph.
+
+``optimize(model, cuda_graphs="step")`` routes ``model.generate`` through :class:`StepGraphs`. Per-layer
+graphs (``cuda_graphs=True``) leave the attention, norms, embeddings and LM head of a decode step
+launch-bound; here the whole forward of a one-token step (every layer, attention over the KV cache,
+the MoE layers, the LM head) is captured once per input signature and replayed.
+
+How a ``generate`` call runs:
+
+* ``generate`` gets a static KV cache owned by the runner: ``StaticCache`` (encoder-decoder models:
+  ``EncoderDecoderCache(StaticCache, StaticCache)``, the cross-attention one as long as the encoder
+  output). One cache per (batch, cache length rounded up to :data:`LENGTH_BUCKET`, encoder length,
+  dtype, device), reset and reused by later calls, so a graph's memory addresses stay valid.
+* While ``generate`` runs, ``model.forward`` is wrapped. The first forward of the call (the prefill;
+  for encoder-decoders the first decoder step, which also fills the cross-attention cache) runs
+  eagerly, as does any forward of more than one token. A one-token step copies its tensor inputs
+  (token ids, position ids, the attention mask over the whole static cache, encoder states and mask)
+  into static buffers and replays the graph of its signature (input shapes, dtypes, the other
+  arguments); the logits are cloned out of the graph's memory.
+* The first step of a signature runs eagerly on a side stream (lazy initialisation, Triton
+  compilation; its result is that step's result), then the step is captured. transformers'
+  ``StaticLayer`` keeps its fill level in a device tensor, so the position advances inside the graph.
+
+What cannot be captured raises or falls back (with a warning) instead of replaying something wrong;
+see :func:`check_supported` and :meth:`StepGraphs.fallback_reason`.
+
+The capture is pluggable (:class:`CudaGraphCapture`, :class:`EagerCapture`): on a CPU the eager
+stand-in runs the same static-buffer path, makes transformers take the code paths it takes under
+capture, and raises on any host read (:mod:`hf_moe_opt.host_sync`), so tests can check a model's
+decode step without a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, Protocol
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .host_sync import no_host_reads
+
+# Static caches are sized up to a multiple of this many positions, so calls with nearby lengths share
+# one cache and one graph; the extra positions are masked (and cost a little attention bandwidth).
+LENGTH_BUCKET = 64
+# Caches (with their graphs) kept per model, least recently used dropped first.
+MAX_SLOTS = 4
+# Graphs per cache; a step whose signature would need more runs eagerly.
+MAX_GRAPHS_PER_SLOT = 4
+
+_ATTRIBUTE = "_hf_moe_opt_step_graphs"
+
+
+class Capture(Protocol):
+    """How a step is warmed up and captured: a CUDA graph, or an eager stand-in."""
+
+    def supports(self, device: torch.device) -> bool: ...
+
+    def warm_up(self, fn: Callable[[], Any], device: torch.device) -> Any:
+        """Run ``fn`` once for real (lazy initialisation) and return its result."""
+
+    def capture(self, fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+        """Record ``fn``; the returned callable replays it on the same buffers and returns its outputs."""
+
+
+class CudaGraphCapture:
+    """Steps captured in CUDA graphs; the graphs of one runner share a memory pool (never run concurrently)."""
+
+    def __init__(self) -> None:
+        self._pools: dict[torch.device, Any] = {}
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def warm_up(self, fn: Callable[[], Any], device: torch.device) -> Any:
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            out = fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        return out
+
+    def capture(self, fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+        if device not in self._pools:
+            self._pools[device] = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pools[device]):
+            out = fn()
+
+        def replay() -> Any:  # holds the graph (and its memory) for as long as the step is kept
+            graph.replay()
+            return out
+
+        return replay
+
+
+@contextmanager
+def _pretend_capturing() -> Iterator[None]:
+    # transformers (is_tracing) and hf_moe_opt (GraphCache) pick capture-safe code paths by asking this.
+    original = torch.cuda.is_current_stream_capturing
+    torch.cuda.is_current_stream_capturing = lambda: True
+    try:
+        yield
+    finally:
+        torch.cuda.is_current_stream_capturing = original
+
+
+class EagerCapture:
+    """Stand-in for :class:`CudaGraphCapture` on any device (tests, debugging on a CPU).
+
+    ``capture`` records the step without running it, as a CUDA capture does; each replay runs it
+    eagerly on the same static buffers while ``torch.cuda.is_current_stream_capturing()`` reports True
+    (so transformers takes its capture code paths) and, with ``check_host_reads``, raises
+    :class:`~hf_moe_opt.host_sync.HostReadError` on any host read of a tensor value. Unlike a real
+    graph, Python runs again on every replay: state kept in Python between steps is not frozen here,
+    which is why :func:`check_supported` rejects the cache layers known to keep such state.
+    """
+
+    def __init__(self, check_host_reads: bool = True) -> None:
+        self.check_host_reads = check_host_reads
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    def warm_up(self, fn: Callable[[], Any], device: torch.device) -> Any:
+        return fn()
+
+    def capture(self, fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+        def replay() -> Any:
+            with _pretend_capturing(), no_host_reads() if self.check_host_reads else nullcontext():
+                return fn()
+
+        return replay
+
+
+def _cache_classes():
+    from transformers.cache_utils import Cache, EncoderDecoderCache, StaticCache, StaticLayer
+
+    return Cache, EncoderDecoderCache, StaticCache, StaticLayer
+
+
+def _is_opaque(x: Any) -> bool:
+    # A cache is state the graph reads and writes in place, never an input to copy.
+    return isinstance(x, _cache_classes()[0])
+
+
+def _describe(leaf: Any) -> Any:
+    """The part of a graph's key one argument contributes."""
+    if isinstance(leaf, torch.Tensor):
+        return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device)
+    if leaf is None or isinstance(leaf, (bool, int, float, str)):
+        return leaf
+    return ("object", id(leaf))
+
+
+def _decoder_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``ValueError`` when ``model``'s decode steps cannot be captured whole (checked by ``optimize``)."""
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(model, "generate", None)):
+        raise ValueError('cuda_graphs="step" needs a transformers model with generate()')
+    if config.model_type == "nllb-moe":
+        import transformers
+
+        raise ValueError(
+            f"NLLB-MoE decode steps cannot be captured whole with transformers {transformers.__version__}: its "
+            "decoder's sinusoidal position embedding compares the cache length with its table size in Python "
+            "(NllbMoeSinusoidalPositionalEmbedding.forward), and with a static cache that length is a device "
+            "tensor, so every step waits for the GPU; its sparse layers also read padding from the self-attention "
+            "mask, which under a static cache covers the empty cache slots. Use cuda_graphs=True (per-layer graphs)."
+        )
+    _, _, StaticCache, StaticLayer = _cache_classes()
+    try:
+        probe = StaticCache(config=_decoder_config(model), max_cache_len=LENGTH_BUCKET)
+    except Exception as e:  # whatever the reason, this model gets no static cache
+        raise ValueError(f'cuda_graphs="step": {type(model).__name__} has no static KV cache ({e})') from e
+    other = sorted({type(layer).__name__ for layer in probe.layers if type(layer) is not StaticLayer})
+    if other:
+        raise ValueError(
+            f'cuda_graphs="step" cannot capture {type(model).__name__}: its static cache uses {", ".join(other)} '
+            "(sliding-window or other layers that track their fill level in Python, so a replayed step would take "
+            "a stale branch). Use cuda_graphs=True (per-layer graphs)."
+        )
+
+
+def _layer_host_read_reason(model: nn.Module, device: torch.device) -> str | None:
+    """Why an optimized layer cannot run inside a captured step: its store or expert loop reads the host,
+    or routing observers (the profiler) want every step's routing, which a replay does not call them with."""
+    from .experts.backends import resolve_backend
+    from .experts.store import ResidentStore
+    from .experts.torch_backend import _layout_supported
+    from .layer import OptimizedMoE
+
+    for name, layer in model.named_modules():
+        if not isinstance(layer, OptimizedMoE):
+            continue
+        if layer.observers:
+            return f"{name} has routing observers (hf_moe_opt.profile), which must see every step"
+        if not getattr(layer.store, "capturable", isinstance(layer.store, ResidentStore)):
+            return f"{name}'s expert store ({type(layer.store).__name__}) reads the routing on the host"
+        if device.type == "cuda" and resolve_backend(layer.backend, device) == "torch":
+            w1, _, w2, _ = layer.weights.tensors()
+            if not (_layout_supported(device, w1) and _layout_supported(device, w2)):
+                return (
+                    f"{name} runs backend='torch' with {w1.dtype} experts, where torch._grouped_mm is not "
+                    "available and the expert loop reads group sizes on the host; use backend='triton' or 'auto'"
+                )
+    return None
+
+
+class _StepGraph:
+    """One captured decode step: static input buffers and the replay."""
+
+    def __init__(self, forward: Callable, leaves: list, spec, capture: Capture, device: torch.device):
+        self.positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        static = list(leaves)
+        for i in self.positions:
+            static[i] = leaves[i].clone()
+        self.buffers = [static[i] for i in self.positions]
+        static_kwargs = pytree.tree_unflatten(static, spec)
+
+        def step() -> Any:
+            return forward(**static_kwargs)
+
+        self.first_outputs = capture.warm_up(step, device)  # the real result of this first step
+        self.replay = capture.capture(step, device)
+
+    def substitutions(self, leaves: list) -> dict[int, torch.Tensor]:
+        """Outputs that are input buffers (an encoder-decoder passes its encoder states through) map back
+        to the caller's tensors."""
+        return {id(buf): leaves[i] for buf, i in zip(self.buffers, self.positions, strict=True)}
+
+    def __call__(self, leaves: list) -> Any:
+        for buf, i in zip(self.buffers, self.positions, strict=True):
+            buf.copy_(leaves[i])
+        return self.replay()
+
+
+def _own(outputs: Any, substitutions: dict[int, torch.Tensor], clone: bool) -> Any:
+    """``outputs`` with input buffers replaced by the caller's tensors and, after a replay, every other
+    tensor cloned out of the graph's memory (the next replay overwrites it)."""
+    leaves, spec = pytree.tree_flatten(outputs, is_leaf=_is_opaque)
+    owned = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if id(leaf) in substitutions:
+                leaf = substitutions[id(leaf)]
+            elif clone:
+                leaf = leaf.clone()
+        owned.append(leaf)
+    return pytree.tree_unflatten(owned, spec)
+
+
+class _Slot:
+    """A static cache and the graphs of the steps that run on it."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+        self.graphs: OrderedDict[tuple, _StepGraph] = OrderedDict()
+        self.prefilled = False
+        self.over_limit = False  # warned that more step signatures than MAX_GRAPHS_PER_SLOT came
+
+
+class StepGraphs:
+    """Runs ``generate`` with every one-token decode step replayed from a CUDA graph.
+
+    Attached by ``optimize(model, cuda_graphs="step")``, which makes :meth:`generate` the model's
+    ``generate``; ``hf_moe_opt.restore`` detaches it::
+
+        hf_moe_opt.optimize(model, cuda_graphs="step")
+        out = model.generate(**batch, max_new_tokens=64)      # the first call per batch size captures
+        hf_moe_opt.step_graphs.runner_of(model).counts          # captures, replays, eager, fallbacks
+
+    ``counts`` records ``captures``, ``replays``, ``eager`` forwards (prefills) and ``fallbacks``
+    (calls run by plain ``generate``). A cache ``generate`` returns (``return_dict_in_generate``) is
+    the runner's and is reset by the next call of the same shape. Python code inside the model
+    (forward hooks, routing observers) runs while a step is captured, not when it is replayed. To check
+    a model's decode step on a CPU: ``runner_of(model).capture = EagerCapture()``, then ``generate``.
+
+    Args:
+        model: the transformers model.
+        capture: :class:`CudaGraphCapture` (default) or :class:`EagerCapture`.
+    """
+
+    def __init__(self, model: nn.Module, capture: Capture | None = None):
+        self.model = model
+        self.capture: Capture = capture if capture is not None else CudaGraphCapture()
+        self.slots: OrderedDict[tuple, _Slot] = OrderedDict()
+        self.counts = {"captures": 0, "replays": 0, "eager": 0, "fallbacks": 0}
+        self.broken: str | None = None  # set when a capture failed: later calls fall back
+        self._weights_key: tuple | None = None
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.24 names the forward's cache argument "cache", 5.17 "past_key_values".
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def __deepcopy__(self, memo: dict) -> StepGraphs:
+        # Graphs and caches belong to this model's memory: a copied model starts without any.
+        return StepGraphs(copy.deepcopy(self.model, memo), self.capture)
+
+    def clear(self) -> None:
+        """Drop every cache and graph (their memory is freed once nothing else holds it)."""
+        self.slots.clear()
+        self._weights_key = None
+
+    # -- generate -------------------------------------------------------------------------------
+
+    def generate(self, *args, **kwargs):
+        """``model.generate(*args, **kwargs)`` with decode steps replayed from CUDA graphs (greedy or
+        sampling, no beams). Calls the runner cannot serve run plain ``generate`` with a warning."""
+        plan = self._plan(args, kwargs)
+        if isinstance(plan, str):
+            warnings.warn(f'cuda_graphs="step": {plan}; running plain generate', stacklevel=2)
+            self.counts["fallbacks"] += 1
+            return self._plain_generate(*args, **kwargs)
+        slot = self._slot(*plan[:5])
+        slot.cache.reset()
+        slot.prefilled = False
+        kwargs = dict(kwargs)
+        # The cache is passed in (a configured cache_implementation would conflict), and transformers would
+        # torch.compile the step of a static-cache generate.
+        overrides = {"cache_implementation": None, "disable_compile": True}
+        if kwargs.get("generation_config") is not None:
+            kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
+            for name, value in overrides.items():
+                setattr(kwargs["generation_config"], name, value)
+        else:
+            kwargs.update(overrides)
+        if plan[5] is not None and kwargs.get("decoder_attention_mask") is None:
+            # Without a decoder mask transformers 5.17's T5-style stacks build one as long as the cache's
+            # (device) length, read on the host; given one, generate extends it and makes it 4-D instead.
+            kwargs["decoder_attention_mask"] = torch.ones(plan[5], dtype=torch.long, device=plan[4])
+        kwargs[self._cache_kw] = slot.cache
+        with self._forward_through(slot):
+            return self._plain_generate(*args, **kwargs)
+
+    def _plain_generate(self, *args, **kwargs):
+        return type(self.model).generate(self.model, *args, **kwargs)
+
+    def fallback_reason(self, args: tuple = (), kwargs: dict | None = None) -> str | None:
+        """Why ``generate(*args, **kwargs)`` would run without step graphs, or None."""
+        plan = self._plan(args, kwargs or {})
+        return plan if isinstance(plan, str) else None
+
+    def _plan(self, args: tuple, kwargs: dict) -> tuple | str:
+        """``(batch, cache length, encoder length, dtype, device, decoder prompt shape or None)`` for this
+        call, or why it runs plain ``generate``."""
+        model = self.model
+        if self.broken is not None:
+            return self.broken
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        if not self.capture.supports(device):
+            return f"the model is on {device}, step graphs need CUDA"
+        reason = _layer_host_read_reason(model, device)
+        if reason is not None:
+            return reason
+        config = kwargs.get("generation_config") or model.generation_config
+
+        def option(name: str, default=None):
+            value = kwargs.get(name, getattr(config, name, None))
+            return default if value is None else value
+
+        if option("num_beams", 1) > 1:
+            return "beam search reorders the cache between steps"
+        for name in ("assistant_model", "prefill_chunk_size", "custom_generate"):
+            if option(name) is not None:
+                return f"{name}= is not supported"
+        if kwargs.get("synced_gpus"):
+            return "synced_gpus= is not supported"
+        if option("use_cache", True) is False:
+            return "use_cache=False has no cache to capture"
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            return "a cache passed in is used as it is"
+        if option("cache_implementation") not in (None, "static"):
+            return f"cache_implementation={option('cache_implementation')!r} is not a static cache"
+        inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        encoder_length = None
+        if encoder_decoder:
+            encoder_outputs = kwargs.get("encoder_outputs")
+            if encoder_outputs is not None:
+                encoder_length, batch = encoder_outputs[0].shape[1], encoder_outputs[0].shape[0]
+            elif isinstance(inputs, torch.Tensor) and inputs.dim() == 2:
+                encoder_length, batch = inputs.shape[1], inputs.shape[0]
+            else:
+                return "pass input_ids (or encoder_outputs)"
+            decoder_ids = kwargs.get("decoder_input_ids")
+            prompt = decoder_ids.shape[-1] if isinstance(decoder_ids, torch.Tensor) else 1
+            decoder_prompt = (batch, prompt)
+        else:
+            if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or kwargs.get("inputs_embeds") is not None:
+                return "pass input_ids (inputs_embeds are not supported)"
+            batch, prompt = inputs.shape
+            decoder_prompt = None
+        max_new = option("max_new_tokens")
+        total = prompt + max_new if max_new is not None else option("max_length", 20)
+        length = LENGTH_BUCKET * math.ceil((total + 1) / LENGTH_BUCKET)
+        return batch * option("num_return_sequences", 1), length, encoder_length, dtype, device, decoder_prompt
+
+    def _slot(self, batch: int, length: int, encoder_length: int | None, dtype, device) -> _Slot:
+        weights_key = tuple(p.data_ptr() for p in self.model.parameters())
+        if weights_key != self._weights_key:
+            self.clear()  # moved or cast since: the graphs point at the old weights
+            self._weights_key = weights_key
+        key = (batch, length, encoder_length, dtype, device)
+        slot = self.slots.get(key)
+        if slot is None:
+            while len(self.slots) >= MAX_SLOTS:
+                self.slots.popitem(last=False)
+            _, EncoderDecoderCache, StaticCache, _ = _cache_classes()
+            config = _decoder_config(self.model)
+            cache = StaticCache(config=config, max_cache_len=length)
+            if encoder_length is not None:
+                cache = EncoderDecoderCache(cache, StaticCache(config=config, max_cache_len=encoder_length))
+            slot = self.slots[key] = _Slot(cache)
+        self.slots.move_to_end(key)
+        return slot
+
+    # -- the forward --------------------------------------------------------------------------
+
+    @contextmanager
+    def _forward_through(self, slot: _Slot) -> Iterator[None]:
+        model = self.model
+        had_own = "forward" in model.__dict__  # e.g. accelerate hooks wrap forward per instance
+        saved = model.__dict__.get("forward")
+        forward = model.forward
+        ids_name = "decoder_input_ids" if getattr(model.config, "is_encoder_decoder", False) else "input_ids"
+
+        @functools.wraps(forward)  # generate inspects the forward's signature
+        def step_forward(*args, **kwargs):
+            ids = kwargs.get(ids_name)
+            decode = (
+                not args
+                and slot.prefilled
+                and isinstance(ids, torch.Tensor)
+                and ids.shape[-1] == 1
+                and kwargs.get(self._cache_kw) is slot.cache
+            )
+            slot.prefilled = True
+            if not decode:
+                self.counts["eager"] += 1
+                return forward(*args, **kwargs)
+            return self._step(slot, forward, kwargs)
+
+        model.forward = step_forward
+        try:
+            yield
+        finally:
+            if had_own:
+                model.forward = saved
+            else:
+                del model.forward
+
+    def _step(self, slot: _Slot, forward: Callable, kwargs: dict) -> Any:
+        leaves, spec = pytree.tree_flatten(kwargs, is_leaf=_is_opaque)
+        # Python state that changes the step: which cross-attention caches are filled.
+        filled = tuple(sorted(getattr(slot.cache, "is_updated", {}).items()))
+        key = (spec, tuple(_describe(leaf) for leaf in leaves), filled)
+        graph = slot.graphs.get(key)
+        if graph is None:
+            if len(slot.graphs) >= MAX_GRAPHS_PER_SLOT:
+                if not slot.over_limit:
+                    slot.over_limit = True
+                    warnings.warn(
+                        f'cuda_graphs="step": decode steps of this batch need more than {MAX_GRAPHS_PER_SLOT} '
+                        "graphs (arguments that change every step?); running the others eagerly",
+                        stacklevel=2,
+                    )
+                self.counts["eager"] += 1
+                return forward(**kwargs)
+            device = next(self.model.parameters()).device
+            try:
+                graph = _StepGraph(forward, leaves, spec, self.capture, device)
+            except Exception as e:
+                self.broken = f"capturing a decode step failed ({type(e).__name__}: {e})"
+                raise RuntimeError(
+                    f"{self.broken}; later calls run plain generate. The usual cause is a host read of a tensor "
+                    "value in the step: find it on a CPU with hf_moe_opt.step_graphs.EagerCapture(), or use "
+                    "cuda_graphs=True (per-layer graphs)."
+                ) from e
+            slot.graphs[key] = graph
+            self.counts["captures"] += 1
+            outputs, graph.first_outputs = graph.first_outputs, None
+            return _own(outputs, graph.substitutions(leaves), clone=False)
+        self.counts["replays"] += 1
+        return _own(graph(leaves), graph.substitutions(leaves), clone=True)
+
+
+def attach(model: nn.Module, capture: Capture | None = None) -> StepGraphs:
+    """Route ``model.generate`` through a new :class:`StepGraphs`; returns it."""
+    check_supported(model)
+    runner = StepGraphs(model, capture)
+    model.__dict__[_ATTRIBUTE] = runner
+    model.generate = runner.generate
+    return runner
+
+
+def detach(model: nn.Module) -> None:
+    """Undo :func:`attach` (no-op when nothing is attached)."""
+    runner = model.__dict__.pop(_ATTRIBUTE, None)
+    if runner is not None:
+        runner.clear()
+        model.__dict__.pop("generate", None)
+
+
+def runner_of(model: nn.Module) -> StepGraphs | None:
+    """The :class:`StepGraphs` attached to ``model``, or None."""
+    return model.__dict__.get(_ATTRIBUTE)
