@@ -70,7 +70,10 @@ class OptimizedMoE(nn.Module):
         self._resolved: dict[torch.device, Callable] = {}
         # Callables ``fn(layer, routing)`` run after routing (the routing profiler uses this).
         self.observers: list[Callable] = []
-        resolve_backend(backend, weights.device)  # fail early on a bad option
+        # Fail early on a bad option, judged on the compute device: the router's (dense weights'),
+        # which differs from the experts' when they are served from host memory (expert_cache).
+        router_params = list(self.router.parameters()) if isinstance(self.router, nn.Module) else []
+        resolve_backend(backend, router_params[0].device if router_params else weights.device)
         self.train(block.training)
         self.graphs = GraphCache() if cuda_graphs else None
 

@@ -240,8 +240,11 @@ def test_comparison_sees_the_layers():
 def test_generate_batch_cuda_graphs(family):
     # On CUDA, continuous batching captures each step in a CUDA graph: the optimized layers
     # (resident experts, Triton or torch backend) must capture and replay to the reference tokens.
+    # The reference runs without graphs: transformers 5.17's own grouped_mm experts copy a host
+    # tensor inside the step and cannot be captured.
     ref = _family_model(family).cuda()
     opt = copy.deepcopy(ref)
     hf_moe_opt.optimize(opt)
-    assert_same(generate_batch(opt, use_cuda_graph=True), generate_batch(ref, use_cuda_graph=True))
-    assert_same(generate_batch(opt, use_cuda_graph=False), generate_batch(ref, use_cuda_graph=False))
+    want = generate_batch(ref, use_cuda_graph=False)
+    assert_same(generate_batch(opt, use_cuda_graph=True), want)
+    assert_same(generate_batch(opt, use_cuda_graph=False), want)
