@@ -338,6 +338,10 @@ def test_bench_decode_graphs_cpu_smoke(tmp_path):
 def test_cuda_step_graphs_replay_the_eager_static_path_exactly(family, backend):
     """bf16: real graphs give bit-identical logits to the same static-buffer path run eagerly."""
     model = _build(family).cuda().to(torch.bfloat16)
+    if family == "deepseek_v3":
+        # cuDNN's SDPA faults (misaligned address) on this tiny MLA config's head sizes in bf16,
+        # in transformers' attention and without any hf_moe_opt layer involved.
+        model.set_attn_implementation("eager")
     hf_moe_opt.optimize(model, backend=backend, cuda_graphs="step")
     runner = runner_of(model)
     kw = {**_to(_inputs(model), "cuda"), "output_logits": True, "return_dict_in_generate": True}
