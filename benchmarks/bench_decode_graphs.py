@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from torch import nn
 
 import hf_moe_opt
 from hf_moe_opt.baselines import remove_nllb_eager_reference, use_nllb_eager_reference
-from hf_moe_opt.benchmarking.common import environment, measure_ceilings
+from hf_moe_opt.benchmarking.common import environment, measure_ceilings, save_result
 from hf_moe_opt.benchmarking.model import decode_ms_per_token, random_model
 from hf_moe_opt.step_graphs import EagerCapture, runner_of
 
@@ -248,12 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()  # the model's memory back before the next one is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = {"command": " ".join(sys.argv), "environment": env, "ceilings": ceilings, "models": records}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    save_result({"environment": env, "ceilings": ceilings, "models": records}, args.out, plot)
     return 0
 
 

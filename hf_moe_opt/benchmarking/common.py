@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -56,3 +60,18 @@ def floor_ms(active_experts: int, d: int, f: int, assignments: int, ceilings: di
     weight_bytes = active_experts * (2 * d * f + (d + f if bias else 0)) * 2
     flops = 2 * assignments * 2 * d * f
     return 1e3 * max(weight_bytes / ceilings["copy_bytes_per_s"], flops / ceilings["bf16_flops_per_s"])
+
+
+def print_ceilings(ceilings: dict) -> None:
+    tb, tf = ceilings["copy_bytes_per_s"] / 1e12, ceilings["bf16_flops_per_s"] / 1e12
+    print(f"ceilings: copy {tb:.2f} TB/s, bf16 {tf:.0f} TFLOP/s", flush=True)
+
+
+def save_result(result: dict, out: str | Path, plot: Callable[[dict, Path], None]) -> None:
+    """Write ``result`` (with the command line that produced it) as JSON and its plot as a PNG beside it."""
+    result = {"command": " ".join(sys.argv), **result}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")

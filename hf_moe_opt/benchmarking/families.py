@@ -11,7 +11,6 @@ CUDA-graph replayed; the floor from the bandwidth and matmul rate measured in th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 from ..experts import available_backends
 from ..timing import median_ms
-from .common import environment, measure_ceilings
+from .common import environment, measure_ceilings, print_ceilings, save_result
 from .layer import graphed, peak_mb
 
 TOKENS = (1, 8, 64, 512, 4096, 16384)
@@ -173,8 +172,7 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda")
     ceilings = measure_ceilings(device)
-    tb, tf = ceilings["copy_bytes_per_s"] / 1e12, ceilings["bf16_flops_per_s"] / 1e12
-    print(f"ceilings: copy {tb:.2f} TB/s, bf16 {tf:.0f} TFLOP/s")
+    print_ceilings(ceilings)
     rows = []
     for name in args.shapes:
         for r in bench_family(name, device, ceilings, args.tokens, args.repeats, args.eager_max_tokens):
@@ -182,12 +180,7 @@ def main(argv=None) -> int:
             cols = [f"{k}={v:.3f}" for k, v in r.items() if k.endswith("_ms")]
             print(f"{name:>14} n={r['tokens']:>5} " + " ".join(cols), flush=True)
         torch.cuda.empty_cache()
-    result = {"command": " ".join(sys.argv), "environment": environment(), "ceilings": ceilings, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    save_result({"environment": environment(), "ceilings": ceilings, "rows": rows}, args.out, plot)
     return 0
 
 

@@ -11,7 +11,6 @@ the floor from the bandwidth and matmul rate measured in the same run; ratios; p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from ..baselines import NllbMoeEagerReference
 from ..experts import available_backends
 from ..timing import median_ms
-from .common import LAYER_SHAPES, environment, floor_ms, measure_ceilings
+from .common import LAYER_SHAPES, environment, floor_ms, measure_ceilings, print_ceilings, save_result
 
 TOKENS = (1, 8, 64, 512, 4096, 16384)
 
@@ -146,8 +145,7 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda")
     ceilings = measure_ceilings(device)
-    tb, tf = ceilings["copy_bytes_per_s"] / 1e12, ceilings["bf16_flops_per_s"] / 1e12
-    print(f"ceilings: copy {tb:.2f} TB/s, bf16 {tf:.0f} TFLOP/s")
+    print_ceilings(ceilings)
     rows = []
     for name in args.shapes:
         for r in bench_shape(name, device, ceilings, args.tokens, args.repeats):
@@ -155,12 +153,7 @@ def main(argv=None) -> int:
             cols = [f"{k}={v:.3f}" for k, v in r.items() if k.endswith("_ms")]
             print(f"{name:>17} n={r['tokens']:>5} " + " ".join(cols), flush=True)
         torch.cuda.empty_cache()
-    result = {"command": " ".join(sys.argv), "environment": environment(), "ceilings": ceilings, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    save_result({"environment": environment(), "ceilings": ceilings, "rows": rows}, args.out, plot)
     return 0
 
 

@@ -11,7 +11,6 @@ correct eager block (transformers 5.x's own is wrong). Also records GPU memory b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from .. import api as hf_moe_opt
 from ..baselines import remove_nllb_eager_reference, use_nllb_eager_reference
 from ..timing import median_ms
-from .common import environment
+from .common import environment, save_result
 
 
 def real_config(name: str):
@@ -199,12 +198,7 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda")
     models = [run_model(m, device, args.batches, args.decode_batches) for m in args.models]
-    result = {"command": " ".join(sys.argv), "environment": environment(), "models": models}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out}")
+    save_result({"environment": environment(), "models": models}, args.out, plot)
     return 0
 
 
