@@ -133,3 +133,25 @@ def test_generate_yields_reference_tokens(family, num_beams):
         want = ref.generate(ids, **kw)
         got = opt.generate(ids, **kw)
     assert torch.equal(got, want)
+
+
+def test_padding_read_from_a_static_cache_mask():
+    from hf_moe_opt.routing import token_padding_mask
+
+    # A 4-D mask as long as a static cache's capacity (the slots after the current tokens masked):
+    # 2 sequences, 3 tokens at key positions 4..6 of a 10-slot cache; sequence 1 has its first
+    # key (position 0) padded, which is not among the routed tokens.
+    batch, seq, keys = 2, 3, 10
+    allowed = torch.zeros(batch, 1, seq, keys, dtype=torch.bool)
+    for q in range(seq):
+        allowed[:, 0, q, : 4 + q + 1] = True
+    allowed[1, 0, :, 0] = False
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    for m in (allowed, additive):
+        assert not token_padding_mask(m, batch, seq).any()
+    # Without the static slots (a dynamic cache: keys end with the tokens) the answer is the same.
+    assert not token_padding_mask(additive[..., :7], batch, seq).any()
+    # A padded routed token in an uncached (square) mask is still found.
+    square = torch.ones(batch, 1, seq, seq, dtype=torch.bool)
+    square[0, 0, :, 2] = False
+    assert token_padding_mask(square, batch, seq).tolist() == [False, False, True, False, False, False]

@@ -3,8 +3,14 @@
 NLLB-MoE removes padding tokens from routing. transformers hands the sparse MLP the attention mask
 in the form the attention implementation uses: ``None``, a 2-D keep mask (1 = token), a 4-D boolean
 keep mask, or a 4-D additive float mask (0 = attend, very negative = masked). The tokens being routed
-are the last ``seq_len`` key positions (with a KV cache the keys also hold the past). We read the
+are ``seq_len`` consecutive key positions (with a KV cache the keys also hold the past). We read the
 last query row, which attends to every non-padding key in both causal and bidirectional masks.
+
+Where the routed tokens sit among the keys: with no cache or a dynamic one they are the last
+``seq_len`` keys; a static cache has as many keys as its capacity, the slots after the current
+tokens masked. When there are more keys than tokens, the last query is a real (not padding) decoder
+token that attends to itself last in a causal mask, so the tokens end at its last attended key.
+This is found on the device, per sequence, without a host read.
 """
 
 from __future__ import annotations
@@ -30,4 +36,11 @@ def token_padding_mask(mask: torch.Tensor | None, batch: int, seq_len: int) -> t
         raise ValueError(
             f"attention mask of shape {tuple(mask.shape)} does not cover {batch} sequences of {seq_len} tokens"
         )
-    return ~keep[:, -seq_len:].reshape(-1)
+    num_keys = keep.shape[1]
+    if num_keys == seq_len or mask.dim() == 2:
+        return ~keep[:, -seq_len:].reshape(-1)
+    keys = torch.arange(num_keys, device=keep.device)
+    end = torch.where(keep, keys, -1).amax(dim=1, keepdim=True) + 1  # one past the last attended key
+    start = (end - seq_len).clamp(min=0)
+    tokens = (start + torch.arange(seq_len, device=keep.device)).clamp(max=num_keys - 1)
+    return ~keep.gather(1, tokens).reshape(-1)
