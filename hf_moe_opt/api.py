@@ -82,12 +82,16 @@ def optimize(
     """Replace every supported sparse MoE block of ``model`` in place with :class:`OptimizedMoE`.
 
     Args:
-        model: a transformers model (Switch Transformers or NLLB-MoE) in eval mode.
+        model: a transformers model in eval mode: Switch Transformers, NLLB-MoE, or a family with fused
+            expert tensors (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS; shared experts stay
+            dense and resident). See ``hf_moe_opt.supported_architectures()``.
         capacity: ``"model"`` reproduces the model's routing exactly, capacity drops included
             (NLLB-MoE with the correct semantics, not transformers 5.x's); ``"none"`` never drops
             a token (dynamic gating).
         backend: expert compute: ``"torch"`` (grouped GEMMs), ``"triton"`` (fused kernels, CUDA)
-            or ``"auto"`` (the best available for the experts' device).
+            or ``"auto"``: on CUDA, per call, whichever of the two this GPU's tuned launch table
+            measured faster for the expert shape and token count (Triton up to 4096 routed rows
+            where the table has no timings); elsewhere ``"torch"``.
         cuda_graphs: on CUDA, ``True`` replays each layer's dispatch + experts + combine from a CUDA
             graph captured per input shape (up to 1024 routed rows, 16 shapes per layer): the MoE part
             of a decode step costs one graph launch instead of dozens of kernel launches.
