@@ -101,7 +101,8 @@ def optimize(
             Greedy and sampling give the tokens of plain ``generate``; beam search, assisted or
             chunked-prefill generation, a cache passed in, and non-CUDA devices run plain ``generate``
             with a warning. Switch Transformers and the causal families without sliding-window
-            layers; NLLB-MoE and GPT-OSS raise ``ValueError`` (see :mod:`hf_moe_opt.step_graphs`).
+            layers, and NLLB-MoE with transformers >= 5.24; NLLB-MoE on older versions and GPT-OSS raise
+            ``ValueError`` (see :mod:`hf_moe_opt.step_graphs`).
             Resident experts only.
         placement: a :class:`~hf_moe_opt.placement.PlacementPlan` (``hf_moe_opt.plan_placement``):
             spread each layer's experts over several devices of this process; tokens go to their

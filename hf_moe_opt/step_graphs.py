@@ -166,6 +166,11 @@ def _decoder_config(model: nn.Module):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
+# The oldest transformers whose NLLB-MoE decode step reads nothing on the host (checked on a CPU with
+# EagerCapture; 5.17 builds its eager cross-attention mask from Python data every step).
+NLLB_MIN_TRANSFORMERS = "5.24"
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise ``ValueError`` when ``model``'s decode steps cannot be captured whole (checked by ``optimize``)."""
     config = getattr(model, "config", None)
@@ -173,14 +178,15 @@ def check_supported(model: nn.Module) -> None:
         raise ValueError('cuda_graphs="step" needs a transformers model with generate()')
     if config.model_type == "nllb-moe":
         import transformers
+        from packaging.version import Version
 
-        raise ValueError(
-            f"NLLB-MoE decode steps cannot be captured whole with transformers {transformers.__version__}: its "
-            "decoder's sinusoidal position embedding compares the cache length with its table size in Python "
-            "(NllbMoeSinusoidalPositionalEmbedding.forward), and with a static cache that length is a device "
-            "tensor, so every step waits for the GPU; its sparse layers also read padding from the self-attention "
-            "mask, which under a static cache covers the empty cache slots. Use cuda_graphs=True (per-layer graphs)."
-        )
+        if Version(transformers.__version__) < Version(NLLB_MIN_TRANSFORMERS):
+            raise ValueError(
+                f"NLLB-MoE decode steps cannot be captured whole with transformers {transformers.__version__}: "
+                "its eager attention builds the cross-attention mask from Python data at every step (a "
+                f"host-to-device copy). transformers >= {NLLB_MIN_TRANSFORMERS} does not; with this version use "
+                "cuda_graphs=True (per-layer graphs)."
+            )
     _, _, StaticCache, StaticLayer = _cache_classes()
     try:
         probe = StaticCache(config=_decoder_config(model), max_cache_len=LENGTH_BUCKET)
@@ -266,8 +272,9 @@ def _own(outputs: Any, substitutions: dict[int, torch.Tensor], clone: bool) -> A
 class _Slot:
     """A static cache and the graphs of the steps that run on it."""
 
-    def __init__(self, cache) -> None:
+    def __init__(self, cache, length: int = 0) -> None:
         self.cache = cache
+        self.length = length  # the cache's capacity in positions
         self.graphs: OrderedDict[tuple, _StepGraph] = OrderedDict()
         self.prefilled = False
         self.over_limit = False  # warned that more step signatures than MAX_GRAPHS_PER_SLOT came
@@ -424,7 +431,7 @@ class StepGraphs:
             cache = StaticCache(config=config, max_cache_len=length)
             if encoder_length is not None:
                 cache = EncoderDecoderCache(cache, StaticCache(config=config, max_cache_len=encoder_length))
-            slot = self.slots[key] = _Slot(cache)
+            slot = self.slots[key] = _Slot(cache, length)
         self.slots.move_to_end(key)
         return slot
 
@@ -456,7 +463,8 @@ class StepGraphs:
 
         model.forward = step_forward
         try:
-            yield
+            with _capturable_positions(model, slot.length):
+                yield
         finally:
             if had_own:
                 model.forward = saved
@@ -496,6 +504,37 @@ class StepGraphs:
             return _own(outputs, graph.substitutions(leaves), clone=False)
         self.counts["replays"] += 1
         return _own(graph(leaves), graph.substitutions(leaves), clone=True)
+
+
+@contextmanager
+def _capturable_positions(model: nn.Module, length: int) -> Iterator[None]:
+    """NLLB-MoE's sinusoidal position embedding, made capturable for the duration of a generate call.
+
+    Its forward compares ``cache_length + seq_len`` with its table size in Python to grow the table;
+    with a static cache that length is a device tensor, so the comparison would read the GPU every
+    step. The table is grown here once, on the host, to cover the slot's ``length`` positions, and
+    steps given a tensor length skip the check (positions and lookup are the module's own).
+    """
+    modules = [m for m in model.modules() if type(m).__name__ == "NllbMoeSinusoidalPositionalEmbedding"]
+    for module in modules:
+        needed = module.padding_idx + 1 + length
+        if module.weights.size(0) < needed:
+            module.make_weights(needed + module.offset, module.embedding_dim, module.padding_idx)
+
+        def forward(input_ids=None, inputs_embeds=None, cache_length=0, _module=module):
+            if not (torch.is_tensor(cache_length) and input_ids is not None):
+                return type(_module).forward(_module, input_ids, inputs_embeds, cache_length)
+            batch, seq_len = input_ids.shape
+            positions = _module.create_position_ids_from_input_ids(input_ids, _module.padding_idx, cache_length)
+            table = _module.weights
+            return table.index_select(0, positions.view(-1)).view(batch, seq_len, table.shape[-1]).detach()
+
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("forward", None)
 
 
 def attach(model: nn.Module, capture: Capture | None = None) -> StepGraphs:

@@ -281,9 +281,37 @@ def test_failed_capture_raises_then_falls_back():
             assert torch.equal(model.generate(**kw), plain.generate(**kw))
 
 
-def test_nllb_moe_raises():
-    with pytest.raises(ValueError, match="position embedding"):
+def test_nllb_moe_raises_on_old_transformers(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(ValueError, match="cross-attention mask"):
         hf_moe_opt.optimize(tiny_nllb(), cuda_graphs="step")
+
+
+@pytest.mark.parametrize("capacity_fraction", [0.3, 1.0])
+def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
+    import transformers
+    from packaging.version import Version
+
+    from hf_moe_opt.step_graphs import NLLB_MIN_TRANSFORMERS
+
+    if Version(transformers.__version__) < Version(NLLB_MIN_TRANSFORMERS):
+        pytest.skip(f"NLLB-MoE step graphs need transformers >= {NLLB_MIN_TRANSFORMERS}")
+    # Padded encoder rows and capacity drops in the encoder; the decoder's position table is grown
+    # once on the host and looked up with the cache length as a device tensor.
+    plain, model = _pair(tiny_nllb(num_experts=8, moe_eval_capacity_token_fraction=capacity_fraction))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    kw = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False}
+    with torch.no_grad():
+        want = plain.generate(**kw)
+        assert torch.equal(model.generate(**kw), want)
+        assert torch.equal(model.generate(**kw), want)
+    counts = runner_of(model).counts
+    assert counts["captures"] == 1 and counts["replays"] > 0 and counts["fallbacks"] == 0
 
 
 def test_sliding_window_models_raise():
