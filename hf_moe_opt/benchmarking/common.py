@@ -75,3 +75,32 @@ def save_result(result: dict, out: str | Path, plot: Callable[[dict, Path], None
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def add_floor_ratios(row: dict) -> None:
+    """``<name>_x_floor`` beside every ``<name>_ms`` timing of ``row`` (its ``floor_ms`` must be set)."""
+    for key in [k for k in row if k.endswith("_ms") and k != "floor_ms"]:
+        row[key.replace("_ms", "_x_floor")] = row[key] / row["floor_ms"]
+
+
+def plot_by_shape(result: dict, path: Path, series: list[tuple[str, str]], title: str, width: float = 4.5) -> None:
+    """One log-log panel of time vs tokens per ``row["shape"]``; ``series`` are ``(row key, label)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(width * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        rows = [r for r in result["rows"] if r["shape"] == shape]
+        for key, label in series:
+            pts = [(r["tokens"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label, ls="--" if key == "floor_ms" else "-")
+        ax.set(xscale="log", yscale="log", title=shape, xlabel="tokens", ylabel="ms")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{title}, {result['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -18,7 +18,7 @@ import torch
 
 from ..experts import available_backends
 from ..timing import median_ms
-from .common import environment, measure_ceilings, print_ceilings, save_result
+from .common import add_floor_ratios, environment, measure_ceilings, plot_by_shape, print_ceilings, save_result
 from .layer import graphed, peak_mb
 
 TOKENS = (1, 8, 64, 512, 4096, 16384)
@@ -120,8 +120,7 @@ def bench_family(name: str, device, ceilings, tokens, repeats, eager_max_tokens:
                 diff = (layer(inputs[n]).float() - reference[n].float()).abs().max().item()
                 rows[n][f"{backend}_max_abs_diff_vs_hf"] = diff
     for r in rows.values():
-        for key in [k_ for k_ in r if k_.endswith("_ms") and k_ != "floor_ms"]:
-            r[key.replace("_ms", "_x_floor")] = r[key] / r["floor_ms"]
+        add_floor_ratios(r)
         for ours in ("torch", "triton"):
             for suffix in ("", "_graph"):
                 if f"hf_grouped_mm{suffix}_ms" in r and f"{ours}{suffix}_ms" in r:
@@ -130,33 +129,16 @@ def bench_family(name: str, device, ceilings, tokens, repeats, eager_max_tokens:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
-    for ax, shape in zip(axes[0], shapes, strict=True):
-        rows = [r for r in result["rows"] if r["shape"] == shape]
-        for key, label in [
-            ("hf_eager_ms", "HF eager"),
-            ("hf_grouped_mm_ms", "HF grouped_mm"),
-            ("hf_grouped_mm_graph_ms", "HF grouped_mm, graph"),
-            ("torch_graph_ms", "ours torch, graph"),
-            ("triton_ms", "ours triton"),
-            ("triton_graph_ms", "ours triton, graph"),
-            ("floor_ms", "floor"),
-        ]:
-            pts = [(r["tokens"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=label, ls="--" if key == "floor_ms" else "-")
-        ax.set(xscale="log", yscale="log", title=shape, xlabel="tokens", ylabel="ms")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"MoE block time, bf16, {result['environment']['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    series = [
+        ("hf_eager_ms", "HF eager"),
+        ("hf_grouped_mm_ms", "HF grouped_mm"),
+        ("hf_grouped_mm_graph_ms", "HF grouped_mm, graph"),
+        ("torch_graph_ms", "ours torch, graph"),
+        ("triton_ms", "ours triton"),
+        ("triton_graph_ms", "ours triton, graph"),
+        ("floor_ms", "floor"),
+    ]
+    plot_by_shape(result, path, series, "MoE block time, bf16", width=5)
 
 
 def main(argv=None) -> int:

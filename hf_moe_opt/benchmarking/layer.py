@@ -19,7 +19,16 @@ import torch
 from ..baselines import NllbMoeEagerReference
 from ..experts import available_backends
 from ..timing import median_ms
-from .common import LAYER_SHAPES, environment, floor_ms, measure_ceilings, print_ceilings, save_result
+from .common import (
+    LAYER_SHAPES,
+    add_floor_ratios,
+    environment,
+    floor_ms,
+    measure_ceilings,
+    plot_by_shape,
+    print_ceilings,
+    save_result,
+)
 
 TOKENS = (1, 8, 64, 512, 4096, 16384)
 
@@ -93,8 +102,7 @@ def bench_shape(name, device, ceilings, tokens, repeats):
                 replay = graphed(layer, x)
                 rows[n][f"{backend}_graph_ms"] = median_ms(replay, device, repeats)
     for r in rows.values():
-        for key in [k_ for k_ in r if k_.endswith("_ms") and k_ != "floor_ms"]:
-            r[key.replace("_ms", "_x_floor")] = r[key] / r["floor_ms"]
+        add_floor_ratios(r)
         for backend in ("torch", "triton"):
             if f"{backend}_ms" in r:
                 r[f"hf_over_{backend}"] = r["hf_eager_ms"] / r[f"{backend}_ms"]
@@ -105,32 +113,15 @@ def bench_shape(name, device, ceilings, tokens, repeats):
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
-    for ax, shape in zip(axes[0], shapes, strict=True):
-        rows = [r for r in result["rows"] if r["shape"] == shape]
-        x = [r["tokens"] for r in rows]
-        for key, label in [
-            ("hf_eager_ms", "HF eager"),
-            ("torch_ms", "sort+grouped_mm"),
-            ("torch_graph_ms", "sort+grouped_mm, graph"),
-            ("triton_ms", "triton"),
-            ("triton_graph_ms", "triton, graph"),
-            ("floor_ms", "floor"),
-        ]:
-            if key in rows[0]:
-                ax.plot(x, [r[key] for r in rows], marker="o", label=label, ls="--" if key == "floor_ms" else "-")
-        ax.set(xscale="log", yscale="log", title=shape, xlabel="tokens", ylabel="ms")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"MoE layer time, bf16, {result['environment']['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    series = [
+        ("hf_eager_ms", "HF eager"),
+        ("torch_ms", "sort+grouped_mm"),
+        ("torch_graph_ms", "sort+grouped_mm, graph"),
+        ("triton_ms", "triton"),
+        ("triton_graph_ms", "triton, graph"),
+        ("floor_ms", "floor"),
+    ]
+    plot_by_shape(result, path, series, "MoE layer time, bf16")
 
 
 def main(argv=None) -> int:
