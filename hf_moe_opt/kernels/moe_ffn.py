@@ -23,6 +23,7 @@ shapes the whole forward is capturable in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -357,6 +358,7 @@ class KernelActivation:
     limit: float = 0.0
 
     @classmethod
+    @functools.lru_cache(maxsize=256)  # asked on every call of moe_ffn
     def of(cls, activation: Activation, ffn: int) -> KernelActivation | None:
         """The kernel form of ``activation`` for ``F = ffn`` columns, or None if the kernels lack it."""
         if activation.glu is None:
