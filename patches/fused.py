@@ -28,6 +28,7 @@ from hf_moe_opt.experts import ExpertWeights
 from hf_moe_opt.experts.activation import Activation, glu_activation
 from hf_moe_opt.layer import OptimizedMoE
 from hf_moe_opt.routing import Routing, softmax_topk, topk_routing
+from hf_moe_opt.routing.fused import try_fused_router
 
 from .base import MoEPatch, swap_router_class
 
@@ -58,7 +59,20 @@ class SoftmaxTopKRouting:
     normalize_always = False
 
     def forward(self, hidden_states: torch.Tensor):
-        logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        fused = try_fused_router(
+            x,
+            self.weight,
+            None,
+            mode="softmax_topk",
+            top_k=self.top_k,
+            logits_dtype=torch.result_type(x, self.weight),
+            gates_dtype=torch.float32 if self.normalize_always else torch.result_type(x, self.weight),
+            normalize=self.normalize_always or bool(self.norm_topk_prob),
+        )
+        if fused is not None:
+            return fused
+        logits = F.linear(x, self.weight)
         if self.normalize_always:
             weights, indices = softmax_topk(logits, self.top_k, normalize=True)
         else:

@@ -14,7 +14,8 @@ from torch import nn
 from hf_moe_opt.experts import ExpertStack, ExpertWeights
 from hf_moe_opt.experts.activation import Activation
 from hf_moe_opt.layer import OptimizedMoE
-from hf_moe_opt.routing import nllb_route, router_logits, token_padding_mask
+from hf_moe_opt.routing import Routing, nllb_route, router_logits, token_padding_mask
+from hf_moe_opt.routing.fused import try_fused_router
 
 from .base import MoEPatch, swap_router_class
 
@@ -39,11 +40,25 @@ if NllbMoeTop2Router is not None:
         """Same module, our routing: ``forward([N, D], padding [N] | None) -> (Routing, None, logits)``."""
 
         def forward(self, hidden_states: torch.Tensor, padding: torch.Tensor | None = None):
-            logits = router_logits(hidden_states, self.classifier, self.dtype)
             num_tokens = hidden_states.shape[0]
             capacity = None
             if self._hf_moe_opt_capacity == "model":
                 capacity = nllb_capacity(self, num_tokens, self.num_experts)
+            if padding is not None and self.router_ignore_padding_tokens:
+                padding = None
+            if self.second_expert_policy == "all" and padding is None and (capacity is None or capacity >= num_tokens):
+                # Nothing can be dropped (decode steps): the fused kernels route.
+                fused = try_fused_router(
+                    hidden_states,
+                    self.classifier.weight,
+                    self.classifier.bias,
+                    mode="nllb",
+                    logits_dtype=self.dtype,
+                    gates_dtype=hidden_states.dtype,
+                )
+                if fused is not None:
+                    return Routing(fused[1], fused[2], None), None, fused[0]
+            logits = router_logits(hidden_states, self.classifier, self.dtype)
             routing = nllb_route(
                 logits,
                 hidden_states.dtype,

@@ -10,7 +10,8 @@ from torch import nn
 from hf_moe_opt.experts import ExpertStack, ExpertWeights
 from hf_moe_opt.experts.activation import Activation
 from hf_moe_opt.layer import OptimizedMoE
-from hf_moe_opt.routing import router_logits, switch_route
+from hf_moe_opt.routing import Routing, router_logits, switch_route
+from hf_moe_opt.routing.fused import try_fused_router
 
 from .base import MoEPatch, swap_router_class
 
@@ -44,9 +45,23 @@ if SwitchTransformersTop1Router is not None:
         """
 
         def forward(self, hidden_states: torch.Tensor, padding_mask=None):
-            logits = router_logits(hidden_states, self.classifier, self.dtype)
             capacity = self.expert_capacity if self._hf_moe_opt_capacity == "model" else None
-            routing = switch_route(logits, hidden_states.dtype, capacity)
+            routing = None
+            if capacity is None or hidden_states.shape[1] <= capacity:  # nothing can be dropped
+                fused = try_fused_router(
+                    hidden_states.reshape(-1, hidden_states.shape[-1]),
+                    self.classifier.weight,
+                    self.classifier.bias,
+                    mode="switch",
+                    logits_dtype=self.dtype,
+                    gates_dtype=hidden_states.dtype,
+                )
+                if fused is not None:
+                    logits = fused[0].view(*hidden_states.shape[:-1], -1)
+                    routing = Routing(fused[1], fused[2], None)
+            if routing is None:
+                logits = router_logits(hidden_states, self.classifier, self.dtype)
+                routing = switch_route(logits, hidden_states.dtype, capacity)
             recorded = routing.gates.view(*logits.shape[:-1], 1) if self._hf_moe_opt_records_prob else logits
             return routing, None, recorded
 

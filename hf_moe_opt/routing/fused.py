@@ -1,0 +1,59 @@
+"""Routers of small batches on CUDA in two Triton launches instead of seven torch kernels.
+
+The routers of :mod:`patches` ask :func:`try_fused_router` first; it answers None (and the torch
+path runs) off CUDA, for batches above :data:`hf_moe_opt.kernels.router.MAX_TOKENS`, without Triton,
+or when ``HF_MOE_OPT_FUSED_ROUTER=0`` is set (a switch for profiling and comparisons). Semantics
+and dtypes: :mod:`hf_moe_opt.kernels.router`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def _kernels():
+    """``hf_moe_opt.kernels.router`` when Triton compiles for a GPU here, else None."""
+    try:
+        from ..kernels import kernels_interpreted, router
+    except ImportError:
+        return None
+    return None if kernels_interpreted() else router
+
+
+def fused_router_enabled() -> bool:
+    """False when ``HF_MOE_OPT_FUSED_ROUTER=0`` turns the fused router off."""
+    return os.environ.get("HF_MOE_OPT_FUSED_ROUTER", "1") != "0"
+
+
+def try_fused_router(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    mode: str,
+    top_k: int = 1,
+    logits_dtype: torch.dtype,
+    gates_dtype: torch.dtype,
+    normalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(logits [N, E], indices [N, k], gates [N, k])`` from the fused kernels, or None where they do not apply.
+
+    ``x`` is ``[N, D]``; the other arguments are :func:`hf_moe_opt.kernels.router.fused_router`'s.
+    """
+    if not x.is_cuda or not fused_router_enabled():
+        return None
+    kernels = _kernels()
+    if kernels is None or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    k = {"switch": 1, "nllb": 2}.get(mode, top_k)
+    if not kernels.fits(x.shape[0], weight.shape[0], k):
+        return None
+    if not kernels.router_supported(x, weight, (logits_dtype, gates_dtype)):
+        return None
+    return kernels.fused_router(
+        x, weight, bias, mode=mode, top_k=top_k, logits_dtype=logits_dtype, gates_dtype=gates_dtype, normalize=normalize
+    )
