@@ -71,7 +71,8 @@ class SoftmaxTopKRouting:
             normalize=self.normalize_always or bool(self.norm_topk_prob),
         )
         if fused is not None:
-            return fused
+            logits, indices, weights = fused
+            return logits, weights, indices
         logits = F.linear(x, self.weight)
         if self.normalize_always:
             weights, indices = softmax_topk(logits, self.top_k, normalize=True)

@@ -137,7 +137,7 @@ def fused_router(
     bias: torch.Tensor | None,
     *,
     mode: str,
-    top_k: int = 1,
+    top_k: int | None = None,
     logits_dtype: torch.dtype,
     gates_dtype: torch.dtype,
     normalize: bool = False,
@@ -147,7 +147,7 @@ def fused_router(
     Args:
         x: the tokens; ``weight``: the router's ``[E, D]`` weight (any float dtype; its values are
             used exactly); ``bias``: ``[E]`` or None.
-        mode: ``"switch"`` (k = 1), ``"nllb"`` (k = 2) or ``"softmax_topk"``.
+        mode: ``"switch"`` (k = 1), ``"nllb"`` (k = 2) or ``"softmax_topk"`` (k = ``top_k``).
         logits_dtype: dtype the logits are rounded to (the router dtype of Switch/NLLB, the model
             dtype of the softmax-top-k families).
         gates_dtype: the input dtype (Switch/NLLB; the probabilities are rounded to it before the
@@ -157,7 +157,9 @@ def fused_router(
     if mode not in MODES:
         raise ValueError(f"unknown router mode {mode!r}; choose one of {', '.join(MODES)}")
     k = {"switch": 1, "nllb": 2}.get(mode, top_k)
-    if mode != "softmax_topk" and top_k != k:
+    if k is None:
+        raise ValueError("mode 'softmax_topk' needs top_k")
+    if top_k is not None and top_k != k:
         raise ValueError(f"mode {mode!r} routes to {k} expert(s), got top_k={top_k}")
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]

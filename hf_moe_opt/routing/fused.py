@@ -13,6 +13,9 @@ import os
 
 import torch
 
+# Device types the fused router serves (tests add "cpu" to run it in Triton's interpreter).
+DEVICE_TYPES = {"cuda"}
+
 
 @functools.cache
 def _kernels():
@@ -35,7 +38,7 @@ def try_fused_router(
     bias: torch.Tensor | None,
     *,
     mode: str,
-    top_k: int = 1,
+    top_k: int | None = None,
     logits_dtype: torch.dtype,
     gates_dtype: torch.dtype,
     normalize: bool = False,
@@ -44,12 +47,12 @@ def try_fused_router(
 
     ``x`` is ``[N, D]``; the other arguments are :func:`hf_moe_opt.kernels.router.fused_router`'s.
     """
-    if not x.is_cuda or not fused_router_enabled():
+    if x.device.type not in DEVICE_TYPES or not fused_router_enabled():
         return None
     kernels = _kernels()
     if kernels is None or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return None
-    k = {"switch": 1, "nllb": 2}.get(mode, top_k)
+    k = {"switch": 1, "nllb": 2}.get(mode, top_k) or 0
     if not kernels.fits(x.shape[0], weight.shape[0], k):
         return None
     if not kernels.router_supported(x, weight, (logits_dtype, gates_dtype)):
