@@ -8,8 +8,8 @@ the 25 kernels with the most GPU time, with their launch counts. Needs a CUDA de
 """
 
 import sys
-from pathlib import Path
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
