@@ -14,10 +14,11 @@ repeats (``hf_moe_opt.benchmarking.model.decode_ms_per_token``). Variants, on th
 * ``layer_graphs``: ``optimize(model, cuda_graphs=True)``, each MoE layer's routed part graph-replayed;
 * ``step_graphs``: ``optimize(model, cuda_graphs="step")``, whole decode steps graph-replayed.
 
-The floor of a step: the bytes of the weights one decode step reads (the decoder's dense weights, the
-LM head, and per MoE layer the experts this batch's tokens were routed to, counted in an
-``optimize()`` run) over the copy bandwidth measured in the same run. The run also records whether
-``step_graphs`` generates the tokens ``optimize()`` generates. Writes JSON to ``--out`` and a PNG beside it.
+The floor of a step (``hf_moe_opt.benchmarking.floors.decode_floor``, shared with the model benchmark):
+the bytes one decode step reads (the dense weights of the modules it calls, the LM head, per MoE layer
+the experts this batch's tokens were routed to, counted in an ``optimize()`` run, and the KV cache)
+over the copy bandwidth measured in the same run. The run also records whether ``step_graphs``
+generates the tokens ``optimize()`` generates. Writes JSON to ``--out`` and a PNG beside it.
 """
 
 from __future__ import annotations
@@ -28,101 +29,31 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import hf_moe_opt
 from hf_moe_opt.baselines import remove_nllb_eager_reference, use_nllb_eager_reference
 from hf_moe_opt.benchmarking.common import environment, measure_ceilings, save_result
-from hf_moe_opt.benchmarking.model import decode_ms_per_token, random_model
-from hf_moe_opt.step_graphs import EagerCapture, runner_of
+from hf_moe_opt.benchmarking.floors import decode_floor
+from hf_moe_opt.benchmarking.model import (
+    decode_ms_per_token,
+    generated,
+    random_ids,
+    random_model,
+    run_step_graphs,
+    tiny_config,
+)
 
 VARIANTS = ("hf_eager", "optimize", "layer_graphs", "step_graphs")
 QUICK_MODELS = ["switch-base-128"]
 FULL_MODELS = ["switch-base-128", "qwen3-30b-a3b", "nllb-moe-54b"]
 
 
-def tiny_config(name: str):
-    """A few-layer config of ``name``'s family for the CPU smoke run."""
-    from transformers import Qwen3MoeConfig, SwitchTransformersConfig
-
-    if name.startswith("switch"):
-        return SwitchTransformersConfig(
-            vocab_size=256, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
-            num_experts=8, expert_capacity=64, encoder_sparse_step=1, decoder_sparse_step=1,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-        )  # fmt: skip
-    if name.startswith("qwen3"):
-        return Qwen3MoeConfig(
-            vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
-            norm_topk_prob=True, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        )  # fmt: skip
-    raise ValueError(f"no tiny config for {name!r}")
-
-
-def _decoder_side(model: nn.Module, name: str) -> bool:
-    """Whether parameter or module ``name`` runs in a decode step (encoder-decoders: not the encoder)."""
-    return not model.config.is_encoder_decoder or "decoder" in name.split(".") or name.startswith("lm_head")
-
-
-def distinct_experts(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
-    """Per decode-side MoE layer of an optimized ``model``: experts reached per decode step, on average."""
-    counts: dict[str, list[int]] = {}
-    hooked = []
-    for name, layer in hf_moe_opt.optimized_layers(model):
-        if not _decoder_side(model, name):
-            continue
-
-        def observe(layer, routing, name=name):
-            if routing.expert_index.shape[0] == ids.shape[0]:  # one token per sequence: a decode step
-                chosen = routing.expert_index[routing.keep_mask()]
-                counts.setdefault(name, []).append(int(chosen.unique().numel()))
-
-        layer.observers.append(observe)
-        hooked.append((layer, observe))
-    try:
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    finally:
-        for layer, observe in hooked:
-            layer.observers.remove(observe)
-    return {name: sum(c) / len(c) for name, c in counts.items()}
-
-
-def step_weight_bytes(model: nn.Module, distinct: dict[str, float]) -> float:
-    """Bytes of weights one decode step reads: dense decode-side weights, the LM head (embedding tables
-    otherwise read a row per token, not counted), and ``distinct[layer]`` experts of each MoE layer."""
-    layers = dict(hf_moe_opt.optimized_layers(model))
-    expert_ptrs = {p.data_ptr() for layer in layers.values() for p in layer.experts.parameters()}
-    lm_head = model.get_output_embeddings().weight
-    embeddings = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)} - {lm_head.data_ptr()}
-    seen: set[int] = set()
-    total = 0.0
-    for name, p in model.named_parameters():
-        ptr = p.data_ptr()
-        if ptr in seen or ptr in expert_ptrs or ptr in embeddings or not _decoder_side(model, name):
-            continue
-        seen.add(ptr)
-        total += p.numel() * p.element_size()
-    if lm_head.data_ptr() not in seen:
-        total += lm_head.numel() * lm_head.element_size()
-    for name, n in distinct.items():
-        layer = layers[name]
-        per_expert = sum(p.numel() * p.element_size() for p in layer.experts.parameters()) / layer.num_experts
-        total += n * per_expert
-    return total
-
-
-def _generated(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
-    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-
 @torch.no_grad()
 def run_model(name: str, device: torch.device, batches: list[int], args, ceilings: dict) -> dict:
     config = tiny_config(name) if args.cpu_smoke else None
     model = random_model(name, device, config)
-    vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
-    prompts = {b: torch.randint(3, min(1000, vocab), (b, args.prompt), generator=gen).to(device) for b in batches}
+    prompts = {b: random_ids(model, b, args.prompt, device, gen) for b in batches}
     times = {v: {} for v in VARIANTS}
     tokens: dict[int, torch.Tensor] = {}
     record = {"model": name, "batches": []}
@@ -130,7 +61,7 @@ def run_model(name: str, device: torch.device, batches: list[int], args, ceiling
 
     def time_all(variant: str) -> None:
         for b in batches:
-            times[variant][b] = decode_ms_per_token(model, b, device, **timing)
+            times[variant][b] = decode_ms_per_token(model, b, device, ids=prompts[b], **timing)
             print(f"{name} batch {b}: {variant} {times[variant][b]:.3f} ms/step", flush=True)
 
     is_nllb = name.startswith("nllb")
@@ -142,49 +73,40 @@ def run_model(name: str, device: torch.device, batches: list[int], args, ceiling
 
     hf_moe_opt.optimize(model)
     time_all("optimize")
-    distinct, floor = {}, {}
+    floor = {}
     for b in batches:
-        tokens[b] = _generated(model, prompts[b], args.long)
-        distinct[b] = distinct_experts(model, prompts[b], args.long)
-        floor[b] = step_weight_bytes(model, distinct[b])
+        tokens[b] = generated(model, prompts[b], args.long)
+        floor[b] = decode_floor(model, prompts[b], args.short, args.long, ceilings)
     hf_moe_opt.restore(model)
 
     hf_moe_opt.optimize(model, cuda_graphs=True)
     time_all("layer_graphs")
     hf_moe_opt.restore(model)
 
-    step_error, same_tokens, counts = None, {}, None
-    try:
-        hf_moe_opt.optimize(model, cuda_graphs="step")
-    except ValueError as e:
-        step_error = str(e)
-        print(f"{name}: step graphs unsupported: {e}", flush=True)
-    if step_error is None:
-        runner = runner_of(model)
-        if not runner.capture.supports(device):
-            runner.capture = EagerCapture(check_host_reads=False)  # CPU smoke: same static-buffer path, eager
-        try:
-            time_all("step_graphs")
-            for b in batches:
-                same_tokens[b] = bool(torch.equal(_generated(model, prompts[b], args.long), tokens[b]))
-        except RuntimeError as e:  # a failed capture: keep the other variants' numbers
-            step_error = str(e)
-            print(f"{name}: step graphs failed: {e}", flush=True)
-        counts = dict(runner.counts)
-        hf_moe_opt.restore(model)
+    same_tokens = {}
+
+    def measure_step_graphs() -> None:
+        time_all("step_graphs")
+        for b in batches:
+            same_tokens[b] = bool(torch.equal(generated(model, prompts[b], args.long), tokens[b]))
+
+    step = run_step_graphs(model, device, measure_step_graphs, name)
 
     for b in batches:
-        floor_ms = 1e3 * floor[b] / ceilings["copy_bytes_per_s"]
+        f = floor[b]
+        floor_ms = f["floor_ms"]
         row = {"batch": b, **{f"{v}_ms": times[v].get(b) for v in VARIANTS}}
-        row.update(floor_ms=floor_ms, step_weight_gib=floor[b] / 2**30, distinct_experts_per_layer=distinct[b])
+        row.update(floor_ms=floor_ms, step_weight_gib=f["weight_read_gib"], kv_read_gib=f["kv_read_gib"],
+                   read_gib=f["read_gib"], distinct_experts_per_layer=f["distinct_experts_per_layer"])  # fmt: skip
         row["step_tokens_equal_optimize"] = same_tokens.get(b)
         if times["step_graphs"].get(b):
-            step = times["step_graphs"][b]
-            row.update(step_vs_hf_eager=row["hf_eager_ms"] / step, step_vs_layer_graphs=row["layer_graphs_ms"] / step,
-                       step_over_floor=step / floor_ms)  # fmt: skip
+            t = times["step_graphs"][b]
+            row.update(step_vs_hf_eager=row["hf_eager_ms"] / t, step_vs_layer_graphs=row["layer_graphs_ms"] / t,
+                       step_over_floor=t / floor_ms)  # fmt: skip
         record["batches"].append(row)
-        print(f"{name} batch {b}: floor {floor_ms:.3f} ms/step ({floor[b] / 2**30:.2f} GiB read)", flush=True)
-    record.update(step_graphs_unsupported=step_error, step_graph_counts=counts)
+        print(f"{name} batch {b}: floor {floor_ms:.3f} ms/step ({f['read_gib']:.2f} GiB read, "
+              f"KV cache {f['kv_read_gib']:.2f})", flush=True)  # fmt: skip
+    record.update(step)
     return record
 
 

@@ -34,8 +34,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
-    if not torch.cuda.is_available():
-        raise ValueError("benchmarks need a CUDA device (none is available here)")
+    if not torch.cuda.is_available() and not {"--cpu-smoke", "-h", "--help"} & set(args.rest):
+        raise ValueError(
+            "benchmarks need a CUDA device (none is available here; `bench model --cpu-smoke` runs on a CPU)"
+        )
     module = importlib.import_module(f".benchmarking.{args.which}", __package__)
     return module.main(args.rest)
 

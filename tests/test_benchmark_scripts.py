@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,3 +27,81 @@ def test_serve_offloaded_tiny(tmp_path) -> None:
     assert abs(result["resident_expert_gib"] / result["expert_gib"] - 0.25) < 1e-9
     assert 0.0 <= result["hit_rate"] < 1.0 and result["bytes_copied"] > 0
     assert result["ms_per_new_token"] > 0
+
+
+def test_bench_model_cpu_smoke(tmp_path) -> None:
+    """Every row carries its floor and measured / floor ratios; step graphs give optimize()'s tokens."""
+    out = tmp_path / "model.json"
+    assert _load("bench_model").main(["--cpu-smoke", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["ceilings"]["copy_bytes_per_s"] > 0 and result["ceilings"]["bf16_flops_per_s"] > 0
+    assert [m["model"] for m in result["models"]] == ["switch-tiny", "nllb-tiny"]
+    for rec in result["models"]:
+        assert rec["step_graphs_unsupported"] is None and rec["step_graphs_capture"] == "eager_stand_in"
+        assert rec["step_graph_counts"]["replays"] > 0 and rec["step_graph_counts"]["fallbacks"] == 0
+        for row in rec["encoder"]:
+            assert {"batch", "hf_tokens_per_s", "opt_tokens_per_s", "speedup"} <= row.keys()  # the earlier schema
+            assert row["floor_ms"] > 0 and row["floor_bound"] in ("bandwidth", "matmul")
+            assert row["read_gib"] > row["expert_read_gib"] > 0 and row["tflop"] > 0
+            assert 1 <= row["experts_per_moe_layer"] <= 8
+            for variant in ("hf", "opt"):
+                assert row[f"{variant}_x_floor"] == pytest.approx(row[f"{variant}_ms"] / row["floor_ms"])
+        for row in rec["decode"]:
+            assert {"batch", "hf_ms_per_token", "opt_ms_per_token", "opt_graphs_ms_per_token", "speedup",
+                    "speedup_graphs"} <= row.keys()  # fmt: skip
+            assert row["floor_ms"] > 0 and row["kv_read_gib"] > 0 and row["expert_read_gib"] > 0
+            assert 1 <= row["experts_per_moe_layer"] <= row["batch"] * 2  # at most batch * k (k <= 2)
+            for variant in ("hf", "opt", "opt_graphs", "opt_step_graphs"):
+                ms = row[f"{variant}_ms_per_token"]
+                assert isinstance(ms, float)  # CPU timings are noise
+                assert row[f"{variant}_x_floor"] == pytest.approx(ms / row["floor_ms"])
+            assert row["step_tokens_equal_opt"] is True
+    assert out.with_suffix(".png").exists()
+
+
+def test_bench_model_records_why_step_graphs_are_unsupported(tmp_path, monkeypatch) -> None:
+    """Through the CLI: a model whose decode steps cannot be captured whole gets the reason, not a time."""
+    from hf_moe_opt import step_graphs
+    from hf_moe_opt.cli import main
+
+    monkeypatch.setattr(step_graphs, "NLLB_MIN_TRANSFORMERS", "999")
+    out = tmp_path / "model.json"
+    argv = ["bench", "model", "--cpu-smoke", "--models", "nllb-tiny", "--batches", "1", "--decode-batches", "1"]
+    assert main([*argv, "--out", str(out)]) == 0
+    (rec,) = json.loads(out.read_text())["models"]
+    assert "NLLB-MoE decode steps cannot be captured whole" in rec["step_graphs_unsupported"]
+    assert rec["step_graph_counts"] is None
+    (row,) = rec["decode"]
+    assert row["opt_step_graphs_ms_per_token"] is None and row["opt_step_graphs_x_floor"] is None
+    assert row["step_tokens_equal_opt"] is None and isinstance(row["opt_graphs_ms_per_token"], float)
+
+
+def test_decode_floor_counts_what_a_step_reads() -> None:
+    """Tiny Switch: a decode step reads the decoder's dense weights except the cross-attention keys and
+    values (cached), the LM head, the experts it routes to, and the KV cache."""
+    import torch
+
+    import hf_moe_opt
+    from hf_moe_opt.benchmarking.floors import GIB, decode_floor
+    from hf_moe_opt.benchmarking.model import random_ids, random_model, tiny_config
+
+    cfg = tiny_config("switch-tiny")
+    model = random_model("switch-tiny", torch.device("cpu"), cfg)
+    hf_moe_opt.optimize(model)
+    batch, prompt, short, long = 2, 8, 2, 5
+    ids = random_ids(model, batch, prompt, "cpu", torch.Generator().manual_seed(0))
+    ceilings = {"copy_bytes_per_s": 1e9, "bf16_flops_per_s": 1e12}
+    f = decode_floor(model, ids, short, long, ceilings)
+    d, inner, layers, elt = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.num_decoder_layers, 2
+    # Per layer: self-attention q, k, v, o; cross-attention q, o; the router; three norms. Then the final
+    # norm and the LM head.
+    dense = (layers * (6 * d * inner + d * cfg.num_experts + 3 * d) + d + cfg.vocab_size * d) * elt
+    lookups = (batch * d + 32 * cfg.num_heads) * elt  # at most: token rows, relative-position bias rows
+    expert = 2 * d * cfg.d_ff * elt
+    assert f["expert_read_gib"] * GIB == pytest.approx(sum(f["distinct_experts_per_layer"].values()) * expert)
+    assert dense <= (f["weight_read_gib"] - f["expert_read_gib"]) * GIB <= dense + lookups
+    # Self-attention: decoder positions 1 + i at forward i (i = short .. long - 1); cross: the prompt.
+    per_position = layers * 2 * batch * inner * elt
+    mean_positions = sum(1 + i for i in range(short, long)) / (long - short)
+    assert f["kv_read_gib"] * GIB == pytest.approx(per_position * (mean_positions + prompt))
+    assert f["floor_ms"] == pytest.approx(1e3 * f["read_gib"] * GIB / ceilings["copy_bytes_per_s"])
