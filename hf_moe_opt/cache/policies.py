@@ -110,6 +110,15 @@ def _normalise_step(
     needed = [int(e) for e in needed]
     if counts is not None and len(counts) != len(needed):
         raise ValueError(f"counts has {len(counts)} entries but needed has {len(needed)}")
+    # Fast path for the usual input (distinct ids in range, counts >= 0): no per-entry Python loop.
+    if not needed:
+        return needed, ({} if counts is not None else None)
+    if len(set(needed)) == len(needed) and min(needed) >= 0 and max(needed) < num_experts:
+        if counts is None:
+            return needed, None
+        counts = [int(c) for c in counts]
+        if min(counts) >= 0:
+            return needed, dict(zip(needed, counts, strict=True))
     order: list[int] = []
     merged: dict[int, int] = {}
     for i, e in enumerate(needed):
@@ -218,6 +227,28 @@ class EvictionPolicy(ABC):
         """
         order, count_of = _normalise_step(needed, counts, self.num_experts)
         self._begin_step(order, count_of)
+        slot_of = self._slot_of
+        if all(e in slot_of for e in order):
+            outcome = self._serve_hits(order, count_of)
+        else:
+            outcome = self._serve(order, count_of)
+        self._end_step(order, count_of)
+        self._step += 1
+        return outcome
+
+    def _serve_hits(self, order: list[int], count_of: dict[int, int] | None) -> StepOutcome:
+        """:meth:`_serve` for a step whose experts are all resident (the common decode step): no
+        load, no eviction, one chunk, the same history updates, none of the general path's lists."""
+        pinned = self._pinned_slot
+        for e in order:
+            if e not in pinned:
+                self._tick += 1
+                self._on_use(e, self._tick, None if count_of is None else count_of[e])
+        hits = tuple(order)
+        return StepOutcome(hits, (), (), (hits,))
+
+    def _serve(self, order: list[int], count_of: dict[int, int] | None) -> StepOutcome:
+        """Hits, loads, evictions and chunks of one step (``order``: distinct experts, routing order)."""
         position = {e: i for i, e in enumerate(order)}
         step_set = set(order)
         hits = [e for e in order if e in self._slot_of]
@@ -257,9 +288,6 @@ class EvictionPolicy(ABC):
                     self._on_use(e, self._tick, None if count_of is None else count_of[e])
                     done.add(e)
             chunks.append(tuple(members))
-
-        self._end_step(order, count_of)
-        self._step += 1
         return StepOutcome(tuple(hits), tuple(misses), tuple(loads), tuple(chunks))
 
     def _take_slot(self, step_set: set[int], done: set[int]) -> tuple[int, int | None]:

@@ -30,12 +30,21 @@ One forward of the layer (a *step*):
    waits on the copy event and runs the loaded experts. Oversubscribed steps repeat load/compute
    per chunk; a chunk's copies wait for the compute of the chunk before it (its victims).
 4. The compute reuses the layer's backend over the slots: the plan's expert ids are remapped to
-   slot ids (experts outside the chunk are marked dropped) and the plan is rebuilt with
+   slot ids (experts outside the group are marked dropped) and the plan is rebuilt with
    :func:`~hf_moe_opt.dispatch.make_plan`. Every expert sees the same rows in the same order as in
    the resident layer, and every token's top-k expert outputs are summed in the same order, so the
    output is bitwise the resident layer's for the torch backend. (The Triton kernels pick launch
    configurations by expert count; with a different slot count they may pick another one, which
    changes rounding within the kernel's own tolerance.)
+
+Decode at small batches is bound by the host (Python and kernel launches), so the common step is
+kept short. The expert -> slot map lives on the device as an ``[E + 1]`` table that changes only
+when a load does (the host keeps a mirror and copies it over after loads, never on an all-hit step).
+A step whose needed experts all end up resident together (every hit-only step, and a step whose
+misses all fit) is one group: one lookup in the table, one plan over the slots built from the
+already sorted plan (a stable re-sort keeps each expert's rows in routing order, so no scatter back
+to assignment order is needed) and one expert call. Only steps that overlap copies with compute or
+are oversubscribed run several groups, with their per-group maps sent in one copy.
 
 Statistics (hits, misses, bytes copied, copy and stall time) are kept per store; CUDA times are
 measured with events and resolved lazily, so recording them adds no synchronisation.
@@ -49,7 +58,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from itertools import compress
 
+import numpy as np
 import torch
 
 from ..dispatch import DispatchPlan, make_plan
@@ -162,6 +173,11 @@ class CachedExpertStore(ExpertStore):
         self.pin_error: str | None = None
         self._home()
         self._alloc_slots()
+        # The run-time check that no parameter was moved behind the store's back (``is_current`` per
+        # call would build views): the first and last expert parameter of every stack, by address.
+        self._key_params = [p for s in self.weights.stacks() for p in (s.params[0], s.params[-1])]
+        self._checked_key: list[int] | None = None  # _weights_key() when last found current
+        self._expert_ids = range(num_experts)
         self.reset_stats()
 
     # ---------------------------------------------------------------- memory
@@ -181,7 +197,7 @@ class CachedExpertStore(ExpertStore):
     @property
     def expert_nbytes(self) -> int:
         """Bytes copied per expert load."""
-        return expert_nbytes(self.weights)
+        return self._expert_nbytes
 
     @property
     def slot_nbytes(self) -> int:
@@ -200,16 +216,35 @@ class CachedExpertStore(ExpertStore):
         self._slots = [
             torch.empty((self.num_slots, *h.shape[1:]), dtype=h.dtype, device=self.device) for h in self._host_tensors()
         ]
-        self._slot_of: dict[int, int] = {}  # mirror of the policy's residents, as the slots hold them
+        self._views = None  # _slot_tensors(), built once per allocation
+        self._expert_nbytes = expert_nbytes(self.weights)  # the dtype may have changed (refresh)
+        self._reset_table()
         self.policy.reset()
 
+    def _reset_table(self) -> None:
+        """Every expert out of the slots: the slot map says ``S`` (dropped) for all ``E + 1`` entries."""
+        self._slot_of: dict[int, int] = {}  # mirror of the policy's residents, as the slots hold them
+        # Slot of every expert (S: not resident; entry E is the plan's dropped rows). The host copy is
+        # pageable on purpose: a non-blocking copy from pageable memory is staged before it returns, so
+        # the mirror may change right after; the device copy is refreshed only after loads.
+        self._table_host = torch.full((self.num_experts + 1,), self.num_slots, dtype=torch.long)
+        self._table_np = self._table_host.numpy()
+        self._table = self._table_host.to(self.device, copy=True)  # a copy on the CPU too: one code path
+        self._table_stale = False
+
     def _slot_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        it = (s.compute_view(t) for s, t in zip(self.weights.stacks(), self._slots, strict=True))
-        w1 = next(it)
-        w2 = next(it)
-        b1 = next(it) if self.weights.b1 is not None else None
-        b2 = next(it) if self.weights.b2 is not None else None
-        return w1, b1, w2, b2
+        if self._views is None:
+            it = (s.compute_view(t) for s, t in zip(self.weights.stacks(), self._slots, strict=True))
+            w1 = next(it)
+            w2 = next(it)
+            b1 = next(it) if self.weights.b1 is not None else None
+            b2 = next(it) if self.weights.b2 is not None else None
+            self._views = (w1, b1, w2, b2)
+        return self._views
+
+    def _weights_key(self) -> list[int]:
+        """Where the first and last expert parameter of every stack point now (cheap: no views made)."""
+        return [p.data_ptr() for p in self._key_params]
 
     def _host_tensors(self) -> list[torch.Tensor]:
         """Each stack's host tensor in storage layout: ``[j]`` is expert ``j``'s slice."""
@@ -230,12 +265,15 @@ class CachedExpertStore(ExpertStore):
             self.device = moved_to
         self._home()
         self._alloc_slots()
+        self._checked_key = None
 
     def release(self) -> None:
         """Undo the cache (``hf_moe_opt.restore``): free the slots; experts that lived on an
         accelerator before optimizing go back there, experts that lived on the CPU stay in host memory."""
         self._slots = []
+        self._views = None
         self._slot_of = {}
+        self._checked_key = None
         self.policy.reset()
         if self.home_device.type != "cpu":
             with torch.no_grad():
@@ -245,7 +283,7 @@ class CachedExpertStore(ExpertStore):
     def clear(self) -> None:
         """Empty the cache (the next steps start cold); statistics are kept."""
         self.policy.reset()
-        self._slot_of = {}
+        self._reset_table()
 
     # ----------------------------------------------------------------- stats
     def reset_stats(self) -> None:
@@ -313,11 +351,15 @@ class CachedExpertStore(ExpertStore):
         hosts = self._host_tensors()
         nbytes = self.expert_nbytes * len(loads)
         self._bytes += nbytes
+        table = self._table_np
         for ld in loads:
             if ld.evicted is not None:
                 self._slot_of.pop(ld.evicted, None)
+                table[ld.evicted] = self.num_slots
                 self._evictions += 1
             self._slot_of[ld.expert] = ld.slot
+            table[ld.expert] = ld.slot
+        self._table_stale = True
         if self.device.type != "cuda":
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -351,12 +393,49 @@ class CachedExpertStore(ExpertStore):
         self._pending.append(("stall", mark, done))
 
     # ---------------------------------------------------------------- compute
-    def _slot_map(self, experts: list[int]) -> torch.Tensor:
-        """``[E + 1]`` slot id of every expert of ``experts``; ``S`` (dropped) for all others."""
-        table = [self.num_slots] * (self.num_experts + 1)
-        for e in experts:
-            table[e] = self._slot_of[e]
-        return torch.tensor(table, dtype=torch.long).to(self.device, non_blocking=True)
+    def _full_table(self) -> torch.Tensor:
+        """The device slot map of every resident expert, brought up to date after loads."""
+        if self._table_stale:
+            self._table.copy_(self._table_host, non_blocking=True)
+            self._table_stale = False
+        return self._table
+
+    def _group_tables(self, maps: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        """``[G, E + 1]`` slot maps from ``(experts, their slots)`` per group; ``S`` for every other expert."""
+        tables = np.full((len(maps), self.num_experts + 1), self.num_slots, dtype=np.int64)
+        for g, (experts, slots) in enumerate(maps):
+            tables[g, experts] = slots
+        return torch.from_numpy(tables).to(self.device, non_blocking=True)
+
+    def _slot_plan(self, plan: DispatchPlan, table: torch.Tensor, *, single: bool) -> DispatchPlan:
+        """The plan over the slots for the experts ``table`` maps (every other row dropped).
+
+        ``single``: one group serves every routed expert, so the plan keeps its ``[N, k]`` shape;
+        otherwise the assignments are top-1 "tokens" (``[N * k, 1]``) whose outputs the groups sum.
+        The rows are re-sorted by slot from the plan's expert order with a stable sort: each slot
+        holds one expert, so its rows stay in routing order, as the resident layer has them.
+        """
+        num_slots = self.num_slots
+        key = table[plan.expert].view(-1, 1)  # slot of each sorted row; S: dropped, or outside the group
+        rows = make_plan(key, plan.gate.view(-1, 1), None if single else key < num_slots, num_slots)
+        order = plan.order[rows.order]
+        if single:
+            token = order if plan.top_k == 1 else plan.token[rows.order]
+            num_tokens, top_k, may_drop = plan.num_tokens, plan.top_k, plan.may_drop
+        else:
+            token, num_tokens, top_k, may_drop = order, plan.num_rows, 1, True
+        return DispatchPlan(
+            order=order,
+            token=token,
+            expert=rows.expert,
+            counts=rows.counts,
+            offsets=rows.offsets,
+            gate=rows.gate,
+            num_tokens=num_tokens,
+            top_k=top_k,
+            num_experts=num_slots,
+            may_drop=may_drop,
+        )
 
     def run(
         self, x: torch.Tensor, plan: DispatchPlan, ffn_for: FfnFactory, activation: Activation, out_scale: float
@@ -365,10 +444,13 @@ class CachedExpertStore(ExpertStore):
             # The dense parts were moved after optimizing: follow the input.
             self.device = x.device
             self._alloc_slots()
-        if not all(s.is_current() for s in self.weights.stacks()):
-            self.refresh()
+        key = self._weights_key()
+        if key != self._checked_key:
+            if not all(s.is_current() for s in self.weights.stacks()):
+                self.refresh()
+            self._checked_key = self._weights_key()
         counts = plan.counts.tolist()  # the one host synchronisation of a cached layer call
-        needed = [e for e, c in enumerate(counts) if c > 0]
+        needed = list(compress(self._expert_ids, counts))
         outcome = self.policy.step(needed, [counts[e] for e in needed])
         self._steps += 1
         self._hits += len(outcome.hits)
@@ -377,6 +459,16 @@ class CachedExpertStore(ExpertStore):
             self._chunked_steps += 1
         if not needed:
             return torch.zeros_like(x)
+        w1, b1, w2, b2 = self._slot_tensors()
+
+        if len(outcome.chunks) == 1 and not (outcome.hits and outcome.loads):
+            # One group: every needed expert is resident once this step's loads (if any) are in.
+            if outcome.loads:
+                self._wait(self._issue(list(outcome.loads)))
+            slot_plan = self._slot_plan(plan, self._full_table(), single=True)
+            out = ffn_for(x.device, slot_plan.num_rows)(x, slot_plan, w1, b1, w2, b2, activation, out_scale)
+            self._resolve_if_many()
+            return out
 
         # Groups computed one after another: the hits first (they need no copy), then each chunk's loads.
         groups: list[tuple[list[int], list[Load]]] = []
@@ -388,34 +480,35 @@ class CachedExpertStore(ExpertStore):
                 groups.append((ready, []))
             if loads:
                 groups.append(([e for e in chunk if e in loaded], loads))
+        # Each group's slot map, as the slots will hold it when the group runs: hits where they are now
+        # (a step never evicts its hits), loaded experts where their loads put them. One copy for all.
+        maps = []
+        for experts, loads in groups:
+            slot_of = {ld.expert: ld.slot for ld in loads} if loads else self._slot_of
+            maps.append((experts, [slot_of[e] for e in experts]))
+        tables = self._group_tables(maps)
 
         events: dict[int, torch.cuda.Event | None] = {}
         if len(groups) > 1 and not groups[0][1] and groups[1][1] and groups[1][1][0].chunk == 0:
             events[1] = self._issue(groups[1][1])  # start the misses' copies before computing the hits
-
-        w1, b1, w2, b2 = self._slot_tensors()
-        ei = torch.empty_like(plan.expert)
-        ei[plan.order] = plan.expert
-        gate = torch.empty_like(plan.gate)
-        gate[plan.order] = plan.gate
         num_tokens, top_k = plan.num_tokens, plan.top_k
-        single = len(groups) == 1
-        # Several groups: run each over the assignments as top-1 "tokens" and sum the per-assignment
-        # outputs (each is non-zero in exactly one group), then combine the k slots as the resident layer does.
-        xa = x if (single or top_k == 1) else x.repeat_interleave(top_k, dim=0)
-        shape = (num_tokens, top_k) if single else (num_tokens * top_k, 1)
+        # Each group runs over the assignments as top-1 "tokens"; the per-assignment outputs are summed
+        # (each is non-zero in exactly one group), then the k slots combine as the resident layer does.
+        xa = x if top_k == 1 else x.repeat_interleave(top_k, dim=0)
         acc = None
-        for g, (experts, loads) in enumerate(groups):
+        for g, (_, loads) in enumerate(groups):
             if loads:
                 if g not in events:
                     events[g] = self._issue(loads)
                 self._wait(events[g])
-            sid = self._slot_map(experts)[ei]
-            slot_plan = make_plan(sid.view(shape), gate.view(shape), (sid < self.num_slots).view(shape), self.num_slots)
+            slot_plan = self._slot_plan(plan, tables[g], single=False)
             y = ffn_for(x.device, slot_plan.num_rows)(xa, slot_plan, w1, b1, w2, b2, activation, out_scale)
             acc = y if acc is None else acc + y
-        if len(self._pending) > _MAX_PENDING_EVENTS:
-            self._resolve_events(wait=False)
-        if single or top_k == 1:
+        self._resolve_if_many()
+        if top_k == 1:
             return acc
         return acc.view(num_tokens, top_k, -1).sum(dim=1)
+
+    def _resolve_if_many(self) -> None:
+        if len(self._pending) > _MAX_PENDING_EVENTS:
+            self._resolve_events(wait=False)
