@@ -1,37 +1,60 @@
 """Expert buffering on one GPU: copy bandwidth, decode time vs fraction resident, policy hit rates.
 
     python benchmarks/bench_cache.py --out benchmarks/results/cache_h200.json
+    python benchmarks/bench_cache.py --parts model --out benchmarks/results/cache_model_h200.json
+    python benchmarks/bench_cache.py --smoke --out /tmp/cache.json      # tiny shapes on the CPU
 
 Measures, in one run:
 
 * pinned and pageable host-to-device bandwidth (the ceiling the cache's copies are compared to);
-* decode time per token (batch 1 and 8) of a small stack of MoE layers with the switch-base-128 and
-  nllb-moe-54b layer shapes (bf16, random weights), fully resident and with 50% / 25% of each
-  layer's experts resident (``optimize(expert_cache=fraction)``, LIFO), with the cache's hit rate,
-  achieved copy bandwidth and the fraction of copy time hidden behind compute. Tokens follow a
-  sticky, Zipf-skewed mixture of prototype hidden states, so routing has temporal locality;
-* hit rates of every policy and Belady on synthetic skewed traces (``hf_moe_opt.cache``).
+* ``decode`` (part ``stack``), the worst case: a stack of MoE blocks only (no attention, no dense
+  layers, so nothing runs beside the copies to hide them) with the switch-base-128 and nllb-moe-54b
+  layer shapes (bf16, random weights), decode time per token at batch 1 and 8, fully resident and with
+  50% / 25% of each layer's experts resident (``optimize(expert_cache=fraction)``, LIFO), with the
+  cache's hit rate, achieved copy bandwidth and the fraction of copy time hidden behind compute.
+  Tokens follow a sticky, Zipf-skewed mixture of prototype hidden states, so routing has temporal
+  locality;
+* ``model_decode`` (part ``model``): whole models, the real HF classes with the real configs'
+  dimensions but fewer layers (switch-base-128 dims with 4 encoder + 4 decoder blocks, every other
+  one sparse as in the real config; nllb-moe-54b dims with 4 + 4 layers, every fourth sparse as in the
+  real config: one MoE layer each side, 8.6 GB of experts each), random bf16 weights, greedy
+  ``model.generate`` with a KV cache from random prompt token ids, exactly ``--new-tokens`` new
+  tokens, batch 1 and 8, fully resident and 50% / 25% resident under LIFO and a second policy. Time
+  per new token is the mean gap between consecutive decode steps (taken at every step with a
+  synchronisation, so prefill and the first step are left out), median over repeats after a warm-up
+  generation; beside it the ratio to fully resident, the hit rate (all layers, and decoder layers
+  only: the decode steps), bytes copied, copy bandwidth vs the pinned bandwidth of the same run and
+  the GPU peak memory. Random weights route tokens the way a random router does, not a trained one:
+  hit rates here are indicative only;
+* ``hit_rates`` (part ``hit_rates``): hit rates of every policy and Belady on synthetic skewed traces
+  (``hf_moe_opt.cache``).
 
-Writes JSON to ``--out`` and a PNG beside it. CUDA only; about 3 minutes on an H200.
+Writes JSON to ``--out`` and a PNG beside it. CUDA only, except ``--smoke`` (tiny shapes and configs
+on the CPU: checks that the script runs; its times mean nothing). On an H200: part ``stack`` about 3
+minutes and ~17 GB of GPU memory; part ``model`` about 3 to 5 minutes, ~25 GB of GPU memory at most
+(the nllb-moe-54b-dims model: 19 GB of bf16 weights, plus one layer's expert stack while ``optimize``
+stacks them) and ~17 GB of pinned host memory; part ``hit_rates`` a few seconds. Run the parts as
+separate commands where one command's time is limited.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import LAYER_SHAPES, environment  # noqa: E402
-
-import hf_moe_opt  # noqa: E402
-from hf_moe_opt.cache import POLICY_NAMES, hit_rate_curve, synthetic_trace  # noqa: E402
+import hf_moe_opt
+from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, save_result
+from hf_moe_opt.benchmarking.model import random_model, real_config
+from hf_moe_opt.cache import POLICY_NAMES, hit_rate_curve, synthetic_trace
 
 FRACTIONS = (1.0, 0.5, 0.25)
 
@@ -39,9 +62,9 @@ FRACTIONS = (1.0, 0.5, 0.25)
 class MoEStack(nn.Module):
     """``num_layers`` HF sparse MoE blocks applied with residuals; enough for ``optimize`` to find them."""
 
-    def __init__(self, family: str, num_layers: int):
+    def __init__(self, family: str, num_layers: int, shape: tuple[int, int, int, int] | None = None):
         super().__init__()
-        e, d, f, k = LAYER_SHAPES["switch-base-128" if family == "switch" else "nllb-moe-54b"]
+        e, d, f, k = shape or LAYER_SHAPES["switch-base-128" if family == "switch" else "nllb-moe-54b"]
         if family == "switch":
             from transformers import SwitchTransformersConfig
             from transformers.models.switch_transformers.modeling_switch_transformers import (
@@ -65,8 +88,25 @@ class MoEStack(nn.Module):
         return x
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
-    """Host-to-device bytes/s from pinned and from pageable memory (median of 5)."""
+    """Host-to-device bytes/s from pinned and from pageable memory (median of 5); None off CUDA."""
+    if device.type != "cuda":
+        return {"pinned_h2d_bytes_per_s": None, "pageable_h2d_bytes_per_s": None}
     out = {}
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     for kind, pin in (("pinned", True), ("pageable", False)):
@@ -82,6 +122,33 @@ def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
         out[f"{kind}_h2d_bytes_per_s"] = nbytes / times[len(times) // 2]
         del src
     return out
+
+
+def _optimize(model: nn.Module, **kwargs) -> None:
+    """``optimize``; the pinned-memory fallback's warning (CPU smoke runs) is expected, not news."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        hf_moe_opt.optimize(model, **kwargs)
+
+
+def cache_totals(stats: dict) -> dict:
+    """Hit rate, bytes copied, copy bandwidth and stalls summed over the layers of ``hf_moe_opt.stats``."""
+    stats = list(stats.values())
+    hits = sum(s["hits"] for s in stats)
+    misses = sum(s["misses"] for s in stats)
+    copied = sum(s["bytes_copied"] for s in stats)
+    copy_ms = sum(s["copy_time_ms"] for s in stats)
+    stall_ms = sum(s["stall_time_ms"] for s in stats)
+    return {
+        "hit_rate": hits / max(hits + misses, 1),
+        "bytes_copied": copied,
+        "copy_bytes_per_s": copied / (copy_ms * 1e-3) if copy_ms else None,
+        "copy_ms": copy_ms,
+        "stall_ms": stall_ms,
+        "hidden_copy_fraction": 1.0 - stall_ms / copy_ms if copy_ms else None,
+        "slot_bytes": sum(s["slot_bytes"] for s in stats),
+        "host_pinned": all(s["host_pinned"] for s in stats),
+    }
 
 
 def token_stream(d: int, batch: int, steps: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
@@ -102,69 +169,200 @@ def token_stream(d: int, batch: int, steps: int, device: torch.device, seed: int
 
 @torch.no_grad()
 def decode_ms(model: nn.Module, stream: list[torch.Tensor], warmup: int) -> float:
+    device = stream[0].device
     for x in stream[:warmup]:
         model(x)
-    torch.cuda.synchronize()
+    _sync(device)
     t0 = time.perf_counter()
     for x in stream[warmup:]:
         model(x)
-    torch.cuda.synchronize()
+    _sync(device)
     return (time.perf_counter() - t0) * 1e3 / (len(stream) - warmup)
 
 
-def bench_family(family: str, num_layers: int, device: torch.device, steps: int, warmup: int) -> list[dict]:
+def bench_family(
+    family: str,
+    num_layers: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    shape: tuple[int, int, int, int] | None = None,
+) -> list[dict]:
+    """The MoE-only stack (worst case: nothing to hide copies behind) of ``family``'s layer shape."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = MoEStack(family, num_layers).to(torch.bfloat16).eval()
+        model = MoEStack(family, num_layers, shape).to(torch.bfloat16).eval()
     rows = []
     for batch in (1, 8):
         stream = token_stream(model.d_model, batch, steps + warmup, device, seed=batch)
         for fraction in FRACTIONS:
             cached = fraction < 1.0
-            torch.cuda.empty_cache()
-            hf_moe_opt.optimize(model, capacity="none", expert_cache=fraction if cached else None)
-            torch.cuda.reset_peak_memory_stats(device)
+            _reset_peak(device)
+            _optimize(model, capacity="none", expert_cache=fraction if cached else None)
             if cached:
                 decode_ms(model, stream[:warmup], 0)  # warm the cache, then count the measured steps only
                 hf_moe_opt.reset_stats(model)
             ms = decode_ms(model, stream, warmup if not cached else 0)
             row = {
                 "family": family,
+                "setup": "moe_stack_only",
                 "layers": num_layers,
                 "batch": batch,
                 "fraction_resident": fraction,
                 "ms_per_token": ms,
-                "gpu_peak_bytes": torch.cuda.max_memory_allocated(device),
+                "gpu_peak_bytes": _peak_bytes(device),
             }
             if cached:
-                stats = hf_moe_opt.stats(model).values()
-                hits = sum(s["hits"] for s in stats)
-                misses = sum(s["misses"] for s in stats)
-                copied = sum(s["bytes_copied"] for s in stats)
-                copy_ms = sum(s["copy_time_ms"] for s in stats)
-                stall_ms = sum(s["stall_time_ms"] for s in stats)
-                row.update(
-                    hit_rate=hits / max(hits + misses, 1),
-                    bytes_copied=copied,
-                    copy_bytes_per_s=copied / (copy_ms * 1e-3) if copy_ms else None,
-                    copy_ms=copy_ms,
-                    stall_ms=stall_ms,
-                    hidden_copy_fraction=1.0 - stall_ms / copy_ms if copy_ms else None,
-                    slot_bytes=sum(s["slot_bytes"] for s in stats),
-                    host_pinned=all(s["host_pinned"] for s in stats),
-                )
+                row.update(cache_totals(hf_moe_opt.stats(model)))
             hf_moe_opt.restore(model)
             rows.append(row)
             print(json.dumps(row), flush=True)
     del model
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
-def policy_hit_rates() -> list[dict]:
+# ------------------------------------------------------------------------------------------ model decode
+# Real configs' dimensions, fewer layers, the real configs' share of sparse layers.
+MODEL_LAYERS = {
+    "switch-base-128": {"num_layers": 4, "num_decoder_layers": 4, "encoder_sparse_step": 2, "decoder_sparse_step": 2},
+    "nllb-moe-54b": {"encoder_layers": 4, "decoder_layers": 4, "encoder_sparse_step": 4, "decoder_sparse_step": 4},
+}
+# --smoke: the same classes and layer counts at toy sizes.
+SMOKE_DIMS = {
+    "switch-base-128": {"vocab_size": 256, "d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_experts": 8},
+    "nllb-moe-54b": {
+        "vocab_size": 256, "d_model": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "num_experts": 8,
+        "encoder_attention_heads": 4, "decoder_attention_heads": 4, "max_position_embeddings": 128,
+    },
+}  # fmt: skip
+
+
+def model_config(name: str, smoke: bool = False):
+    """``name``'s real config with :data:`MODEL_LAYERS`' layer counts (and toy sizes for ``smoke``)."""
+    cfg = copy.deepcopy(real_config(name))
+    for key, value in {**MODEL_LAYERS[name], **(SMOKE_DIMS[name] if smoke else {})}.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+class _StepClock:
+    """A stopping criterion that never stops: it takes the time (after a device sync) at every
+    generation step, so decode steps can be timed apart from the prefill."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, dict]:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens; its total, prefill and per-decode-step times."""
+    from transformers import StoppingCriteriaList
+
+    clock = _StepClock(ids.device)
+    _sync(ids.device)
+    t0 = time.perf_counter()
+    out = model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        stopping_criteria=StoppingCriteriaList([clock]),
+    )
+    _sync(ids.device)
+    t1 = time.perf_counter()
+    steps = clock.times
+    return out, {
+        "total_ms": (t1 - t0) * 1e3,
+        "prefill_ms": (steps[0] - t0) * 1e3,  # encoder and the first decoder step
+        "decode_ms_per_token": (steps[-1] - steps[0]) * 1e3 / max(len(steps) - 1, 1),
+    }
+
+
+def bench_model_decode(
+    name: str,
+    device: torch.device,
+    batches: list[int],
+    policies: list[str],
+    new_tokens: int,
+    prompt: int,
+    repeats: int,
+    bandwidth: dict,
+    smoke: bool = False,
+) -> list[dict]:
+    """Decode time per new token of ``name`` (fewer layers, random weights) at each fraction and policy."""
+    cfg = model_config(name, smoke)
+    model = random_model(name, device, cfg)
+    gen = torch.Generator().manual_seed(0)
+    vocab = cfg.vocab_size
+    prompts = {b: torch.randint(3, min(1000, vocab), (b, prompt), generator=gen).to(device) for b in batches}
+    settings = [(1.0, None)] + [(f, p) for f in FRACTIONS if f < 1.0 for p in policies]
+    pinned = bandwidth.get("pinned_h2d_bytes_per_s")
+    layers = {k: getattr(cfg, k) for k in MODEL_LAYERS[name]}
+    rows, resident = [], {}
+    for fraction, policy in settings:
+        cached = fraction < 1.0
+        if cached:
+            _optimize(model, expert_cache=fraction, cache_policy=policy)
+        else:
+            _optimize(model)
+        for batch in batches:
+            ids = prompts[batch]
+            _reset_peak(device)
+            tokens, _ = timed_generate(model, ids, new_tokens)  # warm-up: kernels compiled, slots filled
+            if cached:
+                hf_moe_opt.reset_stats(model)
+            runs = [timed_generate(model, ids, new_tokens) for _ in range(repeats)]
+            ms = statistics.median(r[1]["decode_ms_per_token"] for r in runs)
+            if not cached:
+                resident[batch] = (ms, tokens)
+            base_ms, base_tokens = resident[batch]
+            row = {
+                "model": name,
+                "layers": layers,
+                "batch": batch,
+                "prompt_tokens": prompt,
+                "new_tokens": new_tokens,
+                "repeats": repeats,
+                "fraction_resident": fraction,
+                "policy": policy,
+                "ms_per_new_token": ms,
+                "ms_per_new_token_runs": [r[1]["decode_ms_per_token"] for r in runs],
+                "ratio_to_resident": ms / base_ms,
+                "generate_ms": statistics.median(r[1]["total_ms"] for r in runs),
+                "prefill_ms": statistics.median(r[1]["prefill_ms"] for r in runs),
+                "tokens_equal_resident": all(torch.equal(r[0], base_tokens) for r in runs),
+                "gpu_peak_bytes": _peak_bytes(device),
+            }
+            if cached:
+                stats = hf_moe_opt.stats(model)
+                row.update(cache_totals(stats))
+                dec = cache_totals({k: v for k, v in stats.items() if "decoder" in k})
+                row["decoder_hit_rate"] = dec["hit_rate"]
+                row["decoder_bytes_per_new_token"] = dec["bytes_copied"] / (repeats * new_tokens)
+                row["bytes_copied_per_generate"] = row["bytes_copied"] / repeats
+                bw = row["copy_bytes_per_s"]
+                row["copy_vs_pinned_bandwidth"] = bw / pinned if bw and pinned else None
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "ms_per_new_token_runs"}), flush=True)
+        hf_moe_opt.restore(model)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def policy_hit_rates(steps: int = 2000) -> list[dict]:
     rows = []
     for name, (e, k, tokens) in {"switch-base-128 decode": (128, 1, 8), "nllb-moe-54b decode": (128, 2, 8)}.items():
-        trace = synthetic_trace(e, k, tokens, 2000, zipf_s=1.0, stickiness=0.6, seed=0)
+        trace = synthetic_trace(e, k, tokens, steps, zipf_s=1.0, stickiness=0.6, seed=0)
         slots = [8, 16, 32, 64]
         curve = hit_rate_curve(trace, POLICY_NAMES, slots)
         rows.append({"trace": name, "num_experts": e, "top_k": k, "tokens_per_step": tokens, "slots": slots, **curve})
@@ -181,62 +379,143 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    ax = axes[0][0]
     for family in ("switch", "nllb"):
         for batch in (1, 8):
-            rows = [r for r in result["decode"] if r["family"] == family and r["batch"] == batch]
+            rows = [r for r in result.get("decode", []) if r["family"] == family and r["batch"] == batch]
             if rows:
-                axes[0].plot(
+                ax.plot(
                     [r["fraction_resident"] for r in rows],
                     [r["ms_per_token"] for r in rows],
                     marker="o",
                     label=f"{family} ({rows[0]['layers']} layers), batch {batch}",
                 )
-    axes[0].set(xlabel="fraction of experts resident", ylabel="ms per decode step", title="decode time")
-    axes[0].invert_xaxis()
-    axes[0].legend(fontsize=8)
-    bw = result["bandwidth"]["pinned_h2d_bytes_per_s"] / 1e9
-    copies = [r for r in result["decode"] if r.get("copy_bytes_per_s")]
-    axes[1].bar(
-        [f"{r['family']} b{r['batch']} {r['fraction_resident']}" for r in copies],
-        [r["copy_bytes_per_s"] / 1e9 for r in copies],
+    ax.set(
+        xlabel="fraction of experts resident",
+        ylabel="ms per decode step",
+        title="MoE blocks only (worst case: nothing hides the copies)",
     )
-    axes[1].axhline(bw, color="k", linestyle="--", label=f"pinned H2D {bw:.1f} GB/s")
-    axes[1].set(ylabel="GB/s", title="cache copy bandwidth")
-    axes[1].tick_params(axis="x", labelrotation=60, labelsize=7)
-    axes[1].legend(fontsize=8)
-    trace = result["hit_rates"][0]
-    for name in [*POLICY_NAMES, "belady"]:
-        axes[2].plot(trace["slots"], trace[name], marker="o", label=name)
-    axes[2].set(xlabel="slots (of 128)", ylabel="hit rate", title=f"hit rate: {trace['trace']} (synthetic)")
-    axes[2].legend(fontsize=8)
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+
+    ax = axes[0][1]
+    model_rows = result.get("model_decode", [])
+    for key in dict.fromkeys((r["model"], r["batch"]) for r in model_rows):
+        for policy in dict.fromkeys(r["policy"] for r in model_rows if r["policy"]):
+            rows = [r for r in model_rows if (r["model"], r["batch"]) == key and r["policy"] in (None, policy)]
+            ax.plot(
+                [r["fraction_resident"] for r in rows],
+                [r["ratio_to_resident"] for r in rows],
+                marker="o",
+                label=f"{key[0]}, batch {key[1]}, {policy}",
+            )
+    ax.axhline(1.5, color="k", linestyle=":", label="1.5x")
+    ax.set(
+        xlabel="fraction of experts resident",
+        ylabel="decode time / fully resident",
+        title="whole model (fewer layers), generate with a KV cache",
+    )
+    ax.invert_xaxis()
+    ax.legend(fontsize=7)
+
+    ax = axes[1][0]
+    copies = [r for r in result.get("decode", []) if r.get("copy_bytes_per_s")]
+    labels = [f"stack {r['family']} b{r['batch']} {r['fraction_resident']}" for r in copies]
+    values = [r["copy_bytes_per_s"] / 1e9 for r in copies]
+    for r in model_rows:
+        if r.get("copy_bytes_per_s"):
+            labels.append(f"{r['model'].split('-')[0]} b{r['batch']} {r['fraction_resident']} {r['policy']}")
+            values.append(r["copy_bytes_per_s"] / 1e9)
+    ax.bar(labels, values)
+    pinned = result["bandwidth"].get("pinned_h2d_bytes_per_s")
+    if pinned:
+        ax.axhline(pinned / 1e9, color="k", linestyle="--", label=f"pinned H2D {pinned / 1e9:.1f} GB/s")
+        ax.legend(fontsize=8)
+    ax.set(ylabel="GB/s", title="cache copy bandwidth")
+    ax.tick_params(axis="x", labelrotation=70, labelsize=6)
+
+    ax = axes[1][1]
+    if result.get("hit_rates"):
+        trace = result["hit_rates"][0]
+        for name in [*POLICY_NAMES, "belady"]:
+            ax.plot(trace["slots"], trace[name], marker="o", label=name)
+        ax.set(xlabel="slots (of 128)", ylabel="hit rate", title=f"hit rate: {trace['trace']} (synthetic)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"expert buffering, {result['environment']['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+PARTS = ("stack", "model", "hit_rates")
+SMOKE_SHAPES = {"switch": (8, 32, 64, 1), "nllb": (8, 32, 64, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/cache.json")
-    p.add_argument("--switch-layers", type=int, default=4)
-    p.add_argument("--nllb-layers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--warmup", type=int, default=10)
-    args = p.parse_args()
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--switch-layers", type=int, default=4, help="MoE-only stack: switch-base-128 blocks")
+    p.add_argument("--nllb-layers", type=int, default=2, help="MoE-only stack: nllb-moe-54b blocks")
+    p.add_argument("--steps", type=int, default=60, help="MoE-only stack: measured decode steps")
+    p.add_argument("--warmup", type=int, default=10, help="MoE-only stack: warm-up steps")
+    p.add_argument("--models", nargs="+", choices=list(MODEL_LAYERS), default=list(MODEL_LAYERS))
+    p.add_argument("--model-batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--policies", nargs="+", choices=POLICY_NAMES, default=["lifo", "lfru"])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and configs on the CPU (checks the script)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.warmup, args.new_tokens, args.prompt_tokens, args.repeats = 6, 2, 4, 6, 1
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # toy shapes: more threads only wait on each other on a busy CPU
+        try:
+            run(args, torch.device("cpu"))
+        finally:
+            torch.set_num_threads(threads)
+        return 0
     if not torch.cuda.is_available():
-        print("bench_cache.py needs a CUDA device (the expert cache copies host -> GPU); nothing to measure here")
-        raise SystemExit(0)
-    device = torch.device("cuda", torch.cuda.current_device())
-    result = {"environment": environment(), "bandwidth": pinned_bandwidth(device)}
+        print("bench_cache.py needs a CUDA device (the expert cache copies host -> GPU); --smoke runs on the CPU")
+        return 0
+    run(args, torch.device("cuda", torch.cuda.current_device()))
+    return 0
+
+
+def run(args: argparse.Namespace, device: torch.device) -> None:
+    """Every part ``args.parts`` asks for on ``device``; writes ``args.out`` and its plot."""
+    result = {"environment": environment(), "smoke": args.smoke, "bandwidth": pinned_bandwidth(device)}
     print(json.dumps(result["bandwidth"]), flush=True)
-    result["decode"] = bench_family("switch", args.switch_layers, device, args.steps, args.warmup)
-    result["decode"] += bench_family("nllb", args.nllb_layers, device, args.steps, args.warmup)
-    result["hit_rates"] = policy_hit_rates()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    if "stack" in args.parts:
+        result["decode_setup"] = "MoE blocks only, no attention or dense layers: the worst case for hiding copies"
+        result["decode"] = []
+        for family, layers in (("switch", args.switch_layers), ("nllb", args.nllb_layers)):
+            shape = SMOKE_SHAPES[family] if args.smoke else None
+            result["decode"] += bench_family(family, layers, device, args.steps, args.warmup, shape)
+    if "model" in args.parts:
+        result["model_decode_setup"] = {
+            "inputs": "random prompt token ids (ids 3..999), random weights: routing is a random router's",
+            "timing": "mean gap between decode steps (device sync at each step), median over repeats",
+            "layers": {m: MODEL_LAYERS[m] for m in args.models},
+        }
+        result["model_decode"] = []
+        for name in args.models:
+            result["model_decode"] += bench_model_decode(
+                name,
+                device,
+                args.model_batches,
+                args.policies,
+                args.new_tokens,
+                args.prompt_tokens,
+                args.repeats,
+                result["bandwidth"],
+                smoke=args.smoke,
+            )
+    if "hit_rates" in args.parts:
+        result["hit_rates"] = policy_hit_rates(200 if args.smoke else 2000)
+    save_result(result, args.out, plot)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
