@@ -63,8 +63,12 @@ def floor_ms(active_experts: int, d: int, f: int, assignments: int, ceilings: di
 
 
 def print_ceilings(ceilings: dict) -> None:
-    tb, tf = ceilings["copy_bytes_per_s"] / 1e12, ceilings["bf16_flops_per_s"] / 1e12
-    print(f"ceilings: copy {tb:.2f} TB/s, bf16 {tf:.0f} TFLOP/s", flush=True)
+    def rate(value: float | None, unit: str, fmt: str) -> str:
+        return f"{value / 1e12:{fmt}} {unit}" if value else "not measured"
+
+    copy = rate(ceilings.get("copy_bytes_per_s"), "TB/s", ".2f")
+    flops = rate(ceilings.get("bf16_flops_per_s"), "TFLOP/s", ".0f")
+    print(f"ceilings: copy {copy}, bf16 {flops}", flush=True)
 
 
 def save_result(result: dict, out: str | Path, plot: Callable[[dict, Path], None]) -> None:
