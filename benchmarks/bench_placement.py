@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LAYER_SHAPES, environment  # noqa: E402
-
+from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment  # noqa: E402
 from hf_moe_opt.placement import RoutingTrace, plan_placement  # noqa: E402
 from hf_moe_opt.placement.store import PlacedExpertStore, ReplicaTable  # noqa: E402
 

@@ -147,3 +147,19 @@ def test_bench_cache_smoke(tmp_path) -> None:
     # 25% of 8 experts is 2 slots: some step needs more than that, so something is copied.
     assert any(r["bytes_copied"] > 0 for r in rows if r["fraction_resident"] == 0.25)
     assert out.with_suffix(".png").exists()
+
+
+def test_bench_placement_smoke(tmp_path) -> None:
+    """One process over two CPU "devices" and 2-rank gloo expert parallelism, each plan equal to one device."""
+    out = tmp_path / "placement.json"
+    assert _load("bench_placement").main(["--smoke", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for part, rows in (("single_process", "tokens"), ("expert_parallel", "tokens_per_rank")):
+        assert set(result[part]) == {"switch-tiny", "nllb-tiny"}
+        for entry in result[part].values():
+            assert set(entry["plans"]) == {"round_robin", "greedy", "replicate"}
+            for plan in entry["plans"].values():
+                assert plan["max_abs_err_vs_one_gpu"] < 1e-5
+                assert plan["held_out"]["avg_max_over_mean"] >= 1.0
+            for row in entry[rows].values():
+                assert row["round_robin"]["ms"] > 0 and row["balanced_over_round_robin"] > 0
