@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 
 MODES = {"switch": 0, "nllb": 1, "softmax_topk": 2}
+# Experts per token of the modes whose k is fixed.
+FIXED_TOP_K = {"switch": 1, "nllb": 2}
 # Largest batch and expert count routed here; larger batches are better served by cuBLAS.
 MAX_TOKENS = 64
 MAX_EXPERTS = 512
@@ -156,7 +158,7 @@ def fused_router(
     """
     if mode not in MODES:
         raise ValueError(f"unknown router mode {mode!r}; choose one of {', '.join(MODES)}")
-    k = {"switch": 1, "nllb": 2}.get(mode, top_k)
+    k = FIXED_TOP_K.get(mode, top_k)
     if k is None:
         raise ValueError("mode 'softmax_topk' needs top_k")
     if top_k is not None and top_k != k:

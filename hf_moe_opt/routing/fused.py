@@ -52,7 +52,7 @@ def try_fused_router(
     kernels = _kernels()
     if kernels is None or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return None
-    k = {"switch": 1, "nllb": 2}.get(mode, top_k) or 0
+    k = kernels.FIXED_TOP_K.get(mode, top_k) or 0
     if not kernels.fits(x.shape[0], weight.shape[0], k):
         return None
     if not kernels.router_supported(x, weight, (logits_dtype, gates_dtype)):
