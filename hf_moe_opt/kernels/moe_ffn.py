@@ -149,6 +149,8 @@ def _gather_gemm_act_kernel(
     GLU: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -176,16 +178,29 @@ def _gather_gemm_act_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        mask_w = mask_k[:, None] & mask_n[None, :]
-        w = tl.load(w_ptrs, mask=mask_w, other=0.0)
-        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(w.dtype)
+        # Whole tiles load unmasked (rows past the group read token 0's row, never stored): the
+        # masked form costs the pipelined loads a compare and a select per element.
+        if EVEN_K:
+            mask_w = mask_n[None, :]
+            a = tl.load(x_ptrs)
+        else:
+            mask_k = offs_k < K - k0
+            mask_w = mask_k[:, None] & mask_n[None, :]
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=mask_w, other=0.0)
+        a = a.to(w.dtype)
         if DOT_FP32:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if GLU != "none":
-            u = tl.load(u_ptrs, mask=mask_w, other=0.0)
+            if EVEN_K and EVEN_N:
+                u = tl.load(u_ptrs)
+            else:
+                u = tl.load(u_ptrs, mask=mask_w, other=0.0)
             if DOT_FP32:
                 u = u.to(tl.float32)
             acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
@@ -235,6 +250,8 @@ def _gemm_scatter_kernel(
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -262,14 +279,24 @@ def _gemm_scatter_kernel(
     k_begin = tl.program_id(1) * k_per_split
     k_stop = tl.minimum(k_begin + k_per_split, K)
     offs_k = k_begin + tl.arange(0, BLOCK_K)
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hk
+    # Rows past the group read a valid row of h (clamped), never stored: loads of whole tiles
+    # stay unmasked.
+    rows_in = tl.minimum(rows, num_rows - 1) if EVEN_K else rows
+    h_ptrs = h_ptr + rows_in.to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hk
     w_base = w_ptr + group.to(tl.int64) * stride_we
     w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_per_split, BLOCK_K):
-        mask_k = offs_k < k_stop - k0
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(h_ptrs)
+            if EVEN_N:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = offs_k < k_stop - k0
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -442,6 +469,8 @@ def gather_gemm_act(
         GLU=activation.glu,
         DOT_PRECISION=_dot_precision(w1.dtype),
         DOT_FP32=kernels_interpreted(),
+        EVEN_K=hidden % config.block_k == 0,
+        EVEN_N=ffn % config.block_n == 0,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -507,6 +536,9 @@ def gemm_scatter(
         SPLIT=part is not None,
         DOT_PRECISION=_dot_precision(w2.dtype),
         DOT_FP32=kernels_interpreted(),
+        # Every split covers whole K tiles and ends inside K.
+        EVEN_K=ffn % k_per_split == 0,
+        EVEN_N=hidden % config.block_n == 0,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
