@@ -14,6 +14,13 @@ popularity follows a Zipf law (``--alpha``), it
    the ``ExpertParallelStore`` with each plan, every rank feeding its own tokens and checking them
    against the 1-GPU layer.
 
+Beside every time it prints a modelled one from the routing of the timed batch and the ceilings
+measured in the same run: an expert's slot on a device costs
+``max(its rows' FLOPs / matmul rate, its weight bytes / copy bandwidth)`` (nothing if it gets no
+rows), a device the sum over its slots, a plan its slowest device. The model says where placement
+can pay: with few rows per expert every slot costs one weight read whatever the plan, and only
+with many rows per expert does the busiest device's token share set the time.
+
 Writes JSON and a PNG beside it. Needs 2 CUDA GPUs (exits with a message otherwise);
 ``--smoke`` runs tiny shapes on CPU (gloo) to check the script itself. NVLink multicast stays off:
 the script sets ``NCCL_NVLS_ENABLE=0`` unless already set, and refuses any other value.
@@ -32,7 +39,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment  # noqa: E402
+from hf_moe_opt.benchmarking.common import (  # noqa: E402
+    LAYER_SHAPES,
+    environment,
+    measure_ceilings,
+    print_ceilings,
+)
 from hf_moe_opt.placement import RoutingTrace, plan_placement  # noqa: E402
 from hf_moe_opt.placement.store import PlacedExpertStore, ReplicaTable  # noqa: E402
 
@@ -46,7 +58,7 @@ def shape_of(name: str) -> tuple[int, int, int, int]:
     return SMOKE_SHAPES[name] if name in SMOKE_SHAPES else LAYER_SHAPES[name]
 
 
-def build_layer(name: str, device: torch.device, alpha: float, seed: int = 0):
+def build_layer(name: str, device: torch.device, alpha: float, seed: int = 0, backend: str = "torch"):
     """An optimized layer at ``name``'s shape whose router favours experts by a Zipf law.
 
     Hidden states carry a constant feature (column 0, value 1); the router's weight on it is
@@ -66,11 +78,11 @@ def build_layer(name: str, device: torch.device, alpha: float, seed: int = 0):
         if k == 1:
             cfg = SwitchTransformersConfig(d_model=d, d_ff=f, num_experts=e, expert_capacity=1 << 30)
             block = SwitchTransformersSparseMLP(cfg).to(dtype).eval()
-            layer = SwitchTransformersPatch().build(block, cfg, capacity="none", backend="torch")
+            layer = SwitchTransformersPatch().build(block, cfg, capacity="none", backend=backend)
         else:
             cfg = NllbMoeConfig(d_model=d, num_experts=e, moe_token_dropout=0.0, expert_capacity=1 << 30)
             block = NllbMoeSparseMLP(cfg, ffn_dim=f).to(dtype).eval()
-            layer = NllbMoePatch().build(block, cfg, capacity="none", backend="torch")
+            layer = NllbMoePatch().build(block, cfg, capacity="none", backend=backend)
     g = torch.Generator().manual_seed(seed + 1)
     rank = torch.randperm(e, generator=g) + 1
     with torch.no_grad():
@@ -97,6 +109,40 @@ def trace_of(layer, d: int, device, dtype, batches: int, tokens: int, seed: int)
     return trace
 
 
+def modelled_ms(layer, plan, xs: list[torch.Tensor], ceilings: dict | None) -> dict | None:
+    """Per-device roofline time of ``plan`` for the rows of the batches ``xs`` (see the docstring)."""
+    from hf_moe_opt.dispatch import make_plan
+
+    if not ceilings:
+        return None
+    e, d, f, _ = (layer.num_experts, *layer.weights.w1.tensor.shape[1:], 0)
+    table = ReplicaTable(plan, LAYER, e)
+    rows = torch.zeros(table.num_devices + 1, e, dtype=torch.int64)
+    with torch.no_grad():
+        for x in xs:
+            routing = layer.route(layer.router, x, None)
+            dp = make_plan(routing.expert_index, routing.gates, routing.keep, e)
+            target = table.targets(dp).cpu()
+            rows.index_put_((target, dp.expert.clamp(max=e - 1).cpu()), torch.ones_like(target), accumulate=True)
+    rows = rows[: table.num_devices].double()
+    flops_per_row = 2 * 2 * d * f
+    weight_bytes = 2 * d * f * layer.weights.w1.tensor.element_size()
+    slot_ms = (
+        torch.maximum(
+            rows * flops_per_row / ceilings["bf16_flops_per_s"],
+            torch.full_like(rows, weight_bytes / ceilings["copy_bytes_per_s"]),
+        )
+        * 1e3
+    )
+    per_device = torch.where(rows > 0, slot_ms, 0.0).sum(1)
+    return {
+        "ms": per_device.max().item(),
+        "per_device_ms": per_device.tolist(),
+        "rows_per_device": rows.sum(1).tolist(),
+        "slots_used_per_device": (rows > 0).sum(1).tolist(),
+    }
+
+
 def sync_all(devices) -> None:
     for dev in {torch.device(x) for x in devices}:
         if dev.type == "cuda":
@@ -117,6 +163,20 @@ def time_ms(fn, devices, repeats: int, warmup: int = 2) -> float:
     return times[len(times) // 2]
 
 
+def _row_text(tokens: int, row: dict) -> str:
+    model = row.get("model")
+    return f"{tokens}: {row['ms']:.2f} ms" + (f" (model {model['ms']:.2f})" if model else "")
+
+
+def add_ratios(row: dict, model_of) -> None:
+    """Measured (and modelled) throughput of the balanced plans over round-robin, in ``row``."""
+    for s, key in (("greedy", "balanced_over_round_robin"), ("replicate", "replicate_over_round_robin")):
+        row[key] = row[s]["tokens_per_s"] / row["round_robin"]["tokens_per_s"]
+        model, base = model_of(s), model_of("round_robin")
+        if model and base:
+            row[key + "_model"] = base["ms"] / model["ms"]
+
+
 def plans_for(trace: RoutingTrace, world: int) -> dict:
     fit, held = trace.split(0.5)
     out = {}
@@ -132,7 +192,7 @@ def plans_for(trace: RoutingTrace, world: int) -> dict:
 def single_process(args, devices: list[torch.device]) -> dict:
     results = {}
     for name in args.shapes:
-        layer, d = build_layer(name, devices[0], args.alpha)
+        layer, d = build_layer(name, devices[0], args.alpha, backend=args.backend)
         dtype = layer.weights.w1.tensor.dtype
         trace = trace_of(layer, d, devices[0], dtype, args.profile_batches, args.tokens[-1], seed=100)
         plans = plans_for(trace, len(devices))
@@ -153,16 +213,26 @@ def single_process(args, devices: list[torch.device]) -> dict:
                 entry["plans"][s] = {"held_out": quality, "max_abs_err_vs_one_gpu": err, "equal": bool(err == 0.0)}
                 for t in args.tokens:
                     ms = time_ms(lambda t=t, layer=layer, xs=xs: layer(xs[t]), devices, args.repeats)
-                    entry["tokens"][str(t)][s] = {"ms": ms, "tokens_per_s": t / ms * 1e3}
+                    model = modelled_ms(layer, plan, [xs[t]], args.ceilings)
+                    # The batches every rank feeds in the expert-parallel part (seeds 999 + rank).
+                    ep_xs = [hidden_batch(t, d, devices[0], dtype, seed=999 + r) for r in range(len(devices))]
+                    ep_model = modelled_ms(layer, plan, ep_xs, args.ceilings)
+                    entry["tokens"][str(t)][s] = {"ms": ms, "tokens_per_s": t / ms * 1e3, "model": model}
+                    entry.setdefault("ep_model", {}).setdefault(str(t), {})[s] = ep_model
                 print(
                     f"[single] {name} {s}: held-out max/mean {quality['avg_max_over_mean']:.3f}, err {err:.2e}, "
-                    + ", ".join(f"{t}: {entry['tokens'][str(t)][s]['ms']:.2f} ms" for t in args.tokens),
+                    + ", ".join(_row_text(t, entry["tokens"][str(t)][s]) for t in args.tokens),
                     flush=True,
                 )
         for t in args.tokens:
             row = entry["tokens"][str(t)]
-            row["balanced_over_round_robin"] = row["greedy"]["tokens_per_s"] / row["round_robin"]["tokens_per_s"]
-            row["replicate_over_round_robin"] = row["replicate"]["tokens_per_s"] / row["round_robin"]["tokens_per_s"]
+            add_ratios(row, lambda s, row=row: row[s]["model"])
+            ep_row = entry.get("ep_model", {}).get(str(t), {})
+            if ep_row:
+                ep_model = {s: ep_row[s] for s in STRATEGIES}
+                for s in ("greedy", "replicate"):
+                    if ep_model[s] and ep_model["round_robin"]:
+                        ep_row[f"{s}_over_round_robin"] = ep_model["round_robin"]["ms"] / ep_model[s]["ms"]
         results[name] = entry
         del layer
         if devices[0].type == "cuda":
@@ -194,7 +264,7 @@ def ep_worker(args) -> None:
     for name in args.shapes:
         entry: dict = {"shape": list(shape_of(name)), "tokens_per_rank": {}, "plans": {}}
         for s in STRATEGIES:
-            layer, d = build_layer(name, device, args.alpha)  # same seed: same weights on every rank
+            layer, d = build_layer(name, device, args.alpha, backend=args.backend)  # same seed on every rank
             dtype = layer.weights.w1.tensor.dtype
             trace = trace_of(layer, d, device, dtype, args.profile_batches, args.tokens[-1], seed=100)
             plan, quality = plans_for(trace, world)[s]
@@ -232,9 +302,7 @@ def ep_worker(args) -> None:
                     flush=True,
                 )
         for t in args.tokens:
-            row = entry["tokens_per_rank"][str(t)]
-            row["balanced_over_round_robin"] = row["greedy"]["tokens_per_s"] / row["round_robin"]["tokens_per_s"]
-            row["replicate_over_round_robin"] = row["replicate"]["tokens_per_s"] / row["round_robin"]["tokens_per_s"]
+            add_ratios(entry["tokens_per_rank"][str(t)], lambda s: None)
         results[name] = entry
     if rank == 0:
         Path(args.ep_out).write_text(json.dumps(results, indent=1))
@@ -258,6 +326,8 @@ def launch_ep(args, out: Path) -> dict:
         str(out),
         "--alpha",
         str(args.alpha),
+        "--backend",
+        args.backend,
         "--repeats",
         str(args.repeats),
         "--profile-batches",
@@ -316,6 +386,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ep", action="store_true", help="skip the expert-parallel part")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (gloo): checks the script only")
     parser.add_argument("--ep-timeout", type=int, default=300)
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=["auto", "torch", "triton"],
+        help="the expert compute of every plan (torch: a device's share of experts is a shape the Triton "
+        "config tables were not tuned for)",
+    )
     parser.add_argument("--ep-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ep-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -343,8 +420,14 @@ def main(argv=None) -> int:
         devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
     started = time.time()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    small = {"copy_numel": 1 << 16, "matmul_size": 128} if args.smoke else {}
+    args.ceilings = measure_ceilings(devices[0], **small)
+    print_ceilings(args.ceilings)
     result = {
+        "command": " ".join(sys.argv),
         "environment": environment(),
+        "ceilings": args.ceilings,
+        "backend": args.backend,
         "alpha": args.alpha,
         "devices": [str(d) for d in devices],
         "single_process": single_process(args, devices),

@@ -40,7 +40,15 @@ def _parse_shape(text: str) -> tuple[int, int, int, int]:
     return parts[0], parts[1], parts[2], parts[3]
 
 
-def _candidates(rows_per_expert: float, quick: bool, gated: bool, split: bool = False, wide: bool = False):
+def _candidates(
+    rows_per_expert: float,
+    quick: bool,
+    gated: bool,
+    split: bool = False,
+    wide: bool = False,
+    block_ms: tuple[int, ...] | None = None,
+    warps_only: tuple[int, ...] | None = None,
+):
     from hf_moe_opt.kernels import KernelConfig
 
     # Tiles taller than twice the average group waste most of their rows; much shorter ones re-read
@@ -59,6 +67,8 @@ def _candidates(rows_per_expert: float, quick: bool, gated: bool, split: bool = 
         block_n, block_k, warps, stages = (64, 128, 256), (64,), (4, 8), (3, 4)
         if wide:
             block_k, stages = (32, 64, 128), (3, 4, 5)
+    block_m = [m for m in block_m if block_ms is None or m in block_ms]
+    warps = [w for w in warps if warps_only is None or w in warps_only]
     for m, n, k, w, s in itertools.product(block_m, block_n, block_k, warps, stages):
         if m * n >= 128 * 256 and w == 4:
             continue  # a 4-warp program cannot hold that accumulator in registers
@@ -104,6 +114,13 @@ def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
     return best, best_ms
 
 
+def _filters(args) -> dict:
+    return {
+        "block_ms": tuple(args.block_m) if args.block_m else None,
+        "warps_only": tuple(args.num_warps) if args.num_warps else None,
+    }
+
+
 def tune_shape(shape, tokens: int, dtype: torch.dtype, activation: str, args, device: str = "cuda") -> dict:
     from hf_moe_opt.dispatch import make_plan
     from hf_moe_opt.experts.activation import Activation, glu_activation
@@ -139,14 +156,14 @@ def tune_shape(shape, tokens: int, dtype: torch.dtype, activation: str, args, de
     g1, ms1 = _best(
         "gemm1",
         gemm1_fn,
-        list(_candidates(rows_per_expert, args.quick, gated, wide=args.wide)),
+        list(_candidates(rows_per_expert, args.quick, gated, wide=args.wide, **_filters(args))),
         args.warmup_ms,
         args.rep_ms,
     )
     g2, ms2 = _best(
         "gemm2",
         gemm2_fn,
-        list(_candidates(rows_per_expert, args.quick, False, split=True, wide=args.wide)),
+        list(_candidates(rows_per_expert, args.quick, False, split=True, wide=args.wide, **_filters(args))),
         args.warmup_ms,
         args.rep_ms,
     )
@@ -183,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON file to write (default: the package's table for this GPU)")
     parser.add_argument("--quick", action="store_true", help="a small candidate set")
     parser.add_argument("--wide", action="store_true", help="more K tiles and pipeline depths for large batches")
+    parser.add_argument("--block-m", type=int, nargs="+", help="only these BLOCK_M candidates")
+    parser.add_argument("--num-warps", type=int, nargs="+", help="only these num_warps candidates")
     parser.add_argument("--eager-timing", action="store_true", help="time eager launches instead of CUDA-graph replays")
     parser.add_argument("--warmup-ms", type=int, default=10)
     parser.add_argument("--rep-ms", type=int, default=40)

@@ -163,3 +163,14 @@ def test_bench_placement_smoke(tmp_path) -> None:
                 assert plan["held_out"]["avg_max_over_mean"] >= 1.0
             for row in entry[rows].values():
                 assert row["round_robin"]["ms"] > 0 and row["balanced_over_round_robin"] > 0
+    # The roofline model counts every kept row once, on some device, whatever the plan.
+    for name, entry in result["single_process"].items():
+        top_k = 1 if name.startswith("switch") else 2
+        for t, row in entry["tokens"].items():
+            for s in ("round_robin", "greedy", "replicate"):
+                model = row[s]["model"]
+                assert sum(model["rows_per_device"]) == int(t) * top_k
+                assert model["ms"] == max(model["per_device_ms"]) > 0
+            assert row["balanced_over_round_robin_model"] > 0
+            ep = entry["ep_model"][t]
+            assert sum(ep["greedy"]["rows_per_device"]) == 2 * int(t) * top_k
