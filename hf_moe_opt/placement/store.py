@@ -284,14 +284,15 @@ class PlacedExpertStore(ExpertStore):
         sizes = hist[:num_devices].tolist()  # the one host synchronisation: sizes of the device groups
         _, _, local_index = self.table.tensors(home)
         expert = plan.expert[perm]
-        rows_out: list[torch.Tensor] = []
-        start = 0
-        pending: list[tuple[int, int, int, torch.Tensor]] = []
-        # Queue every device's copy-in and compute before reading anything back.
-        for d, n in enumerate(sizes):
-            if n == 0:
-                continue
-            group = self.groups[d]
+        starts = [sum(sizes[:d]) for d in range(num_devices)]
+        # A copy between devices runs on the source's stream after a two-way barrier with the
+        # destination's stream. So the other devices get their rows and start computing first: were
+        # the home device's experts queued before, every later copy-in (on the home stream) would wait
+        # for them, and the devices would run one after the other.
+        order = sorted((d for d in range(num_devices) if sizes[d]), key=lambda d: self.groups[d].device == home)
+        outputs: dict[int, torch.Tensor] = {}
+        for d in order:
+            n, start, group = sizes[d], starts[d], self.groups[d]
             idx = perm[start : start + n]
             dev = group.device
             xd = x[plan.token[idx]].to(dev, non_blocking=True)
@@ -299,14 +300,11 @@ class PlacedExpertStore(ExpertStore):
             gate = plan.gate[idx].to(dev, non_blocking=True)
             sub = _sub_plan(local, gate, len(group.experts))
             w1, b1, w2, b2 = group.weights()
-            yd = ffn_for(dev, n)(xd, sub, w1, b1, w2, b2, activation, out_scale)
-            pending.append((d, start, n, yd))
+            outputs[d] = ffn_for(dev, n)(xd, sub, w1, b1, w2, b2, activation, out_scale)
             self.rows_per_device[d] += n
-            start += n
         self.calls += 1
-        for _, _, _, yd in pending:
-            rows_out.append(yd.to(home, non_blocking=True))
-        kept_rows = start
+        rows_out = [outputs[d].to(home, non_blocking=True) for d in sorted(outputs)]
+        kept_rows = sum(sizes)
         out_rows = torch.zeros((plan.num_rows, x.shape[1]), dtype=x.dtype, device=home)
         if kept_rows:
             out_rows[perm[:kept_rows]] = torch.cat(rows_out).to(x.dtype)
