@@ -255,6 +255,29 @@ def test_many_row_tiles_per_expert() -> None:
     _check(x, _plan(index, num_experts), w1, b1, w2, b2, ACTIVATIONS["relu"], config=TINY)
 
 
+@pytest.mark.parametrize(
+    ("hidden", "ffn", "split_k", "act"),
+    [(32, 48, 1, "glu_silu"), (32, 64, 2, "relu"), (24, 40, 1, "gelu")],
+    ids=["glu-even-k", "split-k", "partial-k"],
+)
+def test_unmasked_row_loads(hidden: int, ffn: int, split_k: int, act: str) -> None:
+    # Groups of ~4+ row tiles: full K tiles load rows without a mask (rows past a group read other
+    # rows, never stored), also with dropped assignments, a gated W1 and split-K partials.
+    from hf_moe_opt.kernels.moe_ffn import _mask_rows
+
+    num_tokens, top_k, num_experts = 75, 2, 2
+    assert not _mask_rows(num_tokens * top_k, num_experts, TINY.block_m)
+    g = torch.Generator().manual_seed(80)
+    x = torch.randn(num_tokens, hidden, generator=g).to(DEVICE)
+    activation = GATED[act] if act in GATED else ACTIVATIONS[act]
+    w1, b1, _, _ = _weights(num_experts, hidden, ffn * (2 if act in GATED else 1), torch.float32, True, seed=81)
+    _, _, w2, b2 = _weights(num_experts, hidden, ffn, torch.float32, True, seed=82)
+    keep = torch.rand(num_tokens, top_k, generator=g) > 0.1
+    plan = _plan(_random_index(num_tokens, top_k, num_experts, seed=83), num_experts, keep)
+    config = KernelConfig(block_m=16, block_n=16, block_k=16, split_k=split_k)
+    _check(x, plan, w1, b1, w2, b2, activation, config=config)
+
+
 def test_kernel_detects_wrong_weights() -> None:
     # The comparison must be able to fail: a swapped expert is caught.
     num_tokens, num_experts, hidden, ffn = 17, 3, 16, 32
