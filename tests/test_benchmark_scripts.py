@@ -123,6 +123,13 @@ def test_bench_cache_smoke(tmp_path) -> None:
         assert row["ms_per_token"] > 0 and row["setup"] == "moe_stack_only"
         if row["fraction_resident"] < 1.0:
             assert 0.0 <= row["hit_rate"] <= 1.0 and row["bytes_copied"] >= 0
+            assert row["x_resident"] > 0 and "x_copy_floor" not in row  # no pinned bandwidth on CPU
+    # The copy floor: the resident time, or the bytes per token over the pinned bandwidth if longer.
+    floor_row = {"ms_per_token": 3.0, "bytes_copied": 8e9}
+    _load("bench_cache").add_copy_floor(floor_row, 1.0, 100, 40e9)
+    assert floor_row["copy_floor_ms_per_token"] == pytest.approx(2.0)
+    assert floor_row["x_copy_floor"] == pytest.approx(1.5)
+    assert floor_row["x_resident"] == pytest.approx(3.0)
 
     # Whole models: every (model, batch) has the resident row and both policies at 50% and 25%.
     rows = result["model_decode"]
