@@ -177,6 +177,22 @@ def add_ratios(row: dict, model_of) -> None:
             row[key + "_model"] = base["ms"] / model["ms"]
 
 
+def profile_table(fn, devices, path: Path, label: str) -> None:
+    """One call of ``fn`` under ``torch.profiler`` (after a warm call): the top ops by device and host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync_all(devices)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync_all(devices)
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25)
+    with path.open("a") as f:
+        f.write(f"==== {label}\n{table}\n")
+
+
 def plans_for(trace: RoutingTrace, world: int) -> dict:
     fit, held = trace.split(0.5)
     out = {}
@@ -213,6 +229,9 @@ def single_process(args, devices: list[torch.device]) -> dict:
                 entry["plans"][s] = {"held_out": quality, "max_abs_err_vs_one_gpu": err, "equal": bool(err == 0.0)}
                 for t in args.tokens:
                     ms = time_ms(lambda t=t, layer=layer, xs=xs: layer(xs[t]), devices, args.repeats)
+                    if args.profile and t == args.tokens[-1]:
+                        label = f"single process, {name}, {s}, {t} tokens"
+                        profile_table(lambda t=t, layer=layer, xs=xs: layer(xs[t]), devices, args.profile, label)
                     model = modelled_ms(layer, plan, [xs[t]], args.ceilings)
                     # The batches every rank feeds in the expert-parallel part (seeds 999 + rank).
                     ep_xs = [hidden_batch(t, d, devices[0], dtype, seed=999 + r) for r in range(len(devices))]
@@ -286,6 +305,13 @@ def ep_worker(args) -> None:
                         layer(xs[t])
 
                     ms = time_ms(step, [device], args.repeats)
+                    if args.profile and rank == 0 and t == args.tokens[-1]:
+                        label = f"expert parallel rank 0, {name}, {s}, {t} tokens per rank"
+                        profile_table(step, [device], args.profile, label)
+                    elif args.profile and t == args.tokens[-1]:
+                        step()  # the profiled call's collectives need every rank
+                        step()
+                        sync_all([device])
                     worst = torch.tensor([ms], device=device)
                     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
                     entry["tokens_per_rank"].setdefault(str(t), {})[s] = {
@@ -341,6 +367,8 @@ def launch_ep(args, out: Path) -> dict:
     ]
     if args.smoke:
         cmd.append("--smoke")
+    if args.profile:
+        cmd += ["--profile", str(args.profile)]
     subprocess.run(cmd, check=True, env=env, timeout=args.ep_timeout)
     return json.loads(out.read_text())
 
@@ -385,6 +413,9 @@ def main(argv=None) -> int:
     parser.add_argument("--check-tokens", type=int, default=2048)
     parser.add_argument("--no-ep", action="store_true", help="skip the expert-parallel part")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (gloo): checks the script only")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="append torch.profiler tables of one call per plan to this file"
+    )
     parser.add_argument("--ep-timeout", type=int, default=300)
     parser.add_argument(
         "--backend",

@@ -159,7 +159,11 @@ def test_bench_cache_smoke(tmp_path) -> None:
 def test_bench_placement_smoke(tmp_path) -> None:
     """One process over two CPU "devices" and 2-rank gloo expert parallelism, each plan equal to one device."""
     out = tmp_path / "placement.json"
-    assert _load("bench_placement").main(["--smoke", "--out", str(out)]) == 0
+    prof = tmp_path / "profile.txt"
+    assert _load("bench_placement").main(["--smoke", "--out", str(out), "--profile", str(prof)]) == 0
+    # One profiled call per shape and plan, in each part.
+    assert prof.read_text().count("==== single process") == 6
+    assert prof.read_text().count("==== expert parallel rank 0") == 6
     result = json.loads(out.read_text())
     for part, rows in (("single_process", "tokens"), ("expert_parallel", "tokens_per_rank")):
         assert set(result[part]) == {"switch-tiny", "nllb-tiny"}
