@@ -115,7 +115,8 @@ def modelled_ms(layer, plan, xs: list[torch.Tensor], ceilings: dict | None) -> d
 
     if not ceilings:
         return None
-    e, d, f, _ = (layer.num_experts, *layer.weights.w1.tensor.shape[1:], 0)
+    e = layer.num_experts
+    f, d = layer.weights.w1.tensor.shape[1:]  # [E, F, D]
     table = ReplicaTable(plan, LAYER, e)
     rows = torch.zeros(table.num_devices + 1, e, dtype=torch.int64)
     with torch.no_grad():
@@ -217,6 +218,10 @@ def single_process(args, devices: list[torch.device]) -> dict:
             want = layer(check_x)
         entry: dict = {"shape": list(shape_of(name)), "tokens": {}, "plans": {}}
         xs = {t: hidden_batch(t, d, devices[0], dtype, seed=999) for t in args.tokens}
+        # The batches every rank feeds in the expert-parallel part (seeds 999 + rank), for its model.
+        ep_xs = {
+            t: [hidden_batch(t, d, devices[0], dtype, seed=999 + r) for r in range(len(devices))] for t in args.tokens
+        }
         with torch.no_grad():
             for t in args.tokens:
                 ms = time_ms(lambda t=t, layer=layer, xs=xs: layer(xs[t]), devices[:1], args.repeats)
@@ -233,9 +238,7 @@ def single_process(args, devices: list[torch.device]) -> dict:
                         label = f"single process, {name}, {s}, {t} tokens"
                         profile_table(lambda t=t, layer=layer, xs=xs: layer(xs[t]), devices, args.profile, label)
                     model = modelled_ms(layer, plan, [xs[t]], args.ceilings)
-                    # The batches every rank feeds in the expert-parallel part (seeds 999 + rank).
-                    ep_xs = [hidden_batch(t, d, devices[0], dtype, seed=999 + r) for r in range(len(devices))]
-                    ep_model = modelled_ms(layer, plan, ep_xs, args.ceilings)
+                    ep_model = modelled_ms(layer, plan, ep_xs[t], args.ceilings)
                     entry["tokens"][str(t)][s] = {"ms": ms, "tokens_per_s": t / ms * 1e3, "model": model}
                     entry.setdefault("ep_model", {}).setdefault(str(t), {})[s] = ep_model
                 print(
