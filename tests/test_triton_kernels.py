@@ -423,3 +423,34 @@ def test_split_k_gemm2(split_k: int, top_k: int, dtype: torch.dtype) -> None:
     assert torch.equal(out, again)
     with pytest.raises(ValueError):
         KernelConfig(16, 16, 16, split_k=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "top_k", "hidden"), [(1, 2, 48), (37, 3, 1100), (5, 8, 16), (9, 1, 33)])
+def test_slot_sum_equals_fp32_sum(dtype: torch.dtype, tokens: int, top_k: int, hidden: int) -> None:
+    from hf_moe_opt.kernels.moe_ffn import slot_sum
+
+    g = torch.Generator().manual_seed(tokens * 100 + top_k)
+    slots = torch.randn(tokens * top_k, hidden, generator=g).to(DEVICE, dtype)
+    out = torch.full((tokens, hidden), float("nan"), dtype=dtype, device=DEVICE)
+    got = slot_sum(slots, top_k, out)
+    assert got.data_ptr() == out.data_ptr()
+    # Summed in fp32 in slot order, rounded once.
+    want = slots.view(tokens, top_k, hidden).float()
+    acc = want[:, 0]
+    for j in range(1, top_k):
+        acc = acc + want[:, j]
+    if kernels_interpreted() and dtype == torch.bfloat16:
+        # The interpreter rounds fp32 -> bf16 toward zero; compiled kernels round to nearest even.
+        acc = (acc.view(torch.int32) & ~0xFFFF).view(torch.float32)
+    torch.testing.assert_close(got, acc.to(dtype), rtol=0, atol=0)
+
+
+def test_slot_sum_rejects_mismatched_shapes() -> None:
+    from hf_moe_opt.kernels.moe_ffn import slot_sum
+
+    slots = torch.zeros(6, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="slot_sum"):
+        slot_sum(slots, 2, torch.zeros(4, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="slot_sum"):
+        slot_sum(slots, 2, torch.zeros(8, 3, device=DEVICE).t())

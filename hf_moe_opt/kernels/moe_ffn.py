@@ -34,6 +34,7 @@ from ..dispatch import DispatchPlan
 from ..experts.activation import Activation
 from ..experts.torch_backend import torch_moe_ffn
 from .launch_config import KernelConfig, get_configs
+from .pdl import launch_options, wait_for_producer
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -157,7 +158,9 @@ def _gather_gemm_act_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producer(USE_PDL)
     num_n = tl.cdiv(N, BLOCK_N)
     group, row_start, row_end, pid_n = _tile_coords(
         tl.program_id(0), counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
@@ -262,7 +265,9 @@ def _gemm_scatter_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producer(USE_PDL)
     num_n = tl.cdiv(N, BLOCK_N)
     group, row_start, row_end, pid_n = _tile_coords(
         tl.program_id(0), counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
@@ -344,8 +349,10 @@ def _split_combine_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """``dst[order[r]] = gate[r] * out_scale * (sum_s part[s, r] + b2[e])``, zeros for dropped rows."""
+    wait_for_producer(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = rows < num_rows
@@ -366,6 +373,31 @@ def _split_combine_kernel(
     tl.store(
         out_ptr + dst[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask
     )
+
+
+@triton.jit
+def _slot_sum_kernel(
+    slots_ptr,
+    out_ptr,
+    num_tokens,
+    D,
+    stride_om,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """``out[t] = sum_j slots[t * TOP_K + j]``: fp32 sums in slot order, one rounding (as ``torch.sum``)."""
+    wait_for_producer(USE_PDL)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (tokens < num_tokens)[:, None] & (cols < D)[None, :]
+    src = slots_ptr + (tokens.to(tl.int64) * TOP_K)[:, None] * D + cols[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(src + j * D, mask=mask, other=0.0).to(tl.float32)
+    dst = out_ptr + tokens.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # DOT_FP32: triton's interpreter multiplies bf16 tiles as raw uint16 bits and fp16 tiles in fp16, so
@@ -497,6 +529,7 @@ def gather_gemm_act(
         GROUP_M=GROUP_M,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **launch_options(x.device),
     )
     return h
 
@@ -566,6 +599,7 @@ def gemm_scatter(
         GROUP_M=GROUP_M,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **launch_options(h.device),
     )
     if part is not None:
         block_r, block_n = 16, 128
@@ -589,6 +623,7 @@ def gemm_scatter(
             HAS_BIAS=b2 is not None,
             BLOCK_R=block_r,
             BLOCK_N=block_n,
+            **launch_options(h.device),
         )
     return dst
 
@@ -659,8 +694,35 @@ def _run(
         return out
     slots = torch.empty((plan.num_tokens * top_k, out.shape[1]), dtype=out.dtype, device=out.device)
     gemm_scatter(h, plan, w2, b2, out_scale, slots, gemm2)
-    # A plain reduction over the slot dim: fixed order, deterministic.
-    return torch.sum(slots.view(plan.num_tokens, top_k, -1), dim=1, out=out)
+    return slot_sum(slots, top_k, out)
+
+
+def slot_sum(slots: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_j slots[t * top_k + j]`` in a fixed order (deterministic), summed in fp32.
+
+    ``torch.sum`` over the slot dim of ``[N, k, D]`` reads with a stride and ran at a third of the copy
+    bandwidth on an H200 (nllb-moe-54b, 16384 tokens: 150 us for 200 MB).
+    """
+    num_tokens, hidden = out.shape
+    if out.stride(1) != 1 or not slots.is_contiguous() or slots.shape != (num_tokens * top_k, hidden):
+        raise ValueError("slot_sum needs contiguous [N * k, D] slots and an [N, D] output with unit column stride")
+    if num_tokens == 0:
+        return out
+    block_d = min(triton.next_power_of_2(hidden), 1024)
+    block_t = max(4096 // block_d, 1)
+    _slot_sum_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_d))](
+        slots,
+        out,
+        num_tokens,
+        hidden,
+        out.stride(0),
+        TOP_K=top_k,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        num_warps=4,
+        **launch_options(out.device),
+    )
+    return out
 
 
 def moe_ffn(
