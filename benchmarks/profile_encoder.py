@@ -2,19 +2,57 @@
 
     python benchmarks/profile_encoder.py --model switch-base-128 --batch 128 --seq 128
 
-Real config, random bf16 weights, ``hf_moe_opt.optimize`` applied; prints the kernels with the most
-CUDA time over a few forwards (per forward), and the share of the time inside the MoE layers.
+Real config, random bf16 weights. Prints the forward's GPU time and the part spent inside the MoE
+layers (CUDA events around each layer; the GPU must be the bottleneck for the split to hold), with
+the model's capacity and without, then the kernels with the most CUDA time (optimized, capacity as
+the model's).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _split_times(model, encoder, ids, repeats: int) -> tuple[float, float]:
+    """Median GPU time of one encoder forward and of its MoE layers together (CUDA events), ms."""
+    import hf_moe_opt
+
+    layers = [m for _, m in hf_moe_opt.optimized_layers(model)]
+    marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def before(module, args):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        marks.append((start, None))
+
+    def after(module, args, out):
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        marks[-1] = (marks[-1][0], end)
+
+    hooks = [h for m in layers for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    totals, moes = [], []
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            marks.clear()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            encoder(input_ids=ids)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 2:  # warm-up
+                totals.append(start.elapsed_time(end))
+                moes.append(sum(a.elapsed_time(b) for a, b in marks))
+    for h in hooks:
+        h.remove()
+    return statistics.median(totals), statistics.median(moes)
 
 
 def main(argv=None) -> int:
@@ -31,33 +69,29 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("error: needs a CUDA device", file=sys.stderr)
         return 2
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cuda")
     model = random_model(args.model, device)
-    hf_moe_opt.optimize(model)
     ids = random_ids(model, args.batch, args.seq, device, torch.Generator().manual_seed(0))
     encoder = model.get_encoder()
-    moe_layers = [m for m in model.modules() if isinstance(m, hf_moe_opt.layer.OptimizedMoE)]
-    for layer in moe_layers:
-        forward = layer.forward
-
-        def timed(*a, _forward=forward, **k):
-            with record_function("moe_layer"):
-                return _forward(*a, **k)
-
-        layer.forward = timed
+    print(f"{args.model} encoder {args.batch}x{args.seq}, medians of {args.repeats} forwards")
+    for capacity in ("model", "none"):
+        hf_moe_opt.optimize(model, capacity=capacity)
+        total, moe = _split_times(model, encoder, ids, args.repeats)
+        share = f"MoE layers {moe:.3f} ms ({moe / total:.0%}), rest {total - moe:.3f} ms"
+        print(f"  capacity={capacity}: forward {total:.3f} ms, {share}")
+        hf_moe_opt.restore(model)
+    hf_moe_opt.optimize(model)
     with torch.no_grad():
         for _ in range(2):
             encoder(input_ids=ids)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.repeats):
                 encoder(input_ids=ids)
             torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=90)
-    print(f"{args.model} encoder {args.batch}x{args.seq}, {args.repeats} forwards, {len(moe_layers)} MoE layers")
-    print(table)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=90))
     return 0
 
 

@@ -67,7 +67,7 @@ class OptimizedMoE(nn.Module):
         self.out_scale = float(out_scale)
         self.backend = backend
         self.family = family
-        self._resolved: dict[torch.device, Callable] = {}
+        self._resolved: dict[torch.device, str] = {}
         # Callables ``fn(layer, routing)`` run after routing (the routing profiler uses this).
         self.observers: list[Callable] = []
         # Fail early on a bad option, judged on the compute device: the router's (dense weights'),
@@ -101,12 +101,15 @@ class OptimizedMoE(nn.Module):
             self.graphs.clear()  # captured graphs point at the old weights
         return result
 
+    def _backend_name(self, device: torch.device) -> str:
+        # Per device: "torch", "triton" or "auto" (torch or Triton per call, experts.backends.auto_moe_ffn).
+        name = self._resolved.get(device)
+        if name is None:
+            name = self._resolved[device] = choose_backend(self.backend, device, 0)
+        return name
+
     def _ffn(self, device: torch.device, rows: int) -> Callable:
-        # Per device; "auto" picks torch or Triton per call (experts.backends.auto_moe_ffn).
-        ffn = self._resolved.get(device)
-        if ffn is None:
-            ffn = self._resolved[device] = get_backend(choose_backend(self.backend, device, rows))
-        return ffn
+        return get_backend(self._backend_name(device))
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.training:
@@ -133,5 +136,12 @@ class OptimizedMoE(nn.Module):
 
     def _compute(self, x, expert_index, gates, keep) -> torch.Tensor:
         """Dispatch, experts and combine for routed tokens ``x`` ``[N, D]``."""
+        if type(self.store) is ResidentStore:
+            # Decode steps: no dispatch plan (hf_moe_opt.kernels.gemv); None for other calls.
+            out = self.store.run_direct(
+                x, expert_index, gates, keep, self._backend_name(x.device), self.activation, self.out_scale
+            )
+            if out is not None:
+                return out
         plan = make_plan(expert_index, gates, keep, self.num_experts)
         return self.store.run(x, plan, self._ffn, self.activation, self.out_scale)

@@ -84,3 +84,17 @@ def get_backend(name: str) -> Callable:
     if name == "auto":
         return auto_moe_ffn
     raise ValueError(f"unknown backend {name!r}")
+
+
+def direct_ffn(name: str, x: torch.Tensor, num_tokens: int, w1, w2, activation) -> Callable | None:
+    """The plan-free decode path (:func:`hf_moe_opt.kernels.gemv.gemv_moe_ffn`) for a call of the
+    concrete backend ``name`` ("torch", "triton" or "auto"), or None where it does not apply."""
+    if name == "torch" or not _triton_available():
+        return None
+    try:
+        from ..kernels import gemv, kernel_supported
+    except ImportError:
+        return None
+    if not gemv.fits(num_tokens) or not kernel_supported(x, w1, w2, activation):
+        return None
+    return gemv.gemv_moe_ffn

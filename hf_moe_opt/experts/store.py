@@ -51,7 +51,30 @@ class ResidentStore(ExpertStore):
     capturable = True
 
     def run(self, x, plan, ffn_for, activation, out_scale):
+        w1, b1, w2, b2 = self._tensors()
+        return ffn_for(x.device, plan.num_rows)(x, plan, w1, b1, w2, b2, activation, out_scale)
+
+    def run_direct(
+        self,
+        x: torch.Tensor,
+        expert_index: torch.Tensor,
+        gates: torch.Tensor,
+        keep: torch.Tensor | None,
+        backend: str,
+        activation: Activation,
+        out_scale: float,
+    ) -> torch.Tensor | None:
+        """The experts of a decode step straight from the router's choices, without a dispatch plan
+        (``backend``: the concrete backend name); None where that path does not apply."""
+        from .backends import direct_ffn
+
+        w1, b1, w2, b2 = self._tensors()
+        ffn = direct_ffn(backend, x, expert_index.shape[0], w1, w2, activation)
+        if ffn is None:
+            return None
+        return ffn(x, expert_index, gates, keep, w1, b1, w2, b2, activation, out_scale)
+
+    def _tensors(self) -> tuple:
         if not self.weights.w1.is_current():
             self.weights.refresh()
-        w1, b1, w2, b2 = self.weights.tensors()
-        return ffn_for(x.device, plan.num_rows)(x, plan, w1, b1, w2, b2, activation, out_scale)
+        return self.weights.tensors()

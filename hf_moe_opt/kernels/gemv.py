@@ -1,0 +1,271 @@
+"""Experts of a decode step as matrix-vector products, straight from the router's choices.
+
+With one token the dispatch plan (a sort by expert) and tensor-core tiles buy nothing: each of the
+token's ``k`` experts is read once whatever the order, and a 16-row ``tl.dot`` tile holds one real
+row. Here two kernels run the experts without a plan:
+
+* ``_gemv_act_kernel`` -- one program per (assignment, block of ``F`` columns):
+  ``h[a] = act(x[a // k] @ w1[e_a].T + b1[e_a])``, fp32 sums, ``h`` in ``w2``'s dtype;
+* ``_gemv_combine_kernel`` -- one program per (token, block of ``D`` columns): the token's ``k``
+  slots ``gate * out_scale * (h[a] @ w2[e_a].T + b2[e_a])``, each rounded to the output dtype as the
+  plan path stores it, summed in fp32 in slot order (deterministic), rounded once.
+
+Small column blocks keep enough programs in flight to stream the weights at memory speed, and no
+split-K partials or combine kernels are needed: a decode step's experts take two launches. Used by
+the layer for at most :data:`MAX_TOKENS` tokens with resident experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .moe_ffn import KernelActivation, _activate, _glu
+from .pdl import launch_options, wait_for_producer
+
+# Above this many tokens, experts shared by several tokens would be read once per token here; the
+# plan path reads each once.
+MAX_TOKENS = 1
+# Elements of one weight tile per program and loop step (32 KiB of bf16) and warps per program.
+_TILE = 16384
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _gemv_act_kernel(
+    x_ptr,
+    index_ptr,
+    keep_ptr,
+    w_ptr,
+    b_ptr,
+    h_ptr,
+    N,
+    K,
+    row_mul,
+    up_offset,
+    alpha,
+    limit,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_be,
+    stride_bn,
+    stride_hm,
+    TOP_K: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GLU: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    wait_for_producer(USE_PDL)
+    a = tl.program_id(0)
+    if HAS_KEEP:
+        if tl.load(keep_ptr + a) == 0:  # dropped: its row of h is never read
+            return
+    e = tl.load(index_ptr + a).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    gate_rows = offs_n * row_mul
+    w_base = w_ptr + e * stride_we
+    x_row = x_ptr + (a // TOP_K).to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(w_ptr.dtype.element_ty).to(tl.float32)
+        mask_w = mask_n[:, None] & mask_k[None, :]
+        w_ptrs = w_base + gate_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        w = tl.load(w_ptrs, mask=mask_w, other=0.0).to(tl.float32)
+        acc += tl.sum(w * xv[None, :], axis=1)
+        if GLU != "none":
+            u = tl.load(w_ptrs + up_offset * stride_wn, mask=mask_w, other=0.0).to(tl.float32)
+            acc_up += tl.sum(u * xv[None, :], axis=1)
+    if HAS_BIAS:
+        b_base = b_ptr + e * stride_be
+        acc += tl.load(b_base + gate_rows * stride_bn, mask=mask_n, other=0.0).to(tl.float32)
+        if GLU != "none":
+            acc_up += tl.load(b_base + (gate_rows + up_offset) * stride_bn, mask=mask_n, other=0.0).to(tl.float32)
+    if GLU != "none":
+        acc = _glu(acc, acc_up, alpha, limit, ACTIVATION, GLU)
+    else:
+        acc = _activate(acc, ACTIVATION)
+    tl.store(h_ptr + a.to(tl.int64) * stride_hm + offs_n, acc.to(h_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _gemv_combine_kernel(
+    h_ptr,
+    index_ptr,
+    gates_ptr,
+    keep_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    out_scale,
+    N,
+    K,
+    stride_hm,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_be,
+    stride_bn,
+    stride_om,
+    TOP_K: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    wait_for_producer(USE_PDL)
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    out_ty = out_ptr.dtype.element_ty
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        a = t * TOP_K + j
+        kept = True
+        if HAS_KEEP:
+            kept = tl.load(keep_ptr + a) != 0
+        if kept:  # a dropped slot contributes exactly 0
+            e = tl.load(index_ptr + a).to(tl.int64)
+            w_base = w_ptr + e * stride_we
+            h_row = h_ptr + a.to(tl.int64) * stride_hm
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                hv = tl.load(h_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                w_ptrs = w_base + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(w * hv[None, :], axis=1)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + e * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)
+            gate = tl.load(gates_ptr + a).to(tl.float32) * out_scale
+            # Each slot rounded to the output dtype, as the plan path's slots are.
+            total += (acc * gate).to(out_ty).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * stride_om + offs_n, total.to(out_ty), mask=mask_n)
+
+
+def fits(num_tokens: int) -> bool:
+    """Whether :func:`gemv_moe_ffn` serves a batch of ``num_tokens`` tokens."""
+    return 0 < num_tokens <= MAX_TOKENS
+
+
+def _blocks(columns: int, depth: int, programs_per_column_block: int) -> tuple[int, int]:
+    """Column and depth blocks: about 256 programs in all, tiles of about ``_TILE`` elements."""
+    block_n = triton.next_power_of_2(max(columns * programs_per_column_block // 256, 1))
+    block_n = min(max(block_n, 4), 64)
+    block_k = min(triton.next_power_of_2(depth), max(_TILE // block_n, 32))
+    return block_n, block_k
+
+
+def gemv_moe_ffn(
+    x: torch.Tensor,
+    expert_index: torch.Tensor,
+    gates: torch.Tensor,
+    keep: torch.Tensor | None,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation,
+    out_scale: float = 1.0,
+) -> torch.Tensor:
+    """``out[n] = sum_k gate * out_scale * expert(x[n])`` for a few tokens, without a dispatch plan.
+
+    Args are those of ``moe_ffn`` with the router's ``[N, k]`` choices, gates and keep mask (None:
+    nothing dropped) in place of the plan. The activation and dtypes must be kernel-supported
+    (:func:`hf_moe_opt.kernels.kernel_supported`).
+    """
+    num_tokens, top_k = expert_index.shape
+    hidden, ffn = w2.shape[1], w2.shape[2]
+    if gates.shape != expert_index.shape or (keep is not None and keep.shape != expert_index.shape):
+        raise ValueError("expert_index, gates and keep must have the same [tokens, top_k] shape")
+    if x.shape != (num_tokens, hidden) or w1.shape[2] != hidden:
+        raise ValueError(f"tokens {tuple(x.shape)} do not match experts of width {hidden}")
+    kernel_act = KernelActivation.of(activation, ffn)
+    if kernel_act is None:
+        raise ValueError(f"the Triton kernels do not implement activation {activation.name!r}")
+    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return out
+    num_rows = num_tokens * top_k
+    h = torch.empty((num_rows, ffn), dtype=w2.dtype, device=x.device)
+    index = expert_index.reshape(-1)
+    flat_gates = gates.reshape(-1)
+    keep_arg = keep.reshape(-1).view(torch.uint8) if keep is not None else index  # placeholder, never read
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    pdl = launch_options(x.device)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        block_n, block_k = _blocks(ffn, hidden, num_rows)
+        _gemv_act_kernel[(num_rows, triton.cdiv(ffn, block_n))](
+            x,
+            index,
+            keep_arg,
+            w1,
+            b1 if b1 is not None else w1,  # placeholder, never read
+            h,
+            ffn,
+            hidden,
+            kernel_act.row_mul,
+            kernel_act.up_offset,
+            kernel_act.alpha,
+            kernel_act.limit,
+            x.stride(0),
+            w1.stride(0),
+            w1.stride(1),
+            w1.stride(2),
+            b1.stride(0) if b1 is not None else 0,
+            b1.stride(1) if b1 is not None else 0,
+            h.stride(0),
+            TOP_K=top_k,
+            HAS_KEEP=keep is not None,
+            HAS_BIAS=b1 is not None,
+            ACTIVATION=kernel_act.name,
+            GLU=kernel_act.glu,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=_NUM_WARPS,
+            **pdl,
+        )
+        block_n, block_k = _blocks(hidden, ffn, num_tokens)
+        _gemv_combine_kernel[(num_tokens, triton.cdiv(hidden, block_n))](
+            h,
+            index,
+            flat_gates,
+            keep_arg,
+            w2,
+            b2 if b2 is not None else w2,  # placeholder, never read
+            out,
+            float(out_scale),
+            hidden,
+            ffn,
+            h.stride(0),
+            w2.stride(0),
+            w2.stride(1),
+            w2.stride(2),
+            b2.stride(0) if b2 is not None else 0,
+            b2.stride(1) if b2 is not None else 0,
+            out.stride(0),
+            TOP_K=top_k,
+            HAS_KEEP=keep is not None,
+            HAS_BIAS=b2 is not None,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=_NUM_WARPS,
+            **pdl,
+        )
+    return out
+

@@ -1,0 +1,139 @@
+"""The plan-free decode kernels (hf_moe_opt.kernels.gemv) against the torch reference over a plan."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+from hf_moe_opt.dispatch import make_plan  # noqa: E402
+from hf_moe_opt.experts.activation import Activation, clamped_swiglu_activation, glu_activation  # noqa: E402
+from hf_moe_opt.experts.torch_backend import torch_moe_ffn  # noqa: E402
+from hf_moe_opt.kernels import kernels_interpreted  # noqa: E402
+from hf_moe_opt.kernels.gemv import fits, gemv_moe_ffn  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not kernels_interpreted():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
+ACTIVATIONS = {
+    "relu": Activation("relu", torch.relu),
+    "gelu": Activation("gelu", torch.nn.functional.gelu),
+    "gelu_new": Activation("gelu_new", lambda x: torch.nn.functional.gelu(x, approximate="tanh")),
+    "silu": Activation("silu", torch.nn.functional.silu),
+    "glu_silu": glu_activation("silu", torch.nn.functional.silu),
+    "glu_gelu_interleaved": glu_activation("gelu", torch.nn.functional.gelu, interleaved=True),
+    "clamped_swiglu": clamped_swiglu_activation(alpha=1.702, limit=0.8),
+}
+
+
+def _case(tokens, top_k, experts, hidden, ffn, dtype, bias, gated, seed, drop=0.0, one_expert=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+    rows1 = 2 * ffn if gated else ffn
+    w1, w2 = rnd(experts, rows1, hidden, scale=1 / math.sqrt(hidden)), rnd(experts, hidden, ffn, scale=ffn**-0.5)
+    b1 = rnd(experts, rows1, scale=0.5) if bias else None
+    b2 = rnd(experts, hidden, scale=0.5) if bias else None
+    x = torch.randn(tokens, hidden, generator=g).to(DEVICE, dtype)
+    if one_expert:
+        index = torch.zeros(tokens, top_k, dtype=torch.long)
+    else:
+        index = torch.rand(tokens, experts, generator=g).topk(top_k, dim=1).indices
+    gates = torch.rand(tokens, top_k, generator=g)
+    keep = (torch.rand(tokens, top_k, generator=g) >= drop) if drop else None
+    to = {"device": DEVICE}
+    return x, index.to(**to), gates.to(**to), None if keep is None else keep.to(**to), w1, b1, w2, b2
+
+
+def _check(x, index, gates, keep, w1, b1, w2, b2, act, out_scale=1.0):
+    plan = make_plan(index, gates, keep, w1.shape[0])
+    ref = torch_moe_ffn(x, plan, w1, b1, w2, b2, act, out_scale)
+    out = gemv_moe_ffn(x, index, gates, keep, w1, b1, w2, b2, act, out_scale)
+    assert out.shape == ref.shape and out.dtype == x.dtype and torch.isfinite(out).all()
+    atol, rtol = TOL[w1.dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    return out
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+@pytest.mark.parametrize(("dtype", "bias", "top_k"), [(torch.float32, True, 2), (torch.bfloat16, False, 1)])
+def test_one_token_matches_reference(act, dtype, bias, top_k):
+    gated = ACTIVATIONS[act].glu is not None
+    case = _case(1, top_k, 6, 40, 72, dtype, bias, gated, seed=len(act) + top_k)
+    _check(*case, ACTIVATIONS[act], out_scale=0.75)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_several_tokens_shared_experts_and_odd_shapes(dtype):
+    # Not what the layer sends (it uses the plan path above one token), but the kernels take any count.
+    case = _case(5, 3, 4, 33, 70, dtype, True, False, seed=5)
+    _check(*case, ACTIVATIONS["gelu_new"], out_scale=0.5)
+    _check(*_case(4, 2, 3, 17, 20, dtype, False, False, seed=6, one_expert=True), ACTIVATIONS["relu"])
+
+
+def test_dropped_slots_contribute_zero():
+    x, index, gates, _, w1, b1, w2, b2 = _case(6, 2, 5, 24, 40, torch.float32, True, False, seed=9)
+    keep = torch.tensor([[True, False], [False, True], [False, False], [True, True], [False, False], [True, False]])
+    out = _check(x, index, gates, keep.to(DEVICE), w1, b1, w2, b2, ACTIVATIONS["silu"])
+    assert (out[~keep.any(dim=1).to(DEVICE)] == 0).all()
+    everything = torch.zeros_like(keep)
+    assert (gemv_moe_ffn(x, index, gates, everything.to(DEVICE), w1, b1, w2, b2, ACTIVATIONS["silu"]) == 0).all()
+
+
+def test_transposed_fused_weights_and_mixed_dtypes():
+    # transformers' fused [E, D, 2F] / [E, F, D] parameters through transposed views, fp32 tokens on bf16 experts.
+    g = torch.Generator().manual_seed(12)
+    experts, hidden, ffn = 4, 32, 48
+    gate_up = (torch.randn(experts, hidden, 2 * ffn, generator=g) / hidden**0.5).to(DEVICE, torch.bfloat16)
+    down = (torch.randn(experts, ffn, hidden, generator=g) / ffn**0.5).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, hidden, generator=g).to(DEVICE)
+    index, gates = torch.tensor([[3, 1]], device=DEVICE), torch.rand(1, 2, generator=g).to(DEVICE)
+    w1, w2 = gate_up.transpose(1, 2), down.transpose(1, 2)
+    out = _check(x, index, gates, None, w1, None, w2, None, ACTIVATIONS["glu_silu"])
+    assert out.dtype == torch.float32
+
+
+def test_wrong_expert_changes_the_result():
+    x, index, gates, _, w1, b1, w2, b2 = _case(1, 1, 4, 16, 32, torch.float32, False, False, seed=14)
+    out = gemv_moe_ffn(x, index, gates, None, w1, b1, w2, b2, ACTIVATIONS["relu"])
+    other = gemv_moe_ffn(x, (index + 1) % 4, gates, None, w1, b1, w2, b2, ACTIVATIONS["relu"])
+    assert not torch.allclose(out, other)
+
+
+def test_bad_inputs_raise():
+    x, index, gates, _, w1, b1, w2, b2 = _case(2, 2, 4, 16, 32, torch.float32, False, False, seed=15)
+    with pytest.raises(ValueError, match="same"):
+        gemv_moe_ffn(x, index, gates[:, :1], None, w1, b1, w2, b2, ACTIVATIONS["relu"])
+    with pytest.raises(ValueError, match="width"):
+        gemv_moe_ffn(x[:, :8], index, gates, None, w1, b1, w2, b2, ACTIVATIONS["relu"])
+    assert fits(1) and not fits(0)
+
+
+def test_layer_decode_step_takes_the_plan_free_path(monkeypatch):
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    from hf_moe_opt.kernels import gemv
+    from hf_moe_opt.patches import SwitchTransformersPatch
+
+    cfg = SwitchTransformersConfig(d_model=32, d_ff=48, num_experts=4, expert_capacity=8, router_dtype="float32")
+    torch.manual_seed(0)
+    block = SwitchTransformersSparseMLP(cfg).to(DEVICE).eval()
+    fast = SwitchTransformersPatch().build(block, cfg, capacity="model", backend="triton")
+    slow = SwitchTransformersPatch().build(block, cfg, capacity="model", backend="torch")
+    calls = []
+    real = gemv.gemv_moe_ffn
+    monkeypatch.setattr(gemv, "gemv_moe_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        for tokens in (1, 3):
+            x = torch.randn(1, tokens, 32, device=DEVICE)
+            torch.testing.assert_close(fast(x), slow(x), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1  # one token only; three go through the plan
