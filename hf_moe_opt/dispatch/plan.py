@@ -5,7 +5,9 @@ The plan sorts the assignments by expert (stably, so earlier tokens come first i
 Assignments the router dropped (capacity, padding, random second expert) sort behind every
 expert's group and are never computed: capacity is a mask on this metadata, not padding.
 
-Small batches on CUDA take one Triton launch instead (``hf_moe_opt.kernels.plan``, same result).
+On CUDA the plan comes from Triton instead (``hf_moe_opt.kernels.plan``, same result): one launch for
+small batches, a counting sort in two or three launches for the rest (torch's radix sort of 64-bit
+keys costs more than the counting sort). :func:`torch_plan` is the CPU path and the reference.
 Nothing here calls ``.item()``, ``.tolist()``, ``nonzero`` or ``bincount``, so a forward built on
 it can be captured in a CUDA graph for fixed shapes.
 """
@@ -68,7 +70,7 @@ def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
 
 @functools.cache
 def _fused_planner():
-    """The one-launch planner for small batches on CUDA (``hf_moe_opt.kernels.plan``), if Triton compiles."""
+    """The Triton planners for CUDA (``hf_moe_opt.kernels.plan``), if Triton compiles."""
     try:
         from ..kernels import kernels_interpreted, plan
     except ImportError:
@@ -92,11 +94,22 @@ def make_plan(
             f"expert_index {tuple(expert_index.shape)}, gates {tuple(gates.shape)} and keep "
             f"{None if keep is None else tuple(keep.shape)} must have the same [tokens, top_k] shape"
         )
-    num_tokens, top_k = expert_index.shape
     if expert_index.is_cuda:
-        fused = _fused_planner()
-        if fused is not None and fused.fits(num_tokens * top_k, num_experts):
-            return fused.fused_plan(expert_index, gates, keep, num_experts)
+        planner = _fused_planner()
+        if planner is not None:
+            num_rows = expert_index.numel()
+            if planner.fits(num_rows, num_experts):
+                return planner.fused_plan(expert_index, gates, keep, num_experts)
+            if planner.fits_large(num_rows, num_experts):
+                return planner.large_plan(expert_index, gates, keep, num_experts)
+    return torch_plan(expert_index, gates, keep, num_experts)
+
+
+def torch_plan(
+    expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None, num_experts: int
+) -> DispatchPlan:
+    """:func:`make_plan` in torch on any device (the CPU path and the Triton planners' reference)."""
+    num_tokens, top_k = expert_index.shape
     if keep is None:
         key = expert_index.reshape(-1).long()
         flat_gates = gates.reshape(-1)
