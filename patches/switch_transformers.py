@@ -12,6 +12,7 @@ from hf_moe_opt.experts.activation import Activation
 from hf_moe_opt.layer import OptimizedMoE
 from hf_moe_opt.routing import Routing, router_logits, switch_route
 from hf_moe_opt.routing.fused import try_fused_router
+from hf_moe_opt.routing.switch import switch_keep
 
 from .base import MoEPatch, swap_router_class
 
@@ -46,20 +47,21 @@ if SwitchTransformersTop1Router is not None:
 
         def forward(self, hidden_states: torch.Tensor, padding_mask=None):
             capacity = self.expert_capacity if self._hf_moe_opt_capacity == "model" else None
-            routing = None
-            if capacity is None or hidden_states.shape[1] <= capacity:  # nothing can be dropped
-                fused = try_fused_router(
-                    hidden_states.reshape(-1, hidden_states.shape[-1]),
-                    self.classifier.weight,
-                    self.classifier.bias,
-                    mode="switch",
-                    logits_dtype=self.dtype,
-                    gates_dtype=hidden_states.dtype,
-                )
-                if fused is not None:
-                    logits = fused[0].view(*hidden_states.shape[:-1], -1)
-                    routing = Routing(fused[1], fused[2], None)
-            if routing is None:
+            # The fused kernels make the choice at any batch size; a binding capacity is then applied
+            # by the same rule as the torch path (``switch_keep``).
+            fused = try_fused_router(
+                hidden_states.reshape(-1, hidden_states.shape[-1]),
+                self.classifier.weight,
+                self.classifier.bias,
+                mode="switch",
+                logits_dtype=self.dtype,
+                gates_dtype=hidden_states.dtype,
+            )
+            if fused is not None:
+                logits = fused[0].view(*hidden_states.shape[:-1], -1)
+                keep = switch_keep(fused[1], hidden_states.shape[0], logits.shape[-1], capacity)
+                routing = Routing(fused[1], fused[2], keep)
+            else:
                 logits = router_logits(hidden_states, self.classifier, self.dtype)
                 routing = switch_route(logits, hidden_states.dtype, capacity)
             recorded = routing.gates.view(*logits.shape[:-1], 1) if self._hf_moe_opt_records_prob else logits

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from hf_moe_opt.kernels import kernels_interpreted  # noqa: E402
-from hf_moe_opt.kernels.router import MAX_TOKENS, fits, fused_router  # noqa: E402
+from hf_moe_opt.kernels import router as router_kernels  # noqa: E402
+from hf_moe_opt.kernels.router import MAX_EXPERTS, MAX_TOKENS, fits, fused_router  # noqa: E402
 from hf_moe_opt.routing import nllb_route, softmax_topk, switch_route  # noqa: E402
+from hf_moe_opt.routing.switch import switch_keep  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not kernels_interpreted():
@@ -130,10 +132,186 @@ def test_bad_arguments():
         fused_router(x, w, None, mode="nllb", top_k=3, **kwargs)
     with pytest.raises(ValueError, match="do not match"):
         fused_router(x, w[:, :8], None, mode="switch", **kwargs)
-    big = torch.zeros(MAX_TOKENS + 1, 16, device=DEVICE)
+    many = torch.zeros(MAX_EXPERTS + 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="handles"):
-        fused_router(big, w, None, mode="switch", **kwargs)
+        fused_router(x, many, None, mode="switch", **kwargs)
     assert fits(1, 8, 8) and not fits(1, 8, 9) and not fits(0, 8, 1) and not fits(1, 1, 1)
+    assert fits(10**6, MAX_EXPERTS, 16) and not fits(10**6, MAX_EXPERTS + 1, 1)
+
+
+# The one-launch kernel of batches above MAX_TOKENS.
+
+# (x dtype, weight dtype): one 16-bit dtype (a 16-bit dot), float32 (tf32x3 on GPUs), bf16 tokens with
+# a float32 weight of full-precision values (the weight split in three bf16 parts), fp16 tokens with
+# a float32 weight (tf32x3).
+LARGE_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+# Tokens just above MAX_TOKENS and not multiples of a token block, hidden sizes not multiples of a
+# hidden chunk; (top_k, normalize) of the softmax-top-k mode.
+LARGE_SHAPES = [
+    (65, 8, 64, True, 3, True),
+    (130, 24, 100, False, 8, False),
+    (333, 128, 96, True, 4, True),
+    (97, 300, 40, False, 8, False),
+]
+
+
+def _large_inputs(tokens, experts, hidden, x_dtype, w_dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g).to(DEVICE, x_dtype)
+    # In float32 these are not bf16 values: all 24 bits of the weight matter.
+    w = (torch.randn(experts, hidden, generator=g) / hidden**0.5).to(DEVICE, w_dtype)
+    b = (torch.randn(experts, generator=g) * 0.1).to(DEVICE, w_dtype) if bias else None
+    return x, w, b
+
+
+def _torch_router(mode, logits, x_dtype, top_k, normalize, gates_dtype):
+    """``(indices, gates)`` of the torch router of ``mode`` on ``logits`` ``[N, E]``."""
+    if mode == "switch":
+        ref = switch_route(logits[None], x_dtype, None)
+        return ref.expert_index, ref.gates
+    if mode == "nllb":
+        ref = nllb_route(logits, x_dtype, capacity=None)
+        return ref.expert_index, ref.gates
+    weights, indices = softmax_topk(logits, top_k, normalize=normalize, weights_dtype=gates_dtype)
+    return indices, weights
+
+
+def _check_large(mode, x, w, b, top_k, normalize):
+    """The kernel against the torch router of ``mode``: logits within their dtype's precision; on the
+    kernel's own logits the torch router makes the same choices (near-ties aside) with the same gates;
+    on torch's logits the same choices up to ties at the logits' precision."""
+    tokens, experts = x.shape[0], w.shape[0]
+    if mode == "softmax_topk":
+        logits_dtype = torch.result_type(x, w)
+        gates_dtype = torch.float32 if normalize else logits_dtype
+    else:
+        logits_dtype, gates_dtype = torch.float32, x.dtype
+        top_k, normalize = None, False
+    logits, index, gates = fused_router(
+        x, w, b, mode=mode, top_k=top_k, logits_dtype=logits_dtype, gates_dtype=gates_dtype, normalize=normalize
+    )
+    k = {"switch": 1, "nllb": 2}.get(mode, top_k)
+    assert logits.dtype == logits_dtype and logits.shape == (tokens, experts)
+    assert index.dtype == torch.int64 and index.shape == (tokens, k) and gates.dtype == gates_dtype
+    assert ((index >= 0) & (index < experts)).all()
+    # Torch's projection: the operands cast to the logits' dtype (router_logits / F.linear).
+    cast = [None if t is None else t.to(logits_dtype) for t in (x, w, b)]
+    ref_logits = F.linear(*cast)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[logits_dtype]
+    torch.testing.assert_close(logits, ref_logits, rtol=tol, atol=tol)
+
+    probs = torch.softmax(logits.float(), dim=-1).cpu()
+    mine_i, mine_g = _torch_router(mode, logits, x.dtype, top_k, normalize, gates_dtype)
+    choice_rel = 2 * torch.finfo(x.dtype if mode != "softmax_topk" else torch.float32).eps
+    _check_choices(index.cpu(), mine_i.cpu(), probs, rel=choice_rel)
+    same = (index == mine_i).all(dim=1)
+    torch.testing.assert_close(gates[same], mine_g[same])
+
+    ref_i, _ = _torch_router(mode, ref_logits, x.dtype, top_k, normalize, gates_dtype)
+    _check_choices(index.cpu(), ref_i.cpu(), probs, rel=max(choice_rel, 4 * tol))
+    if mode == "nllb":
+        assert (index[:, 0] != index[:, 1]).all()
+    return logits, index, gates
+
+
+@pytest.mark.parametrize("mode", ["switch", "nllb", "softmax_topk"])
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), LARGE_DTYPES)
+@pytest.mark.parametrize(("tokens", "experts", "hidden", "bias", "top_k", "normalize"), LARGE_SHAPES)
+def test_large_batch_matches_torch_routers(mode, x_dtype, w_dtype, tokens, experts, hidden, bias, top_k, normalize):
+    assert tokens > MAX_TOKENS
+    x, w, b = _large_inputs(tokens, experts, hidden, x_dtype, w_dtype, bias, seed=tokens + experts)
+    _check_large(mode, x, w, b, top_k, normalize)
+
+
+@pytest.mark.parametrize(("block_t", "block_d"), [(16, 16), (64, 32), (128, 64)])
+def test_large_batch_any_token_block(block_t, block_d, monkeypatch):
+    """Partial token blocks and hidden chunks of every size the tile choice can make."""
+    monkeypatch.setattr(
+        router_kernels, "large_batch_config", lambda *_: router_kernels.LargeBatchConfig(block_t, block_d, 4)
+    )
+    x, w, b = _large_inputs(333, 24, 100, torch.bfloat16, torch.float32, True, seed=block_t)
+    for mode in ("switch", "nllb", "softmax_topk"):
+        _check_large(mode, x, w, b, 5, True)
+
+
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), LARGE_DTYPES)
+def test_large_batch_logits_have_fp32_accuracy(x_dtype, w_dtype):
+    """Float32 logits as accurate as torch's float32 projection, whatever the operands' dtypes (the
+    16-bit dot, the exact three-part split of a float32 weight, tf32x3): against float64 logits, within
+    twice torch's error or 2**-22 of the sum of the products' magnitudes."""
+    x, w, b = _large_inputs(200, 16, 256, x_dtype, w_dtype, True, seed=5)
+    logits, _, _ = fused_router(x, w, b, mode="switch", logits_dtype=torch.float32, gates_dtype=x_dtype)
+    exact = F.linear(x.double(), w.double(), b.double())
+    torch_error = (F.linear(x.float(), w.float(), b.float()).double() - exact).abs().max()
+    scale = (x.double().abs() @ w.double().abs().T).max()
+    error = (logits.double() - exact).abs().max()
+    assert error <= max(2 * torch_error, 2**-22 * scale), f"{error:.3g} vs torch {torch_error:.3g}"
+
+
+def test_large_batch_config_fits_the_tile():
+    for experts in (2, 8, 24, 64, 128, 200, 256, 300, 512):
+        block_e = max(16, 1 << (experts - 1).bit_length())
+        for tokens in (65, 1000, 4096, 16384, 10**6):
+            for operand_bytes in (2, 4):
+                config = router_kernels.large_batch_config(tokens, experts, 768, DEVICE, operand_bytes)
+                assert 16 <= config.block_t <= 128 and config.block_t * block_e <= 8192
+                chunk = config.block_d * max(block_e, config.block_t) * operand_bytes
+                assert 16 <= config.block_d <= 64 and (chunk <= 16384 or config.block_d == 16)
+                assert config.num_warps in (4, 8)
+        most = router_kernels.large_batch_config(10**6, experts, 768, DEVICE).block_t
+        assert most == max(16, min(128, 8192 // block_e))
+
+
+def _force_fused(monkeypatch) -> list:
+    """Route through the fused kernels here (CUDA; on CPU in the interpreter) and record each call's
+    ``(mode, tokens)``."""
+    from hf_moe_opt.routing import fused
+
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(fused, "DEVICE_TYPES", {"cuda", "cpu"})
+        monkeypatch.setattr(fused, "_kernels", lambda: router_kernels)
+    calls = []
+    original = router_kernels.fused_router
+
+    def counting(*args, **kwargs):
+        calls.append((kwargs["mode"], args[0].shape[0]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(router_kernels, "fused_router", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("batch", "seq"), [(2, 40), (2, 25)])
+def test_switch_router_applies_a_binding_capacity_to_the_fused_choice(dtype, batch, seq, monkeypatch):
+    """Sequences longer than the expert capacity: the fused kernels choose (one launch above
+    MAX_TOKENS tokens, two below), the capacity queue drops tokens exactly as ``switch_route``."""
+    from hf_moe_opt import optimize
+    from hf_moe_opt.routing import router_logits
+    from tests.models import tiny_switch
+
+    calls = _force_fused(monkeypatch)
+    model = tiny_switch(num_experts=8, expert_capacity=3).to(DEVICE, dtype)
+    optimize(model, capacity="model")
+    router = next(m for m in model.modules() if type(m).__name__ == "OptimizedSwitchRouter")
+    g = torch.Generator().manual_seed(seq)
+    hidden = torch.randn(batch, seq, model.config.d_model, generator=g).to(DEVICE, dtype)
+    with torch.no_grad():
+        routing = router(hidden)[0]
+        ref = switch_route(router_logits(hidden, router.classifier, router.dtype), dtype, router.expert_capacity)
+    assert calls == [("switch", batch * seq)]
+    assert ref.keep is not None and not ref.keep.all()  # the capacity binds
+    assert torch.equal(routing.expert_index, ref.expert_index)
+    assert torch.equal(routing.keep, ref.keep)
+    torch.testing.assert_close(routing.gates, ref.gates)
+    assert switch_keep(routing.expert_index, batch, 8, None) is None
+    assert switch_keep(routing.expert_index, batch, 8, seq) is None
 
 
 def _model(family: str):
@@ -143,38 +321,28 @@ def _model(family: str):
     g = torch.Generator().manual_seed(4)
     if family == "qwen3_moe":
         return tiny_model(family), {"input_ids": torch.randint(3, 64, (2, 5), generator=g)}
-    model = tiny_switch(num_experts=8) if family == "switch" else tiny_nllb(num_experts=8)
-    ids = torch.randint(3, VOCAB, (2, 5), generator=g)
+    model = tiny_switch(num_experts=8) if family.startswith("switch") else tiny_nllb(num_experts=8)
+    # "_long": 2 x 40 encoder tokens, above MAX_TOKENS (the one-launch kernel; Switch's capacity of 3 binds).
+    ids = torch.randint(3, VOCAB, (2, 40 if family.endswith("_long") else 5), generator=g)
     return model, {"input_ids": ids, "decoder_input_ids": ids[:, :3]}
 
 
-@pytest.mark.parametrize("family", ["switch", "nllb", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["switch", "nllb", "qwen3_moe", "switch_long", "nllb_long"])
 def test_optimized_models_route_with_the_fused_router(family, monkeypatch):
-    """Small batches take the fused router (CUDA; on CPU forced, in the interpreter); the model's
-    output matches the torch router's."""
+    """The routers take the fused kernels (CUDA; on CPU forced, in the interpreter); the model's output
+    matches the torch router's."""
     from hf_moe_opt import optimize
-    from hf_moe_opt.kernels import router as router_kernels
-    from hf_moe_opt.routing import fused
-
-    if DEVICE.type == "cpu":
-        monkeypatch.setattr(fused, "DEVICE_TYPES", {"cuda", "cpu"})
-        monkeypatch.setattr(fused, "_kernels", lambda: router_kernels)
 
     model, inputs = _model(family)
     model = model.to(DEVICE, torch.bfloat16)
     optimize(model)
-    calls = []
-    original = router_kernels.fused_router
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["mode"])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(router_kernels, "fused_router", counting)
+    calls = _force_fused(monkeypatch)
     inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
     with torch.no_grad():
         fast = model(**inputs).logits.float()
         assert calls, "no router took the fused kernels"
+        if family.endswith("_long"):
+            assert max(tokens for _, tokens in calls) > MAX_TOKENS
         monkeypatch.setenv("HF_MOE_OPT_FUSED_ROUTER", "0")
         calls.clear()
         slow = model(**inputs).logits.float()

@@ -1,9 +1,13 @@
-"""Routers of small batches on CUDA in two Triton launches instead of seven torch kernels.
+"""Routers on CUDA in fused Triton kernels instead of seven torch kernels.
 
-The routers of :mod:`patches` ask :func:`try_fused_router` first; it answers None (and the torch
-path runs) off CUDA, for batches above :data:`hf_moe_opt.kernels.router.MAX_TOKENS`, without Triton,
-or when ``HF_MOE_OPT_FUSED_ROUTER=0`` is set (a switch for profiling and comparisons). Semantics
-and dtypes: :mod:`hf_moe_opt.kernels.router`.
+The routers of :mod:`patches` ask :func:`try_fused_router` first: batches up to
+:data:`hf_moe_opt.kernels.router.MAX_TOKENS` tokens take two launches (decode steps), larger ones a
+single tiled launch that also skips torch's float32 copy of the tokens and its float32 GEMM. It
+answers None (and the torch path runs) off CUDA, without Triton, for more than
+:data:`~hf_moe_opt.kernels.router.MAX_EXPERTS` experts or :data:`~hf_moe_opt.kernels.router.MAX_TOP_K`
+choices, when autograd needs the router's graph, or when ``HF_MOE_OPT_FUSED_ROUTER=0`` is set (a
+switch for profiling and comparisons). Semantics, dtypes and precision:
+:mod:`hf_moe_opt.kernels.router`.
 """
 
 from __future__ import annotations

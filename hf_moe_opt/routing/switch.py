@@ -4,6 +4,9 @@ Semantics (transformers 4.57 / >= 5.23): softmax in the router dtype, cast to th
 expert = argmax of those probabilities, gate = their max. Capacity counts per *sequence*: a token
 is kept while the number of tokens of its sequence routed to its expert, itself included, is at
 most ``expert_capacity`` (earlier positions win). Dropped tokens get 0 from the block.
+
+Two steps, so that the fused Triton router (which makes the choice) and :func:`switch_route` share
+the capacity rule: :func:`switch_choice` and :func:`switch_keep`.
 """
 
 from __future__ import annotations
@@ -14,19 +17,32 @@ from .queue import queue_positions
 from .types import Routing
 
 
+def switch_choice(logits: torch.Tensor, input_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(expert, gate)`` ``[..., 1]`` of logits ``[..., E]``: the top-1 of the probabilities in the input dtype."""
+    probs = torch.softmax(logits, dim=-1, dtype=logits.dtype).to(input_dtype)
+    expert = probs.argmax(dim=-1, keepdim=True)
+    return expert, probs.gather(-1, expert)
+
+
+def switch_keep(expert: torch.Tensor, batch: int, num_experts: int, capacity: int | None) -> torch.Tensor | None:
+    """Capacity mask ``[B*S, 1]`` of the experts ``expert`` (``B*S`` entries, sequence-major) of ``batch``
+    sequences, or None where nothing can be dropped (``capacity=None`` or sequences no longer than it)."""
+    seq = expert.numel() // batch
+    if capacity is None or seq <= capacity:
+        # No sequence can overflow an expert: skip the queue bookkeeping (decode steps land here).
+        return None
+    # One queue per (sequence, expert): key = sequence * E + expert.
+    sequence = torch.arange(batch, device=expert.device)[:, None]
+    key = sequence * num_experts + expert.reshape(batch, seq)
+    position, _ = queue_positions(key.reshape(-1), batch * num_experts)
+    return (position < capacity).view(-1, 1)
+
+
 def switch_route(logits: torch.Tensor, input_dtype: torch.dtype, capacity: int | None) -> Routing:
     """Route ``[B, S, E]`` logits; returns ``[B*S, 1]`` routing. ``capacity=None`` drops nothing."""
     if logits.dim() != 3:
         raise ValueError(f"Switch routing expects [batch, seq, experts] logits, got {tuple(logits.shape)}")
-    probs = torch.softmax(logits, dim=-1, dtype=logits.dtype).to(input_dtype)
-    expert = probs.argmax(dim=-1, keepdim=True)  # [B, S, 1]
-    gate = probs.gather(-1, expert)
-    if capacity is None or logits.shape[1] <= capacity:
-        # No sequence can overflow an expert: skip the queue bookkeeping (decode steps land here).
-        return Routing(expert.reshape(-1, 1), gate.reshape(-1, 1), None)
-    # One queue per (sequence, expert): key = sequence * E + expert.
-    batch, seq, num_experts = logits.shape
-    sequence = torch.arange(batch, device=logits.device)[:, None, None]
-    position, _ = queue_positions((sequence * num_experts + expert).reshape(-1), batch * num_experts)
-    keep = (position < capacity).view(batch, seq, 1)
-    return Routing(expert.reshape(-1, 1), gate.reshape(-1, 1), keep.reshape(-1, 1))
+    batch, _, num_experts = logits.shape
+    expert, gate = switch_choice(logits, input_dtype)
+    keep = switch_keep(expert, batch, num_experts, capacity)
+    return Routing(expert.reshape(-1, 1), gate.reshape(-1, 1), keep)
