@@ -29,9 +29,13 @@ from .pdl import launch_options, wait_for_producer
 # Above this many tokens, experts shared by several tokens would be read once per token here; the
 # plan path reads each once.
 MAX_TOKENS = 1
-# Elements of one weight tile per program and loop step (32 KiB of bf16) and warps per program.
+# Elements of one weight tile per program and loop step (32 KiB of bf16), warps per program, weight
+# bytes per program (more programs in flight for large experts) and software-pipelined loop stages.
 _TILE = 16384
 _NUM_WARPS = 8
+_BYTES_PER_PROGRAM = 1 << 40
+_MIN_PROGRAMS = 256
+_LOOP_STAGES = 1
 
 
 @triton.jit
@@ -62,6 +66,7 @@ def _gemv_act_kernel(
     GLU: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
@@ -77,7 +82,7 @@ def _gemv_act_kernel(
     x_row = x_ptr + (a // TOP_K).to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(w_ptr.dtype.element_ty).to(tl.float32)
@@ -124,6 +129,7 @@ def _gemv_combine_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
@@ -142,7 +148,7 @@ def _gemv_combine_kernel(
             w_base = w_ptr + e * stride_we
             h_row = h_ptr + a.to(tl.int64) * stride_hm
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < K
                 hv = tl.load(h_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -162,9 +168,11 @@ def fits(num_tokens: int) -> bool:
     return 0 < num_tokens <= MAX_TOKENS
 
 
-def _blocks(columns: int, depth: int, programs_per_column_block: int) -> tuple[int, int]:
-    """Column and depth blocks: about 256 programs in all, tiles of about ``_TILE`` elements."""
-    block_n = triton.next_power_of_2(max(columns * programs_per_column_block // 256, 1))
+def _blocks(columns: int, depth: int, rows: int, item_bytes: int) -> tuple[int, int]:
+    """Column and depth blocks: enough programs to keep loads in flight, tiles of about ``_TILE`` elements."""
+    weight_bytes = columns * depth * rows * item_bytes
+    programs = max(_MIN_PROGRAMS, weight_bytes // _BYTES_PER_PROGRAM)
+    block_n = triton.next_power_of_2(max(columns * rows // programs, 1))
     block_n = min(max(block_n, 4), 64)
     block_k = min(triton.next_power_of_2(depth), max(_TILE // block_n, 32))
     return block_n, block_k
@@ -209,7 +217,7 @@ def gemv_moe_ffn(
         x = x.contiguous()
     pdl = launch_options(x.device)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        block_n, block_k = _blocks(ffn, hidden, num_rows)
+        block_n, block_k = _blocks(w1.shape[1], hidden, num_rows, w1.element_size())
         _gemv_act_kernel[(num_rows, triton.cdiv(ffn, block_n))](
             x,
             index,
@@ -237,10 +245,11 @@ def gemv_moe_ffn(
             GLU=kernel_act.glu,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
+            LOOP_STAGES=_LOOP_STAGES,
             num_warps=_NUM_WARPS,
             **pdl,
         )
-        block_n, block_k = _blocks(hidden, ffn, num_tokens)
+        block_n, block_k = _blocks(hidden, ffn * top_k, num_tokens, w2.element_size())
         _gemv_combine_kernel[(num_tokens, triton.cdiv(hidden, block_n))](
             h,
             index,
@@ -264,8 +273,8 @@ def gemv_moe_ffn(
             HAS_BIAS=b2 is not None,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
+            LOOP_STAGES=_LOOP_STAGES,
             num_warps=_NUM_WARPS,
             **pdl,
         )
     return out
-
