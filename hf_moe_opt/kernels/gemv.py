@@ -29,13 +29,14 @@ from .pdl import launch_options, wait_for_producer
 # Above this many tokens, experts shared by several tokens would be read once per token here; the
 # plan path reads each once.
 MAX_TOKENS = 1
-# Elements of one weight tile per program and loop step (32 KiB of bf16), warps per program, weight
-# bytes per program (more programs in flight for large experts) and software-pipelined loop stages.
-_TILE = 16384
+# Elements of one weight tile per program and loop step (16 KiB of bf16), warps per program, weight
+# bytes per program (more programs in flight for large experts) and software-pipelined loop stages:
+# the best mix of an H200 sweep over switch-base-128 to Mixtral-8x7B shapes (benchmarks/results/gemv_ab_h200.log).
+_TILE = 8192
 _NUM_WARPS = 8
-_BYTES_PER_PROGRAM = 1 << 40
+_BYTES_PER_PROGRAM = 1 << 16
 _MIN_PROGRAMS = 256
-_LOOP_STAGES = 1
+_LOOP_STAGES = 3
 
 
 @triton.jit

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch.plan import DispatchPlan
+from .pdl import launch_options, wait_for_producer
 
 # One program holds an [A, A] and an [E, A] comparison in registers.
 MAX_ROWS = 128
@@ -65,7 +66,9 @@ def _plan_kernel(
     HAS_KEEP: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producer(USE_PDL)
     a = tl.arange(0, BLOCK_A)
     valid = a < num_rows
     key = tl.load(index_ptr + a, mask=valid, other=0).to(tl.int32)
@@ -127,6 +130,7 @@ def fused_plan(
             BLOCK_A=max(triton.next_power_of_2(num_rows), 16),
             BLOCK_E=max(triton.next_power_of_2(num_experts), 16),
             num_warps=4,
+            **launch_options(device),
         )
     return DispatchPlan(
         order=order,
@@ -166,7 +170,9 @@ def _hist_kernel(
     HAS_KEEP: tl.constexpr,
     CHUNK: tl.constexpr,
     BINS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producer(USE_PDL)
     c = tl.program_id(0)
     key = _chunk_keys(index_ptr, keep_ptr, c * CHUNK, num_rows, num_experts, HAS_KEEP, CHUNK)
     b = tl.arange(0, BINS)
@@ -182,7 +188,9 @@ def _scan_kernel(
     BINS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producer(USE_PDL)
     # hist[c, k] becomes the count of key k in chunks before c; totals[k] the count in all chunks.
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     real = k <= num_experts
@@ -219,7 +227,9 @@ def _scatter_kernel(
     CHUNK: tl.constexpr,
     BINS: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_producer(USE_PDL)
     c = tl.program_id(0)
     start = c * CHUNK
     key = _chunk_keys(index_ptr, keep_ptr, start, num_rows, num_experts, HAS_KEEP, CHUNK)
@@ -326,6 +336,7 @@ def large_plan(
             CHUNK=chunk,
             BINS=bins,
             num_warps=num_warps,
+            **launch_options(device),
         )
         if not inline_scan:
             # [64, 32] tiles down the chunks; one program per 32 keys.
@@ -338,6 +349,7 @@ def large_plan(
                 BLOCK_C=min(triton.next_power_of_2(num_chunks), 64),
                 BLOCK_K=32,
                 num_warps=4,
+                **launch_options(device),
             )
         _scatter_kernel[(num_chunks,)](
             index,
@@ -361,6 +373,7 @@ def large_plan(
             BINS=bins,
             BLOCK_C=block_c,
             num_warps=num_warps,
+            **launch_options(device),
         )
     return DispatchPlan(
         order=order,
