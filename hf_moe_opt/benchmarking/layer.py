@@ -4,8 +4,10 @@
 
 For each shape and token count, in one run on one GPU: HF's eager block (for NLLB-MoE the correct
 eager reference in transformers 4.57's loop structure), our layer with the torch backend
-(sort + ``torch._grouped_mm``) and with the Triton backend, each eager and CUDA-graph replayed;
-the floor from the bandwidth and matmul rate measured in the same run; ratios; peak memory.
+(sort + ``torch._grouped_mm``) and with the Triton backend, each eager and CUDA-graph replayed (one
+replay per call, host launch included: ``*_graph_ms``; up to 512 tokens also 20 calls in one graph,
+per call: ``*_graph20_ms``, the device time a whole-step graph sees); the floor from the bandwidth
+and matmul rate measured in the same run; ratios; peak memory.
 """
 
 from __future__ import annotations
@@ -63,6 +65,19 @@ def graphed(fn, example):
     return g.replay
 
 
+# Calls captured in one graph for the per-call device time of small batches (see graphed_calls_ms).
+GRAPH_CALLS = 20
+GRAPH_CALLS_MAX_TOKENS = 512
+
+
+def graphed_calls_ms(fn, example, device, repeats: int, calls: int = GRAPH_CALLS) -> float:
+    """Per-call time of ``calls`` calls of ``fn(example)`` captured in one CUDA graph, ms (median over
+    ``repeats`` replays). Unlike one replay per call, this leaves out the host's graph launch, as a
+    decode step captured whole does (hf_moe_opt.step_graphs): the layer's own device time."""
+    replay = graphed(lambda x: [fn(x) for _ in range(calls)], example)
+    return median_ms(replay, device, repeats) / calls
+
+
 def peak_mb(fn, device) -> float:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated(device)
@@ -101,6 +116,8 @@ def bench_shape(name, device, ceilings, tokens, repeats):
                 rows[n][f"{backend}_peak_mb"] = peak_mb(lambda x=x: layer(x), device)
                 replay = graphed(layer, x)
                 rows[n][f"{backend}_graph_ms"] = median_ms(replay, device, repeats)
+                if n <= GRAPH_CALLS_MAX_TOKENS:
+                    rows[n][f"{backend}_graph{GRAPH_CALLS}_ms"] = graphed_calls_ms(layer, x, device, repeats)
     for r in rows.values():
         add_floor_ratios(r)
         for backend in ("torch", "triton"):
