@@ -11,6 +11,8 @@ the capacity rule: :func:`switch_choice` and :func:`switch_keep`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .queue import queue_positions
@@ -24,6 +26,16 @@ def switch_choice(logits: torch.Tensor, input_dtype: torch.dtype) -> tuple[torch
     return expert, probs.gather(-1, expert)
 
 
+@functools.cache
+def _fused_queue():
+    """``hf_moe_opt.kernels.queue`` (one launch on CUDA) when Triton compiles for a GPU here, else None."""
+    try:
+        from ..kernels import kernels_interpreted, queue
+    except ImportError:
+        return None
+    return None if kernels_interpreted() else queue
+
+
 def switch_keep(expert: torch.Tensor, batch: int, num_experts: int, capacity: int | None) -> torch.Tensor | None:
     """Capacity mask ``[B*S, 1]`` of the experts ``expert`` (``B*S`` entries, sequence-major) of ``batch``
     sequences, or None where nothing can be dropped (``capacity=None`` or sequences no longer than it)."""
@@ -31,6 +43,9 @@ def switch_keep(expert: torch.Tensor, batch: int, num_experts: int, capacity: in
     if capacity is None or seq <= capacity:
         # No sequence can overflow an expert: skip the queue bookkeeping (decode steps land here).
         return None
+    fused = _fused_queue() if expert.is_cuda else None
+    if fused is not None and fused.fits(num_experts):
+        return fused.sequence_keep(expert.reshape(batch, seq), num_experts, capacity).view(-1, 1)
     # One queue per (sequence, expert): key = sequence * E + expert.
     sequence = torch.arange(batch, device=expert.device)[:, None]
     key = sequence * num_experts + expert.reshape(batch, seq)
