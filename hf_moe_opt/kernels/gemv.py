@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_ffn import KernelActivation, _activate, _glu
+from .moe_ffn import KernelActivation, _activate, _glu, weight_strides
 from .pdl import launch_options, wait_for_producer
 
 # Above this many tokens, experts shared by several tokens would be read once per token here; the
@@ -233,11 +233,7 @@ def gemv_moe_ffn(
             kernel_act.alpha,
             kernel_act.limit,
             x.stride(0),
-            w1.stride(0),
-            w1.stride(1),
-            w1.stride(2),
-            b1.stride(0) if b1 is not None else 0,
-            b1.stride(1) if b1 is not None else 0,
+            *weight_strides(w1, b1),
             h.stride(0),
             TOP_K=top_k,
             HAS_KEEP=keep is not None,
@@ -263,11 +259,7 @@ def gemv_moe_ffn(
             hidden,
             ffn,
             h.stride(0),
-            w2.stride(0),
-            w2.stride(1),
-            w2.stride(2),
-            b2.stride(0) if b2 is not None else 0,
-            b2.stride(1) if b2 is not None else 0,
+            *weight_strides(w2, b2),
             out.stride(0),
             TOP_K=top_k,
             HAS_KEEP=keep is not None,

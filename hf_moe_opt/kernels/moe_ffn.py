@@ -454,6 +454,12 @@ def _grid(num_rows: int, num_experts: int, block_m: int, columns: int, block_n: 
     return (row_tiles * triton.cdiv(columns, block_n),)
 
 
+def weight_strides(w: torch.Tensor, b: torch.Tensor | None) -> tuple[int, ...]:
+    """Strides of an ``[E, out, in]`` expert weight and its ``[E, out]`` bias (zeros without one), in
+    the kernels' argument order."""
+    return (*w.stride(), *(b.stride() if b is not None else (0, 0)))
+
+
 def _mask_rows(num_rows: int, num_experts: int, block_m: int) -> bool:
     """Whether row loads are masked to the group (they always are when K tiles are partial).
 
@@ -507,11 +513,7 @@ def gather_gemm_act(
         activation.limit,
         x.stride(0),
         x.stride(1),
-        w1.stride(0),
-        w1.stride(1),
-        w1.stride(2),
-        b1.stride(0) if b1 is not None else 0,
-        b1.stride(1) if b1 is not None else 0,
+        *weight_strides(w1, b1),
         h.stride(0),
         h.stride(1),
         HAS_BIAS=b1 is not None,
@@ -576,11 +578,7 @@ def gemm_scatter(
         ffn,
         h.stride(0),
         h.stride(1),
-        w2.stride(0),
-        w2.stride(1),
-        w2.stride(2),
-        b2.stride(0) if b2 is not None else 0,
-        b2.stride(1) if b2 is not None else 0,
+        *weight_strides(w2, b2),
         stride_om,
         stride_on,
         k_per_split,

@@ -96,6 +96,28 @@ def fits(num_rows: int, num_experts: int) -> bool:
     return 0 < num_rows <= MAX_ROWS and num_experts <= MAX_EXPERTS
 
 
+def _empty_plan(
+    expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None, num_experts: int
+) -> DispatchPlan:
+    """A plan of unwritten tensors for the kernels to fill."""
+    num_tokens, top_k = expert_index.shape
+    num_rows, device = num_tokens * top_k, expert_index.device
+    order = torch.empty(num_rows, dtype=torch.int64, device=device)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    return DispatchPlan(
+        order=order,
+        token=torch.empty_like(order),
+        expert=torch.empty_like(order),
+        counts=counts,
+        offsets=torch.empty_like(counts),
+        gate=torch.empty(num_rows, dtype=gates.dtype, device=device),
+        num_tokens=num_tokens,
+        top_k=top_k,
+        num_experts=num_experts,
+        may_drop=keep is not None,
+    )
+
+
 def fused_plan(
     expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None, num_experts: int
 ) -> DispatchPlan:
@@ -105,12 +127,15 @@ def fused_plan(
     if not fits(num_rows, num_experts):
         raise ValueError(f"fused_plan handles 1..{MAX_ROWS} assignments and <= {MAX_EXPERTS} experts")
     device = expert_index.device
-    order = torch.empty(num_rows, dtype=torch.int64, device=device)
-    token = torch.empty_like(order)
-    expert = torch.empty_like(order)
-    gate = torch.empty(num_rows, dtype=gates.dtype, device=device)
-    counts = torch.empty(num_experts, dtype=torch.int32, device=device)
-    offsets = torch.empty_like(counts)
+    plan = _empty_plan(expert_index, gates, keep, num_experts)
+    order, token, expert, gate, counts, offsets = (
+        plan.order,
+        plan.token,
+        plan.expert,
+        plan.gate,
+        plan.counts,
+        plan.offsets,
+    )
     keep_arg = keep.reshape(-1).view(torch.uint8) if keep is not None else order  # placeholder, never read
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _plan_kernel[(1,)](
@@ -132,18 +157,7 @@ def fused_plan(
             num_warps=4,
             **launch_options(device),
         )
-    return DispatchPlan(
-        order=order,
-        token=token,
-        expert=expert,
-        counts=counts,
-        offsets=offsets,
-        gate=gate,
-        num_tokens=num_tokens,
-        top_k=top_k,
-        num_experts=num_experts,
-        may_drop=keep is not None,
-    )
+    return plan
 
 
 @triton.jit
@@ -312,12 +326,15 @@ def large_plan(
     if inline_scan is None:
         inline_scan = num_chunks * (num_experts + 1) <= INLINE_SCAN_CELLS
     device = expert_index.device
-    order = torch.empty(num_rows, dtype=torch.int64, device=device)
-    token = torch.empty_like(order)
-    expert = torch.empty_like(order)
-    gate = torch.empty(num_rows, dtype=gates.dtype, device=device)
-    counts = torch.empty(num_experts, dtype=torch.int32, device=device)
-    offsets = torch.empty_like(counts)
+    plan = _empty_plan(expert_index, gates, keep, num_experts)
+    order, token, expert, gate, counts, offsets = (
+        plan.order,
+        plan.token,
+        plan.expert,
+        plan.gate,
+        plan.counts,
+        plan.offsets,
+    )
     hist = torch.empty(num_chunks, bins, dtype=torch.int32, device=device)
     totals = torch.empty(bins, dtype=torch.int32, device=device) if not inline_scan else counts  # placeholder
     index = expert_index.reshape(-1)
@@ -375,15 +392,4 @@ def large_plan(
             num_warps=num_warps,
             **launch_options(device),
         )
-    return DispatchPlan(
-        order=order,
-        token=token,
-        expert=expert,
-        counts=counts,
-        offsets=offsets,
-        gate=gate,
-        num_tokens=num_tokens,
-        top_k=top_k,
-        num_experts=num_experts,
-        may_drop=keep is not None,
-    )
+    return plan
