@@ -128,26 +128,18 @@ def fused_plan(
         raise ValueError(f"fused_plan handles 1..{MAX_ROWS} assignments and <= {MAX_EXPERTS} experts")
     device = expert_index.device
     plan = _empty_plan(expert_index, gates, keep, num_experts)
-    order, token, expert, gate, counts, offsets = (
-        plan.order,
-        plan.token,
-        plan.expert,
-        plan.gate,
-        plan.counts,
-        plan.offsets,
-    )
-    keep_arg = keep.reshape(-1).view(torch.uint8) if keep is not None else order  # placeholder, never read
+    keep_arg = keep.reshape(-1).view(torch.uint8) if keep is not None else plan.order  # placeholder, never read
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _plan_kernel[(1,)](
             expert_index.reshape(-1),
             gates.reshape(-1),
             keep_arg,
-            order,
-            token,
-            expert,
-            gate,
-            counts,
-            offsets,
+            plan.order,
+            plan.token,
+            plan.expert,
+            plan.gate,
+            plan.counts,
+            plan.offsets,
             num_rows,
             num_experts,
             top_k,
@@ -327,16 +319,8 @@ def large_plan(
         inline_scan = num_chunks * (num_experts + 1) <= INLINE_SCAN_CELLS
     device = expert_index.device
     plan = _empty_plan(expert_index, gates, keep, num_experts)
-    order, token, expert, gate, counts, offsets = (
-        plan.order,
-        plan.token,
-        plan.expert,
-        plan.gate,
-        plan.counts,
-        plan.offsets,
-    )
     hist = torch.empty(num_chunks, bins, dtype=torch.int32, device=device)
-    totals = torch.empty(bins, dtype=torch.int32, device=device) if not inline_scan else counts  # placeholder
+    totals = torch.empty(bins, dtype=torch.int32, device=device) if not inline_scan else plan.counts  # placeholder
     index = expert_index.reshape(-1)
     keep_arg = keep.reshape(-1).view(torch.uint8) if keep is not None else index  # placeholder, never read
     # Inline scan: [block_c, bins] tiles of the table (4096 cells). Sort and histogram: 4-8 keys a thread.
@@ -374,12 +358,12 @@ def large_plan(
             keep_arg,
             hist,
             totals,
-            order,
-            token,
-            expert,
-            gate,
-            counts,
-            offsets,
+            plan.order,
+            plan.token,
+            plan.expert,
+            plan.gate,
+            plan.counts,
+            plan.offsets,
             num_rows,
             num_chunks,
             num_experts,
