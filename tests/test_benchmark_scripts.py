@@ -185,3 +185,21 @@ def test_bench_placement_smoke(tmp_path) -> None:
             assert row["balanced_over_round_robin_model"] > 0
             ep = entry["ep_model"][t]
             assert sum(ep["greedy"]["rows_per_device"]) == 2 * int(t) * top_k
+
+
+def test_decode_step_time_lost_in_noise_is_nan_not_negative(monkeypatch):
+    import math
+
+    import torch
+
+    from hf_moe_opt.benchmarking import model as bench_model
+
+    times = iter([5.0, 4.0])  # the longer generation measured faster than the shorter one
+    monkeypatch.setattr(bench_model, "median_ms", lambda *a, **k: next(times))
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.warns(UserWarning, match="timing noise"):
+        step = bench_model.decode_ms_per_token(None, 1, torch.device("cpu"), ids=ids)
+    assert math.isnan(step)
+    times = iter([4.0, 8.0])
+    monkeypatch.setattr(bench_model, "median_ms", lambda *a, **k: next(times))
+    assert bench_model.decode_ms_per_token(None, 1, torch.device("cpu"), ids=ids) == 0.25  # (8 - 4) / (20 - 4)

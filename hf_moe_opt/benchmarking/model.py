@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,7 +189,16 @@ def decode_ms_per_token(
         ids = random_ids(model, batch, prompt, device)
     t_short = median_ms(lambda: generated(model, ids, short), device, repeats=repeats, warmup=1)
     t_long = median_ms(lambda: generated(model, ids, long), device, repeats=repeats, warmup=1)
-    return (t_long - t_short) / (long - short)
+    step = (t_long - t_short) / (long - short)
+    if step <= 0:
+        # Host jitter larger than the steps' own time: no measurement, rather than a negative one.
+        warnings.warn(
+            f"decode step time lost in timing noise ({long} tokens {t_long:.2f} ms, {short} tokens "
+            f"{t_short:.2f} ms); reported as NaN",
+            stacklevel=2,
+        )
+        return float("nan")
+    return step
 
 
 def optimize_step_graphs(model, device: torch.device) -> str | None:
