@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ BACKENDS = ("auto", "torch", "triton")
 AUTO_TRITON_MAX_ROWS = 4096
 
 
+@functools.cache  # asked on every decode call (direct_ffn)
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -86,15 +88,14 @@ def get_backend(name: str) -> Callable:
     raise ValueError(f"unknown backend {name!r}")
 
 
-def direct_ffn(name: str, x: torch.Tensor, num_tokens: int, w1, w2, activation) -> Callable | None:
-    """The plan-free decode path (:func:`hf_moe_opt.kernels.gemv.gemv_moe_ffn`) for a call of the
-    concrete backend ``name`` ("torch", "triton" or "auto"), or None where it does not apply."""
+def direct_ffn(name: str, num_tokens: int) -> Callable | None:
+    """The plan-free decode path (:func:`hf_moe_opt.kernels.gemv.gemv_moe_ffn`) for ``num_tokens`` tokens
+    on the concrete backend ``name`` ("torch", "triton" or "auto"), or None where it does not apply.
+    The caller still checks the weights and activation (:func:`hf_moe_opt.kernels.kernel_supported`)."""
     if name == "torch" or not _triton_available():
         return None
     try:
-        from ..kernels import gemv, kernel_supported
+        from ..kernels import gemv
     except ImportError:
         return None
-    if not gemv.fits(num_tokens) or not kernel_supported(x, w1, w2, activation):
-        return None
-    return gemv.gemv_moe_ffn
+    return gemv.gemv_moe_ffn if gemv.fits(num_tokens) else None

@@ -68,9 +68,13 @@ class ResidentStore(ExpertStore):
         (``backend``: the concrete backend name); None where that path does not apply."""
         from .backends import direct_ffn
 
-        w1, b1, w2, b2 = self._tensors()
-        ffn = direct_ffn(backend, x, expert_index.shape[0], w1, w2, activation)
+        ffn = direct_ffn(backend, expert_index.shape[0])  # cheap checks first: most calls stop here
         if ffn is None:
+            return None
+        from ..kernels import kernel_supported
+
+        w1, b1, w2, b2 = self._tensors()
+        if not kernel_supported(x, w1, w2, activation):
             return None
         return ffn(x, expert_index, gates, keep, w1, b1, w2, b2, activation, out_scale)
 

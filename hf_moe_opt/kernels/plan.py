@@ -326,6 +326,7 @@ def large_plan(
     # Inline scan: [block_c, bins] tiles of the table (4096 cells). Sort and histogram: 4-8 keys a thread.
     block_c = max(min(4096 // bins, triton.next_power_of_2(num_chunks)), 1)
     num_warps = 4 if chunk <= 512 else 8
+    pdl = launch_options(device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _hist_kernel[(num_chunks,)](
             index,
@@ -337,7 +338,7 @@ def large_plan(
             CHUNK=chunk,
             BINS=bins,
             num_warps=num_warps,
-            **launch_options(device),
+            **pdl,
         )
         if not inline_scan:
             # [64, 32] tiles down the chunks; one program per 32 keys.
@@ -350,7 +351,7 @@ def large_plan(
                 BLOCK_C=min(triton.next_power_of_2(num_chunks), 64),
                 BLOCK_K=32,
                 num_warps=4,
-                **launch_options(device),
+                **pdl,
             )
         _scatter_kernel[(num_chunks,)](
             index,
@@ -374,6 +375,6 @@ def large_plan(
             BINS=bins,
             BLOCK_C=block_c,
             num_warps=num_warps,
-            **launch_options(device),
+            **pdl,
         )
     return plan

@@ -404,6 +404,7 @@ def fused_router(
     bias_arg = bias if bias is not None else weight  # placeholder, never read
     block_e = max(triton.next_power_of_2(num_experts), 16)
     block_k = max(triton.next_power_of_2(k), 2)
+    pdl = launch_options(device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if num_tokens > MAX_TOKENS:
             operand_bytes = max(x.element_size(), weight.element_size())
@@ -435,7 +436,7 @@ def fused_router(
                 BLOCK_D=config.block_d,
                 BLOCK_K=block_k,
                 num_warps=config.num_warps,
-                **launch_options(device),
+                **pdl,
             )
             return logits, index, gates
         small_block_e = 8 if num_experts <= 256 else 16
@@ -452,7 +453,7 @@ def fused_router(
             BLOCK_E=small_block_e,
             BLOCK_D=block_d,
             num_warps=8 if small_block_e * block_d >= 8192 else 4,
-            **launch_options(device),
+            **pdl,
         )
         _route_kernel[(num_tokens,)](
             logits,
@@ -466,7 +467,7 @@ def fused_router(
             BLOCK_E=block_e,
             BLOCK_K=block_k,
             num_warps=4,
-            **launch_options(device),
+            **pdl,
         )
     return logits, index, gates
 
