@@ -48,6 +48,9 @@ def _candidates(
     wide: bool = False,
     block_ms: tuple[int, ...] | None = None,
     warps_only: tuple[int, ...] | None = None,
+    tma: str = "off",
+    group_ms: tuple[int, ...] = (8,),
+    elem_bytes: int = 2,
 ):
     from hf_moe_opt.kernels import KernelConfig
 
@@ -75,9 +78,14 @@ def _candidates(
         tiles = m + (2 * n if gated else n)
         if tiles * k * 2 * s > 200 * 1024:
             continue  # more shared memory than an H100/H200 SM has
+        # TMA tiles: K tiles of at most one 128-byte swizzle span (see kernels.moe_ffn._tma_matrix).
+        tma_states = {"off": (0,), "both": (0, 1), "only": (1,)}[tma] if k * elem_bytes <= 128 else (0,)
         # Split-K (GEMM2 only) spreads a few rows' weight reads over more programs.
-        for split_k in (1, 2, 4, 8) if split and small and not quick else (1,):
-            yield KernelConfig(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s, split_k=split_k)
+        splits = (1, 2, 4, 8) if split and small and not quick else (1,)
+        for split_k, t, g in itertools.product(splits, tma_states, group_ms):
+            yield KernelConfig(
+                block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s, split_k=split_k, group_m=g, tma=t
+            )
 
 
 # Device time of CUDA-graph replays by default: eager timing of a few-microsecond kernel measures the
@@ -98,6 +106,7 @@ def _time(fn, warmup_ms: int, rep_ms: int) -> float:
 
 def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
     best, best_ms = None, float("inf")
+    by_tma: dict[int, float] = {}
     for cfg in candidates:
         fn = fn_for(cfg)
         try:
@@ -107,66 +116,107 @@ def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
             print(f"  {label} {cfg}: skipped ({type(err).__name__})")
             continue
         ms = _time(fn, warmup_ms, rep_ms)
+        by_tma[cfg.tma] = min(ms, by_tma.get(cfg.tma, float("inf")))
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
         raise RuntimeError(f"no {label} config compiled")
+    if len(by_tma) > 1:  # the A/B of the load paths, side by side in one run
+        print(f"  {label}: best without TMA {by_tma[0]:.4f} ms, with TMA {by_tma[1]:.4f} ms")
     return best, best_ms
 
 
-def _filters(args) -> dict:
+def _filters(args, dtype: torch.dtype) -> dict:
     return {
         "block_ms": tuple(args.block_m) if args.block_m else None,
         "warps_only": tuple(args.num_warps) if args.num_warps else None,
+        "tma": args.tma,
+        "group_ms": tuple(args.group_m),
+        "elem_bytes": torch.empty((), dtype=dtype).element_size(),
     }
 
 
+class _Problem:
+    """Inputs of one (shape, tokens) point: random uniform top-k routing, weights, output buffers."""
+
+    def __init__(self, shape, tokens: int, dtype: torch.dtype, activation: str, device: str = "cuda") -> None:
+        from hf_moe_opt.dispatch import make_plan
+        from hf_moe_opt.experts.activation import Activation, glu_activation
+        from hf_moe_opt.kernels.moe_ffn import KernelActivation
+
+        num_experts, hidden, ffn, top_k = shape
+        dev = torch.device(device)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        self.x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=gen)
+        self.gated = activation.startswith("glu_")
+        w1_rows = 2 * ffn if self.gated else ffn
+        self.w1 = torch.randn(num_experts, w1_rows, hidden, device=dev, dtype=dtype, generator=gen) * hidden**-0.5
+        self.w2 = torch.randn(num_experts, hidden, ffn, device=dev, dtype=dtype, generator=gen) * ffn**-0.5
+        index = torch.rand(tokens, num_experts, device=dev, generator=gen).topk(top_k, dim=1).indices
+        gates = torch.rand(tokens, top_k, device=dev, generator=gen)
+        keep = torch.ones(tokens, top_k, dtype=torch.bool, device=dev)
+        self.plan = make_plan(index, gates, keep, num_experts)
+        base = activation.removeprefix("glu_")
+        fn = _TORCH_ACTIVATIONS[base]
+        self.act = glu_activation(base, fn) if self.gated else Activation(base, fn)
+        self.kernel_act = KernelActivation.of(self.act, ffn)
+        self.h = torch.empty(self.plan.num_rows, ffn, device=dev, dtype=dtype)
+        self.dst = torch.empty(tokens * top_k, hidden, device=dev, dtype=dtype)
+        self.rows_per_expert = tokens * top_k / num_experts
+
+    def gemm1(self, cfg):
+        from hf_moe_opt.kernels import gather_gemm_act
+
+        return lambda: gather_gemm_act(self.x, self.plan, self.w1, None, self.kernel_act, self.h, cfg)
+
+    def gemm2(self, cfg):
+        from hf_moe_opt.kernels import gemm_scatter
+
+        return lambda: gemm_scatter(self.h, self.plan, self.w2, None, 1.0, self.dst, cfg)
+
+
+def _compile_worker(shape, tokens, dtype, activation, gemm1_cfgs, gemm2_cfgs) -> int:
+    """Compile (launch once) every config given; the kernels land in triton's on-disk cache."""
+    problem = _Problem(shape, tokens, dtype, activation)
+    done = 0
+    for make, cfgs in ((problem.gemm1, gemm1_cfgs), (problem.gemm2, gemm2_cfgs)):
+        for cfg in cfgs:
+            try:
+                make(cfg)()
+                done += 1
+            except Exception:  # configs that do not fit are skipped again, with a message, when timed
+                pass
+    torch.cuda.synchronize()
+    return done
+
+
+def _precompile(shape, tokens, dtype, activation, gemm1_cfgs, gemm2_cfgs, workers: int) -> None:
+    """Compile the candidates in ``workers`` processes at once: compiling, not timing, is most of a
+    tuning run, and the timing process then loads every kernel from triton's cache."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(list(gemm1_cfgs[i::workers]), list(gemm2_cfgs[i::workers])) for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_compile_worker, shape, tokens, dtype, activation, g1, g2) for g1, g2 in jobs]
+        compiled = sum(f.result() for f in futures)
+    print(f"  precompiled {compiled} of {len(gemm1_cfgs) + len(gemm2_cfgs)} configs in {workers} processes")
+
+
 def tune_shape(shape, tokens: int, dtype: torch.dtype, activation: str, args, device: str = "cuda") -> dict:
-    from hf_moe_opt.dispatch import make_plan
-    from hf_moe_opt.experts.activation import Activation, glu_activation
     from hf_moe_opt.experts.torch_backend import torch_moe_ffn
-    from hf_moe_opt.kernels import gather_gemm_act, gemm_scatter, moe_ffn_with_configs
-    from hf_moe_opt.kernels.moe_ffn import KernelActivation
+    from hf_moe_opt.kernels import moe_ffn_with_configs
 
     num_experts, hidden, ffn, top_k = shape
-    dev = torch.device(device)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=gen)
-    gated = activation.startswith("glu_")
-    w1_rows = 2 * ffn if gated else ffn
-    w1 = torch.randn(num_experts, w1_rows, hidden, device=dev, dtype=dtype, generator=gen) * hidden**-0.5
-    w2 = torch.randn(num_experts, hidden, ffn, device=dev, dtype=dtype, generator=gen) * ffn**-0.5
-    index = torch.rand(tokens, num_experts, device=dev, generator=gen).topk(top_k, dim=1).indices
-    gates = torch.rand(tokens, top_k, device=dev, generator=gen)
-    keep = torch.ones(tokens, top_k, dtype=torch.bool, device=dev)
-    plan = make_plan(index, gates, keep, num_experts)
-    base = activation.removeprefix("glu_")
-    act = glu_activation(base, _TORCH_ACTIVATIONS[base]) if gated else Activation(base, _TORCH_ACTIVATIONS[base])
-    kernel_act = KernelActivation.of(act, ffn)
-    h = torch.empty(plan.num_rows, ffn, device=dev, dtype=dtype)
-    dst = torch.empty(tokens * top_k, hidden, device=dev, dtype=dtype)
-    rows_per_expert = tokens * top_k / num_experts
-
-    def gemm1_fn(cfg):
-        return lambda: gather_gemm_act(x, plan, w1, None, kernel_act, h, cfg)
-
-    def gemm2_fn(cfg):
-        return lambda: gemm_scatter(h, plan, w2, None, 1.0, dst, cfg)
-
-    g1, ms1 = _best(
-        "gemm1",
-        gemm1_fn,
-        list(_candidates(rows_per_expert, args.quick, gated, wide=args.wide, **_filters(args))),
-        args.warmup_ms,
-        args.rep_ms,
-    )
-    g2, ms2 = _best(
-        "gemm2",
-        gemm2_fn,
-        list(_candidates(rows_per_expert, args.quick, False, split=True, wide=args.wide, **_filters(args))),
-        args.warmup_ms,
-        args.rep_ms,
-    )
+    p = _Problem(shape, tokens, dtype, activation, device)
+    x, plan, w1, w2, act = p.x, p.plan, p.w1, p.w2, p.act
+    filters = _filters(args, dtype)
+    cands1 = list(_candidates(p.rows_per_expert, args.quick, p.gated, wide=args.wide, **filters))
+    cands2 = list(_candidates(p.rows_per_expert, args.quick, False, split=True, wide=args.wide, **filters))
+    if args.precompile > 1:
+        _precompile(shape, tokens, dtype, activation, cands1, cands2, args.precompile)
+    g1, ms1 = _best("gemm1", p.gemm1, cands1, args.warmup_ms, args.rep_ms)
+    g2, ms2 = _best("gemm2", p.gemm2, cands2, args.warmup_ms, args.rep_ms)
     total = _time(
         lambda: moe_ffn_with_configs(x, plan, w1, None, w2, None, act, 1.0, g1, g2),
         args.warmup_ms,
@@ -202,6 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wide", action="store_true", help="more K tiles and pipeline depths for large batches")
     parser.add_argument("--block-m", type=int, nargs="+", help="only these BLOCK_M candidates")
     parser.add_argument("--num-warps", type=int, nargs="+", help="only these num_warps candidates")
+    parser.add_argument(
+        "--tma",
+        choices=["off", "both", "only"],
+        default="both",
+        help="TMA tile loads: try each candidate without them, with and without, or only with them",
+    )
+    parser.add_argument("--group-m", type=int, nargs="+", default=[8], help="GROUP_M values to try")
+    parser.add_argument(
+        "--precompile", type=int, default=8, help="processes compiling the candidates before timing (1: none)"
+    )
     parser.add_argument("--eager-timing", action="store_true", help="time eager launches instead of CUDA-graph replays")
     parser.add_argument("--warmup-ms", type=int, default=10)
     parser.add_argument("--rep-ms", type=int, default=40)

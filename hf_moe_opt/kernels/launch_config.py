@@ -47,10 +47,19 @@ class KernelConfig:
     # GEMM2 only: K split over this many programs per tile (small batches), fp32 partials summed
     # in a fixed order by a combine kernel.
     split_k: int = 1
+    # Row tiles of one expert that sweep the column tiles together (L2 reuse of weight tiles).
+    group_m: int = 8
+    # Weight tiles (and GEMM2's row tiles) loaded by the Hopper tensor memory accelerator through
+    # host-built descriptors; off where the GPU or the tensor layout does not allow it.
+    tma: int = 0
 
     def __post_init__(self) -> None:
         if self.split_k < 1:
             raise ValueError(f"split_k={self.split_k} must be >= 1")
+        if self.group_m < 1:
+            raise ValueError(f"group_m={self.group_m} must be >= 1")
+        if self.tma not in (0, 1):
+            raise ValueError(f"tma={self.tma} must be 0 or 1")
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
             # tl.dot needs power-of-two tiles of at least 16 in every dimension.
@@ -59,8 +68,10 @@ class KernelConfig:
 
     def to_dict(self) -> dict[str, int]:
         data = asdict(self)
-        if self.split_k == 1:
-            del data["split_k"]  # tables stay readable by versions without split-K
+        # Default knobs are left out: tables stay readable by versions that lack them.
+        for name, default in (("split_k", 1), ("group_m", 8), ("tma", 0)):
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod

@@ -24,6 +24,7 @@ shapes the whole forward is capturable in a CUDA graph.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,12 @@ try:
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # layout differs across triton versions; then assume compiled kernels
     InterpretedFunction = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton without host-side tensor descriptors: pointer loads only
+    TensorDescriptor = None
+
+ENV_TMA = "HF_MOE_OPT_TMA"  # "0" turns the TMA loads off
 
 # Activation names of the model configs -> the kernel's constexpr name.
 _KERNEL_ACTIVATION = {
@@ -128,10 +135,12 @@ def _gather_gemm_act_kernel(
     w_ptr,
     b_ptr,
     h_ptr,
+    w_desc,
     num_rows,
     num_experts,
     N,
     K,
+    w_rows,
     row_mul,
     up_offset,
     alpha,
@@ -158,6 +167,7 @@ def _gather_gemm_act_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
@@ -179,6 +189,8 @@ def _gather_gemm_act_kernel(
     gate_rows = offs_n * row_mul
     w_ptrs = w_base + gate_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
     u_ptrs = w_ptrs + up_offset * stride_wn
+    # TMA: w_desc views W1 as [E * w_rows, K] (row_mul == 1); tiles past K or the last row read zeros.
+    w_row = group * w_rows + pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -194,7 +206,9 @@ def _gather_gemm_act_kernel(
             mask_k = offs_k < K - k0
             mask_w = mask_k[:, None] & mask_n[None, :]
             a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if EVEN_K and EVEN_N:
+        if USE_TMA:
+            w = tl.trans(w_desc.load([w_row, k0]))
+        elif EVEN_K and EVEN_N:
             w = tl.load(w_ptrs)
         else:
             w = tl.load(w_ptrs, mask=mask_w, other=0.0)
@@ -204,7 +218,9 @@ def _gather_gemm_act_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if GLU != "none":
-            if EVEN_K and EVEN_N:
+            if USE_TMA:
+                u = tl.trans(w_desc.load([w_row + up_offset, k0]))
+            elif EVEN_K and EVEN_N:
                 u = tl.load(u_ptrs)
             else:
                 u = tl.load(u_ptrs, mask=mask_w, other=0.0)
@@ -238,6 +254,8 @@ def _gemm_scatter_kernel(
     w_ptr,
     b_ptr,
     out_ptr,
+    h_desc,
+    w_desc,
     out_scale,
     num_rows,
     num_experts,
@@ -265,6 +283,7 @@ def _gemm_scatter_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
@@ -294,9 +313,15 @@ def _gemm_scatter_kernel(
     h_ptrs = h_ptr + rows_in.to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hk
     w_base = w_ptr + group.to(tl.int64) * stride_we
     w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    # TMA: h_desc is h ([A, K]), w_desc W2 as [E * N, K]; past K and past the last row read zeros.
+    # Rows past the group are the next group's (never stored), so no row mask either.
+    w_row = group * N + pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_per_split, BLOCK_K):
-        if EVEN_K:
+        if USE_TMA:
+            a = h_desc.load([row_start, k_begin + k0])
+            w = tl.trans(w_desc.load([w_row, k_begin + k0]))
+        elif EVEN_K:
             if MASK_ROWS:
                 a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
             else:
@@ -404,9 +429,6 @@ def _slot_sum_kernel(
 # there the operands are widened first (exact: products of 16-bit floats are exact in fp32). Compiled
 # kernels keep 16-bit tensor-core dots with fp32 accumulation.
 
-# Row tiles of one expert that sweep the column tiles together (see the module docstring).
-GROUP_M = 8
-
 
 @dataclass(frozen=True)
 class KernelActivation:
@@ -475,6 +497,37 @@ def _block_e(num_experts: int) -> int:
     return max(triton.next_power_of_2(num_experts + 1), 2)
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def tma_available(device: torch.device) -> bool:
+    """Whether the kernels can load tiles by TMA here: Hopper or newer (or triton's interpreter)."""
+    if TensorDescriptor is None or os.environ.get(ENV_TMA, "1") == "0":
+        return False
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return not kernels_interpreted() and _capability(index)[0] >= 9
+    return kernels_interpreted()
+
+
+def _tma_matrix(t: torch.Tensor, block_rows: int, block_k: int):
+    """A TMA descriptor over ``t`` ([A, K] or [E, rows, K], read as [E * rows, K]) in
+    ``[block_rows, block_k]`` tiles, or None where TMA cannot read this layout."""
+    elem = t.element_size()
+    row_stride = t.stride(-2)
+    if t.stride(-1) != 1 or (t.dim() == 3 and t.stride(0) != t.shape[1] * row_stride):
+        return None
+    # 16-byte aligned base and rows; a K tile of 16 to 128 bytes (one swizzle span).
+    if t.data_ptr() % 16 or (row_stride * elem) % 16 or not 16 <= block_k * elem <= 128:
+        return None
+    rows = t.numel() // t.shape[-1] if t.numel() else 0
+    if rows == 0:
+        return None
+    return TensorDescriptor(t, [rows, t.shape[-1]], [row_stride, 1], [block_rows, block_k])
+
+
 def gather_gemm_act(
     x: torch.Tensor,
     plan: DispatchPlan,
@@ -495,6 +548,9 @@ def gather_gemm_act(
     num_rows, num_experts = plan.num_rows, plan.num_experts
     ffn, hidden = h.shape[1], w1.shape[2]
     bias = b1 if b1 is not None else w1  # placeholder pointer, never read
+    w_desc = None
+    if config.tma and activation.row_mul == 1 and tma_available(x.device):
+        w_desc = _tma_matrix(w1, config.block_n, config.block_k)
     _gather_gemm_act_kernel[_grid(num_rows, num_experts, config.block_m, ffn, config.block_n)](
         x,
         plan.token,
@@ -503,10 +559,12 @@ def gather_gemm_act(
         w1,
         bias,
         h,
+        w_desc,
         num_rows,
         num_experts,
         ffn,
         hidden,
+        w1.shape[1],
         activation.row_mul,
         activation.up_offset,
         activation.alpha,
@@ -528,7 +586,8 @@ def gather_gemm_act(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         BLOCK_E=_block_e(num_experts),
-        GROUP_M=GROUP_M,
+        GROUP_M=config.group_m,
+        USE_TMA=w_desc is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch_options(x.device),
@@ -561,6 +620,12 @@ def gemm_scatter(
     # Partials: row stride hidden, split-plane stride passed as "stride_on" (see the kernel).
     stride_om, stride_on = (hidden, num_rows * hidden) if part is not None else (dst.stride(0), dst.stride(1))
     bias = b2 if b2 is not None else w2  # placeholder pointer, never read
+    h_desc = w_desc = None
+    if config.tma and tma_available(h.device):
+        h_desc = _tma_matrix(h, config.block_m, config.block_k)
+        w_desc = _tma_matrix(w2, config.block_n, config.block_k)
+        if h_desc is None or w_desc is None:
+            h_desc = w_desc = None
     grid = _grid(num_rows, num_experts, config.block_m, hidden, config.block_n) + (splits,)
     _gemm_scatter_kernel[grid](
         h,
@@ -571,6 +636,8 @@ def gemm_scatter(
         w2,
         bias,
         target,
+        h_desc,
+        w_desc,
         float(out_scale),
         num_rows,
         num_experts,
@@ -594,7 +661,8 @@ def gemm_scatter(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         BLOCK_E=_block_e(num_experts),
-        GROUP_M=GROUP_M,
+        GROUP_M=config.group_m,
+        USE_TMA=w_desc is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch_options(h.device),

@@ -1,0 +1,150 @@
+"""The kernels' TMA loads (``KernelConfig.tma``) against the pointer loads and the torch reference.
+
+On CPU triton's interpreter runs the descriptor loads; on an H100/H200 the compiled TMA path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+from hf_moe_opt.dispatch import make_plan  # noqa: E402
+from hf_moe_opt.experts.activation import Activation, glu_activation  # noqa: E402
+from hf_moe_opt.experts.torch_backend import torch_moe_ffn  # noqa: E402
+from hf_moe_opt.kernels import KernelConfig, kernels_interpreted, moe_ffn_with_configs  # noqa: E402
+from hf_moe_opt.kernels.moe_ffn import _tma_matrix, tma_available  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not kernels_interpreted():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+if not tma_available(DEVICE):
+    pytest.skip("TMA loads need a Hopper GPU (or the interpreter) and a TensorDescriptor", allow_module_level=True)
+
+RELU = Activation("relu", torch.relu)
+GELU = Activation("gelu", torch.nn.functional.gelu)
+GLU_SILU = glu_activation("silu", torch.nn.functional.silu)
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2)}
+
+
+def _config(tma: int, split_k: int = 1, group_m: int = 8) -> KernelConfig:
+    return KernelConfig(block_m=16, block_n=16, block_k=16, num_stages=2, split_k=split_k, group_m=group_m, tma=tma)
+
+
+def _case(num_tokens, top_k, num_experts, hidden, ffn, dtype, *, gated=False, bias=True, drop=0.0, seed=0, index=None):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+    x = rnd(num_tokens, hidden, scale=1.0)
+    w1 = rnd(num_experts, (2 if gated else 1) * ffn, hidden, scale=1 / math.sqrt(hidden))
+    w2 = rnd(num_experts, hidden, ffn, scale=1 / math.sqrt(ffn))
+    b1 = rnd(num_experts, w1.shape[1], scale=0.5) if bias else None
+    b2 = rnd(num_experts, hidden, scale=0.5) if bias else None
+    if index is None:
+        index = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=1).indices
+    gates = torch.rand(index.shape, generator=g)
+    keep = torch.rand(index.shape, generator=g) >= drop
+    plan = make_plan(index.to(DEVICE), gates.to(DEVICE), keep.to(DEVICE), num_experts)
+    return x, plan, w1, b1, w2, b2
+
+
+def _compare(x, plan, w1, b1, w2, b2, act, split_k=1, group_m=8):
+    # The layouts used here must really take the TMA path, or this compares pointer loads to themselves.
+    h = torch.empty(max(plan.num_rows, 1), w2.shape[2], dtype=w2.dtype, device=x.device)
+    assert _tma_matrix(w1, 16, 16) is not None and _tma_matrix(w2, 16, 16) is not None
+    assert _tma_matrix(h, 16, 16) is not None
+    tma = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, act, 0.5, _config(1, group_m=group_m), _config(1, split_k))
+    ptr = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, act, 0.5, _config(0, group_m=group_m), _config(0, split_k))
+    ref = torch_moe_ffn(x, plan, w1, b1, w2, b2, act, 0.5)
+    atol, rtol = TOL[w1.dtype]
+    torch.testing.assert_close(tma.float(), ref.float(), atol=atol, rtol=rtol)
+    # Same tiles, same accumulation order: only the way tiles reach the dot differs.
+    if DEVICE.type == "cpu":
+        assert torch.equal(tma, ptr)
+    else:
+        torch.testing.assert_close(tma.float(), ptr.float(), atol=atol, rtol=rtol)
+    return tma
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("top_k", "drop"), [(1, 0.0), (2, 0.25)])
+def test_tma_random_routing(dtype: torch.dtype, top_k: int, drop: float) -> None:
+    # 37 tokens and D=40, F=72: groups, N and K all end inside a tile.
+    _compare(*_case(37, top_k, 6, 40, 72, dtype, drop=drop, seed=1 + top_k), GELU)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_tma_gated_and_split_k(split_k: int) -> None:
+    # Concatenated gate/up halves of W1 (two descriptor loads per K tile); GEMM2 split over K.
+    _compare(*_case(29, 2, 5, 32, 48, torch.bfloat16, gated=True, drop=0.1, seed=7), GLU_SILU, split_k=split_k)
+
+
+def test_tma_odd_shapes() -> None:
+    # One token; every token on one expert (others empty) over many row tiles and GROUP_M groups.
+    _compare(*_case(1, 2, 4, 32, 48, torch.float32, seed=11), RELU)
+    index = torch.full((70, 1), 3)
+    _compare(*_case(70, 1, 4, 32, 48, torch.bfloat16, bias=False, seed=12, index=index), RELU, group_m=2)
+
+
+def test_tma_falls_back_where_layout_forbids() -> None:
+    # Rows whose byte stride is not a multiple of 16 cannot be described: pointer loads, same result.
+    x, plan, w1, b1, w2, b2 = _case(19, 1, 3, 20, 36, torch.bfloat16, seed=13)
+    assert _tma_matrix(w1, 16, 16) is None  # 20 bf16 = 40 bytes per row
+    ref = torch_moe_ffn(x, plan, w1, b1, w2, b2, RELU)
+    out = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, RELU, 1.0, _config(1), _config(1))
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    # A transposed weight view has no unit column stride.
+    assert _tma_matrix(w2.transpose(1, 2).contiguous().transpose(1, 2), 16, 16) is None
+
+
+def test_tma_detects_wrong_rows() -> None:
+    # The comparison can fail: experts swapped in W2 are caught on the TMA path.
+    x, plan, w1, b1, w2, b2 = _case(23, 1, 4, 32, 48, torch.float32, seed=14)
+    ref = torch_moe_ffn(x, plan, w1, b1, w2, b2, RELU)
+    out = moe_ffn_with_configs(x, plan, w1, b1, w2.flip(0).contiguous(), b2, RELU, 1.0, _config(1), _config(1))
+    assert not torch.allclose(out, ref, atol=1e-3)
+
+
+def test_config_knobs_round_trip() -> None:
+    cfg = KernelConfig(64, 128, 64, num_warps=8, group_m=4, tma=1)
+    assert KernelConfig.from_dict(cfg.to_dict()) == cfg
+    assert "tma" not in KernelConfig(64, 128, 64).to_dict()  # defaults stay out of the tables
+    with pytest.raises(ValueError):
+        KernelConfig(64, 128, 64, tma=2)
+    with pytest.raises(ValueError):
+        KernelConfig(64, 128, 64, group_m=0)
+
+
+@pytest.mark.gpu
+def test_tma_real_shape_graph_replay() -> None:
+    # Compiled TMA kernels at a gated Mixtral-like shape, captured once and replayed on new routing.
+    num_tokens, top_k, num_experts, hidden, ffn = 512, 2, 8, 1024, 2048
+    x, _, w1, b1, w2, b2 = _case(num_tokens, top_k, num_experts, hidden, ffn, torch.bfloat16, gated=True, seed=20)
+    index = torch.rand(num_tokens, num_experts, device=DEVICE).topk(top_k, dim=1).indices
+    gates = torch.rand(num_tokens, top_k, device=DEVICE)
+    keep = torch.ones(num_tokens, top_k, dtype=torch.bool, device=DEVICE)
+    big = KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3, tma=1)
+
+    def step() -> torch.Tensor:
+        plan = make_plan(index, gates, keep, num_experts)
+        return moe_ffn_with_configs(x, plan, w1, b1, w2, b2, GLU_SILU, 1.0, big, big)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(2):
+        index.copy_(torch.rand(num_tokens, num_experts, device=DEVICE).topk(top_k, dim=1).indices)
+        keep.copy_(torch.rand(num_tokens, top_k, device=DEVICE) > 0.2)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = torch_moe_ffn(x, make_plan(index, gates, keep, num_experts), w1, b1, w2, b2, GLU_SILU)
+        torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
