@@ -299,7 +299,10 @@ def test_config_lookup(tmp_path, monkeypatch) -> None:
 
     key = shape_key(4, 8, 16, 2)
     table = {
-        "default": [{"tokens": 1, "gemm1": SMALL.to_dict(), "gemm2": SMALL.to_dict()}],
+        "default": [
+            {"tokens": 1, "gemm1": SMALL.to_dict(), "gemm2": SMALL.to_dict()},
+            {"tokens": 262144, "gemm1": TINY.to_dict(), "gemm2": TINY.to_dict()},
+        ],
         "shapes": {
             key: [
                 {"tokens": 8, "gemm1": SMALL.to_dict(), "gemm2": SMALL.to_dict()},
@@ -314,6 +317,10 @@ def test_config_lookup(tmp_path, monkeypatch) -> None:
         assert get_configs(torch.device("cpu"), 4, 8, 16, 2, 10)[0] == SMALL
         assert get_configs(torch.device("cpu"), 4, 8, 16, 2, 500)[0] == KernelConfig(64, 64, 32)
         assert get_configs(torch.device("cpu"), 5, 8, 16, 2, 500)[0] == SMALL
+        # Far from every entry of the shape (1024 is 10x from 100): the default list is not nearer.
+        assert get_configs(torch.device("cpu"), 4, 8, 16, 2, 100)[0] == KernelConfig(64, 64, 32)
+        # 131072 tokens: the shape's 1024 entry is 128x away, the default's 262144 entry 2x.
+        assert get_configs(torch.device("cpu"), 4, 8, 16, 2, 131072)[0] == TINY
     finally:
         monkeypatch.delenv("HF_MOE_OPT_TRITON_CONFIGS")
         clear_cache()

@@ -13,8 +13,9 @@ File layout::
       "shapes": {"E128_D768_F3072_k1": [{"tokens": 4096, "gemm1": {...}, "gemm2": {...}}, ...]}
     }
 
-Each entry is tuned at one token count; a call uses the entry whose count is nearest on a log
-scale (a shape class by token count). Entries may also carry ``ms`` and ``torch_ms``, the Triton and
+Each entry is tuned at one token count; a call uses the shape's entry whose count is nearest on a
+log scale (a shape class by token count) if it is within 4x, else the nearer of that and the
+file's ``default`` entry. Entries may also carry ``ms`` and ``torch_ms``, the Triton and
 torch backends' times measured by the tuning run; ``backend="auto"`` runs the faster one.
 ``shapes`` entries win over the file's ``default``.
 """
@@ -147,17 +148,38 @@ def load_table(device_name: str) -> tuple[dict, ...]:
     return tuple(tables)
 
 
+# A shape's entry serves token counts within this factor of its own; farther away the file's default
+# list (tuned on another shape, but at about this batch size) is the better guess: tiles sized for
+# 4096 tokens waste most of their rows at 64.
+_SHAPE_REACH = math.log(4.0)
+
+
+def _distance(entry: dict, num_tokens: int) -> float:
+    return abs(math.log(max(int(entry["tokens"]), 1)) - math.log(max(num_tokens, 1)))
+
+
 def _nearest(entries: list[dict], num_tokens: int) -> dict:
-    target = math.log(max(num_tokens, 1))
-    return min(entries, key=lambda e: abs(math.log(max(int(e["tokens"]), 1)) - target))
+    return min(entries, key=lambda e: _distance(e, num_tokens))
+
+
+def _shape_entry(table: dict, key: str, num_tokens: int) -> dict | None:
+    """The shape's own entry nearest ``num_tokens`` if it is within reach, else None."""
+    entries = table.get("shapes", {}).get(key)
+    if not entries:
+        return None
+    entry = _nearest(entries, num_tokens)
+    return entry if _distance(entry, num_tokens) <= _SHAPE_REACH else None
 
 
 @functools.lru_cache(maxsize=4096)
 def _lookup(device_name: str, key: str, num_tokens: int) -> tuple[KernelConfig, KernelConfig]:
     for table in load_table(device_name):
-        entries = table.get("shapes", {}).get(key) or table.get("default")
-        if entries:
-            entry = _nearest(entries, num_tokens)
+        entry = _shape_entry(table, key, num_tokens)
+        if entry is None:
+            # Out of the shape's reach: whichever of its entries and the default list's is nearer.
+            candidates = [*table.get("shapes", {}).get(key, []), *table.get("default", [])]
+            entry = _nearest(candidates, num_tokens) if candidates else None
+        if entry is not None:
             return KernelConfig.from_dict(entry["gemm1"]), KernelConfig.from_dict(entry["gemm2"])
     raise RuntimeError("no launch config found")  # unreachable: the builtin table always matches
 
@@ -165,10 +187,9 @@ def _lookup(device_name: str, key: str, num_tokens: int) -> tuple[KernelConfig, 
 @functools.lru_cache(maxsize=4096)
 def _torch_faster(device_name: str, key: str, num_tokens: int) -> bool | None:
     for table in load_table(device_name):
-        entries = table.get("shapes", {}).get(key)
-        if entries:
-            entry = _nearest(entries, num_tokens)
-            if "ms" in entry and "torch_ms" in entry:
+        if table.get("shapes", {}).get(key):
+            entry = _shape_entry(table, key, num_tokens)
+            if entry is not None and "ms" in entry and "torch_ms" in entry:
                 return float(entry["torch_ms"]) < float(entry["ms"])
             return None
     return None
