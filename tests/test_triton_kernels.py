@@ -461,3 +461,34 @@ def test_slot_sum_rejects_mismatched_shapes() -> None:
         slot_sum(slots, 2, torch.zeros(4, 8, device=DEVICE))
     with pytest.raises(ValueError, match="slot_sum"):
         slot_sum(slots, 2, torch.zeros(8, 3, device=DEVICE).t())
+
+
+def test_fit_shared_memory() -> None:
+    from hf_moe_opt.kernels.launch_config import fit_shared_memory, shared_memory_bytes
+
+    h200 = 232448
+    # The default list's 16384-token entry on gated experts: 320 KiB of pipeline -> fits after shrinking.
+    wide = KernelConfig(128, 256, 64, num_warps=8, num_stages=4)
+    assert shared_memory_bytes(wide, 2, 2, 2) == 327680
+    fitted = fit_shared_memory(wide, 2, 2, 2, h200)
+    assert fitted == KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
+    assert fit_shared_memory(wide, 2, 2, 1, h200) == wide  # non-gated bf16 fits as tuned
+    assert fit_shared_memory(wide, 4, 4, 1, h200) == KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
+    # Nothing left to shrink: returned as small as it gets (the compiler reports the rest).
+    tiny = fit_shared_memory(KernelConfig(16, 16, 16, num_stages=2), 2, 2, 2, 100)
+    assert tiny == KernelConfig(16, 16, 16, num_stages=2)
+
+
+@pytest.mark.gpu
+def test_untuned_wide_config_on_gated_experts_gpu() -> None:
+    # A table entry too big for gated W1 tiles (the H200 default at 16384 tokens) is shrunk, not fatal.
+    num_tokens, top_k, num_experts, hidden, ffn = 2048, 2, 4, 512, 1024
+    g = torch.Generator().manual_seed(90)
+    x = torch.randn(num_tokens, hidden, generator=g).to(DEVICE, torch.bfloat16)
+    w1, _, _, _ = _weights(num_experts, hidden, 2 * ffn, torch.bfloat16, False, seed=91)
+    _, _, w2, _ = _weights(num_experts, hidden, ffn, torch.bfloat16, False, seed=92)
+    plan = _plan(_random_index(num_tokens, top_k, num_experts, seed=93), num_experts)
+    wide = KernelConfig(128, 256, 64, num_warps=8, num_stages=4)
+    out = moe_ffn_with_configs(x, plan, w1, None, w2, None, GATED["glu_silu"], 1.0, wide, wide)
+    ref = torch_moe_ffn(x, plan, w1, None, w2, None, GATED["glu_silu"])
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -168,7 +168,7 @@ def _shape_entry(table: dict, key: str, num_tokens: int) -> dict | None:
     if not entries:
         return None
     entry = _nearest(entries, num_tokens)
-    return entry if _distance(entry, num_tokens) <= _SHAPE_REACH else None
+    return entry if _distance(entry, num_tokens) <= _SHAPE_REACH + 1e-9 else None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -211,6 +211,45 @@ def get_configs(
 ) -> tuple[KernelConfig, KernelConfig]:
     """``(gemm1, gemm2)`` launch configs for this device, expert shape and token count."""
     return _lookup(device_name(device), shape_key(num_experts, hidden, ffn, top_k), num_tokens)
+
+
+def shared_memory_bytes(config: KernelConfig, a_bytes: int, w_bytes: int, w_tiles: int) -> int:
+    """Shared memory of the kernels' load pipeline: ``num_stages`` row tiles and ``w_tiles`` weight
+    tiles (2 for gated W1) per K step."""
+    per_stage = config.block_m * config.block_k * a_bytes + w_tiles * config.block_n * config.block_k * w_bytes
+    return config.num_stages * per_stage
+
+
+@functools.lru_cache(maxsize=1024)
+def fit_shared_memory(config: KernelConfig, a_bytes: int, w_bytes: int, w_tiles: int, limit: int) -> KernelConfig:
+    """``config``, shrunk until its pipeline fits ``limit`` bytes: an entry tuned for another shape
+    (the default list serves gated experts, fp32 weights) may not fit. Pipeline depth goes first,
+    down to 3, then the column tile, then depth down to 2, then the K tile."""
+    c = config
+    while shared_memory_bytes(c, a_bytes, w_bytes, w_tiles) > limit:
+        if c.num_stages > 3:
+            c = replace(c, num_stages=c.num_stages - 1)
+        elif c.block_n > 64:
+            c = replace(c, block_n=c.block_n // 2)
+        elif c.num_stages > 2:
+            c = replace(c, num_stages=c.num_stages - 1)
+        elif c.block_k > 16:
+            c = replace(c, block_k=c.block_k // 2)
+        else:
+            break  # the smallest tiles; let the compiler report it
+    return c
+
+
+@functools.cache
+def shared_memory_limit(index: int) -> int:
+    """Opt-in shared memory per block of CUDA device ``index`` (227 KiB on an H100/H200)."""
+    props = torch.cuda.get_device_properties(index)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    if not limit:
+        import triton
+
+        limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return int(limit)
 
 
 def clear_cache() -> None:

@@ -34,7 +34,7 @@ import triton.language as tl
 from ..dispatch import DispatchPlan
 from ..experts.activation import Activation
 from ..experts.torch_backend import torch_moe_ffn
-from .launch_config import KernelConfig, get_configs
+from .launch_config import KernelConfig, fit_shared_memory, get_configs, shared_memory_limit
 from .pdl import launch_options, wait_for_producer
 
 try:
@@ -493,6 +493,14 @@ def _mask_rows(num_rows: int, num_experts: int, block_m: int) -> bool:
     return num_rows < 4 * block_m * num_experts
 
 
+def _fit(config: KernelConfig, a: torch.Tensor, w: torch.Tensor, w_tiles: int) -> KernelConfig:
+    """``config`` shrunk to this GPU's shared memory (see ``fit_shared_memory``); as is off CUDA."""
+    if a.device.type != "cuda":
+        return config
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    return fit_shared_memory(config, a.element_size(), w.element_size(), w_tiles, shared_memory_limit(index))
+
+
 def _block_e(num_experts: int) -> int:
     return max(triton.next_power_of_2(num_experts + 1), 2)
 
@@ -545,6 +553,7 @@ def gather_gemm_act(
     """
     if isinstance(activation, str):
         activation = KernelActivation(activation)
+    config = _fit(config, x, w1, 1 if activation.glu == "none" else 2)
     num_rows, num_experts = plan.num_rows, plan.num_experts
     ffn, hidden = h.shape[1], w1.shape[2]
     bias = b1 if b1 is not None else w1  # placeholder pointer, never read
@@ -610,6 +619,7 @@ def gemm_scatter(
     ``config.split_k > 1`` the K dimension is split over programs writing fp32 partials, which a
     second kernel sums in a fixed order before the gate, bias and scatter.
     """
+    config = _fit(config, h, w2, 1)
     num_rows, num_experts = plan.num_rows, plan.num_experts
     hidden, ffn = w2.shape[1], w2.shape[2]
     splits = config.split_k if num_rows > 0 else 1
