@@ -203,3 +203,19 @@ def test_decode_step_time_lost_in_noise_is_nan_not_negative(monkeypatch):
     times = iter([4.0, 8.0])
     monkeypatch.setattr(bench_model, "median_ms", lambda *a, **k: next(times))
     assert bench_model.decode_ms_per_token(None, 1, torch.device("cpu"), ids=ids) == 0.25  # (8 - 4) / (20 - 4)
+
+
+def test_tuner_candidates_pair_tma_and_fit_shared_memory() -> None:
+    pytest.importorskip("triton")
+    tune = _load("tune_triton")
+    large = list(tune._candidates(512, quick=False, gated=True, tma="both", group_ms=(4, 8)))
+    # Every large-batch candidate comes with and without TMA and with each GROUP_M.
+    plain = {(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages) for c in large}
+    assert len(large) == 4 * len(plain)
+    assert {(c.tma, c.group_m) for c in large} == {(0, 4), (0, 8), (1, 4), (1, 8)}
+    for c in large:  # gated W1: two weight tiles per stage within the budget
+        assert (c.block_m + 2 * c.block_n) * c.block_k * 2 * c.num_stages <= 200 * 1024
+    # Deep K tiles of small batches span more than one 128-byte swizzle: never TMA.
+    small = list(tune._candidates(2, quick=False, gated=False, split=True, tma="only"))
+    assert small and all(c.tma == 0 and c.block_k * 2 > 128 for c in small)
+    assert all(c.tma == 0 for c in tune._candidates(512, quick=False, gated=False, tma="off"))
