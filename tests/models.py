@@ -121,3 +121,34 @@ def use_reference_blocks(model: nn.Module, capacity: str = "model", padding: dic
         ref.train(child.training)
         setattr(parent, name, ref)
     return padding
+
+
+# ------------------------------------------------------------------------------- expert stores
+
+
+def integer_expert_weights(num_experts: int, hidden: int, ffn: int, seed: int = 0):
+    """Expert weights of small integers (fp32): every GEMM over integer rows is exact, so a store's
+    output cannot depend on how rows are blocked into GEMMs (devices, ranks, replicas)."""
+    from hf_moe_opt.experts.weights import ExpertStack, ExpertWeights
+
+    g = torch.Generator().manual_seed(seed)
+
+    def stack(name: str, *shape: int) -> ExpertStack:
+        params = [nn.Parameter(torch.randint(-2, 3, shape, generator=g).float()) for _ in range(num_experts)]
+        return ExpertStack(params, name)
+
+    return ExpertWeights(
+        w1=stack("w1", ffn, hidden), w2=stack("w2", hidden, ffn), b1=stack("b1", ffn), b2=stack("b2", hidden)
+    )
+
+
+def random_routing(seed: int, tokens: int, top_k: int, hidden: int, num_experts: int, drop: float):
+    """Integer rows ``x`` and a dispatch plan with random fp32 gates, ``drop`` of the assignments dropped."""
+    from hf_moe_opt.dispatch import make_plan
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (tokens, hidden), generator=g).float()
+    expert_index = torch.rand(tokens, num_experts, generator=g).argsort(dim=1)[:, :top_k]  # distinct experts
+    gates = torch.rand(tokens, top_k, generator=g)
+    keep = torch.rand(tokens, top_k, generator=g) >= drop if drop else None
+    return x, make_plan(expert_index, gates, keep, num_experts)

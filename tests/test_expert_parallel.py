@@ -20,9 +20,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hf_moe_opt
-from hf_moe_opt.placement import plan_placement, profile
+from hf_moe_opt.experts.activation import Activation
+from hf_moe_opt.experts.store import ResidentStore
+from hf_moe_opt.experts.torch_backend import torch_moe_ffn
+from hf_moe_opt.placement import PlacementPlan, plan_placement, profile
+from hf_moe_opt.placement.expert_parallel import ExpertParallelStore
+from hf_moe_opt.placement.store import ReplicaTable
 
-from .models import VOCAB, tiny_nllb, tiny_switch
+from .models import VOCAB, integer_expert_weights, random_routing, tiny_nllb, tiny_switch
 
 TIMEOUT_S = 20
 
@@ -102,12 +107,40 @@ def _zero_token_case(rank: int, world: int) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _store_case(rank: int, world: int) -> None:
+    # Dropped assignments, top-k > 1 and a rank without tokens through the exchange, unsort and slot
+    # sum: integer rows and weights make every GEMM exact, so the output matches the single-device
+    # store bit for bit (replicas included).
+    num_experts, hidden, ffn = 6, 16, 24
+    act = Activation("relu", torch.relu)
+    spread = [[(e % world, 1.0)] for e in range(num_experts)]
+    replicated = [[((e + i) % world, 1.0 / world) for i in range(world)] for e in range(num_experts)]
+    resident = ResidentStore(integer_expert_weights(num_experts, hidden, ffn))
+    for layer in (spread, replicated):
+        plan = PlacementPlan(num_devices=world, strategy="hand", layers={"l": layer})
+        weights = integer_expert_weights(num_experts, hidden, ffn)
+        store = ExpertParallelStore(weights, ReplicaTable(plan, "l", num_experts), None, "l")
+        for top_k in (1, 2, 3):
+            for seed, (tokens, drop) in enumerate([(0, 0.0), (19, 0.0), (19, 0.4), (7, 1.0)]):
+                tokens = tokens + 3 * rank if tokens else (0 if rank == 0 else 5)  # rank 0: no tokens
+                x, dispatch = random_routing(100 * rank + seed, tokens, top_k, hidden, num_experts, drop)
+                for scale in (1.0, 0.5):
+                    got = store.run(x, dispatch, lambda d, n: torch_moe_ffn, act, scale)
+                    if tokens == 0:
+                        assert got.shape == (0, hidden), got.shape
+                        continue
+                    want = resident.run(x, dispatch, lambda d, n: torch_moe_ffn, act, scale)
+                    assert torch.equal(got, want), (top_k, seed, scale)
+
+
 def _worker(rank: int, world: int, port: int, cases: list, errors) -> None:
     try:
         _init(rank, world, port)
         for case in cases:
             if case == "zero":
                 _zero_token_case(rank, world)
+            elif case == "store":
+                _store_case(rank, world)
             else:
                 family, num_experts, strategy = case
                 make = tiny_switch if family == "switch" else tiny_nllb
@@ -150,12 +183,12 @@ def _run(world: int, target, *args) -> list:
 
 
 def test_two_ranks_match_single_process():
-    errors = _run(2, _worker, [("switch", 4, "replicate"), ("nllb", 4, "greedy"), "zero"])
+    errors = _run(2, _worker, [("switch", 4, "replicate"), ("nllb", 4, "greedy"), "zero", "store"])
     assert not errors, "\n".join(f"rank {r}:\n{tb}" for r, tb in errors)
 
 
 def test_four_ranks_match_single_process():
-    errors = _run(4, _worker, [("nllb", 8, "replicate"), ("switch", 4, "round_robin")])
+    errors = _run(4, _worker, [("nllb", 8, "replicate"), ("switch", 4, "round_robin"), "store"])
     assert not errors, "\n".join(f"rank {r}:\n{tb}" for r, tb in errors)
 
 

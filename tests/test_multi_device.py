@@ -9,10 +9,13 @@ import torch
 
 import hf_moe_opt
 from hf_moe_opt.api import _find_blocks
+from hf_moe_opt.experts.activation import Activation
+from hf_moe_opt.experts.store import ResidentStore
+from hf_moe_opt.experts.torch_backend import torch_moe_ffn
 from hf_moe_opt.placement import PlacementPlan, plan_placement, profile, synthetic_zipf_trace
 from hf_moe_opt.placement.store import PlacedExpertStore, ReplicaTable
 
-from .models import VOCAB, tiny_nllb, tiny_switch
+from .models import VOCAB, integer_expert_weights, random_routing, tiny_nllb, tiny_switch
 
 DEVICES = ["cpu", "cpu", "cpu"]
 
@@ -82,6 +85,29 @@ def test_placed_store_equals_single_device(make, num_devices):
             params = sum(p.numel() * p.element_size() for p in placed.parameters())
             assert _unique_storage_bytes(placed) == params
         hf_moe_opt.restore(placed)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("replicated", [False, True], ids=["spread", "replicated"])
+def test_placed_store_equals_resident_store_bitwise(top_k, replicated):
+    # Dropped assignments and top-k > 1 through the placed store's unsort and slot sum: integer rows
+    # and weights make every GEMM exact, so the outputs must match bit for bit, replicas included.
+    num_experts, hidden, ffn = 6, 16, 24
+    layer = [[(e % 3, 1.0)] for e in range(num_experts)]
+    if replicated:
+        layer = [[((e + i) % 3, s) for i, s in enumerate((0.5, 0.3, 0.2))] for e in range(num_experts)]
+    table = ReplicaTable(PlacementPlan(num_devices=3, strategy="hand", layers={"l": layer}), "l", num_experts)
+    placed = PlacedExpertStore(integer_expert_weights(num_experts, hidden, ffn), table, DEVICES)
+    resident = ResidentStore(integer_expert_weights(num_experts, hidden, ffn))
+    act = Activation("relu", torch.relu)
+    for seed, (tokens, drop) in enumerate([(1, 0.0), (23, 0.0), (23, 0.4), (9, 1.0)]):
+        x, plan = random_routing(seed, tokens, top_k, hidden, num_experts, drop)
+        for scale in (1.0, 0.5):
+            got = placed.run(x, plan, lambda d, n: torch_moe_ffn, act, scale)
+            want = resident.run(x, plan, lambda d, n: torch_moe_ffn, act, scale)
+            assert torch.equal(got, want), (seed, scale)
+    x, plan = random_routing(0, 0, top_k, hidden, num_experts, 0.0)  # no tokens
+    assert placed.run(x, plan, lambda d, n: torch_moe_ffn, act, 1.0).shape == (0, hidden)
 
 
 def test_replica_split_follows_shares_and_is_deterministic():

@@ -41,7 +41,16 @@ from ..dispatch import DispatchPlan
 from ..experts.activation import Activation
 from ..experts.store import ExpertStore, FfnFactory
 from ..experts.weights import ExpertStack, ExpertWeights, FusedExpertTensor
-from .store import ReplicaTable, _combine, _DeviceExperts, _meta_placeholder, _place_stacks, _stack_names, _sub_plan
+from .store import (
+    ReplicaTable,
+    _combine,
+    _DeviceExperts,
+    _inverse,
+    _meta_placeholder,
+    _place_stacks,
+    _stack_names,
+    _sub_plan,
+)
 
 _HINT = (
     "a peer rank died or timed out, or the ranks called the MoE layers a different number of times "
@@ -243,8 +252,7 @@ class ExpertParallelStore(ExpertStore):
             ones = torch.ones(num_recv, dtype=row_dtype, device=device)  # gates apply on the way back
             sub = _sub_plan(local[order], ones, len(self.local.experts))
             y_sorted = ffn_for(device, num_recv)(recv_x[order], sub, w1, b1, w2, b2, activation, 1.0)
-            y_recv = torch.empty_like(y_sorted)
-            y_recv[order] = y_sorted
+            y_recv = y_sorted.index_select(0, _inverse(order))  # back to arrival order
         else:
             y_recv = recv_x  # empty
         back = torch.empty((num_send, x.shape[1]), dtype=y_recv.dtype, device=device)
@@ -253,12 +261,11 @@ class ExpertParallelStore(ExpertStore):
         self.rows_sent += num_send
         self.rows_computed += num_recv
 
-        # Gate, scale and combine as the single-process backend does (same dtypes, same order).
-        y = torch.zeros((plan.num_rows, x.shape[1]), dtype=back.dtype, device=device)
-        if num_send:
-            y[rows] = back
-        y = y * plan.gate[:, None]
+        # Gate, scale and combine as the single-process backend does (same dtypes, same order). The
+        # rows stay in perm order (kept rows first, dropped rows zero) and _combine gathers them.
+        y = back * plan.gate[rows, None]
         if out_scale != 1.0:
             y = y * out_scale
-        y = torch.where(kept[:, None], y, torch.zeros((), dtype=y.dtype, device=device))
-        return _combine(y, plan, x.dtype)
+        if num_send < plan.num_rows:
+            y = torch.cat([y, y.new_zeros((plan.num_rows - num_send, x.shape[1]))])
+        return _combine(y, plan.order[perm], plan, x.dtype)

@@ -6,7 +6,8 @@ replicated expert's assignments are split between its copies in proportion to th
 as contiguous runs of the expert's sorted group (earlier tokens go to the first replica), so the
 split is deterministic. Each target computes its rows with the layer's expert backend over a
 sub-plan of local experts; the results come back to the layer's device and are combined there in
-the same order and with the same rounding as :func:`hf_moe_opt.experts.torch_backend.torch_moe_ffn`.
+the same order and with the same rounding as :func:`hf_moe_opt.experts.torch_backend.torch_moe_ffn`
+(on CUDA the top-k slots are summed by the Triton backend's slot sum, fp32 in slot order).
 
 :class:`PlacedExpertStore`
     One process, several devices (``optimize(model, placement=plan)``). Per device one stacked
@@ -26,6 +27,7 @@ the same order and with the same rounding as :func:`hf_moe_opt.experts.torch_bac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -130,16 +132,49 @@ def _sub_plan(local: torch.Tensor, gate: torch.Tensor, num_local: int) -> Dispat
     )
 
 
-def _combine(rows_out: torch.Tensor, plan: DispatchPlan, x_dtype: torch.dtype) -> torch.Tensor:
-    """Unsort ``[A, D]`` per-row outputs (sorted-row order, dropped rows zero) and sum each token's slots."""
-    y = rows_out.to(x_dtype)
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of a permutation of ``range(n)``: a scatter of ``n`` ints on the device, no host sync."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)
+    return inv
+
+
+@functools.cache
+def _triton_slot_sum():
+    """:func:`hf_moe_opt.kernels.moe_ffn.slot_sum` (the Triton backend's combine) if Triton compiles, else None."""
+    try:
+        from ..kernels import kernels_interpreted
+        from ..kernels.moe_ffn import slot_sum
+    except ImportError:
+        return None
+    return None if kernels_interpreted() else slot_sum
+
+
+def _sum_slots(slots: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """``out[t] = sum_j slots[t * top_k + j]`` in fp32, rounded once: Triton on CUDA, ``torch.sum`` elsewhere.
+
+    ``torch.sum`` over the strided slot dim is slow on CUDA (see ``slot_sum``); float64 stays on torch,
+    as the kernel accumulates in fp32.
+    """
+    if slots.is_cuda and slots.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        slot_sum = _triton_slot_sum()
+        if slot_sum is not None:
+            out = torch.empty((num_tokens, slots.shape[1]), dtype=slots.dtype, device=slots.device)
+            with torch.cuda.device(slots.device):  # Triton launches on the current device
+                return slot_sum(slots, top_k, out)
+    return slots.view(num_tokens, top_k, slots.shape[1]).sum(dim=1)  # not -1: num_tokens may be 0
+
+
+def _combine(rows: torch.Tensor, slot: torch.Tensor, plan: DispatchPlan, x_dtype: torch.dtype) -> torch.Tensor:
+    """Sum each token's slots of ``[A, D]`` per-row outputs, row ``i`` holding assignment ``slot[i]``.
+
+    ``slot`` is a permutation of ``range(A)`` (dropped rows zero), so the unsort is a gather of rows
+    by its inverse rather than a scatter of rows.
+    """
+    slots = rows.index_select(0, _inverse(slot)).to(x_dtype)
     if plan.top_k == 1:
-        out = torch.empty_like(y)
-        out[plan.order] = y
-        return out
-    slots = torch.empty((plan.num_tokens * plan.top_k, y.shape[1]), dtype=y.dtype, device=y.device)
-    slots[plan.order] = y
-    return slots.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
+        return slots
+    return _sum_slots(slots, plan.num_tokens, plan.top_k)
 
 
 def _stack_names(weights: ExpertWeights) -> list[str]:
@@ -303,9 +338,11 @@ class PlacedExpertStore(ExpertStore):
             outputs[d] = ffn_for(dev, n)(xd, sub, w1, b1, w2, b2, activation, out_scale)
             self.rows_per_device[d] += n
         self.calls += 1
-        rows_out = [outputs[d].to(home, non_blocking=True) for d in sorted(outputs)]
+        # Rows stay in perm order (device by device, dropped rows last and zero): row i holds
+        # assignment order[perm[i]], and one gather in _combine unsorts them.
+        # (No out= writes: they would break autograd for callers outside no_grad.)
         kept_rows = sum(sizes)
-        out_rows = torch.zeros((plan.num_rows, x.shape[1]), dtype=x.dtype, device=home)
-        if kept_rows:
-            out_rows[perm[:kept_rows]] = torch.cat(rows_out).to(x.dtype)
-        return _combine(out_rows, plan, x.dtype)
+        parts = [outputs[d].to(home, non_blocking=True) for d in sorted(outputs)]
+        if kept_rows < plan.num_rows or not parts:
+            parts.append(torch.zeros((plan.num_rows - kept_rows, x.shape[1]), dtype=x.dtype, device=home))
+        return _combine(torch.cat(parts).to(x.dtype), plan.order[perm], plan, x.dtype)
