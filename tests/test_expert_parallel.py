@@ -116,7 +116,10 @@ def _store_case(rank: int, world: int) -> None:
     spread = [[(e % world, 1.0)] for e in range(num_experts)]
     replicated = [[((e + i) % world, 1.0 / world) for i in range(world)] for e in range(num_experts)]
     resident = ResidentStore(integer_expert_weights(num_experts, hidden, ffn))
-    for layer in (spread, replicated):
+    # The last rank holds no experts, and bf16 rows meet fp32 experts: every rank must still size its
+    # buffers in the experts' dtype.
+    one_rank = [[(0, 1.0)] for _ in range(num_experts)]
+    for layer, dtype in ((spread, torch.float32), (replicated, torch.float32), (one_rank, torch.bfloat16)):
         plan = PlacementPlan(num_devices=world, strategy="hand", layers={"l": layer})
         weights = integer_expert_weights(num_experts, hidden, ffn)
         store = ExpertParallelStore(weights, ReplicaTable(plan, "l", num_experts), None, "l")
@@ -124,6 +127,7 @@ def _store_case(rank: int, world: int) -> None:
             for seed, (tokens, drop) in enumerate([(0, 0.0), (19, 0.0), (19, 0.4), (7, 1.0)]):
                 tokens = tokens + 3 * rank if tokens else (0 if rank == 0 else 5)  # rank 0: no tokens
                 x, dispatch = random_routing(100 * rank + seed, tokens, top_k, hidden, num_experts, drop)
+                x = x.to(dtype)
                 for scale in (1.0, 0.5):
                     got = store.run(x, dispatch, lambda d, n: torch_moe_ffn, act, scale)
                     if tokens == 0:

@@ -144,6 +144,12 @@ class ExpertParallelStore(ExpertStore):
         self.rows_computed = 0
         self._place()
 
+    def _weight_dtype(self) -> torch.dtype:
+        """The experts' dtype, the same on every rank (also on one that holds no experts): rows travel
+        in it, so every rank sizes its all-to-all buffers alike."""
+        w1 = self.weights.w1
+        return w1.param.dtype if isinstance(w1, FusedExpertTensor) else w1.tensor.dtype
+
     def _fused(self) -> bool:
         return isinstance(self.weights.w1, FusedExpertTensor)
 
@@ -223,7 +229,7 @@ class ExpertParallelStore(ExpertStore):
         world, num_experts = self.world, self.num_experts
         device = x.device
         w1, b1, w2, b2 = self.local.weights() if self.local.experts else (None, None, None, None)
-        row_dtype = w1.dtype if w1 is not None else x.dtype
+        row_dtype = self._weight_dtype()
         target = self.table.targets(plan)
         kept = target < world
         perm = torch.sort(target, stable=True).indices  # rows grouped by rank, by expert inside a rank
