@@ -97,6 +97,17 @@ def test_dropped_rows_never_leak_nan():
     assert torch.equal(out[[1, 3, 4, 5]], torch.zeros(4, 8))
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_zero_tokens_give_an_empty_output(top_k: int) -> None:
+    # An expert-parallel rank or an empty batch calls the experts with no tokens at all.
+    e, d, f = 4, 8, 16
+    plan = make_plan(torch.zeros(0, top_k, dtype=torch.long), torch.zeros(0, top_k), None, e)
+    out = torch_moe_ffn(
+        torch.zeros(0, d), plan, torch.randn(e, f, d), None, torch.randn(e, d, f), None, Activation("relu", torch.relu)
+    )
+    assert out.shape == (0, d)
+
+
 def test_plan_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same"):
         make_plan(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 1), torch.ones(3, 2, dtype=torch.bool), 4)

@@ -109,4 +109,4 @@ def torch_moe_ffn(
     # Unsort into [N, k, D] (a permutation: deterministic), then sum the k slots in a fixed order.
     slots = torch.empty((num_tokens * top_k, y.shape[1]), dtype=y.dtype, device=y.device)
     slots[plan.order] = y
-    return slots.view(num_tokens, top_k, -1).sum(dim=1)
+    return slots.view(num_tokens, top_k, y.shape[1]).sum(dim=1)  # not -1: num_tokens may be 0
