@@ -79,7 +79,11 @@ def _candidates(
         if tiles * k * 2 * s > 200 * 1024:
             continue  # more shared memory than an H100/H200 SM has
         # TMA tiles: K tiles of at most one 128-byte swizzle span (see kernels.moe_ffn._tma_matrix).
-        tma_states = {"off": (0,), "both": (0, 1), "only": (1,)}[tma] if k * elem_bytes <= 128 else (0,)
+        # GEMM2 (split) also tries TMA for W2 alone, its rows of h by pointer (tma=2).
+        modes = {"off": (0,), "both": (0, 1), "only": (1,)}[tma]
+        if split and tma != "off":
+            modes = (*modes, 2)
+        tma_states = modes if k * elem_bytes <= 128 else (0,)
         # Split-K (GEMM2 only) spreads a few rows' weight reads over more programs.
         splits = (1, 2, 4, 8) if split and small and not quick else (1,)
         for split_k, t, g in itertools.product(splits, tma_states, group_ms):
@@ -122,7 +126,8 @@ def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
     if best is None:
         raise RuntimeError(f"no {label} config compiled")
     if len(by_tma) > 1:  # the A/B of the load paths, side by side in one run
-        print(f"  {label}: best without TMA {by_tma[0]:.4f} ms, with TMA {by_tma[1]:.4f} ms")
+        names = {0: "without TMA", 1: "with TMA", 2: "with TMA for the weights only"}
+        print(f"  {label}: " + ", ".join(f"best {names[t]} {ms:.4f} ms" for t, ms in sorted(by_tma.items())))
     return best, best_ms
 
 

@@ -219,3 +219,5 @@ def test_tuner_candidates_pair_tma_and_fit_shared_memory() -> None:
     small = list(tune._candidates(2, quick=False, gated=False, split=True, tma="only"))
     assert small and all(c.tma == 0 and c.block_k * 2 > 128 for c in small)
     assert all(c.tma == 0 for c in tune._candidates(512, quick=False, gated=False, tma="off"))
+    # GEMM2 (split) also tries TMA for its weights alone.
+    assert {c.tma for c in tune._candidates(512, quick=False, gated=False, split=True, tma="both")} == {0, 1, 2}

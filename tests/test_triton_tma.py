@@ -54,12 +54,13 @@ def _case(num_tokens, top_k, num_experts, hidden, ffn, dtype, *, gated=False, bi
     return x, plan, w1, b1, w2, b2
 
 
-def _compare(x, plan, w1, b1, w2, b2, act, split_k=1, group_m=8):
+def _compare(x, plan, w1, b1, w2, b2, act, split_k=1, group_m=8, gemm2_tma=1):
     # The layouts used here must really take the TMA path, or this compares pointer loads to themselves.
     h = torch.empty(max(plan.num_rows, 1), w2.shape[2], dtype=w2.dtype, device=x.device)
     assert _tma_matrix(w1, 16, 16) is not None and _tma_matrix(w2, 16, 16) is not None
     assert _tma_matrix(h, 16, 16) is not None
-    tma = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, act, 0.5, _config(1, group_m=group_m), _config(1, split_k))
+    g1, g2 = _config(1, group_m=group_m), _config(gemm2_tma, split_k)
+    tma = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, act, 0.5, g1, g2)
     ptr = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, act, 0.5, _config(0, group_m=group_m), _config(0, split_k))
     ref = torch_moe_ffn(x, plan, w1, b1, w2, b2, act, 0.5)
     atol, rtol = TOL[w1.dtype]
@@ -80,9 +81,18 @@ def test_tma_random_routing(dtype: torch.dtype, top_k: int, drop: float) -> None
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_tma_gated_and_split_k(split_k: int) -> None:
-    # Concatenated gate/up halves of W1 (two descriptor loads per K tile); GEMM2 split over K.
-    _compare(*_case(29, 2, 5, 32, 48, torch.bfloat16, gated=True, drop=0.1, seed=7), GLU_SILU, split_k=split_k)
+@pytest.mark.parametrize("gemm2_tma", [1, 2])
+def test_tma_gated_and_split_k(split_k: int, gemm2_tma: int) -> None:
+    # Concatenated gate/up halves of W1 (two descriptor loads per K tile); GEMM2 split over K, its
+    # rows of h by TMA (1) or by pointer beside TMA weight tiles (2).
+    case = _case(29, 2, 5, 32, 48, torch.bfloat16, gated=True, drop=0.1, seed=7)
+    _compare(*case, GLU_SILU, split_k=split_k, gemm2_tma=gemm2_tma)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_weights_only_with_partial_k(dtype: torch.dtype) -> None:
+    # tma=2 in GEMM2: pointer rows of h with K masks (F=72 ends inside a K tile) and dropped rows.
+    _compare(*_case(37, 2, 6, 40, 72, dtype, drop=0.25, seed=8), GELU, gemm2_tma=2)
 
 
 def test_tma_odd_shapes() -> None:
@@ -90,6 +100,11 @@ def test_tma_odd_shapes() -> None:
     _compare(*_case(1, 2, 4, 32, 48, torch.float32, seed=11), RELU)
     index = torch.full((70, 1), 3)
     _compare(*_case(70, 1, 4, 32, 48, torch.bfloat16, bias=False, seed=12, index=index), RELU, group_m=2)
+    # Groups of 4+ row tiles: GEMM2's pointer rows beside TMA weights load unmasked.
+    from hf_moe_opt.kernels.moe_ffn import _mask_rows
+
+    assert not _mask_rows(140, 2, 16)
+    _compare(*_case(140, 1, 2, 32, 48, torch.float32, seed=15), RELU, gemm2_tma=2)
 
 
 def test_tma_falls_back_where_layout_forbids() -> None:
@@ -115,8 +130,9 @@ def test_config_knobs_round_trip() -> None:
     cfg = KernelConfig(64, 128, 64, num_warps=8, group_m=4, tma=1)
     assert KernelConfig.from_dict(cfg.to_dict()) == cfg
     assert "tma" not in KernelConfig(64, 128, 64).to_dict()  # defaults stay out of the tables
+    assert KernelConfig.from_dict(KernelConfig(64, 128, 64, tma=2).to_dict()).tma == 2
     with pytest.raises(ValueError):
-        KernelConfig(64, 128, 64, tma=2)
+        KernelConfig(64, 128, 64, tma=3)
     with pytest.raises(ValueError):
         KernelConfig(64, 128, 64, group_m=0)
 

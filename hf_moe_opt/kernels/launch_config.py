@@ -50,8 +50,9 @@ class KernelConfig:
     split_k: int = 1
     # Row tiles of one expert that sweep the column tiles together (L2 reuse of weight tiles).
     group_m: int = 8
-    # Weight tiles (and GEMM2's row tiles) loaded by the Hopper tensor memory accelerator through
-    # host-built descriptors; off where the GPU or the tensor layout does not allow it.
+    # Tiles loaded by the Hopper tensor memory accelerator through host-built descriptors: 1 = the
+    # weight tiles (and GEMM2's rows of h), 2 = the weight tiles only; pointer loads where the GPU or
+    # the tensor layout does not allow it.
     tma: int = 0
 
     def __post_init__(self) -> None:
@@ -59,8 +60,8 @@ class KernelConfig:
             raise ValueError(f"split_k={self.split_k} must be >= 1")
         if self.group_m < 1:
             raise ValueError(f"group_m={self.group_m} must be >= 1")
-        if self.tma not in (0, 1):
-            raise ValueError(f"tma={self.tma} must be 0 or 1")
+        if self.tma not in (0, 1, 2):
+            raise ValueError(f"tma={self.tma} must be 0, 1 or 2")
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
             # tl.dot needs power-of-two tiles of at least 16 in every dimension.

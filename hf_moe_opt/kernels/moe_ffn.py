@@ -283,7 +283,8 @@ def _gemm_scatter_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    TMA_A: tl.constexpr,
+    TMA_W: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
@@ -313,13 +314,20 @@ def _gemm_scatter_kernel(
     h_ptrs = h_ptr + rows_in.to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hk
     w_base = w_ptr + group.to(tl.int64) * stride_we
     w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    # TMA: h_desc is h ([A, K]), w_desc W2 as [E * N, K]; past K and past the last row read zeros.
-    # Rows past the group are the next group's (never stored), so no row mask either.
+    # TMA: w_desc is W2 as [E * N, K], h_desc (TMA_A) is h ([A, K]); past K and past the last row
+    # read zeros. Rows past the group are the next group's (never stored), so no row mask either.
     w_row = group * N + pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_per_split, BLOCK_K):
-        if USE_TMA:
-            a = h_desc.load([row_start, k_begin + k0])
+        if TMA_W:
+            if TMA_A:
+                a = h_desc.load([row_start, k_begin + k0])
+            elif EVEN_K and not MASK_ROWS:
+                a = tl.load(h_ptrs)
+            elif EVEN_K:
+                a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
+            else:
+                a = tl.load(h_ptrs, mask=mask_m[:, None] & (offs_k < k_stop - k0)[None, :], other=0.0)
             w = tl.trans(w_desc.load([w_row, k_begin + k0]))
         elif EVEN_K:
             if MASK_ROWS:
@@ -630,12 +638,12 @@ def gemm_scatter(
     # Partials: row stride hidden, split-plane stride passed as "stride_on" (see the kernel).
     stride_om, stride_on = (hidden, num_rows * hidden) if part is not None else (dst.stride(0), dst.stride(1))
     bias = b2 if b2 is not None else w2  # placeholder pointer, never read
+    # tma 1: W2 and h by TMA; tma 2: W2 only (h by pointer). h needs W2's descriptor too.
     h_desc = w_desc = None
     if config.tma and tma_available(h.device):
-        h_desc = _tma_matrix(h, config.block_m, config.block_k)
         w_desc = _tma_matrix(w2, config.block_n, config.block_k)
-        if h_desc is None or w_desc is None:
-            h_desc = w_desc = None
+        if w_desc is not None and config.tma == 1:
+            h_desc = _tma_matrix(h, config.block_m, config.block_k)
     grid = _grid(num_rows, num_experts, config.block_m, hidden, config.block_n) + (splits,)
     _gemm_scatter_kernel[grid](
         h,
@@ -672,7 +680,8 @@ def gemm_scatter(
         BLOCK_K=config.block_k,
         BLOCK_E=_block_e(num_experts),
         GROUP_M=config.group_m,
-        USE_TMA=w_desc is not None,
+        TMA_A=h_desc is not None,
+        TMA_W=w_desc is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch_options(h.device),
