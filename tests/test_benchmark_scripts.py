@@ -53,8 +53,9 @@ def test_bench_model_cpu_smoke(tmp_path) -> None:
             assert 1 <= row["experts_per_moe_layer"] <= row["batch"] * 2  # at most batch * k (k <= 2)
             for variant in ("hf", "opt", "opt_graphs", "opt_step_graphs"):
                 ms = row[f"{variant}_ms_per_token"]
-                assert isinstance(ms, float)  # CPU timings are noise
-                assert row[f"{variant}_x_floor"] == pytest.approx(ms / row["floor_ms"])
+                # CPU timings are noise: a step lost in host jitter is NaN (never negative), and so its ratio.
+                assert isinstance(ms, float) and not ms < 0
+                assert row[f"{variant}_x_floor"] == pytest.approx(ms / row["floor_ms"], nan_ok=True)
             assert row["step_tokens_equal_opt"] is True
     assert out.with_suffix(".png").exists()
 
