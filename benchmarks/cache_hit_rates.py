@@ -3,7 +3,8 @@
     python benchmarks/cache_hit_rates.py --out benchmarks/results/hit_rates.json
 
 Traces: per-decode-step routing of the shipped trained models' decoder MoE layers (greedy decoding
-of requests written for this benchmark, batch 1), and synthetic skewed traces with temporal locality.
+of requests written for this benchmark, batch 1; the causal model's prompt prefill is not part of
+its trace), and synthetic skewed traces with temporal locality.
 Writes JSON and a PNG beside it.
 """
 
@@ -16,7 +17,13 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DynamicCache, EncoderDecoderCache
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DynamicCache,
+    EncoderDecoderCache,
+)
 
 import hf_moe_opt
 from hf_moe_opt.assets import shipped_model_path
@@ -52,6 +59,23 @@ def _decode_steps(model, tok, prompts, new_tokens):
     return steps
 
 
+def _causal_decode_steps(model, tok, prompts, new_tokens):
+    """Decode-step inputs (batch 1) of a causal LM, each prompt's cache filled by its prefill here,
+    so that only the one-token steps are recorded."""
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    steps = []
+    with torch.no_grad():
+        for text in prompts:
+            enc = tok([text], return_tensors="pt")
+            seq = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            cache = DynamicCache()
+            prompt_len = enc["input_ids"].shape[1]
+            model(input_ids=seq[:, :prompt_len], use_cache=True, **{cache_name: cache})
+            for t in range(prompt_len, seq.shape[1]):
+                steps.append({"input_ids": seq[:, t : t + 1], cache_name: cache, "use_cache": True})
+    return steps
+
+
 def model_traces(new_tokens: int) -> dict:
     traces = {}
     for name in ("switch-tiny-ddtp", "nllb-moe-tiny-ddtp"):
@@ -67,6 +91,16 @@ def model_traces(new_tokens: int) -> dict:
             if "decoder" in layer:
                 traces[f"{name} {layer} (decode, batch 1)"] = trace_from_counts(recorded.counts(layer))
         hf_moe_opt.restore(model)
+    # The causal LM: every MoE layer is a decoder layer; its last one, like the models above.
+    name = "qwen3-moe-tiny-ddtp"
+    path = shipped_model_path(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = hf_moe_opt.optimize(AutoModelForCausalLM.from_pretrained(path).eval())
+    steps = _causal_decode_steps(model, tok, REQUESTS, new_tokens)
+    recorded = hf_moe_opt.profile(model, steps, progress=False, move_to_device=False)
+    layer = recorded.layers[-1]
+    traces[f"{name} {layer} (decode, batch 1)"] = trace_from_counts(recorded.counts(layer))
+    hf_moe_opt.restore(model)
     return traces
 
 
