@@ -222,3 +222,21 @@ def test_tuner_candidates_pair_tma_and_fit_shared_memory() -> None:
     assert all(c.tma == 0 for c in tune._candidates(512, quick=False, gated=False, tma="off"))
     # GEMM2 (split) also tries TMA for its weights alone.
     assert {c.tma for c in tune._candidates(512, quick=False, gated=False, split=True, tma="both")} == {0, 1, 2}
+
+
+def test_policy_bounds_smoke(tmp_path) -> None:
+    from hf_moe_opt.cache import synthetic_trace
+    from hf_moe_opt.cache.traces import synthetic_steps
+
+    # The steps with their draw distributions are the trace synthetic_trace returns.
+    drawn = list(synthetic_steps(16, 2, 4, 50, 1.0, 0.5, 20, 3))
+    trace = synthetic_trace(16, 2, 4, 50, zipf_s=1.0, stickiness=0.5, reshuffle_every=20, seed=3)
+    assert tuple(s for s, _, _ in drawn) == trace.steps and tuple(c for _, c, _ in drawn) == trace.counts
+    assert all(abs(float(m.sum()) - 1.0) < 1e-9 for _, _, m in drawn)
+    out = tmp_path / "bounds.json"
+    assert _load("policy_bounds").main(["--out", str(out), "--steps", "150", "--seeds", "0"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2
+    for row in rows:  # Belady is optimal: no online policy, not even the oracle, beats it
+        assert set(row["belady_minus"]) == {"lfu", "lfru", "oracle_next", "lfru_ensemble"}
+        assert all(gap >= 0 for gap in row["belady_minus"].values())

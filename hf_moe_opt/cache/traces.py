@@ -221,6 +221,29 @@ def synthetic_trace(
     if reshuffle_every is not None and reshuffle_every < 1:
         raise ValueError(f"reshuffle_every must be >= 1 or None, got {reshuffle_every}")
 
+    steps: list[tuple[int, ...]] = []
+    counts: list[tuple[int, ...]] = []
+    for step, cnt, _ in synthetic_steps(
+        num_experts, top_k, tokens_per_step, num_steps, zipf_s, stickiness, reshuffle_every, seed
+    ):
+        steps.append(step)
+        counts.append(cnt)
+    return RoutingTrace(tuple(steps), tuple(counts), int(num_experts))
+
+
+def synthetic_steps(
+    num_experts: int,
+    top_k: int,
+    tokens_per_step: int,
+    num_steps: int,
+    zipf_s: float,
+    stickiness: float,
+    reshuffle_every: int | None,
+    seed: int,
+):
+    """The steps of :func:`synthetic_trace` (arguments unchecked) with the distribution each was drawn
+    from: yields ``(experts, counts, mix)``, ``mix`` the ``[num_experts]`` probabilities of one draw.
+    What an online policy cannot see, for bounds on what it could reach."""
     rng = np.random.default_rng(seed)
 
     def draw_popularity() -> np.ndarray:
@@ -230,8 +253,6 @@ def synthetic_trace(
 
     popularity = draw_popularity()
     usage = popularity
-    steps: list[tuple[int, ...]] = []
-    counts: list[tuple[int, ...]] = []
     for t in range(num_steps):
         if reshuffle_every is not None and t > 0 and t % reshuffle_every == 0:
             popularity = draw_popularity()
@@ -246,7 +267,5 @@ def synthetic_trace(
         flat = chosen.reshape(-1)
         uniq, first, cnt = np.unique(flat, return_index=True, return_counts=True)
         order = np.argsort(first, kind="stable")
-        steps.append(tuple(int(e) for e in uniq[order]))
-        counts.append(tuple(int(c) for c in cnt[order]))
+        yield tuple(int(e) for e in uniq[order]), tuple(int(c) for c in cnt[order]), mix
         usage = np.bincount(flat, minlength=num_experts) / flat.size
-    return RoutingTrace(tuple(steps), tuple(counts), int(num_experts))
