@@ -43,64 +43,45 @@ REQUESTS = [
 
 
 def _decode_steps(model, tok, prompts, new_tokens):
-    """One model input per greedy decode step (batch 1), replaying what generate ran."""
+    """One model input per greedy decode step (batch 1), replaying what generate ran. A causal LM's
+    cache is filled by its prompt's prefill here, so that only the one-token steps are recorded."""
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    causal = not model.config.is_encoder_decoder
     steps = []
     with torch.no_grad():
         for text in prompts:
             enc = tok([text], return_tensors="pt")
             seq = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            encoder_outputs = model.get_encoder()(**enc)
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            for t in range(seq.shape[1] - 1):
-                step = {"encoder_outputs": encoder_outputs, "attention_mask": enc["attention_mask"]}
-                step.update({"decoder_input_ids": seq[:, t : t + 1], cache_name: cache, "use_cache": True})
-                steps.append(step)
-    return steps
-
-
-def _causal_decode_steps(model, tok, prompts, new_tokens):
-    """Decode-step inputs (batch 1) of a causal LM, each prompt's cache filled by its prefill here,
-    so that only the one-token steps are recorded."""
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    steps = []
-    with torch.no_grad():
-        for text in prompts:
-            enc = tok([text], return_tensors="pt")
-            seq = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            cache = DynamicCache()
-            prompt_len = enc["input_ids"].shape[1]
-            model(input_ids=seq[:, :prompt_len], use_cache=True, **{cache_name: cache})
-            for t in range(prompt_len, seq.shape[1]):
-                steps.append({"input_ids": seq[:, t : t + 1], cache_name: cache, "use_cache": True})
+            if causal:
+                cache, start, key, fixed = DynamicCache(), enc["input_ids"].shape[1], "input_ids", {}
+                model(input_ids=seq[:, :start], use_cache=True, **{cache_name: cache})
+                positions = range(start, seq.shape[1])
+            else:
+                cache, key = EncoderDecoderCache(DynamicCache(), DynamicCache()), "decoder_input_ids"
+                fixed = {"encoder_outputs": model.get_encoder()(**enc), "attention_mask": enc["attention_mask"]}
+                positions = range(seq.shape[1] - 1)
+            for t in positions:
+                steps.append({**fixed, key: seq[:, t : t + 1], cache_name: cache, "use_cache": True})
     return steps
 
 
 def model_traces(new_tokens: int) -> dict:
     traces = {}
-    for name in ("switch-tiny-ddtp", "nllb-moe-tiny-ddtp"):
+    for name in ("switch-tiny-ddtp", "nllb-moe-tiny-ddtp", "qwen3-moe-tiny-ddtp"):
         path = shipped_model_path(name)
         tok = AutoTokenizer.from_pretrained(path)
-        model = hf_moe_opt.optimize(AutoModelForSeq2SeqLM.from_pretrained(path).eval())
+        auto = AutoModelForCausalLM if name.startswith("qwen3") else AutoModelForSeq2SeqLM
+        model = hf_moe_opt.optimize(auto.from_pretrained(path).eval())
         prompts = REQUESTS
         if name.startswith("switch"):  # a span-corruption LM: mask one word of each request
             prompts = [" ".join(t.split()[:3] + ["<extra_id_0>"] + t.split()[4:]) for t in REQUESTS]
         steps = _decode_steps(model, tok, prompts, new_tokens)
         recorded = hf_moe_opt.profile(model, steps, progress=False, move_to_device=False)
-        for layer in recorded.layers:
-            if "decoder" in layer:
-                traces[f"{name} {layer} (decode, batch 1)"] = trace_from_counts(recorded.counts(layer))
+        # The decoder's MoE layers; every layer of the causal LM is one, so its last one only.
+        layers = [layer for layer in recorded.layers if "decoder" in layer] or recorded.layers[-1:]
+        for layer in layers:
+            traces[f"{name} {layer} (decode, batch 1)"] = trace_from_counts(recorded.counts(layer))
         hf_moe_opt.restore(model)
-    # The causal LM: every MoE layer is a decoder layer; its last one, like the models above.
-    name = "qwen3-moe-tiny-ddtp"
-    path = shipped_model_path(name)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = hf_moe_opt.optimize(AutoModelForCausalLM.from_pretrained(path).eval())
-    steps = _causal_decode_steps(model, tok, REQUESTS, new_tokens)
-    recorded = hf_moe_opt.profile(model, steps, progress=False, move_to_device=False)
-    layer = recorded.layers[-1]
-    traces[f"{name} {layer} (decode, batch 1)"] = trace_from_counts(recorded.counts(layer))
-    hf_moe_opt.restore(model)
     return traces
 
 
