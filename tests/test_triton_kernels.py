@@ -492,3 +492,24 @@ def test_untuned_wide_config_on_gated_experts_gpu() -> None:
     out = moe_ffn_with_configs(x, plan, w1, None, w2, None, GATED["glu_silu"], 1.0, wide, wide)
     ref = torch_moe_ffn(x, plan, w1, None, w2, None, GATED["glu_silu"])
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
+def test_same_architecture_table(tmp_path, monkeypatch) -> None:
+    import json
+
+    from hf_moe_opt.kernels.launch_config import table_name
+
+    # Hopper GPUs without a table of their own use the H200's; other GPUs their own name (the
+    # default table, as no file matches).
+    assert table_name("NVIDIA H100 80GB HBM3", (9, 0)) == "NVIDIA H200"
+    assert table_name("NVIDIA H200", (9, 0)) == "NVIDIA H200"
+    assert table_name("NVIDIA A100-SXM4-80GB", (8, 0)) == "NVIDIA A100-SXM4-80GB"
+    # A GPU's own table wins over its architecture's.
+    entry = {"tokens": 1, "gemm1": TINY.to_dict(), "gemm2": TINY.to_dict()}
+    (tmp_path / "NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps({"default": [entry]}))
+    monkeypatch.setenv("HF_MOE_OPT_TRITON_CONFIGS", str(tmp_path))
+    try:
+        assert table_name("NVIDIA H100 80GB HBM3", (9, 0)) == "NVIDIA H100 80GB HBM3"
+    finally:
+        monkeypatch.delenv("HF_MOE_OPT_TRITON_CONFIGS")
+        clear_cache()

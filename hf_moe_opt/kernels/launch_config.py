@@ -2,7 +2,8 @@
 
 Tables are JSON files in ``configs/`` next to this module, one per GPU model, named after the
 device name with every run of non-alphanumeric characters replaced by ``_`` (``NVIDIA_H200.json``);
-``default.json`` serves every other device. ``benchmarks/tune_triton.py`` writes the per-GPU files.
+a GPU without its own file uses a same-architecture GPU's (:data:`ARCH_TABLES`: Hopper GPUs such
+as the H100 use the H200's), and ``default.json`` serves every other device. ``benchmarks/tune_triton.py`` writes the per-GPU files.
 A directory named by ``HF_MOE_OPT_TRITON_CONFIGS`` is searched before the shipped one.
 
 File layout::
@@ -104,13 +105,32 @@ def device_file_stem(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
 
 
+# A GPU without a table of its own uses the table of a GPU of the same architecture (same SM: shared
+# memory, tensor cores, TMA; only memory bandwidth and clocks differ) before the generic defaults.
+ARCH_TABLES: dict[tuple[int, int], str] = {(9, 0): "NVIDIA H200"}
+
+
+def table_name(own_name: str, capability: tuple[int, int]) -> str:
+    """The device name whose table serves a GPU named ``own_name`` with this compute capability."""
+    if _has_table(own_name):
+        return own_name
+    arch = ARCH_TABLES.get(tuple(capability))
+    return arch if arch is not None and _has_table(arch) else own_name
+
+
+def _has_table(name: str) -> bool:
+    stem = device_file_stem(name)
+    return any((folder / f"{stem}.json").is_file() for folder in _search_dirs())
+
+
 @functools.cache
 def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
+    return table_name(torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
 
 
 def device_name(device: torch.device) -> str:
-    """Name a config table is keyed by; ``"default"`` off CUDA (interpreter runs)."""
+    """Name the device's config table is keyed by: the GPU's own, else a same-architecture GPU's
+    (:data:`ARCH_TABLES`); ``"default"`` off CUDA (interpreter runs)."""
     if device.type != "cuda":
         return "default"
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -256,5 +276,6 @@ def shared_memory_limit(index: int) -> int:
 def clear_cache() -> None:
     """Forget loaded tables (after writing a new JSON file in the same process)."""
     load_table.cache_clear()
+    _device_name.cache_clear()
     _lookup.cache_clear()
     _torch_faster.cache_clear()
