@@ -3,7 +3,8 @@
 Tables are JSON files in ``configs/`` next to this module, one per GPU model, named after the
 device name with every run of non-alphanumeric characters replaced by ``_`` (``NVIDIA_H200.json``);
 a GPU without its own file uses a same-architecture GPU's (:data:`ARCH_TABLES`: Hopper GPUs such
-as the H100 use the H200's), and ``default.json`` serves every other device. ``benchmarks/tune_triton.py`` writes the per-GPU files.
+as the H100 use the H200's), and ``default.json`` serves every other device.
+``benchmarks/tune_triton.py`` writes the per-GPU files.
 A directory named by ``HF_MOE_OPT_TRITON_CONFIGS`` is searched before the shipped one.
 
 File layout::
