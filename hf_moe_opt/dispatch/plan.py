@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiled_kernels import compiled_kernels
+
 
 @dataclass(frozen=True)
 class DispatchPlan:
@@ -71,11 +73,7 @@ def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
 @functools.cache
 def _fused_planner():
     """The Triton planners for CUDA (``hf_moe_opt.kernels.plan``), if Triton compiles."""
-    try:
-        from ..kernels import kernels_interpreted, plan
-    except ImportError:
-        return None
-    return None if kernels_interpreted() else plan
+    return compiled_kernels("plan")
 
 
 def make_plan(

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..compiled_kernels import compiled_kernels
 from ..dispatch import DispatchPlan
 from ..experts.activation import Activation
 from ..experts.store import ExpertStore, FfnFactory
@@ -142,12 +143,8 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _triton_slot_sum():
     """:func:`hf_moe_opt.kernels.moe_ffn.slot_sum` (the Triton backend's combine) if Triton compiles, else None."""
-    try:
-        from ..kernels import kernels_interpreted
-        from ..kernels.moe_ffn import slot_sum
-    except ImportError:
-        return None
-    return None if kernels_interpreted() else slot_sum
+    module = compiled_kernels("moe_ffn")
+    return None if module is None else module.slot_sum
 
 
 def _sum_slots(slots: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from ..compiled_kernels import compiled_kernels
+
 # Device types the fused router serves (tests add "cpu" to run it in Triton's interpreter).
 DEVICE_TYPES = {"cuda"}
 
@@ -24,11 +26,7 @@ DEVICE_TYPES = {"cuda"}
 @functools.cache
 def _kernels():
     """``hf_moe_opt.kernels.router`` when Triton compiles for a GPU here, else None."""
-    try:
-        from ..kernels import kernels_interpreted, router
-    except ImportError:
-        return None
-    return None if kernels_interpreted() else router
+    return compiled_kernels("router")
 
 
 def fused_router_enabled() -> bool:

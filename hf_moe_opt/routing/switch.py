@@ -15,6 +15,7 @@ import functools
 
 import torch
 
+from ..compiled_kernels import compiled_kernels
 from .queue import queue_positions
 from .types import Routing
 
@@ -29,11 +30,7 @@ def switch_choice(logits: torch.Tensor, input_dtype: torch.dtype) -> tuple[torch
 @functools.cache
 def _fused_queue():
     """``hf_moe_opt.kernels.queue`` (one launch on CUDA) when Triton compiles for a GPU here, else None."""
-    try:
-        from ..kernels import kernels_interpreted, queue
-    except ImportError:
-        return None
-    return None if kernels_interpreted() else queue
+    return compiled_kernels("queue")
 
 
 def switch_keep(expert: torch.Tensor, batch: int, num_experts: int, capacity: int | None) -> torch.Tensor | None:
