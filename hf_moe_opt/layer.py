@@ -12,7 +12,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .dispatch import make_plan
 from .experts import ExpertWeights, get_backend, resolve_backend
 from .experts.activation import Activation
 from .experts.backends import choose_backend
@@ -136,12 +135,6 @@ class OptimizedMoE(nn.Module):
 
     def _compute(self, x, expert_index, gates, keep) -> torch.Tensor:
         """Dispatch, experts and combine for routed tokens ``x`` ``[N, D]``."""
-        if type(self.store) is ResidentStore:
-            # Decode steps: no dispatch plan (hf_moe_opt.kernels.gemv); None for other calls.
-            out = self.store.run_direct(
-                x, expert_index, gates, keep, self._backend_name(x.device), self.activation, self.out_scale
-            )
-            if out is not None:
-                return out
-        plan = make_plan(expert_index, gates, keep, self.num_experts)
-        return self.store.run(x, plan, self._ffn, self.activation, self.out_scale)
+        return self.store.run_routed(
+            x, expert_index, gates, keep, self._backend_name(x.device), self._ffn, self.activation, self.out_scale
+        )

@@ -13,6 +13,7 @@ import torch
 
 import hf_moe_opt
 from hf_moe_opt.cache import POLICY_NAMES, CachedExpertStore, make_policy
+from hf_moe_opt.cache import store as cache_store
 
 from .models import tiny_nllb, tiny_switch
 
@@ -20,7 +21,7 @@ NUM_EXPERTS = 8
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _first_layers(family: str, slots: int, policy: str, capacity: str, expert_capacity: int):
+def _first_layers(family: str, slots: int, policy: str, capacity: str, expert_capacity: int, backend: str = "torch"):
     """The first MoE layer of a resident-optimized model and of a cached copy of the same model."""
     if family == "switch":
         base = tiny_switch(num_experts=NUM_EXPERTS, expert_capacity=expert_capacity)
@@ -32,10 +33,10 @@ def _first_layers(family: str, slots: int, policy: str, capacity: str, expert_ca
         )
     base = base.to(DEVICE)
     resident, cached = base, copy.deepcopy(base)
-    hf_moe_opt.optimize(resident, capacity=capacity, backend="torch")
+    hf_moe_opt.optimize(resident, capacity=capacity, backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # no pinned memory without CUDA
-        hf_moe_opt.optimize(cached, capacity=capacity, backend="torch", expert_cache=slots, cache_policy=policy)
+        hf_moe_opt.optimize(cached, capacity=capacity, backend=backend, expert_cache=slots, cache_policy=policy)
     return hf_moe_opt.optimized_layers(resident)[0][1], hf_moe_opt.optimized_layers(cached)[0][1]
 
 
@@ -90,7 +91,10 @@ def _check_slot_map(store: CachedExpertStore) -> None:
         (3, "lifo", "model", 2),  # the router drops assignments: plans with dropped rows
     ],
 )
-def test_every_step_path_is_exact(family, slots, policy, capacity, expert_capacity):
+@pytest.mark.parametrize("host_choices", ["read", "counted"])
+def test_every_step_path_is_exact(family, slots, policy, capacity, expert_capacity, host_choices, monkeypatch):
+    if host_choices == "counted":  # every call counts its assignments per expert on the device first
+        monkeypatch.setattr(cache_store, "HOST_CHOICES_MAX", 0)
     resident, cached = _first_layers(family, slots, policy, capacity, expert_capacity)
     store = cached.store
     assert isinstance(store, CachedExpertStore)
@@ -118,6 +122,53 @@ def test_every_step_path_is_exact(family, slots, policy, capacity, expert_capaci
     if slots <= 2:
         assert paths.get("chunked", 0) > 0
     assert store.stats()["steps"] == sum(paths.values())
+
+
+@pytest.mark.parametrize("family,slots", [("switch", 3), ("nllb", 3), ("nllb", 1)])
+def test_one_token_steps_run_the_plan_free_kernels_on_the_slots(family, slots, monkeypatch):
+    """Triton backend, one token per call: the cached layer runs the resident layer's decode kernels
+    over its slots (one group, hits and loads in two groups, oversubscribed chunks) and gives its output."""
+    triton = pytest.importorskip("triton")
+    from hf_moe_opt.kernels import gemv, kernels_interpreted
+
+    if DEVICE.type == "cpu" and not kernels_interpreted():
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
+    del triton
+    resident, cached = _first_layers(family, slots, "lru", "none", 64, backend="triton")
+    calls = {"slots": 0}
+    inner = gemv.gemv_moe_ffn
+
+    def counting(x, index, gates, keep, w1, *args):
+        calls["slots"] += w1.shape[0] == slots  # over the slot tensors, not the resident layer's experts
+        return inner(x, index, gates, keep, w1, *args)
+
+    monkeypatch.setattr(gemv, "gemv_moe_ffn", counting)
+    paths: dict[str, int] = {}
+    step = cached.store.policy.step
+
+    def recording_step(*args, **kwargs):
+        outcome = step(*args, **kwargs)
+        paths[_path(outcome)] = paths.get(_path(outcome), 0) + 1
+        return outcome
+
+    cached.store.policy.step = recording_step
+    d_model = cached.weights.w1.tensor.shape[2]
+    g = torch.Generator().manual_seed(slots)
+    protos = torch.randn(4, d_model, generator=g)
+    with torch.no_grad():
+        for i in range(16):
+            h = protos[(i // 2) % 3 if i % 5 else 3] + 0.01 * torch.randn(d_model, generator=g)
+            h = h.view(1, 1, d_model).to(DEVICE)
+            want, got = resident(h), cached(h)
+            # Top-1 and top-2 steps: every group sum is rounded as the resident combine rounds it.
+            assert torch.equal(want, got)
+    assert calls["slots"] >= 16  # every cached call ran the decode kernels
+    if slots == 1:  # top-2 never fits one slot
+        assert paths == {"chunked": 16}
+    else:
+        assert paths.get("hits only", 0) > 0 and paths.get("loads only", 0) > 0
+    if family == "nllb" and slots == 3:
+        assert paths.get("hits+loads", 0) > 0
 
 
 def test_clear_and_refresh_reset_the_slot_map():

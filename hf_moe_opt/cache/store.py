@@ -18,33 +18,35 @@
 Shared experts (Qwen2-MoE's ``shared_expert``, DeepSeek's ``shared_experts``) are dense modules of
 the layer, not routed experts: they are not in the store and stay resident on the compute device.
 
-One forward of the layer (a *step*):
+One forward of the layer (a *step*) starts from the router's choices (no plan over all experts):
 
-1. The dispatch plan's per-expert counts are read on the host. This is the one host
-   synchronisation per layer call, and it is inherent to a cache: which experts to copy is a host
-   decision. Everything else stays on the device.
+1. The experts the step routes to and their assignment counts are read on the host (the choices
+   themselves for a decode step's few assignments, per-expert counts made on the device for more).
+   This is the one host synchronisation per layer call, and it is inherent to a cache: which experts
+   to copy is a host decision. Everything else stays on the device.
 2. The policy returns the hits, the loads (expert -> slot, victim) and the chunks (one unless the
    step needs more experts than there are slots).
 3. Loads are copied host -> device on a dedicated CUDA stream, one event per chunk. The experts
    already resident (the hits) are computed first, while the misses' copies run; the compute then
    waits on the copy event and runs the loaded experts. Oversubscribed steps repeat load/compute
    per chunk; a chunk's copies wait for the compute of the chunk before it (its victims).
-4. The compute reuses the layer's backend over the slots: the plan's expert ids are remapped to
-   slot ids (experts outside the group are marked dropped) and the plan is rebuilt with
-   :func:`~hf_moe_opt.dispatch.make_plan`. Every expert sees the same rows in the same order as in
-   the resident layer, and every token's top-k expert outputs are summed in the same order, so the
+4. The compute reuses the layer's backend over the slots: the choices are mapped to slot ids by a
+   device table (experts outside the group are marked dropped) and the dispatch plan is built over
+   the slots, or, for one token on the Triton backend, the plan-free decode kernels run on the slot
+   ids as the resident layer's do. Every expert sees the same rows in the same order as in the
+   resident layer, and every token's top-k expert outputs are summed in the same order, so the
    output is bitwise the resident layer's for the torch backend. (The Triton kernels pick launch
    configurations by expert count; with a different slot count they may pick another one, which
-   changes rounding within the kernel's own tolerance.)
+   changes rounding within the kernel's own tolerance; a one-token step whose experts run in two
+   groups rounds each group's sum once.)
 
 Decode at small batches is bound by the host (Python and kernel launches), so the common step is
 kept short. The expert -> slot map lives on the device as an ``[E + 1]`` table that changes only
 when a load does (the host keeps a mirror and copies it over after loads, never on an all-hit step).
 A step whose needed experts all end up resident together (every hit-only step, and a step whose
-misses all fit) is one group: one lookup in the table, one plan over the slots built from the
-already sorted plan (a stable re-sort keeps each expert's rows in routing order, so no scatter back
-to assignment order is needed) and one expert call. Only steps that overlap copies with compute or
-are oversubscribed run several groups, with their per-group maps sent in one copy.
+misses all fit) is one group: one lookup in the table, one plan over the slots (or none) and one
+expert call. Only steps that overlap copies with compute or are oversubscribed run several groups,
+with their per-group maps sent in one copy.
 
 Statistics (hits, misses, bytes copied, copy and stall time) are kept per store; CUDA times are
 measured with events and resolved lazily, so recording them adds no synchronisation.
@@ -72,6 +74,9 @@ from .policies import EvictionPolicy, Load, make_policy
 __all__ = ["CachedExpertStore", "expert_nbytes"]
 
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+# Calls with at most this many assignments read the router's choices on the host as they are (decode
+# steps); larger ones count them per expert on the device first.
+HOST_CHOICES_MAX = 256
 # Resolve finished CUDA timing events once this many are pending.
 _MAX_PENDING_EVENTS = 256
 
@@ -407,51 +412,36 @@ class CachedExpertStore(ExpertStore):
             tables[g, experts] = slots
         return torch.from_numpy(tables).to(self.device, non_blocking=True)
 
-    def _slot_plan(self, plan: DispatchPlan, table: torch.Tensor, *, single: bool) -> DispatchPlan:
-        """The plan over the slots for the experts ``table`` maps (every other row dropped).
-
-        ``single``: one group serves every routed expert, so the plan keeps its ``[N, k]`` shape;
-        otherwise the assignments are top-1 "tokens" (``[N * k, 1]``) whose outputs the groups sum.
-        The rows are re-sorted by slot from the plan's expert order with a stable sort: each slot
-        holds one expert, so its rows stay in routing order, as the resident layer has them.
-        """
-        num_slots = self.num_slots
-        key = table[plan.expert].view(-1, 1)  # slot of each sorted row; S: dropped, or outside the group
-        rows = make_plan(key, plan.gate.view(-1, 1), None if single else key < num_slots, num_slots)
-        order = plan.order[rows.order]
-        if single:
-            token = order if plan.top_k == 1 else plan.token[rows.order]
-            num_tokens, top_k, may_drop = plan.num_tokens, plan.top_k, plan.may_drop
-        else:
-            token, num_tokens, top_k, may_drop = order, plan.num_rows, 1, True
-        return DispatchPlan(
-            order=order,
-            token=token,
-            expert=rows.expert,
-            counts=rows.counts,
-            offsets=rows.offsets,
-            gate=rows.gate,
-            num_tokens=num_tokens,
-            top_k=top_k,
-            num_experts=num_slots,
-            may_drop=may_drop,
-        )
-
     def run(
         self, x: torch.Tensor, plan: DispatchPlan, ffn_for: FfnFactory, activation: Activation, out_scale: float
     ) -> torch.Tensor:
-        if x.device != self.device:
-            # The dense parts were moved after optimizing: follow the input.
-            self.device = x.device
-            self._alloc_slots()
-        key = self._weights_key()
-        if key != self._checked_key:
-            if not all(s.is_current() for s in self.weights.stacks()):
-                self.refresh()
-            self._checked_key = self._weights_key()
-        counts = plan.counts.tolist()  # the one host synchronisation of a cached layer call
-        needed = list(compress(self._expert_ids, counts))
-        outcome = self.policy.step(needed, [counts[e] for e in needed])
+        """The experts over a dispatch plan: the plan's choices, back in assignment order, through
+        :meth:`run_routed` (the layer calls that directly and never builds a plan over all experts)."""
+        expert = torch.empty_like(plan.expert)
+        expert[plan.order] = plan.expert  # order is a permutation: one writer per entry
+        gate = torch.empty_like(plan.gate)
+        gate[plan.order] = plan.gate
+        shape = (plan.num_tokens, plan.top_k)
+        keep = (expert < plan.num_experts).view(shape) if plan.may_drop else None
+        return self.run_routed(x, expert.view(shape), gate.view(shape), keep, "", ffn_for, activation, out_scale)
+
+    def run_routed(
+        self,
+        x: torch.Tensor,
+        expert_index: torch.Tensor,
+        gates: torch.Tensor,
+        keep: torch.Tensor | None,
+        backend: str,
+        ffn_for: FfnFactory,
+        activation: Activation,
+        out_scale: float,
+    ) -> torch.Tensor:
+        self._follow(x)
+        num_experts, num_slots = self.num_experts, self.num_slots
+        # Dropped assignments look up entry E of the slot maps, which is always S (outside every group).
+        key = expert_index if keep is None else torch.where(keep, expert_index, num_experts)
+        needed, counts = self._needed(key)
+        outcome = self.policy.step(needed, counts)
         self._steps += 1
         self._hits += len(outcome.hits)
         self._misses += len(outcome.misses)
@@ -459,14 +449,15 @@ class CachedExpertStore(ExpertStore):
             self._chunked_steps += 1
         if not needed:
             return torch.zeros_like(x)
-        w1, b1, w2, b2 = self._slot_tensors()
+        weights = self._slot_tensors()
+        direct = self._direct_ffn(backend, x, expert_index.shape[0], weights, activation)
 
         if len(outcome.chunks) == 1 and not (outcome.hits and outcome.loads):
             # One group: every needed expert is resident once this step's loads (if any) are in.
             if outcome.loads:
                 self._wait(self._issue(list(outcome.loads)))
-            slot_plan = self._slot_plan(plan, self._full_table(), single=True)
-            out = ffn_for(x.device, slot_plan.num_rows)(x, slot_plan, w1, b1, w2, b2, activation, out_scale)
+            slots = self._full_table()[key]
+            out = self._experts(x, slots, gates, keep, direct, ffn_for, weights, activation, out_scale)
             self._resolve_if_many()
             return out
 
@@ -491,23 +482,80 @@ class CachedExpertStore(ExpertStore):
         events: dict[int, torch.cuda.Event | None] = {}
         if len(groups) > 1 and not groups[0][1] and groups[1][1] and groups[1][1][0].chunk == 0:
             events[1] = self._issue(groups[1][1])  # start the misses' copies before computing the hits
-        num_tokens, top_k = plan.num_tokens, plan.top_k
-        # Each group runs over the assignments as top-1 "tokens"; the per-assignment outputs are summed
-        # (each is non-zero in exactly one group), then the k slots combine as the resident layer does.
-        xa = x if top_k == 1 else x.repeat_interleave(top_k, dim=0)
+        num_tokens, top_k = expert_index.shape
+        if direct is None:
+            # Each group runs over the assignments as top-1 "tokens"; the per-assignment outputs are
+            # summed (each is non-zero in exactly one group), then the k slots combine as the resident
+            # layer does: bit for bit its result.
+            x = x if top_k == 1 else x.repeat_interleave(top_k, dim=0)
+            key, gates = key.reshape(-1, 1), gates.reshape(-1, 1)
         acc = None
         for g, (_, loads) in enumerate(groups):
             if loads:
                 if g not in events:
                     events[g] = self._issue(loads)
                 self._wait(events[g])
-            slot_plan = self._slot_plan(plan, tables[g], single=False)
-            y = ffn_for(x.device, slot_plan.num_rows)(xa, slot_plan, w1, b1, w2, b2, activation, out_scale)
+            slots = tables[g][key]
+            y = self._experts(x, slots, gates, slots < num_slots, direct, ffn_for, weights, activation, out_scale)
             acc = y if acc is None else acc + y
         self._resolve_if_many()
-        if top_k == 1:
+        if direct is not None or top_k == 1:
             return acc
         return acc.view(num_tokens, top_k, -1).sum(dim=1)
+
+    def _follow(self, x: torch.Tensor) -> None:
+        """Slots on the input's device, and the host copy of experts moved behind the store's back brought back."""
+        if x.device != self.device:
+            # The dense parts were moved after optimizing: follow the input.
+            self.device = x.device
+            self._alloc_slots()
+        key = self._weights_key()
+        if key != self._checked_key:
+            if not all(s.is_current() for s in self.weights.stacks()):
+                self.refresh()
+            self._checked_key = self._weights_key()
+
+    def _needed(self, key: torch.Tensor) -> tuple[list[int], list[int]]:
+        """The experts a call routes to (ascending) and their assignment counts, read on the host.
+
+        This is the one host synchronisation of a cached layer call, and it is inherent to a cache:
+        which experts to copy is a host decision. A few assignments are read as they are; more are
+        counted per expert on the device first, so that the host reads ``E`` numbers at most.
+        """
+        num_experts = self.num_experts
+        if key.numel() <= HOST_CHOICES_MAX:
+            tally: dict[int, int] = {}
+            for e in key.reshape(-1).tolist():
+                tally[e] = tally.get(e, 0) + 1
+            tally.pop(num_experts, None)  # dropped assignments
+            needed = sorted(tally)
+            return needed, [tally[e] for e in needed]
+        flat = key.reshape(-1).long()
+        hist = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+        per_expert = hist.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts].tolist()
+        needed = list(compress(self._expert_ids, per_expert))
+        return needed, [per_expert[e] for e in needed]
+
+    def _direct_ffn(self, backend: str, x: torch.Tensor, num_tokens: int, weights: tuple, activation: Activation):
+        """The plan-free decode kernels (as the resident layer's) for this call over the slots, or None."""
+        if not backend:
+            return None
+        from ..experts.backends import direct_ffn
+
+        ffn = direct_ffn(backend, num_tokens)
+        if ffn is None:
+            return None
+        from ..kernels import kernel_supported
+
+        return ffn if kernel_supported(x, weights[0], weights[2], activation) else None
+
+    def _experts(self, x, slots, gates, keep, direct, ffn_for, weights, activation, out_scale) -> torch.Tensor:
+        """The experts of ``slots`` (``[N, k]`` slot ids, ``S`` where ``keep`` is False) over the slot tensors."""
+        w1, b1, w2, b2 = weights
+        if direct is not None:
+            return direct(x, slots, gates, keep, w1, b1, w2, b2, activation, out_scale)
+        plan = make_plan(slots, gates, keep, self.num_slots)
+        return ffn_for(x.device, plan.num_rows)(x, plan, w1, b1, w2, b2, activation, out_scale)
 
     def _resolve_if_many(self) -> None:
         if len(self._pending) > _MAX_PENDING_EVENTS:

@@ -1,8 +1,9 @@
 """Expert stores: where a layer's expert weights live and how they reach the compute.
 
-The optimized layer asks its store to run the experts over a dispatch plan. The default keeps every
-expert resident on the layer's device; expert buffering (a GPU cache over pinned host memory) and
-multi-device placement are other stores behind the same two methods.
+The optimized layer hands its store the router's choices (:meth:`ExpertStore.run_routed`); most stores
+build the dispatch plan from them and run the experts over it (:meth:`ExpertStore.run`). The default
+keeps every expert resident on the layer's device; expert buffering (a GPU cache over pinned host
+memory) and multi-device placement are other stores behind the same methods.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..dispatch import DispatchPlan
+from ..dispatch import DispatchPlan, make_plan
 from .activation import Activation
 from .weights import ExpertWeights
 
@@ -36,6 +37,23 @@ class ExpertStore(ABC):
     ) -> torch.Tensor:
         """``[N, D]`` combined expert output for ``x`` routed by ``plan``."""
 
+    def run_routed(
+        self,
+        x: torch.Tensor,
+        expert_index: torch.Tensor,
+        gates: torch.Tensor,
+        keep: torch.Tensor | None,
+        backend: str,
+        ffn_for: FfnFactory,
+        activation: Activation,
+        out_scale: float,
+    ) -> torch.Tensor:
+        """``[N, D]`` combined expert output for ``x`` routed by the router's ``[N, k]`` choices, gates
+        and keep mask (None: nothing dropped); ``backend`` is the layer's concrete backend name.
+        By default: the dispatch plan, then :meth:`run`."""
+        plan = make_plan(expert_index, gates, keep, self.weights.num_experts)
+        return self.run(x, plan, ffn_for, activation, out_scale)
+
     def refresh(self) -> None:
         """Called after the module was moved or cast (``model.to(...)``)."""
         self.weights.refresh()
@@ -53,6 +71,13 @@ class ResidentStore(ExpertStore):
     def run(self, x, plan, ffn_for, activation, out_scale):
         w1, b1, w2, b2 = self._tensors()
         return ffn_for(x.device, plan.num_rows)(x, plan, w1, b1, w2, b2, activation, out_scale)
+
+    def run_routed(self, x, expert_index, gates, keep, backend, ffn_for, activation, out_scale):
+        # Decode steps: no dispatch plan (hf_moe_opt.kernels.gemv).
+        out = self.run_direct(x, expert_index, gates, keep, backend, activation, out_scale)
+        if out is not None:
+            return out
+        return super().run_routed(x, expert_index, gates, keep, backend, ffn_for, activation, out_scale)
 
     def run_direct(
         self,
