@@ -13,7 +13,7 @@ Measures, in one run:
   50% / 25% of each layer's experts resident (``optimize(expert_cache=fraction)``, LIFO), with the
   cache's hit rate, achieved copy bandwidth and the fraction of copy time hidden behind compute.
   Tokens follow a sticky, Zipf-skewed mixture of prototype hidden states, so routing has temporal
-  locality;
+  locality. Settings alternate in rounds (``--stack-repeats``); rows give the median round;
 * ``model_decode`` (part ``model``): whole models, the real HF classes with the real configs'
   dimensions but fewer layers (switch-base-128 dims with 4 encoder + 4 decoder blocks, every other
   one sparse as in the real config; nllb-moe-54b dims with 4 + 4 layers, every fourth sparse as in the
@@ -198,11 +198,14 @@ def bench_family(
     warmup: int,
     shape: tuple[int, int, int, int] | None = None,
     pinned_bytes_per_s: float | None = None,
+    repeats: int = 3,
 ) -> list[dict]:
     """The MoE-only stack (worst case: nothing to hide copies behind) of ``family``'s layer shape.
 
-    Cached rows carry a floor beside the time: ``max(resident time, bytes copied per token / pinned
-    bandwidth)`` -- no policy's misses can be served faster than the host link moves them.
+    Each batch size runs every fraction once per round, ``repeats`` rounds; rows give the median run
+    (with that run's cache counters) and every run's time. Cached rows carry a floor beside the time:
+    ``max(resident time, bytes copied per token / pinned bandwidth)`` -- no policy's misses can be
+    served faster than the host link moves them.
     """
     torch.manual_seed(0)
     with torch.device(device):
@@ -210,15 +213,26 @@ def bench_family(
     rows = []
     for batch in (1, 8):
         stream = token_stream(model.d_model, batch, steps + warmup, device, seed=batch)
-        resident_ms = float("nan")  # FRACTIONS starts with the resident run
+        # Every setting once per round, rounds repeated: host jitter hits all settings alike; medians.
+        runs: dict[float, list[tuple[float, dict]]] = {f: [] for f in FRACTIONS}
+        for _ in range(repeats):
+            for fraction in FRACTIONS:
+                cached = fraction < 1.0
+                _reset_peak(device)
+                _optimize(model, capacity="none", expert_cache=fraction if cached else None)
+                if cached:
+                    decode_ms(model, stream[:warmup], 0)  # warm the cache, then count the measured steps only
+                    hf_moe_opt.reset_stats(model)
+                ms = decode_ms(model, stream, warmup if not cached else 0)
+                extra = {"gpu_peak_bytes": _peak_bytes(device)}
+                if cached:
+                    extra.update(cache_totals(hf_moe_opt.stats(model)))
+                hf_moe_opt.restore(model)
+                runs[fraction].append((ms, extra))
+        resident_ms = statistics.median(ms for ms, _ in runs[1.0])
         for fraction in FRACTIONS:
-            cached = fraction < 1.0
-            _reset_peak(device)
-            _optimize(model, capacity="none", expert_cache=fraction if cached else None)
-            if cached:
-                decode_ms(model, stream[:warmup], 0)  # warm the cache, then count the measured steps only
-                hf_moe_opt.reset_stats(model)
-            ms = decode_ms(model, stream, warmup if not cached else 0)
+            ordered = sorted(runs[fraction], key=lambda run: run[0])
+            ms, extra = ordered[len(ordered) // 2]  # the median run and its own cache counters
             row = {
                 "family": family,
                 "setup": "moe_stack_only",
@@ -226,14 +240,11 @@ def bench_family(
                 "batch": batch,
                 "fraction_resident": fraction,
                 "ms_per_token": ms,
-                "gpu_peak_bytes": _peak_bytes(device),
+                "ms_per_token_runs": [run[0] for run in runs[fraction]],
+                **extra,
             }
-            if cached:
-                row.update(cache_totals(hf_moe_opt.stats(model)))
+            if fraction < 1.0:
                 add_copy_floor(row, resident_ms, len(stream), pinned_bytes_per_s)
-            else:
-                resident_ms = ms
-            hf_moe_opt.restore(model)
             rows.append(row)
             print(json.dumps(row), flush=True)
     del model
@@ -478,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nllb-layers", type=int, default=2, help="MoE-only stack: nllb-moe-54b blocks")
     p.add_argument("--steps", type=int, default=60, help="MoE-only stack: measured decode steps")
     p.add_argument("--warmup", type=int, default=10, help="MoE-only stack: warm-up steps")
+    p.add_argument("--stack-repeats", type=int, default=3, help="MoE-only stack: rounds over the settings")
     p.add_argument("--models", nargs="+", choices=list(MODEL_LAYERS), default=list(MODEL_LAYERS))
     p.add_argument("--model-batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--policies", nargs="+", choices=POLICY_NAMES, default=["lifo", "lfru"])
@@ -512,7 +524,9 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
         for family, layers in (("switch", args.switch_layers), ("nllb", args.nllb_layers)):
             shape = SMOKE_SHAPES[family] if args.smoke else None
             pinned = result["bandwidth"].get("pinned_h2d_bytes_per_s")
-            result["decode"] += bench_family(family, layers, device, args.steps, args.warmup, shape, pinned)
+            result["decode"] += bench_family(
+                family, layers, device, args.steps, args.warmup, shape, pinned, 1 if args.smoke else args.stack_repeats
+            )
     if "model" in args.parts:
         result["model_decode_setup"] = {
             "inputs": "random prompt token ids (ids 3..999), random weights: routing is a random router's",

@@ -91,10 +91,19 @@ def _check_slot_map(store: CachedExpertStore) -> None:
         (3, "lifo", "model", 2),  # the router drops assignments: plans with dropped rows
     ],
 )
-@pytest.mark.parametrize("host_choices", ["read", "counted"])
-def test_every_step_path_is_exact(family, slots, policy, capacity, expert_capacity, host_choices, monkeypatch):
-    if host_choices == "counted":  # every call counts its assignments per expert on the device first
-        monkeypatch.setattr(cache_store, "HOST_CHOICES_MAX", 0)
+@pytest.mark.parametrize(
+    "host_choices_max,overlap_min",
+    [
+        (cache_store.HOST_CHOICES_MAX, 0),  # choices read on the host; hits computed during the copies
+        (0, 0),  # assignments counted per expert on the device first
+        (cache_store.HOST_CHOICES_MAX, 1 << 20),  # every step waits for its copies, one group
+    ],
+)
+def test_every_step_path_is_exact(
+    family, slots, policy, capacity, expert_capacity, host_choices_max, overlap_min, monkeypatch
+):
+    monkeypatch.setattr(cache_store, "HOST_CHOICES_MAX", host_choices_max)
+    monkeypatch.setattr(cache_store, "OVERLAP_MIN_ASSIGNMENTS", overlap_min)
     resident, cached = _first_layers(family, slots, policy, capacity, expert_capacity)
     store = cached.store
     assert isinstance(store, CachedExpertStore)
@@ -134,6 +143,7 @@ def test_one_token_steps_run_the_plan_free_kernels_on_the_slots(family, slots, m
     if DEVICE.type == "cpu" and not kernels_interpreted():
         pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
     del triton
+    monkeypatch.setattr(cache_store, "OVERLAP_MIN_ASSIGNMENTS", 0)  # hits and loads in two groups
     resident, cached = _first_layers(family, slots, "lru", "none", 64, backend="triton")
     calls = {"slots": 0}
     inner = gemv.gemv_moe_ffn

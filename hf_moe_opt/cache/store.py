@@ -28,8 +28,11 @@ One forward of the layer (a *step*) starts from the router's choices (no plan ov
    step needs more experts than there are slots).
 3. Loads are copied host -> device on a dedicated CUDA stream, one event per chunk. The experts
    already resident (the hits) are computed first, while the misses' copies run; the compute then
-   waits on the copy event and runs the loaded experts. Oversubscribed steps repeat load/compute
-   per chunk; a chunk's copies wait for the compute of the chunk before it (its victims).
+   waits on the copy event and runs the loaded experts. Steps of fewer than
+   :data:`OVERLAP_MIN_ASSIGNMENTS` assignments (decode) wait for their copies and run every expert
+   at once instead: there the hits' compute is shorter than the second group's kernel launches.
+   Oversubscribed steps repeat load/compute per chunk; a chunk's copies wait for the compute of the
+   chunk before it (its victims).
 4. The compute reuses the layer's backend over the slots: the choices are mapped to slot ids by a
    device table (experts outside the group are marked dropped) and the dispatch plan is built over
    the slots, or, for one token on the Triton backend, the plan-free decode kernels run on the slot
@@ -43,10 +46,10 @@ One forward of the layer (a *step*) starts from the router's choices (no plan ov
 Decode at small batches is bound by the host (Python and kernel launches), so the common step is
 kept short. The expert -> slot map lives on the device as an ``[E + 1]`` table that changes only
 when a load does (the host keeps a mirror and copies it over after loads, never on an all-hit step).
-A step whose needed experts all end up resident together (every hit-only step, and a step whose
-misses all fit) is one group: one lookup in the table, one plan over the slots (or none) and one
-expert call. Only steps that overlap copies with compute or are oversubscribed run several groups,
-with their per-group maps sent in one copy.
+A step whose needed experts all end up resident together (every hit-only step, every small step
+whose misses all fit, and a larger step with misses only) is one group: one lookup in the table,
+one plan over the slots (or none) and one expert call. Only steps that overlap copies with compute
+or are oversubscribed run several groups, with their per-group maps sent in one copy.
 
 Statistics (hits, misses, bytes copied, copy and stall time) are kept per store; CUDA times are
 measured with events and resolved lazily, so recording them adds no synchronisation.
@@ -77,6 +80,9 @@ _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # Calls with at most this many assignments read the router's choices on the host as they are (decode
 # steps); larger ones count them per expert on the device first.
 HOST_CHOICES_MAX = 256
+# Steps with fewer assignments than this wait for their loads and run all their experts as one group:
+# computing the hits while the misses copy saves less than the second group's launches cost the host.
+OVERLAP_MIN_ASSIGNMENTS = 64
 # Resolve finished CUDA timing events once this many are pending.
 _MAX_PENDING_EVENTS = 256
 
@@ -452,7 +458,8 @@ class CachedExpertStore(ExpertStore):
         weights = self._slot_tensors()
         direct = self._direct_ffn(backend, x, expert_index.shape[0], weights, activation)
 
-        if len(outcome.chunks) == 1 and not (outcome.hits and outcome.loads):
+        mixed = outcome.hits and outcome.loads
+        if len(outcome.chunks) == 1 and (not mixed or key.numel() < OVERLAP_MIN_ASSIGNMENTS):
             # One group: every needed expert is resident once this step's loads (if any) are in.
             if outcome.loads:
                 self._wait(self._issue(list(outcome.loads)))
