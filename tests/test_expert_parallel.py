@@ -196,6 +196,12 @@ def test_four_ranks_match_single_process():
     assert not errors, "\n".join(f"rank {r}:\n{tb}" for r, tb in errors)
 
 
+def test_eight_ranks_match_single_process():
+    # The world size of one 8-GPU host: one expert per rank, two per rank, replicas across ranks.
+    errors = _run(8, _worker, [("switch", 8, "greedy"), ("nllb", 16, "replicate")])
+    assert not errors, "\n".join(f"rank {r}:\n{tb}" for r, tb in errors)
+
+
 def _mismatch_worker(rank: int, world: int, port: int, errors) -> None:
     _init(rank, world, port)
     model = tiny_switch(num_experts=8 if rank == 1 else 4, seed=0)
