@@ -51,6 +51,7 @@ def _candidates(
     tma: str = "off",
     group_ms: tuple[int, ...] = (8,),
     elem_bytes: int = 2,
+    tail_ms: tuple[int, ...] = (0,),
 ):
     from hf_moe_opt.kernels import KernelConfig
 
@@ -86,9 +87,19 @@ def _candidates(
         tma_states = modes if k * elem_bytes <= 128 else (0,)
         # Split-K (GEMM2 only) spreads a few rows' weight reads over more programs.
         splits = (1, 2, 4, 8) if split and small and not quick else (1,)
-        for split_k, t, g in itertools.product(splits, tma_states, group_ms):
+        # Short last row tiles of an expert as tail_m-row tiles (0: off); only heights below BLOCK_M.
+        tails = [tail for tail in tail_ms if tail == 0 or 16 <= tail < m]
+        for split_k, t, g, tail in itertools.product(splits, tma_states, group_ms, tails):
             yield KernelConfig(
-                block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s, split_k=split_k, group_m=g, tma=t
+                block_m=m,
+                block_n=n,
+                block_k=k,
+                num_warps=w,
+                num_stages=s,
+                split_k=split_k,
+                group_m=g,
+                tma=t,
+                tail_m=tail,
             )
 
 
@@ -137,6 +148,7 @@ def _filters(args, dtype: torch.dtype) -> dict:
         "warps_only": tuple(args.num_warps) if args.num_warps else None,
         "tma": args.tma,
         "group_ms": tuple(args.group_m),
+        "tail_ms": tuple(args.tail_m),
         "elem_bytes": torch.empty((), dtype=dtype).element_size(),
     }
 
@@ -264,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         help="TMA tile loads: try each candidate without them, with and without, or only with them",
     )
     parser.add_argument("--group-m", type=int, nargs="+", default=[8], help="GROUP_M values to try")
+    parser.add_argument(
+        "--tail-m",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="tail tile heights to try (0: off; e.g. 0 64 times each candidate without and with 64-row tail "
+        "tiles; heights not below a candidate's BLOCK_M are skipped)",
+    )
     parser.add_argument(
         "--precompile", type=int, default=8, help="processes compiling the candidates before timing (1: none)"
     )

@@ -224,6 +224,21 @@ def test_tuner_candidates_pair_tma_and_fit_shared_memory() -> None:
     assert {c.tma for c in tune._candidates(512, quick=False, gated=False, split=True, tma="both")} == {0, 1, 2}
 
 
+def test_tuner_tail_m_candidates() -> None:
+    pytest.importorskip("triton")
+    tune = _load("tune_triton")
+    plain = list(tune._candidates(512, quick=False, gated=False, split=True))
+    assert plain and all(c.tail_m == 0 for c in plain)  # off unless asked for
+    both = list(tune._candidates(512, quick=False, gated=False, split=True, tail_ms=(0, 64)))
+    # Each candidate with and without 64-row tails where BLOCK_M is taller; 64-row tiles only without.
+    assert len(both) == len(plain) + sum(c.block_m > 64 for c in plain)
+    assert {(c.block_m, c.tail_m) for c in both} == {(64, 0), (128, 0), (128, 64)}
+    import torch
+
+    args = tune.argparse.Namespace(block_m=None, num_warps=None, tma="off", group_m=[8], tail_m=[0, 32])
+    assert tune._filters(args, torch.bfloat16)["tail_ms"] == (0, 32)
+
+
 def test_policy_bounds_smoke(tmp_path) -> None:
     from hf_moe_opt.cache import synthetic_trace
     from hf_moe_opt.cache.traces import synthetic_steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -513,3 +514,159 @@ def test_same_architecture_table(tmp_path, monkeypatch) -> None:
     finally:
         monkeypatch.delenv("HF_MOE_OPT_TRITON_CONFIGS")
         clear_cache()
+
+
+def _crafted_index(kept: list[int], top_k: int, dropped: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, top_k]`` expert choices (distinct per token) and keep mask with exactly ``kept[e]`` kept
+    rows on expert ``e``, plus ``dropped`` dropped assignments spread over the experts."""
+    experts = [e for e, c in enumerate(kept) for _ in range(c)] + [i % len(kept) for i in range(dropped)]
+    flags = [True] * sum(kept) + [False] * dropped
+    assert len(experts) % top_k == 0
+    slots = sorted(zip(experts, flags, strict=True), key=lambda s: s[0])
+    num_tokens = len(slots) // top_k
+    # Token t takes sorted slots t, t + N, ...: distinct experts while no expert holds more than N.
+    assert max(Counter(experts).values()) <= num_tokens
+    index = torch.tensor([e for e, _ in slots]).view(top_k, num_tokens).t()
+    keep = torch.tensor([f for _, f in slots]).view(top_k, num_tokens).t()
+    perm = torch.randperm(num_tokens, generator=torch.Generator().manual_seed(seed))
+    return index[perm], keep[perm]
+
+
+def _tile_heights(monkeypatch) -> dict[str, set[int]]:
+    """Tile heights each kernel instantiates, recorded per call of its tile helper (interpreter only)."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module("hf_moe_opt.kernels.moe_ffn")
+    seen: dict[str, set[int]] = {"gemm1": set(), "gemm2": set()}
+    for kernel, name in (("gemm1", "_gather_gemm_act_tile"), ("gemm2", "_gemm_scatter_tile")):
+        tile = getattr(module, name)
+        at = list(inspect.signature(tile.fn).parameters).index("BLOCK_M")
+
+        def spy(*args, _tile=tile, _at=at, _kernel=kernel):
+            seen[_kernel].add(int(getattr(args[_at], "value", args[_at])))
+            return _tile(*args)
+
+        monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+# Rows per expert around the tail height: fewer, exactly, one more, none, a full tile, and longer
+# groups ending in each kind of last tile.
+def _tail_counts(block_m: int, tail_m: int) -> list[int]:
+    return [3, tail_m, tail_m + 1, 0, block_m, block_m + tail_m, 2 * block_m + tail_m + 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("block_m", "tail_m", "top_k", "dtype", "act", "bias", "split_k", "dropped", "shape"),
+    [
+        (64, 16, 1, torch.float32, "relu", True, 1, 0, (32, 48)),
+        (64, 32, 2, torch.bfloat16, "glu_silu", False, 2, 6, (32, 48)),
+        (32, 16, 2, torch.float32, "gelu", True, 2, 4, (40, 72)),
+        (32, 16, 1, torch.bfloat16, "silu", True, 1, 3, (24, 40)),
+    ],
+    ids=["64-16-fp32", "64-32-bf16-glu-split", "32-16-fp32-top2-partial-k", "32-16-bf16"],
+)
+def test_tail_tiles_equal_full_tiles(
+    monkeypatch, block_m, tail_m, top_k, dtype, act, bias, split_k, dropped, shape
+) -> None:
+    # An expert's short last row tile as a tail_m-row tile: the same K tiles in the same order, so the
+    # interpreter's results equal the full-height tiles' bit for bit (both kernels, h and output).
+    from hf_moe_opt.kernels.moe_ffn import KernelActivation, gather_gemm_act
+
+    hidden, ffn = shape
+    kept = _tail_counts(block_m, tail_m)
+    index, keep = _crafted_index(kept, top_k, dropped, seed=block_m + tail_m)
+    plan = _plan(index, len(kept), keep, seed=tail_m)
+    assert plan.counts.tolist() == kept
+    g = torch.Generator().manual_seed(90 + tail_m)
+    x = torch.randn(index.shape[0], hidden, generator=g).to(DEVICE, dtype)
+    activation = GATED[act] if act in GATED else ACTIVATIONS[act]
+    w1, b1, _, _ = _weights(len(kept), hidden, ffn * (2 if act in GATED else 1), dtype, bias, seed=91)
+    _, _, w2, b2 = _weights(len(kept), hidden, ffn, dtype, bias, seed=92)
+    full = KernelConfig(block_m=block_m, block_n=32, block_k=16, num_stages=2, split_k=split_k)
+    tail = KernelConfig(block_m=block_m, block_n=32, block_k=16, num_stages=2, split_k=split_k, tail_m=tail_m)
+    heights = _tile_heights(monkeypatch) if kernels_interpreted() else None
+    out = _check(x, plan, w1, b1, w2, b2, activation, out_scale=0.5, config=tail)
+    if heights is not None:  # both heights ran in both kernels
+        assert heights == {"gemm1": {block_m, tail_m}, "gemm2": {block_m, tail_m}}
+    ref = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, activation, 0.5, full, full)
+    # GEMM1 alone: the same h rows written, rows of dropped assignments left alone.
+    kernel_act = KernelActivation.of(activation, ffn)
+    h_full, h_tail = (torch.full((plan.num_rows, ffn), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2))
+    gather_gemm_act(x, plan, w1, b1, kernel_act, h_full, full)
+    gather_gemm_act(x, plan, w1, b1, kernel_act, h_tail, tail)
+    assert torch.isnan(h_tail[sum(kept) :]).all()
+    if DEVICE.type == "cpu":
+        assert torch.equal(out, ref)
+        torch.testing.assert_close(h_tail, h_full, rtol=0, atol=0, equal_nan=True)
+    else:  # other MMA shapes on a GPU may round differently
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+        torch.testing.assert_close(h_tail.float(), h_full.float(), atol=atol, rtol=rtol, equal_nan=True)
+    if dropped:
+        assert (out[~keep.any(dim=1).to(DEVICE)] == 0).all()
+
+
+def test_tail_tiles_one_expert_and_one_token(monkeypatch) -> None:
+    # Every row on one expert (the other empty), groups long enough for unmasked row loads, ending in
+    # a tile of exactly tail_m rows; then a single token on one and on two experts.
+    from hf_moe_opt.kernels.moe_ffn import _mask_rows
+
+    full = KernelConfig(block_m=32, block_n=32, block_k=16, num_stages=2)
+    tail = KernelConfig(block_m=32, block_n=32, block_k=16, num_stages=2, tail_m=16)
+    hidden, ffn = 32, 48
+    w1, b1, w2, b2 = _weights(2, hidden, ffn, torch.float32, bias=True, seed=95)
+    num_tokens = 8 * 32 + 16
+    assert not _mask_rows(num_tokens, 2, full.block_m)
+    g = torch.Generator().manual_seed(96)
+    cases = [(torch.randn(num_tokens, hidden, generator=g), torch.ones(num_tokens, 1, dtype=torch.long))]
+    cases += [
+        (torch.randn(1, hidden, generator=g), torch.tensor([[1]])),
+        (torch.randn(1, hidden), torch.tensor([[1, 0]])),
+    ]
+    heights = _tile_heights(monkeypatch) if kernels_interpreted() else None
+    for x, index in cases:
+        x, plan = x.to(DEVICE), _plan(index, 2, seed=97)
+        out = _check(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu"], out_scale=2.0, config=tail)
+        ref = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu"], 2.0, full, full)
+        if DEVICE.type == "cpu":
+            assert torch.equal(out, ref)
+        else:
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if heights is not None:
+        assert heights == {"gemm1": {32, 16}, "gemm2": {32, 16}}
+
+
+def test_tail_m_config() -> None:
+    import json
+
+    from hf_moe_opt.kernels.launch_config import fit_shared_memory
+
+    for bad in (64, 128, 24, 8, -16):  # not below block_m, not a power of two, too small, negative
+        with pytest.raises(ValueError, match="tail_m"):
+            KernelConfig(64, 64, 32, tail_m=bad)
+    with pytest.raises(ValueError, match="tail_m"):
+        KernelConfig(16, 64, 32, tail_m=16)  # no tile height below 16
+    cfg = KernelConfig(128, 128, 64, num_warps=8, tma=1, tail_m=64)
+    assert cfg.to_dict()["tail_m"] == 64 and KernelConfig.from_dict(cfg.to_dict()) == cfg
+    assert "tail_m" not in KernelConfig(128, 128, 64).to_dict()  # the default stays out of the tables
+    assert KernelConfig.from_dict({"block_m": 64, "block_n": 64, "block_k": 32}).tail_m == 0
+    # Shrinking to the shared memory keeps block_m, so the tail height stays valid.
+    fitted = fit_shared_memory(KernelConfig(128, 256, 64, num_warps=8, num_stages=4, tail_m=32), 2, 2, 2, 232448)
+    assert fitted.tail_m == 32 and fitted.block_m == 128 and fitted.block_n == 128
+    # Through a config table on disk.
+    with_tail = KernelConfig(64, 32, 16, num_stages=2, tail_m=16)
+    entry = {"tokens": 16, "gemm1": with_tail.to_dict(), "gemm2": SMALL.to_dict()}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as mp:
+        with open(f"{folder}/{device_file_stem('default')}.json", "w") as f:
+            json.dump({"shapes": {shape_key(3, 8, 16, 1): [entry]}}, f)
+        mp.setenv("HF_MOE_OPT_TRITON_CONFIGS", folder)
+        clear_cache()
+        try:
+            assert get_configs(torch.device("cpu"), 3, 8, 16, 1, 16) == (with_tail, SMALL)
+        finally:
+            mp.delenv("HF_MOE_OPT_TRITON_CONFIGS")
+            clear_cache()

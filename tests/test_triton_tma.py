@@ -6,6 +6,7 @@ On CPU triton's interpreter runs the descriptor loads; on an H100/H200 the compi
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -35,7 +36,21 @@ def _config(tma: int, split_k: int = 1, group_m: int = 8) -> KernelConfig:
     return KernelConfig(block_m=16, block_n=16, block_k=16, num_stages=2, split_k=split_k, group_m=group_m, tma=tma)
 
 
-def _case(num_tokens, top_k, num_experts, hidden, ffn, dtype, *, gated=False, bias=True, drop=0.0, seed=0, index=None):
+def _case(
+    num_tokens,
+    top_k,
+    num_experts,
+    hidden,
+    ffn,
+    dtype,
+    *,
+    gated=False,
+    bias=True,
+    drop=0.0,
+    seed=0,
+    index=None,
+    keep=None,
+):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale):
@@ -49,7 +64,8 @@ def _case(num_tokens, top_k, num_experts, hidden, ffn, dtype, *, gated=False, bi
     if index is None:
         index = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=1).indices
     gates = torch.rand(index.shape, generator=g)
-    keep = torch.rand(index.shape, generator=g) >= drop
+    if keep is None:
+        keep = torch.rand(index.shape, generator=g) >= drop
     plan = make_plan(index.to(DEVICE), gates.to(DEVICE), keep.to(DEVICE), num_experts)
     return x, plan, w1, b1, w2, b2
 
@@ -105,6 +121,47 @@ def test_tma_odd_shapes() -> None:
 
     assert not _mask_rows(140, 2, 16)
     _compare(*_case(140, 1, 2, 32, 48, torch.float32, seed=15), RELU, gemm2_tma=2)
+
+
+@pytest.mark.parametrize(
+    ("gemm1_tma", "gemm2_tma", "split_k", "gated", "dtype"),
+    [(1, 1, 1, False, torch.float32), (1, 1, 2, True, torch.bfloat16), (0, 2, 1, True, torch.float32)],
+    ids=["tma1", "tma1-glu-split", "tma2-glu"],
+)
+def test_tma_tail_tiles(
+    monkeypatch, gemm1_tma: int, gemm2_tma: int, split_k: int, gated: bool, dtype: torch.dtype
+) -> None:
+    # Short last row tiles (16 of 32 rows) keep their TMA weight tiles; GEMM2 loads their rows of h by
+    # pointer (h's descriptor has 32-row tiles). Same results as full tiles and as pointer loads.
+    from .test_triton_kernels import _crafted_index, _tail_counts, _tile_heights
+
+    kept = _tail_counts(32, 16)
+    index, keep = _crafted_index(kept, 2, dropped=4, seed=40 + split_k)
+    x, plan, w1, b1, w2, b2 = _case(
+        index.shape[0], 2, len(kept), 32, 48, dtype, gated=gated, seed=41, index=index, keep=keep
+    )
+    assert plan.counts.tolist() == kept
+    act = GLU_SILU if gated else GELU
+    h = torch.empty(plan.num_rows, 48, dtype=dtype, device=DEVICE)
+    assert _tma_matrix(w1, 32, 16) is not None and _tma_matrix(w2, 32, 16) is not None
+    assert _tma_matrix(h, 32, 16) is not None
+
+    def run(tma1: int, tma2: int, tail_m: int) -> torch.Tensor:
+        g1, g2 = (KernelConfig(32, 32, 16, num_stages=2, tma=t, tail_m=tail_m) for t in (tma1, tma2))
+        return moe_ffn_with_configs(x, plan, w1, b1, w2, b2, act, 0.5, g1, replace(g2, split_k=split_k))
+
+    heights = _tile_heights(monkeypatch) if DEVICE.type == "cpu" else None
+    out = run(gemm1_tma, gemm2_tma, 16)
+    if heights is not None:
+        assert heights == {"gemm1": {32, 16}, "gemm2": {32, 16}}
+    ref = torch_moe_ffn(x, plan, w1, b1, w2, b2, act, 0.5)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    for other in (run(gemm1_tma, gemm2_tma, 0), run(0, 0, 16)):
+        if DEVICE.type == "cpu":
+            assert torch.equal(out, other)
+        else:
+            torch.testing.assert_close(out.float(), other.float(), atol=atol, rtol=rtol)
 
 
 def test_tma_falls_back_where_layout_forbids() -> None:

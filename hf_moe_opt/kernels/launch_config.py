@@ -56,6 +56,11 @@ class KernelConfig:
     # weight tiles (and GEMM2's rows of h), 2 = the weight tiles only; pointer loads where the GPU or
     # the tensor layout does not allow it.
     tma: int = 0
+    # An expert's last row tile holding at most this many rows runs as a tile of this height (a
+    # power of two >= 16 below block_m; 0 = off): at ~1-2 row tiles per expert about half the
+    # experts end in a tile of a few rows, which otherwise costs a whole block_m-row MMA. On Hopper,
+    # tiles under 64 rows multiply with mma.sync rather than wgmma.
+    tail_m: int = 0
 
     def __post_init__(self) -> None:
         if self.split_k < 1:
@@ -69,11 +74,13 @@ class KernelConfig:
             # tl.dot needs power-of-two tiles of at least 16 in every dimension.
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name}={value} must be a power of two >= 16")
+        if self.tail_m and (self.tail_m < 16 or self.tail_m & (self.tail_m - 1) or self.tail_m >= self.block_m):
+            raise ValueError(f"tail_m={self.tail_m} must be 0 or a power of two >= 16 below block_m={self.block_m}")
 
     def to_dict(self) -> dict[str, int]:
         data = asdict(self)
         # Default knobs are left out: tables stay readable by versions that lack them.
-        for name, default in (("split_k", 1), ("group_m", 8), ("tma", 0)):
+        for name, default in (("split_k", 1), ("group_m", 8), ("tma", 0), ("tail_m", 0)):
             if data[name] == default:
                 del data[name]
         return data

@@ -19,6 +19,12 @@ experts. Programs are ordered expert by expert, and inside an expert in groups o
 tiles that sweep the column tiles together: an expert's weight tile is read from memory once and
 served from L2 to its row tiles, and its rows stay in L2 while the columns are swept. With fixed
 shapes the whole forward is capturable in a CUDA graph.
+
+With ``KernelConfig.tail_m`` set, a program whose row tile is the last of its group and holds at
+most ``tail_m`` rows (``row_end - row_start <= tail_m``: only a group's last tile has that few rows
+left) runs the same K loop and epilogue instantiated for ``tail_m``-row tiles: both heights are compiled
+into the kernel and each program takes one branch on the device. The grid, tile order and each
+output element's accumulation order stay those of ``BLOCK_M``; only a mostly empty tile's MMA shrinks.
 """
 
 from __future__ import annotations
@@ -127,17 +133,17 @@ def _glu(gate, up, alpha, limit, ACTIVATION: tl.constexpr, GLU: tl.constexpr):
 
 
 @triton.jit
-def _gather_gemm_act_kernel(
+def _gather_gemm_act_tile(
     x_ptr,
     token_ptr,
-    counts_ptr,
-    offsets_ptr,
     w_ptr,
     b_ptr,
     h_ptr,
     w_desc,
-    num_rows,
-    num_experts,
+    group,
+    row_start,
+    row_end,
+    pid_n,
     N,
     K,
     w_rows,
@@ -165,18 +171,10 @@ def _gather_gemm_act_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    wait_for_producer(USE_PDL)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group, row_start, row_end, pid_n = _tile_coords(
-        tl.program_id(0), counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
-    )
-    if group >= num_experts:  # dropped rows are never computed; unused programs exit
-        return
+    """Kernel A's tile of rows ``[row_start, min(row_start + BLOCK_M, row_end))`` of expert ``group``
+    and column tile ``pid_n``: the K loop and the epilogue, for either tile height of the kernel."""
     rows = row_start + tl.arange(0, BLOCK_M)
     mask_m = rows < row_end
     tok = tl.load(token_ptr + rows, mask=mask_m, other=0).to(tl.int64)
@@ -245,6 +243,188 @@ def _gather_gemm_act_kernel(
 
 
 @triton.jit
+def _gather_gemm_act_kernel(
+    x_ptr,
+    token_ptr,
+    counts_ptr,
+    offsets_ptr,
+    w_ptr,
+    b_ptr,
+    h_ptr,
+    w_desc,
+    num_rows,
+    num_experts,
+    N,
+    K,
+    w_rows,
+    row_mul,
+    up_offset,
+    alpha,
+    limit,
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_be,
+    stride_bn,
+    stride_hm,
+    stride_hn,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GLU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    TAIL_M: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    wait_for_producer(USE_PDL)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group, row_start, row_end, pid_n = _tile_coords(
+        tl.program_id(0), counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
+    )
+    if group >= num_experts:  # dropped rows are never computed; unused programs exit
+        return
+    # An expert's last row tile holding at most TAIL_M rows runs as a TAIL_M-row tile: same program,
+    # same K tiles in the same order, a smaller MMA. Only last tiles can be that short.
+    if TAIL_M > 0 and row_end - row_start <= TAIL_M:
+        _gather_gemm_act_tile(
+            x_ptr, token_ptr, w_ptr, b_ptr, h_ptr, w_desc, group, row_start, row_end, pid_n, N, K, w_rows, row_mul,
+            up_offset, alpha, limit, stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
+            stride_hm, stride_hn, HAS_BIAS, ACTIVATION, GLU, DOT_PRECISION, DOT_FP32, EVEN_K, EVEN_N, MASK_ROWS,
+            TAIL_M, BLOCK_N, BLOCK_K, USE_TMA,
+        )  # fmt: skip
+    else:
+        _gather_gemm_act_tile(
+            x_ptr, token_ptr, w_ptr, b_ptr, h_ptr, w_desc, group, row_start, row_end, pid_n, N, K, w_rows, row_mul,
+            up_offset, alpha, limit, stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
+            stride_hm, stride_hn, HAS_BIAS, ACTIVATION, GLU, DOT_PRECISION, DOT_FP32, EVEN_K, EVEN_N, MASK_ROWS,
+            BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA,
+        )  # fmt: skip
+
+
+@triton.jit
+def _gemm_scatter_tile(
+    h_ptr,
+    order_ptr,
+    gate_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    h_desc,
+    w_desc,
+    group,
+    row_start,
+    row_end,
+    pid_n,
+    out_scale,
+    num_rows,
+    num_experts,
+    N,
+    K,
+    stride_hm,
+    stride_hk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_be,
+    stride_bn,
+    stride_om,
+    stride_on,
+    k_per_split,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TMA_A: tl.constexpr,
+    TMA_W: tl.constexpr,
+):
+    """Kernel B's tile of rows ``[row_start, min(row_start + BLOCK_M, row_end))`` of group ``group``
+    and column tile ``pid_n`` (K split ``program_id(1)``): zeros for the dropped rows, else the K loop
+    and the epilogue (partials, or bias, gate and scatter), for either tile height of the kernel."""
+    rows = row_start + tl.arange(0, BLOCK_M)
+    mask_m = rows < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    dst = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+    out_ptrs = out_ptr + dst[:, None] * stride_om + offs_n[None, :] * stride_on
+    if group == num_experts:
+        # Dropped assignments contribute nothing, but their slot must still be defined.
+        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=mask_out)
+    else:
+        # K range of this program: everything, or split number program_id(1) of a split-K launch.
+        k_begin = tl.program_id(1) * k_per_split
+        k_stop = tl.minimum(k_begin + k_per_split, K)
+        offs_k = k_begin + tl.arange(0, BLOCK_K)
+        # Unmasked row loads read a valid row of h (clamped); rows past the group are never stored.
+        rows_in = rows if MASK_ROWS else tl.minimum(rows, num_rows - 1)
+        h_ptrs = h_ptr + rows_in.to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hk
+        w_base = w_ptr + group.to(tl.int64) * stride_we
+        w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        # TMA: w_desc is W2 as [E * N, K], h_desc (TMA_A) is h ([A, K]); past K and past the last row
+        # read zeros. Rows past the group are the next group's (never stored), so no row mask either.
+        w_row = group * N + pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_per_split, BLOCK_K):
+            if TMA_W:
+                if TMA_A:
+                    a = h_desc.load([row_start, k_begin + k0])
+                elif EVEN_K and not MASK_ROWS:
+                    a = tl.load(h_ptrs)
+                elif EVEN_K:
+                    a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
+                else:
+                    a = tl.load(h_ptrs, mask=mask_m[:, None] & (offs_k < k_stop - k0)[None, :], other=0.0)
+                w = tl.trans(w_desc.load([w_row, k_begin + k0]))
+            elif EVEN_K:
+                if MASK_ROWS:
+                    a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
+                else:
+                    a = tl.load(h_ptrs)
+                if EVEN_N:
+                    w = tl.load(w_ptrs)
+                else:
+                    w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                mask_k = offs_k < k_stop - k0
+                w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            h_ptrs += BLOCK_K * stride_hk
+            w_ptrs += BLOCK_K * stride_wk
+        if SPLIT:
+            # fp32 partial of sorted row r at out[split, r, n]; strides: om = row, on = split plane.
+            part_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * stride_on + rows.to(tl.int64)[:, None] * stride_om
+            tl.store(part_ptrs + offs_n[None, :], acc, mask=mask_out)
+        else:
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + group.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
+                acc += bias.to(tl.float32)[None, :]
+            gate = tl.load(gate_ptr + rows, mask=mask_m, other=0.0).to(tl.float32) * out_scale
+            acc = acc * gate[:, None]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
 def _gemm_scatter_kernel(
     h_ptr,
     order_ptr,
@@ -285,6 +465,7 @@ def _gemm_scatter_kernel(
     GROUP_M: tl.constexpr,
     TMA_A: tl.constexpr,
     TMA_W: tl.constexpr,
+    TAIL_M: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
@@ -294,71 +475,22 @@ def _gemm_scatter_kernel(
     )
     if group > num_experts or (SPLIT and group == num_experts):  # split: the combine writes dropped rows
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    mask_m = rows < row_end
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask_out = mask_m[:, None] & mask_n[None, :]
-    dst = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
-    out_ptrs = out_ptr + dst[:, None] * stride_om + offs_n[None, :] * stride_on
-    if group == num_experts:
-        # Dropped assignments contribute nothing, but their slot must still be defined.
-        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=mask_out)
-        return
-    # K range of this program: everything, or split number program_id(1) of a split-K launch.
-    k_begin = tl.program_id(1) * k_per_split
-    k_stop = tl.minimum(k_begin + k_per_split, K)
-    offs_k = k_begin + tl.arange(0, BLOCK_K)
-    # Unmasked row loads read a valid row of h (clamped); rows past the group are never stored.
-    rows_in = rows if MASK_ROWS else tl.minimum(rows, num_rows - 1)
-    h_ptrs = h_ptr + rows_in.to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hk
-    w_base = w_ptr + group.to(tl.int64) * stride_we
-    w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    # TMA: w_desc is W2 as [E * N, K], h_desc (TMA_A) is h ([A, K]); past K and past the last row
-    # read zeros. Rows past the group are the next group's (never stored), so no row mask either.
-    w_row = group * N + pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_per_split, BLOCK_K):
-        if TMA_W:
-            if TMA_A:
-                a = h_desc.load([row_start, k_begin + k0])
-            elif EVEN_K and not MASK_ROWS:
-                a = tl.load(h_ptrs)
-            elif EVEN_K:
-                a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
-            else:
-                a = tl.load(h_ptrs, mask=mask_m[:, None] & (offs_k < k_stop - k0)[None, :], other=0.0)
-            w = tl.trans(w_desc.load([w_row, k_begin + k0]))
-        elif EVEN_K:
-            if MASK_ROWS:
-                a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
-            else:
-                a = tl.load(h_ptrs)
-            if EVEN_N:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
-        else:
-            mask_k = offs_k < k_stop - k0
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        h_ptrs += BLOCK_K * stride_hk
-        w_ptrs += BLOCK_K * stride_wk
-    if SPLIT:
-        # fp32 partial of sorted row r at out[split, r, n]; strides: om = row, on = split plane.
-        part_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * stride_on + rows.to(tl.int64)[:, None] * stride_om
-        tl.store(part_ptrs + offs_n[None, :], acc, mask=mask_out)
-        return
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + group.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    gate = tl.load(gate_ptr + rows, mask=mask_m, other=0.0).to(tl.float32) * out_scale
-    acc = acc * gate[:, None]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+    # A short last row tile of a group (see kernel A); its rows of h by pointer: h_desc's tiles are
+    # BLOCK_M rows.
+    if TAIL_M > 0 and row_end - row_start <= TAIL_M:
+        _gemm_scatter_tile(
+            h_ptr, order_ptr, gate_ptr, w_ptr, b_ptr, out_ptr, h_desc, w_desc, group, row_start, row_end, pid_n,
+            out_scale, num_rows, num_experts, N, K, stride_hm, stride_hk, stride_we, stride_wn, stride_wk, stride_be,
+            stride_bn, stride_om, stride_on, k_per_split, HAS_BIAS, SPLIT, DOT_PRECISION, DOT_FP32, EVEN_K, EVEN_N,
+            MASK_ROWS, TAIL_M, BLOCK_N, BLOCK_K, False, TMA_W,
+        )  # fmt: skip
+    else:
+        _gemm_scatter_tile(
+            h_ptr, order_ptr, gate_ptr, w_ptr, b_ptr, out_ptr, h_desc, w_desc, group, row_start, row_end, pid_n,
+            out_scale, num_rows, num_experts, N, K, stride_hm, stride_hk, stride_we, stride_wn, stride_wk, stride_be,
+            stride_bn, stride_om, stride_on, k_per_split, HAS_BIAS, SPLIT, DOT_PRECISION, DOT_FP32, EVEN_K, EVEN_N,
+            MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, TMA_A, TMA_W,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -605,6 +737,7 @@ def gather_gemm_act(
         BLOCK_E=_block_e(num_experts),
         GROUP_M=config.group_m,
         USE_TMA=w_desc is not None,
+        TAIL_M=config.tail_m,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch_options(x.device),
@@ -682,6 +815,7 @@ def gemm_scatter(
         GROUP_M=config.group_m,
         TMA_A=h_desc is not None,
         TMA_W=w_desc is not None,
+        TAIL_M=config.tail_m,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch_options(h.device),
