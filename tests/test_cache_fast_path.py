@@ -170,8 +170,12 @@ def test_one_token_steps_run_the_plan_free_kernels_on_the_slots(family, slots, m
             h = protos[(i // 2) % 3 if i % 5 else 3] + 0.01 * torch.randn(d_model, generator=g)
             h = h.view(1, 1, d_model).to(DEVICE)
             want, got = resident(h), cached(h)
-            # Top-1 and top-2 steps: every group sum is rounded as the resident combine rounds it.
-            assert torch.equal(want, got)
+            if DEVICE.type == "cpu":
+                # Top-1 and top-2 steps: every group sum is rounded as the resident combine rounds it.
+                assert torch.equal(want, got)
+            else:
+                # Compiled, a group's kernels (with a keep mask) may fuse multiply-adds differently.
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert calls["slots"] >= 16  # every cached call ran the decode kernels
     if slots == 1:  # top-2 never fits one slot
         assert paths == {"chunked": 16}
