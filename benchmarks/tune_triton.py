@@ -122,6 +122,7 @@ def _time(fn, warmup_ms: int, rep_ms: int) -> float:
 def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
     best, best_ms = None, float("inf")
     by_tma: dict[int, float] = {}
+    by_tail: dict[int, float] = {}
     for cfg in candidates:
         fn = fn_for(cfg)
         try:
@@ -132,6 +133,7 @@ def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
             continue
         ms = _time(fn, warmup_ms, rep_ms)
         by_tma[cfg.tma] = min(ms, by_tma.get(cfg.tma, float("inf")))
+        by_tail[cfg.tail_m] = min(ms, by_tail.get(cfg.tail_m, float("inf")))
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
@@ -139,6 +141,9 @@ def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
     if len(by_tma) > 1:  # the A/B of the load paths, side by side in one run
         names = {0: "without TMA", 1: "with TMA", 2: "with TMA for the weights only"}
         print(f"  {label}: " + ", ".join(f"best {names[t]} {ms:.4f} ms" for t, ms in sorted(by_tma.items())))
+    if len(by_tail) > 1:  # the same for the tail tile heights
+        heights = ", ".join(f"best tail_m={t} {ms:.4f} ms" for t, ms in sorted(by_tail.items()))
+        print(f"  {label}: {heights}")
     return best, best_ms
 
 
