@@ -124,7 +124,7 @@ def optimize(
             the experts are taken over, no second copy) or load on the CPU and call
             ``hf_moe_opt.cache.move_dense(model, "cuda")`` first. See ``hf_moe_opt.stats(model)``.
         cache_policy: the eviction policy, one of ``hf_moe_opt.cache.POLICY_NAMES`` (``"lifo"``,
-            the paper's, ``"fifo"``, ``"lru"``, ``"lfu"``, ``"lfru"``).
+            the paper's, ``"fifo"``, ``"lru"``, ``"lfu"``, ``"lfru"``, ``"adaptive"``).
         pinned_experts: experts never evicted: ``{layer name: [expert ids]}`` or one list for every layer.
 
     Returns:

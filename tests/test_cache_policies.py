@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from hf_moe_opt.cache import (
     POLICY_NAMES,
+    AdaptiveLFUPolicy,
     BeladyPolicy,
     EvictionPolicy,
     LFRUPolicy,
@@ -123,6 +124,99 @@ def test_lfru_uses_token_counts():
     flat = make_policy("lfru", 2, 3, half_life=1000.0, count_weight=0.0)
     flat.step([0, 1], [9, 1])
     assert flat.step([2], [4]).evicted == (0,)
+
+
+def test_adaptive_counts_a_continued_use_less_than_an_arrival():
+    # 1 arrives three separate times (3 arrivals); 0 arrives once and stays 3 more steps
+    # (1 + 3 * 0.5 = 2.5). When 3 needs a slot, adaptive evicts 0; LFU (4 steps against 3), LRU
+    # (1 is older) and LFRU (0's uses are more recent and more) all evict 1.
+    trace = [[1], [2], [1], [2], [1], [0], [0], [0], [0], [3]]
+    p = make_policy("adaptive", 2, 4)
+    assert run(p, trace) == [(), (), (), (), (), (2,), (), (), (), (0,)]
+    assert p.score(1) == 3.0 and p.changes == ()
+    for other in ("lfu", "lru", "lfru"):
+        assert run(make_policy(other, 2, 4), trace)[-1] == (1,), other
+    # continuation_weight=1 counts every step alike, as LFU does.
+    assert run(make_policy("adaptive", 2, 4, continuation_weight=1.0), trace)[-1] == (1,)
+
+
+def test_adaptive_forgets_the_popularity_before_a_detected_change():
+    # 40 steps alternate 0 and 1, then 2 and 3 take over. LFU keeps the stale 0 or 1 and makes 2 and
+    # 3 evict each other at every step; adaptive detects the change 4 steps in, places its start
+    # at step 40 (where a candidate regime opened), and from then on keeps 2 and 3.
+    trace = [[0], [1]] * 20 + [[2], [3]] * 10 + [[4]]
+    p = make_policy("adaptive", 3, 6)
+    evicted = run(p, trace)
+    assert [(t, e) for t, e in enumerate(evicted) if e] == [(41, (2,)), (42, (3,)), (43, (2,)), (44, (0,)), (60, (1,))]
+    assert p.changes == (44,) and p.regime_start == 40
+    assert [p.score(e) for e in range(6)] == [0.0, 0.0, 10.0, 10.0, 1.0, 0.0]
+    lfu = run(make_policy("lfu", 3, 6), trace)
+    assert all(lfu[t] in ((2,), (3,)) for t in range(41, 61))  # thrashes between 2 and 3
+    assert run(make_policy("lru", 3, 6), trace)[41] == (0,)  # LRU drops 0 at the first miss
+
+
+def test_adaptive_detects_no_change_in_a_fixed_popularity():
+    tr = synthetic_trace(64, 2, 8, 1500, zipf_s=1.0, stickiness=0.5, seed=11)
+    p = make_policy("adaptive", 16, 64)
+    for step, counts in zip(tr.steps, tr.counts, strict=True):
+        p.step(step, counts)
+    assert p.changes == () and p.regime_start == 0
+
+
+def test_adaptive_pinned_experts_stay_through_changes():
+    tr = synthetic_trace(16, 2, 4, 600, reshuffle_every=100, seed=4)
+    p = make_policy("adaptive", 5, 16, pinned=[3, 7])
+    for step in tr.steps:
+        out = p.step(step)
+        assert not {3, 7} & set(out.evicted)
+        assert all(ld.slot >= 2 for ld in out.loads if ld.expert not in (3, 7))
+    assert p.changes  # the reshuffles were detected
+    assert p.slot_of(3) == 0 and p.slot_of(7) == 1
+
+
+def test_adaptive_reset_forgets_everything():
+    tr = synthetic_trace(16, 2, 4, 400, reshuffle_every=100, seed=5)
+    used = make_policy("adaptive", 4, 16)
+    for step in tr.steps:
+        used.step(step)
+    assert used.changes and used.resident
+    used.reset()
+    assert used.changes == () and used.regime_start == 0 and used.steps_seen == 0 and not used.resident
+    assert all(used.score(e) == 0.0 for e in range(16))
+    fresh = make_policy("adaptive", 4, 16)
+    assert [used.step(s) for s in tr.steps] == [fresh.step(s) for s in tr.steps]
+    assert used.changes == fresh.changes
+
+
+def test_adaptive_oversubscribed_step_evicts_finished_experts_by_count():
+    # 2 arrives twice, 1 once (in this step). Chunk 1 evicts the finished 1 before 2, where LRU
+    # evicts 2 first (routed first).
+    p = make_policy("adaptive", 2, 5)
+    for step in ([2], [0], [2], [0]):
+        p.step(step)
+    out = p.step([2, 1, 3, 4])
+    assert out.hits == (2,) and out.misses == (1, 3, 4)
+    assert out.chunks == ((2, 1), (3, 4))
+    assert out.evicted == (0, 1, 2)
+    assert [ld.chunk for ld in out.loads] == [0, 1, 1]
+    lru = make_policy("lru", 2, 5)
+    for step in ([2], [0], [2], [0]):
+        lru.step(step)
+    assert lru.step([2, 1, 3, 4]).evicted == (0, 2, 1)
+
+
+@settings(max_examples=3, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_adaptive_beats_lfu_when_popularity_shifts(seed):
+    tr = synthetic_trace(64, 2, 8, 600, zipf_s=1.0, stickiness=0.5, reshuffle_every=150, seed=seed)
+    assert simulate(tr, "adaptive", 16).hit_rate > simulate(tr, "lfu", 16).hit_rate
+
+
+def test_adaptive_options_pass_through_make_policy():
+    p = make_policy("adaptive", 4, 8, threshold=5.0, continuation_weight=0.25, restart_every=4, horizon=64)
+    assert isinstance(p, AdaptiveLFUPolicy)
+    assert (p.threshold, p.continuation_weight, p.restart_every, p.horizon) == (5.0, 0.25, 4, 64)
+    assert "horizon=64" in repr(p)
 
 
 def test_repeated_ids_in_a_step_count_once_and_merge_counts():
@@ -418,6 +512,12 @@ def test_as_trace_merges_repeats_and_infers_experts():
         (dict(name="lru", num_slots=2, num_experts=4, half_life=3.0), "takes no options"),
         (dict(name="lfru", num_slots=2, num_experts=4, decay=3.0), "does not take"),
         (dict(name="lfru", num_slots=2, num_experts=4, half_life=0.0), "half_life"),
+        (dict(name="adaptive", num_slots=2, num_experts=4, half_life=3.0), "does not take"),
+        (dict(name="adaptive", num_slots=2, num_experts=4, threshold=0.0), "threshold"),
+        (dict(name="adaptive", num_slots=2, num_experts=4, continuation_weight=1.5), "continuation_weight"),
+        (dict(name="adaptive", num_slots=2, num_experts=4, restart_every=0), "restart_every"),
+        (dict(name="adaptive", num_slots=2, num_experts=4, restart_every=2.5), "restart_every"),
+        (dict(name="adaptive", num_slots=2, num_experts=4, horizon=15), "horizon"),
     ],
 )
 def test_make_policy_errors(kwargs, match):

@@ -1,7 +1,7 @@
 """Expert buffering: which experts of a MoE layer keep the GPU slots, and the cache that serves them.
 
 ``policies`` ranks eviction candidates online (``lifo`` from the paper, ``fifo``, ``lru``, ``lfu``,
-``lfru``), ``belady`` is the offline optimum, ``simulate`` replays routing traces through them and
+``lfru``, ``adaptive``), ``belady`` is the offline optimum, ``simulate`` replays routing traces through them and
 ``traces`` draws synthetic traces or converts recorded routing. ``store`` is the weight cache
 behind ``optimize(model, expert_cache=...)`` (``CachedExpertStore``), ``budget`` splits a byte budget
 into slots, ``offload`` prepares models larger than the GPU.
@@ -12,6 +12,7 @@ from .budget import CacheBudget, allot_slots, effective_experts, parse_bytes
 from .offload import expert_module_names, move_dense, offload_device_map, take_over_offloaded_experts
 from .policies import (
     POLICY_NAMES,
+    AdaptiveLFUPolicy,
     EvictionPolicy,
     FIFOPolicy,
     LFRUPolicy,
@@ -36,6 +37,7 @@ from .traces import (
 
 __all__ = [
     "POLICY_NAMES",
+    "AdaptiveLFUPolicy",
     "BeladyPolicy",
     "CacheBudget",
     "CacheSimResult",

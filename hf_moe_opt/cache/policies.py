@@ -39,6 +39,11 @@ Policies (``make_policy`` names):
   least recently used). Token counts, when given, raise the weight of heavily used experts. This is
   the combined recency/frequency value of LRFU (Lee et al., 2001): a short half-life behaves like
   LRU, a long one like LFU.
+* ``"adaptive"`` — LFU that forgets when the routing popularity changes: it counts uses since the
+  last change it detected (a likelihood-ratio test on the experts each step newly needs) and evicts
+  the expert with the smallest count (ties: least recently used). With a fixed popularity it keeps
+  LFU's long memory; after a change it drops the stale counts within a few steps, where a decayed
+  score (``"lfru"``) has to compromise between the two.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 __all__ = [
+    "AdaptiveLFUPolicy",
     "EvictionPolicy",
     "FIFOPolicy",
     "LFRUPolicy",
@@ -150,6 +156,8 @@ class EvictionPolicy(ABC):
     """
 
     name: ClassVar[str] = ""
+    options: ClassVar[tuple[str, ...]] = ()
+    """Keyword options the constructor takes (what :func:`make_policy` passes through)."""
 
     def __init__(self, num_slots: int, num_experts: int, pinned: Iterable[int] = ()) -> None:
         num_slots, num_experts = int(num_slots), int(num_experts)
@@ -419,6 +427,7 @@ class LFRUPolicy(EvictionPolicy):
     """
 
     name = "lfru"
+    options = ("half_life", "count_weight")
 
     def __init__(
         self,
@@ -469,8 +478,159 @@ class LFRUPolicy(EvictionPolicy):
         return f"{super().__repr__()[:-1]}, half_life={self.half_life}, count_weight={self.count_weight})"
 
 
+class AdaptiveLFUPolicy(EvictionPolicy):
+    """LFU over the current popularity regime: uses are counted since the last detected change.
+
+    The victim is the expert with the fewest uses since the current regime began (ties: least
+    recently used): an estimate of each expert's popularity now. Frequencies from before a change in
+    the router's popularity only mislead, and a decayed score (``"lfru"``) forgets them no faster in
+    a change than in a stable stretch, so this policy detects changes instead:
+
+    * Counting: a step in which an expert is needed adds 1 if the expert was idle in the previous
+      step (a new arrival) and ``continuation_weight`` if it was needed there too (mostly the same
+      tokens staying on their expert, weaker evidence of popularity than a new arrival).
+    * Detection: every ``restart_every`` steps a candidate regime opens; the open candidates began
+      about 1, 2, 4, ... ``restart_every`` steps ago, up to ``horizon`` steps (slow streams need
+      long windows to gather evidence, quick changes short ones). Each step, the experts newly
+      needed (idle in the previous step) are predicted from the counts since the current regime
+      began and, for each candidate, from the counts since it opened (add-one-half estimates over
+      the experts idle in the previous step). A CUSUM of each candidate's log-likelihood ratio
+      accumulates the evidence that popularity changed; when one exceeds ``threshold`` nats (odds
+      ``e**threshold`` to one), the current regime restarts where that candidate opened and the
+      older counts are forgotten. Without a change the longer history predicts better and the
+      statistics stay near zero.
+
+    Token counts are not used: a step's counts only describe experts needed in it, and those are
+    never evicted while an idle expert can go. Cost per step: O(experts needed in this and the
+    previous step) for each open candidate (about ``log2(horizon / restart_every)`` of them), plus
+    a copy of ``num_experts`` counts every ``restart_every`` steps.
+
+    Args:
+        num_slots, num_experts, pinned: as for :class:`EvictionPolicy`.
+        threshold: evidence in nats that restarts the regime; lower reacts sooner to a change and
+            restarts more often by chance.
+        continuation_weight: weight of a use that continues the expert's use from the previous
+            step, in ``[0, 1]`` (1: every step counts alike, as LFU).
+        restart_every: steps between candidate regimes.
+        horizon: steps a candidate stays open at most (how far back a change can be placed).
+    """
+
+    name = "adaptive"
+    options = ("threshold", "continuation_weight", "restart_every", "horizon")
+    _PRIOR = 0.5  # pseudo-count of each expert in the likelihood estimates (Krichevsky-Trofimov)
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_experts: int,
+        pinned: Iterable[int] = (),
+        *,
+        threshold: float = 10.0,
+        continuation_weight: float = 0.5,
+        restart_every: int = 8,
+        horizon: int = 256,
+    ) -> None:
+        if not threshold > 0 or math.isinf(threshold):
+            raise ValueError(f"threshold must be a positive finite number, got {threshold}")
+        if not 0.0 <= continuation_weight <= 1.0:
+            raise ValueError(f"continuation_weight must be in [0, 1], got {continuation_weight}")
+        if restart_every != int(restart_every) or restart_every < 1:
+            raise ValueError(f"restart_every must be a positive integer, got {restart_every}")
+        if horizon != int(horizon) or horizon < 2 * restart_every:
+            raise ValueError(f"horizon must be an integer >= 2 * restart_every ({2 * restart_every}), got {horizon}")
+        self.threshold = float(threshold)
+        self.continuation_weight = float(continuation_weight)
+        self.restart_every = int(restart_every)
+        self.horizon = int(horizon)
+        # A candidate opened at the n-th opening stays open for 2 * 2**v openings, v the number of
+        # trailing zero bits of n (at most _max_level): about one open candidate per doubling of age.
+        self._max_level = max(0, (self.horizon // (2 * self.restart_every)).bit_length() - 1)
+        super().__init__(num_slots, num_experts, pinned)
+
+    def _reset_history(self) -> None:
+        self._count = [0.0] * self.num_experts  # weighted uses since reset()
+        self._total = 0.0
+        self._base: list[float] = self._count.copy()  # _count when the current regime began
+        self._base_total = 0.0
+        self._regime_start = 0
+        self._candidates: list[list] = []  # [_count copy, _total, CUSUM statistic, step, closes at opening]
+        self._openings = 0
+        self._prev: set[int] = set()  # experts needed in the previous step
+        self._last_use: dict[int, int] = {}
+        self._changes: list[int] = []
+
+    @property
+    def regime_start(self) -> int:
+        """The step where the counts of the current regime begin (0 until a change is detected)."""
+        return self._regime_start
+
+    @property
+    def changes(self) -> tuple[int, ...]:
+        """Steps at which a change was detected, oldest first."""
+        return tuple(self._changes)
+
+    def score(self, expert: int) -> float:
+        """The expert's weighted uses since the current regime began (the eviction key)."""
+        return self._count[expert] - self._base[expert]
+
+    def _begin_step(self, order: list[int], counts: dict[int, int] | None) -> None:
+        prev = self._prev
+        if self._candidates:
+            fresh = [e for e in order if e not in prev]
+            if fresh:
+                self._detect(fresh)
+        if self._step % self.restart_every == 0:
+            self._openings = n = self._openings + 1
+            level = min((n & -n).bit_length() - 1, self._max_level)
+            self._candidates = [c for c in self._candidates if c[4] > n]
+            self._candidates.append([self._count.copy(), self._total, 0.0, self._step, n + (2 << level)])
+        count, weight, added = self._count, self.continuation_weight, 0.0
+        for e in order:
+            w = weight if e in prev else 1.0
+            count[e] += w
+            added += w
+        self._total += added
+        self._prev = set(order)
+
+    def _detect(self, fresh: list[int]) -> None:
+        """Add this step's evidence to each candidate's CUSUM; restart the regime past the threshold."""
+        count, prev, prior, log = self._count, self._prev, self._PRIOR, math.log
+        fresh_count = [count[e] + prior for e in fresh]
+        # Every estimate predicts the fresh experts among those idle in the previous step.
+        idle_mass = self._total - sum(map(count.__getitem__, prev)) + prior * (self.num_experts - len(prev))
+
+        def log_likelihood(since: list[float], since_total: float) -> float:
+            norm = idle_mass - since_total + sum(map(since.__getitem__, prev))
+            terms = [c - since[e] for c, e in zip(fresh_count, fresh, strict=True)]
+            return sum(map(log, terms)) - len(terms) * log(max(norm, prior))
+
+        current = log_likelihood(self._base, self._base_total)
+        best = None
+        for cand in self._candidates:
+            cand[2] = max(0.0, cand[2] + log_likelihood(cand[0], cand[1]) - current)
+            if cand[2] > self.threshold and (best is None or cand[2] > best[2]):
+                best = cand
+        if best is not None:
+            self._base, self._base_total, self._regime_start = best[0], best[1], best[3]
+            self._changes.append(self._step)
+            self._candidates = []
+
+    def _on_use(self, expert: int, tick: int, count: int | None) -> None:
+        self._last_use[expert] = tick
+
+    def _choose_victim(self, candidates: list[int]) -> int:
+        count, base, last_use = self._count, self._base, self._last_use
+        return min(candidates, key=lambda e: (count[e] - base[e], last_use[e]))
+
+    def __repr__(self) -> str:
+        return (
+            f"{super().__repr__()[:-1]}, threshold={self.threshold}, continuation_weight={self.continuation_weight}, "
+            f"restart_every={self.restart_every}, horizon={self.horizon})"
+        )
+
+
 _POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (LIFOPolicy, FIFOPolicy, LRUPolicy, LFUPolicy, LFRUPolicy)
+    cls.name: cls for cls in (LIFOPolicy, FIFOPolicy, LRUPolicy, LFUPolicy, LFRUPolicy, AdaptiveLFUPolicy)
 }
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
 """Names :func:`make_policy` accepts."""
@@ -483,11 +643,13 @@ def make_policy(
 
     Args:
         name: one of :data:`POLICY_NAMES` (``"lifo"``, ``"fifo"``, ``"lru"``, ``"lfu"``,
-            ``"lfru"``), case-insensitive.
+            ``"lfru"``, ``"adaptive"``), case-insensitive.
         num_slots: GPU slots for the layer, pinned ones included.
         num_experts: experts in the layer.
         pinned: experts never evicted.
-        **options: policy-specific settings (``half_life``, ``count_weight`` for ``"lfru"``).
+        **options: policy-specific settings (``half_life``, ``count_weight`` for ``"lfru"``;
+            ``threshold``, ``continuation_weight``, ``restart_every``, ``horizon`` for
+            ``"adaptive"``).
 
     Raises:
         ValueError: an unknown name, options the policy does not take, or impossible settings
@@ -497,9 +659,9 @@ def make_policy(
     if key not in _POLICIES:
         raise ValueError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
     cls = _POLICIES[key]
-    if options and cls is not LFRUPolicy:
+    if options and not cls.options:
         raise ValueError(f"policy {key!r} takes no options, got {sorted(options)}")
-    allowed = {"half_life", "count_weight"}
+    allowed = set(cls.options)
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"policy {key!r} does not take {sorted(unknown)}; it takes {sorted(allowed)}")

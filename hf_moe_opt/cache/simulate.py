@@ -41,7 +41,7 @@ def simulate(
         pinned: experts never evicted.
         counts: per-step token counts for a plain trace (a ``RoutingTrace`` carries its own).
         use_counts: pass the token counts to the policy (only ``"lfru"`` looks at them).
-        **options: policy options (``half_life``, ``count_weight`` for ``"lfru"``).
+        **options: policy options (see :func:`~hf_moe_opt.cache.policies.make_policy`).
 
     Returns:
         A :class:`~hf_moe_opt.cache.stats.CacheSimResult`.

@@ -154,7 +154,7 @@ class CachedExpertStore(ExpertStore):
         pinned: experts that are never evicted (they still load on first use).
         pin_memory: page-lock the host copy (falls back to pageable memory where impossible; see
             :attr:`pin_error`).
-        policy_options: extra options for the policy (``half_life``, ``count_weight`` for ``"lfru"``).
+        policy_options: extra options for the policy (see :func:`hf_moe_opt.cache.make_policy`).
 
     Raises:
         ValueError: an unknown policy or impossible slot/pinned settings.
