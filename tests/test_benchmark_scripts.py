@@ -249,9 +249,16 @@ def test_policy_bounds_smoke(tmp_path) -> None:
     assert tuple(s for s, _, _ in drawn) == trace.steps and tuple(c for _, c, _ in drawn) == trace.counts
     assert all(abs(float(m.sum()) - 1.0) < 1e-9 for _, _, m in drawn)
     out = tmp_path / "bounds.json"
-    assert _load("policy_bounds").main(["--out", str(out), "--steps", "150", "--seeds", "0"]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 2
+    settings = ["reshuffle 200", "fixed popularity"]
+    argv = ["--out", str(out), "--steps", "150", "--seeds", "0", "1", "--settings", *settings, "--jobs", "1"]
+    assert _load("policy_bounds").main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["setting"], r["seed"]) for r in rows] == [(s, seed) for s in settings for seed in (0, 1)]
     for row in rows:  # Belady is optimal: no online policy, not even the oracle, beats it
-        assert set(row["belady_minus"]) == {"lfu", "lfru", "oracle_next", "lfru_ensemble"}
+        assert set(row["belady_minus"]) == {"lfu", "lfru", "adaptive", "oracle_next", "lfru_ensemble"}
         assert all(gap >= 0 for gap in row["belady_minus"].values())
+    assert set(result["summary"]) == set(settings)
+    for setting, gaps in result["summary"].items():
+        mine = [r["belady_minus"]["adaptive"] for r in rows if r["setting"] == setting]
+        assert gaps["adaptive"]["max"] == max(mine)
