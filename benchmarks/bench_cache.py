@@ -148,6 +148,8 @@ def cache_totals(stats: dict) -> dict:
         "hidden_copy_fraction": 1.0 - stall_ms / copy_ms if copy_ms else None,
         "slot_bytes": sum(s["slot_bytes"] for s in stats),
         "host_pinned": all(s["host_pinned"] for s in stats),
+        "prefetched": sum(s.get("prefetched", 0) for s in stats),
+        "prefetch_hits": sum(s.get("prefetch_hits", 0) for s in stats),
     }
 
 
@@ -199,14 +201,17 @@ def bench_family(
     shape: tuple[int, int, int, int] | None = None,
     pinned_bytes_per_s: float | None = None,
     repeats: int = 3,
+    prefetch: bool = False,
 ) -> list[dict]:
     """The MoE-only stack (worst case: nothing to hide copies behind) of ``family``'s layer shape.
 
     Each batch size runs every fraction once per round, ``repeats`` rounds; rows give the median run
     (with that run's cache counters) and every run's time. Cached rows carry a floor beside the time:
     ``max(resident time, bytes copied per token / pinned bandwidth)`` -- no policy's misses can be
-    served faster than the host link moves them.
+    served faster than the host link moves them. With ``prefetch`` every cached fraction also runs
+    with the look-ahead (``cache_prefetch=True``), in the same rounds.
     """
+    settings = [(f, False) for f in FRACTIONS] + [(f, True) for f in FRACTIONS if prefetch and f < 1.0]
     torch.manual_seed(0)
     with torch.device(device):
         model = MoEStack(family, num_layers, shape).to(torch.bfloat16).eval()
@@ -214,12 +219,13 @@ def bench_family(
     for batch in (1, 8):
         stream = token_stream(model.d_model, batch, steps + warmup, device, seed=batch)
         # Every setting once per round, rounds repeated: host jitter hits all settings alike; medians.
-        runs: dict[float, list[tuple[float, dict]]] = {f: [] for f in FRACTIONS}
+        runs: dict[tuple[float, bool], list[tuple[float, dict]]] = {s: [] for s in settings}
         for _ in range(repeats):
-            for fraction in FRACTIONS:
+            for fraction, ahead in settings:
                 cached = fraction < 1.0
                 _reset_peak(device)
-                _optimize(model, capacity="none", expert_cache=fraction if cached else None)
+                kwargs = {"expert_cache": fraction, "cache_prefetch": ahead} if cached else {}
+                _optimize(model, capacity="none", **kwargs)
                 if cached:
                     decode_ms(model, stream[:warmup], 0)  # warm the cache, then count the measured steps only
                     hf_moe_opt.reset_stats(model)
@@ -228,10 +234,10 @@ def bench_family(
                 if cached:
                     extra.update(cache_totals(hf_moe_opt.stats(model)))
                 hf_moe_opt.restore(model)
-                runs[fraction].append((ms, extra))
-        resident_ms = statistics.median(ms for ms, _ in runs[1.0])
-        for fraction in FRACTIONS:
-            ordered = sorted(runs[fraction], key=lambda run: run[0])
+                runs[fraction, ahead].append((ms, extra))
+        resident_ms = statistics.median(ms for ms, _ in runs[1.0, False])
+        for fraction, ahead in settings:
+            ordered = sorted(runs[fraction, ahead], key=lambda run: run[0])
             ms, extra = ordered[len(ordered) // 2]  # the median run and its own cache counters
             row = {
                 "family": family,
@@ -239,8 +245,9 @@ def bench_family(
                 "layers": num_layers,
                 "batch": batch,
                 "fraction_resident": fraction,
+                "prefetch": ahead,
                 "ms_per_token": ms,
-                "ms_per_token_runs": [run[0] for run in runs[fraction]],
+                "ms_per_token_runs": [run[0] for run in runs[fraction, ahead]],
                 **extra,
             }
             if fraction < 1.0:
@@ -414,12 +421,19 @@ def plot(result: dict, path: Path) -> None:
     for family in ("switch", "nllb"):
         for batch in (1, 8):
             rows = [r for r in result.get("decode", []) if r["family"] == family and r["batch"] == batch]
-            if rows:
+            resident = [r for r in rows if r["fraction_resident"] == 1.0]
+            for ahead in (False, True):
+                # Look-ahead rows (--prefetch) dashed, each line from the fully resident point.
+                cached = [r for r in rows if r["fraction_resident"] < 1.0 and r.get("prefetch", False) == ahead]
+                part = resident + cached
+                if len(part) <= len(resident):
+                    continue
                 ax.plot(
-                    [r["fraction_resident"] for r in rows],
-                    [r["ms_per_token"] for r in rows],
+                    [r["fraction_resident"] for r in part],
+                    [r["ms_per_token"] for r in part],
                     marker="o",
-                    label=f"{family} ({rows[0]['layers']} layers), batch {batch}",
+                    linestyle="--" if ahead else "-",
+                    label=f"{family} ({rows[0]['layers']} layers), batch {batch}" + (", look-ahead" if ahead else ""),
                 )
     ax.set(
         xlabel="fraction of experts resident",
@@ -490,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60, help="MoE-only stack: measured decode steps")
     p.add_argument("--warmup", type=int, default=10, help="MoE-only stack: warm-up steps")
     p.add_argument("--stack-repeats", type=int, default=3, help="MoE-only stack: rounds over the settings")
+    p.add_argument(
+        "--prefetch", action="store_true", help="MoE-only stack: cached fractions also with cache_prefetch=True"
+    )
     p.add_argument("--models", nargs="+", choices=list(MODEL_LAYERS), default=list(MODEL_LAYERS))
     p.add_argument("--model-batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--policies", nargs="+", choices=POLICY_NAMES, default=["lifo", "lfru"])
@@ -525,7 +542,15 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
             shape = SMOKE_SHAPES[family] if args.smoke else None
             pinned = result["bandwidth"].get("pinned_h2d_bytes_per_s")
             result["decode"] += bench_family(
-                family, layers, device, args.steps, args.warmup, shape, pinned, 1 if args.smoke else args.stack_repeats
+                family,
+                layers,
+                device,
+                args.steps,
+                args.warmup,
+                shape,
+                pinned,
+                1 if args.smoke else args.stack_repeats,
+                args.prefetch,
             )
     if "model" in args.parts:
         result["model_decode_setup"] = {

@@ -78,6 +78,8 @@ def optimize(
     expert_cache=None,
     cache_policy: str = "lifo",
     pinned_experts=None,
+    cache_policy_options: dict | None = None,
+    cache_prefetch: bool = False,
 ) -> nn.Module:
     """Replace every supported sparse MoE block of ``model`` in place with :class:`OptimizedMoE`.
 
@@ -126,6 +128,12 @@ def optimize(
         cache_policy: the eviction policy, one of ``hf_moe_opt.cache.POLICY_NAMES`` (``"lifo"``,
             the paper's, ``"fifo"``, ``"lru"``, ``"lfu"``, ``"lfru"``, ``"adaptive"``).
         pinned_experts: experts never evicted: ``{layer name: [expert ids]}`` or one list for every layer.
+        cache_policy_options: keyword options of the policy (e.g. ``{"half_life": 32}`` for ``"lfru"``;
+            see each policy class in ``hf_moe_opt.cache.policies``); unknown ones raise ``ValueError``.
+        cache_prefetch: look-ahead: while a cached layer computes a decode step, it predicts the next
+            cached layer's experts (that layer's router applied to this layer's input) and starts
+            their copies, so that they overlap with the compute in between. Outputs never change; a
+            wrong guess costs a copy. ``stats`` reports ``prefetched`` and ``prefetch_hits``.
 
     Returns:
         ``model``, modified in place. Parameter names and values are unchanged.
@@ -162,9 +170,24 @@ def optimize(
             raise ValueError("expert_cache= cannot be combined with placement=/expert_parallel= yet")
         from .cache.setup import plan_expert_cache
 
-        cache_plan = plan_expert_cache([(b[0], b[3]) for b in blocks], expert_cache, cache_policy, pinned_experts)
-    elif pinned_experts is not None or str(cache_policy).lower() != "lifo":
-        raise ValueError("cache_policy= and pinned_experts= take effect only with expert_cache=")
+        cache_plan = plan_expert_cache(
+            [(b[0], b[3]) for b in blocks],
+            expert_cache,
+            cache_policy,
+            pinned_experts,
+            policy_options=cache_policy_options,
+            prefetch=cache_prefetch,
+        )
+    elif (
+        pinned_experts is not None
+        or str(cache_policy).lower() != "lifo"
+        or cache_policy_options is not None
+        or cache_prefetch is not False
+    ):
+        raise ValueError(
+            "cache_policy=, cache_policy_options=, pinned_experts= and cache_prefetch= take effect only with "
+            "expert_cache="
+        )
     for name, _, _, block, _ in blocks:
         if placer is None:
             _check_block_weights(name, block)

@@ -556,3 +556,62 @@ def test_trace_and_simulate_errors():
         RoutingTrace(((0, 0),), None, 2)
     with pytest.raises(ValueError, match="2-D|matrix"):
         trace_from_counts(np.zeros(3))
+
+
+# --------------------------------------------------------------------------- look-ahead (prefetch)
+def test_prefetch_fills_free_slots_then_evicts_by_the_policy():
+    p = make_policy("lru", 3, 8)
+    assert [(ld.expert, ld.slot, ld.evicted) for ld in p.prefetch([5, 6])] == [(5, 0, None), (6, 1, None)]
+    assert p.steps_seen == 0 and p.resident == {5, 6}
+    for step in ([5], [6], [7]):
+        p.step(step)
+    # LRU: 5 was used longest ago among the residents outside the prefetch set.
+    assert [(ld.expert, ld.evicted) for ld in p.prefetch([2])] == [(2, 5)]
+    out = p.step([2])
+    assert out.hits == (2,) and out.loads == ()
+
+
+def test_prefetch_never_evicts_an_expert_it_prefetches_or_a_pinned_one():
+    p = make_policy("lifo", 3, 8, pinned=[4])
+    assert [(ld.expert, ld.slot, ld.evicted) for ld in p.prefetch([4])] == [(4, 0, None)]
+    p.step([0])
+    p.step([1])
+    # Wanted 1 (resident), 2 and 3: 2 takes LIFO's victim among {0} (1 is wanted, 4 pinned); then no
+    # candidate is left for 3, so it is skipped.
+    loads = p.prefetch([1, 2, 3])
+    assert [(ld.expert, ld.evicted) for ld in loads] == [(2, 0)]
+    assert p.resident == {4, 1, 2}
+    assert p.prefetch([1, 2]) == ()
+    with pytest.raises(ValueError, match="out of range"):
+        p.prefetch([8])
+
+
+def test_prefetch_is_no_use_for_frequency_policies():
+    # LFU: a prefetched expert that the next steps do not need keeps frequency 0 and goes first.
+    p = make_policy("lfu", 2, 6)
+    for step in ([0], [0], [1]):
+        p.step(step)
+    assert [(ld.expert, ld.evicted) for ld in p.prefetch([2])] == [(2, 1)]
+    p.step([0])
+    assert p.step([3]).evicted == (2,)
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_prefetch_interleaved_with_steps_keeps_the_slot_map_consistent(name):
+    rng = np.random.default_rng(7)
+    p = make_policy(name, 4, 12, pinned=[11])
+    for _ in range(300):
+        guess = [int(e) for e in rng.choice(12, size=rng.integers(1, 4), replace=False)]
+        before = p.resident
+        loads = p.prefetch(guess)
+        assert {ld.evicted for ld in loads if ld.evicted is not None}.isdisjoint(set(guess) | {11})
+        assert all(ld.expert in p.resident for ld in loads) and before - p.resident <= before - set(guess)
+        assert p.resident - before == {ld.expert for ld in loads if ld.expert not in before}
+        step = [int(e) for e in rng.choice(12, size=rng.integers(1, 3), replace=False)]
+        resident = p.resident
+        out = p.step(step)
+        assert set(out.hits) == {e for e in step if e in resident}
+        slots = [p.slot_of(e) for e in p.resident]
+        assert len(set(slots)) == len(slots) and all(0 <= s < 4 for s in slots)
+        if 11 in p.resident:
+            assert p.slot_of(11) == 0

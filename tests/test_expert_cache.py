@@ -236,6 +236,10 @@ def test_allotment():
         ({"expert_cache": 2, "pinned_experts": [9]}, "out of range"),
         ({"cache_policy": "lru"}, "only with expert_cache"),
         ({"pinned_experts": [0]}, "only with expert_cache"),
+        ({"cache_prefetch": True}, "only with expert_cache"),
+        ({"cache_policy_options": {"half_life": 8}}, "only with expert_cache"),
+        ({"expert_cache": 2, "cache_policy": "lru", "cache_policy_options": {"half_life": 8}}, "takes no options"),
+        ({"expert_cache": 2, "cache_policy": "lfru", "cache_policy_options": {"speed": 1}}, "does not take"),
         ({"expert_cache": "lots"}, "cannot read"),
     ],
 )
@@ -251,7 +255,89 @@ def test_type_errors():
     for bad in [True, [1, 2], {"a": 1}]:
         with pytest.raises(TypeError):
             hf_moe_opt.optimize(model, expert_cache=bad)
+    with pytest.raises(TypeError, match="cache_prefetch"):
+        hf_moe_opt.optimize(model, expert_cache=2, cache_prefetch="yes")
+    with pytest.raises(TypeError, match="cache_policy_options"):
+        hf_moe_opt.optimize(model, expert_cache=2, cache_policy_options=[("half_life", 8)])
     assert not hf_moe_opt.is_optimized(model)
+
+
+def test_policy_options_reach_every_layer():
+    model = tiny_switch(num_experts=NUM_EXPERTS).to(DEVICE)
+    _quiet_optimize(model, expert_cache=3, cache_policy="lfru", cache_policy_options={"half_life": 7.0})
+    policies = [layer.store.policy for _, layer in hf_moe_opt.optimized_layers(model)]
+    assert policies and all(p.name == "lfru" and "half_life=7.0" in repr(p) for p in policies)
+
+
+def _decode_like_inputs(d_model: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """One token per call from a few recurring prototypes: decode steps whose experts recur."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(4, d_model, generator=g)
+    picks = torch.randint(0, 4, (steps,), generator=g)
+    return [(protos[i] + 0.01 * torch.randn(d_model, generator=g)).view(1, 1, d_model) for i in picks]
+
+
+class _Stack(torch.nn.Module):
+    """A model's sparse blocks applied one after another with residuals (what decode steps see)."""
+
+    def __init__(self, blocks, config):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.config = config
+
+    def forward(self, x):
+        for block in self.blocks:
+            out = block(x)
+            x = x + (out[0] if isinstance(out, tuple) else out)
+        return x
+
+
+@pytest.mark.parametrize("family", ["switch", "nllb"])
+@pytest.mark.parametrize("policy", ["lifo", "adaptive"])
+def test_prefetch_keeps_outputs_and_loads_ahead(family, policy):
+    """Look-ahead: each layer guesses the next cached layer's experts from its own input and loads them
+    early. Outputs stay the resident layers'; the guesses are counted and (mostly) used."""
+    base = FAMILIES[family](num_experts=NUM_EXPERTS, sparse_step=1, expert_capacity=64)
+    sparse = [m for m in base.modules() if type(m).__name__.endswith("SparseMLP")]
+    stack = _Stack([copy.deepcopy(m) for m in sparse[:3]], base.config).to(DEVICE).eval()
+    # Later layers route like the first one (copied routers), so the guesses can be right.
+    for block in stack.blocks[1:]:
+        block.router.load_state_dict(stack.blocks[0].router.state_dict())
+    resident, plain = copy.deepcopy(stack), copy.deepcopy(stack)
+    hf_moe_opt.optimize(resident, capacity="none", backend="torch")
+    _quiet_optimize(plain, expert_cache=2, cache_policy=policy, backend="torch")
+    _quiet_optimize(stack, expert_cache=2, cache_policy=policy, backend="torch", cache_prefetch=True)
+    stores = [layer.store for _, layer in hf_moe_opt.optimized_layers(stack)]
+    assert all(s.prefetch and s._predictor is not None for s in stores)
+    d_model = stores[0].weights.w1.tensor.shape[2]
+    with torch.no_grad():
+        for h in _decode_like_inputs(d_model, 40, seed=3):
+            h = h.to(DEVICE)
+            want = resident(h)
+            assert torch.equal(plain(h), want)
+            assert torch.equal(stack(h), want)
+    # The chain of calls was learned: layer i runs before layer i + 1, the last before the first.
+    assert [s._next() for s in stores] == stores[1:] + stores[:1]
+    stats = hf_moe_opt.stats(stack)
+    assert sum(v["prefetched"] for v in stats.values()) > 0
+    assert sum(v["prefetch_hits"] for v in stats.values()) > 0
+    plain_stats = hf_moe_opt.stats(plain)
+    assert all(v["prefetched"] == 0 and v["prefetch_hits"] == 0 for v in plain_stats.values())
+    # Loads ahead of the step turn some of the step's misses into hits.
+    misses = sum(v["misses"] for v in stats.values())
+    assert misses < sum(v["misses"] for v in plain_stats.values())
+
+
+def test_prefetch_generate_identical_tokens():
+    base = tiny_switch(num_experts=NUM_EXPERTS, sparse_step=1).to(DEVICE)
+    resident, cached = copy.deepcopy(base), copy.deepcopy(base)
+    hf_moe_opt.optimize(resident, capacity="none")
+    _quiet_optimize(cached, expert_cache=2, cache_prefetch=True)
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    kw = {"max_new_tokens": 8, "do_sample": False}
+    with torch.no_grad():
+        assert torch.equal(resident.generate(ids, **kw), cached.generate(ids, **kw))
+    assert sum(v["prefetched"] for v in hf_moe_opt.stats(cached).values()) > 0
 
 
 def test_router_on_cpu_while_cuda_present_is_explained(monkeypatch):

@@ -298,6 +298,43 @@ class EvictionPolicy(ABC):
             chunks.append(tuple(members))
         return StepOutcome(tuple(hits), tuple(misses), tuple(loads), tuple(chunks))
 
+    def prefetch(self, experts: Iterable[int]) -> tuple[Load, ...]:
+        """Make room for experts expected in the next step (look-ahead), before it is known.
+
+        Each expert of ``experts`` not yet resident gets a slot: a pinned one its reserved slot, an
+        unpinned one a free slot, else a victim's, ranked by the policy among the resident unpinned
+        experts outside ``experts``; with no such candidate left the rest is skipped. A prefetch is a
+        load (it updates load order) but neither a step nor a use: a wrong guess leaves the
+        frequencies and recencies the policy ranks by untouched. Returns the loads (chunk 0).
+        """
+        wanted = list(dict.fromkeys(int(e) for e in experts))
+        for e in wanted:
+            if not 0 <= e < self.num_experts:
+                raise ValueError(f"expert id {e} out of range [0, {self.num_experts})")
+        keep = set(wanted)
+        loads: list[Load] = []
+        for e in wanted:
+            if e in self._slot_of:
+                continue
+            if e in self._pinned_slot:
+                self._slot_of[e] = self._pinned_slot[e]
+                loads.append(Load(e, self._pinned_slot[e], None, 0))
+                continue
+            if self._free:
+                slot, victim = self._free.pop(), None
+            else:
+                candidates = [r for r in self._slot_of if r not in self._pinned_slot and r not in keep]
+                if not candidates:
+                    break
+                victim = self._choose_victim(candidates)
+                slot = self._slot_of.pop(victim)
+                self._on_evict(victim)
+            self._slot_of[e] = slot
+            self._seq += 1
+            self._on_load(e, self._seq)
+            loads.append(Load(e, slot, victim, 0))
+        return tuple(loads)
+
     def _take_slot(self, step_set: set[int], done: set[int]) -> tuple[int, int | None]:
         """A slot for one unpinned load: a free one, else a victim's."""
         if self._free:
@@ -389,7 +426,8 @@ class LRUPolicy(EvictionPolicy):
         self._last_use[expert] = tick
 
     def _choose_victim(self, candidates: list[int]) -> int:
-        return min(candidates, key=self._last_use.__getitem__)
+        # A prefetched expert may be resident without a use yet: it ranks as never used.
+        return min(candidates, key=lambda e: self._last_use.get(e, -1))
 
 
 class LFUPolicy(EvictionPolicy):
@@ -410,7 +448,7 @@ class LFUPolicy(EvictionPolicy):
         self._last_use[expert] = tick
 
     def _choose_victim(self, candidates: list[int]) -> int:
-        return min(candidates, key=lambda e: (self._freq[e], self._last_use[e]))
+        return min(candidates, key=lambda e: (self._freq.get(e, 0), self._last_use.get(e, -1)))
 
 
 class LFRUPolicy(EvictionPolicy):
@@ -472,7 +510,7 @@ class LFRUPolicy(EvictionPolicy):
         self._last_use[expert] = tick
 
     def _choose_victim(self, candidates: list[int]) -> int:
-        return min(candidates, key=lambda e: (self.score(e), self._last_use[e]))
+        return min(candidates, key=lambda e: (self.score(e), self._last_use.get(e, -1)))
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, half_life={self.half_life}, count_weight={self.count_weight})"
@@ -620,7 +658,7 @@ class AdaptiveLFUPolicy(EvictionPolicy):
 
     def _choose_victim(self, candidates: list[int]) -> int:
         count, base, last_use = self._count, self._base, self._last_use
-        return min(candidates, key=lambda e: (count[e] - base[e], last_use[e]))
+        return min(candidates, key=lambda e: (count[e] - base[e], last_use.get(e, -1)))
 
     def __repr__(self) -> str:
         return (

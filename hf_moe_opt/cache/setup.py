@@ -94,6 +94,8 @@ class ExpertCachePlan:
     slots: dict[str, int]
     pinned: dict[str, tuple[int, ...]]
     devices: dict[str, torch.device]
+    policy_options: dict[str, Any] | None = None
+    prefetch: bool = False
 
     def attach(self, layers: Sequence[tuple[str, nn.Module]]) -> dict[str, CachedExpertStore]:
         """Give every layer a :class:`CachedExpertStore`; warns once if pinned memory was unavailable."""
@@ -105,7 +107,10 @@ class ExpertCachePlan:
                 self.devices[name],
                 policy=self.policy,
                 pinned=self.pinned.get(name, ()),
+                policy_options=self.policy_options,
             )
+            if self.prefetch:
+                store.enable_prefetch(getattr(layer, "router", None))
             layer.store = store
             stores[name] = store
         errors = {s.pin_error for s in stores.values() if s.pin_error}
@@ -121,7 +126,13 @@ class ExpertCachePlan:
 
 
 def plan_expert_cache(
-    blocks: Sequence[tuple[str, nn.Module]], expert_cache: Any, cache_policy: str, pinned_experts: Any
+    blocks: Sequence[tuple[str, nn.Module]],
+    expert_cache: Any,
+    cache_policy: str,
+    pinned_experts: Any,
+    *,
+    policy_options: Mapping[str, Any] | None = None,
+    prefetch: bool = False,
 ) -> ExpertCachePlan:
     """Check ``optimize``'s cache options against the model's sparse blocks and plan the slots.
 
@@ -131,16 +142,21 @@ def plan_expert_cache(
         ValueError / TypeError: the messages say what to change.
     """
     policy = check_policy(cache_policy)
+    if policy_options is not None and not isinstance(policy_options, Mapping):
+        raise TypeError(f"cache_policy_options must be a dict of keyword options, got {type(policy_options).__name__}")
+    options = dict(policy_options or {})
+    if not isinstance(prefetch, bool):
+        raise TypeError(f"cache_prefetch must be True or False, got {prefetch!r}")
     names = [n for n, _ in blocks]
     pinned = _normalise_pinned(pinned_experts, names)
     geometry = [_geometry(n, b, len(pinned.get(n, ()))) for n, b in blocks]
     slots = slots_per_layer(expert_cache, geometry)
     for g, s in zip(geometry, slots, strict=True):
         try:
-            make_policy(policy, s, g.num_experts, pinned.get(g.name, ()))
+            make_policy(policy, s, g.num_experts, pinned.get(g.name, ()), **options)
         except ValueError as err:
             raise ValueError(f"{g.name}: {err}") from None
     devices = {n: _compute_device(n, b) for n, b in blocks}
     for n, b in blocks:
         take_over_offloaded_experts(n, b)
-    return ExpertCachePlan(policy, dict(zip(names, slots, strict=True)), pinned, devices)
+    return ExpertCachePlan(policy, dict(zip(names, slots, strict=True)), pinned, devices, options or None, prefetch)

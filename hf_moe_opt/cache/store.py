@@ -62,11 +62,13 @@ unavailable: the weights stay in pageable memory and :attr:`CachedExpertStore.pi
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterable
 from itertools import compress
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..dispatch import DispatchPlan, make_plan
 from ..experts.activation import Activation
@@ -83,6 +85,8 @@ HOST_CHOICES_MAX = 256
 # Steps with fewer assignments than this wait for their loads and run all their experts as one group:
 # computing the hits while the misses copy saves less than the second group's launches cost the host.
 OVERLAP_MIN_ASSIGNMENTS = 64
+# The cached store that ran last on each device: the next one to run learns its predecessor from it.
+_LAST_STORE: dict[torch.device, weakref.ref] = {}
 # Resolve finished CUDA timing events once this many are pending.
 _MAX_PENDING_EVENTS = 256
 
@@ -189,6 +193,15 @@ class CachedExpertStore(ExpertStore):
         self._key_params = [p for s in self.weights.stacks() for p in (s.params[0], s.params[-1])]
         self._checked_key: list[int] | None = None  # _weights_key() when last found current
         self._expert_ids = range(num_experts)
+        # Look-ahead (enable_prefetch): the cached layer that ran after this one last time, the router
+        # that predicts this layer's experts, its top-k, and the experts a predecessor prefetched here.
+        self.prefetch = False
+        self._next: weakref.ref | None = None
+        self._predictor: nn.Module | None = None
+        self._top_k = 0
+        self._prefetched: frozenset[int] = frozenset()
+        self._prefetch_done: torch.cuda.Event | None = None
+        self._last_compute: torch.cuda.Event | None = None
         self.reset_stats()
 
     # ---------------------------------------------------------------- memory
@@ -242,6 +255,8 @@ class CachedExpertStore(ExpertStore):
         self._table_np = self._table_host.numpy()
         self._table = self._table_host.to(self.device, copy=True)  # a copy on the CPU too: one code path
         self._table_stale = False
+        self._prefetched = frozenset()  # a look-ahead's loads are forgotten with the slots
+        self._prefetch_done = None
 
     def _slot_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         if self._views is None:
@@ -306,6 +321,8 @@ class CachedExpertStore(ExpertStore):
         self._misses = 0
         self._evictions = 0
         self._chunked_steps = 0
+        self._prefetches = 0
+        self._prefetch_hits = 0
         self._bytes = 0
         self._copy_ms = 0.0
         self._stall_ms = 0.0
@@ -332,7 +349,9 @@ class CachedExpertStore(ExpertStore):
         ``misses`` (= loads), ``hit_rate``, ``evictions``, ``chunked_steps`` (steps that needed more
         experts than slots), ``bytes_copied``, ``copy_time_ms`` (time the copies took on the copy
         stream), ``stall_time_ms`` (time the compute waited for copies), ``resident`` (sorted
-        expert ids), ``device``, ``host_pinned``, ``slot_bytes``.
+        expert ids), ``device``, ``host_pinned``, ``slot_bytes``, ``prefetched`` (loads made ahead
+        by the look-ahead, see :meth:`enable_prefetch`; their bytes are in ``bytes_copied``) and
+        ``prefetch_hits`` (needed experts that a look-ahead had loaded just before the step).
         """
         self._resolve_events(wait=True)
         accesses = self._hits + self._misses
@@ -354,11 +373,17 @@ class CachedExpertStore(ExpertStore):
             "device": str(self.device),
             "host_pinned": self.host_pinned,
             "slot_bytes": self.slot_nbytes,
+            "prefetched": self._prefetches,
+            "prefetch_hits": self._prefetch_hits,
         }
 
     # ----------------------------------------------------------------- copies
-    def _issue(self, loads: list[Load]) -> torch.cuda.Event | None:
-        """Copy ``loads`` into their slots; on CUDA asynchronously, returning the completion event."""
+    def _issue(self, loads: list[Load], after: torch.cuda.Event | None = None) -> torch.cuda.Event | None:
+        """Copy ``loads`` into their slots; on CUDA asynchronously, returning the completion event.
+
+        The copies wait for the compute queued so far (it may read the victims' slots), or, with
+        ``after``, only for that event (a prefetch: the victims were last read by this layer's own
+        compute, recorded in ``after``, not by the layer running now)."""
         hosts = self._host_tensors()
         nbytes = self.expert_nbytes * len(loads)
         self._bytes += nbytes
@@ -383,7 +408,10 @@ class CachedExpertStore(ExpertStore):
             return None
         stream = _copy_stream(self.device)
         # The victims' slots may still be read by compute queued before this point.
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        if after is None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        else:
+            stream.wait_event(after)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream), torch.no_grad():
             start.record(stream)
@@ -443,10 +471,26 @@ class CachedExpertStore(ExpertStore):
         out_scale: float,
     ) -> torch.Tensor:
         self._follow(x)
-        num_experts, num_slots = self.num_experts, self.num_slots
+        num_experts = self.num_experts
         # Dropped assignments look up entry E of the slot maps, which is always S (outside every group).
         key = expert_index if keep is None else torch.where(keep, expert_index, num_experts)
-        needed, counts = self._needed(key)
+        self._top_k = expert_index.shape[1]
+        nxt = self._chain(x.device) if self.prefetch else None
+        guess = nxt._guess(x) if nxt is not None and key.numel() <= HOST_CHOICES_MAX else None
+        needed, counts, predicted = self._needed(key, guess)
+        if self._prefetched:
+            self._take_prefetch(needed)
+        out = self._step(x, expert_index, key, gates, keep, needed, counts, backend, ffn_for, activation, out_scale)
+        if self.prefetch and self.device.type == "cuda":
+            self._last_compute = torch.cuda.Event()
+            self._last_compute.record(torch.cuda.current_stream(self.device))
+        if predicted:
+            nxt._prefetch_for_next_step(predicted)
+        return out
+
+    def _step(self, x, expert_index, key, gates, keep, needed, counts, backend, ffn_for, activation, out_scale):
+        """The policy's step for ``needed`` experts, its copies and the compute (see the module docs)."""
+        num_slots = self.num_slots
         outcome = self.policy.step(needed, counts)
         self._steps += 1
         self._hits += len(outcome.hits)
@@ -522,26 +566,101 @@ class CachedExpertStore(ExpertStore):
                 self.refresh()
             self._checked_key = self._weights_key()
 
-    def _needed(self, key: torch.Tensor) -> tuple[list[int], list[int]]:
-        """The experts a call routes to (ascending) and their assignment counts, read on the host.
+    def _needed(self, key: torch.Tensor, guess: torch.Tensor | None) -> tuple[list[int], list[int], list[int]]:
+        """The experts a call routes to (ascending), their assignment counts and the experts ``guess``
+        predicts for the next cached layer, read on the host.
 
         This is the one host synchronisation of a cached layer call, and it is inherent to a cache:
-        which experts to copy is a host decision. A few assignments are read as they are; more are
-        counted per expert on the device first, so that the host reads ``E`` numbers at most.
+        which experts to copy is a host decision. A few assignments are read as they are (with the
+        guess, in the same copy); more are counted per expert on the device first, so that the host
+        reads ``E`` numbers at most.
         """
         num_experts = self.num_experts
         if key.numel() <= HOST_CHOICES_MAX:
+            flat = key.reshape(-1)
+            predicted: list[int] = []
+            if guess is None:
+                choices = flat.tolist()
+            else:
+                both = torch.cat([flat, guess.reshape(-1).to(flat.dtype)]).tolist()
+                choices, predicted = both[: flat.numel()], sorted(set(both[flat.numel() :]))
             tally: dict[int, int] = {}
-            for e in key.reshape(-1).tolist():
+            for e in choices:
                 tally[e] = tally.get(e, 0) + 1
             tally.pop(num_experts, None)  # dropped assignments
             needed = sorted(tally)
-            return needed, [tally[e] for e in needed]
+            return needed, [tally[e] for e in needed], predicted
         flat = key.reshape(-1).long()
         hist = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
         per_expert = hist.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts].tolist()
         needed = list(compress(self._expert_ids, per_expert))
-        return needed, [per_expert[e] for e in needed]
+        return needed, [per_expert[e] for e in needed], []
+
+    # ------------------------------------------------------------- look-ahead
+    def enable_prefetch(self, router: nn.Module | None) -> bool:
+        """Load this layer's likely experts while the cached layer before it computes (look-ahead).
+
+        That layer applies this layer's router weights (``router`` or its ``classifier``: an
+        ``[E, D]`` linear map) to its own input, takes the top-k experts per token and, once its own
+        step is queued, has this store load the ones not resident, evicting by the policy among the
+        others (:meth:`EvictionPolicy.prefetch`). The copies then overlap with that layer's compute
+        and whatever runs in between (attention, dense layers). Which layer runs before which is
+        learned from the calls. A wrong guess costs a copy and may evict an expert that was needed;
+        outputs never change. Decode-sized calls only (at most :data:`HOST_CHOICES_MAX` assignments).
+        Returns whether a router weight was found (without one, the layer can still prefetch for the
+        next, but nothing prefetches for it).
+        """
+        self.prefetch = True
+        self._predictor = None
+        for module in (getattr(router, "classifier", None), router):
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == self.num_experts:
+                self._predictor = module
+                break
+        return self._predictor is not None
+
+    def _chain(self, device: torch.device) -> CachedExpertStore | None:
+        """Record this store as the successor of the one that ran last; the store to prefetch for."""
+        ref = _LAST_STORE.get(device)
+        prev = ref() if ref is not None else None
+        if prev is not None and prev is not self:
+            prev._next = weakref.ref(self)
+        _LAST_STORE[device] = weakref.ref(self)
+        nxt = self._next() if self._next is not None else None
+        if nxt is None or not nxt.prefetch or nxt._predictor is None or not nxt._top_k:
+            return None
+        return nxt
+
+    def _guess(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``[N, k]`` experts this layer's router would pick for ``x`` (another layer's input), or None."""
+        weight = self._predictor.weight
+        if x.shape[-1] != weight.shape[1] or x.device != weight.device:
+            return None
+        bias = getattr(self._predictor, "bias", None)
+        logits = nn.functional.linear(x.to(weight.dtype), weight, bias if isinstance(bias, torch.Tensor) else None)
+        return logits.topk(min(self._top_k, logits.shape[-1]), dim=-1).indices
+
+    def _prefetch_for_next_step(self, experts: list[int]) -> None:
+        loads = self.policy.prefetch(experts)
+        if not loads:
+            return
+        self._prefetches += len(loads)
+        done = self._issue(list(loads), after=self._last_compute)
+        self._prefetched = self._prefetched | {ld.expert for ld in loads}
+        self._prefetch_done = done if done is not None else self._prefetch_done
+
+    def _take_prefetch(self, needed: list[int]) -> None:
+        """Order this step's compute after the pending prefetch copies (stall time if it needs them)."""
+        used = self._prefetched.intersection(needed)
+        self._prefetch_hits += len(used)
+        if self._prefetch_done is None:  # copied synchronously (no CUDA)
+            pass
+        elif used:
+            self._wait(self._prefetch_done)
+        else:  # later hits on these slots must still see the copies: free if they are done
+            torch.cuda.current_stream(self.device).wait_event(self._prefetch_done)
+        self._prefetched = frozenset()
+        self._prefetch_done = None
 
     def _direct_ffn(self, backend: str, x: torch.Tensor, num_tokens: int, weights: tuple, activation: Activation):
         """The plan-free decode kernels (as the resident layer's) for this call over the slots, or None."""
