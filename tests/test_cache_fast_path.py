@@ -225,5 +225,5 @@ def test_all_hit_shortcut_matches_the_general_path(name, slots, pinned):
         assert fast.step(needed, counts) == general.step(needed, counts)
         assert {e: fast.slot_of(e) for e in range(8)} == {e: general.slot_of(e) for e in range(8)}
     assert shortcut_steps > 0
-    if name == "lfru":
+    if hasattr(fast, "score"):  # the frequency policies' rankings (lfru, adaptive) agree too
         assert all(fast.score(e) == general.score(e) for e in range(8))
