@@ -188,6 +188,25 @@ def test_bench_placement_smoke(tmp_path) -> None:
             assert sum(ep["greedy"]["rows_per_device"]) == 2 * int(t) * top_k
 
 
+def test_bench_ep_scaling_smoke(tmp_path) -> None:
+    """Model-level expert parallelism with four gloo ranks: every plan's encoder output equals one device's."""
+    out = tmp_path / "ep.json"
+    assert _load("bench_ep_scaling").main(["--smoke", "--ranks", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 4 and result["smoke"]
+    assert set(result["strategies"]) == {"round_robin", "greedy"}
+    for entry in result["strategies"].values():
+        assert entry["max_abs_err_vs_one_gpu"] < 1e-5
+        assert entry["profiled_balance"]["avg_max_over_mean"] >= 1.0
+        for batch, row in entry["batches"].items():
+            assert len(row["ms_per_rank"]) == 4 and min(row["ms_per_rank"]) > 0
+            # Four ranks' tokens over the slowest rank's time.
+            slowest_s = max(row["ms_per_rank"]) * 1e-3
+            assert row["tokens_per_s"] == pytest.approx(4 * int(batch) * result["seq"] / slowest_s)
+            assert all(a > 0 for a in row["all_to_all_ms_per_layer_call"])
+    assert (tmp_path / "ep.png").exists()
+
+
 def test_decode_step_time_lost_in_noise_is_nan_not_negative(monkeypatch):
     import math
 
