@@ -76,19 +76,20 @@ def ids_for(seed: int, batch: int, seq: int, vocab: int, device: torch.device) -
 
 
 class _Clock:
-    """Elapsed ms of ``fn()``: CUDA events on the current stream, or the host clock on the CPU."""
+    """Intervals timed by CUDA events on the current stream (resolved later), or by the host clock on the CPU."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def start(self):
+    def start(self) -> torch.cuda.Event | float:
         if self.device.type == "cuda":
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             return ev
         return time.perf_counter()
 
-    def stop(self, begin) -> float | torch.cuda.Event:
+    def stop(self, begin) -> tuple[torch.cuda.Event, torch.cuda.Event] | float:
+        """A token for :meth:`ms`: the event pair on CUDA (no sync here), elapsed ms on the CPU."""
         if self.device.type == "cuda":
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
