@@ -22,6 +22,11 @@ weights before sharding. Then, on every rank at once:
    ranks' tokens over the slowest rank's time. The all-to-alls are timed per MoE layer call on the
    compute stream (the time it waits for each collective).
 
+Floors, from the copy bandwidth and bf16 matmul rate measured in the same run
+(:mod:`hf_moe_opt.benchmarking.floors`, counted on rank 0's batch): one GPU, the bytes its encoder
+reads and its FLOPs; N ranks, a lower bound for the busiest rank: the same FLOPs (every rank runs
+as many tokens), the dense weights, and at least an N-th of the experts rank 0's batch touches.
+
 Rank 0 writes JSON (command, versions, world size) and a PNG beside it. Memory per GPU at the
 defaults (4 encoder layers, 2 sparse): about 21 GB of bf16 weights before sharding, twice that
 while the one-GPU reference and a sharded copy coexist. ``--smoke`` relaunches itself under
@@ -46,7 +51,14 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hf_moe_opt  # noqa: E402
-from hf_moe_opt.benchmarking.common import environment, save_result  # noqa: E402
+from hf_moe_opt.benchmarking.common import (  # noqa: E402
+    environment,
+    measure_ceilings,
+    print_ceilings,
+    pyplot_or_none,
+    save_result,
+)
+from hf_moe_opt.benchmarking.floors import encoder_floor  # noqa: E402
 from hf_moe_opt.benchmarking.model import random_model, real_config, tiny_config  # noqa: E402
 
 MODEL = "nllb-moe-54b"
@@ -148,6 +160,9 @@ def worker(args) -> dict | None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     say = print if rank == 0 else (lambda *a, **k: None)
+    ceilings = measure_ceilings(device, **({"copy_numel": 1 << 20, "matmul_size": 128} if args.smoke else {}))
+    if rank == 0:
+        print_ceilings(ceilings)
 
     model, encoder = build(args, device)
     vocab = model.config.vocab_size
@@ -155,10 +170,11 @@ def worker(args) -> dict | None:
     check = ids_for(1000 + rank, args.check_batch, args.seq, vocab, device)
     with torch.no_grad():
         reference = encoder(input_ids=check).last_hidden_state.float()
-    one_gpu = {}
+    one_gpu, floors = {}, {}
     for batch in args.batches:
-        ms = time_encoder(encoder, ids_for(2000 + rank, batch, args.seq, vocab, device), device, args.repeats)
-        one_gpu[batch] = ms
+        ids = ids_for(2000 + rank, batch, args.seq, vocab, device)
+        one_gpu[batch] = time_encoder(encoder, ids, device, args.repeats)
+        floors[batch] = encoder_floor(model, ids, ceilings)
     # The same batches on every rank: the same trace and the same plans everywhere.
     profile_batches = [{"input_ids": ids_for(i, 8, args.seq, vocab, device)} for i in range(args.profile_batches)]
     trace = hf_moe_opt.profile(encoder, profile_batches, progress=rank == 0)
@@ -208,22 +224,39 @@ def worker(args) -> dict | None:
     dist.all_gather_object(gathered, {"one_gpu": one_gpu, "results": results})
     dist.barrier()
     dist.destroy_process_group()
-    return summarize(args, world, gathered) if rank == 0 else None
+    if rank != 0:
+        return None
+    return {"ceilings": ceilings, **summarize(args, world, gathered, floors, ceilings)}
 
 
-def summarize(args, world: int, ranks: list[dict]) -> dict:
+def ep_floor_ms(floor: dict, world: int, ceilings: dict) -> float:
+    """Lower bound of one expert-parallel step from the one-GPU counts of rank 0's batch (module docs)."""
+    gib = 2**30
+    read = (floor["read_gib"] - floor["expert_read_gib"] + floor["expert_read_gib"] / world) * gib
+    return 1e3 * max(read / ceilings["copy_bytes_per_s"], floor["tflop"] * 1e12 / ceilings["bf16_flops_per_s"])
+
+
+def summarize(args, world: int, ranks: list[dict], floors: dict, ceilings: dict) -> dict:
     tokens = {b: b * args.seq for b in args.batches}
     out = {"world_size": world, "one_gpu": {}, "strategies": {}}
     for b in args.batches:
         ms = max(r["one_gpu"][b] for r in ranks)
-        out["one_gpu"][str(b)] = {"ms": ms, "tokens_per_s": tokens[b] / (ms * 1e-3)}
+        out["one_gpu"][str(b)] = {
+            "ms": ms,
+            "tokens_per_s": tokens[b] / (ms * 1e-3),
+            "floor": floors[b],
+            "x_floor": ms / floors[b]["floor_ms"],
+        }
     for strategy in args.strategies:
         rows = {}
         for b in args.batches:
             per_rank = [r["results"][strategy]["batches"][b] for r in ranks]
             slowest = max(p["ms"] for p in per_rank)
+            floor = ep_floor_ms(floors[b], world, ceilings)
             rows[str(b)] = {
                 "ms_per_rank": [p["ms"] for p in per_rank],
+                "floor_ms": floor,
+                "x_floor": slowest / floor,
                 "tokens_per_s": world * tokens[b] / (slowest * 1e-3),
                 "all_to_all_ms_per_layer_call": [p["all_to_all_ms_per_layer_call"] for p in per_rank],
             }
@@ -244,13 +277,8 @@ def summarize(args, world: int, ranks: list[dict]) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot_or_none()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     batches = list(result["one_gpu"])
@@ -313,11 +341,17 @@ def finish(args, summary: dict) -> None:
         **summary,
     }
     for b, row in result["one_gpu"].items():
-        line = [f"batch {b}: one GPU {row['tokens_per_s'] / 1e3:.1f}k tok/s"]
+        line = [
+            f"batch {b}: one GPU {row['tokens_per_s'] / 1e3:.1f}k tok/s, {row['ms']:.2f} ms "
+            f"(floor {row['floor']['floor_ms']:.2f} ms, {row['floor']['floor_bound']}-bound, {row['x_floor']:.2f}x)"
+        ]
         for strategy, entry in result["strategies"].items():
             r = entry["batches"][b]
             a2a = max(r["all_to_all_ms_per_layer_call"])
-            line.append(f"{strategy} {r['tokens_per_s'] / 1e3:.1f}k tok/s (all-to-all {a2a:.3f} ms/layer call)")
+            line.append(
+                f"{strategy} {r['tokens_per_s'] / 1e3:.1f}k tok/s, {max(r['ms_per_rank']):.2f} ms "
+                f"(floor {r['floor_ms']:.2f} ms, {r['x_floor']:.2f}x; all-to-all {a2a:.3f} ms/layer call)"
+            )
         print("; ".join(line), flush=True)
     save_result(result, args.out, plot)
 

@@ -44,6 +44,7 @@ from hf_moe_opt.benchmarking.common import (  # noqa: E402
     environment,
     measure_ceilings,
     print_ceilings,
+    pyplot_or_none,
 )
 from hf_moe_opt.placement import RoutingTrace, plan_placement  # noqa: E402
 from hf_moe_opt.placement.store import PlacedExpertStore, ReplicaTable  # noqa: E402
@@ -377,13 +378,8 @@ def launch_ep(args, out: Path) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot_or_none()
+    if plt is None:
         return
     shapes = list(result["single_process"])
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)

@@ -204,6 +204,13 @@ def test_bench_ep_scaling_smoke(tmp_path) -> None:
             slowest_s = max(row["ms_per_rank"]) * 1e-3
             assert row["tokens_per_s"] == pytest.approx(4 * int(batch) * result["seq"] / slowest_s)
             assert all(a > 0 for a in row["all_to_all_ms_per_layer_call"])
+            # The N-rank floor keeps every FLOP of a rank's tokens: never below the one-GPU matmul term.
+            one = result["one_gpu"][batch]
+            flop_ms = one["floor"]["tflop"] * 1e12 / result["ceilings"]["bf16_flops_per_s"] * 1e3
+            assert flop_ms <= row["floor_ms"] * (1 + 1e-9) and row["floor_ms"] <= one["floor"]["floor_ms"] * (1 + 1e-9)
+            assert row["x_floor"] == pytest.approx(max(row["ms_per_rank"]) / row["floor_ms"])
+    for one in result["one_gpu"].values():
+        assert one["floor"]["floor_ms"] > 0 and one["x_floor"] == pytest.approx(one["ms"] / one["floor"]["floor_ms"])
     assert (tmp_path / "ep.png").exists()
 
 

@@ -137,12 +137,11 @@ def test_every_step_path_is_exact(
 def test_one_token_steps_run_the_plan_free_kernels_on_the_slots(family, slots, monkeypatch):
     """Triton backend, one token per call: the cached layer runs the resident layer's decode kernels
     over its slots (one group, hits and loads in two groups, oversubscribed chunks) and gives its output."""
-    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton")
     from hf_moe_opt.kernels import gemv, kernels_interpreted
 
     if DEVICE.type == "cpu" and not kernels_interpreted():
         pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
-    del triton
     monkeypatch.setattr(cache_store, "OVERLAP_MIN_ASSIGNMENTS", 0)  # hits and loads in two groups
     resident, cached = _first_layers(family, slots, "lru", "none", 64, backend="triton")
     calls = {"slots": 0}

@@ -71,6 +71,19 @@ def print_ceilings(ceilings: dict) -> None:
     print(f"ceilings: copy {copy}, bf16 {flops}", flush=True)
 
 
+def pyplot_or_none():
+    """``matplotlib.pyplot`` on the Agg backend, or None (with a message) where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written")
+        return None
+    return plt
+
+
 def save_result(result: dict, out: str | Path, plot: Callable[[dict, Path], None]) -> None:
     """Write ``result`` (with the command line that produced it) as JSON and its plot as a PNG beside it."""
     result = {"command": " ".join(sys.argv), **result}
