@@ -72,6 +72,7 @@ from torch import nn
 
 from ..dispatch import DispatchPlan, make_plan
 from ..experts.activation import Activation
+from ..experts.backends import supported_direct_ffn
 from ..experts.store import ExpertStore, FfnFactory
 from ..experts.weights import ExpertTensor, ExpertWeights
 from .policies import EvictionPolicy, Load, make_policy
@@ -500,7 +501,9 @@ class CachedExpertStore(ExpertStore):
         if not needed:
             return torch.zeros_like(x)
         weights = self._slot_tensors()
-        direct = self._direct_ffn(backend, x, expert_index.shape[0], weights, activation)
+        # The resident layer's plan-free decode kernels, over the slots (not for run(plan): no backend).
+        found = supported_direct_ffn(backend, x, lambda: weights, activation) if backend else None
+        direct = found[0] if found is not None else None
 
         mixed = outcome.hits and outcome.loads
         if len(outcome.chunks) == 1 and (not mixed or key.numel() < OVERLAP_MIN_ASSIGNMENTS):
@@ -661,19 +664,6 @@ class CachedExpertStore(ExpertStore):
             torch.cuda.current_stream(self.device).wait_event(self._prefetch_done)
         self._prefetched = frozenset()
         self._prefetch_done = None
-
-    def _direct_ffn(self, backend: str, x: torch.Tensor, num_tokens: int, weights: tuple, activation: Activation):
-        """The plan-free decode kernels (as the resident layer's) for this call over the slots, or None."""
-        if not backend:
-            return None
-        from ..experts.backends import direct_ffn
-
-        ffn = direct_ffn(backend, num_tokens)
-        if ffn is None:
-            return None
-        from ..kernels import kernel_supported
-
-        return ffn if kernel_supported(x, weights[0], weights[2], activation) else None
 
     def _experts(self, x, slots, gates, keep, direct, ffn_for, weights, activation, out_scale) -> torch.Tensor:
         """The experts of ``slots`` (``[N, k]`` slot ids, ``S`` where ``keep`` is False) over the slot tensors."""

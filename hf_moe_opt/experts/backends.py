@@ -99,3 +99,17 @@ def direct_ffn(name: str, num_tokens: int) -> Callable | None:
     except ImportError:
         return None
     return gemv.gemv_moe_ffn if gemv.fits(num_tokens) else None
+
+
+def supported_direct_ffn(
+    name: str, x: torch.Tensor, weights: Callable[[], tuple], activation
+) -> tuple[Callable, tuple] | None:
+    """:func:`direct_ffn` for the tokens ``x`` where the kernels also take these experts:
+    ``(ffn, (w1, b1, w2, b2))``, or None. ``weights()`` is called only once the cheap checks passed."""
+    ffn = direct_ffn(name, x.shape[0])
+    if ffn is None:
+        return None
+    from ..kernels import kernel_supported
+
+    tensors = weights()
+    return (ffn, tensors) if kernel_supported(x, tensors[0], tensors[2], activation) else None

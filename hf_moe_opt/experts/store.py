@@ -91,16 +91,12 @@ class ResidentStore(ExpertStore):
     ) -> torch.Tensor | None:
         """The experts of a decode step straight from the router's choices, without a dispatch plan
         (``backend``: the concrete backend name); None where that path does not apply."""
-        from .backends import direct_ffn
+        from .backends import supported_direct_ffn
 
-        ffn = direct_ffn(backend, expert_index.shape[0])  # cheap checks first: most calls stop here
-        if ffn is None:
+        found = supported_direct_ffn(backend, x, self._tensors, activation)
+        if found is None:
             return None
-        from ..kernels import kernel_supported
-
-        w1, b1, w2, b2 = self._tensors()
-        if not kernel_supported(x, w1, w2, activation):
-            return None
+        ffn, (w1, b1, w2, b2) = found
         return ffn(x, expert_index, gates, keep, w1, b1, w2, b2, activation, out_scale)
 
     def _tensors(self) -> tuple:
