@@ -320,15 +320,9 @@ class EvictionPolicy(ABC):
                 self._slot_of[e] = self._pinned_slot[e]
                 loads.append(Load(e, self._pinned_slot[e], None, 0))
                 continue
-            if self._free:
-                slot, victim = self._free.pop(), None
-            else:
-                candidates = [r for r in self._slot_of if r not in self._pinned_slot and r not in keep]
-                if not candidates:
-                    break
-                victim = self._choose_victim(candidates)
-                slot = self._slot_of.pop(victim)
-                self._on_evict(victim)
+            if not self._free and all(r in self._pinned_slot or r in keep for r in self._slot_of):
+                break  # every resident is pinned or wanted: nothing may go
+            slot, victim = self._take_slot(keep, set())
             self._slot_of[e] = slot
             self._seq += 1
             self._on_load(e, self._seq)
