@@ -11,9 +11,14 @@ Measures, in one run:
   layers, so nothing runs beside the copies to hide them) with the switch-base-128 and nllb-moe-54b
   layer shapes (bf16, random weights), decode time per token at batch 1 and 8, fully resident and with
   50% / 25% of each layer's experts resident (``optimize(expert_cache=fraction)``, LIFO), with the
-  cache's hit rate, achieved copy bandwidth and the fraction of copy time hidden behind compute.
-  Tokens follow a sticky, Zipf-skewed mixture of prototype hidden states, so routing has temporal
-  locality. Settings alternate in rounds (``--stack-repeats``); rows give the median round;
+  cache's hit rate, achieved copy bandwidth and the fraction of copy time hidden behind compute,
+  for each policy of ``--stack-policies``. Tokens follow a sticky, Zipf-skewed mixture of prototype
+  hidden states, so routing has temporal locality. Settings alternate in rounds
+  (``--stack-repeats``); rows give the median round. Beside each cached row: Belady's MIN on the
+  same routing (recorded from the resident stack) and the floors it implies, the bytes no policy can
+  avoid copying over the pinned bandwidth (``belady_floor_ms_per_token``: copies fully hidden;
+  ``belady_serial_ms_per_token``: copies added to the resident time, as a step that learns its
+  experts from its own router must wait for them);
 * ``model_decode`` (part ``model``): whole models, the real HF classes with the real configs'
   dimensions but fewer layers (switch-base-128 dims with 4 encoder + 4 decoder blocks, every other
   one sparse as in the real config; nllb-moe-54b dims with 4 + 4 layers, every fourth sparse as in the
@@ -54,7 +59,9 @@ from torch import nn
 import hf_moe_opt
 from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, save_result
 from hf_moe_opt.benchmarking.model import random_model, real_config
-from hf_moe_opt.cache import POLICY_NAMES, hit_rate_curve, synthetic_trace
+from hf_moe_opt.cache import POLICY_NAMES, BeladyPolicy, hit_rate_curve, synthetic_trace
+from hf_moe_opt.cache.store import expert_nbytes
+from hf_moe_opt.layer import OptimizedMoE
 
 FRACTIONS = (1.0, 0.5, 0.25)
 
@@ -192,6 +199,68 @@ def decode_ms(model: nn.Module, stream: list[torch.Tensor], warmup: int) -> floa
     return (time.perf_counter() - t0) * 1e3 / (len(stream) - warmup)
 
 
+@torch.no_grad()
+def record_steps(model: nn.Module, stream: list[torch.Tensor]) -> tuple[list[list[frozenset[int]]], list[int]]:
+    """Per optimized layer, the experts each input of ``stream`` routes to (dropped ones left out),
+    and each layer's bytes per expert load; ``model`` must be optimized (resident)."""
+    layers = [m for m in model.modules() if isinstance(m, OptimizedMoE)]
+    steps: list[list[frozenset[int]]] = [[] for _ in layers]
+    index = {id(m): i for i, m in enumerate(layers)}
+
+    def observer(layer, routing) -> None:
+        expert_index, _, keep = routing
+        chosen = expert_index if keep is None else expert_index[keep]
+        steps[index[id(layer)]].append(frozenset(chosen.reshape(-1).tolist()))
+
+    for layer in layers:
+        layer.observers.append(observer)
+    try:
+        for x in stream:
+            model(x)
+    finally:
+        for layer in layers:
+            layer.observers.remove(observer)
+    return steps, [expert_nbytes(layer.weights) for layer in layers]
+
+
+def belady_misses(steps: list[frozenset[int]], num_slots: int, num_experts: int, warmup: int) -> tuple[int, int]:
+    """``(hits, misses)`` of Belady's MIN over ``steps`` after the cache was warmed on the first
+    ``warmup`` of them, as the cached runs do (warm-up steps, then every step counted)."""
+    trace = steps[:warmup] + steps
+    policy = BeladyPolicy(trace, num_slots, num_experts)
+    hits = misses = 0
+    for t, step in enumerate(trace):
+        out = policy.step(sorted(step))
+        if t >= warmup:
+            hits, misses = hits + len(out.hits), misses + len(out.misses)
+    return hits, misses
+
+
+def add_belady_floor(
+    row: dict,
+    steps: list[list[frozenset[int]]],
+    nbytes: list[int],
+    num_experts: int,
+    warmup: int,
+    resident_ms: float,
+    pinned_bytes_per_s: float | None,
+) -> None:
+    """Belady's hit rate on the row's routing at its slot count, and (with a measured pinned
+    bandwidth) the time floors its unavoidable copies set: hidden, or added to the resident time."""
+    num_slots = max(1, round(row["fraction_resident"] * num_experts))  # optimize's rounding of a fraction
+    hits = misses = copied = 0
+    for layer_steps, layer_bytes in zip(steps, nbytes, strict=True):
+        h, m = belady_misses(layer_steps, num_slots, num_experts, warmup)
+        hits, misses, copied = hits + h, misses + m, copied + m * layer_bytes
+    row["belady_hit_rate"] = hits / max(hits + misses, 1)
+    row["belady_bytes_per_token"] = copied / len(steps[0])
+    if pinned_bytes_per_s:
+        copy_ms = 1e3 * row["belady_bytes_per_token"] / pinned_bytes_per_s
+        row["belady_floor_ms_per_token"] = max(resident_ms, copy_ms)
+        row["belady_serial_ms_per_token"] = resident_ms + copy_ms
+        row["x_resident_belady_serial"] = row["belady_serial_ms_per_token"] / resident_ms
+
+
 def bench_family(
     family: str,
     num_layers: int,
@@ -202,29 +271,38 @@ def bench_family(
     pinned_bytes_per_s: float | None = None,
     repeats: int = 3,
     prefetch: bool = False,
+    policies: tuple[str, ...] = ("lifo",),
 ) -> list[dict]:
     """The MoE-only stack (worst case: nothing to hide copies behind) of ``family``'s layer shape.
 
-    Each batch size runs every fraction once per round, ``repeats`` rounds; rows give the median run
-    (with that run's cache counters) and every run's time. Cached rows carry a floor beside the time:
-    ``max(resident time, bytes copied per token / pinned bandwidth)`` -- no policy's misses can be
-    served faster than the host link moves them. With ``prefetch`` every cached fraction also runs
-    with the look-ahead (``cache_prefetch=True``), in the same rounds.
+    Each batch size runs every setting (fraction, policy, look-ahead) once per round, ``repeats``
+    rounds; rows give the median run (with that run's cache counters) and every run's time. Cached
+    rows carry floors beside the time: ``max(resident time, bytes copied per token / pinned
+    bandwidth)`` -- no policy's misses can be served faster than the host link moves them -- and
+    Belady's (:func:`add_belady_floor`). With ``prefetch`` every cached fraction also runs with the
+    look-ahead (``cache_prefetch=True``), in the same rounds.
     """
-    settings = [(f, False) for f in FRACTIONS] + [(f, True) for f in FRACTIONS if prefetch and f < 1.0]
+    cached_settings = [
+        (f, a, p) for f in FRACTIONS if f < 1.0 for a in (False, True) if a <= prefetch for p in policies
+    ]
+    settings = [(1.0, False, None), *cached_settings]
     torch.manual_seed(0)
     with torch.device(device):
         model = MoEStack(family, num_layers, shape).to(torch.bfloat16).eval()
     rows = []
     for batch in (1, 8):
         stream = token_stream(model.d_model, batch, steps + warmup, device, seed=batch)
+        _optimize(model, capacity="none")
+        routed, nbytes = record_steps(model, stream)
+        num_experts = next(m for m in model.modules() if isinstance(m, OptimizedMoE)).num_experts
+        hf_moe_opt.restore(model)
         # Every setting once per round, rounds repeated: host jitter hits all settings alike; medians.
-        runs: dict[tuple[float, bool], list[tuple[float, dict]]] = {s: [] for s in settings}
+        runs: dict[tuple[float, bool, str | None], list[tuple[float, dict]]] = {s: [] for s in settings}
         for _ in range(repeats):
-            for fraction, ahead in settings:
+            for fraction, ahead, policy in settings:
                 cached = fraction < 1.0
                 _reset_peak(device)
-                kwargs = {"expert_cache": fraction, "cache_prefetch": ahead} if cached else {}
+                kwargs = {"expert_cache": fraction, "cache_prefetch": ahead, "cache_policy": policy} if cached else {}
                 _optimize(model, capacity="none", **kwargs)
                 if cached:
                     decode_ms(model, stream[:warmup], 0)  # warm the cache, then count the measured steps only
@@ -234,10 +312,10 @@ def bench_family(
                 if cached:
                     extra.update(cache_totals(hf_moe_opt.stats(model)))
                 hf_moe_opt.restore(model)
-                runs[fraction, ahead].append((ms, extra))
-        resident_ms = statistics.median(ms for ms, _ in runs[1.0, False])
-        for fraction, ahead in settings:
-            ordered = sorted(runs[fraction, ahead], key=lambda run: run[0])
+                runs[fraction, ahead, policy].append((ms, extra))
+        resident_ms = statistics.median(ms for ms, _ in runs[1.0, False, None])
+        for fraction, ahead, policy in settings:
+            ordered = sorted(runs[fraction, ahead, policy], key=lambda run: run[0])
             ms, extra = ordered[len(ordered) // 2]  # the median run and its own cache counters
             row = {
                 "family": family,
@@ -245,13 +323,15 @@ def bench_family(
                 "layers": num_layers,
                 "batch": batch,
                 "fraction_resident": fraction,
+                "policy": policy,
                 "prefetch": ahead,
                 "ms_per_token": ms,
-                "ms_per_token_runs": [run[0] for run in runs[fraction, ahead]],
+                "ms_per_token_runs": [run[0] for run in runs[fraction, ahead, policy]],
                 **extra,
             }
             if fraction < 1.0:
                 add_copy_floor(row, resident_ms, len(stream), pinned_bytes_per_s)
+                add_belady_floor(row, routed, nbytes, num_experts, warmup, resident_ms, pinned_bytes_per_s)
             rows.append(row)
             print(json.dumps(row), flush=True)
     del model
@@ -422,19 +502,33 @@ def plot(result: dict, path: Path) -> None:
         for batch in (1, 8):
             rows = [r for r in result.get("decode", []) if r["family"] == family and r["batch"] == batch]
             resident = [r for r in rows if r["fraction_resident"] == 1.0]
-            for ahead in (False, True):
-                # Look-ahead rows (--prefetch) dashed, each line from the fully resident point.
-                cached = [r for r in rows if r["fraction_resident"] < 1.0 and r.get("prefetch", False) == ahead]
+            variants = dict.fromkeys((r.get("policy"), r.get("prefetch", False)) for r in rows if r not in resident)
+            for policy, ahead in variants:
+                # One line per policy from the fully resident point; look-ahead rows (--prefetch) dashed.
+                cached = [
+                    r
+                    for r in rows
+                    if r not in resident and (r.get("policy"), r.get("prefetch", False)) == (policy, ahead)
+                ]
                 part = resident + cached
-                if len(part) <= len(resident):
-                    continue
-                ax.plot(
+                label = f"{family} ({rows[0]['layers']} layers), b{batch}, {policy}" + (", look-ahead" if ahead else "")
+                line = ax.plot(
                     [r["fraction_resident"] for r in part],
                     [r["ms_per_token"] for r in part],
                     marker="o",
                     linestyle="--" if ahead else "-",
-                    label=f"{family} ({rows[0]['layers']} layers), batch {batch}" + (", look-ahead" if ahead else ""),
-                )
+                    label=label,
+                )[0]
+                floors = [r for r in cached if r.get("belady_serial_ms_per_token")]
+                if floors and (policy, ahead) == next(iter(variants)):
+                    ax.plot(
+                        [r["fraction_resident"] for r in floors],
+                        [r["belady_serial_ms_per_token"] for r in floors],
+                        marker="x",
+                        linestyle=":",
+                        color=line.get_color(),
+                        label=f"{family} b{batch}: resident + Belady's copies",
+                    )
     ax.set(
         xlabel="fraction of experts resident",
         ylabel="ms per decode step",
@@ -507,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--prefetch", action="store_true", help="MoE-only stack: cached fractions also with cache_prefetch=True"
     )
+    p.add_argument(
+        "--stack-policies", nargs="+", choices=POLICY_NAMES, default=["lifo", "adaptive"], help="MoE-only stack"
+    )
     p.add_argument("--models", nargs="+", choices=list(MODEL_LAYERS), default=list(MODEL_LAYERS))
     p.add_argument("--model-batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--policies", nargs="+", choices=POLICY_NAMES, default=["lifo", "lfru"])
@@ -551,6 +648,7 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
                 pinned,
                 1 if args.smoke else args.stack_repeats,
                 args.prefetch,
+                tuple(args.stack_policies),
             )
     if "model" in args.parts:
         result["model_decode_setup"] = {

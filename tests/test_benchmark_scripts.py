@@ -125,6 +125,20 @@ def test_bench_cache_smoke(tmp_path) -> None:
         if row["fraction_resident"] < 1.0:
             assert 0.0 <= row["hit_rate"] <= 1.0 and row["bytes_copied"] >= 0
             assert row["x_resident"] > 0 and "x_copy_floor" not in row  # no pinned bandwidth on CPU
+            # Belady on the same routing: never fewer hits, never more bytes than the policy's.
+            assert row["hit_rate"] <= row["belady_hit_rate"] + 1e-12
+            assert row["belady_bytes_per_token"] <= row["bytes_copied_per_token"]
+            assert "belady_floor_ms_per_token" not in row
+    assert {r["policy"] for r in result["decode"]} == {None, "lifo", "adaptive"}
+    # Belady after a warm-up on the first step: with 1 slot the counted {0}, {1}, {0} are hit, miss, miss.
+    steps = [frozenset({0}), frozenset({1}), frozenset({0})]
+    assert _load("bench_cache").belady_misses(steps, 1, 2, warmup=1) == (1, 2)
+    assert _load("bench_cache").belady_misses(steps, 2, 2, warmup=1) == (2, 1)  # {1} is a cold miss
+    row = {"fraction_resident": 0.5}
+    _load("bench_cache").add_belady_floor(row, [steps], [100], 2, 1, 2.0, 1e5)
+    assert row["belady_hit_rate"] == pytest.approx(1 / 3) and row["belady_bytes_per_token"] == pytest.approx(200 / 3)
+    assert row["belady_serial_ms_per_token"] == pytest.approx(2.0 + 1e3 * (200 / 3) / 1e5)
+    assert row["belady_floor_ms_per_token"] == pytest.approx(2.0)
     # The copy floor: the resident time, or the bytes per token over the pinned bandwidth if longer.
     floor_row = {"ms_per_token": 3.0, "bytes_copied": 8e9}
     _load("bench_cache").add_copy_floor(floor_row, 1.0, 100, 40e9)
@@ -288,3 +302,11 @@ def test_policy_bounds_smoke(tmp_path) -> None:
     for setting, gaps in result["summary"].items():
         mine = [r["belady_minus"]["adaptive"] for r in rows if r["setting"] == setting]
         assert gaps["adaptive"]["max"] == max(mine)
+
+
+def test_profile_cache_step_smoke(capsys) -> None:
+    assert _load("profile_cache_step").main(["--smoke", "--steps", "6", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    # Both settings report a time per step and a profile whose rows include the cached store's step.
+    assert out.count("ms per step") == 2 and "resident, lifo" in out
+    assert "_step" in out.split("resident, lifo")[1]
