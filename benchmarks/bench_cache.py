@@ -10,10 +10,12 @@ Measures, in one run:
 * ``decode`` (part ``stack``), the worst case: a stack of MoE blocks only (no attention, no dense
   layers, so nothing runs beside the copies to hide them) with the switch-base-128 and nllb-moe-54b
   layer shapes (bf16, random weights), decode time per token at batch 1 and 8, fully resident and with
-  50% / 25% of each layer's experts resident (``optimize(expert_cache=fraction)``, LIFO), with the
+  50% / 25% of each layer's experts resident (``optimize(expert_cache=fraction)``), with the
   cache's hit rate, achieved copy bandwidth and the fraction of copy time hidden behind compute,
   for each policy of ``--stack-policies``. Tokens follow a sticky, Zipf-skewed mixture of prototype
-  hidden states, so routing has temporal locality. Settings alternate in rounds
+  hidden states, so routing has temporal locality. Steady state: ``--warmup`` steps run first (the
+  cache fills), then ``--steps`` are timed and counted; with a short warm-up (``--warmup 10``) the
+  rows show a cold start instead, mostly first loads no policy avoids. Settings alternate in rounds
   (``--stack-repeats``); rows give the median round. Beside each cached row: Belady's MIN on the
   same routing (recorded from the resident stack) and the floors it implies, the bytes no policy can
   avoid copying over the pinned bandwidth (``belady_floor_ms_per_token``: copies fully hidden;
@@ -224,12 +226,11 @@ def record_steps(model: nn.Module, stream: list[torch.Tensor]) -> tuple[list[lis
 
 
 def belady_misses(steps: list[frozenset[int]], num_slots: int, num_experts: int, warmup: int) -> tuple[int, int]:
-    """``(hits, misses)`` of Belady's MIN over ``steps`` after the cache was warmed on the first
-    ``warmup`` of them, as the cached runs do (warm-up steps, then every step counted)."""
-    trace = steps[:warmup] + steps
-    policy = BeladyPolicy(trace, num_slots, num_experts)
+    """``(hits, misses)`` of Belady's MIN over ``steps[warmup:]``, the cache warmed on the steps
+    before, as the cached runs count them."""
+    policy = BeladyPolicy(steps, num_slots, num_experts)
     hits = misses = 0
-    for t, step in enumerate(trace):
+    for t, step in enumerate(steps):
         out = policy.step(sorted(step))
         if t >= warmup:
             hits, misses = hits + len(out.hits), misses + len(out.misses)
@@ -253,7 +254,7 @@ def add_belady_floor(
         h, m = belady_misses(layer_steps, num_slots, num_experts, warmup)
         hits, misses, copied = hits + h, misses + m, copied + m * layer_bytes
     row["belady_hit_rate"] = hits / max(hits + misses, 1)
-    row["belady_bytes_per_token"] = copied / len(steps[0])
+    row["belady_bytes_per_token"] = copied / (len(steps[0]) - warmup)
     if pinned_bytes_per_s:
         copy_ms = 1e3 * row["belady_bytes_per_token"] / pinned_bytes_per_s
         row["belady_floor_ms_per_token"] = max(resident_ms, copy_ms)
@@ -304,10 +305,10 @@ def bench_family(
                 _reset_peak(device)
                 kwargs = {"expert_cache": fraction, "cache_prefetch": ahead, "cache_policy": policy} if cached else {}
                 _optimize(model, capacity="none", **kwargs)
+                decode_ms(model, stream[:warmup], 0)  # kernels compiled; the cache warmed, then counted afresh
                 if cached:
-                    decode_ms(model, stream[:warmup], 0)  # warm the cache, then count the measured steps only
                     hf_moe_opt.reset_stats(model)
-                ms = decode_ms(model, stream, warmup if not cached else 0)
+                ms = decode_ms(model, stream[warmup:], 0)
                 extra = {"gpu_peak_bytes": _peak_bytes(device)}
                 if cached:
                     extra.update(cache_totals(hf_moe_opt.stats(model)))
@@ -330,7 +331,7 @@ def bench_family(
                 **extra,
             }
             if fraction < 1.0:
-                add_copy_floor(row, resident_ms, len(stream), pinned_bytes_per_s)
+                add_copy_floor(row, resident_ms, steps, pinned_bytes_per_s)
                 add_belady_floor(row, routed, nbytes, num_experts, warmup, resident_ms, pinned_bytes_per_s)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -595,8 +596,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--switch-layers", type=int, default=4, help="MoE-only stack: switch-base-128 blocks")
     p.add_argument("--nllb-layers", type=int, default=2, help="MoE-only stack: nllb-moe-54b blocks")
-    p.add_argument("--steps", type=int, default=60, help="MoE-only stack: measured decode steps")
-    p.add_argument("--warmup", type=int, default=10, help="MoE-only stack: warm-up steps")
+    p.add_argument("--steps", type=int, default=150, help="MoE-only stack: measured decode steps")
+    p.add_argument(
+        "--warmup", type=int, default=200, help="MoE-only stack: steps before the measured ones (they warm the cache)"
+    )
     p.add_argument("--stack-repeats", type=int, default=3, help="MoE-only stack: rounds over the settings")
     p.add_argument(
         "--prefetch", action="store_true", help="MoE-only stack: cached fractions also with cache_prefetch=True"

@@ -131,7 +131,7 @@ def test_bench_cache_smoke(tmp_path) -> None:
             assert "belady_floor_ms_per_token" not in row
     assert {r["policy"] for r in result["decode"]} == {None, "lifo", "adaptive"}
     # Belady after a warm-up on the first step: with 1 slot the counted {0}, {1}, {0} are hit, miss, miss.
-    steps = [frozenset({0}), frozenset({1}), frozenset({0})]
+    steps = [frozenset({0}), frozenset({0}), frozenset({1}), frozenset({0})]
     assert _load("bench_cache").belady_misses(steps, 1, 2, warmup=1) == (1, 2)
     assert _load("bench_cache").belady_misses(steps, 2, 2, warmup=1) == (2, 1)  # {1} is a cold miss
     row = {"fraction_resident": 0.5}
