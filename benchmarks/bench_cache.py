@@ -15,8 +15,9 @@ Measures, in one run:
   for each policy of ``--stack-policies``. Tokens follow a sticky, Zipf-skewed mixture of prototype
   hidden states, so routing has temporal locality. Steady state: ``--warmup`` steps run first (the
   cache fills), then ``--steps`` are timed and counted; with a short warm-up (``--warmup 10``) the
-  rows show a cold start instead, mostly first loads no policy avoids. Settings alternate in rounds
-  (``--stack-repeats``); rows give the median round. Beside each cached row: Belady's MIN on the
+  rows show a cold start instead, mostly first loads no policy avoids. Every setting is its own
+  model, all alive together, and the timed steps go through them in turn, ``--block-steps`` at a
+  time, so host jitter hits all alike (paired blocks). Beside each cached row: Belady's MIN on the
   same routing (recorded from the resident stack) and the floors it implies, the bytes no policy can
   avoid copying over the pinned bandwidth (``belady_floor_ms_per_token``: copies fully hidden;
   ``belady_serial_ms_per_token``: copies added to the resident time, as a step that learns its
@@ -262,6 +263,20 @@ def add_belady_floor(
         row["x_resident_belady_serial"] = row["belady_serial_ms_per_token"] / resident_ms
 
 
+def _stack_model(family: str, num_layers: int, shape, device: torch.device, setting) -> tuple[nn.Module, int]:
+    """A fresh stack (same seed: same weights for every setting), optimized for ``setting``, and the
+    GPU memory it holds then (None off CUDA)."""
+    fraction, ahead, policy = setting
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated(device) if cuda else 0
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MoEStack(family, num_layers, shape).to(torch.bfloat16).eval()
+    kwargs = {"expert_cache": fraction, "cache_prefetch": ahead, "cache_policy": policy} if fraction < 1.0 else {}
+    _optimize(model, capacity="none", **kwargs)
+    return model, (torch.cuda.memory_allocated(device) - before if cuda else None)
+
+
 def bench_family(
     family: str,
     num_layers: int,
@@ -270,54 +285,47 @@ def bench_family(
     warmup: int,
     shape: tuple[int, int, int, int] | None = None,
     pinned_bytes_per_s: float | None = None,
-    repeats: int = 3,
+    block: int = 10,
     prefetch: bool = False,
     policies: tuple[str, ...] = ("lifo",),
 ) -> list[dict]:
     """The MoE-only stack (worst case: nothing to hide copies behind) of ``family``'s layer shape.
 
-    Each batch size runs every setting (fraction, policy, look-ahead) once per round, ``repeats``
-    rounds; rows give the median run (with that run's cache counters) and every run's time. Cached
-    rows carry floors beside the time: ``max(resident time, bytes copied per token / pinned
-    bandwidth)`` -- no policy's misses can be served faster than the host link moves them -- and
-    Belady's (:func:`add_belady_floor`). With ``prefetch`` every cached fraction also runs with the
-    look-ahead (``cache_prefetch=True``), in the same rounds.
+    Every setting (fraction, policy, look-ahead) is its own model, all built from the same seed and
+    alive together. After ``warmup`` untimed steps each, the timed steps run in blocks of ``block``:
+    each block goes through every model in turn (the order rotating from block to block), so host
+    jitter, clocks and background work hit all settings alike. Rows give the time per token over all
+    blocks and ``x_resident_block_median``, the median over blocks of the block's time over the
+    resident model's time for the same block. Cached rows carry floors beside the time:
+    ``max(resident time, bytes copied per token / pinned bandwidth)`` -- no policy's misses can be
+    served faster than the host link moves them -- and Belady's (:func:`add_belady_floor`).
     """
     cached_settings = [
         (f, a, p) for f in FRACTIONS if f < 1.0 for a in (False, True) if a <= prefetch for p in policies
     ]
-    settings = [(1.0, False, None), *cached_settings]
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = MoEStack(family, num_layers, shape).to(torch.bfloat16).eval()
+    resident = (1.0, False, None)
+    settings = [resident, *cached_settings]
+    built = {s: _stack_model(family, num_layers, shape, device, s) for s in settings}
+    models = {s: m for s, (m, _) in built.items()}
+    num_experts = next(m for m in models[resident].modules() if isinstance(m, OptimizedMoE)).num_experts
     rows = []
     for batch in (1, 8):
-        stream = token_stream(model.d_model, batch, steps + warmup, device, seed=batch)
-        _optimize(model, capacity="none")
-        routed, nbytes = record_steps(model, stream)
-        num_experts = next(m for m in model.modules() if isinstance(m, OptimizedMoE)).num_experts
-        hf_moe_opt.restore(model)
-        # Every setting once per round, rounds repeated: host jitter hits all settings alike; medians.
-        runs: dict[tuple[float, bool, str | None], list[tuple[float, dict]]] = {s: [] for s in settings}
-        for _ in range(repeats):
-            for fraction, ahead, policy in settings:
-                cached = fraction < 1.0
-                _reset_peak(device)
-                kwargs = {"expert_cache": fraction, "cache_prefetch": ahead, "cache_policy": policy} if cached else {}
-                _optimize(model, capacity="none", **kwargs)
-                decode_ms(model, stream[:warmup], 0)  # kernels compiled; the cache warmed, then counted afresh
-                if cached:
-                    hf_moe_opt.reset_stats(model)
-                ms = decode_ms(model, stream[warmup:], 0)
-                extra = {"gpu_peak_bytes": _peak_bytes(device)}
-                if cached:
-                    extra.update(cache_totals(hf_moe_opt.stats(model)))
-                hf_moe_opt.restore(model)
-                runs[fraction, ahead, policy].append((ms, extra))
-        resident_ms = statistics.median(ms for ms, _ in runs[1.0, False, None])
-        for fraction, ahead, policy in settings:
-            ordered = sorted(runs[fraction, ahead, policy], key=lambda run: run[0])
-            ms, extra = ordered[len(ordered) // 2]  # the median run and its own cache counters
+        stream = token_stream(models[resident].d_model, batch, steps + warmup, device, seed=batch)
+        routed, nbytes = record_steps(models[resident], stream)  # also a warm-up of the resident model
+        for setting, model in models.items():
+            decode_ms(model, stream[:warmup], 0)  # kernels compiled; the cache filled, then counted afresh
+            if setting != resident:
+                hf_moe_opt.reset_stats(model)
+        times: dict[tuple, list[float]] = {s: [] for s in settings}
+        for b, first in enumerate(range(warmup, len(stream), block)):
+            part = stream[first : first + block]
+            turn = b % len(settings)
+            for setting in settings[turn:] + settings[:turn]:
+                times[setting].append(decode_ms(models[setting], part, 0))
+        resident_ms = statistics.fmean(times[resident])
+        for setting in settings:
+            fraction, ahead, policy = setting
+            ms = statistics.fmean(times[setting])  # blocks are equal but the last: close to the total / steps
             row = {
                 "family": family,
                 "setup": "moe_stack_only",
@@ -327,15 +335,19 @@ def bench_family(
                 "policy": policy,
                 "prefetch": ahead,
                 "ms_per_token": ms,
-                "ms_per_token_runs": [run[0] for run in runs[fraction, ahead, policy]],
-                **extra,
+                "ms_per_token_blocks": times[setting],
+                "gpu_bytes_held": built[setting][1],
             }
-            if fraction < 1.0:
+            if setting != resident:
+                row.update(cache_totals(hf_moe_opt.stats(models[setting])))
+                row["x_resident_block_median"] = statistics.median(
+                    t / r for t, r in zip(times[setting], times[resident], strict=True)
+                )
                 add_copy_floor(row, resident_ms, steps, pinned_bytes_per_s)
                 add_belady_floor(row, routed, nbytes, num_experts, warmup, resident_ms, pinned_bytes_per_s)
             rows.append(row)
-            print(json.dumps(row), flush=True)
-    del model
+            print(json.dumps({k: v for k, v in row.items() if k != "ms_per_token_blocks"}), flush=True)
+    del models, built
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -600,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--warmup", type=int, default=200, help="MoE-only stack: steps before the measured ones (they warm the cache)"
     )
-    p.add_argument("--stack-repeats", type=int, default=3, help="MoE-only stack: rounds over the settings")
+    p.add_argument("--block-steps", type=int, default=10, help="MoE-only stack: timed steps per turn of a setting")
     p.add_argument(
         "--prefetch", action="store_true", help="MoE-only stack: cached fractions also with cache_prefetch=True"
     )
@@ -649,7 +661,7 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
                 args.warmup,
                 shape,
                 pinned,
-                1 if args.smoke else args.stack_repeats,
+                args.block_steps,
                 args.prefetch,
                 tuple(args.stack_policies),
             )

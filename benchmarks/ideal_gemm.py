@@ -1,0 +1,171 @@
+"""How close the expert GEMMs can get to the floor: the layer's two GEMMs on an idealized problem.
+
+    python benchmarks/ideal_gemm.py --tokens 16384 --out benchmarks/results/ideal_gemm_h200.json
+
+The layer floor (bytes of the active experts over the copy bandwidth, or FLOPs over the matmul rate,
+whichever is larger) assumes both at once. This script measures, in one run on one GPU, the two
+expert GEMMs of each layer shape (GEMM1 ``[m, D] x [D, F]``, GEMM2 ``[m, F] x [F, D]`` per expert)
+when nothing about routing gets in the way: every expert gets the same ``m = tokens * k / E`` rows,
+stored contiguously in expert order:
+
+* ``bmm``: ``torch.bmm`` over ``[E, m, .]`` (the vendor library's batched GEMM);
+* ``triton_ideal``: a plain Triton per-expert GEMM over TMA descriptors (no gather, no scatter, no
+  epilogue), the best of a few launch configurations;
+* ``ours_balanced`` / ``ours_random``: :func:`hf_moe_opt.kernels.moe_ffn` (both GEMMs with the row
+  gather, bias, activation, gate multiply, scatter and top-k combine) on a plan whose groups are all
+  ``m`` rows, and on uniformly random top-k routing (uneven groups), the plan built beforehand.
+
+Each beside the floor of the whole layer and of its two GEMMs (same ceilings, measured here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# (BLOCK_N, num_stages, num_warps) tried for the plain Triton GEMM; BLOCK_M 128, BLOCK_K 64.
+TRITON_CONFIGS = ((128, 3, 4), (128, 4, 4), (128, 4, 8), (256, 3, 8))
+
+
+def _triton_gemm():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def per_expert_gemm(a_desc, w_desc, out_ptr, rows, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # Program -> (expert, row tile, column tile), row tiles fastest; a is [E * rows, K], w [E * N, K].
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(rows, BM)
+        per_expert = num_m * tl.cdiv(N, BN)
+        e = pid // per_expert
+        row = e * rows + (pid % per_expert % num_m) * BM
+        col = (pid % per_expert // num_m) * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            acc = tl.dot(a_desc.load([row, k0]), w_desc.load([e * N + col, k0]).T, acc)
+        offs_m = row + tl.arange(0, BM)
+        offs_n = col + tl.arange(0, BN)
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty))
+
+    return triton, per_expert_gemm
+
+
+def triton_ideal_ms(a: torch.Tensor, w: torch.Tensor, num_experts: int, device: torch.device) -> dict | None:
+    """Best time of the plain descriptor GEMM over :data:`TRITON_CONFIGS` (None without TMA support)."""
+    from hf_moe_opt.timing import median_ms
+
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        triton, kernel = _triton_gemm()
+    except ImportError:
+        return None
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+    rows, k = a.shape[0] // num_experts, a.shape[1]
+    n = w.shape[0] // num_experts
+    out = torch.empty(a.shape[0], n, dtype=a.dtype, device=device)
+    best = None
+    for bn, stages, warps in TRITON_CONFIGS:
+        if rows % 128 or n % bn:
+            continue
+        a_desc = TensorDescriptor.from_tensor(a, [128, 64])
+        w_desc = TensorDescriptor.from_tensor(w, [bn, 64])
+        grid = (num_experts * (rows // 128) * (n // bn),)
+
+        def run(a_desc=a_desc, w_desc=w_desc, grid=grid, bn=bn, stages=stages, warps=warps):
+            kernel[grid](a_desc, w_desc, out, rows, n, k, 128, bn, 64, num_stages=stages, num_warps=warps)
+
+        ms = median_ms(run, device, repeats=20, warmup=3)
+        if best is None or ms < best["ms"]:
+            best = {"ms": ms, "block_n": bn, "num_stages": stages, "num_warps": warps}
+    return best
+
+
+def bench_shape(name: str, tokens: int, device: torch.device, ceilings: dict) -> dict:
+    from hf_moe_opt.benchmarking.common import LAYER_SHAPES, floor_ms
+    from hf_moe_opt.dispatch import make_plan
+    from hf_moe_opt.experts.activation import Activation
+    from hf_moe_opt.kernels import moe_ffn
+    from hf_moe_opt.timing import median_ms
+
+    e, d, f, k = LAYER_SHAPES[name]
+    rows = tokens * k // e
+    bias = k == 2  # nllb-moe-54b's experts have biases, Switch's do not
+    g = torch.Generator(device=device).manual_seed(0)
+    w1 = torch.randn(e, f, d, device=device, dtype=torch.bfloat16, generator=g) * d**-0.5
+    w2 = torch.randn(e, d, f, device=device, dtype=torch.bfloat16, generator=g) * f**-0.5
+    b1 = torch.zeros(e, f, device=device, dtype=torch.bfloat16) if bias else None
+    b2 = torch.zeros(e, d, device=device, dtype=torch.bfloat16) if bias else None
+    xs = torch.randn(e, rows, d, device=device, dtype=torch.bfloat16, generator=g)
+    hs = torch.randn(e, rows, f, device=device, dtype=torch.bfloat16, generator=g)
+    half_bytes = e * d * f * 2  # one GEMM's weights
+    half_flops = 2 * e * rows * d * f
+    gemm_floor = 1e3 * max(half_bytes / ceilings["copy_bytes_per_s"], half_flops / ceilings["bf16_flops_per_s"])
+    row = {
+        "shape": name,
+        "tokens": tokens,
+        "rows_per_expert": rows,
+        "floor_ms": floor_ms(e, d, f, tokens * k, ceilings, bias=bias),
+        "gemm_floor_ms": gemm_floor,
+        "bmm_gemm1_ms": median_ms(lambda: torch.bmm(xs, w1.transpose(1, 2)), device, repeats=20, warmup=3),
+        "bmm_gemm2_ms": median_ms(lambda: torch.bmm(hs, w2.transpose(1, 2)), device, repeats=20, warmup=3),
+    }
+    for gemm, a, w in (("gemm1", xs, w1), ("gemm2", hs, w2)):
+        best = triton_ideal_ms(a.view(e * rows, -1), w.reshape(-1, w.shape[2]), e, device)
+        row[f"triton_ideal_{gemm}_ms"] = best and best["ms"]
+        row[f"triton_ideal_{gemm}_config"] = best and {key: v for key, v in best.items() if key != "ms"}
+    x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16, generator=g)
+    relu = Activation("relu", torch.relu)
+    gates = torch.full((tokens, k), 1.0 / k, device=device, dtype=torch.bfloat16)
+    # Balanced: assignment i to expert i % E, so every group has exactly `rows` rows. Random: k distinct
+    # experts per token, uniformly.
+    balanced = (torch.arange(tokens * k, device=device) % e).view(tokens, k)
+    random = torch.rand(tokens, e, device=device, generator=g).topk(k, dim=-1).indices
+    for label, index in (("balanced", balanced), ("random", random)):
+        plan = make_plan(index, gates, None, e)
+        row[f"ours_{label}_ms"] = median_ms(
+            lambda plan=plan: moe_ffn(x, plan, w1, b1, w2, b2, relu, 1.0), device, repeats=20, warmup=3
+        )
+    for key in [key for key in row if key.endswith("_ms") and "floor" not in key]:
+        floor = row["floor_ms"] if key.startswith("ours") else gemm_floor
+        row[key.replace("_ms", "_x_floor")] = row[key] / floor if row[key] else None
+    row["bmm_both_x_layer_floor"] = (row["bmm_gemm1_ms"] + row["bmm_gemm2_ms"]) / row["floor_ms"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, measure_ceilings, print_ceilings
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", choices=list(LAYER_SHAPES), default=list(LAYER_SHAPES))
+    p.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
+    p.add_argument("--out", default="benchmarks/results/ideal_gemm.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("ideal_gemm.py needs a CUDA GPU")
+        return 0
+    device = torch.device("cuda", torch.cuda.current_device())
+    ceilings = measure_ceilings(device)
+    print_ceilings(ceilings)
+    result = {"environment": environment(), "command": " ".join(sys.argv), "ceilings": ceilings, "rows": []}
+    for name, tokens in itertools.product(args.shapes, args.tokens):
+        row = bench_shape(name, tokens, device, ceilings)
+        result["rows"].append(row)
+        parts = ", ".join(f"{key[:-8]} {row[key]:.2f}x" for key in row if key.endswith("_x_floor") and row[key])
+        print(f"{name} {tokens} tokens ({row['rows_per_expert']} rows/expert): floor {row['floor_ms']:.3f} ms "
+              f"(each GEMM {row['gemm_floor_ms']:.3f}); {parts}", flush=True)  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
