@@ -15,7 +15,9 @@ stored contiguously in expert order:
   gather, bias, activation, gate multiply, scatter and top-k combine) on a plan whose groups are all
   ``m`` rows, and on uniformly random top-k routing (uneven groups), the plan built beforehand.
 
-Each beside the floor of the whole layer and of its two GEMMs (same ceilings, measured here).
+Each beside the floor of the whole layer and of its two GEMMs (same ceilings, measured here). Times are
+per call over windows of back-to-back calls (CUDA events, medians), so the host's launch latency
+of a window's first call is spread over the window: device time, as a graph replay would show it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # (BLOCK_N, num_stages, num_warps) tried for the plain Triton GEMM; BLOCK_M 128, BLOCK_K 64.
 TRITON_CONFIGS = ((128, 3, 4), (128, 4, 4), (128, 4, 8), (256, 3, 8))
+# Calls per timed window: the host's launch latency of the first call is shared by all of them.
+CALLS = 10
+
+
+def device_ms(fn, device: torch.device) -> float:
+    """Median time per call of ``fn`` over windows of :data:`CALLS` back-to-back calls (CUDA events)."""
+    from hf_moe_opt.timing import median_ms
+
+    def calls() -> None:
+        for _ in range(CALLS):
+            fn()
+
+    return median_ms(calls, device, repeats=10, warmup=2) / CALLS
 
 
 def _triton_gemm():
@@ -59,8 +74,6 @@ def _triton_gemm():
 
 def triton_ideal_ms(a: torch.Tensor, w: torch.Tensor, num_experts: int, device: torch.device) -> dict | None:
     """Best time of the plain descriptor GEMM over :data:`TRITON_CONFIGS` (None without TMA support)."""
-    from hf_moe_opt.timing import median_ms
-
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -82,7 +95,7 @@ def triton_ideal_ms(a: torch.Tensor, w: torch.Tensor, num_experts: int, device: 
         def run(a_desc=a_desc, w_desc=w_desc, grid=grid, bn=bn, stages=stages, warps=warps):
             kernel[grid](a_desc, w_desc, out, rows, n, k, 128, bn, 64, num_stages=stages, num_warps=warps)
 
-        ms = median_ms(run, device, repeats=20, warmup=3)
+        ms = device_ms(run, device)
         if best is None or ms < best["ms"]:
             best = {"ms": ms, "block_n": bn, "num_stages": stages, "num_warps": warps}
     return best
@@ -93,7 +106,6 @@ def bench_shape(name: str, tokens: int, device: torch.device, ceilings: dict) ->
     from hf_moe_opt.dispatch import make_plan
     from hf_moe_opt.experts.activation import Activation
     from hf_moe_opt.kernels import moe_ffn
-    from hf_moe_opt.timing import median_ms
 
     e, d, f, k = LAYER_SHAPES[name]
     rows = tokens * k // e
@@ -114,8 +126,8 @@ def bench_shape(name: str, tokens: int, device: torch.device, ceilings: dict) ->
         "rows_per_expert": rows,
         "floor_ms": floor_ms(e, d, f, tokens * k, ceilings, bias=bias),
         "gemm_floor_ms": gemm_floor,
-        "bmm_gemm1_ms": median_ms(lambda: torch.bmm(xs, w1.transpose(1, 2)), device, repeats=20, warmup=3),
-        "bmm_gemm2_ms": median_ms(lambda: torch.bmm(hs, w2.transpose(1, 2)), device, repeats=20, warmup=3),
+        "bmm_gemm1_ms": device_ms(lambda: torch.bmm(xs, w1.transpose(1, 2)), device),
+        "bmm_gemm2_ms": device_ms(lambda: torch.bmm(hs, w2.transpose(1, 2)), device),
     }
     for gemm, a, w in (("gemm1", xs, w1), ("gemm2", hs, w2)):
         best = triton_ideal_ms(a.view(e * rows, -1), w.reshape(-1, w.shape[2]), e, device)
@@ -130,9 +142,7 @@ def bench_shape(name: str, tokens: int, device: torch.device, ceilings: dict) ->
     random = torch.rand(tokens, e, device=device, generator=g).topk(k, dim=-1).indices
     for label, index in (("balanced", balanced), ("random", random)):
         plan = make_plan(index, gates, None, e)
-        row[f"ours_{label}_ms"] = median_ms(
-            lambda plan=plan: moe_ffn(x, plan, w1, b1, w2, b2, relu, 1.0), device, repeats=20, warmup=3
-        )
+        row[f"ours_{label}_ms"] = device_ms(lambda plan=plan: moe_ffn(x, plan, w1, b1, w2, b2, relu, 1.0), device)
     for key in [key for key in row if key.endswith("_ms") and "floor" not in key]:
         floor = row["floor_ms"] if key.startswith("ours") else gemm_floor
         row[key.replace("_ms", "_x_floor")] = row[key] / floor if row[key] else None

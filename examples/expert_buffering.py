@@ -7,7 +7,7 @@ Runs offline on the shipped models::
     python examples/expert_buffering.py --device cuda --dtype bfloat16    # experts in pinned host memory
     python examples/expert_buffering.py --recipe device_map --device cuda
 
-``hf_moe_opt.optimize(model, expert_cache=0.25, cache_policy="lifo")`` keeps every expert in (pinned)
+``hf_moe_opt.optimize(model, expert_cache=0.25)`` keeps every expert in (pinned)
 host memory, one copy, and a quarter of each layer's experts in slots on the device of the layer's
 router; a step that routes to a missing expert copies it into a slot (evicting one chosen by the
 policy) on a separate stream. Outputs are those of the fully resident model; ``hf_moe_opt.stats``
@@ -46,7 +46,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import hf_moe_opt
 from hf_moe_opt.assets import shipped_model_path
-from hf_moe_opt.cache import POLICY_NAMES, move_dense, offload_device_map
+from hf_moe_opt.cache import DEFAULT_POLICY, POLICY_NAMES, move_dense, offload_device_map
 
 MODELS = {"switch": "switch-tiny-ddtp", "nllb": "nllb-moe-tiny-ddtp"}
 
@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[0.25, 0.5],
         help="share of each layer's experts kept on the device",
     )
-    parser.add_argument("--policy", default="lifo", choices=list(POLICY_NAMES), help="eviction policy")
+    parser.add_argument("--policy", default=DEFAULT_POLICY, choices=list(POLICY_NAMES), help="eviction policy")
     parser.add_argument(
         "--recipe",
         default="move_dense",

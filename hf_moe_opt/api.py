@@ -76,7 +76,7 @@ def optimize(
     expert_parallel=False,
     devices=None,
     expert_cache=None,
-    cache_policy: str = "lifo",
+    cache_policy: str = "adaptive",
     pinned_experts=None,
     cache_policy_options: dict | None = None,
     cache_prefetch: bool = False,
@@ -125,8 +125,9 @@ def optimize(
             ``device_map=hf_moe_opt.cache.offload_device_map(model)`` (accelerate's offload hooks on
             the experts are taken over, no second copy) or load on the CPU and call
             ``hf_moe_opt.cache.move_dense(model, "cuda")`` first. See ``hf_moe_opt.stats(model)``.
-        cache_policy: the eviction policy, one of ``hf_moe_opt.cache.POLICY_NAMES`` (``"lifo"``,
-            the paper's, ``"fifo"``, ``"lru"``, ``"lfu"``, ``"lfru"``, ``"adaptive"``).
+        cache_policy: the eviction policy, one of ``hf_moe_opt.cache.POLICY_NAMES``: ``"adaptive"``
+            (the default: LFU that forgets when the routing popularity changes), ``"lifo"`` (the
+            paper's), ``"fifo"``, ``"lru"``, ``"lfu"``, ``"lfru"``.
         pinned_experts: experts never evicted: ``{layer name: [expert ids]}`` or one list for every layer.
         cache_policy_options: keyword options of the policy (e.g. ``{"half_life": 32}`` for ``"lfru"``;
             see each policy class in ``hf_moe_opt.cache.policies``); unknown ones raise ``ValueError``.
@@ -180,7 +181,7 @@ def optimize(
         )
     elif (
         pinned_experts is not None
-        or str(cache_policy).lower() != "lifo"
+        or str(cache_policy).lower() != "adaptive"
         or cache_policy_options is not None
         or cache_prefetch is not False
     ):

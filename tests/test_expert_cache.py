@@ -8,6 +8,7 @@ import torch
 
 import hf_moe_opt
 from hf_moe_opt.cache import (
+    DEFAULT_POLICY,
     POLICY_NAMES,
     CacheBudget,
     CachedExpertStore,
@@ -267,6 +268,22 @@ def test_policy_options_reach_every_layer():
     _quiet_optimize(model, expert_cache=3, cache_policy="lfru", cache_policy_options={"half_life": 7.0})
     policies = [layer.store.policy for _, layer in hf_moe_opt.optimized_layers(model)]
     assert policies and all(p.name == "lfru" and "half_life=7.0" in repr(p) for p in policies)
+
+
+def test_default_policy_is_the_documented_one():
+    import inspect
+
+    assert inspect.signature(hf_moe_opt.optimize).parameters["cache_policy"].default == DEFAULT_POLICY
+    assert inspect.signature(CachedExpertStore).parameters["policy"].default == DEFAULT_POLICY
+    assert DEFAULT_POLICY in POLICY_NAMES
+    model = tiny_switch(num_experts=NUM_EXPERTS).to(DEVICE)
+    _quiet_optimize(model, expert_cache=3)
+    policies = [layer.store.policy for _, layer in hf_moe_opt.optimized_layers(model)]
+    assert policies and all(p.name == DEFAULT_POLICY for p in policies)
+    # A policy other than the default without expert_cache is refused (it would have no effect).
+    hf_moe_opt.restore(model)
+    with pytest.raises(ValueError, match="only with expert_cache"):
+        hf_moe_opt.optimize(model, cache_policy="lifo")
 
 
 def _decode_like_inputs(d_model: int, steps: int, seed: int) -> list[torch.Tensor]:

@@ -11,6 +11,7 @@ from .belady import BeladyPolicy, belady
 from .budget import CacheBudget, allot_slots, effective_experts, parse_bytes
 from .offload import expert_module_names, move_dense, offload_device_map, take_over_offloaded_experts
 from .policies import (
+    DEFAULT_POLICY,
     POLICY_NAMES,
     AdaptiveLFUPolicy,
     EvictionPolicy,
@@ -36,6 +37,7 @@ from .traces import (
 )
 
 __all__ = [
+    "DEFAULT_POLICY",
     "POLICY_NAMES",
     "AdaptiveLFUPolicy",
     "BeladyPolicy",

@@ -171,7 +171,7 @@ class CachedExpertStore(ExpertStore):
         num_slots: int,
         device: torch.device | str,
         *,
-        policy: str = "lifo",
+        policy: str = "adaptive",
         pinned: Iterable[int] = (),
         pin_memory: bool = True,
         policy_options: dict | None = None,
