@@ -16,8 +16,7 @@ stored contiguously in expert order:
   ``m`` rows, and on uniformly random top-k routing (uneven groups), the plan built beforehand.
 
 Each beside the floor of the whole layer and of its two GEMMs (same ceilings, measured here). Times are
-per call over windows of back-to-back calls (CUDA events, medians), so the host's launch latency
-of a window's first call is spread over the window: device time, as a graph replay would show it.
+device time per call: ten calls captured in one CUDA graph, replays timed with CUDA events, medians.
 """
 
 from __future__ import annotations
@@ -34,19 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # (BLOCK_N, num_stages, num_warps) tried for the plain Triton GEMM; BLOCK_M 128, BLOCK_K 64.
 TRITON_CONFIGS = ((128, 3, 4), (128, 4, 4), (128, 4, 8), (256, 3, 8))
-# Calls per timed window: the host's launch latency of the first call is shared by all of them.
+# Calls captured in one CUDA graph per timed replay.
 CALLS = 10
 
 
 def device_ms(fn, device: torch.device) -> float:
-    """Median time per call of ``fn`` over windows of :data:`CALLS` back-to-back calls (CUDA events)."""
-    from hf_moe_opt.timing import median_ms
+    """Device time per call of ``fn``: :data:`CALLS` calls captured in one CUDA graph, replays timed
+    with CUDA events (median), so neither Python nor kernel launches count."""
+    from hf_moe_opt.benchmarking.layer import graphed_calls_ms
 
-    def calls() -> None:
-        for _ in range(CALLS):
-            fn()
-
-    return median_ms(calls, device, repeats=10, warmup=2) / CALLS
+    return graphed_calls_ms(lambda _: fn(), None, device, repeats=10, calls=CALLS)
 
 
 def _triton_gemm():

@@ -61,6 +61,10 @@ def _candidates(
     while max_m < 128 and max_m < 2 * rows_per_expert:
         max_m *= 2
     block_m = [m for m in (16, 32, 64, 128) if max_m // 4 <= m <= max_m]
+    if block_ms and 256 in block_ms:
+        # On request only: one 256-row tile for an expert of 129-256 rows (with tail_m=128, a 128-row
+        # tile for up to 128), instead of a full tile and a nearly empty one.
+        block_m.append(256)
     small = max_m <= 32  # weight-read bound: many narrow programs, deep K tiles
     if quick:
         block_n, block_k, warps, stages = (32, 64, 128), (64,), (4,), (3, 4)
@@ -74,8 +78,8 @@ def _candidates(
     block_m = [m for m in block_m if block_ms is None or m in block_ms]
     warps = [w for w in warps if warps_only is None or w in warps_only]
     for m, n, k, w, s in itertools.product(block_m, block_n, block_k, warps, stages):
-        if m * n >= 128 * 256 and w == 4:
-            continue  # a 4-warp program cannot hold that accumulator in registers
+        if m * n >= 128 * 256 and w == 4 or m * n > 128 * 256:
+            continue  # a 4-warp program cannot hold that accumulator in registers, an 8-warp one no more
         tiles = m + (2 * n if gated else n)
         if tiles * k * 2 * s > 200 * 1024:
             continue  # more shared memory than an H100/H200 SM has
