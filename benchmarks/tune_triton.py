@@ -127,6 +127,7 @@ def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
     best, best_ms = None, float("inf")
     by_tma: dict[int, float] = {}
     by_tail: dict[int, float] = {}
+    by_block_m: dict[int, float] = {}
     for cfg in candidates:
         fn = fn_for(cfg)
         try:
@@ -138,6 +139,7 @@ def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
         ms = _time(fn, warmup_ms, rep_ms)
         by_tma[cfg.tma] = min(ms, by_tma.get(cfg.tma, float("inf")))
         by_tail[cfg.tail_m] = min(ms, by_tail.get(cfg.tail_m, float("inf")))
+        by_block_m[cfg.block_m] = min(ms, by_block_m.get(cfg.block_m, float("inf")))
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
@@ -148,6 +150,8 @@ def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
     if len(by_tail) > 1:  # the same for the tail tile heights
         heights = ", ".join(f"best tail_m={t} {ms:.4f} ms" for t, ms in sorted(by_tail.items()))
         print(f"  {label}: {heights}")
+    if len(by_block_m) > 1:  # and the row tile heights
+        print(f"  {label}: " + ", ".join(f"best block_m={m} {ms:.4f} ms" for m, ms in sorted(by_block_m.items())))
     return best, best_ms
 
 
