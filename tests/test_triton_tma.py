@@ -158,8 +158,10 @@ def test_tma_tail_tiles(
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
     for other in (run(gemm1_tma, gemm2_tma, 0), run(0, 0, 16)):
-        if DEVICE.type == "cpu":
+        if DEVICE.type == "cpu" and dtype != torch.float32:
             assert torch.equal(out, other)
+        elif DEVICE.type == "cpu":  # the interpreter's fp32 matmul (BLAS) may order a tile's FMAs by its height
+            torch.testing.assert_close(out, other, rtol=1e-6, atol=1e-6)
         else:
             torch.testing.assert_close(out.float(), other.float(), atol=atol, rtol=rtol)
 
