@@ -300,9 +300,8 @@ def bench_family(
     ``max(resident time, bytes copied per token / pinned bandwidth)`` -- no policy's misses can be
     served faster than the host link moves them -- and Belady's (:func:`add_belady_floor`).
     """
-    cached_settings = [
-        (f, a, p) for f in FRACTIONS if f < 1.0 for a in (False, True) if a <= prefetch for p in policies
-    ]
+    look_ahead = (False, True) if prefetch else (False,)
+    cached_settings = [(f, a, p) for f in FRACTIONS if f < 1.0 for a in look_ahead for p in policies]
     resident = (1.0, False, None)
     settings = [resident, *cached_settings]
     built = {s: _stack_model(family, num_layers, shape, device, s) for s in settings}

@@ -667,10 +667,10 @@ _POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (LIFOPolicy, FIFOPolicy, LRUPolicy, LFUPolicy, LFRUPolicy, AdaptiveLFUPolicy)
 }
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
-# optimize()'s default: the only policy within 5 points of Belady on every measured trace, and the
-# one that recovers when the routing popularity shifts, where LIFO keeps what it loaded first forever.
-DEFAULT_POLICY = "adaptive"
 """Names :func:`make_policy` accepts."""
+DEFAULT_POLICY = "adaptive"
+"""``optimize``'s policy: the closest to Belady on most measured traces, and it recovers when the
+routing popularity shifts, where LIFO keeps what it loaded first (docs/expert_buffering.md)."""
 
 
 def make_policy(
