@@ -499,6 +499,43 @@ def policy_hit_rates(steps: int = 2000) -> list[dict]:
     return rows
 
 
+def _label(row: dict) -> str:
+    ahead = ", look-ahead" if row.get("prefetch") else ""
+    return f"{row['family']} b{row['batch']} {row['fraction_resident']:g} {row.get('policy') or ''}{ahead}"
+
+
+def _plot_stack_ratios(ax, rows: list[dict]) -> None:
+    """Decode time over resident per (shape, batch, policy, look-ahead), Belady serial dotted, 1.5x line."""
+    for family in ("switch", "nllb"):
+        for batch in (1, 8):
+            part = [r for r in rows if r["family"] == family and r["batch"] == batch and r["fraction_resident"] < 1.0]
+            variants = dict.fromkeys((r.get("policy"), r.get("prefetch", False)) for r in part)
+            for n, (policy, ahead) in enumerate(variants):
+                mine = [r for r in part if (r.get("policy"), r.get("prefetch", False)) == (policy, ahead)]
+                line = ax.plot(
+                    [1.0] + [r["fraction_resident"] for r in mine],
+                    [1.0] + [r["x_resident"] for r in mine],
+                    marker="o",
+                    linestyle="--" if ahead else "-",
+                    label=f"{family} b{batch} {policy}" + (", look-ahead" if ahead else ""),
+                )[0]
+                floors = [r for r in mine if r.get("x_resident_belady_serial")]
+                if floors and n == 0:  # Belady's floor depends on the routing only: once per shape and batch
+                    ax.plot(
+                        [r["fraction_resident"] for r in floors],
+                        [r["x_resident_belady_serial"] for r in floors],
+                        marker="x",
+                        linestyle=":",
+                        color=line.get_color(),
+                        label=f"{family} b{batch}: resident + Belady's copies",
+                    )
+    ax.axhline(1.5, color="k", linestyle=":", linewidth=1)
+    ax.set(xlabel="fraction of experts resident", ylabel="decode time / fully resident")
+    ax.set_title("MoE blocks only (worst case: nothing hides the copies)", fontsize=10)
+    ax.invert_xaxis()
+    ax.legend(fontsize=6, ncol=2)
+
+
 def plot(result: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -508,82 +545,55 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    stack = result.get("decode", [])
+    model_rows = result.get("model_decode", [])
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
-    ax = axes[0][0]
-    for family in ("switch", "nllb"):
-        for batch in (1, 8):
-            rows = [r for r in result.get("decode", []) if r["family"] == family and r["batch"] == batch]
-            resident = [r for r in rows if r["fraction_resident"] == 1.0]
-            variants = dict.fromkeys((r.get("policy"), r.get("prefetch", False)) for r in rows if r not in resident)
-            for policy, ahead in variants:
-                # One line per policy from the fully resident point; look-ahead rows (--prefetch) dashed.
-                cached = [
-                    r
-                    for r in rows
-                    if r not in resident and (r.get("policy"), r.get("prefetch", False)) == (policy, ahead)
-                ]
-                part = resident + cached
-                label = f"{family} ({rows[0]['layers']} layers), b{batch}, {policy}" + (", look-ahead" if ahead else "")
-                line = ax.plot(
-                    [r["fraction_resident"] for r in part],
-                    [r["ms_per_token"] for r in part],
-                    marker="o",
-                    linestyle="--" if ahead else "-",
-                    label=label,
-                )[0]
-                floors = [r for r in cached if r.get("belady_serial_ms_per_token")]
-                if floors and (policy, ahead) == next(iter(variants)):
-                    ax.plot(
-                        [r["fraction_resident"] for r in floors],
-                        [r["belady_serial_ms_per_token"] for r in floors],
-                        marker="x",
-                        linestyle=":",
-                        color=line.get_color(),
-                        label=f"{family} b{batch}: resident + Belady's copies",
-                    )
-    ax.set(
-        xlabel="fraction of experts resident",
-        ylabel="ms per decode step",
-        title="MoE blocks only (worst case: nothing hides the copies)",
-    )
-    ax.invert_xaxis()
-    ax.legend(fontsize=8)
+    _plot_stack_ratios(axes[0][0], stack)
 
     ax = axes[0][1]
-    model_rows = result.get("model_decode", [])
-    for key in dict.fromkeys((r["model"], r["batch"]) for r in model_rows):
-        for policy in dict.fromkeys(r["policy"] for r in model_rows if r["policy"]):
-            rows = [r for r in model_rows if (r["model"], r["batch"]) == key and r["policy"] in (None, policy)]
-            ax.plot(
-                [r["fraction_resident"] for r in rows],
-                [r["ratio_to_resident"] for r in rows],
-                marker="o",
-                label=f"{key[0]}, batch {key[1]}, {policy}",
-            )
-    ax.axhline(1.5, color="k", linestyle=":", label="1.5x")
-    ax.set(
-        xlabel="fraction of experts resident",
-        ylabel="decode time / fully resident",
-        title="whole model (fewer layers), generate with a KV cache",
-    )
-    ax.invert_xaxis()
-    ax.legend(fontsize=7)
+    if model_rows:
+        for key in dict.fromkeys((r["model"], r["batch"]) for r in model_rows):
+            for policy in dict.fromkeys(r["policy"] for r in model_rows if r["policy"]):
+                rows = [r for r in model_rows if (r["model"], r["batch"]) == key and r["policy"] in (None, policy)]
+                ax.plot(
+                    [r["fraction_resident"] for r in rows],
+                    [r["ratio_to_resident"] for r in rows],
+                    marker="o",
+                    label=f"{key[0]}, batch {key[1]}, {policy}",
+                )
+        ax.axhline(1.5, color="k", linestyle=":", label="1.5x")
+        ax.set(xlabel="fraction of experts resident", ylabel="decode time / fully resident")
+        ax.set_title("whole model (fewer layers), generate with a KV cache", fontsize=10)
+        ax.invert_xaxis()
+        ax.legend(fontsize=7)
+    else:  # stack only: the cache's hit rate beside Belady's on the same routing
+        cached = [r for r in stack if r.get("belady_hit_rate") is not None]
+        xs = range(len(cached))
+        ax.bar([x - 0.2 for x in xs], [r["hit_rate"] for r in cached], width=0.4, label="policy")
+        ax.bar([x + 0.2 for x in xs], [r["belady_hit_rate"] for r in cached], width=0.4, label="Belady")
+        ax.set_xticks(list(xs), [_label(r) for r in cached], rotation=70, fontsize=6)
+        ax.set_ylim(min([r["hit_rate"] for r in cached] + [1.0]) - 0.05, 1.0)
+        ax.set(ylabel="hit rate")
+        ax.set_title("MoE blocks only: hit rate vs Belady on the same routing", fontsize=10)
+        ax.legend(fontsize=8)
 
     ax = axes[1][0]
-    copies = [r for r in result.get("decode", []) if r.get("copy_bytes_per_s")]
-    labels = [f"stack {r['family']} b{r['batch']} {r['fraction_resident']}" for r in copies]
+    copies = [r for r in stack if r.get("copy_bytes_per_s")]
+    labels = [f"stack {_label(r)}" for r in copies]
     values = [r["copy_bytes_per_s"] / 1e9 for r in copies]
     for r in model_rows:
         if r.get("copy_bytes_per_s"):
             labels.append(f"{r['model'].split('-')[0]} b{r['batch']} {r['fraction_resident']} {r['policy']}")
             values.append(r["copy_bytes_per_s"] / 1e9)
-    ax.bar(labels, values)
+    ax.bar(range(len(values)), values)
+    ax.set_xticks(range(len(values)), labels, rotation=70, fontsize=6)
     pinned = result["bandwidth"].get("pinned_h2d_bytes_per_s")
     if pinned:
         ax.axhline(pinned / 1e9, color="k", linestyle="--", label=f"pinned H2D {pinned / 1e9:.1f} GB/s")
+        ax.axhline(0.85 * pinned / 1e9, color="k", linestyle=":", label="85% of pinned")
         ax.legend(fontsize=8)
-    ax.set(ylabel="GB/s", title="cache copy bandwidth")
-    ax.tick_params(axis="x", labelrotation=70, labelsize=6)
+    ax.set(ylabel="GB/s")
+    ax.set_title("cache copy bandwidth", fontsize=10)
 
     ax = axes[1][1]
     if result.get("hit_rates"):
@@ -592,6 +602,24 @@ def plot(result: dict, path: Path) -> None:
             ax.plot(trace["slots"], trace[name], marker="o", label=name)
         ax.set(xlabel="slots (of 128)", ylabel="hit rate", title=f"hit rate: {trace['trace']} (synthetic)")
         ax.legend(fontsize=8)
+    elif stack:  # stack only: absolute times per step
+        for family in ("switch", "nllb"):
+            for batch in (1, 8):
+                rows = [r for r in stack if r["family"] == family and r["batch"] == batch and not r.get("prefetch")]
+                for policy in dict.fromkeys(r.get("policy") for r in rows if r.get("policy")):
+                    mine = [r for r in rows if r.get("policy") in (None, policy)]
+                    ax.plot(
+                        [r["fraction_resident"] for r in mine],
+                        [r["ms_per_token"] for r in mine],
+                        marker="o",
+                        label=f"{family} b{batch} {policy}",
+                    )
+        ax.set(xlabel="fraction of experts resident", ylabel="ms per decode step")
+        ax.set_title("MoE blocks only: time per step", fontsize=10)
+        ax.invert_xaxis()
+        ax.legend(fontsize=6, ncol=2)
+    else:
+        ax.axis("off")
     fig.suptitle(f"expert buffering, {result['environment']['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -130,6 +130,11 @@ def test_bench_cache_smoke(tmp_path) -> None:
             assert row["belady_bytes_per_token"] <= row["bytes_copied_per_token"]
             assert "belady_floor_ms_per_token" not in row
     assert {r["policy"] for r in result["decode"]} == {None, "lifo", "adaptive"}
+    # A run of the stack part alone plots without the other parts' panels.
+    pytest.importorskip("matplotlib")
+    stack_only = {k: v for k, v in result.items() if k not in ("model_decode", "hit_rates")}
+    _load("bench_cache").plot(stack_only, tmp_path / "stack.png")
+    assert (tmp_path / "stack.png").stat().st_size > 0
     # Belady after a warm-up on the first step: with 1 slot the counted {0}, {1}, {0} are hit, miss, miss.
     steps = [frozenset({0}), frozenset({0}), frozenset({1}), frozenset({0})]
     assert _load("bench_cache").belady_misses(steps, 1, 2, warmup=1) == (1, 2)
