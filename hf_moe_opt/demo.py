@@ -22,6 +22,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from .api import is_optimized, optimize, restore, stats
 from .assets import shipped_model_path
 from .baselines import remove_nllb_eager_reference, use_nllb_eager_reference
+from .cache import DEFAULT_POLICY
 from .demo_inputs import ENGLISH, PAIRS
 from .placement import plan_placement, profile
 
@@ -146,8 +147,8 @@ def _switch_rows(device, dtype, backend, cache_fraction, result: DemoResult) -> 
     measure("hf_moe_opt", base)
     result.expert_load[name] = _load_fractions(model, as_inputs)
     restore(model)
-    optimize(model, backend=backend, expert_cache=cache_fraction, cache_policy="lfu")
-    measure(f"hf_moe_opt + cache {cache_fraction:.0%} (lfu)", base)
+    optimize(model, backend=backend, expert_cache=cache_fraction)
+    measure(f"hf_moe_opt + cache {cache_fraction:.0%} ({DEFAULT_POLICY})", base)
     restore(model)
     plan, rr, greedy = _balance(model, as_inputs, device)
     optimize(model, backend=backend, placement=plan, devices=_two_devices(device))
@@ -207,8 +208,8 @@ def _nllb_rows(device, dtype, backend, cache_fraction, result: DemoResult) -> No
     measure("hf_moe_opt", base)
     result.expert_load[name] = _load_fractions(model, profile_inputs)
     restore(model)
-    optimize(model, backend=backend, expert_cache=cache_fraction, cache_policy="lfu")
-    measure(f"hf_moe_opt + cache {cache_fraction:.0%} (lfu)", base)
+    optimize(model, backend=backend, expert_cache=cache_fraction)
+    measure(f"hf_moe_opt + cache {cache_fraction:.0%} ({DEFAULT_POLICY})", base)
     restore(model)
     plan, rr, greedy = _balance(model, profile_inputs * 2, device)
     optimize(model, backend=backend, placement=plan, devices=_two_devices(device))
