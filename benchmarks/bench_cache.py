@@ -38,8 +38,11 @@ Measures, in one run:
   (``hf_moe_opt.cache``).
 
 Writes JSON to ``--out`` and a PNG beside it. CUDA only, except ``--smoke`` (tiny shapes and configs
-on the CPU: checks that the script runs; its times mean nothing). On an H200: part ``stack`` about 3
-minutes and ~17 GB of GPU memory; part ``model`` about 3 to 5 minutes, ~25 GB of GPU memory at most
+on the CPU: checks that the script runs; its times mean nothing). On an H200: part ``stack`` about 2
+minutes with two policies; every setting's model stays alive, so the nllb-moe-54b shape holds 8.6 GB
+of GPU memory for the resident model plus each cached model's slots, and 8.6 GB of pinned host
+memory per cached setting (34 GB with two policies, 69 GB with ``--prefetch`` too); part ``model``
+about 3 to 5 minutes, ~25 GB of GPU memory at most
 (the nllb-moe-54b-dims model: 19 GB of bf16 weights, plus one layer's expert stack while ``optimize``
 stacks them) and ~17 GB of pinned host memory; part ``hit_rates`` a few seconds. Run the parts as
 separate commands where one command's time is limited.
