@@ -236,8 +236,10 @@ def run_demo(
 
 
 def format_table(result: DemoResult) -> str:
+    m = max([28, *(len(r.model) for r in result.rows)])
+    v = max([32, *(len(r.variant) for r in result.rows)])
     head = (
-        f"{'model':<28} {'variant':<32} {'quality':>12} {'same tokens':>11} {'time ms':>9} "
+        f"{'model':<{m}} {'variant':<{v}} {'quality':>12} {'same tokens':>11} {'time ms':>9} "
         f"{'expert MiB':>10} {'hit rate':>8} {'max/mean':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -246,7 +248,7 @@ def format_table(result: DemoResult) -> str:
         hit = "" if r.hit_rate is None else f"{r.hit_rate:.2f}"
         bal = "" if r.balance is None else f"{r.balance:.3f}"
         lines.append(
-            f"{r.model:<28} {r.variant:<32} {quality:>12} {r.same_tokens:>11} {r.ms:>9.1f} "
+            f"{r.model:<{m}} {r.variant:<{v}} {quality:>12} {r.same_tokens:>11} {r.ms:>9.1f} "
             f"{r.expert_mib:>10.2f} {hit:>8} {bal:>8}" + (f"  ({r.note})" if r.note else "")
         )
     lines += [f"note: {n}" for n in result.notes]
