@@ -252,7 +252,7 @@ def add_belady_floor(
 ) -> None:
     """Belady's hit rate on the row's routing at its slot count, and (with a measured pinned
     bandwidth) the time floors its unavoidable copies set: hidden, or added to the resident time."""
-    num_slots = max(1, round(row["fraction_resident"] * num_experts))  # optimize's rounding of a fraction
+    num_slots = max(1, int(row["fraction_resident"] * num_experts + 1e-9))  # optimize's: rounded down
     hits = misses = copied = 0
     for layer_steps, layer_bytes in zip(steps, nbytes, strict=True):
         h, m = belady_misses(layer_steps, num_slots, num_experts, warmup)
