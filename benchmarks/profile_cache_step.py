@@ -1,6 +1,6 @@
 """Host time of a cached decode step vs a resident one (cProfile over the MoE-only stack).
 
-    python benchmarks/profile_cache_step.py --family switch --batch 1 --fraction 0.5 --policy lifo
+    python benchmarks/profile_cache_step.py --family switch --batch 1 --fraction 0.5 --policy adaptive
 
 Decode steps of a MoE-only stack are bound by the host (Python and kernel launches), so the
 cache's extra cost per step is host time: the read of the router's choices, the policy, the slot
@@ -29,14 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     import bench_cache
 
     import hf_moe_opt
-    from hf_moe_opt.cache import POLICY_NAMES
+    from hf_moe_opt.cache import DEFAULT_POLICY, POLICY_NAMES
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", choices=["switch", "nllb"], default="switch")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--fraction", type=float, default=0.5)
-    p.add_argument("--policy", choices=POLICY_NAMES, default="lifo")
+    p.add_argument("--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")

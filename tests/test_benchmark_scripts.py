@@ -310,7 +310,7 @@ def test_policy_bounds_smoke(tmp_path) -> None:
 
 
 def test_profile_cache_step_smoke(capsys) -> None:
-    assert _load("profile_cache_step").main(["--smoke", "--steps", "6", "--top", "100000"]) == 0
+    assert _load("profile_cache_step").main(["--smoke", "--steps", "6", "--top", "100000", "--policy", "lifo"]) == 0
     out = capsys.readouterr().out
     # Both settings report a time per step and a profile (every function listed) that includes the
     # cached store's step.
