@@ -345,6 +345,27 @@ def test_prefetch_keeps_outputs_and_loads_ahead(family, policy):
     assert misses < sum(v["misses"] for v in plain_stats.values())
 
 
+def test_prefetch_chains_stay_within_a_model():
+    # Two cached models on one device, their calls interleaved (as a paired benchmark or two pipelines
+    # do): each learns its own layer order and prefetches only into its own slots.
+    base = FAMILIES["switch"](num_experts=NUM_EXPERTS, sparse_step=1, expert_capacity=64)
+    sparse = [m for m in base.modules() if type(m).__name__.endswith("SparseMLP")]
+    stacks = [_Stack([copy.deepcopy(m) for m in sparse[:3]], base.config).to(DEVICE).eval() for _ in range(2)]
+    for stack in stacks:
+        _quiet_optimize(stack, expert_cache=2, backend="torch", cache_prefetch=True)
+    stores = [[layer.store for _, layer in hf_moe_opt.optimized_layers(stack)] for stack in stacks]
+    d_model = stores[0][0].weights.w1.tensor.shape[2]
+    inputs = _decode_like_inputs(d_model, 12, seed=5)
+    with torch.no_grad():
+        for i in range(0, len(inputs), 3):  # three steps of one model, then three of the other
+            for h in inputs[i : i + 3]:
+                stacks[(i // 3) % 2](h.to(DEVICE))
+    for own in stores:
+        assert [s._next() for s in own] == own[1:] + own[:1]
+        assert own[0]._chain_of is own[-1]._chain_of
+    assert stores[0][0]._chain_of is not stores[1][0]._chain_of
+
+
 def test_prefetch_generate_identical_tokens():
     base = tiny_switch(num_experts=NUM_EXPERTS, sparse_step=1).to(DEVICE)
     resident, cached = copy.deepcopy(base), copy.deepcopy(base)

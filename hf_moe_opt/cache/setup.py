@@ -100,6 +100,7 @@ class ExpertCachePlan:
     def attach(self, layers: Sequence[tuple[str, nn.Module]]) -> dict[str, CachedExpertStore]:
         """Give every layer a :class:`CachedExpertStore`; warns once if pinned memory was unavailable."""
         stores = {}
+        chain: dict = {}  # this model's look-ahead chain (see CachedExpertStore.enable_prefetch)
         for name, layer in layers:
             store = CachedExpertStore(
                 layer.weights,
@@ -110,7 +111,7 @@ class ExpertCachePlan:
                 policy_options=self.policy_options,
             )
             if self.prefetch:
-                store.enable_prefetch(getattr(layer, "router", None))
+                store.enable_prefetch(getattr(layer, "router", None), chain)
             layer.store = store
             stores[name] = store
         errors = {s.pin_error for s in stores.values() if s.pin_error}

@@ -87,6 +87,7 @@ HOST_CHOICES_MAX = 256
 # computing the hits while the misses copy saves less than the second group's launches cost the host.
 OVERLAP_MIN_ASSIGNMENTS = 64
 # The cached store that ran last on each device: the next one to run learns its predecessor from it.
+# The process-wide chain of stores enabled without one of their own (optimize gives each call its own).
 _LAST_STORE: dict[torch.device, weakref.ref] = {}
 # Resolve finished CUDA timing events once this many are pending.
 _MAX_PENDING_EVENTS = 256
@@ -197,6 +198,7 @@ class CachedExpertStore(ExpertStore):
         # Look-ahead (enable_prefetch): the cached layer that ran after this one last time, the router
         # that predicts this layer's experts, its top-k, and the experts a predecessor prefetched here.
         self.prefetch = False
+        self._chain_of: dict[torch.device, weakref.ref] = _LAST_STORE
         self._next: weakref.ref | None = None
         self._predictor: nn.Module | None = None
         self._top_k = 0
@@ -603,7 +605,7 @@ class CachedExpertStore(ExpertStore):
         return needed, [per_expert[e] for e in needed], []
 
     # ------------------------------------------------------------- look-ahead
-    def enable_prefetch(self, router: nn.Module | None) -> bool:
+    def enable_prefetch(self, router: nn.Module | None, chain: dict | None = None) -> bool:
         """Load this layer's likely experts while the cached layer before it computes (look-ahead).
 
         That layer applies this layer's router weights (``router`` or its ``classifier``: an
@@ -615,8 +617,14 @@ class CachedExpertStore(ExpertStore):
         outputs never change. Decode-sized calls only (at most :data:`HOST_CHOICES_MAX` assignments).
         Returns whether a router weight was found (without one, the layer can still prefetch for the
         next, but nothing prefetches for it).
+
+        ``chain`` is where the stores that may follow each other record which ran last on a device:
+        one dict shared by the stores of one model (``optimize`` passes one per call), so the layers
+        of two models whose calls interleave on a GPU never prefetch into each other's slots. None:
+        a chain shared by the whole process.
         """
         self.prefetch = True
+        self._chain_of = _LAST_STORE if chain is None else chain
         self._predictor = None
         for module in (getattr(router, "classifier", None), router):
             weight = getattr(module, "weight", None)
@@ -627,11 +635,12 @@ class CachedExpertStore(ExpertStore):
 
     def _chain(self, device: torch.device) -> CachedExpertStore | None:
         """Record this store as the successor of the one that ran last; the store to prefetch for."""
-        ref = _LAST_STORE.get(device)
+        chain = self._chain_of
+        ref = chain.get(device)
         prev = ref() if ref is not None else None
         if prev is not None and prev is not self:
             prev._next = weakref.ref(self)
-        _LAST_STORE[device] = weakref.ref(self)
+        chain[device] = weakref.ref(self)
         nxt = self._next() if self._next is not None else None
         if nxt is None or not nxt.prefetch or nxt._predictor is None or not nxt._top_k:
             return None
