@@ -123,11 +123,18 @@ def _time(fn, warmup_ms: int, rep_ms: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+_TMA_NAMES = {0: "without TMA", 1: "with TMA", 2: "with TMA for the weights only"}
+# Knobs with an A/B line (best time per value, side by side in one run): attribute, how a value reads.
+_AB_KNOBS = (
+    ("tma", _TMA_NAMES.__getitem__),
+    ("tail_m", lambda v: f"tail_m={v}"),
+    ("block_m", lambda v: f"block_m={v}"),
+)
+
+
 def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
     best, best_ms = None, float("inf")
-    by_tma: dict[int, float] = {}
-    by_tail: dict[int, float] = {}
-    by_block_m: dict[int, float] = {}
+    by_knob: dict[str, dict[int, float]] = {knob: {} for knob, _ in _AB_KNOBS}
     for cfg in candidates:
         fn = fn_for(cfg)
         try:
@@ -137,21 +144,17 @@ def _best(label: str, fn_for, candidates, warmup_ms: int, rep_ms: int):
             print(f"  {label} {cfg}: skipped ({type(err).__name__})")
             continue
         ms = _time(fn, warmup_ms, rep_ms)
-        by_tma[cfg.tma] = min(ms, by_tma.get(cfg.tma, float("inf")))
-        by_tail[cfg.tail_m] = min(ms, by_tail.get(cfg.tail_m, float("inf")))
-        by_block_m[cfg.block_m] = min(ms, by_block_m.get(cfg.block_m, float("inf")))
+        for knob, times in by_knob.items():
+            value = getattr(cfg, knob)
+            times[value] = min(ms, times.get(value, float("inf")))
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
         raise RuntimeError(f"no {label} config compiled")
-    if len(by_tma) > 1:  # the A/B of the load paths, side by side in one run
-        names = {0: "without TMA", 1: "with TMA", 2: "with TMA for the weights only"}
-        print(f"  {label}: " + ", ".join(f"best {names[t]} {ms:.4f} ms" for t, ms in sorted(by_tma.items())))
-    if len(by_tail) > 1:  # the same for the tail tile heights
-        heights = ", ".join(f"best tail_m={t} {ms:.4f} ms" for t, ms in sorted(by_tail.items()))
-        print(f"  {label}: {heights}")
-    if len(by_block_m) > 1:  # and the row tile heights
-        print(f"  {label}: " + ", ".join(f"best block_m={m} {ms:.4f} ms" for m, ms in sorted(by_block_m.items())))
+    for knob, name in _AB_KNOBS:
+        times = by_knob[knob]
+        if len(times) > 1:
+            print(f"  {label}: " + ", ".join(f"best {name(v)} {ms:.4f} ms" for v, ms in sorted(times.items())))
     return best, best_ms
 
 
