@@ -59,6 +59,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -205,28 +206,14 @@ def decode_ms(model: nn.Module, stream: list[torch.Tensor], warmup: int) -> floa
     return (time.perf_counter() - t0) * 1e3 / (len(stream) - warmup)
 
 
-@torch.no_grad()
 def record_steps(model: nn.Module, stream: list[torch.Tensor]) -> tuple[list[list[frozenset[int]]], list[int]]:
-    """Per optimized layer, the experts each input of ``stream`` routes to (dropped ones left out),
-    and each layer's bytes per expert load; ``model`` must be optimized (resident)."""
-    layers = [m for m in model.modules() if isinstance(m, OptimizedMoE)]
-    steps: list[list[frozenset[int]]] = [[] for _ in layers]
-    index = {id(m): i for i, m in enumerate(layers)}
-
-    def observer(layer, routing) -> None:
-        expert_index, _, keep = routing
-        chosen = expert_index if keep is None else expert_index[keep]
-        steps[index[id(layer)]].append(frozenset(chosen.reshape(-1).tolist()))
-
-    for layer in layers:
-        layer.observers.append(observer)
-    try:
-        for x in stream:
-            model(x)
-    finally:
-        for layer in layers:
-            layer.observers.remove(observer)
-    return steps, [expert_nbytes(layer.weights) for layer in layers]
+    """Per optimized layer, the experts each input of ``stream`` routes to (dropped ones left out; the
+    routing profiler, one batch per input), and each layer's bytes per expert load; ``model`` must be
+    optimized (resident)."""
+    trace = hf_moe_opt.profile(model, stream, progress=False, coactivation=False)
+    layers = hf_moe_opt.optimized_layers(model)
+    steps = [[frozenset(np.flatnonzero(row).tolist()) for row in trace.counts(name)] for name, _ in layers]
+    return steps, [expert_nbytes(layer.weights) for _, layer in layers]
 
 
 def belady_misses(steps: list[frozenset[int]], num_slots: int, num_experts: int, warmup: int) -> tuple[int, int]:
