@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from . import step_graphs
+from . import dense, step_graphs
+from .dense import DENSE_MODEL_TYPES
 from .experts.backends import BACKENDS
 from .graphs import GraphCache
 from .layer import CAPACITY_MODES, OptimizedMoE
@@ -80,6 +81,7 @@ def optimize(
     pinned_experts=None,
     cache_policy_options: dict | None = None,
     cache_prefetch: bool = False,
+    fuse_dense: bool = False,
 ) -> nn.Module:
     """Replace every supported sparse MoE block of ``model`` in place with :class:`OptimizedMoE`.
 
@@ -135,6 +137,12 @@ def optimize(
             cached layer's experts (that layer's router applied to this layer's input) and starts
             their copies, so that they overlap with the compute in between. Outputs never change; a
             wrong guess costs a copy. ``stats`` reports ``prefetched`` and ``prefetch_hits``.
+        fuse_dense: also speed up the dense parts (Switch Transformers, NLLB-MoE): attention runs as one
+            ``scaled_dot_product_attention`` call with the position bias and mask folded into one
+            additive mask, and Switch's float32 RMS norms as one-pass kernels (CUDA). Outputs agree
+            with the eager modules to rounding, not bit for bit (see ``hf_moe_opt.dense``);
+            ``restore`` undoes it. Other families raise ``ValueError``: load them with
+            ``attn_implementation="sdpa"``.
 
     Returns:
         ``model``, modified in place. Parameter names and values are unchanged.
@@ -153,6 +161,11 @@ def optimize(
     if not blocks:
         supported = ", ".join(f"{cls} ({mt})" for mt, cls in supported_architectures().items())
         raise ValueError(f"{type(model).__name__} has no supported sparse MoE block. Supported: {supported}")
+    if fuse_dense and getattr(getattr(model, "config", None), "model_type", None) not in DENSE_MODEL_TYPES:
+        raise ValueError(
+            "fuse_dense=True applies to Switch Transformers and NLLB-MoE; load other models with "
+            'attn_implementation="sdpa" (transformers\' own fused attention)'
+        )
     if cuda_graphs == "step":
         if placement is not None or expert_parallel or expert_cache is not None:
             raise ValueError('cuda_graphs="step" needs resident experts: it cannot be combined with expert_cache=, '
@@ -212,6 +225,8 @@ def optimize(
             raise
     if cache_plan is not None:
         cache_plan.attach([(b[0], getattr(b[1], b[2])) for b in blocks])
+    if fuse_dense:
+        dense.fuse_dense(model)
     if cuda_graphs == "step":
         step_graphs.attach(model)
     logger.info(f"hf_moe_opt: optimized {len(blocks)} MoE blocks (capacity={capacity}, backend={backend})")
@@ -240,6 +255,7 @@ def restore(model: nn.Module) -> nn.Module:
     if any(getattr(layer, "_hf_moe_opt_expert_parallel", False) for _, _, layer in targets):
         raise ValueError("an expert-parallel model holds only this rank's experts and cannot be restored; reload it")
     step_graphs.detach(model)
+    dense.unfuse_dense(model)
     for parent, child_name, layer in targets:
         if hasattr(layer.store, "release"):
             layer.store.release()  # expert cache: free the slots, experts back to their original device
