@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument(
+        "--fuse-dense", action="store_true", help="optimize(..., fuse_dense=True): fused attention and norms"
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: needs a CUDA device", file=sys.stderr)
@@ -75,14 +78,15 @@ def main(argv=None) -> int:
     model = random_model(args.model, device)
     ids = random_ids(model, args.batch, args.seq, device, torch.Generator().manual_seed(0))
     encoder = model.get_encoder()
-    print(f"{args.model} encoder {args.batch}x{args.seq}, medians of {args.repeats} forwards")
+    fused = ", fuse_dense" if args.fuse_dense else ""
+    print(f"{args.model} encoder {args.batch}x{args.seq}{fused}, medians of {args.repeats} forwards")
     for capacity in ("model", "none"):
-        hf_moe_opt.optimize(model, capacity=capacity)
+        hf_moe_opt.optimize(model, capacity=capacity, fuse_dense=args.fuse_dense)
         total, moe = _split_times(model, encoder, ids, args.repeats)
         share = f"MoE layers {moe:.3f} ms ({moe / total:.0%}), rest {total - moe:.3f} ms"
         print(f"  capacity={capacity}: forward {total:.3f} ms, {share}")
         hf_moe_opt.restore(model)
-    hf_moe_opt.optimize(model)
+    hf_moe_opt.optimize(model, fuse_dense=args.fuse_dense)
     with torch.no_grad():
         for _ in range(2):
             encoder(input_ids=ids)

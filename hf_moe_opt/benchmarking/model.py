@@ -35,6 +35,7 @@ import torch
 
 from .. import api as hf_moe_opt
 from ..baselines import remove_nllb_eager_reference, use_nllb_eager_reference
+from ..dense import fuse_dense, unfuse_dense
 from ..step_graphs import EagerCapture, runner_of
 from ..timing import median_ms
 from .common import add_floor_ratios, environment, measure_ceilings, print_ceilings, save_result
@@ -174,6 +175,22 @@ def encoder_tps(model, batch: int, seq: int, device) -> float:
     return batch * seq / (encoder_ms(model, random_ids(model, batch, seq, device), device) * 1e-3)
 
 
+def encoder_fused(model, enc_ids: dict[int, torch.Tensor], device) -> tuple[dict, dict]:
+    """Encoder ms per batch with ``fuse_dense`` on, and how far its output is from the unfused one
+    (max |diff| over max |unfused|, in the model's dtype). The model is left unfused."""
+    ms, diff = {}, {}
+    for b, ids in enc_ids.items():
+        with torch.no_grad():
+            plain = model.get_encoder()(input_ids=ids).last_hidden_state.float()
+            fuse_dense(model)
+            ms[b] = encoder_ms(model, ids, device)
+            fused = model.get_encoder()(input_ids=ids).last_hidden_state.float()
+            unfuse_dense(model)
+        diff[b] = {"fused_rel_diff": ((fused - plain).abs().max() / plain.abs().max()).item(),
+                   "fused_equal": bool(torch.equal(fused, plain))}  # fmt: skip
+    return ms, diff
+
+
 def generated(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy ``generate`` of exactly ``new_tokens`` new tokens."""
     return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -289,18 +306,25 @@ def run_model(
     hf_moe_opt.optimize(model)
     rec["memory_after_optimize_gib"] = _memory_gib(device)
     opt_enc = {b: encoder_ms(model, enc_ids[b], device) for b in batches}
+    fused_enc, fused_diff = encoder_fused(model, enc_ids, device)
     enc_floor = {b: encoder_floor(model, enc_ids[b], ceilings) for b in batches}
     for b in batches:
-        hf_ms, opt_ms = hf_enc[b], opt_enc[b]
+        hf_ms, opt_ms, fused_ms = hf_enc[b], opt_enc[b], fused_enc[b]
         row = {"batch": b, "hf_tokens_per_s": b * seq / (hf_ms * 1e-3),
                "opt_tokens_per_s": b * seq / (opt_ms * 1e-3), "speedup": hf_ms / opt_ms, "tokens": b * seq,
-               "hf_ms": hf_ms, "opt_ms": opt_ms, **enc_floor[b]}  # fmt: skip
+               "opt_fused_tokens_per_s": b * seq / (fused_ms * 1e-3), "speedup_fused": hf_ms / fused_ms,
+               "hf_ms": hf_ms, "opt_ms": opt_ms, "opt_fused_ms": fused_ms, **fused_diff[b], **enc_floor[b]}  # fmt: skip
         add_floor_ratios(row)
         rec["encoder"].append(row)
         print(f"{name} encoder batch {b}x{seq}: HF {row['hf_tokens_per_s']:.0f} tok/s, "
-              f"opt {row['opt_tokens_per_s']:.0f} tok/s; ms: HF {_fmt(hf_ms, row['floor_ms'])}, "
-              f"opt {_fmt(opt_ms, row['floor_ms'])}; floor {row['floor_ms']:.3g} ms ({row['floor_bound']}-bound: "
+              f"opt {row['opt_tokens_per_s']:.0f} tok/s, +fuse_dense {row['opt_fused_tokens_per_s']:.0f} tok/s; "
+              f"ms: HF {_fmt(hf_ms, row['floor_ms'])}, opt {_fmt(opt_ms, row['floor_ms'])}, "
+              f"+fuse_dense {_fmt(fused_ms, row['floor_ms'])} (rel. diff {row['fused_rel_diff']:.2g}); "
+              f"floor {row['floor_ms']:.3g} ms ({row['floor_bound']}-bound: "
               f"{row['read_gib']:.3g} GiB, {row['tflop']:.3g} TFLOP)", flush=True)  # fmt: skip
+    if not decode_batches:  # encoder only
+        hf_moe_opt.restore(model)
+        return rec
     opt_dec = decode_all()
     dec_floor = {b: decode_floor(model, prompts[b], short, long, ceilings) for b in decode_batches}
     tokens = {b: generated(model, prompts[b], long) for b in decode_batches}
@@ -342,6 +366,7 @@ def run_model(
 # Decode variants: (row key prefix, label, marker, line style).
 VARIANTS = [("hf", "HF eager", "o", ":"), ("opt", "optimized", "s", "-"), ("opt_graphs", "+ layer graphs", "^", "--"),
             ("opt_step_graphs", "+ step graphs", "D", "-.")]  # fmt: skip
+ENCODER_FUSED = ("opt_fused", "+ fuse_dense", "P", "--")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -359,13 +384,16 @@ def plot(result: dict, path: Path) -> None:
         if enc:
             axes[0][0].plot([r["batch"] for r in enc], [r["speedup"] for r in enc], marker="o", color=color,
                             label=rec["model"])  # fmt: skip
+            if all("speedup_fused" in r for r in enc):
+                axes[0][0].plot([r["batch"] for r in enc], [r["speedup_fused"] for r in enc], marker="P", ls="--",
+                                color=color, label=f"{rec['model']} + fuse_dense")  # fmt: skip
         speedups = ("speedup", "speedup_graphs", "speedup_step_graphs")
         for key, (_, label, marker, ls) in zip(speedups, VARIANTS[1:], strict=True):
             pts = [(r["batch"], r[key]) for r in dec if r.get(key) is not None]
             if pts:
                 axes[0][1].plot(*zip(*pts, strict=True), marker=marker, ls=ls, color=color,
                                 label=f"{rec['model']} {label}")  # fmt: skip
-        for ax, rows, variants in ((axes[1][0], enc, VARIANTS[:2]), (axes[1][1], dec, VARIANTS)):
+        for ax, rows, variants in ((axes[1][0], enc, [*VARIANTS[:2], ENCODER_FUSED]), (axes[1][1], dec, VARIANTS)):
             for prefix, label, marker, ls in variants:
                 # CPU smoke times can come out negative (a difference of noisy timings): not on a log axis.
                 pts = [(r["batch"], r[f"{prefix}_x_floor"]) for r in rows if (r.get(f"{prefix}_x_floor") or 0) > 0]
@@ -392,7 +420,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", help=f"default: {' '.join(DEFAULT_MODELS)} ({' '.join(SMOKE_MODELS)} "
                    "with --cpu-smoke)")  # fmt: skip
     p.add_argument("--batches", nargs="+", type=int, help="encoder batches (default: 8 32 128; 2 with --cpu-smoke)")
-    p.add_argument("--decode-batches", nargs="+", type=int, help="default: 1 8 64 (2 with --cpu-smoke)")
+    p.add_argument("--decode-batches", nargs="*", type=int,
+                   help="default: 1 8 64 (2 with --cpu-smoke); none: encoder only")  # fmt: skip
     p.add_argument("--seq", type=int, help="encoder tokens per sequence (default: 128; 16 with --cpu-smoke)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny configs on the CPU (checks the benchmark runs)")
     p.add_argument("--out", default="benchmarks/results/model.json")
