@@ -138,6 +138,32 @@ def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
     return out
 
 
+def expert_copy_bandwidth(model: nn.Module, repeats: int = 20) -> float | None:
+    """Bytes/s of one expert's load as the cache issues it (each tensor's slice, pinned host -> its
+    slot, on a side stream; CUDA events, median of ``repeats``): the pinned rate at the copy size the
+    cache works with, beside the 1 GiB copy of :func:`pinned_bandwidth`. An expert already in a slot
+    is copied onto itself, so the cache's contents do not change. None off CUDA or without a cache."""
+    store = next((m.store for m in model.modules() if isinstance(m, OptimizedMoE)), None)
+    if store is None or not hasattr(store, "_slot_of") or not store._slot_of or store.device.type != "cuda":
+        return None
+    expert, slot = next(iter(store._slot_of.items()))
+    pairs = [(dst[slot], src[expert]) for dst, src in zip(store._slots, store._host_tensors(), strict=True)]
+    stream = torch.cuda.Stream(device=store.device)
+    stream.wait_stream(torch.cuda.current_stream(store.device))
+    times = []
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(repeats + 2):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    torch.cuda.current_stream(store.device).wait_stream(stream)
+    return store.expert_nbytes / (statistics.median(times[2:]) * 1e-3)
+
+
 def _optimize(model: nn.Module, **kwargs) -> None:
     """``optimize``; the pinned-memory fallback's warning (CPU smoke runs) is expected, not news."""
     with warnings.catch_warnings():
@@ -329,6 +355,11 @@ def bench_family(
             }
             if setting != resident:
                 row.update(cache_totals(hf_moe_opt.stats(models[setting])))
+                one = expert_copy_bandwidth(models[setting])
+                row["expert_copy_bytes_per_s"] = one
+                bw = row["copy_bytes_per_s"]
+                row["copy_vs_pinned_bandwidth"] = bw / pinned_bytes_per_s if bw and pinned_bytes_per_s else None
+                row["copy_vs_expert_copy"] = bw / one if bw and one else None
                 row["x_resident_block_median"] = statistics.median(
                     t / r for t, r in zip(times[setting], times[resident], strict=True)
                 )
