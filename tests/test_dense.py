@@ -132,6 +132,38 @@ def test_optimize_fuse_dense_matches_and_restores(make):
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.parametrize("make", [tiny_switch, tiny_nllb], ids=["switch", "nllb"])
+def test_fused_parts_actually_run(make, monkeypatch):
+    """Every attention module of the encoder and the decoder goes through SDPA, every Switch norm
+    through the kernel (a T5-style stack reads its own deep copy of the config)."""
+    from hf_moe_opt.dense import rms_norm as dense_norm
+
+    calls = {"sdpa": 0, "norm": 0}
+    sdpa, norm = F.scaled_dot_product_attention, dense_norm.rms_norm
+
+    def counting_sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    def counting_norm(*args, **kwargs):
+        calls["norm"] += 1
+        return norm(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    monkeypatch.setattr(dense_norm, "rms_norm", counting_norm)
+    model = make().to(DEVICE)
+    attention = [m for m in model.modules() if type(m).__name__ in ("SwitchTransformersAttention", "NllbMoeAttention")]
+    norms = [m for m in model.modules() if type(m).__name__ == "SwitchTransformersLayerNorm"]
+    hf_moe_opt.optimize(model, fuse_dense=True)
+    ids = torch.randint(3, 64, (2, 7)).to(DEVICE)
+    _logits(model, ids, torch.ones_like(ids), ids[:, :4])
+    assert calls["sdpa"] == len(attention) > 0
+    assert calls["norm"] == (len(norms) if KERNELS else 0)
+    hf_moe_opt.restore(model)
+    _logits(model, ids, torch.ones_like(ids), ids[:, :4])
+    assert calls["sdpa"] == len(attention)  # restored: eager again
+
+
 def test_fuse_dense_reports_what_it_fused():
     switch, nllb = tiny_switch(), tiny_nllb()
     assert fuse_dense(switch) == ["attention", "rms_norm"]

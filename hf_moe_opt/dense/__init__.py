@@ -27,16 +27,14 @@ _SAVED_ATTN = "_hf_moe_opt_saved_attn_implementation"
 
 
 def _configs(model: nn.Module) -> list:
-    """The model's config and its sub-configs that carry ``_attn_implementation``."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return []
-    found = [config]
-    for name in getattr(config, "sub_configs", {}) or {}:
-        sub = getattr(config, name, None)
-        if sub is not None and hasattr(sub, "_attn_implementation"):
-            found.append(sub)
-    return found
+    """Every config object the model's modules read ``_attn_implementation`` from (T5-style stacks
+    hold deep copies of the model's config), each once."""
+    found: dict[int, object] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            found.setdefault(id(config), config)
+    return list(found.values())
 
 
 def fuse_dense(model: nn.Module) -> list[str]:
