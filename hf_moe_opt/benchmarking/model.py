@@ -175,11 +175,36 @@ def encoder_tps(model, batch: int, seq: int, device) -> float:
     return batch * seq / (encoder_ms(model, random_ids(model, batch, seq, device), device) * 1e-3)
 
 
-def encoder_fused(model, enc_ids: dict[int, torch.Tensor], device) -> tuple[dict, dict]:
+def _token_rel(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per token ``|a - ref| / |ref|`` (row norms over the hidden dimension), flattened."""
+    return ((a - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)).flatten()
+
+
+@torch.no_grad()
+def float32_encoder(model, ids: torch.Tensor, device) -> torch.Tensor | None:
+    """The (unoptimized) encoder's output in float32 -- the yardstick for bf16 rounding -- where a float32
+    copy of the model fits in half the free device memory; the model is cast back (bf16 -> fp32 -> bf16 is
+    exact). None where it does not fit."""
+    nbytes = sum(p.numel() for p in model.parameters()) * 2  # the float32 copy adds this much
+    if device.type == "cuda" and nbytes > 0.5 * torch.cuda.mem_get_info(device)[0]:
+        return None
+    dtype = next(model.parameters()).dtype
+    model.float()
+    try:
+        return model.get_encoder()(input_ids=ids).last_hidden_state.float()
+    finally:
+        model.to(dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def encoder_fused(model, enc_ids: dict[int, torch.Tensor], device, truth: torch.Tensor | None = None):
     """Encoder ms per batch with ``fuse_dense`` on, and how far its output is from the unfused one:
-    per token ``|fused - unfused| / |unfused|`` (max, median, share above 1e-2). The model is left unfused."""
+    per token ``|fused - unfused| / |unfused|`` (max, median, share above 1e-2); with ``truth`` (the
+    float32 model's output for the first batch) also both outputs' median distance from it. The model
+    is left unfused."""
     ms, diff = {}, {}
-    for b, ids in enc_ids.items():
+    for i, (b, ids) in enumerate(enc_ids.items()):
         with torch.no_grad():
             plain = model.get_encoder()(input_ids=ids).last_hidden_state.float()
             fuse_dense(model)
@@ -188,10 +213,17 @@ def encoder_fused(model, enc_ids: dict[int, torch.Tensor], device) -> tuple[dict
             unfuse_dense(model)
         # Per token: |fused - plain| / |plain| (row norms). Rounding moves most tokens by ~1e-3; a
         # token whose top-1 expert flips on a near-tie (or whose capacity drop moves) changes a lot.
-        rel = ((fused - plain).norm(dim=-1) / plain.norm(dim=-1).clamp_min(1e-6)).flatten()
+        rel = _token_rel(fused, plain)
         diff[b] = {"fused_rel_diff": rel.max().item(), "fused_rel_diff_median": rel.median().item(),
                    "fused_tokens_changed": (rel > 1e-2).float().mean().item(),
                    "fused_equal": bool(torch.equal(fused, plain))}  # fmt: skip
+        if i == 0 and truth is not None:
+            diff[b]["opt_vs_fp32_median"] = _token_rel(plain, truth).median().item()
+            diff[b]["fused_vs_fp32_median"] = _token_rel(fused, truth).median().item()
+            print(
+                f"  batch {b}: median per-token distance from the float32 model: optimize "
+                f"{diff[b]['opt_vs_fp32_median']:.3g}, + fuse_dense {diff[b]['fused_vs_fp32_median']:.3g}"
+            )
     return ms, diff
 
 
@@ -302,6 +334,7 @@ def run_model(
     is_nllb = name.startswith("nllb")
     if is_nllb:
         use_nllb_eager_reference(model)
+    truth = float32_encoder(model, enc_ids[batches[0]], device)
     hf_enc = {b: encoder_ms(model, enc_ids[b], device) for b in batches}
     hf_dec = decode_all()
     if is_nllb:
@@ -310,7 +343,7 @@ def run_model(
     hf_moe_opt.optimize(model)
     rec["memory_after_optimize_gib"] = _memory_gib(device)
     opt_enc = {b: encoder_ms(model, enc_ids[b], device) for b in batches}
-    fused_enc, fused_diff = encoder_fused(model, enc_ids, device)
+    fused_enc, fused_diff = encoder_fused(model, enc_ids, device, truth)
     enc_floor = {b: encoder_floor(model, enc_ids[b], ceilings) for b in batches}
     for b in batches:
         hf_ms, opt_ms, fused_ms = hf_enc[b], opt_enc[b], fused_enc[b]
