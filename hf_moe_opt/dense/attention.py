@@ -19,6 +19,7 @@ transformers' own SDPA path.
 from __future__ import annotations
 
 import sys
+import warnings
 import weakref
 
 import torch
@@ -28,6 +29,39 @@ ATTENTION_NAME = "hf_moe_opt_sdpa"
 
 # The last (position bias, mask) pair and their sum: the layers of one forward share both.
 _LAST_BIAS: dict[str, object] = {}
+_WARNED: set[str] = set()
+
+
+def _fused_backends() -> list:
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+def _sdpa(query, key, value, bias, scale) -> torch.Tensor:
+    """SDPA restricted to its fused kernels on CUDA (the default choice can fall to the math kernel,
+    which upcasts to float32 and materialises the scores: slower than the eager path); the math kernel
+    with one warning where no fused kernel takes the inputs, and everywhere off CUDA."""
+    if query.device.type == "cuda":
+        from torch.nn.attention import sdpa_kernel
+
+        try:
+            with sdpa_kernel(_fused_backends()):
+                return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+        except RuntimeError as err:
+            why = str(err).splitlines()[0]
+            if why not in _WARNED:  # once per reason: ask SDPA again, this time keeping its explanations
+                _WARNED.add(why)
+                with warnings.catch_warnings(record=True) as caught, sdpa_kernel(_fused_backends()):
+                    warnings.simplefilter("always")
+                    try:
+                        F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+                    except RuntimeError:
+                        pass
+                reasons = "; ".join(str(w.message).split(" (Triggered")[0] for w in caught)
+                warnings.warn(f"hf_moe_opt fuse_dense: no fused attention kernel for these inputs ({reasons}); "
+                              "running SDPA's math kernel", RuntimeWarning, stacklevel=3)  # fmt: skip
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
 
 
 def _eager_of(module: torch.nn.Module):
@@ -97,7 +131,7 @@ def sdpa_attention_with_bias(
             ~attention_mask, torch.finfo(query.dtype).min
         )
     bias = combined_bias(position_bias, attention_mask, query.dtype)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling)
+    out = _sdpa(query, key, value, bias, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
