@@ -98,6 +98,10 @@ def test_combined_bias_reused_while_inputs_live():
     first = dense_attention.combined_bias(bias, mask, torch.float32)
     assert dense_attention.combined_bias(bias, mask, torch.float32) is first
     torch.testing.assert_close(first, bias + mask)
+    permuted = torch.randn(3, 3, 2).permute(2, 0, 1).unsqueeze(0)  # T5's compute_bias layout: [1, H, Q, K]
+    assert permuted.stride(-1) != 1
+    for m in (mask, None):
+        assert dense_attention.combined_bias(permuted, m, torch.float32).stride(-1) == 1  # SDPA's fused kernels
     other = torch.zeros(2, 1, 1, 3)
     assert dense_attention.combined_bias(bias, other, torch.float32) is not first
     del bias, first
