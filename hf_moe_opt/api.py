@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from . import dense, step_graphs
+from . import dense, encoder_graphs, step_graphs
 from .dense import DENSE_MODEL_TYPES
 from .experts.backends import BACKENDS
 from .graphs import GraphCache
@@ -15,7 +15,7 @@ from .layer import CAPACITY_MODES, OptimizedMoE
 logger = logging.get_logger(__name__)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CUDA_GRAPH_MODES = (False, True, "step")
+CUDA_GRAPH_MODES = (False, True, "step", "encoder")
 
 
 def _patches():
@@ -107,7 +107,9 @@ def optimize(
             with a warning. Switch Transformers and the causal families without sliding-window
             layers, and NLLB-MoE with transformers >= 5.24; NLLB-MoE on older versions and GPT-OSS raise
             ``ValueError`` (see :mod:`hf_moe_opt.step_graphs`).
-            Resident experts only.
+            Resident experts only. ``"encoder"`` replays an encoder-decoder model's encoder forward
+            (also the encoder pass of ``generate``) from one CUDA graph per input signature, under
+            ``torch.no_grad()``; other calls run eagerly (see :mod:`hf_moe_opt.encoder_graphs`).
         placement: a :class:`~hf_moe_opt.placement.PlacementPlan` (``hf_moe_opt.plan_placement``):
             spread each layer's experts over several devices of this process; tokens go to their
             expert's device and come back (load balancing). ``devices`` gives the torch device of
@@ -152,7 +154,7 @@ def optimize(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
     if not isinstance(cuda_graphs, (bool, str)) or cuda_graphs not in CUDA_GRAPH_MODES:
-        raise ValueError(f"unknown cuda_graphs {cuda_graphs!r}; choose False, True or 'step'")
+        raise ValueError(f"unknown cuda_graphs {cuda_graphs!r}; choose False, True, 'step' or 'encoder'")
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     if is_optimized(model):
@@ -166,6 +168,11 @@ def optimize(
             "fuse_dense=True applies to Switch Transformers and NLLB-MoE; load other models with "
             'attn_implementation="sdpa" (transformers\' own fused attention)'
         )
+    if cuda_graphs == "encoder":
+        if placement is not None or expert_parallel or expert_cache is not None:
+            raise ValueError('cuda_graphs="encoder" needs resident experts: it cannot be combined with expert_cache=, '
+                             "placement= or expert_parallel=")  # fmt: skip
+        encoder_graphs._encoder_of(model)  # an encoder-decoder model, or ValueError
     if cuda_graphs == "step":
         if placement is not None or expert_parallel or expert_cache is not None:
             raise ValueError('cuda_graphs="step" needs resident experts: it cannot be combined with expert_cache=, '
@@ -229,6 +236,12 @@ def optimize(
         dense.fuse_dense(model)
     if cuda_graphs == "step":
         step_graphs.attach(model)
+    elif cuda_graphs == "encoder":
+        try:
+            encoder_graphs.attach(model)
+        except ValueError:
+            restore(model)
+            raise
     logger.info(f"hf_moe_opt: optimized {len(blocks)} MoE blocks (capacity={capacity}, backend={backend})")
     return model
 
@@ -255,6 +268,7 @@ def restore(model: nn.Module) -> nn.Module:
     if any(getattr(layer, "_hf_moe_opt_expert_parallel", False) for _, _, layer in targets):
         raise ValueError("an expert-parallel model holds only this rank's experts and cannot be restored; reload it")
     step_graphs.detach(model)
+    encoder_graphs.detach(model)
     dense.unfuse_dense(model)
     for parent, child_name, layer in targets:
         if hasattr(layer.store, "release"):

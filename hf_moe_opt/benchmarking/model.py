@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .. import api as hf_moe_opt
+from .. import encoder_graphs
 from ..baselines import remove_nllb_eager_reference, use_nllb_eager_reference
 from ..dense import fuse_dense, unfuse_dense
 from ..step_graphs import EagerCapture, runner_of
@@ -227,6 +228,28 @@ def encoder_fused(model, enc_ids: dict[int, torch.Tensor], device, truth: torch.
     return ms, diff
 
 
+def encoder_fused_graphs(model, enc_ids: dict[int, torch.Tensor], device) -> tuple[dict, dict]:
+    """Encoder ms per batch with ``fuse_dense`` and ``cuda_graphs="encoder"`` (the warm-up captures),
+    and whether the replayed output equals the eager fused one bit for bit. Off CUDA: empty."""
+    if device.type != "cuda":
+        return {}, {}
+    ms, same = {}, {}
+    fuse_dense(model)
+    encoder_graphs.attach(model)
+    try:
+        for b, ids in enc_ids.items():
+            with torch.no_grad():
+                ms[b] = encoder_ms(model, ids, device)
+                replayed = model.get_encoder()(input_ids=ids).last_hidden_state
+                runner = encoder_graphs.runner_of(model)
+                eager = type(runner.encoder).forward(runner.encoder, input_ids=ids).last_hidden_state
+            same[b] = {"graph_equal_fused": bool(torch.equal(replayed, eager)), "graph_counts": dict(runner.counts)}
+    finally:
+        encoder_graphs.detach(model)
+        unfuse_dense(model)
+    return ms, same
+
+
 def generated(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy ``generate`` of exactly ``new_tokens`` new tokens."""
     return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -344,6 +367,7 @@ def run_model(
     rec["memory_after_optimize_gib"] = _memory_gib(device)
     opt_enc = {b: encoder_ms(model, enc_ids[b], device) for b in batches}
     fused_enc, fused_diff = encoder_fused(model, enc_ids, device, truth)
+    graph_enc, graph_same = encoder_fused_graphs(model, enc_ids, device)
     enc_floor = {b: encoder_floor(model, enc_ids[b], ceilings) for b in batches}
     for b in batches:
         hf_ms, opt_ms, fused_ms = hf_enc[b], opt_enc[b], fused_enc[b]
@@ -351,6 +375,8 @@ def run_model(
                "opt_tokens_per_s": b * seq / (opt_ms * 1e-3), "speedup": hf_ms / opt_ms, "tokens": b * seq,
                "opt_fused_tokens_per_s": b * seq / (fused_ms * 1e-3), "speedup_fused": hf_ms / fused_ms,
                "hf_ms": hf_ms, "opt_ms": opt_ms, "opt_fused_ms": fused_ms, **fused_diff[b], **enc_floor[b]}  # fmt: skip
+        if b in graph_enc:
+            row.update(opt_fused_graph_ms=graph_enc[b], speedup_fused_graph=hf_ms / graph_enc[b], **graph_same[b])
         add_floor_ratios(row)
         rec["encoder"].append(row)
         print(f"{name} encoder batch {b}x{seq}: HF {row['hf_tokens_per_s']:.0f} tok/s, "
@@ -358,6 +384,9 @@ def run_model(
               f"ms: HF {_fmt(hf_ms, row['floor_ms'])}, opt {_fmt(opt_ms, row['floor_ms'])}, "
               f"+fuse_dense {_fmt(fused_ms, row['floor_ms'])} (per-token rel. diff median "
               f"{row['fused_rel_diff_median']:.2g}, {row['fused_tokens_changed']:.2%} of tokens above 1e-2); "
+              f"+graphs {_fmt(row.get('opt_fused_graph_ms'), row['floor_ms'])} "
+              f"(speed-up {row.get('speedup_fused_graph') or float('nan'):.1f}x, "
+              f"equal {row.get('graph_equal_fused')}); "
               f"floor {row['floor_ms']:.3g} ms ({row['floor_bound']}-bound: "
               f"{row['read_gib']:.3g} GiB, {row['tflop']:.3g} TFLOP)", flush=True)  # fmt: skip
     if not decode_batches:  # encoder only
@@ -405,6 +434,7 @@ def run_model(
 VARIANTS = [("hf", "HF eager", "o", ":"), ("opt", "optimized", "s", "-"), ("opt_graphs", "+ layer graphs", "^", "--"),
             ("opt_step_graphs", "+ step graphs", "D", "-.")]  # fmt: skip
 ENCODER_FUSED = ("opt_fused", "+ fuse_dense", "P", "--")
+ENCODER_GRAPHS = ("opt_fused_graph", "+ fuse_dense + encoder graphs", "*", "-.")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -422,6 +452,9 @@ def plot(result: dict, path: Path) -> None:
         if enc:
             axes[0][0].plot([r["batch"] for r in enc], [r["speedup"] for r in enc], marker="o", color=color,
                             label=rec["model"])  # fmt: skip
+            if all("speedup_fused_graph" in r for r in enc):
+                axes[0][0].plot([r["batch"] for r in enc], [r["speedup_fused_graph"] for r in enc], marker="*",
+                                ls="-.", color=color, label=f"{rec['model']} + fuse_dense + graphs")  # fmt: skip
             if all("speedup_fused" in r for r in enc):
                 axes[0][0].plot([r["batch"] for r in enc], [r["speedup_fused"] for r in enc], marker="P", ls="--",
                                 color=color, label=f"{rec['model']} + fuse_dense")  # fmt: skip
@@ -431,7 +464,10 @@ def plot(result: dict, path: Path) -> None:
             if pts:
                 axes[0][1].plot(*zip(*pts, strict=True), marker=marker, ls=ls, color=color,
                                 label=f"{rec['model']} {label}")  # fmt: skip
-        for ax, rows, variants in ((axes[1][0], enc, [*VARIANTS[:2], ENCODER_FUSED]), (axes[1][1], dec, VARIANTS)):
+        for ax, rows, variants in (
+            (axes[1][0], enc, [*VARIANTS[:2], ENCODER_FUSED, ENCODER_GRAPHS]),
+            (axes[1][1], dec, VARIANTS),
+        ):
             for prefix, label, marker, ls in variants:
                 # CPU smoke times can come out negative (a difference of noisy timings): not on a log axis.
                 pts = [(r["batch"], r[f"{prefix}_x_floor"]) for r in rows if (r.get(f"{prefix}_x_floor") or 0) > 0]
