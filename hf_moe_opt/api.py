@@ -172,7 +172,7 @@ def optimize(
         if placement is not None or expert_parallel or expert_cache is not None:
             raise ValueError('cuda_graphs="encoder" needs resident experts: it cannot be combined with expert_cache=, '
                              "placement= or expert_parallel=")  # fmt: skip
-        encoder_graphs._encoder_of(model)  # an encoder-decoder model, or ValueError
+        encoder_graphs.check_supported(model)  # checked again once the layers are built
     if cuda_graphs == "step":
         if placement is not None or expert_parallel or expert_cache is not None:
             raise ValueError('cuda_graphs="step" needs resident experts: it cannot be combined with expert_cache=, '

@@ -118,6 +118,19 @@ def check_supported(model: nn.Module) -> None:
     from .step_graphs import _layer_host_read_reason
 
     encoder = _encoder_of(model)
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "nllb-moe":
+        import transformers
+        from packaging.version import Version
+
+        from .step_graphs import NLLB_MIN_TRANSFORMERS
+
+        if Version(transformers.__version__) < Version(NLLB_MIN_TRANSFORMERS):
+            raise ValueError(
+                f'cuda_graphs="encoder": the NLLB-MoE encoder of transformers {transformers.__version__} builds its '
+                f"attention mask from host data (measured on an H200 with 5.17: every call ran eagerly); "
+                f"transformers >= {NLLB_MIN_TRANSFORMERS} does not"
+            )
     device = next(encoder.parameters()).device
     reason = _layer_host_read_reason(encoder, device)
     if reason is not None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 pytest.importorskip("triton")
 
 import hf_moe_opt  # noqa: E402
 from hf_moe_opt import encoder_graphs  # noqa: E402
 from hf_moe_opt.kernels import kernels_interpreted  # noqa: E402
-from hf_moe_opt.step_graphs import EagerCapture  # noqa: E402
+from hf_moe_opt.step_graphs import NLLB_MIN_TRANSFORMERS, EagerCapture  # noqa: E402
 
 from .models import tiny_nllb, tiny_switch  # noqa: E402
 
@@ -135,6 +137,11 @@ def test_rejects_models_without_encoder_and_cached_experts():
 def test_cuda_graph_replays_equal_eager(make, dtype):
     model, plain = make().cuda().to(dtype), make().cuda().to(dtype)
     hf_moe_opt.optimize(plain)
+    if make is tiny_nllb and Version(transformers.__version__) < Version(NLLB_MIN_TRANSFORMERS):
+        with pytest.raises(ValueError, match="host data"):  # its encoder builds masks from Python data
+            hf_moe_opt.optimize(model, cuda_graphs="encoder")
+        assert not hf_moe_opt.is_optimized(model)
+        return
     hf_moe_opt.optimize(model, cuda_graphs="encoder")
     runner = encoder_graphs.runner_of(model)
     with torch.no_grad():
@@ -150,3 +157,11 @@ def test_cuda_graph_replays_equal_eager(make, dtype):
             assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False),
                                plain.generate(ids, max_new_tokens=4, do_sample=False))  # fmt: skip
     assert runner.counts["captures"] == 2 and runner.counts["replays"] == 3, runner.counts
+
+
+def test_nllb_needs_a_transformers_without_host_masks(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    model = tiny_nllb()
+    with pytest.raises(ValueError, match="host data"):
+        hf_moe_opt.optimize(model, cuda_graphs="encoder")
+    assert not hf_moe_opt.is_optimized(model)

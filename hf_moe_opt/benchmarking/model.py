@@ -234,6 +234,11 @@ def encoder_fused_graphs(model, enc_ids: dict[int, torch.Tensor], device) -> tup
     if device.type != "cuda":
         return {}, {}
     ms, same = {}, {}
+    try:
+        encoder_graphs.check_supported(model)
+    except ValueError as err:
+        print(f"  encoder graphs not measured: {err}", flush=True)
+        return {}, {}
     fuse_dense(model)
     encoder_graphs.attach(model)
     try:
