@@ -102,6 +102,8 @@ def test_combined_bias_reused_while_inputs_live():
     assert permuted.stride(-1) != 1
     for m in (mask, None):
         assert dense_attention.combined_bias(permuted, m, torch.float32).stride(-1) == 1  # SDPA's fused kernels
+    one_key = torch.randn(1, 1, 2).permute(2, 0, 1).unsqueeze(0)  # [1, H, 1, 1]: contiguous() keeps stride H
+    assert dense_attention.combined_bias(one_key, None, torch.float32).stride(-1) == 1
     other = torch.zeros(2, 1, 1, 3)
     assert dense_attention.combined_bias(bias, other, torch.float32) is not first
     del bias, first

@@ -99,7 +99,8 @@ def combined_bias(
         total = (position_bias + mask).to(dtype)
     # SDPA's fused CUDA kernels need a mask with unit stride in its last dimension; T5's position bias is
     # a permuted view (stride H there), and a sum follows its operands' layout.
-    total = total.contiguous()
+    if total.stride(-1) != 1:  # also where contiguous() keeps it: a key length of 1 (first decode step)
+        total = torch.empty_like(total, memory_format=torch.contiguous_format).copy_(total)
     _LAST_BIAS.update(bias=_ref(position_bias), mask=_ref(mask), sum=total)
     # Free the sum with the bias it was made from (the stack's forward holds that one).
     anchor = position_bias if position_bias is not None else mask
