@@ -18,6 +18,7 @@ warning), and beyond :data:`MAX_GRAPHS` signatures (least recently used graphs a
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -61,7 +62,7 @@ class EncoderGraphs:
     def __call__(self, *args, **kwargs) -> Any:
         device = next(self.encoder.parameters()).device
         if args:  # positional arguments by name, so that one signature is one set of buffers
-            names = list(type(self.encoder).forward.__code__.co_varnames[1 : 1 + len(args)])
+            names = list(inspect.signature(type(self.encoder).forward).parameters)[1 : 1 + len(args)]
             kwargs = {**dict(zip(names, args, strict=True)), **kwargs}
         if torch.is_grad_enabled():
             return self._eager("autograd is on (call under torch.no_grad())", (), kwargs)

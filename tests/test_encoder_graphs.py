@@ -64,6 +64,18 @@ def test_replays_equal_eager_and_generate_unchanged(make):
 
 
 @cpu_interpreted
+def test_positional_arguments_share_the_keyword_graph():
+    model = tiny_switch()
+    runner = _graphed(model)
+    ids = _ids(2, 6, 0)
+    with torch.no_grad():
+        by_name = model.get_encoder()(input_ids=ids).last_hidden_state
+        positional = model.get_encoder()(ids).last_hidden_state
+    assert torch.equal(by_name, positional)
+    assert runner.counts["captures"] == 1 and runner.counts["replays"] == 1
+
+
+@cpu_interpreted
 def test_outputs_are_the_callers_not_the_graphs():
     model = tiny_switch()
     _graphed(model)
