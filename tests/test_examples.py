@@ -55,6 +55,15 @@ def test_expert_buffering(args):
     assert "hit rate" in out and "MiB copied" in out
 
 
+@pytest.mark.parametrize("model", ["switch", "nllb"])
+def test_fast_encoder(model):
+    out = _run("fast_encoder.py", "--model", model, "--threads", "1", "--repeats", "2")
+    assert "optimize(): " in out and "optimize(fuse_dense=True): " in out
+    fused = next(line for line in out.splitlines() if line.startswith("optimize(fuse_dense=True)"))
+    median = float(fused.split("median ")[1].split(",")[0])
+    assert median < 1e-4  # float32: SDPA and the eager attention agree to rounding
+
+
 def test_multi_gpu_placement(tmp_path):
     plan_path = tmp_path / "plan.json"
     out = _run(
