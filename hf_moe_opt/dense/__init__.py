@@ -10,12 +10,12 @@ this is opt-in.
 
 from __future__ import annotations
 
+import importlib.util
 import types
 
 from torch import nn
 
 from .attention import ATTENTION_NAME, register
-from .rms_norm import fused_forward
 
 __all__ = ["ATTENTION_NAME", "DENSE_MODEL_TYPES", "fuse_dense", "unfuse_dense"]
 
@@ -24,6 +24,7 @@ DENSE_MODEL_TYPES = ("switch_transformers", "nllb-moe")
 # Norm classes with T5's arithmetic (float32 statistics, no mean subtraction, no bias).
 _T5_NORMS = ("SwitchTransformersLayerNorm",)
 _SAVED_ATTN = "_hf_moe_opt_saved_attn_implementation"
+_NORM_MODULE = f"{__name__}.rms_norm"
 
 
 def _configs(model: nn.Module) -> list:
@@ -50,10 +51,13 @@ def fuse_dense(model: nn.Module) -> list[str]:
             c._attn_implementation = ATTENTION_NAME
         done.append("attention")
     norms = 0
-    for module in model.modules():
-        if type(module).__name__ in _T5_NORMS and "forward" not in module.__dict__:
-            module.forward = types.MethodType(fused_forward, module)
-            norms += 1
+    if importlib.util.find_spec("triton") is not None:  # the norm kernel is Triton (an optional extra)
+        from .rms_norm import fused_forward
+
+        for module in model.modules():
+            if type(module).__name__ in _T5_NORMS and "forward" not in module.__dict__:
+                module.forward = types.MethodType(fused_forward, module)
+                norms += 1
     if norms:
         done.append("rms_norm")
     return done
@@ -67,5 +71,5 @@ def unfuse_dense(model: nn.Module) -> None:
         delattr(model, _SAVED_ATTN)
     for module in model.modules():
         bound = module.__dict__.get("forward")
-        if isinstance(bound, types.MethodType) and bound.__func__ is fused_forward:
+        if isinstance(bound, types.MethodType) and bound.__func__.__module__ == _NORM_MODULE:
             del module.forward
