@@ -3,9 +3,10 @@
 Runs offline on the two trained checkpoints that ship with the package (a Switch Transformers
 span-corruption LM and an NLLB-MoE English->German translator) and on a few sentences written for
 the demo. For each model it compares transformers' own forward, (for NLLB-MoE) the correct eager
-reference, hf_moe_opt, hf_moe_opt with expert buffering, and hf_moe_opt with experts placed on two
-devices: quality (perplexity / BLEU), identical tokens, time, expert memory on the compute device,
-cache hit rate and load balance.
+reference, hf_moe_opt, hf_moe_opt with the fused dense parts (``fuse_dense``: equal to rounding),
+hf_moe_opt with expert buffering, and hf_moe_opt with experts placed on two devices: quality
+(perplexity / BLEU), identical tokens, time, expert memory on the compute device, cache hit rate and
+load balance.
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def _switch_rows(device, dtype, backend, cache_fraction, result: DemoResult) -> 
     measure("hf_moe_opt", base)
     result.expert_load[name] = _load_fractions(model, as_inputs)
     restore(model)
+    optimize(model, backend=backend, fuse_dense=True)
+    measure("hf_moe_opt + fuse_dense", base)
+    restore(model)
     optimize(model, backend=backend, expert_cache=cache_fraction)
     measure(f"hf_moe_opt + cache {cache_fraction:.0%} ({DEFAULT_POLICY})", base)
     restore(model)
@@ -207,6 +211,9 @@ def _nllb_rows(device, dtype, backend, cache_fraction, result: DemoResult) -> No
     optimize(model, backend=backend)
     measure("hf_moe_opt", base)
     result.expert_load[name] = _load_fractions(model, profile_inputs)
+    restore(model)
+    optimize(model, backend=backend, fuse_dense=True)
+    measure("hf_moe_opt + fuse_dense", base)
     restore(model)
     optimize(model, backend=backend, expert_cache=cache_fraction)
     measure(f"hf_moe_opt + cache {cache_fraction:.0%} ({DEFAULT_POLICY})", base)
