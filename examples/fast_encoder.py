@@ -14,14 +14,13 @@ replays its eager result exactly. Inputs are sentences repeated to fill ``--batc
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import hf_moe_opt
 from hf_moe_opt.assets import shipped_model_path
+from hf_moe_opt.timing import median_ms
 
 SHIPPED = {"switch": "switch-tiny-ddtp", "nllb": "nllb-moe-tiny-ddtp"}
 SENTENCES = [
@@ -44,18 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def encode_ms(model, batch: dict, repeats: int) -> tuple[torch.Tensor, float]:
     """The encoder states and the median time of ``repeats`` forwards (after two warm-up calls)."""
-    encoder, times = model.get_encoder(), []
+    encoder = model.get_encoder()
     with torch.no_grad():
-        for i in range(repeats + 2):
-            if batch["input_ids"].is_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            states = encoder(**batch).last_hidden_state
-            if batch["input_ids"].is_cuda:
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return states.float(), statistics.median(times)
+        ms = median_ms(lambda: encoder(**batch), batch["input_ids"].device, repeats=repeats, warmup=2)
+        return encoder(**batch).last_hidden_state.float(), ms
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> str:

@@ -48,46 +48,48 @@ class EncoderGraphs:
         self.uncapturable: set[tuple] = set()
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
         self.eager_reasons: dict[str, int] = {}
+        # Names of the forward's parameters after self (transformers' wrappers hide them from __code__).
+        self._names = list(inspect.signature(type(encoder).forward).parameters)[1:]
 
     def clear(self) -> None:
         """Drop every graph (their memory is freed once nothing else holds it)."""
         self.graphs.clear()
         self.uncapturable.clear()
 
-    def _eager(self, reason: str, args: tuple, kwargs: dict) -> Any:
+    def _forward(self, **kwargs) -> Any:
+        """The encoder's own forward (the module's ``forward`` attribute is this runner)."""
+        return type(self.encoder).forward(self.encoder, **kwargs)
+
+    def _eager(self, reason: str, kwargs: dict) -> Any:
         self.counts["eager"] += 1
         self.eager_reasons[reason] = self.eager_reasons.get(reason, 0) + 1
-        return type(self.encoder).forward(self.encoder, *args, **kwargs)
+        return self._forward(**kwargs)
 
     def __call__(self, *args, **kwargs) -> Any:
         device = next(self.encoder.parameters()).device
         if args:  # positional arguments by name, so that one signature is one set of buffers
-            names = list(inspect.signature(type(self.encoder).forward).parameters)[1 : 1 + len(args)]
-            kwargs = {**dict(zip(names, args, strict=True)), **kwargs}
+            kwargs = {**dict(zip(self._names[: len(args)], args, strict=True)), **kwargs}
         if torch.is_grad_enabled():
-            return self._eager("autograd is on (call under torch.no_grad())", (), kwargs)
+            return self._eager("autograd is on (call under torch.no_grad())", kwargs)
         if self.encoder.training:
-            return self._eager("training mode", (), kwargs)
+            return self._eager("training mode", kwargs)
         if not self.capture.supports(device) or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            return self._eager("no CUDA graphs here", (), kwargs)
+            return self._eager("no CUDA graphs here", kwargs)
         leaves, spec = pytree.tree_flatten(kwargs, is_leaf=_is_opaque)
         key = (spec, tuple(_describe(leaf) for leaf in leaves))
         if key in self.uncapturable:
-            return self._eager("capture failed before for these inputs", (), kwargs)
+            return self._eager("capture failed before for these inputs", kwargs)
         graph = self.graphs.get(key)
         if graph is not None:
             self.graphs.move_to_end(key)
             self.counts["replays"] += 1
             return _own(graph(leaves), graph.substitutions(leaves), clone=True)
 
-        def forward(**kw):
-            return type(self.encoder).forward(self.encoder, **kw)
-
         try:
             # transformers skips its host-reading shortcuts (e.g. "is the padding mask all ones?") while a
             # capture runs; the warm-up takes the same paths, and any host read left is refused.
             with no_host_reads(), _pretend_capturing():
-                graph = _StepGraph(forward, leaves, spec, self.capture, device)
+                graph = _StepGraph(self._forward, leaves, spec, self.capture, device)
         except Exception as err:  # a host read (HostReadError) or anything else a capture refuses
             self.uncapturable.add(key)
             why = "reads tensor values on the host" if isinstance(err, HostReadError) else "cannot be captured"
@@ -97,7 +99,7 @@ class EncoderGraphs:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return self._eager(f"the forward {why}", (), kwargs)
+            return self._eager(f"the forward {why}", kwargs)
         if len(self.graphs) >= MAX_GRAPHS:
             self.graphs.popitem(last=False)
         self.graphs[key] = graph

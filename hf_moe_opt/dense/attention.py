@@ -32,10 +32,16 @@ _LAST_BIAS: dict[str, object] = {}
 _WARNED: set[str] = set()
 
 
-def _fused_backends() -> list:
-    from torch.nn.attention import SDPBackend
+_FUSED: list = []  # [sdpa_kernel, its fused backends]: looked up once, on the first CUDA call
 
-    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+def _fused_kernels():
+    """``sdpa_kernel`` restricted to SDPA's fused backends (a context manager)."""
+    if not _FUSED:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        _FUSED.extend([sdpa_kernel, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]])
+    return _FUSED[0](_FUSED[1])
 
 
 def _sdpa(query, key, value, bias, scale) -> torch.Tensor:
@@ -43,16 +49,14 @@ def _sdpa(query, key, value, bias, scale) -> torch.Tensor:
     which upcasts to float32 and materialises the scores: slower than the eager path); the math kernel
     with one warning where no fused kernel takes the inputs, and everywhere off CUDA."""
     if query.device.type == "cuda":
-        from torch.nn.attention import sdpa_kernel
-
         try:
-            with sdpa_kernel(_fused_backends()):
+            with _fused_kernels():
                 return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
         except RuntimeError as err:
             why = str(err).splitlines()[0]
             if why not in _WARNED:  # once per reason: ask SDPA again, this time keeping its explanations
                 _WARNED.add(why)
-                with warnings.catch_warnings(record=True) as caught, sdpa_kernel(_fused_backends()):
+                with warnings.catch_warnings(record=True) as caught, _fused_kernels():
                     warnings.simplefilter("always")
                     try:
                         F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
