@@ -16,6 +16,26 @@ logger = logging.get_logger(__name__)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_GRAPH_MODES = (False, True, "step", "encoder")
+# Modes that may be asked for together (a sequence): they wrap different calls (generate, the encoder).
+_COMBINABLE_GRAPH_MODES = ("encoder", "step")
+
+
+def _graph_modes(cuda_graphs) -> frozenset:
+    """``cuda_graphs`` as a set of modes: ``{True}``, ``{"step"}``, ``{"encoder", "step"}``, ... (empty: none)."""
+    unknown = f"unknown cuda_graphs {cuda_graphs!r}; choose False, True, 'step', 'encoder' or ('encoder', 'step')"
+    if isinstance(cuda_graphs, (bool, str)):
+        if cuda_graphs not in CUDA_GRAPH_MODES:
+            raise ValueError(unknown)
+        return frozenset() if cuda_graphs is False else frozenset([cuda_graphs])
+    if isinstance(cuda_graphs, (list, tuple, set, frozenset)):
+        modes = frozenset(cuda_graphs)
+        if any(not isinstance(m, str) or m not in _COMBINABLE_GRAPH_MODES for m in modes):
+            raise ValueError(
+                f"cuda_graphs {cuda_graphs!r}: a sequence may combine only 'encoder' and 'step' (per-layer graphs, "
+                "True, run inside those captures and cannot be combined with them)"
+            )
+        return modes
+    raise ValueError(unknown)
 
 
 def _patches():
@@ -72,7 +92,7 @@ def optimize(
     *,
     capacity: str = "model",
     backend: str = "auto",
-    cuda_graphs: bool | str = False,
+    cuda_graphs: bool | str | tuple[str, ...] = False,
     placement=None,
     expert_parallel=False,
     devices=None,
@@ -102,7 +122,7 @@ def optimize(
             ``"step"`` captures whole decode steps instead: ``model.generate`` then runs with a static
             KV cache, and every one-token step (all layers, attention, MoE layers, LM head) is
             replayed from one CUDA graph per batch size and length bucket (the prefill stays eager).
-            Greedy and sampling give the tokens of plain ``generate``; beam search, assisted or
+            Greedy, sampling and beam search give the tokens of plain ``generate``; assisted or
             chunked-prefill generation, a cache passed in, and non-CUDA devices run plain ``generate``
             with a warning. Switch Transformers and the causal families without sliding-window
             layers, and NLLB-MoE with transformers >= 5.24; NLLB-MoE on older versions and GPT-OSS raise
@@ -110,6 +130,8 @@ def optimize(
             Resident experts only. ``"encoder"`` replays an encoder-decoder model's encoder forward
             (also the encoder pass of ``generate``) from one CUDA graph per input signature, under
             ``torch.no_grad()``; other calls run eagerly (see :mod:`hf_moe_opt.encoder_graphs`).
+            ``("encoder", "step")`` does both: a sequence-to-sequence ``generate`` then replays its
+            encoder pass and every decode step.
         placement: a :class:`~hf_moe_opt.placement.PlacementPlan` (``hf_moe_opt.plan_placement``):
             spread each layer's experts over several devices of this process; tokens go to their
             expert's device and come back (load balancing). ``devices`` gives the torch device of
@@ -153,8 +175,7 @@ def optimize(
         raise ValueError(f"unknown capacity {capacity!r}; choose one of {', '.join(map(repr, CAPACITY_MODES))}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
-    if not isinstance(cuda_graphs, (bool, str)) or cuda_graphs not in CUDA_GRAPH_MODES:
-        raise ValueError(f"unknown cuda_graphs {cuda_graphs!r}; choose False, True, 'step' or 'encoder'")
+    graph_modes = _graph_modes(cuda_graphs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     if is_optimized(model):
@@ -168,15 +189,13 @@ def optimize(
             "fuse_dense=True applies to Switch Transformers and NLLB-MoE; load other models with "
             'attn_implementation="sdpa" (transformers\' own fused attention)'
         )
-    if cuda_graphs == "encoder":
+    for mode in sorted(graph_modes & set(_COMBINABLE_GRAPH_MODES)):
         if placement is not None or expert_parallel or expert_cache is not None:
-            raise ValueError('cuda_graphs="encoder" needs resident experts: it cannot be combined with expert_cache=, '
+            raise ValueError(f'cuda_graphs="{mode}" needs resident experts: it cannot be combined with expert_cache=, '
                              "placement= or expert_parallel=")  # fmt: skip
+    if "encoder" in graph_modes:
         encoder_graphs.check_supported(model)  # checked again once the layers are built
-    if cuda_graphs == "step":
-        if placement is not None or expert_parallel or expert_cache is not None:
-            raise ValueError('cuda_graphs="step" needs resident experts: it cannot be combined with expert_cache=, '
-                             "placement= or expert_parallel=")  # fmt: skip
+    if "step" in graph_modes:
         step_graphs.check_supported(model)
     placer = None
     if placement is not None or expert_parallel:
@@ -219,7 +238,7 @@ def optimize(
             placer.before_build(name, block)
         layer = patch.build(block, _config_for(model, name), capacity=capacity, backend=backend)
         layer._hf_moe_opt_patch = patch
-        if cuda_graphs is True:
+        if True in graph_modes:
             layer.graphs = GraphCache()
         if placer is not None:
             placer.after_build(name, layer)
@@ -234,9 +253,9 @@ def optimize(
         cache_plan.attach([(b[0], getattr(b[1], b[2])) for b in blocks])
     if fuse_dense:
         dense.fuse_dense(model)
-    if cuda_graphs == "step":
+    if "step" in graph_modes:
         step_graphs.attach(model)
-    elif cuda_graphs == "encoder":
+    if "encoder" in graph_modes:
         try:
             encoder_graphs.attach(model)
         except ValueError:

@@ -20,6 +20,8 @@ How a ``generate`` call runs:
 * The first step of a signature runs eagerly on a side stream (lazy initialisation, Triton
   compilation; its result is that step's result), then the step is captured. transformers'
   ``StaticLayer`` keeps its fill level in a device tensor, so the position advances inside the graph.
+* Beam search reorders the cache between steps; the runner makes that reordering copy the chosen
+  rows back into the same cache tensors (transformers would bind new ones, which the graphs never see).
 
 What cannot be captured raises or falls back (with a warning) instead of replaying something wrong;
 see :func:`check_supported` and :meth:`StepGraphs.fallback_reason`.
@@ -324,8 +326,8 @@ class StepGraphs:
     # -- generate -------------------------------------------------------------------------------
 
     def generate(self, *args, **kwargs):
-        """``model.generate(*args, **kwargs)`` with decode steps replayed from CUDA graphs (greedy or
-        sampling, no beams). Calls the runner cannot serve run plain ``generate`` with a warning."""
+        """``model.generate(*args, **kwargs)`` with decode steps replayed from CUDA graphs (greedy,
+        sampling or beam search). Calls the runner cannot serve run plain ``generate`` with a warning."""
         plan = self._plan(args, kwargs)
         if isinstance(plan, str):
             warnings.warn(f'cuda_graphs="step": {plan}; running plain generate', stacklevel=2)
@@ -349,7 +351,7 @@ class StepGraphs:
             # (device) length, read on the host; given one, generate extends it and makes it 4-D instead.
             kwargs["decoder_attention_mask"] = torch.ones(plan[5], dtype=torch.long, device=plan[4])
         kwargs[self._cache_kw] = slot.cache
-        with self._forward_through(slot):
+        with self._forward_through(slot), _in_place_reorder(slot.cache):
             return self._plain_generate(*args, **kwargs)
 
     def _plain_generate(self, *args, **kwargs):
@@ -379,8 +381,6 @@ class StepGraphs:
             value = kwargs.get(name, getattr(config, name, None))
             return default if value is None else value
 
-        if option("num_beams", 1) > 1:
-            return "beam search reorders the cache between steps"
         for name in ("assistant_model", "prefill_chunk_size", "custom_generate"):
             if option(name) is not None:
                 return f"{name}= is not supported"
@@ -414,7 +414,10 @@ class StepGraphs:
         max_new = option("max_new_tokens")
         total = prompt + max_new if max_new is not None else option("max_length", 20)
         length = LENGTH_BUCKET * math.ceil((total + 1) / LENGTH_BUCKET)
-        return batch * option("num_return_sequences", 1), length, encoder_length, dtype, device, decoder_prompt
+        # generate repeats every sequence once per beam (beam search) or per returned sequence (sampling).
+        beams = option("num_beams", 1)
+        expand = beams if beams > 1 else option("num_return_sequences", 1)
+        return batch * expand, length, encoder_length, dtype, device, decoder_prompt
 
     def _slot(self, batch: int, length: int, encoder_length: int | None, dtype, device) -> _Slot:
         weights_key = tuple(p.data_ptr() for p in self.model.parameters())
@@ -504,6 +507,40 @@ class StepGraphs:
             return _own(outputs, graph.substitutions(leaves), clone=False)
         self.counts["replays"] += 1
         return _own(graph(leaves), graph.substitutions(leaves), clone=True)
+
+
+def _static_layers(cache) -> list:
+    """The layers of a static cache (both caches of an ``EncoderDecoderCache``)."""
+    caches = [getattr(cache, "self_attention_cache", None), getattr(cache, "cross_attention_cache", None)]
+    caches = [c for c in caches if c is not None] or [cache]
+    return [layer for c in caches for layer in getattr(c, "layers", [])]
+
+
+@contextmanager
+def _in_place_reorder(cache) -> Iterator[None]:
+    """Beam search's cache reordering, done in place for the duration of a ``generate`` call.
+
+    transformers reorders a cache layer by rebinding its ``keys`` and ``values`` to new tensors
+    (``index_select``); a captured step would go on reading and writing the old ones. Here the
+    reordered rows are copied back into the same tensors, so the graphs see them.
+    """
+    layers = _static_layers(cache)
+    for layer in layers:
+
+        def reorder(beam_idx: torch.Tensor, _layer=layer) -> None:
+            keys, values = getattr(_layer, "keys", None), getattr(_layer, "values", None)
+            if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
+                return  # not filled yet (lazily initialised layers): nothing to reorder
+            index = beam_idx.to(keys.device)
+            keys.copy_(keys.index_select(0, index))
+            values.copy_(values.index_select(0, index))
+
+        layer.reorder_cache = reorder
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("reorder_cache", None)
 
 
 @contextmanager

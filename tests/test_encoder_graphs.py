@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import pytest
 import torch
@@ -179,3 +180,92 @@ def test_nllb_needs_a_transformers_without_host_masks(monkeypatch):
     with pytest.raises(ValueError, match="host data"):
         hf_moe_opt.optimize(model, cuda_graphs="encoder")
     assert not hf_moe_opt.is_optimized(model)
+
+
+# -- encoder and step graphs together ------------------------------------------------------------
+
+
+def _both(model):
+    """``model`` optimized with encoder and step graphs, both on the eager stand-in."""
+    from hf_moe_opt import step_graphs
+
+    hf_moe_opt.optimize(model, backend=BACKEND, cuda_graphs=("encoder", "step"))
+    encoder_runner = encoder_graphs.runner_of(model)
+    encoder_runner.capture = EagerCapture(check_host_reads=True)
+    step_runner = step_graphs.runner_of(model)
+    step_runner.capture = EagerCapture()
+    return encoder_runner, step_runner
+
+
+@cpu_interpreted
+def test_encoder_and_step_graphs_together_generate_plain_tokens():
+    model, plain = tiny_switch(), tiny_switch()
+    hf_moe_opt.optimize(plain, backend=BACKEND)
+    encoder_runner, step_runner = _both(model)
+    new = 5
+    for seed in range(2):  # the second call replays the encoder pass and every decode step
+        ids = _ids(2, 7, 9 + seed)
+        kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
+        with torch.no_grad():
+            assert torch.equal(model.generate(ids, **kw), plain.generate(ids, **kw))
+    assert encoder_runner.counts["captures"] == 1 and encoder_runner.counts["replays"] == 1, encoder_runner.counts
+    assert step_runner.counts["captures"] == 1 and step_runner.counts["fallbacks"] == 0, step_runner.counts
+    assert step_runner.counts["replays"] == (new - 2) + (new - 1), step_runner.counts
+    hf_moe_opt.restore(model)
+    assert encoder_graphs.runner_of(model) is None and "generate" not in model.__dict__
+
+
+@pytest.mark.parametrize(
+    "modes, match",
+    [
+        ((True, "step"), "only 'encoder' and 'step'"),
+        (("encoder", "layers"), "only 'encoder' and 'step'"),
+        ("encoder+step", "unknown cuda_graphs"),
+    ],
+)
+def test_graph_mode_combinations_are_checked(modes, match):
+    model = tiny_switch()
+    with pytest.raises(ValueError, match=match):
+        hf_moe_opt.optimize(model, cuda_graphs=modes)
+    assert not hf_moe_opt.is_optimized(model)
+    with pytest.raises(ValueError, match="resident experts"):
+        hf_moe_opt.optimize(model, cuda_graphs=["step", "encoder"], expert_cache=2)
+    assert not hf_moe_opt.is_optimized(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_encoder_and_step_graphs_generate_plain_tokens(dtype):
+    from hf_moe_opt import step_graphs
+
+    model, plain = tiny_switch().cuda().to(dtype), tiny_switch().cuda().to(dtype)
+    hf_moe_opt.optimize(plain)
+    hf_moe_opt.optimize(model, cuda_graphs=("encoder", "step"))
+    with torch.no_grad():
+        for seed in range(3):
+            ids = _ids(3, 9, seed).cuda()
+            kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+            assert torch.equal(model.generate(ids, **kw), plain.generate(ids, **kw))
+    encoder_counts, step_counts = encoder_graphs.runner_of(model).counts, step_graphs.runner_of(model).counts
+    assert encoder_counts["captures"] == 1 and encoder_counts["replays"] == 2, encoder_counts
+    assert step_counts["captures"] >= 1 and step_counts["replays"] > 0 and step_counts["fallbacks"] == 0, step_counts
+
+
+def test_bench_generate_cpu_smoke(tmp_path):
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "generate.json"
+    assert bench.main(["--cpu-smoke", "--batches", "2", "--out", str(out)]) == 0
+    (rec,) = json.loads(out.read_text())["models"]
+    assert rec["model"] == "switch-tiny" and rec["not_measured"] == {}
+    (row,) = rec["batches"]
+    assert all(isinstance(row[f"{v}_ms"], float) for v in bench.VARIANTS)  # CPU timings are noise
+    assert row["floor_ms"] > row["encoder_floor_ms"] > 0 and row["step_floor_ms"] > 0
+    # The eager stand-ins replay the fused model's arithmetic: its tokens, bit for bit.
+    assert row["step_tokens_equal_fused"] is True and row["encoder_step_tokens_equal_fused"] is True
+    assert out.with_suffix(".png").exists()

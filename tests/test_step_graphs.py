@@ -161,6 +161,34 @@ def test_return_sequences_and_generation_config(family):
     assert {key[0] for key in runner_of(model).slots} == {6, 2}
 
 
+@pytest.mark.parametrize("family", ["switch", "qwen3_moe", "nllb"])
+def test_beam_search_matches_plain_beam_search(family):
+    import transformers
+    from packaging.version import Version
+
+    from hf_moe_opt.step_graphs import NLLB_MIN_TRANSFORMERS
+
+    if family == "nllb" and Version(transformers.__version__) < Version(NLLB_MIN_TRANSFORMERS):
+        pytest.skip(f"NLLB-MoE step graphs need transformers >= {NLLB_MIN_TRANSFORMERS}")
+    model = tiny_nllb(num_experts=8) if family == "nllb" else _build(family)
+    plain, model = _pair(model)
+    kw = {**_inputs(model, batch=2), "num_beams": 3, "num_return_sequences": 2}
+    runner = runner_of(model)
+    with torch.no_grad():
+        want = plain.generate(**kw)
+        got = model.generate(**kw)
+        ((key, slot),) = runner.slots.items()
+        tensors = [(layer.keys, layer.values) for layer in step_graphs._static_layers(slot.cache)]
+        again = model.generate(**kw)
+    assert torch.equal(got, want) and torch.equal(again, want) and got.shape[0] == 4
+    assert key[0] == 6  # 2 prompts x 3 beams
+    assert runner.counts["fallbacks"] == 0 and runner.counts["replays"] > 0, runner.counts
+    # Reordered in place: the captured steps still see the cache tensors the graphs were built on.
+    after = [(layer.keys, layer.values) for layer in step_graphs._static_layers(slot.cache)]
+    assert all(k is k2 and v is v2 for (k, v), (k2, v2) in zip(tensors, after, strict=True))
+    assert not any("reorder_cache" in layer.__dict__ for layer in step_graphs._static_layers(slot.cache))
+
+
 def test_every_step_runs_once():
     """Warm-up is the real first step and a capture runs nothing: one forward per new token."""
     plain, model = _pair(_build("qwen3_moe"))
@@ -243,7 +271,6 @@ def test_cpu_model_with_cuda_capture_falls_back_with_warning():
 @pytest.mark.parametrize(
     "extra, match",
     [
-        ({"num_beams": 2}, "beam search"),
         ({"cache_implementation": "dynamic"}, "not a static cache"),
         ({"use_cache": False}, "use_cache=False"),
     ],
@@ -405,6 +432,24 @@ def test_cuda_step_graphs_match_plain_generate(family, backend):
         got_again = model.generate(**kw)
     assert torch.equal(got, want) and torch.equal(got_again, want)
     assert runner_of(model).counts["captures"] == 1 and runner_of(model).counts["fallbacks"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["switch", "qwen3_moe"])
+def test_cuda_step_graphs_beam_search_matches_plain(family):
+    """Real graphs: beam search's reordering must reach the tensors the captured steps read."""
+    model = _build(family).cuda()
+    plain = copy.deepcopy(model)
+    hf_moe_opt.optimize(plain)
+    hf_moe_opt.optimize(model, cuda_graphs="step")
+    kw = {**_to(_inputs(model, batch=3), "cuda"), "num_beams": 4, "num_return_sequences": 2}
+    with torch.no_grad():
+        want = plain.generate(**kw)
+        got = model.generate(**kw)
+        got_again = model.generate(**kw)
+    assert torch.equal(got, want) and torch.equal(got_again, want)
+    counts = runner_of(model).counts
+    assert counts["replays"] > 0 and counts["fallbacks"] == 0, counts
 
 
 @pytest.mark.gpu
