@@ -108,8 +108,9 @@ def probe_shape(name: str, n: int, k: int, repeats: int) -> dict:
                 ((y - r).abs().max() / r.abs().max()).item() for y, r in zip(run(), reference, strict=True)
             )
         row["gemv"].append(entry)
-        print(f"{name} block {block}: device {entry['device_bytes_per_s'] / 1e9:.0f} GB/s, host (zero-copy) "
-              f"{entry['host_bytes_per_s'] / 1e9:.1f} GB/s, copy {row['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)  # fmt: skip
+        rates = (entry["device_bytes_per_s"] / 1e9, entry["host_bytes_per_s"] / 1e9, row["copy_bytes_per_s"] / 1e9)
+        print(f"{name} block {block}: device {rates[0]:.0f} GB/s, host (zero-copy) {rates[1]:.1f} GB/s, "
+              f"copy {rates[2]:.1f} GB/s", flush=True)  # fmt: skip
     return row
 
 

@@ -11,9 +11,11 @@ How a ``generate`` call runs:
   ``EncoderDecoderCache(StaticCache, StaticCache)``, the cross-attention one as long as the encoder
   output). One cache per (batch, cache length rounded up to :data:`LENGTH_BUCKET`, encoder length,
   dtype, device), reset and reused by later calls, so a graph's memory addresses stay valid.
-* While ``generate`` runs, ``model.forward`` is wrapped. The first forward of the call (the prefill;
-  for encoder-decoders the first decoder step, which also fills the cross-attention cache) runs
-  eagerly, as does any forward of more than one token. A one-token step copies its tensor inputs
+* While ``generate`` runs, ``model.forward`` is wrapped. A causal model's first forward (the prefill)
+  runs eagerly, as does any forward of more than one token. An encoder-decoder's first decoder step
+  (one token, which also fills the cross-attention cache) is captured under a graph of its own: the
+  cache's ``is_updated`` flags are part of a step's signature, and a replay sets them as the captured
+  step did. A one-token step copies its tensor inputs
   (token ids, position ids, the attention mask over the whole static cache, encoder states and mask)
   into static buffers and replays the graph of its signature (input shapes, dtypes, the other
   arguments); the logits are cloned out of the graph's memory.
@@ -229,9 +231,23 @@ def _layer_host_read_reason(model: nn.Module, device: torch.device) -> str | Non
 
 
 class _StepGraph:
-    """One captured decode step: static input buffers and the replay."""
+    """One captured decode step: static input buffers and the replay.
 
-    def __init__(self, forward: Callable, leaves: list, spec, capture: Capture, device: torch.device):
+    ``state``: ``(get, put)`` of Python state the forward changes (an encoder-decoder cache's
+    ``is_updated`` flags, set by the first decoder step once it has filled the cross-attention cache).
+    The capture runs from the state the warm-up started from, and every replay leaves the state the
+    warm-up left, since a replay runs no Python.
+    """
+
+    def __init__(
+        self,
+        forward: Callable,
+        leaves: list,
+        spec,
+        capture: Capture,
+        device: torch.device,
+        state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+    ):
         self.positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         static = list(leaves)
         for i in self.positions:
@@ -242,8 +258,15 @@ class _StepGraph:
         def step() -> Any:
             return forward(**static_kwargs)
 
+        self._put = state[1] if state is not None else None
+        before = state[0]() if state is not None else None
         self.first_outputs = capture.warm_up(step, device)  # the real result of this first step
+        self.after = state[0]() if state is not None else None
+        if state is not None:
+            self._put(before)
         self.replay = capture.capture(step, device)
+        if state is not None:
+            self._put(self.after)
 
     def substitutions(self, leaves: list) -> dict[int, torch.Tensor]:
         """Outputs that are input buffers (an encoder-decoder passes its encoder states through) map back
@@ -253,7 +276,10 @@ class _StepGraph:
     def __call__(self, leaves: list) -> Any:
         for buf, i in zip(self.buffers, self.positions, strict=True):
             buf.copy_(leaves[i])
-        return self.replay()
+        out = self.replay()
+        if self._put is not None:
+            self._put(self.after)
+        return out
 
 
 def _own(outputs: Any, substitutions: dict[int, torch.Tensor], clone: bool) -> Any:
@@ -292,7 +318,7 @@ class StepGraphs:
         out = model.generate(**batch, max_new_tokens=64)      # the first call per batch size captures
         hf_moe_opt.step_graphs.runner_of(model).counts          # captures, replays, eager, fallbacks
 
-    ``counts`` records ``captures``, ``replays``, ``eager`` forwards (prefills) and ``fallbacks``
+    ``counts`` records ``captures``, ``replays``, ``eager`` forwards (causal prefills) and ``fallbacks``
     (calls run by plain ``generate``). A cache ``generate`` returns (``return_dict_in_generate``) is
     the runner's and is reset by the next call of the same shape. Python code inside the model
     (forward hooks, routing observers) runs while a step is captured, not when it is replayed. To check
@@ -448,12 +474,16 @@ class StepGraphs:
         forward = model.forward
         ids_name = "decoder_input_ids" if getattr(model.config, "is_encoder_decoder", False) else "input_ids"
 
+        # An encoder-decoder's first decoder step is one token too: it also fills the cross-attention
+        # cache, under its own graph (the cache's is_updated flags are part of a step's signature).
+        first_step_graphed = ids_name == "decoder_input_ids"
+
         @functools.wraps(forward)  # generate inspects the forward's signature
         def step_forward(*args, **kwargs):
             ids = kwargs.get(ids_name)
             decode = (
                 not args
-                and slot.prefilled
+                and (slot.prefilled or first_step_graphed)
                 and isinstance(ids, torch.Tensor)
                 and ids.shape[-1] == 1
                 and kwargs.get(self._cache_kw) is slot.cache
@@ -477,7 +507,8 @@ class StepGraphs:
     def _step(self, slot: _Slot, forward: Callable, kwargs: dict) -> Any:
         leaves, spec = pytree.tree_flatten(kwargs, is_leaf=_is_opaque)
         # Python state that changes the step: which cross-attention caches are filled.
-        filled = tuple(sorted(getattr(slot.cache, "is_updated", {}).items()))
+        is_updated = getattr(slot.cache, "is_updated", None)
+        filled = tuple(sorted((is_updated or {}).items()))
         key = (spec, tuple(_describe(leaf) for leaf in leaves), filled)
         graph = slot.graphs.get(key)
         if graph is None:
@@ -492,8 +523,11 @@ class StepGraphs:
                 self.counts["eager"] += 1
                 return forward(**kwargs)
             device = next(self.model.parameters()).device
+            state = None
+            if isinstance(is_updated, dict):
+                state = (lambda: dict(slot.cache.is_updated), lambda snap: slot.cache.is_updated.update(snap))
             try:
-                graph = _StepGraph(forward, leaves, spec, self.capture, device)
+                graph = _StepGraph(forward, leaves, spec, self.capture, device, state)
             except Exception as e:
                 self.broken = f"capturing a decode step failed ({type(e).__name__}: {e})"
                 raise RuntimeError(

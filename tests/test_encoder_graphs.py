@@ -209,8 +209,9 @@ def test_encoder_and_step_graphs_together_generate_plain_tokens():
         with torch.no_grad():
             assert torch.equal(model.generate(ids, **kw), plain.generate(ids, **kw))
     assert encoder_runner.counts["captures"] == 1 and encoder_runner.counts["replays"] == 1, encoder_runner.counts
-    assert step_runner.counts["captures"] == 1 and step_runner.counts["fallbacks"] == 0, step_runner.counts
-    assert step_runner.counts["replays"] == (new - 2) + (new - 1), step_runner.counts
+    # Two step graphs: the first decoder step (it fills the cross-attention cache) and the others.
+    assert step_runner.counts["captures"] == 2 and step_runner.counts["fallbacks"] == 0, step_runner.counts
+    assert step_runner.counts["replays"] == (new - 2) + new and step_runner.counts["eager"] == 0, step_runner.counts
     hf_moe_opt.restore(model)
     assert encoder_graphs.runner_of(model) is None and "generate" not in model.__dict__
 

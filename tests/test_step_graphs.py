@@ -110,15 +110,18 @@ def test_step_generate_matches_plain_generate(family):
     plain, model = _pair(_build(family))
     kw = _inputs(model)
     runner = runner_of(model)
+    seq2seq = model.config.is_encoder_decoder
     with torch.no_grad():
         want = plain.generate(**kw)
         got = model.generate(**kw)
         assert torch.equal(got, want)
-        assert runner.counts == {"captures": 1, "replays": NEW - 2, "eager": 1, "fallbacks": 0}
-        again = model.generate(**kw)  # same cache and graph, reset
+        # An encoder-decoder's first decoder step has a graph of its own; a causal prefill runs eagerly.
+        graphs = 2 if seq2seq else 1
+        assert runner.counts == {"captures": graphs, "replays": NEW - 2, "eager": 2 - graphs, "fallbacks": 0}
+        again = model.generate(**kw)  # same cache and graphs, reset
     assert torch.equal(again, want)
-    # The second call replays its first decode step too.
-    assert runner.counts["captures"] == 1 and runner.counts["replays"] == (NEW - 2) + (NEW - 1)
+    # The second call replays its first decode step too (and an encoder-decoder its first decoder step).
+    assert runner.counts["captures"] == graphs and runner.counts["replays"] == (NEW - 2) + (NEW - 2 + graphs)
 
 
 @pytest.mark.parametrize("name", ["switch-tiny-ddtp", "qwen3-moe-tiny-ddtp"])
@@ -189,6 +192,45 @@ def test_beam_search_matches_plain_beam_search(family):
     assert not any("reorder_cache" in layer.__dict__ for layer in step_graphs._static_layers(slot.cache))
 
 
+class FrozenPythonCapture(EagerCapture):
+    """The eager stand-in with one property of a real graph added: a replay leaves Python state as it
+    was (here the cache's ``is_updated`` flags, which the first decoder step sets)."""
+
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+
+    def capture(self, fn, device):
+        replay = super().capture(fn, device)
+
+        def frozen():
+            (slot,) = self.runner.slots.values()
+            flags = dict(slot.cache.is_updated)
+            out = replay()
+            slot.cache.is_updated.clear()
+            slot.cache.is_updated.update(flags)
+            return out
+
+        return frozen
+
+
+def test_first_decoder_step_graph_sets_the_cross_attention_flags():
+    plain, model = _pair(_build("switch"))
+    runner = runner_of(model)
+    runner.capture = FrozenPythonCapture(runner)
+    kw = _inputs(model)
+    with torch.no_grad():
+        want = plain.generate(**kw)
+        for _ in range(2):  # captures both graphs, then replays both
+            assert torch.equal(model.generate(**kw), want)
+            (slot,) = runner.slots.values()
+            # Only the runner can have set the flags: the replays changed no Python state.
+            assert slot.cache.is_updated and all(slot.cache.is_updated.values())
+    first_steps = [key for key in slot.graphs if not any(flag for _, flag in key[2])]
+    assert len(first_steps) == 1 and len(slot.graphs) == 2
+    assert runner.counts["replays"] == (NEW - 2) + NEW and runner.counts["eager"] == 0
+
+
 def test_every_step_runs_once():
     """Warm-up is the real first step and a capture runs nothing: one forward per new token."""
     plain, model = _pair(_build("qwen3_moe"))
@@ -223,8 +265,9 @@ def test_slots_by_batch_and_length_bucket():
         for batch, new in [(3, 8), (3, 20), (2, 8), (3, 8 + step_graphs.LENGTH_BUCKET)]:
             kw = {**_inputs(model, batch=batch), "max_new_tokens": new, "min_new_tokens": new}
             assert torch.equal(model.generate(**kw), plain.generate(**kw))
-    # (3, 8) and (3, 20) share a length bucket; a new batch size and a longer call each add a cache.
-    assert len(runner.slots) == 3 and runner.counts["captures"] == 3
+    # (3, 8) and (3, 20) share a length bucket; a new batch size and a longer call each add a cache
+    # (with two graphs each: the first decoder step and the others).
+    assert len(runner.slots) == 3 and runner.counts["captures"] == 2 * 3
     keys = list(runner.slots)
     with torch.no_grad():
         for batch in range(4, 4 + step_graphs.MAX_SLOTS):
@@ -338,7 +381,8 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
         assert torch.equal(model.generate(**kw), want)
         assert torch.equal(model.generate(**kw), want)
     counts = runner_of(model).counts
-    assert counts["captures"] == 1 and counts["replays"] > 0 and counts["fallbacks"] == 0
+    # Two graphs (the first decoder step, which fills the cross-attention cache, and the others).
+    assert counts["captures"] == 2 and counts["replays"] > 0 and counts["fallbacks"] == 0 and counts["eager"] == 0
 
 
 def test_sliding_window_models_raise():
@@ -407,7 +451,10 @@ def test_cuda_step_graphs_replay_the_eager_static_path_exactly(family, backend):
         runner.clear()
         got = model.generate(**kw)
         again = model.generate(**kw)
-    assert runner.counts["captures"] == 2 and runner.counts["replays"] == 2 * (NEW - 2) + (NEW - 1)
+    if model.config.is_encoder_decoder:  # two graphs per capture: the first decoder step and the others
+        assert runner.counts["captures"] == 4 and runner.counts["replays"] == 2 * (NEW - 2) + NEW
+    else:
+        assert runner.counts["captures"] == 2 and runner.counts["replays"] == 2 * (NEW - 2) + (NEW - 1)
     for out in (got, again):
         assert torch.equal(out.sequences, want.sequences)
         assert all(torch.equal(a, b) for a, b in zip(out.logits, want.logits, strict=True))
@@ -431,7 +478,8 @@ def test_cuda_step_graphs_match_plain_generate(family, backend):
         got = model.generate(**kw)
         got_again = model.generate(**kw)
     assert torch.equal(got, want) and torch.equal(got_again, want)
-    assert runner_of(model).counts["captures"] == 1 and runner_of(model).counts["fallbacks"] == 0
+    graphs = 2 if model.config.is_encoder_decoder else 1  # an encoder-decoder's first decoder step has its own
+    assert runner_of(model).counts["captures"] == graphs and runner_of(model).counts["fallbacks"] == 0
 
 
 @pytest.mark.gpu
