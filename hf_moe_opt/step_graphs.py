@@ -51,6 +51,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .host_sync import no_host_reads
+from .layer import OptimizedMoE
+from .model_index import ModelIndex
 
 # Static caches are sized up to a multiple of this many positions, so calls with nearby lengths share
 # one cache and one graph; the extra positions are masked (and cost a little attention bandwidth).
@@ -205,15 +207,18 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
-def _layer_host_read_reason(model: nn.Module, device: torch.device) -> str | None:
+def _layer_host_read_reason(
+    model: nn.Module, device: torch.device, layers: list[tuple[str, nn.Module]] | None = None
+) -> str | None:
     """Why an optimized layer cannot run inside a captured step: its store or expert loop reads the host,
-    or routing observers (the profiler) want every step's routing, which a replay does not call them with."""
+    or routing observers (the profiler) want every step's routing, which a replay does not call them with.
+    ``layers``: ``model``'s ``(name, module)`` pairs to look at (default: all of them)."""
     from .experts.backends import resolve_backend
     from .experts.store import ResidentStore
     from .experts.torch_backend import _layout_supported
     from .layer import OptimizedMoE
 
-    for name, layer in model.named_modules():
+    for name, layer in model.named_modules() if layers is None else layers:
         if not isinstance(layer, OptimizedMoE):
             continue
         if layer.observers:
@@ -336,6 +341,8 @@ class StepGraphs:
         self.counts = {"captures": 0, "replays": 0, "eager": 0, "fallbacks": 0}
         self.broken: str | None = None  # set when a capture failed: later calls fall back
         self._weights_key: tuple | None = None
+        # The modules a call looks at, walked once (a large model's walk costs more than short decodes).
+        self._index = ModelIndex(model, _indexed_module)
         params = inspect.signature(model.forward).parameters
         # transformers 5.24 names the forward's cache argument "cache", 5.17 "past_key_values".
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -398,7 +405,7 @@ class StepGraphs:
         device, dtype = param.device, param.dtype
         if not self.capture.supports(device):
             return f"the model is on {device}, step graphs need CUDA"
-        reason = _layer_host_read_reason(model, device)
+        reason = _layer_host_read_reason(model, device, self._index.modules())
         if reason is not None:
             return reason
         config = kwargs.get("generation_config") or model.generation_config
@@ -446,7 +453,7 @@ class StepGraphs:
         return batch * expand, length, encoder_length, dtype, device, decoder_prompt
 
     def _slot(self, batch: int, length: int, encoder_length: int | None, dtype, device) -> _Slot:
-        weights_key = tuple(p.data_ptr() for p in self.model.parameters())
+        weights_key = self._index.weights_key()
         if weights_key != self._weights_key:
             self.clear()  # moved or cast since: the graphs point at the old weights
             self._weights_key = weights_key
@@ -496,7 +503,7 @@ class StepGraphs:
 
         model.forward = step_forward
         try:
-            with _capturable_positions(model, slot.length):
+            with _capturable_positions(model, slot.length, [m for _, m in self._index.modules()]):
                 yield
         finally:
             if had_own:
@@ -577,8 +584,16 @@ def _in_place_reorder(cache) -> Iterator[None]:
             layer.__dict__.pop("reorder_cache", None)
 
 
+_POSITIONS = "NllbMoeSinusoidalPositionalEmbedding"
+
+
+def _indexed_module(name: str, module: nn.Module) -> bool:
+    """The modules a step-graph call looks at: the optimized layers and NLLB-MoE's position tables."""
+    return isinstance(module, OptimizedMoE) or type(module).__name__ == _POSITIONS
+
+
 @contextmanager
-def _capturable_positions(model: nn.Module, length: int) -> Iterator[None]:
+def _capturable_positions(model: nn.Module, length: int, modules: list[nn.Module] | None = None) -> Iterator[None]:
     """NLLB-MoE's sinusoidal position embedding, made capturable for the duration of a generate call.
 
     Its forward compares ``cache_length + seq_len`` with its table size in Python to grow the table;
@@ -586,7 +601,8 @@ def _capturable_positions(model: nn.Module, length: int) -> Iterator[None]:
     step. The table is grown here once, on the host, to cover the slot's ``length`` positions, and
     steps given a tensor length skip the check (positions and lookup are the module's own).
     """
-    modules = [m for m in model.modules() if type(m).__name__ == "NllbMoeSinusoidalPositionalEmbedding"]
+    modules = model.modules() if modules is None else modules
+    modules = [m for m in modules if type(m).__name__ == _POSITIONS]
     for module in modules:
         needed = module.padding_idx + 1 + length
         if module.weights.size(0) < needed:

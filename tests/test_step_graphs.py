@@ -287,6 +287,17 @@ def test_new_weights_drop_graphs():
     assert runner.counts["captures"] == 2 and len(runner.slots) == 1
 
 
+def test_replaced_module_drops_graphs():
+    plain, model = _pair(_build("qwen3_moe"))
+    runner = runner_of(model)
+    kw = _inputs(model)
+    with torch.no_grad():
+        model.generate(**kw)
+        model.lm_head = copy.deepcopy(model.lm_head)  # same values, new parameters the graphs never saw
+        assert torch.equal(model.generate(**kw), plain.generate(**kw))
+    assert runner.counts["captures"] == 2 and len(runner.slots) == 1
+
+
 def test_deepcopy_gets_its_own_runner():
     _, model = _pair(_build("switch"))
     with torch.no_grad():
