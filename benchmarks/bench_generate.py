@@ -5,7 +5,8 @@
     PYTHONPATH=$PWD python benchmarks/bench_generate.py --cpu-smoke --out /tmp/generate.json
 
 What a translation or summarisation request costs end to end: one greedy ``generate`` of ``--new``
-tokens from a ``batch x --prompt`` random prompt (the encoder pass, then one decode step per token),
+tokens from a ``batch x --prompt`` random prompt (the encoder pass, then one decode step per token;
+``--num-beams``: beam search instead),
 real configs with random bf16 weights, CUDA events, warm-up calls (they capture the graphs), median
 of repeats, all variants on the same weights in one run:
 
@@ -36,7 +37,7 @@ import hf_moe_opt
 from hf_moe_opt.baselines import remove_nllb_eager_reference, use_nllb_eager_reference
 from hf_moe_opt.benchmarking.common import environment, measure_ceilings, save_result
 from hf_moe_opt.benchmarking.floors import decode_floor, encoder_floor
-from hf_moe_opt.benchmarking.model import generated, random_ids, random_model, tiny_config
+from hf_moe_opt.benchmarking.model import random_ids, random_model, tiny_config
 from hf_moe_opt.step_graphs import EagerCapture
 from hf_moe_opt.timing import median_ms
 
@@ -53,6 +54,11 @@ def _use_eager_stand_in(model) -> None:
             runner.capture = EagerCapture(check_host_reads=False)
 
 
+def generated(model, ids: torch.Tensor, new_tokens: int, beams: int = 1) -> torch.Tensor:
+    """``generate`` of exactly ``new_tokens`` new tokens: greedy, or beam search over ``beams`` beams."""
+    return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=beams)
+
+
 @torch.no_grad()
 def run_model(name: str, device: torch.device, batches: list[int], args, ceilings: dict) -> dict:
     config = tiny_config(name) if args.cpu_smoke else None
@@ -65,9 +71,8 @@ def run_model(name: str, device: torch.device, batches: list[int], args, ceiling
 
     def time_all(variant: str) -> None:
         for b in batches:
-            times[variant][b] = median_ms(
-                lambda b=b: generated(model, prompts[b], args.new), device, repeats=args.repeats, warmup=2
-            )
+            call = lambda b=b: generated(model, prompts[b], args.new, args.num_beams)  # noqa: E731
+            times[variant][b] = median_ms(call, device, repeats=args.repeats, warmup=2)
             print(f"{name} batch {b}: {variant} {times[variant][b]:.2f} ms per generate", flush=True)
 
     is_nllb = name.startswith("nllb")
@@ -81,16 +86,17 @@ def run_model(name: str, device: torch.device, batches: list[int], args, ceiling
     time_all("optimize")
     floors = {}
     for b in batches:
-        tokens["optimize"][b] = generated(model, prompts[b], args.new)
+        tokens["optimize"][b] = generated(model, prompts[b], args.new, args.num_beams)
         enc = encoder_floor(model, prompts[b], ceilings)
-        step = decode_floor(model, prompts[b], 1, args.new, ceilings)
+        # Beam search decodes batch x beams sequences per step: the floor of that many greedy ones.
+        step = decode_floor(model, prompts[b].repeat_interleave(args.num_beams, 0), 1, args.new, ceilings)
         floors[b] = {"encoder_floor_ms": enc["floor_ms"], "step_floor_ms": step["floor_ms"],
                      "floor_ms": enc["floor_ms"] + args.new * step["floor_ms"]}  # fmt: skip
     hf_moe_opt.restore(model)
 
     hf_moe_opt.optimize(model, fuse_dense=True)
     for b in batches:
-        tokens["fused"][b] = generated(model, prompts[b], args.new)
+        tokens["fused"][b] = generated(model, prompts[b], args.new, args.num_beams)
     hf_moe_opt.restore(model)
 
     for variant, modes in GRAPH_MODES.items():
@@ -105,11 +111,12 @@ def run_model(name: str, device: torch.device, batches: list[int], args, ceiling
         try:
             time_all(variant)
             for b in batches:
-                tokens[variant][b] = generated(model, prompts[b], args.new)
+                tokens[variant][b] = generated(model, prompts[b], args.new, args.num_beams)
         finally:
             hf_moe_opt.restore(model)
 
-    record = {"model": name, "prompt": args.prompt, "new_tokens": args.new, "not_measured": errors, "batches": []}
+    record = {"model": name, "prompt": args.prompt, "new_tokens": args.new, "num_beams": args.num_beams,
+              "not_measured": errors, "batches": []}  # fmt: skip
     for b in batches:
         row = {"batch": b, **{f"{v}_ms": times[v].get(b) for v in VARIANTS}, **floors[b]}
         for v in GRAPH_MODES:
@@ -144,11 +151,12 @@ def plot(result: dict, path: Path) -> None:
             if all(y is not None for y in ys):
                 ax.plot(batches, ys, marker="o", label=v)
         ax.plot(batches, [r["floor_ms"] for r in rows], ls="--", color="k", label="floor")
+        beams = f", {rec['num_beams']} beams" if rec.get("num_beams", 1) > 1 else ""
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per generate call",
-               title=f"{rec['model']}: {rec['prompt']} prompt, {rec['new_tokens']} new tokens")  # fmt: skip
+               title=f"{rec['model']}: {rec['prompt']} prompt, {rec['new_tokens']} new tokens{beams}")  # fmt: skip
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"greedy generate, bf16, random weights, {result['environment']['device']}")
+    fig.suptitle(f"generate, bf16, random weights, {result['environment']['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -159,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     p.add_argument("--prompt", type=int, default=128, help="prompt (encoder) tokens per sequence")
     p.add_argument("--new", type=int, default=32, help="new tokens per sequence")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny config on the CPU (checks the script runs)")
     p.add_argument("--out", default="benchmarks/results/generate.json")

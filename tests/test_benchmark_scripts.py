@@ -316,3 +316,21 @@ def test_profile_cache_step_smoke(capsys) -> None:
     # cached store's step.
     assert out.count("ms per step") == 2 and "resident, lifo" in out
     assert "_step" in out.split("resident, lifo")[1]
+
+
+@pytest.mark.parametrize("n, k, block", [(48, 768, (16, 512, 8)), (33, 256, (16, 256, 4)), (1, 100, (64, 128, 4))])
+def test_zero_copy_probe_product_is_right(n, k, block):
+    """The probe's one-token product over a matrix given by its address, on odd shapes (CPU: interpreted)."""
+    pytest.importorskip("triton")
+    import torch
+
+    from hf_moe_opt.kernels import kernels_interpreted
+
+    if not kernels_interpreted():
+        pytest.skip("the CPU check runs under TRITON_INTERPRET=1")
+    probe = _load("probe_zero_copy")
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(k, generator=g).to(torch.bfloat16)
+    y = probe.gemv(w.data_ptr(), x, n, k, block)
+    torch.testing.assert_close(y, w.float() @ x.float(), rtol=1e-4, atol=1e-3)

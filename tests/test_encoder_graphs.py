@@ -252,7 +252,8 @@ def test_cuda_encoder_and_step_graphs_generate_plain_tokens(dtype):
     assert step_counts["captures"] >= 1 and step_counts["replays"] > 0 and step_counts["fallbacks"] == 0, step_counts
 
 
-def test_bench_generate_cpu_smoke(tmp_path):
+@pytest.mark.parametrize("beams", [1, 2])
+def test_bench_generate_cpu_smoke(tmp_path, beams):
     import json
     from pathlib import Path
 
@@ -261,9 +262,9 @@ def test_bench_generate_cpu_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "generate.json"
-    assert bench.main(["--cpu-smoke", "--batches", "2", "--out", str(out)]) == 0
+    assert bench.main(["--cpu-smoke", "--batches", "2", "--num-beams", str(beams), "--out", str(out)]) == 0
     (rec,) = json.loads(out.read_text())["models"]
-    assert rec["model"] == "switch-tiny" and rec["not_measured"] == {}
+    assert rec["model"] == "switch-tiny" and rec["not_measured"] == {} and rec["num_beams"] == beams
     (row,) = rec["batches"]
     assert all(isinstance(row[f"{v}_ms"], float) for v in bench.VARIANTS)  # CPU timings are noise
     assert row["floor_ms"] > row["encoder_floor_ms"] > 0 and row["step_floor_ms"] > 0
