@@ -106,3 +106,12 @@ def test_api_reference_is_current():
     spec.loader.exec_module(gen_api)
     current = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     assert gen_api.render() == current, "docs/api.md is out of date: run `python docs/gen_api.py`"
+
+
+@pytest.mark.parametrize("model, beams", [("switch", "1"), ("nllb", "2")])
+def test_fast_generate(model, beams):
+    out = _run("fast_generate.py", "--model", model, "--num-beams", beams, "--threads", "1", "--repeats", "1")
+    assert "optimize(): " in out and "optimize(fuse_dense=True): " in out and "--device cuda" in out
+    # float32: fused attention agrees to rounding, so greedy and beam search pick the same tokens.
+    assert out.count("same tokens as optimize(): True") == 2
+    assert ("first translation:" in out) == (model == "nllb")
