@@ -61,6 +61,9 @@ LENGTH_BUCKET = 64
 MAX_SLOTS = 4
 # Graphs per cache; a step whose signature would need more runs eagerly.
 MAX_GRAPHS_PER_SLOT = 4
+# Encoder-decoders whose decoder turns the encoder's padding mask into an additive (eager) mask at every
+# step: the runner passes that 4-D mask in, built outside the graph (see _Slot.cross_mask).
+ADDITIVE_CROSS_MASK_MODELS = ("switch_transformers",)
 
 _ATTRIBUTE = "_hf_moe_opt_step_graphs"
 
@@ -311,6 +314,24 @@ class _Slot:
         self.graphs: OrderedDict[tuple, _StepGraph] = OrderedDict()
         self.prefilled = False
         self.over_limit = False  # warned that more step signatures than MAX_GRAPHS_PER_SLOT came
+        self._cross_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # (padding mask, its 4-D form)
+
+    def cross_mask(self, padding: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """The decoder's cross-attention mask, built outside the graph: ``[B, 1, 1, S]``, 0 where the
+        encoder token counts and the dtype's minimum where it is padding -- the values transformers'
+        eager mask builder makes from the ``[B, S]`` padding mask. Some transformers versions (5.17)
+        make it through a host-to-device copy, which a graph cannot capture; a 4-D mask is used as
+        given. The padding mask is the same tensor at every step of a call: built once per call."""
+        if padding.dim() != 2:
+            return padding
+        if self._cross_masks is None or self._cross_masks[0] is not padding:
+            dtype = model.get_input_embeddings().weight.dtype
+            keep = padding[:, None, None, :].bool()
+            additive = torch.zeros(keep.shape, dtype=dtype, device=padding.device).masked_fill_(
+                ~keep, torch.finfo(dtype).min
+            )
+            self._cross_masks = (padding, additive)
+        return self._cross_masks[1]
 
 
 class StepGraphs:
@@ -484,6 +505,7 @@ class StepGraphs:
         # An encoder-decoder's first decoder step is one token too: it also fills the cross-attention
         # cache, under its own graph (the cache's is_updated flags are part of a step's signature).
         first_step_graphed = ids_name == "decoder_input_ids"
+        additive_padding = getattr(model.config, "model_type", None) in ADDITIVE_CROSS_MASK_MODELS
 
         @functools.wraps(forward)  # generate inspects the forward's signature
         def step_forward(*args, **kwargs):
@@ -499,6 +521,8 @@ class StepGraphs:
             if not decode:
                 self.counts["eager"] += 1
                 return forward(*args, **kwargs)
+            if additive_padding and isinstance(kwargs.get("attention_mask"), torch.Tensor):
+                kwargs["attention_mask"] = slot.cross_mask(kwargs["attention_mask"], model)
             return self._step(slot, forward, kwargs)
 
         model.forward = step_forward

@@ -38,10 +38,12 @@ def _inputs(model, batch: int = 3, seq: int = 10, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
     kw = {"input_ids": ids, "max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False}
-    if not model.config.is_encoder_decoder:
-        mask = torch.ones_like(ids)
+    mask = torch.ones_like(ids)
+    if model.config.is_encoder_decoder:
+        mask[0, -3:] = 0  # an encoder input padded on the right, as a tokenizer pads a batch
+    else:
         mask[0, :3] = 0  # left padding on one row
-        kw["attention_mask"] = mask
+    kw["attention_mask"] = mask
     return kw
 
 
@@ -229,6 +231,24 @@ def test_first_decoder_step_graph_sets_the_cross_attention_flags():
     first_steps = [key for key in slot.graphs if not any(flag for _, flag in key[2])]
     assert len(first_steps) == 1 and len(slot.graphs) == 2
     assert runner.counts["replays"] == (NEW - 2) + NEW and runner.counts["eager"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_attention_mask_is_built_outside_the_graph(dtype):
+    """Switch's decoder turns the encoder padding mask into an additive mask at every step (transformers
+    5.17 through a host-to-device copy); the runner passes that mask in, with the eager builder's values."""
+    plain, model = _pair(_build("switch"))
+    model.to(dtype)
+    plain.to(dtype)
+    kw = _inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**kw), plain.generate(**kw))
+    ((_, slot),) = runner_of(model).slots.items()
+    padding, additive = slot._cross_masks
+    assert padding is kw["attention_mask"] and additive.shape == (3, 1, 1, 10) and additive.dtype == dtype
+    want = torch.where(padding.bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+    assert torch.equal(additive, want)
+    assert slot.cross_mask(additive, model) is additive  # a 4-D mask is used as given
 
 
 def test_every_step_runs_once():
