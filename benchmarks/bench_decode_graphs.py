@@ -24,15 +24,14 @@ generates the tokens ``optimize()`` generates. Writes JSON to ``--out`` and a PN
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 
 import torch
 
 import hf_moe_opt
-from hf_moe_opt.baselines import remove_nllb_eager_reference, use_nllb_eager_reference
-from hf_moe_opt.benchmarking.common import environment, measure_ceilings, save_result
+from hf_moe_opt.baselines import hf_reference
+from hf_moe_opt.benchmarking.common import bench_device, each_model, environment, plot_models_by_batch, save_result
 from hf_moe_opt.benchmarking.floors import decode_floor
 from hf_moe_opt.benchmarking.model import (
     decode_ms_per_token,
@@ -64,12 +63,8 @@ def run_model(name: str, device: torch.device, batches: list[int], args, ceiling
             times[variant][b] = decode_ms_per_token(model, b, device, ids=prompts[b], **timing)
             print(f"{name} batch {b}: {variant} {times[variant][b]:.3f} ms/step", flush=True)
 
-    is_nllb = name.startswith("nllb")
-    if is_nllb:
-        use_nllb_eager_reference(model)
-    time_all("hf_eager")
-    if is_nllb:
-        remove_nllb_eager_reference(model)
+    with hf_reference(model):
+        time_all("hf_eager")
 
     hf_moe_opt.optimize(model)
     time_all("optimize")
@@ -111,27 +106,8 @@ def run_model(name: str, device: torch.device, batches: list[int], args, ceiling
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = result["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
-    for ax, rec in zip(axes[0], models, strict=True):
-        rows = rec["batches"]
-        batches = [r["batch"] for r in rows]
-        for v in VARIANTS:
-            ys = [r[f"{v}_ms"] for r in rows]
-            if all(y is not None for y in ys):
-                ax.plot(batches, ys, marker="o", label=v)
-        ax.plot(batches, [r["floor_ms"] for r in rows], ls="--", color="k", label="weight-read floor")
-        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per decode step", title=rec["model"])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"decode step time, bf16, random weights, {result['environment']['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot_models_by_batch(result, path, VARIANTS, "ms per decode step", "weight-read floor",
+                         "decode step time, bf16, random weights")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,30 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/decode_graphs.json")
     args = p.parse_args(argv)
+    found = bench_device(args.cpu_smoke)
+    if found is None:
+        return 2
+    device, ceilings = found
     if args.cpu_smoke:
-        device = torch.device("cpu")
         models = args.models or ["switch-tiny", "qwen3-tiny"]
         batches = args.batches if argv and "--batches" in argv else [1, 4]
         args.short, args.long, args.prompt, args.repeats = 2, 5, 8, 1
-        ceilings = measure_ceilings(device, copy_numel=1 << 22, matmul_size=128)
     else:
-        if not torch.cuda.is_available():
-            print("error: this benchmark needs a CUDA device (or --cpu-smoke)", file=sys.stderr)
-            return 2
-        device = torch.device("cuda")
         models = args.models or (QUICK_MODELS if args.quick else FULL_MODELS)
         batches = args.batches
-        ceilings = measure_ceilings(device)
-    env = environment()
-    print(f"{env['device']}: torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}")
-    print(f"copy bandwidth {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write)", flush=True)
-    records = []
-    for name in models:
-        records.append(run_model(name, device, batches, args, ceilings))
-        gc.collect()  # the model's memory back before the next one is built
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    save_result({"environment": env, "ceilings": ceilings, "models": records}, args.out, plot)
+    records = each_model(models, lambda name: run_model(name, device, batches, args, ceilings), device)
+    save_result({"environment": environment(), "ceilings": ceilings, "models": records}, args.out, plot)
     return 0
 
 

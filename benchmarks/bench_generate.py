@@ -27,15 +27,14 @@ rate measured in the same run. Each graphed variant records whether it generated
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 
 import torch
 
 import hf_moe_opt
-from hf_moe_opt.baselines import remove_nllb_eager_reference, use_nllb_eager_reference
-from hf_moe_opt.benchmarking.common import environment, measure_ceilings, save_result
+from hf_moe_opt.baselines import hf_reference
+from hf_moe_opt.benchmarking.common import bench_device, each_model, environment, plot_models_by_batch, save_result
 from hf_moe_opt.benchmarking.floors import decode_floor, encoder_floor
 from hf_moe_opt.benchmarking.model import random_ids, random_model, tiny_config
 from hf_moe_opt.step_graphs import EagerCapture
@@ -75,12 +74,8 @@ def run_model(name: str, device: torch.device, batches: list[int], args, ceiling
             times[variant][b] = median_ms(call, device, repeats=args.repeats, warmup=2)
             print(f"{name} batch {b}: {variant} {times[variant][b]:.2f} ms per generate", flush=True)
 
-    is_nllb = name.startswith("nllb")
-    if is_nllb:
-        use_nllb_eager_reference(model)
-    time_all("hf_eager")
-    if is_nllb:
-        remove_nllb_eager_reference(model)
+    with hf_reference(model):
+        time_all("hf_eager")
 
     hf_moe_opt.optimize(model)
     time_all("optimize")
@@ -136,29 +131,12 @@ def run_model(name: str, device: torch.device, batches: list[int], args, ceiling
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = result["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
-    for ax, rec in zip(axes[0], models, strict=True):
-        rows = rec["batches"]
-        batches = [r["batch"] for r in rows]
-        for v in VARIANTS:
-            ys = [r[f"{v}_ms"] for r in rows]
-            if all(y is not None for y in ys):
-                ax.plot(batches, ys, marker="o", label=v)
-        ax.plot(batches, [r["floor_ms"] for r in rows], ls="--", color="k", label="floor")
+    def title(rec: dict) -> str:
         beams = f", {rec['num_beams']} beams" if rec.get("num_beams", 1) > 1 else ""
-        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per generate call",
-               title=f"{rec['model']}: {rec['prompt']} prompt, {rec['new_tokens']} new tokens{beams}")  # fmt: skip
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"generate, bf16, random weights, {result['environment']['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        return f"{rec['model']}: {rec['prompt']} prompt, {rec['new_tokens']} new tokens{beams}"
+
+    plot_models_by_batch(result, path, VARIANTS, "ms per generate call", "floor",
+                         "generate, bf16, random weights", title)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,31 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.new < 2:
         p.error("--new must be at least 2 (the floor averages the decode steps after the first)")
+    found = bench_device(args.cpu_smoke)
+    if found is None:
+        return 2
+    device, ceilings = found
+    models = args.models or (["switch-tiny"] if args.cpu_smoke else ["switch-base-128"])
+    batches = args.batches
     if args.cpu_smoke:
-        device = torch.device("cpu")
-        models = args.models or ["switch-tiny"]
         batches = args.batches if argv and "--batches" in argv else [1, 3]
         args.prompt, args.new, args.repeats = 8, 4, 1
-        ceilings = measure_ceilings(device, copy_numel=1 << 22, matmul_size=128)
-    else:
-        if not torch.cuda.is_available():
-            print("error: this benchmark needs a CUDA device (or --cpu-smoke)", file=sys.stderr)
-            return 2
-        device = torch.device("cuda")
-        models = args.models or ["switch-base-128"]
-        batches = args.batches
-        ceilings = measure_ceilings(device)
-    env = environment()
-    print(f"{env['device']}: torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}")
-    print(f"copy bandwidth {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-          f"matmul {ceilings['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)  # fmt: skip
-    records = []
-    for name in models:
-        records.append(run_model(name, device, batches, args, ceilings))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    save_result({"environment": env, "ceilings": ceilings, "models": records}, args.out, plot)
+    records = each_model(models, lambda name: run_model(name, device, batches, args, ceilings), device)
+    save_result({"environment": environment(), "ceilings": ceilings, "models": records}, args.out, plot)
     return 0
 
 

@@ -43,7 +43,12 @@ EXTRA_MODULES = {
     "hf_moe_opt.step_graphs": ["StepGraphs", "CudaGraphCapture", "EagerCapture", "runner_of", "check_supported"],
     "hf_moe_opt.host_sync": ["no_host_reads", "HostReadError"],
     "hf_moe_opt.assets": ["shipped_model_path", "SHIPPED_MODELS"],
-    "hf_moe_opt.baselines": ["use_nllb_eager_reference", "remove_nllb_eager_reference", "NllbMoeEagerReference"],
+    "hf_moe_opt.baselines": [
+        "use_nllb_eager_reference",
+        "remove_nllb_eager_reference",
+        "hf_reference",
+        "NllbMoeEagerReference",
+    ],
     "hf_moe_opt.integrations": ["continuous_batching_config", "continuous_batching_available", "uncapturable_layers"],
 }
 SECTION_RE = re.compile(

@@ -7,6 +7,9 @@ routing is right) and loops over experts with the router's combine weights, as 4
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -65,3 +68,14 @@ def remove_nllb_eager_reference(model: nn.Module) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, child._original[0])
     return len(swaps)
+
+
+@contextmanager
+def hf_reference(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as the eager reference to time against, for the duration of the block: NLLB-MoE's sparse
+    blocks swapped for :class:`NllbMoeEagerReference` (and back afterwards), any other model as loaded."""
+    use_nllb_eager_reference(model)
+    try:
+        yield model
+    finally:
+        remove_nllb_eager_reference(model)

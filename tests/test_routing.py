@@ -154,6 +154,25 @@ def test_eager_nllb_baseline_is_correct_and_matches_optimized(routing):
     assert remove_nllb_eager_reference(base) == 4
 
 
+def test_hf_reference_swaps_nllb_blocks_for_the_block_only():
+    from hf_moe_opt.baselines import NllbMoeEagerReference, hf_reference
+
+    def references(m):
+        return sum(isinstance(x, NllbMoeEagerReference) for x in m.modules())
+
+    model = tiny_nllb(num_experts=8)
+    with hf_reference(model) as inside:
+        assert inside is model and references(model) == 4
+    assert references(model) == 0
+    with pytest.raises(RuntimeError), hf_reference(model):
+        raise RuntimeError("a failed timing still puts the blocks back")
+    assert references(model) == 0
+    switch = tiny_switch()
+    before = [type(m) for m in switch.modules()]
+    with hf_reference(switch):
+        assert [type(m) for m in switch.modules()] == before  # other models run as loaded
+
+
 def test_router_logits_cast_copy_follows_weight_updates() -> None:
     from torch import nn
 

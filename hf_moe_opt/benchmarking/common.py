@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import sys
@@ -121,3 +122,65 @@ def plot_by_shape(result: dict, path: Path, series: list[tuple[str, str]], title
     fig.suptitle(f"{title}, {result['environment']['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_models_by_batch(
+    result: dict,
+    path: Path,
+    variants: tuple[str, ...],
+    ylabel: str,
+    floor_label: str,
+    suptitle: str,
+    title: Callable[[dict], str] = lambda rec: rec["model"],
+) -> None:
+    """One log-log panel of ``<variant>_ms`` vs batch per ``result["models"]`` record, the floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = result["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, rec in zip(axes[0], models, strict=True):
+        rows = rec["batches"]
+        batches = [r["batch"] for r in rows]
+        for v in variants:
+            ys = [r[f"{v}_ms"] for r in rows]
+            if all(y is not None for y in ys):
+                ax.plot(batches, ys, marker="o", label=v)
+        ax.plot(batches, [r["floor_ms"] for r in rows], ls="--", color="k", label=floor_label)
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel=ylabel, title=title(rec))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{suptitle}, {result['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def bench_device(cpu_smoke: bool) -> tuple[torch.device, dict] | None:
+    """``(device, ceilings measured there)``: the CPU with small probes for a smoke run, else CUDA; None
+    (with an error printed) when CUDA is wanted but missing. Prints the environment and ceilings."""
+    if cpu_smoke:
+        device = torch.device("cpu")
+        ceilings = measure_ceilings(device, copy_numel=1 << 22, matmul_size=128)
+    elif not torch.cuda.is_available():
+        print("error: this benchmark needs a CUDA device (or --cpu-smoke)", file=sys.stderr)
+        return None
+    else:
+        device = torch.device("cuda")
+        ceilings = measure_ceilings(device)
+    env = environment()
+    print(f"{env['device']}: torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}")
+    print_ceilings(ceilings)
+    return device, ceilings
+
+
+def each_model(names: list[str], run: Callable[[str], dict], device: torch.device) -> list[dict]:
+    """``run(name)`` for every model, freeing each model's memory before the next one is built."""
+    records = []
+    for name in names:
+        records.append(run(name))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records

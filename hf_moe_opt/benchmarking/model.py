@@ -35,7 +35,7 @@ import torch
 
 from .. import api as hf_moe_opt
 from .. import encoder_graphs
-from ..baselines import remove_nllb_eager_reference, use_nllb_eager_reference
+from ..baselines import hf_reference
 from ..dense import fuse_dense, unfuse_dense
 from ..step_graphs import EagerCapture, runner_of
 from ..timing import median_ms
@@ -359,14 +359,10 @@ def run_model(
     def decode_all() -> dict[int, float]:
         return {b: decode_ms_per_token(model, b, device, ids=prompts[b], **timing) for b in decode_batches}
 
-    is_nllb = name.startswith("nllb")
-    if is_nllb:
-        use_nllb_eager_reference(model)
-    truth = float32_encoder(model, enc_ids[batches[0]], device)
-    hf_enc = {b: encoder_ms(model, enc_ids[b], device) for b in batches}
-    hf_dec = decode_all()
-    if is_nllb:
-        remove_nllb_eager_reference(model)
+    with hf_reference(model):
+        truth = float32_encoder(model, enc_ids[batches[0]], device)
+        hf_enc = {b: encoder_ms(model, enc_ids[b], device) for b in batches}
+        hf_dec = decode_all()
     rec["memory_before_optimize_gib"] = _memory_gib(device)
     hf_moe_opt.optimize(model)
     rec["memory_after_optimize_gib"] = _memory_gib(device)
