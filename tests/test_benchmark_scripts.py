@@ -36,9 +36,19 @@ def test_bench_model_cpu_smoke(tmp_path) -> None:
     result = json.loads(out.read_text())
     assert result["ceilings"]["copy_bytes_per_s"] > 0 and result["ceilings"]["bf16_flops_per_s"] > 0
     assert [m["model"] for m in result["models"]] == ["switch-tiny", "nllb-tiny"]
+    import transformers
+    from packaging.version import Version
+
+    from hf_moe_opt.step_graphs import NLLB_MIN_TRANSFORMERS
+
+    old_nllb = Version(transformers.__version__) < Version(NLLB_MIN_TRANSFORMERS)
     for rec in result["models"]:
-        assert rec["step_graphs_unsupported"] is None and rec["step_graphs_capture"] == "eager_stand_in"
-        assert rec["step_graph_counts"]["replays"] > 0 and rec["step_graph_counts"]["fallbacks"] == 0
+        graphs = not (old_nllb and rec["model"] == "nllb-tiny")  # NLLB-MoE steps need transformers >= 5.24
+        if graphs:
+            assert rec["step_graphs_unsupported"] is None and rec["step_graphs_capture"] == "eager_stand_in"
+            assert rec["step_graph_counts"]["replays"] > 0 and rec["step_graph_counts"]["fallbacks"] == 0
+        else:
+            assert "NLLB-MoE decode steps cannot be captured whole" in rec["step_graphs_unsupported"]
         for row in rec["encoder"]:
             assert {"batch", "hf_tokens_per_s", "opt_tokens_per_s", "speedup"} <= row.keys()  # the earlier schema
             assert row["floor_ms"] > 0 and row["floor_bound"] in ("bandwidth", "matmul")
@@ -51,12 +61,12 @@ def test_bench_model_cpu_smoke(tmp_path) -> None:
                     "speedup_graphs"} <= row.keys()  # fmt: skip
             assert row["floor_ms"] > 0 and row["kv_read_gib"] > 0 and row["expert_read_gib"] > 0
             assert 1 <= row["experts_per_moe_layer"] <= row["batch"] * 2  # at most batch * k (k <= 2)
-            for variant in ("hf", "opt", "opt_graphs", "opt_step_graphs"):
+            for variant in ("hf", "opt", "opt_graphs", "opt_step_graphs")[: 4 if graphs else 3]:
                 ms = row[f"{variant}_ms_per_token"]
                 # CPU timings are noise: a step lost in host jitter is NaN (never negative), and so its ratio.
                 assert isinstance(ms, float) and not ms < 0
                 assert row[f"{variant}_x_floor"] == pytest.approx(ms / row["floor_ms"], nan_ok=True)
-            assert row["step_tokens_equal_opt"] is True
+            assert row["step_tokens_equal_opt"] is (True if graphs else None)
     assert out.with_suffix(".png").exists()
 
 

@@ -167,6 +167,8 @@ def test_eval_lm_shipped_switch_unchanged(tmp_path):
 
 
 def test_eval_lm_capacity_none_changes_only_dropped(tmp_path):
+    from hf_moe_opt.evaluation.common import transformers_switch_applies_capacity
+
     model = _tiny_switch(tmp_path / "switch", expert_capacity=2)
     data = _lines_file(tmp_path)
     common = ["eval-lm", "--model", str(model), "--data", str(data), "--generate-samples", "2"]
@@ -174,6 +176,12 @@ def test_eval_lm_capacity_none_changes_only_dropped(tmp_path):
     drops = report["dropped_by_original"]
     assert drops["dropped"] > 0 and 0 < drops["share"] < 1
     cmp = report["comparisons"]["optimized_vs_original"]
+    if not transformers_switch_applies_capacity():
+        # transformers 5.0-5.17 never drop: capacity="none" is their forward, and the report says why.
+        assert any("never applies expert capacity" in n for n in report["notes"])
+        assert cmp["max_abs_token_nll_diff"] == 0.0 and report["unchanged"]["unchanged"] is True
+        return
+    assert not any("never applies expert capacity" in n for n in report["notes"])
     assert cmp["sequences_with_dropped_tokens"] > 0
     assert cmp["sequences_changed_without_any_drop"] == 0
     assert report["unchanged"]["changes_only_where_original_drops"] is True
@@ -182,6 +190,21 @@ def test_eval_lm_capacity_none_changes_only_dropped(tmp_path):
     same = _run([*common, "--capacity", "model"], tmp_path, "model")
     assert same["unchanged"]["unchanged"] is True
     assert same["dropped_by_original"]["dropped"] == drops["dropped"]
+
+
+def test_switch_capacity_probe_matches_the_known_versions():
+    import transformers
+    from packaging.version import Version
+
+    from hf_moe_opt.evaluation.common import transformers_switch_applies_capacity
+
+    version = Version(transformers.__version__)
+    if Version("5.0") <= version <= Version("5.17.99"):
+        assert transformers_switch_applies_capacity() is False  # the router's cumsum over a size-1 dim
+    elif version >= Version("5.23") or version < Version("5.0"):
+        assert transformers_switch_applies_capacity() is True
+    else:
+        pytest.skip(f"transformers {version}: between the versions checked")
 
 
 def test_eval_mt_nllb_against_correct_reference(tmp_path):

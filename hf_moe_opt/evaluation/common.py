@@ -462,6 +462,30 @@ def transformers_nllb_block_is_correct() -> bool:
         torch.random.set_rng_state(state)
 
 
+def transformers_switch_applies_capacity() -> bool:
+    """Whether the installed transformers' ``SwitchTransformersSparseMLP`` drops tokens over capacity.
+
+    Checked on a small block in eval mode: three tokens all routed to expert 0 of capacity 1 must leave
+    two with a zero MLP output. transformers 5.0-5.17 fail this (their router's cumsum runs over a
+    size-1 dimension, so capacity never applies); 4.57 and >= 5.23 pass.
+    """
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        config = SwitchTransformersConfig(d_model=4, d_ff=8, num_experts=2, expert_capacity=1)
+        block = SwitchTransformersSparseMLP(config).eval()
+        with torch.no_grad():
+            block.router.classifier.weight.copy_(torch.tensor([[1.0] * 4, [-1.0] * 4]))  # expert 0 always wins
+            out = block(torch.rand(1, 3, 4) + 0.5)
+        out = out[0] if isinstance(out, tuple) else out
+        return bool(out[0, 0].abs().sum() > 0 and out[0, 1:].abs().sum() == 0)
+    finally:
+        torch.random.set_rng_state(state)
+
+
 # ----------------------------------------------------------------------------- dropped tokens
 SPARSE_BLOCKS = {"SwitchTransformersSparseMLP": "switch", "NllbMoeSparseMLP": "nllb", "NllbMoeEagerReference": "nllb"}
 

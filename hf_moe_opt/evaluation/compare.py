@@ -17,7 +17,16 @@ from tqdm.auto import tqdm
 
 from ..api import optimize, restore
 from ..baselines import remove_nllb_eager_reference, use_nllb_eager_reference
-from .common import PPL_RTOL, DropCounter, PeakMemory, Stopwatch, pad, transformers_nllb_block_is_correct, weight_bytes
+from .common import (
+    PPL_RTOL,
+    DropCounter,
+    PeakMemory,
+    Stopwatch,
+    pad,
+    transformers_nllb_block_is_correct,
+    transformers_switch_applies_capacity,
+    weight_bytes,
+)
 
 # Per-token NLL change that counts a target token as "changed" (absolute, nats), by dtype.
 TOKEN_ATOL = {torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
@@ -27,6 +36,14 @@ HF_NLLB_NOTE = (
     "one-hot top-1 mask, so only expert_0 and expert_1 ever run; checked numerically at start-up). The "
     "'original' column is that installed forward; 'reference' is the correct eager block "
     "(hf_moe_opt.baselines.use_nllb_eager_reference). 'Unchanged' is judged against the reference."
+)
+
+HF_SWITCH_NOTE = (
+    "transformers {version}'s own Switch Transformers block never applies expert capacity (5.0-5.17: the "
+    "router's cumsum runs over a size-1 dimension; checked numerically at start-up), so the 'original' "
+    "column drops no token. capacity='model' applies the capacity rule of transformers 4.57 and >= 5.23 "
+    "(docs/semantics.md): against this version's forward, outputs differ where that rule drops tokens "
+    "(counted as 'dropped by the original's capacity rule'). --capacity none matches this forward."
 )
 
 
@@ -40,6 +57,10 @@ def has_nllb(model: nn.Module) -> bool:
     return any(type(m).__name__ == "NllbMoeSparseMLP" for m in model.modules())
 
 
+def has_switch(model: nn.Module) -> bool:
+    return any(type(m).__name__ == "SwitchTransformersSparseMLP" for m in model.modules())
+
+
 def plan_phases(model: nn.Module) -> tuple[list[Phase], str, list[str]]:
     """``(phases, baseline phase name, notes)`` for ``model``."""
     import transformers
@@ -49,6 +70,8 @@ def plan_phases(model: nn.Module) -> tuple[list[Phase], str, list[str]]:
     if has_nllb(model) and not transformers_nllb_block_is_correct():
         phases.append(Phase("reference", "correct eager NLLB-MoE block (hf_moe_opt.baselines)"))
         notes.append(HF_NLLB_NOTE.format(version=transformers.__version__))
+    if has_switch(model) and not transformers_switch_applies_capacity():
+        notes.append(HF_SWITCH_NOTE.format(version=transformers.__version__))
     phases.append(Phase("optimized", "hf_moe_opt.optimize"))
     return phases, phases[-2].name, notes
 
