@@ -321,7 +321,8 @@ class _Slot:
         encoder token counts and the dtype's minimum where it is padding -- the values transformers'
         eager mask builder makes from the ``[B, S]`` padding mask. Some transformers versions (5.17)
         make it through a host-to-device copy, which a graph cannot capture; a 4-D mask is used as
-        given. The padding mask is the same tensor at every step of a call: built once per call."""
+        given. The padding mask is the same tensor at every step of a call: built once per call (the
+        runner forgets it when a call starts)."""
         if padding.dim() != 2:
             return padding
         if self._cross_masks is None or self._cross_masks[0] is not padding:
@@ -390,6 +391,7 @@ class StepGraphs:
         slot = self._slot(*plan[:5])
         slot.cache.reset()
         slot.prefilled = False
+        slot._cross_masks = None  # built again from this call's padding mask (it may be edited in place)
         kwargs = dict(kwargs)
         # The cache is passed in (a configured cache_implementation would conflict), and transformers would
         # torch.compile the step of a static-cache generate.

@@ -249,6 +249,10 @@ def test_cross_attention_mask_is_built_outside_the_graph(dtype):
     want = torch.where(padding.bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
     assert torch.equal(additive, want)
     assert slot.cross_mask(additive, model) is additive  # a 4-D mask is used as given
+    kw["attention_mask"][1, -5:] = 0  # the same tensor, edited in place between calls
+    with torch.no_grad():
+        assert torch.equal(model.generate(**kw), plain.generate(**kw))
+    assert torch.equal(slot._cross_masks[1][1, 0, 0, -5:], torch.full((5,), torch.finfo(dtype).min, dtype=dtype))
 
 
 def test_every_step_runs_once():
