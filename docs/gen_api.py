@@ -46,8 +46,11 @@ EXTRA_MODULES = {
     "hf_moe_opt.baselines": [
         "use_nllb_eager_reference",
         "remove_nllb_eager_reference",
+        "use_switch_eager_reference",
+        "remove_switch_eager_reference",
         "hf_reference",
         "NllbMoeEagerReference",
+        "SwitchEagerReference",
     ],
     "hf_moe_opt.integrations": ["continuous_batching_config", "continuous_batching_available", "uncapturable_layers"],
 }

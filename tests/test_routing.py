@@ -154,6 +154,40 @@ def test_eager_nllb_baseline_is_correct_and_matches_optimized(routing):
     assert remove_nllb_eager_reference(base) == 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_switch_reference_applies_capacity_per_sequence(dtype):
+    """The Switch reference block equals the optimized layer with capacity="model" (the rule of
+    docs/semantics.md) on every transformers version, and the HF block where that applies capacity."""
+    import copy
+
+    import hf_moe_opt
+    from hf_moe_opt.baselines import SwitchEagerReference, remove_switch_eager_reference, use_switch_eager_reference
+    from hf_moe_opt.evaluation.common import transformers_switch_applies_capacity
+
+    model = tiny_switch(num_experts=4, expert_capacity=3).to(dtype)
+    ids = torch.randint(3, 60, (3, 12))
+    ref = copy.deepcopy(model)
+    assert use_switch_eager_reference(ref) == sum(isinstance(m, SwitchEagerReference) for m in ref.modules()) > 0
+    optimized = copy.deepcopy(model)
+    hf_moe_opt.optimize(optimized, capacity="model", backend="torch")
+    with torch.no_grad():
+        x = torch.randn(3, 12, model.config.d_model, dtype=dtype)
+        block = next(m for m in ref.modules() if isinstance(m, SwitchEagerReference))
+        dropped = (block(x) == 0).all(-1).sum().item()
+        want = optimized(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+        got = ref(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+        hf = model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+    assert dropped > 0  # capacity 3 of 12 tokens over 4 experts binds
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(got, want, **tol)
+    if transformers_switch_applies_capacity():
+        assert torch.equal(got, hf)
+    else:
+        assert not torch.allclose(got, hf, **tol)  # the installed block drops nothing
+    assert remove_switch_eager_reference(ref) > 0
+    assert not any(isinstance(m, SwitchEagerReference) for m in ref.modules())
+
+
 def test_hf_reference_swaps_nllb_blocks_for_the_block_only():
     from hf_moe_opt.baselines import NllbMoeEagerReference, hf_reference
 

@@ -487,7 +487,12 @@ def transformers_switch_applies_capacity() -> bool:
 
 
 # ----------------------------------------------------------------------------- dropped tokens
-SPARSE_BLOCKS = {"SwitchTransformersSparseMLP": "switch", "NllbMoeSparseMLP": "nllb", "NllbMoeEagerReference": "nllb"}
+SPARSE_BLOCKS = {
+    "SwitchTransformersSparseMLP": "switch",
+    "SwitchEagerReference": "switch",
+    "NllbMoeSparseMLP": "nllb",
+    "NllbMoeEagerReference": "nllb",
+}
 
 
 def _keep(routing) -> torch.Tensor:

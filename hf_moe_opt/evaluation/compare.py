@@ -1,7 +1,7 @@
 """Running one model as original / reference / optimized, and comparing the runs.
 
-One copy of the model is held: the phases swap modules in place (``use_nllb_eager_reference`` then
-``remove_nllb_eager_reference``; ``optimize`` then ``restore``), so a large model is never duplicated.
+One copy of the model is held: the phases swap modules in place (``use_*_eager_reference`` then
+``remove_*_eager_reference``; ``optimize`` then ``restore``), so a large model is never duplicated.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import optimize, restore
-from ..baselines import remove_nllb_eager_reference, use_nllb_eager_reference
+from ..baselines import (
+    remove_nllb_eager_reference,
+    remove_switch_eager_reference,
+    use_nllb_eager_reference,
+    use_switch_eager_reference,
+)
 from .common import (
     PPL_RTOL,
     DropCounter,
@@ -41,9 +46,9 @@ HF_NLLB_NOTE = (
 HF_SWITCH_NOTE = (
     "transformers {version}'s own Switch Transformers block never applies expert capacity (5.0-5.17: the "
     "router's cumsum runs over a size-1 dimension; checked numerically at start-up), so the 'original' "
-    "column drops no token. capacity='model' applies the capacity rule of transformers 4.57 and >= 5.23 "
-    "(docs/semantics.md): against this version's forward, outputs differ where that rule drops tokens "
-    "(counted as 'dropped by the original's capacity rule'). --capacity none matches this forward."
+    "column drops no token. 'reference' is the block with capacity counted per sequence, as in "
+    "transformers 4.57 and >= 5.23 (hf_moe_opt.baselines.use_switch_eager_reference; docs/semantics.md). "
+    "'Unchanged' is judged against the reference."
 )
 
 
@@ -71,14 +76,16 @@ def plan_phases(model: nn.Module) -> tuple[list[Phase], str, list[str]]:
         phases.append(Phase("reference", "correct eager NLLB-MoE block (hf_moe_opt.baselines)"))
         notes.append(HF_NLLB_NOTE.format(version=transformers.__version__))
     if has_switch(model) and not transformers_switch_applies_capacity():
+        phases.append(Phase("reference", "Switch block with capacity per sequence (hf_moe_opt.baselines)"))
         notes.append(HF_SWITCH_NOTE.format(version=transformers.__version__))
     phases.append(Phase("optimized", "hf_moe_opt.optimize"))
     return phases, phases[-2].name, notes
 
 
 def enter_phase(model: nn.Module, phase: Phase, capacity: str, backend: str) -> None:
-    if phase.name == "reference":
+    if phase.name == "reference":  # a model has NLLB-MoE or Switch blocks, never both
         use_nllb_eager_reference(model)
+        use_switch_eager_reference(model)
     elif phase.name == "optimized":
         optimize(model, capacity=capacity, backend=backend)
 
@@ -86,6 +93,7 @@ def enter_phase(model: nn.Module, phase: Phase, capacity: str, backend: str) -> 
 def leave_phase(model: nn.Module, phase: Phase) -> None:
     if phase.name == "reference":
         remove_nllb_eager_reference(model)
+        remove_switch_eager_reference(model)
     elif phase.name == "optimized":
         restore(model)
 
