@@ -43,7 +43,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -584,30 +584,37 @@ def _static_layers(cache) -> list:
 
 
 @contextmanager
-def _in_place_reorder(cache) -> Iterator[None]:
+def _overriding(objects: list, name: str, make: Callable[[Any], Callable]) -> Iterator[None]:
+    """``obj.<name>`` replaced by ``make(obj)`` on each object's instance, for the duration of the block."""
+    for obj in objects:
+        obj.__dict__[name] = make(obj)
+    try:
+        yield
+    finally:
+        for obj in objects:
+            obj.__dict__.pop(name, None)
+
+
+def _in_place_reorder_of(layer) -> Callable[[torch.Tensor], None]:
+    def reorder(beam_idx: torch.Tensor) -> None:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
+            return  # not filled yet (lazily initialised layers): nothing to reorder
+        index = beam_idx.to(keys.device)
+        keys.copy_(keys.index_select(0, index))
+        values.copy_(values.index_select(0, index))
+
+    return reorder
+
+
+def _in_place_reorder(cache) -> AbstractContextManager[None]:
     """Beam search's cache reordering, done in place for the duration of a ``generate`` call.
 
     transformers reorders a cache layer by rebinding its ``keys`` and ``values`` to new tensors
     (``index_select``); a captured step would go on reading and writing the old ones. Here the
     reordered rows are copied back into the same tensors, so the graphs see them.
     """
-    layers = _static_layers(cache)
-    for layer in layers:
-
-        def reorder(beam_idx: torch.Tensor, _layer=layer) -> None:
-            keys, values = getattr(_layer, "keys", None), getattr(_layer, "values", None)
-            if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
-                return  # not filled yet (lazily initialised layers): nothing to reorder
-            index = beam_idx.to(keys.device)
-            keys.copy_(keys.index_select(0, index))
-            values.copy_(values.index_select(0, index))
-
-        layer.reorder_cache = reorder
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("reorder_cache", None)
+    return _overriding(_static_layers(cache), "reorder_cache", _in_place_reorder_of)
 
 
 _POSITIONS = "NllbMoeSinusoidalPositionalEmbedding"
@@ -618,8 +625,21 @@ def _indexed_module(name: str, module: nn.Module) -> bool:
     return isinstance(module, OptimizedMoE) or type(module).__name__ == _POSITIONS
 
 
-@contextmanager
-def _capturable_positions(model: nn.Module, length: int, modules: list[nn.Module] | None = None) -> Iterator[None]:
+def _capturable_position_forward(module: nn.Module) -> Callable:
+    def forward(input_ids=None, inputs_embeds=None, cache_length=0):
+        if not (torch.is_tensor(cache_length) and input_ids is not None):
+            return type(module).forward(module, input_ids, inputs_embeds, cache_length)
+        batch, seq_len = input_ids.shape
+        positions = module.create_position_ids_from_input_ids(input_ids, module.padding_idx, cache_length)
+        table = module.weights
+        return table.index_select(0, positions.view(-1)).view(batch, seq_len, table.shape[-1]).detach()
+
+    return forward
+
+
+def _capturable_positions(
+    model: nn.Module, length: int, modules: list[nn.Module] | None = None
+) -> AbstractContextManager[None]:
     """NLLB-MoE's sinusoidal position embedding, made capturable for the duration of a generate call.
 
     Its forward compares ``cache_length + seq_len`` with its table size in Python to grow the table;
@@ -633,21 +653,7 @@ def _capturable_positions(model: nn.Module, length: int, modules: list[nn.Module
         needed = module.padding_idx + 1 + length
         if module.weights.size(0) < needed:
             module.make_weights(needed + module.offset, module.embedding_dim, module.padding_idx)
-
-        def forward(input_ids=None, inputs_embeds=None, cache_length=0, _module=module):
-            if not (torch.is_tensor(cache_length) and input_ids is not None):
-                return type(_module).forward(_module, input_ids, inputs_embeds, cache_length)
-            batch, seq_len = input_ids.shape
-            positions = _module.create_position_ids_from_input_ids(input_ids, _module.padding_idx, cache_length)
-            table = _module.weights
-            return table.index_select(0, positions.view(-1)).view(batch, seq_len, table.shape[-1]).detach()
-
-        module.forward = forward
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.__dict__.pop("forward", None)
+    return _overriding(modules, "forward", _capturable_position_forward)
 
 
 def attach(model: nn.Module, capture: Capture | None = None) -> StepGraphs:
