@@ -330,17 +330,24 @@ def test_profile_cache_step_smoke(capsys) -> None:
 
 @pytest.mark.parametrize("n, k, block", [(48, 768, (16, 512, 8)), (33, 256, (16, 256, 4)), (1, 100, (64, 128, 4))])
 def test_zero_copy_probe_product_is_right(n, k, block):
-    """The probe's one-token product over a matrix given by its address, on odd shapes (CPU: interpreted)."""
+    """The probe's one-token product over a matrix given by its address, on odd shapes: interpreted on a
+    CPU; on a GPU from device memory and from pinned host memory (the probe's point)."""
     pytest.importorskip("triton")
     import torch
 
     from hf_moe_opt.kernels import kernels_interpreted
 
-    if not kernels_interpreted():
-        pytest.skip("the CPU check runs under TRITON_INTERPRET=1")
+    if kernels_interpreted():
+        places = [("cpu", lambda t: t)]
+    elif torch.cuda.is_available():
+        places = [("cuda", lambda t: t.cuda()), ("cuda", lambda t: t.pin_memory())]
+    else:
+        pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device")
     probe = _load("probe_zero_copy")
     g = torch.Generator().manual_seed(n)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     x = torch.randn(k, generator=g).to(torch.bfloat16)
-    y = probe.gemv(w.data_ptr(), x, n, k, block)
-    torch.testing.assert_close(y, w.float() @ x.float(), rtol=1e-4, atol=1e-3)
+    for device, place in places:
+        placed = place(w)  # kept alive while the kernel reads it by address
+        y = probe.gemv(placed.data_ptr(), x.to(device), n, k, block)
+        torch.testing.assert_close(y.cpu(), w.float() @ x.float(), rtol=1e-4, atol=1e-3)
