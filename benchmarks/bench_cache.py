@@ -67,7 +67,7 @@ import hf_moe_opt
 from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, save_result
 from hf_moe_opt.benchmarking.model import random_model, real_config
 from hf_moe_opt.cache import POLICY_NAMES, BeladyPolicy, hit_rate_curve, synthetic_trace
-from hf_moe_opt.cache.store import expert_nbytes
+from hf_moe_opt.cache.store import copy_pairs, expert_nbytes
 from hf_moe_opt.layer import OptimizedMoE
 
 FRACTIONS = (1.0, 0.5, 0.25)
@@ -155,8 +155,7 @@ def expert_copy_bandwidth(model: nn.Module, repeats: int = 20) -> float | None:
         for _ in range(repeats + 2):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
+            copy_pairs(pairs, non_blocking=True)
             end.record(stream)
             end.synchronize()
             times.append(start.elapsed_time(end))

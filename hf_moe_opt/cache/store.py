@@ -103,6 +103,14 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+@torch.no_grad()
+def copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool = False) -> None:
+    """``dst.copy_(src)`` for every ``(dst, src)`` in one call: the copies are issued back to back from
+    C++, with no Python between them while the copy stream may already be idle and waiting."""
+    if pairs:
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs], non_blocking=non_blocking)
+
+
 def expert_nbytes(weights: ExpertWeights) -> int:
     """Bytes of one expert's weights (all stacks: ``w1``, ``w2`` and the biases)."""
     return sum(s.tensor[0].numel() * s.tensor.element_size() for s in weights.stacks())
@@ -406,9 +414,7 @@ class CachedExpertStore(ExpertStore):
             ]
         if self.device.type != "cuda":
             t0 = time.perf_counter()
-            with torch.no_grad():
-                for dst, src in pairs:
-                    dst.copy_(src)
+            copy_pairs(pairs)
             ms = (time.perf_counter() - t0) * 1e3
             self._copy_ms += ms
             self._stall_ms += ms  # nothing runs beside a CPU copy
@@ -420,10 +426,9 @@ class CachedExpertStore(ExpertStore):
         else:
             stream.wait_event(after)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream), torch.no_grad():
+        with torch.cuda.stream(stream):
             start.record(stream)
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
+            copy_pairs(pairs, non_blocking=True)
             end.record(stream)
         self._pending.append(("copy", start, end))
         return end
