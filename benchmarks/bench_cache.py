@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cache.py --out benchmarks/results/cache_h200.json
     python benchmarks/bench_cache.py --parts model --out benchmarks/results/cache_model_h200.json
-    python benchmarks/bench_cache.py --smoke --out /tmp/cache.json      # tiny shapes on the CPU
+    python benchmarks/bench_cache.py --smoke --out /tmp/cache.json      # tiny shapes (CPU or GPU)
 
 Measures, in one run:
 
@@ -672,14 +672,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes and configs on the CPU (checks the script)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and configs (checks the script; on a GPU if any)")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.warmup, args.new_tokens, args.prompt_tokens, args.repeats = 6, 2, 4, 6, 1
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # toy shapes: more threads only wait on each other on a busy CPU
         try:
-            run(args, torch.device("cpu"))
+            # On a GPU machine the cache must serve a GPU (it refuses dense weights left on the CPU there).
+            on_gpu = torch.cuda.is_available()
+            run(args, torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
         finally:
             torch.set_num_threads(threads)
         return 0

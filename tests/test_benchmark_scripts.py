@@ -1,4 +1,4 @@
-"""Benchmark scripts that have a CPU smoke mode run end to end and report consistent numbers."""
+"""Benchmark scripts that have a smoke mode (tiny shapes, CPU or GPU) run end to end and report consistent numbers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,7 +123,8 @@ def test_bench_cache_smoke(tmp_path) -> None:
     out = tmp_path / "cache.json"
     assert _load("bench_cache").main(["--smoke", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["smoke"] is True and result["bandwidth"]["pinned_h2d_bytes_per_s"] is None
+    on_gpu = torch.cuda.is_available()  # the smoke runs on the GPU where there is one
+    assert result["smoke"] is True and (result["bandwidth"]["pinned_h2d_bytes_per_s"] is None) == (not on_gpu)
     assert {"environment", "bandwidth", "decode", "hit_rates", "model_decode"} <= result.keys()
 
     # The MoE-only stack (the earlier schema, labelled as the worst case).
@@ -134,11 +136,11 @@ def test_bench_cache_smoke(tmp_path) -> None:
         assert row["ms_per_token"] > 0 and row["setup"] == "moe_stack_only"
         if row["fraction_resident"] < 1.0:
             assert 0.0 <= row["hit_rate"] <= 1.0 and row["bytes_copied"] >= 0
-            assert row["x_resident"] > 0 and "x_copy_floor" not in row  # no pinned bandwidth on CPU
+            assert row["x_resident"] > 0 and ("x_copy_floor" in row) == on_gpu  # no pinned bandwidth on CPU
             # Belady on the same routing: never fewer hits, never more bytes than the policy's.
             assert row["hit_rate"] <= row["belady_hit_rate"] + 1e-12
             assert row["belady_bytes_per_token"] <= row["bytes_copied_per_token"]
-            assert "belady_floor_ms_per_token" not in row
+            assert ("belady_floor_ms_per_token" in row) == on_gpu
     assert {r["policy"] for r in result["decode"]} == {None, "lifo", "adaptive"}
     # A run of the stack part alone plots without the other parts' panels.
     pytest.importorskip("matplotlib")
@@ -176,11 +178,11 @@ def test_bench_cache_smoke(tmp_path) -> None:
         base = resident[(row["model"], row["batch"])]
         assert row["ms_per_new_token"] > 0 and row["new_tokens"] == 4
         assert row["ratio_to_resident"] == pytest.approx(row["ms_per_new_token"] / base["ms_per_new_token"])
-        assert row["tokens_equal_resident"] is True  # torch backend on the CPU: the cache changes nothing
+        assert row["tokens_equal_resident"] is True  # the cache changes nothing
         if row["fraction_resident"] < 1.0:
             assert 0.0 <= row["hit_rate"] <= 1.0 and 0.0 <= row["decoder_hit_rate"] <= 1.0
             assert row["bytes_copied"] >= 0 and row["slot_bytes"] > 0
-            assert row["copy_vs_pinned_bandwidth"] is None  # no pinned bandwidth without CUDA
+            assert (row["copy_vs_pinned_bandwidth"] is None) == (not on_gpu)  # no pinned bandwidth without CUDA
     # 25% of 8 experts is 2 slots: some step needs more than that, so something is copied.
     assert any(r["bytes_copied"] > 0 for r in rows if r["fraction_resident"] == 0.25)
     assert out.with_suffix(".png").exists()
@@ -351,3 +353,15 @@ def test_zero_copy_probe_product_is_right(n, k, block):
         placed = place(w)  # kept alive while the kernel reads it by address
         y = probe.gemv(placed.data_ptr(), x.to(device), n, k, block)
         torch.testing.assert_close(y.cpu(), w.float() @ x.float(), rtol=1e-4, atol=1e-3)
+
+
+def test_backend_agreement_probe_smoke(tmp_path) -> None:
+    out = tmp_path / "agree.json"
+    assert _load("probe_backend_agreement").main(["--smoke", "--out", str(out)]) == 0
+    pairs = json.loads(out.read_text())["pairs"]
+    on_gpu = torch.cuda.is_available()
+    gpu_pairs = {"torch vs triton", "torch vs float32", "triton vs float32"}
+    assert set(pairs) == (gpu_pairs if on_gpu else {"torch vs float32"})
+    for row in pairs.values():
+        # bf16 against float32 is never equal, and no difference exceeds the largest one.
+        assert 0.0 < row["mean_abs"] <= row["max_abs"] and 0.0 <= row["tokens_moved_over_1pct"] <= 1.0
