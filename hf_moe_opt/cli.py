@@ -19,7 +19,9 @@ def _demo(args: argparse.Namespace) -> int:
         raise ValueError("--device cuda requested but no CUDA device is available")
     if not 0 < args.cache_fraction <= 1:
         raise ValueError("--cache-fraction must be in (0, 1]")
-    result = run_demo(args.device, DTYPES[args.dtype], args.backend, args.cache_fraction)
+    if args.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
+    result = run_demo(args.device, DTYPES[args.dtype], args.backend, args.cache_fraction, args.repeats)
     print(format_table(result))
     if args.plot:
         plot(result, args.plot)
@@ -136,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     demo.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     demo.add_argument("--cache-fraction", type=float, default=0.5, help="experts per layer kept on the device")
+    demo.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median), after one warm-up")
     demo.add_argument("--plot", default="hf_moe_opt_demo.png", help="where to save the plot ('' for none)")
     demo.add_argument("--json", help="also write the table as JSON to this path")
     demo.set_defaults(func=_demo)

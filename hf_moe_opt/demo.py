@@ -117,7 +117,7 @@ def _load_fractions(trace_model, batches) -> list[list[float]]:
     return loads
 
 
-def _switch_rows(device, dtype, backend, cache_fraction, result: DemoResult) -> None:
+def _switch_rows(device, dtype, backend, cache_fraction, repeats: int, result: DemoResult) -> None:
     from .evaluation.compare import teacher_forced
     from .evaluation.lm import seq2seq_batches, span_corruption_pairs
 
@@ -135,7 +135,7 @@ def _switch_rows(device, dtype, backend, cache_fraction, result: DemoResult) -> 
     def measure(variant: str, baseline_tokens=None, balance=None):
         with torch.no_grad():
             res = teacher_forced(model, batches, device, variant, progress=False)
-            ms = _median_ms(lambda: teacher_forced(model, batches, device, variant, progress=False))
+            ms = _median_ms(lambda: teacher_forced(model, batches, device, variant, progress=False), repeats)
             tokens = model.generate(**prompts, max_new_tokens=12, do_sample=False)
         same = "baseline" if baseline_tokens is None else ("yes" if torch.equal(tokens, baseline_tokens) else "no")
         result.rows.append(
@@ -169,7 +169,7 @@ def _bleu(hyps: list[str], refs: list[str]) -> float | None:
     return float(sacrebleu.corpus_bleu(hyps, [refs]).score)
 
 
-def _nllb_rows(device, dtype, backend, cache_fraction, result: DemoResult) -> None:
+def _nllb_rows(device, dtype, backend, cache_fraction, repeats: int, result: DemoResult) -> None:
     from .evaluation.common import transformers_nllb_block_is_correct
 
     name = "nllb-moe-tiny-ddtp (en->de)"
@@ -185,7 +185,7 @@ def _nllb_rows(device, dtype, backend, cache_fraction, result: DemoResult) -> No
     def measure(variant: str, baseline_tokens=None, balance=None, note=""):
         with torch.no_grad():
             tokens = model.generate(**batch, max_new_tokens=64, do_sample=False)
-            ms = _median_ms(lambda: model.generate(**batch, max_new_tokens=64, do_sample=False))
+            ms = _median_ms(lambda: model.generate(**batch, max_new_tokens=64, do_sample=False), repeats)
         hyps = tok.batch_decode(tokens, skip_special_tokens=True)
         same = "baseline" if baseline_tokens is None else ("yes" if torch.equal(tokens, baseline_tokens) else "no")
         result.rows.append(
@@ -226,15 +226,24 @@ def _nllb_rows(device, dtype, backend, cache_fraction, result: DemoResult) -> No
 
 
 def run_demo(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto", cache_fraction: float = 0.5
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    cache_fraction: float = 0.5,
+    repeats: int = 3,
 ) -> DemoResult:
-    """Run the demo on ``device``; returns the table rows, expert loads and notes."""
+    """Run the demo on ``device``; returns the table rows, expert loads and notes.
+
+    Each time is the median of ``repeats`` timed runs after one warm-up run.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     dev = torch.device(device)
     result = DemoResult()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        _switch_rows(dev, dtype, backend, cache_fraction, result)
-        _nllb_rows(dev, dtype, backend, cache_fraction, result)
+        _switch_rows(dev, dtype, backend, cache_fraction, repeats, result)
+        _nllb_rows(dev, dtype, backend, cache_fraction, repeats, result)
     if any("pinned" in str(w.message) for w in caught):
         result.notes.append("no pinned host memory here (CPU only): the cache copies from pageable memory")
     if dev.type != "cuda" or torch.cuda.device_count() < 2:
