@@ -14,6 +14,8 @@ nllb-moe-54b and 1, 2 and 4 experts per step, each timed from an idle device (sy
 * ``contiguous``: the same bytes as one copy per expert (a layout where an expert is one block);
 * ``loop_busy``: ``loop`` while a kernel on the compute stream streams device memory (as the hits
   of a step compute beside its misses' copies): does device-memory traffic slow the copy engine?
+* ``loop_wait``: ``loop`` after the copy stream was made to wait for the (idle) compute stream, as
+  the cache did before every load: does a satisfied cross-stream dependency delay the copy?
 
 For each: the copy stream's own time (CUDA events around the copies) and the host's issue-to-done
 time (``perf_counter`` from before the first copy call to the end event's completion). Bytes per
@@ -101,13 +103,14 @@ def probe_shape(name: str, experts: int, device: torch.device, repeats: int, rat
         big.mul_(1.0)
 
     rows = []
-    for method, issue, load in (
-        ("loop", loop, None),
-        ("foreach", foreach, None),
-        ("contiguous", contiguous, None),
-        ("loop_busy", loop, busy),
+    for method, issue, load, wait in (
+        ("loop", loop, None, False),
+        ("foreach", foreach, None, False),
+        ("contiguous", contiguous, None, False),
+        ("loop_busy", loop, busy, False),
+        ("loop_wait", loop, None, True),
     ):
-        ev, wall = time_loads(issue, stream, load, repeats)
+        ev, wall = time_loads(issue, stream, load, repeats, wait)
         rows.append(
             {
                 "shape": name,
