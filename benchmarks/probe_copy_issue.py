@@ -15,7 +15,7 @@ nllb-moe-54b and 1, 2 and 4 experts per step, each timed from an idle device (sy
 * ``loop_busy``: ``loop`` while a kernel on the compute stream streams device memory (as the hits
   of a step compute beside its misses' copies): does device-memory traffic slow the copy engine?
 * ``loop_wait``: ``loop`` after the copy stream was made to wait for the (idle) compute stream, as
-  the cache did before every load: does a satisfied cross-stream dependency delay the copy?
+  the cache does before every load: does a satisfied cross-stream dependency delay the copy?
 
 For each: the copy stream's own time (CUDA events around the copies) and the host's issue-to-done
 time (``perf_counter`` from before the first copy call to the end event's completion). Bytes per
@@ -55,8 +55,9 @@ def pinned_rate(device: torch.device, nbytes: int = 1 << 30) -> float:
     return nbytes / statistics.median(times[1:])
 
 
-def time_loads(issue, stream: torch.cuda.Stream, busy, repeats: int) -> tuple[float, float]:
-    """Median (event seconds, host issue-to-done seconds) of ``issue()`` on ``stream`` from an idle device."""
+def time_loads(issue, stream: torch.cuda.Stream, busy, repeats: int, wait: bool = False) -> tuple[float, float]:
+    """Median (event seconds, host issue-to-done seconds) of ``issue()`` on ``stream`` from an idle device
+    (``wait``: the copy stream first waits for the compute stream, as the cache's loads do)."""
     events, walls = [], []
     for _ in range(repeats + 3):
         torch.cuda.synchronize()
@@ -64,6 +65,8 @@ def time_loads(issue, stream: torch.cuda.Stream, busy, repeats: int) -> tuple[fl
             busy()  # queued on the compute stream; runs while the copies do
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
+        if wait:
+            stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             start.record(stream)
             issue()

@@ -252,9 +252,6 @@ class CachedExpertStore(ExpertStore):
             torch.empty((self.num_slots, *h.shape[1:]), dtype=h.dtype, device=self.device) for h in self._host_tensors()
         ]
         self._views = None  # _slot_tensors(), built once per allocation
-        # The event after the latest compute that read the slots (None: nothing recorded since this
-        # allocation, whose memory the compute stream may still have been using before).
-        self._slots_read: torch.cuda.Event | None = None
         self._expert_nbytes = expert_nbytes(self.weights)  # the dtype may have changed (refresh)
         self._reset_table()
         self.policy.reset()
@@ -424,15 +421,10 @@ class CachedExpertStore(ExpertStore):
             return None
         stream = _copy_stream(self.device)
         # The victims' slots may still be read by compute queued before this point.
-        if after is not None:
-            stream.wait_event(after)
-        elif self._slots_read is None:
+        if after is None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
-        elif not self._slots_read.query():
-            stream.wait_event(self._slots_read)
-        # else: every read of the slots has finished (the common decode step: the host has just read
-        # the router's choices), and a copy that waits on nothing starts sooner than one that waits
-        # on a finished cross-stream dependency.
+        else:
+            stream.wait_event(after)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
             start.record(stream)
@@ -694,14 +686,9 @@ class CachedExpertStore(ExpertStore):
         """The experts of ``slots`` (``[N, k]`` slot ids, ``S`` where ``keep`` is False) over the slot tensors."""
         w1, b1, w2, b2 = weights
         if direct is not None:
-            out = direct(x, slots, gates, keep, w1, b1, w2, b2, activation, out_scale)
-        else:
-            plan = make_plan(slots, gates, keep, self.num_slots)
-            out = ffn_for(x.device, plan.num_rows)(x, plan, w1, b1, w2, b2, activation, out_scale)
-        if self.device.type == "cuda":  # every read of the slots goes through here: mark its end
-            self._slots_read = torch.cuda.Event()
-            self._slots_read.record(torch.cuda.current_stream(self.device))
-        return out
+            return direct(x, slots, gates, keep, w1, b1, w2, b2, activation, out_scale)
+        plan = make_plan(slots, gates, keep, self.num_slots)
+        return ffn_for(x.device, plan.num_rows)(x, plan, w1, b1, w2, b2, activation, out_scale)
 
     def _resolve_if_many(self) -> None:
         if len(self._pending) > _MAX_PENDING_EVENTS:
