@@ -150,7 +150,9 @@ def optimize(
             (or stay in) host memory. For models larger than the GPU, load with
             ``device_map=hf_moe_opt.cache.offload_device_map(model)`` (accelerate's offload hooks on
             the experts are taken over, no second copy) or load on the CPU and call
-            ``hf_moe_opt.cache.move_dense(model, "cuda")`` first. See ``hf_moe_opt.stats(model)``.
+            ``hf_moe_opt.cache.move_dense(model, "cuda")`` first (a layer left computing on the CPU
+            while CUDA is available gets a cache that serves the CPU, with a ``RuntimeWarning``).
+            See ``hf_moe_opt.stats(model)``.
         cache_policy: the eviction policy, one of ``hf_moe_opt.cache.POLICY_NAMES``: ``"adaptive"``
             (the default: LFU that forgets when the routing popularity changes), ``"lifo"`` (the
             paper's), ``"fifo"``, ``"lru"``, ``"lfu"``, ``"lfru"``.

@@ -246,6 +246,8 @@ def run_demo(
         _nllb_rows(dev, dtype, backend, cache_fraction, repeats, result)
     if any("pinned" in str(w.message) for w in caught):
         result.notes.append("no pinned host memory here (CPU only): the cache copies from pageable memory")
+    if any("CUDA is available" in str(w.message) for w in caught):
+        result.notes.append("the expert cache served the CPU although a GPU is present: --device cuda serves the GPU")
     if dev.type != "cuda" or torch.cuda.device_count() < 2:
         result.notes.append("'2 devices' ran as two copies of one device here: it shows placement, not its speed")
     return result

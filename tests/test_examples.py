@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import subprocess
@@ -105,7 +106,10 @@ def test_api_reference_is_current():
     gen_api = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen_api)
     current = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
-    assert gen_api.render() == current, "docs/api.md is out of date: run `python docs/gen_api.py`"
+    rendered = gen_api.render()
+    if rendered != current:
+        diff = difflib.unified_diff(current.splitlines(), rendered.splitlines(), "docs/api.md", "rendered", lineterm="")
+        pytest.fail("docs/api.md is out of date: run `python docs/gen_api.py`\n" + "\n".join(list(diff)[:80]))
 
 
 @pytest.mark.parametrize("model, beams", [("switch", "1"), ("nllb", "2")])

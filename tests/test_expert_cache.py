@@ -378,12 +378,28 @@ def test_prefetch_generate_identical_tokens():
     assert sum(v["prefetched"] for v in hf_moe_opt.stats(cached).values()) > 0
 
 
-def test_router_on_cpu_while_cuda_present_is_explained(monkeypatch):
-    model = tiny_switch(num_experts=4)
+def test_router_on_cpu_while_cuda_present_warns_and_serves_the_cpu(monkeypatch):
+    """A model run on the CPU on a GPU machine (the demo's default) still gets a working cache, with
+    one warning that says how to serve the GPU instead; no warning where there is no GPU."""
+    base = tiny_switch(num_experts=4, sparse_step=1)
+    resident, cached, quiet = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    hf_moe_opt.optimize(resident, capacity="none")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(ValueError, match="dense weights.*on the CPU while CUDA is available.*move_dense"):
-        hf_moe_opt.optimize(model, expert_cache=2)
-    assert not hf_moe_opt.is_optimized(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf_moe_opt.optimize(cached, expert_cache=2, capacity="none")
+    ours = [w for w in caught if "CUDA is available" in str(w.message)]
+    assert len(ours) == 1 and "compute on the CPU" in str(ours[0].message) and "move_dense" in str(ours[0].message)
+    assert all(st["device"] == "cpu" for st in hf_moe_opt.stats(cached).values())
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    kw = {"max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        assert torch.equal(resident.generate(ids, **kw), cached.generate(ids, **kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf_moe_opt.optimize(quiet, expert_cache=2)
+    assert not [w for w in caught if "CUDA is available" in str(w.message)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="pinned memory exists on CUDA machines")

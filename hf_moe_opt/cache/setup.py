@@ -54,16 +54,24 @@ def _compute_device(name: str, block: nn.Module) -> torch.device:
         )
     if len(devices) > 1:
         raise ValueError(f"{name}: the block's dense weights are spread over {sorted(map(str, devices))}")
-    device = devices.pop()
-    if device.type == "cpu" and torch.cuda.is_available():
-        raise ValueError(
-            f"{name}: the model's dense weights (router) are on the CPU while CUDA is available. The expert cache "
-            "serves experts from host memory to a GPU and computes where the router is; a cache on the CPU would "
-            "only copy between host buffers. Put the dense parts on the GPU first: load with "
-            "device_map=hf_moe_opt.cache.offload_device_map(model) (experts on 'cpu', the rest on the GPU), or call "
-            "hf_moe_opt.cache.move_dense(model, 'cuda') on a CPU-loaded model, or model.to('cuda') if it fits"
+    return devices.pop()
+
+
+def _warn_if_cpu_beside_gpu(devices: Mapping[str, torch.device]) -> None:
+    """A cache that serves the CPU on a machine with a GPU is legal (a model run on the CPU on
+    purpose) but most often a model whose dense parts were left on the CPU by mistake: say so once."""
+    on_cpu = [n for n, d in devices.items() if d.type == "cpu"]
+    if on_cpu and torch.cuda.is_available():
+        warnings.warn(
+            f"hf_moe_opt expert cache: {len(on_cpu)} MoE layer(s) (first: {on_cpu[0]}) compute on the CPU, where "
+            "their dense weights (router) are, although CUDA is available. The cache then serves the CPU: its "
+            "copies go between host buffers and save no memory anywhere. To serve a GPU, put the dense parts "
+            "there first: load with device_map=hf_moe_opt.cache.offload_device_map(model) (experts on 'cpu', "
+            "the rest on the GPU), or call hf_moe_opt.cache.move_dense(model, 'cuda') on a CPU-loaded model, "
+            "or model.to('cuda') if it fits",
+            RuntimeWarning,
+            stacklevel=4,
         )
-    return device
 
 
 def _normalise_pinned(pinned_experts: Any, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -158,6 +166,7 @@ def plan_expert_cache(
         except ValueError as err:
             raise ValueError(f"{g.name}: {err}") from None
     devices = {n: _compute_device(n, b) for n, b in blocks}
+    _warn_if_cpu_beside_gpu(devices)
     for n, b in blocks:
         take_over_offloaded_experts(n, b)
     return ExpertCachePlan(policy, dict(zip(names, slots, strict=True)), pinned, devices, options or None, prefetch)
