@@ -14,11 +14,13 @@ such as ``:func:`x``` into code spans).
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib
 import inspect
 import re
 import sys
+import types
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "api.md"
@@ -230,7 +232,30 @@ def _members(cls) -> list[tuple[str, object]]:
     return out
 
 
+def _alias_docstring(name: str, obj) -> str | None:
+    """The string literal right after ``name = ...`` in the module that defines the alias ``obj``
+    (attribute docstrings exist only in the source)."""
+    for module in list(sys.modules.values()):
+        if not getattr(module, "__name__", "").startswith("hf_moe_opt") or getattr(module, name, None) is not obj:
+            continue
+        try:
+            tree = ast.parse(inspect.getsource(module))
+        except (OSError, TypeError):
+            continue
+        body = tree.body
+        for stmt, following in zip(body, body[1:], strict=False):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else []
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+                    return following.value.value if isinstance(following.value.value, str) else None
+    return None
+
+
 def render_object(qualname: str, obj, seen: dict[int, str]) -> list[str]:
+    if isinstance(obj, types.GenericAlias):  # a type alias such as ``tuple[int, float]``
+        name = qualname.rsplit(".", 1)[-1]
+        out = [f"### `{qualname}`", "", "```python", f"{name} = {obj!r}", "```", ""]
+        return out + render_docstring(_alias_docstring(name, obj)) + [""]
     if id(obj) in seen and (inspect.isclass(obj) or callable(obj)):
         return [f"### `{qualname}`", "", f"The same object as `{seen[id(obj)]}` (documented above).", ""]
     if inspect.isclass(obj) or callable(obj):
