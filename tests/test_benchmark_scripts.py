@@ -366,3 +366,18 @@ def test_backend_agreement_probe_smoke(tmp_path) -> None:
     for row in pairs.values():
         # bf16 against float32 is never equal, and no difference exceeds the largest one.
         assert 0.0 < row["mean_abs"] <= row["max_abs"] and 0.0 <= row["tokens_moved_over_1pct"] <= 1.0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="with 2+ GPUs the script would run the measurements")
+def test_multi_gpu_script_refuses_fewer_than_two_gpus(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "multi_gpu.sh"), "ep", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "needs at least 2 CUDA GPUs" in proc.stderr
+    assert not list(tmp_path.glob("*.json"))
