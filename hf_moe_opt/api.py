@@ -235,34 +235,37 @@ def optimize(
             _check_block_weights(name, block)
         else:
             placer.check_block(name, block)
-    for name, parent, child_name, block, patch in blocks:
+    from .patches.base import undo_router_swap
+
+    try:
+        for name, parent, child_name, block, patch in blocks:
+            if placer is not None:
+                placer.before_build(name, block)
+            try:
+                layer = patch.build(block, _config_for(model, name), capacity=capacity, backend=backend)
+            except BaseException:
+                undo_router_swap(block)  # the build may have swapped the router's class before failing
+                raise
+            layer._hf_moe_opt_patch = patch
+            if True in graph_modes:
+                layer.graphs = GraphCache()
+            if placer is not None:
+                placer.after_build(name, layer)
+            setattr(parent, child_name, layer)
         if placer is not None:
-            placer.before_build(name, block)
-        layer = patch.build(block, _config_for(model, name), capacity=capacity, backend=backend)
-        layer._hf_moe_opt_patch = patch
-        if True in graph_modes:
-            layer.graphs = GraphCache()
-        if placer is not None:
-            placer.after_build(name, layer)
-        setattr(parent, child_name, layer)
-    if placer is not None:
-        try:
             placer.finish()
-        except Exception:
-            restore(model)
-            raise
-    if cache_plan is not None:
-        cache_plan.attach([(b[0], getattr(b[1], b[2])) for b in blocks])
-    if fuse_dense:
-        dense.fuse_dense(model)
-    if "step" in graph_modes:
-        step_graphs.attach(model)
-    if "encoder" in graph_modes:
-        try:
+        if cache_plan is not None:
+            cache_plan.attach([(b[0], getattr(b[1], b[2])) for b in blocks])
+        if fuse_dense:
+            dense.fuse_dense(model)
+        if "step" in graph_modes:
+            step_graphs.attach(model)
+        if "encoder" in graph_modes:
             encoder_graphs.attach(model)
-        except ValueError:
-            restore(model)
-            raise
+    except BaseException:
+        # All or nothing: a model left half optimized (or with swapped routers) would be unusable.
+        _restore(model, rolling_back=True)
+        raise
     logger.info(f"hf_moe_opt: optimized {len(blocks)} MoE blocks (capacity={capacity}, backend={backend})")
     return model
 
@@ -274,19 +277,28 @@ def optimized_layers(model: nn.Module) -> list[tuple[str, OptimizedMoE]]:
 
 def is_optimized(model: nn.Module) -> bool:
     """Whether ``model`` holds optimized MoE layers."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"is_optimized expects a torch.nn.Module, got {type(model).__name__}")
     return any(isinstance(m, OptimizedMoE) for m in model.modules())
 
 
 def restore(model: nn.Module) -> nn.Module:
     """Put the original HF blocks back (same weights); returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"restore expects a torch.nn.Module, got {type(model).__name__}")
+    return _restore(model)
+
+
+def _restore(model: nn.Module, rolling_back: bool = False) -> nn.Module:
+    """:func:`restore`; ``rolling_back``: undo a failed :func:`optimize` (whatever it had built)."""
     targets = []
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, OptimizedMoE):
                 targets.append((parent, child_name, child))
-    if not targets:
+    if not targets and not rolling_back:
         raise ValueError("this model is not optimized (no hf_moe_opt layers found)")
-    if any(getattr(layer, "_hf_moe_opt_expert_parallel", False) for _, _, layer in targets):
+    if not rolling_back and any(getattr(layer, "_hf_moe_opt_expert_parallel", False) for _, _, layer in targets):
         raise ValueError("an expert-parallel model holds only this rank's experts and cannot be restored; reload it")
     step_graphs.detach(model)
     encoder_graphs.detach(model)

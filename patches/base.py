@@ -37,13 +37,19 @@ class MoEPatch(ABC):
 
     def restore(self, layer: OptimizedMoE) -> nn.Module:
         """Undo :meth:`build`; returns the original block."""
-        router = layer.router
-        original_class = getattr(router, "_hf_moe_opt_original_class", None)
-        if original_class is not None:
-            router.__class__ = original_class
-            for name in [n for n in vars(router) if n.startswith("_hf_moe_opt_")]:
-                delattr(router, name)
+        undo_router_swap(layer.router)
         return layer.original_block
+
+
+def undo_router_swap(module: nn.Module) -> None:
+    """Give every submodule of ``module`` whose class :func:`swap_router_class` swapped its own class
+    back (and drop the options stored on it); a no-op where nothing was swapped."""
+    for sub in module.modules():
+        original_class = getattr(sub, "_hf_moe_opt_original_class", None)
+        if original_class is not None:
+            sub.__class__ = original_class
+            for name in [n for n in vars(sub) if n.startswith("_hf_moe_opt_")]:
+                delattr(sub, name)
 
 
 def swap_router_class(router: nn.Module, optimized_class: type[nn.Module], **options) -> None:
