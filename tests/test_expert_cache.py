@@ -195,6 +195,19 @@ def test_byte_budget_by_demand(family):
     assert all(torch.equal(a, b) for a, b in zip(family["outs"], _run(model, family["batches"]), strict=True))
 
 
+def test_byte_budget_by_demand_from_a_profiled_trace(family):
+    """The documented recipe: ``CacheBudget(budget, demand=hf_moe_opt.profile(model, batches))``."""
+    model = copy.deepcopy(family["base"])
+    batches = [{"input_ids": i, "decoder_input_ids": d} for i, d in family["batches"][:1]]
+    trace = hf_moe_opt.profile(family["resident"], batches, progress=False)
+    layer = hf_moe_opt.optimized_layers(family["resident"])[0][1]
+    expert_bytes = sum(p.numel() * p.element_size() for p in layer.experts["expert_0"].parameters())
+    _quiet_optimize(model, expert_cache=CacheBudget(expert_bytes * 12, demand=trace))
+    slots = [st["num_slots"] for st in hf_moe_opt.stats(model).values()]
+    assert sum(slots) == 12 and min(slots) >= 1
+    assert all(torch.equal(a, b) for a, b in zip(family["outs"], _run(model, family["batches"]), strict=True))
+
+
 def test_parse_bytes():
     assert parse_bytes("24GiB") == 24 * 2**30
     assert parse_bytes("500MB") == 500 * 10**6

@@ -152,7 +152,9 @@ def layer_demand(demand: Any, layers: Sequence[LayerGeometry]) -> list[float]:
     if demand is None:
         return [float(g.num_experts) for g in layers]
     if hasattr(demand, "layers") and hasattr(demand, "counts"):
-        records = {name: demand.counts(name) for name in demand.layers()}
+        # hf_moe_opt.profile's RoutingTrace has a ``layers`` property; other traces a method.
+        names = demand.layers() if callable(demand.layers) else demand.layers
+        records = {name: demand.counts(name) for name in names}
     elif isinstance(demand, Mapping):
         records = dict(demand)
     else:
