@@ -12,11 +12,26 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _check_device(name: str) -> None:
+    """A device that exists here (cpu, cuda, cuda:N), checked before any work; one-line errors otherwise."""
+    from .evaluation.common import parse_device
+
+    parse_device(name)
+
+
+def _check_writable(path: str, suffixes: tuple[str, ...]) -> None:
+    """Fail before the work, not after it, on an output path that cannot be written."""
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise ValueError(f"--out {path}: use a {' or '.join(suffixes)} file")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {path}: the folder {str(out.parent)!r} does not exist")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import as_dict, format_table, plot, run_demo
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available")
+    _check_device(args.device)
     if not 0 < args.cache_fraction <= 1:
         raise ValueError("--cache-fraction must be in (0, 1]")
     if args.repeats < 1:
@@ -36,12 +51,16 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
-    if not torch.cuda.is_available() and not {"--cpu-smoke", "-h", "--help"} & set(args.rest):
+    smoke = args.which == "model" and "--cpu-smoke" in args.rest  # the one benchmark with a CPU mode
+    if not torch.cuda.is_available() and not smoke and not {"-h", "--help"} & set(args.rest):
         raise ValueError(
             "benchmarks need a CUDA device (none is available here; `bench model --cpu-smoke` runs on a CPU)"
         )
     module = importlib.import_module(f".benchmarking.{args.which}", __package__)
-    return module.main(args.rest)
+    try:
+        return module.main(args.rest)
+    except SystemExit as e:  # the benchmark's own argument errors: its parser printed them already
+        return e.code if isinstance(e.code, int) else 2
 
 
 def _load_model(name: str, device: str, dtype: str):
@@ -63,6 +82,8 @@ def _profile(args: argparse.Namespace) -> int:
 
     if args.batches <= 0 or args.batch_size <= 0:
         raise ValueError("--batches and --batch-size must be positive")
+    _check_device(args.device)
+    _check_writable(args.out, (".json", ".npz"))
     source, model = _load_model(args.model, args.device, args.dtype)
     tok = AutoTokenizer.from_pretrained(source)
     texts = read_data(DataSpec(path=Path(args.data), limit=args.batches * args.batch_size), pairs=False)
@@ -81,17 +102,21 @@ def _profile(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from .placement import RoutingTrace, plan_placement
 
+    _check_writable(args.out, (".json",))
     trace = RoutingTrace.load(args.trace)
     fit, held_out = trace.split(0.5)
+    spare = {"replicate": args.spare_slots}
+    # The chosen strategy first: if it cannot place this trace, that is the error to report.
+    chosen = plan_placement(trace, args.devices, strategy=args.strategy, spare_slots=spare.get(args.strategy, 0))
     print(f"{'strategy':<16} {'avg max/mean':>12} {'worst':>8}   (held-out half of {args.trace})")
-    chosen = None
     for strategy in ("round_robin", "greedy", "anticorrelation", "replicate"):
-        spare = args.spare_slots if strategy == "replicate" else 0
-        plan = plan_placement(fit, args.devices, strategy=strategy, spare_slots=spare)
+        try:
+            plan = plan_placement(fit, args.devices, strategy=strategy, spare_slots=spare.get(strategy, 0))
+        except ValueError as err:  # another strategy's constraint (e.g. equal expert counts): say why, go on
+            print(f"{strategy:<16} {'n/a':>12} {'':>8}   ({err})")
+            continue
         overall = plan.evaluate(held_out)["overall"]
         print(f"{strategy:<16} {overall['avg_max_over_mean']:>12.3f} {overall['worst_max_over_mean']:>8.3f}")
-        if strategy == args.strategy:
-            chosen = plan_placement(trace, args.devices, strategy=strategy, spare_slots=spare)
     chosen.save(args.out)
     print(f"wrote the {args.strategy} plan for {args.devices} devices (fitted on the whole trace) to {args.out}")
     return 0

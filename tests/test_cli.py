@@ -43,6 +43,14 @@ def test_profile_then_plan(tmp_path, capsys):
     plan = json.loads(plan_path.read_text())
     assert plan["num_devices"] == 2 and plan["strategy"] == "greedy"
     assert "round_robin" in capsys.readouterr().out
+    # 3 devices: greedy needs equal expert counts per device and cannot place 8 experts; round-robin
+    # can, and the comparison says why greedy is missing instead of failing the command.
+    rr_path = tmp_path / "rr.json"
+    assert main(["plan", str(trace), "--devices", "3", "--strategy", "round_robin", "--out", str(rr_path)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(rr_path.read_text())["strategy"] == "round_robin"
+    assert any(line.startswith("greedy") and "n/a" in line for line in out.splitlines())
+    assert main(["plan", str(trace), "--devices", "3", "--strategy", "greedy", "--out", str(rr_path)]) == 2
 
 
 @pytest.mark.parametrize(
@@ -51,6 +59,8 @@ def test_profile_then_plan(tmp_path, capsys):
         ["plan", "/nonexistent/trace.json"],
         ["demo", "--cache-fraction", "0"],
         ["demo", "--repeats", "0"],
+        ["demo", "--device", "bogus"],
+        ["profile", "--data", "README.md", "--out", "trace.bogus"],
         ["profile", "--data", "/nonexistent.txt"],
         ["demo", "--dtype", "int8"],
     ],

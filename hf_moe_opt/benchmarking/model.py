@@ -501,6 +501,9 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny configs on the CPU (checks the benchmark runs)")
     p.add_argument("--out", default="benchmarks/results/model.json")
     args = p.parse_args(argv)
+    sizes = [*(args.batches or []), *(args.decode_batches or []), *([args.seq] if args.seq is not None else [])]
+    if any(n < 1 for n in sizes):
+        p.error("--batches, --decode-batches and --seq must be positive")
     if args.cpu_smoke:
         device = torch.device("cpu")
         defaults = {"models": SMOKE_MODELS, "batches": [2], "decode_batches": [2], "seq": 16}
