@@ -186,6 +186,8 @@ def optimize(
     if not blocks:
         supported = ", ".join(f"{cls} ({mt})" for mt, cls in supported_architectures().items())
         raise ValueError(f"{type(model).__name__} has no supported sparse MoE block. Supported: {supported}")
+    if not isinstance(fuse_dense, bool):
+        raise TypeError(f"fuse_dense must be True or False, got {fuse_dense!r}")
     if fuse_dense and getattr(getattr(model, "config", None), "model_type", None) not in DENSE_MODEL_TYPES:
         raise ValueError(
             "fuse_dense=True applies to Switch Transformers and NLLB-MoE; load other models with "

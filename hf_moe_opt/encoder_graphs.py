@@ -46,6 +46,7 @@ class EncoderGraphs:
         self.capture: Capture = capture if capture is not None else CudaGraphCapture()
         self.graphs: OrderedDict[tuple, _StepGraph] = OrderedDict()
         self.uncapturable: set[tuple] = set()
+        self.warned_off_cuda = False
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
         self.eager_reasons: dict[str, int] = {}
         # Names of the forward's parameters after self (transformers' wrappers hide them from __code__).
@@ -73,7 +74,17 @@ class EncoderGraphs:
             return self._eager("autograd is on (call under torch.no_grad())", kwargs)
         if self.encoder.training:
             return self._eager("training mode", kwargs)
-        if not self.capture.supports(device) or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if not self.capture.supports(device):
+            if not self.warned_off_cuda:  # once: the first call tells, the counts keep the rest
+                self.warned_off_cuda = True
+                warnings.warn(
+                    f'cuda_graphs="encoder": the encoder runs on {device.type}; CUDA graphs need a CUDA device, so '
+                    "it runs without them",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return self._eager("no CUDA graphs here", kwargs)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return self._eager("no CUDA graphs here", kwargs)
         leaves, spec = pytree.tree_flatten(kwargs, is_leaf=_is_opaque)
         key = (spec, tuple(_describe(leaf) for leaf in leaves))

@@ -8,6 +8,7 @@ router itself stays eager, so hooks on it (transformers' router-logit recorders)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -51,12 +52,21 @@ class GraphCache:
         self.max_rows = max_rows
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, GraphedCompute] = {}
+        self.warned_off_cuda = False
 
     def clear(self) -> None:
         self.graphs.clear()
 
     def run(self, fn: Callable, x, expert_index, gates, keep) -> torch.Tensor:
         rows = expert_index.numel()
+        if not x.is_cuda and not self.warned_off_cuda:
+            self.warned_off_cuda = True
+            warnings.warn(
+                f"cuda_graphs=True: this layer runs on {x.device.type}; CUDA graphs need a CUDA device, so it runs "
+                "without them",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if not x.is_cuda or rows > self.max_rows or torch.cuda.is_current_stream_capturing():
             return fn(x, expert_index, gates, keep)
         key = (x.device, x.shape, x.dtype, expert_index.shape, gates.dtype, keep is None)

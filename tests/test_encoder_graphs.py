@@ -276,3 +276,22 @@ def test_bench_generate_cpu_smoke(tmp_path, beams):
     # The eager stand-ins replay the fused model's arithmetic: its tokens, bit for bit.
     assert row["step_tokens_equal_fused"] is True and row["encoder_step_tokens_equal_fused"] is True
     assert out.with_suffix(".png").exists()
+
+
+def test_graphs_requested_off_cuda_say_so_once():
+    """cuda_graphs="encoder" and cuda_graphs=True on a CPU model run eagerly and say so, once."""
+    import warnings
+
+    ids = torch.randint(3, 60, (2, 5), generator=torch.Generator().manual_seed(0))
+    for mode, call in (
+        ("encoder", lambda m: m.get_encoder()(input_ids=ids)),
+        (True, lambda m: m(input_ids=ids, decoder_input_ids=ids[:, :2])),
+    ):
+        model = hf_moe_opt.optimize(tiny_switch(), cuda_graphs=mode)
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            call(model)
+            call(model)
+        ours = [w for w in caught if "CUDA graphs need a CUDA device" in str(w.message)]
+        layers = 1 if mode == "encoder" else len(hf_moe_opt.optimized_layers(model))
+        assert len(ours) == layers, (mode, [str(w.message) for w in caught])  # once per runner, not per call

@@ -213,3 +213,21 @@ def test_device_map_loads_with_from_pretrained_and_optimizes(tmp_path):
     batch = _batch(11)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_devices_and_expert_parallel_arguments_are_explained():
+    """A plan's devices= must be a list of real devices; expert_parallel= True/False or a group. Each
+    mistake raises before anything is built, and the model stays as it was."""
+    model = tiny_switch(num_experts=6)
+    plan = _plans(model, 2)["round_robin"]
+    cases = [
+        (dict(placement=plan, devices="cpu"), TypeError, "one device per plan device"),
+        (dict(placement=plan, devices=["cpu", "bogus"]), ValueError, "not a torch device"),
+        (dict(placement=plan, devices=["cuda:0", f"cuda:{torch.cuda.device_count() + 1}"]), ValueError, "visible"),
+        (dict(expert_parallel="yes"), TypeError, "expert_parallel takes"),
+        (dict(fuse_dense="no"), TypeError, "fuse_dense must be True or False"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            hf_moe_opt.optimize(model, **kwargs)
+        assert not hf_moe_opt.is_optimized(model), kwargs

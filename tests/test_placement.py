@@ -326,8 +326,12 @@ def test_planner_errors():
         plan_placement(np.ones((2, 6)), 2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no layers"):
         plan_placement(RoutingTrace(num_experts=4), 2)
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="lacks.*missing"):
         plan_placement(trace, 2, layers=["missing"])
+    with pytest.raises(TypeError, match="list of layer names"):
+        plan_placement(trace, 2, layers=trace.layers[0])
+    with pytest.raises(ValueError, match=">= 0"):
+        plan_placement(trace, 2, "anticorrelation", correlation_weight=-1.0)
 
 
 def test_plan_validation_and_evaluate_errors():

@@ -46,7 +46,18 @@ def _resolve_devices(devices: Sequence[Any] | None, plan: PlacementPlan) -> list
             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA devices are visible; pass "
             "devices=[...] (one torch device per plan device, e.g. ['cuda:0', 'cuda:1'] or ['cpu', 'cpu'])"
         )
-    out = [torch.device(d) if not isinstance(d, int) else torch.device("cuda", d) for d in devices]
+    if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence):
+        raise TypeError(f"devices= takes one device per plan device (e.g. ['cuda:0', 'cuda:1']), got {devices!r}")
+    out = []
+    for d in devices:
+        try:
+            out.append(torch.device("cuda", d) if isinstance(d, int) else torch.device(d))
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(f"devices=: {d!r} is not a torch device ({err})") from None
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [str(d) for d in out if d.type == "cuda" and (d.index or 0) >= visible]
+    if missing:
+        raise ValueError(f"devices= names {missing}, but {visible} CUDA device(s) are visible here")
     if len(out) != plan.num_devices:
         raise ValueError(f"the placement plan has {plan.num_devices} devices; devices= lists {len(out)}")
     return out

@@ -62,6 +62,8 @@ def resolve_group(expert_parallel: Any) -> Any:
     """The process group to use for ``expert_parallel=True`` (the default group) or a given group."""
     if not dist.is_available():
         raise RuntimeError("expert_parallel=True needs torch.distributed, which this torch build lacks")
+    if expert_parallel is not True and not isinstance(expert_parallel, dist.ProcessGroup):
+        raise TypeError(f"expert_parallel takes True, False or a torch.distributed group, got {expert_parallel!r}")
     if not dist.is_initialized():
         raise RuntimeError(
             "expert_parallel=True needs an initialised process group: launch with torchrun (or accelerate "

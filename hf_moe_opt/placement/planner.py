@@ -251,12 +251,19 @@ def plan_placement(
     if correlation_weight is not None and strategy != "anticorrelation":
         raise ValueError(f"correlation_weight only applies to strategy 'anticorrelation', not {strategy!r}")
     weight = DEFAULT_CORRELATION_WEIGHT if correlation_weight is None else float(correlation_weight)
-    if not np.isfinite(weight):
-        raise ValueError(f"correlation_weight must be finite, got {correlation_weight!r}")
+    if not np.isfinite(weight) or weight < 0:
+        raise ValueError(
+            f"correlation_weight must be >= 0 and finite (it keeps correlated experts apart): {correlation_weight!r}"
+        )
 
+    if isinstance(layers, str):
+        raise TypeError(f"layers= takes a list of layer names, got the string {layers!r}")
     names = trace.layers if layers is None else list(layers)
     if not names:
         raise ValueError("the trace holds no layers to plan")
+    unknown = [n for n in names if n not in trace.layers]
+    if unknown:
+        raise ValueError(f"layers= names layers the trace lacks: {unknown[:4]}; it holds {trace.layers[:4]}...")
     num_experts = trace.num_experts
     if num_experts is None:
         raise ValueError("the trace does not know its number of experts")
