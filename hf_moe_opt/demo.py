@@ -245,7 +245,7 @@ def run_demo(
         _switch_rows(dev, dtype, backend, cache_fraction, repeats, result)
         _nllb_rows(dev, dtype, backend, cache_fraction, repeats, result)
     if any("pinned" in str(w.message) for w in caught):
-        result.notes.append("no pinned host memory here (CPU only): the cache copies from pageable memory")
+        result.notes.append("no pinned host memory here: the cache copies from pageable memory")
     if any("CUDA is available" in str(w.message) for w in caught):
         result.notes.append("the expert cache served the CPU although a GPU is present: --device cuda serves the GPU")
     if dev.type != "cuda" or torch.cuda.device_count() < 2:

@@ -415,12 +415,26 @@ def test_router_on_cpu_while_cuda_present_warns_and_serves_the_cpu(monkeypatch):
     assert not [w for w in caught if "CUDA is available" in str(w.message)]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="pinned memory exists on CUDA machines")
-def test_pageable_fallback_warns():
+def test_cpu_cache_does_not_pin_and_a_failed_pin_warns(monkeypatch):
+    """A cache serving the CPU keeps its host copy pageable, silently (page-locking only speeds up
+    copies to a GPU); where pinning for a GPU fails, one warning says the copies will be slower."""
     model = tiny_switch(num_experts=4)
-    with pytest.warns(RuntimeWarning, match="pinned .*unavailable.*pageable"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         hf_moe_opt.optimize(model, expert_cache=2)
+    assert not [w for w in caught if "pinned" in str(w.message)]
     assert not any(st["host_pinned"] for st in hf_moe_opt.stats(model).values())
+
+    import hf_moe_opt.cache.setup as setup
+
+    class Unpinnable(setup.CachedExpertStore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.pin_error = "the driver refused to lock more memory"
+
+    monkeypatch.setattr(setup, "CachedExpertStore", Unpinnable)
+    with pytest.warns(RuntimeWarning, match="pinned .*unavailable.*driver refused.*pageable"):
+        hf_moe_opt.optimize(tiny_switch(num_experts=4), expert_cache=2)
 
 
 def test_stats_on_models_without_cache():

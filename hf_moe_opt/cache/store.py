@@ -166,8 +166,8 @@ class CachedExpertStore(ExpertStore):
         device: the compute device (where the slots live and the layer's input arrives).
         policy: an eviction policy name (:data:`hf_moe_opt.cache.POLICY_NAMES`).
         pinned: experts that are never evicted (they still load on first use).
-        pin_memory: page-lock the host copy (falls back to pageable memory where impossible; see
-            :attr:`pin_error`).
+        pin_memory: page-lock the host copy when serving a GPU (falls back to pageable memory where
+            impossible; see :attr:`pin_error`). A cache that serves the CPU never pins.
         policy_options: extra options for the policy (see :func:`hf_moe_opt.cache.make_policy`).
 
     Raises:
@@ -240,10 +240,12 @@ class CachedExpertStore(ExpertStore):
         return sum(t.numel() * t.element_size() for t in self._slots)
 
     def _home(self) -> None:
+        # Page-locking only helps copies to a GPU: a cache that serves the CPU leaves memory pageable.
+        pin = self.pin_memory and self.device.type == "cuda"
         why = None
         for stack in self.weights.stacks():
-            why = _move_to_host(stack, self.pin_memory) or why
-        self.pin_error = why if self.pin_memory else None
+            why = _move_to_host(stack, pin) or why
+        self.pin_error = why if pin else None
 
     def _alloc_slots(self) -> None:
         # Slots in the host tensors' layout, so a load is one contiguous copy per tensor; the kernels
@@ -570,8 +572,10 @@ class CachedExpertStore(ExpertStore):
     def _follow(self, x: torch.Tensor) -> None:
         """Slots on the input's device, and the host copy of experts moved behind the store's back brought back."""
         if x.device != self.device:
-            # The dense parts were moved after optimizing: follow the input.
+            # The dense parts were moved after optimizing: follow the input (and pin for a GPU).
             self.device = x.device
+            if self.device.type == "cuda" and self.pin_memory and not self.host_pinned:
+                self._home()
             self._alloc_slots()
         key = self._weights_key()
         if key != self._checked_key:
