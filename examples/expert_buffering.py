@@ -67,7 +67,7 @@ PROMPTS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="switch", help="'switch', 'nllb' (shipped models) or a path / hub name")
     parser.add_argument("--device", default="cpu", help="compute device of the dense weights, e.g. cpu, cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

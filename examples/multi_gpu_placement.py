@@ -81,7 +81,7 @@ def span_corruption_batch(tok, rng: random.Random, batch_size: int) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(shipped_model_path("switch-tiny-ddtp")), help="path or hub name")
     parser.add_argument(
         "--devices",

@@ -37,7 +37,7 @@ SENTENCES = [
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(shipped_model_path("nllb-moe-tiny-ddtp")), help="path or hub name")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

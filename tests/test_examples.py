@@ -32,6 +32,21 @@ def _run(script: str, *args: str, timeout: int = 120) -> str:
     return proc.stdout
 
 
+def test_expert_parallel_two_gloo_ranks():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(EXAMPLES / "expert_parallel.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2 and all("identical tokens: True" in line for line in lines), proc.stdout
+    errors = [float(line.split("max |EP - single process| = ")[1].split(";")[0]) for line in lines]
+    assert all(e < 1e-4 for e in errors), errors
+
+
 def test_translation_nllb():
     out = _run("translation_nllb.py", "--num-sentences", "2", "--max-new-tokens", "24", "--threads", "1")
     assert "en:        A small library for reading and writing configuration files." in out
