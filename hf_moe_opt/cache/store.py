@@ -105,8 +105,8 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
 
 @torch.no_grad()
 def copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool = False) -> None:
-    """``dst.copy_(src)`` for every ``(dst, src)`` in one call: the copies are issued back to back from
-    C++, with no Python between them while the copy stream may already be idle and waiting."""
+    """``dst.copy_(src)`` for every ``(dst, src)`` in one call (less host work than a Python loop; the
+    copy rate is the same either way, ``benchmarks/probe_copy_issue.py``)."""
     if pairs:
         torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs], non_blocking=non_blocking)
 
