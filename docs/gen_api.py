@@ -34,6 +34,7 @@ TOP_LEVEL_ORDER = [
     "supported_architectures",
     "stats",
     "reset_stats",
+    "sync_expert_copies",
     "profile",
     "plan_placement",
     "PlacementPlan",

@@ -6,7 +6,16 @@ hf_moe_opt.restore(model)    # the original modules back
 """
 
 from ._source_layout import map_source_patches
-from .api import is_optimized, optimize, optimized_layers, reset_stats, restore, stats, supported_architectures
+from .api import (
+    is_optimized,
+    optimize,
+    optimized_layers,
+    reset_stats,
+    restore,
+    stats,
+    supported_architectures,
+    sync_expert_copies,
+)
 from .integrations import register_experts_implementation
 from .layer import OptimizedMoE
 from .placement import PlacementPlan, RoutingTrace, plan_placement, profile
@@ -30,4 +39,5 @@ __all__ = [
     "restore",
     "stats",
     "supported_architectures",
+    "sync_expert_copies",
 ]

@@ -326,6 +326,25 @@ def stats(model: nn.Module) -> dict[str, dict]:
     return {name: layer.store.stats() for name, layer in layers}
 
 
+def sync_expert_copies(model: nn.Module) -> None:
+    """Take fresh copies of expert weights that were written in place by other means than
+    ``load_state_dict``.
+
+    The expert cache's device slots and a placement's per-device copies (slices of fused expert
+    tensors, replicas) are copies of the expert parameters. ``model.load_state_dict`` refreshes them
+    by itself; after writing expert parameters in place any other way (``p.data.mul_(...)``,
+    ``p.copy_(...)``), call this before the next forward. Models without such copies are unaffected.
+
+    Raises:
+        ValueError: ``model`` is not optimized.
+    """
+    layers = optimized_layers(model)
+    if not layers:
+        raise ValueError("this model is not optimized (no hf_moe_opt layers found)")
+    for _, layer in layers:
+        layer.expert_weights_changed()
+
+
 def reset_stats(model: nn.Module) -> None:
     """Zero the counters of every optimized layer's store (cached experts stay resident)."""
     layers = optimized_layers(model)

@@ -75,6 +75,16 @@ class OptimizedMoE(nn.Module):
         resolve_backend(backend, router_params[0].device if router_params else weights.device)
         self.train(block.training)
         self.graphs = GraphCache() if cuda_graphs else None
+        # Stores that keep copies of expert weights (cache slots, placed copies) take them again.
+        self.register_load_state_dict_post_hook(_weights_loaded)
+
+    def expert_weights_changed(self) -> None:
+        """The expert parameters were written in place: copies of them (expert-cache slots, the
+        per-device copies of a placement) are taken again before the next call. ``load_state_dict``
+        calls this by itself; see :func:`hf_moe_opt.sync_expert_copies` for other in-place edits."""
+        hook = getattr(self.store, "weights_changed", None)
+        if callable(hook):
+            hook()
 
     @property
     def original_block(self) -> nn.Module:
@@ -138,3 +148,8 @@ class OptimizedMoE(nn.Module):
         return self.store.run_routed(
             x, expert_index, gates, keep, self._backend_name(x.device), self._ffn, self.activation, self.out_scale
         )
+
+
+def _weights_loaded(module: OptimizedMoE, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: the loaded values went into the parameters in place."""
+    module.expert_weights_changed()

@@ -208,6 +208,34 @@ def test_byte_budget_by_demand_from_a_profiled_trace(family):
     assert all(torch.equal(a, b) for a, b in zip(family["outs"], _run(model, family["batches"]), strict=True))
 
 
+def test_cache_follows_weight_writes(family):
+    """The slots hold copies: load_state_dict empties the cache, and so does sync_expert_copies after
+    an in-place write; the next steps serve the new weights, equal to a resident layer's."""
+    changed = {k: v * 1.5 if ".experts." in k else v for k, v in family["base"].state_dict().items()}
+    resident = copy.deepcopy(family["base"])
+    hf_moe_opt.optimize(resident, capacity="none")
+    resident.load_state_dict(changed)
+    want = _run(resident, family["batches"])
+
+    model = copy.deepcopy(family["base"])
+    _quiet_optimize(model, expert_cache=3)
+    _run(model, family["batches"])  # slots filled with the old weights
+    model.load_state_dict(changed)
+    assert all(torch.equal(a, b) for a, b in zip(want, _run(model, family["batches"]), strict=True))
+
+    model = copy.deepcopy(family["base"])
+    _quiet_optimize(model, expert_cache=3)
+    _run(model, family["batches"])
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if ".experts." in key:
+                p.mul_(1.5)
+    stale = _run(model, family["batches"])
+    assert not all(torch.equal(a, b) for a, b in zip(want, stale, strict=True))  # why the call is needed
+    hf_moe_opt.sync_expert_copies(model)
+    assert all(torch.equal(a, b) for a, b in zip(want, _run(model, family["batches"]), strict=True))
+
+
 def test_parse_bytes():
     assert parse_bytes("24GiB") == 24 * 2**30
     assert parse_bytes("500MB") == 500 * 10**6

@@ -187,3 +187,33 @@ def test_fused_device_map_loads_with_from_pretrained_and_optimizes(tmp_path):
     hf_moe_opt.optimize(loaded, backend="torch", placement=plan, devices=DEVICES)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, want, **FP32)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_placed_copies_follow_weight_writes(family):
+    """Per-device copies of fused experts (and replicas) are taken again after load_state_dict, and
+    after in-place writes once sync_expert_copies is called; without it they would serve old weights."""
+    model = tiny_model(family)
+    ids = _ids(8)
+    changed = {k: v * 1.5 if ".experts." in k or k.endswith("experts") else v for k, v in model.state_dict().items()}
+    reference = hf_moe_opt.optimize(copy.deepcopy(model), backend="torch")
+    reference.load_state_dict(changed)
+    with torch.no_grad():
+        want = reference(ids).logits
+    for name, plan in _plans(model).items():
+        placed = hf_moe_opt.optimize(copy.deepcopy(model), backend="torch", placement=plan, devices=DEVICES)
+        with torch.no_grad():
+            before = placed(ids).logits  # copies in use
+            placed.load_state_dict(changed)
+            got = placed(ids).logits
+        assert not torch.allclose(before, want, atol=1e-3), name  # the change is visible at all
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+        fresh = hf_moe_opt.optimize(copy.deepcopy(model), backend="torch", placement=plan, devices=DEVICES)
+        with torch.no_grad():
+            fresh(ids)
+            for key, p in fresh.named_parameters():
+                if ".experts." in key or key.endswith("experts"):
+                    p.mul_(1.5)
+            hf_moe_opt.sync_expert_copies(fresh)
+            torch.testing.assert_close(fresh(ids).logits, want, rtol=1e-5, atol=1e-5, msg=name)

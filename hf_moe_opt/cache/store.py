@@ -324,6 +324,10 @@ class CachedExpertStore(ExpertStore):
         self.policy.reset()
         self._reset_table()
 
+    def weights_changed(self) -> None:
+        """The host copy was written in place (``load_state_dict``): every slot is stale, start cold."""
+        self.clear()
+
     # ----------------------------------------------------------------- stats
     def reset_stats(self) -> None:
         """Zero the counters; the cache contents stay."""

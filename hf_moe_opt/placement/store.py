@@ -291,6 +291,10 @@ class PlacedExpertStore(ExpertStore):
         if not self._is_current():
             self._place()
 
+    def weights_changed(self) -> None:
+        """The parameters were written in place: take the copies (fused slices, replicas) again."""
+        self._place()
+
     @torch.no_grad()
     def release(self) -> None:
         """``hf_moe_opt.restore``: fused parameters go back to the device they had before placement."""
