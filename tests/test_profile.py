@@ -113,3 +113,45 @@ def test_profile_trace_round_trips(tmp_path, suffix):
     assert loaded == trace
     plan = plan_placement(loaded, 2, "greedy")
     assert plan.layer_names == trace.layers
+
+
+def _padded_pair(seed: int, lengths=(3, 9)):
+    """Two sequences right-padded to one batch, and each alone without padding."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    return (ids, mask), [(s[None], torch.ones(1, len(s), dtype=torch.long)) for s in seqs]
+
+
+def test_padding_is_not_counted():
+    """A padded batch counts what its sequences count alone, in the layers that see the batch's
+    tokens (Switch's encoder, a causal model's layers): routers that route padding like any token
+    must not make a hot expert of the pad id."""
+    from .test_families import tiny_model
+
+    (ids, mask), alone = _padded_pair(0)
+    switch = tiny_switch(num_experts=8, expert_capacity=64)
+    dec = torch.randint(3, VOCAB, (1, 2))
+
+    def s2s(i, m):
+        return {"input_ids": i, "attention_mask": m, "decoder_input_ids": dec.expand(i.shape[0], -1)}
+
+    together = profile(switch, [s2s(ids, mask)], progress=False)
+    apart = [profile(switch, [s2s(i, m)], progress=False) for i, m in alone]
+    encoder = [n for n in together.layers if n.startswith("encoder.")]
+    assert encoder
+    for name in encoder:
+        want = sum(t.counts(name).sum(0) for t in apart)
+        assert (together.counts(name).sum(0) == want).all(), name
+        assert together.counts(name).sum() == mask.sum()  # top-1, nothing dropped: one count per real token
+
+    causal = tiny_model("mixtral")
+    (ids, mask), alone = _padded_pair(1)
+    together = profile(causal, [{"input_ids": ids, "attention_mask": mask}], progress=False)
+    apart = [profile(causal, [{"input_ids": i, "attention_mask": m}], progress=False) for i, m in alone]
+    for name in together.layers:
+        assert (together.counts(name).sum(0) == sum(t.counts(name).sum(0) for t in apart)).all(), name

@@ -2,8 +2,9 @@
 
 ``trace = hf_moe_opt.profile(model, batches)`` returns a :class:`RoutingTrace` with, per optimized
 MoE layer and per input batch, the tokens routed to each expert (kept assignments only: tokens
-dropped by capacity or padding count nowhere) and the co-activation counts of the experts. The
-trace feeds :func:`hf_moe_opt.plan_placement`.
+dropped by capacity count nowhere, nor does padding marked by the batch's ``attention_mask`` /
+``decoder_attention_mask`` in a forward pass over the whole batch) and the co-activation counts of
+the experts. The trace feeds :func:`hf_moe_opt.plan_placement`.
 
 Counting happens on the model's device with scatter-add histograms (no host synchronisation per
 layer call); the counts come to the host once per batch.
@@ -40,10 +41,13 @@ class _LayerCounter:
         self.co: torch.Tensor | None = None
         self.top_k = 0
 
-    def add(self, expert_index: torch.Tensor, keep: torch.Tensor | None) -> None:
+    def add(self, expert_index: torch.Tensor, keep: torch.Tensor | None, tokens: torch.Tensor | None = None) -> None:
+        """Count one layer call; ``tokens``: which of its rows are real tokens (False: padding)."""
         e = self.num_experts
         idx = expert_index.reshape(-1, expert_index.shape[-1]).long()
         keep = torch.ones_like(idx, dtype=torch.bool) if keep is None else keep.reshape(idx.shape).bool()
+        if tokens is not None:
+            keep = keep & tokens.reshape(-1, 1).to(device=keep.device, dtype=torch.bool)
         kept = _member_slots(idx, keep)
         self.top_k = max(self.top_k, idx.shape[1])
         if self.counts is None:
@@ -76,6 +80,14 @@ class _LayerCounter:
         self.counts = None
         self.co = None
         return counts, co
+
+
+def _padding_masks(batch: Any) -> list[torch.Tensor | None]:
+    """``[attention_mask, decoder_attention_mask]`` of a dict batch (None where absent)."""
+    if not isinstance(batch, Mapping):
+        return [None, None]
+    masks = [batch.get("attention_mask"), batch.get("decoder_attention_mask")]
+    return [m if isinstance(m, torch.Tensor) else None for m in masks]
 
 
 def _default_run(model: nn.Module, batch: Any) -> Any:
@@ -124,7 +136,9 @@ def profile(
             (``optimize_kwargs`` passed to :func:`hf_moe_opt.optimize`) and restored afterwards.
         batches: an iterable of model inputs: dicts of keyword arguments (``model(**batch)``),
             tuples (``model(*batch)``) or single tensors. For seq2seq models give decoder inputs
-            (``decoder_input_ids`` or ``labels``).
+            (``decoder_input_ids`` or ``labels``). Padding marked by a dict batch's
+            ``attention_mask`` (and, for decoder layers, ``decoder_attention_mask``) is not counted
+            when the layer sees the whole batch at once (not in ``run=generate`` decode steps).
         progress: show a tqdm progress bar.
         coactivation: also record the co-activation matrix of each layer.
         run: ``run(model, batch)`` instead of the plain forward (e.g. ``m.generate(**b)``); every call
@@ -151,6 +165,11 @@ def profile(
             "optimizes it for the run"
         )
     layers = optimized_layers(model)
+    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    # The current batch's padding masks (encoder / causal tokens, decoder tokens): a layer call whose
+    # rows are exactly one mask's tokens counts only the real ones (routers such as Switch's and
+    # Mixtral's route padding like any token).
+    padding: list[torch.Tensor | None] = [None, None]
     counters: dict[str, _LayerCounter] = {}
     hooks: list[tuple[nn.Module, Callable]] = []
     names = {id(layer): name for name, layer in layers}
@@ -158,7 +177,11 @@ def profile(
         counters[name] = _LayerCounter(layer.num_experts, coactivation)
 
         def observe(layer: nn.Module, routing: Any) -> None:
-            counters[names[id(layer)]].add(routing.expert_index, routing.keep)
+            name = names[id(layer)]
+            rows = routing.expert_index.shape[0]
+            mask = padding[1] if seq2seq and "decoder" in name.split(".") else padding[0]
+            tokens = mask if mask is not None and mask.numel() == rows else None
+            counters[name].add(routing.expert_index, routing.keep, tokens)
 
         layer.observers.append(observe)
         hooks.append((layer, observe))
@@ -189,7 +212,9 @@ def profile(
             for i, batch in enumerate(iterator):
                 if max_batches is not None and i >= max_batches:
                     break
-                runner(model, _to_device(batch, device))
+                batch = _to_device(batch, device)
+                padding[:] = _padding_masks(batch)
+                runner(model, batch)
                 for name, counter in counters.items():
                     counts, co = counter.take()
                     trace.add_batch(name, counts, co)
