@@ -404,3 +404,36 @@ def test_property_trace_round_trip(tmp_path_factory, data, suffix):
     trace.add_batch("second", counts[0], np.outer(counts[0] > 0, counts[0] > 0).astype(np.int64))
     path = tmp_path_factory.mktemp("trace") / f"t{suffix}"
     assert RoutingTrace.load(trace.save(path)) == trace
+
+
+def test_loading_foreign_or_damaged_files_raises_value_error(tmp_path):
+    """A file that is not a trace or plan of ours gives one ValueError naming the file, never an
+    AttributeError/KeyError from inside, and never numpy's advice to unpickle."""
+    from hf_moe_opt.placement import RoutingTrace
+
+    bad = {
+        "list.json": "[1, 2]",
+        "string.json": '"hello"',
+        "nolayers.json": '{"format": "hf_moe_opt.routing_trace", "version": 1}',
+        "badversion.json": '{"format": "hf_moe_opt.routing_trace", "version": "x", "layers": []}',
+        "notjson.json": "{not json",
+    }
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match="routing trace"):
+            RoutingTrace.load(tmp_path / name)
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "objects.npy").rename(tmp_path / "objects.npz")
+    with pytest.raises(ValueError, match="not a routing trace") as info:
+        RoutingTrace.load(tmp_path / "objects.npz")
+    assert "pickle" not in str(info.value)
+    (tmp_path / "zipjunk.npz").write_bytes(b"PK\x03\x04junk")
+    with pytest.raises(ValueError, match="not a routing trace"):
+        RoutingTrace.load(tmp_path / "zipjunk.npz")
+    dup = {"format": "hf_moe_opt.routing_trace", "version": 1, "layers": [{"name": "l", "counts": [[1, 2]]}] * 2}
+    with pytest.raises(ValueError, match="twice"):
+        RoutingTrace.from_dict(dup)
+    for name, text in {"list.json": "[1]", "nolayers.json": '{"format": "hf_moe_opt.placement_plan"}'}.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match="placement plan"):
+            PlacementPlan.load(tmp_path / name)

@@ -227,9 +227,11 @@ class PlacementPlan:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlacementPlan:
         """Inverse of :meth:`to_dict`."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"not a placement plan (a JSON {type(data).__name__}, expected an object)")
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a placement plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
-        if int(data.get("version", -1)) > PLAN_VERSION:
+        if not isinstance(data.get("version", -1), int) or data.get("version", -1) > PLAN_VERSION:
             raise ValueError(f"placement plan version {data.get('version')} is newer than supported ({PLAN_VERSION})")
         layers: dict[str, Any] = {}
         for entry in data["layers"]:
@@ -260,5 +262,12 @@ class PlacementPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> PlacementPlan:
-        """Read a plan written by :meth:`save`."""
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """Read a plan written by :meth:`save`.
+
+        Raises:
+            ValueError: the file is not a placement plan (or is damaged); OSError: it cannot be read.
+        """
+        try:
+            return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{str(path)!r} is not a placement plan written by PlacementPlan.save ({err!r})") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -332,6 +333,8 @@ class RoutingTrace:
         trace = cls(data.get("metadata") or {})
         for entry in data["layers"]:
             name = entry["name"]
+            if name in trace.layers:
+                raise ValueError(f"layer {name!r} appears twice in the trace")
             rows = np.asarray(entry["counts"], dtype=np.int64)
             if rows.ndim != 2:
                 raise ValueError(f"layer {name!r}: counts must be a [num_batches, num_experts] table")
@@ -376,8 +379,23 @@ class RoutingTrace:
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingTrace:
-        """Read a trace written by :meth:`save` (format chosen by suffix; never unpickles)."""
+        """Read a trace written by :meth:`save` (format chosen by suffix; never unpickles).
+
+        Raises:
+            ValueError: the file is not a routing trace (or is damaged); OSError: it cannot be read.
+        """
         path = Path(path)
+        try:
+            return cls._load(path)
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{str(path)!r} is not a routing trace written by RoutingTrace.save ({err!r})") from None
+        except ValueError as err:
+            if "pickle" in str(err):  # numpy's advice to unpickle a foreign file: not ours to follow
+                raise ValueError(f"{str(path)!r} is not a routing trace written by RoutingTrace.save") from None
+            raise
+
+    @classmethod
+    def _load(cls, path: Path) -> RoutingTrace:
         if _format_of(path) == "json":
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         with np.load(path, allow_pickle=False) as npz:
@@ -406,9 +424,11 @@ def _format_of(path: Path) -> str:
 
 
 def _check_header(data: Mapping[str, Any]) -> None:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"not a routing trace (a JSON {type(data).__name__}, expected an object)")
     if data.get("format") != TRACE_FORMAT:
         raise ValueError(f"not a routing trace (format {data.get('format')!r}, expected {TRACE_FORMAT!r})")
-    if int(data.get("version", -1)) > TRACE_VERSION:
+    if not isinstance(data.get("version", -1), int) or data.get("version", -1) > TRACE_VERSION:
         raise ValueError(f"routing trace version {data.get('version')} is newer than supported ({TRACE_VERSION})")
 
 
