@@ -261,6 +261,7 @@ def _error_line(capsys, argv: list[str]) -> str:
         (["eval-lm", "--data", "x.txt", "--dataset", "y"], "either"),
         (["eval-mt", "--num-beams", "0"], "--num-beams"),
         (["eval-mt", "--metrics", "meteor"], "--metrics"),
+        (["eval-lm", "--json", str(Path(__file__).parent)], "is a folder"),
     ],
 )
 def test_bad_arguments_one_line(capsys, argv, needle):
@@ -322,8 +323,22 @@ def test_local_formats_mt(tmp_path):
         assert read_local(DataSpec(path=tmp_path / name), pairs=True) == PAIRS, name
     spec = DataSpec(path=tmp_path / "q.jsonl", source_lang="en", target_lang="de")
     assert read_local(spec, pairs=True) == PAIRS
-    with pytest.raises(EvalError, match="--source-lang"):
+    with pytest.raises(EvalError, match="--translation-keys"):
         read_local(DataSpec(path=tmp_path / "q.jsonl"), pairs=True)
+
+
+def test_language_codes_must_be_the_tokenizers():
+    """'de' is a subword of the NLLB vocabulary, not its German code: refused with the way out."""
+    from transformers import AutoTokenizer
+
+    from hf_moe_opt.assets import shipped_model_path
+    from hf_moe_opt.evaluation.mt import _check_language_code
+
+    tok = AutoTokenizer.from_pretrained(shipped_model_path("nllb-moe-tiny-ddtp"))
+    assert tok.convert_tokens_to_ids("de") != tok.unk_token_id  # why a token lookup alone cannot tell
+    with pytest.raises(EvalError, match="'de' is not a language code.*--translation-keys"):
+        _check_language_code(tok, "de", "--target-lang")
+    _check_language_code(tok, "deu_Latn", "--target-lang")  # a real code passes
 
 
 # ----------------------------------------------------------------------------- pieces

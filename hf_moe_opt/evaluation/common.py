@@ -197,7 +197,7 @@ def _pair_from_record(record: dict, spec: DataSpec, where: str) -> tuple[str, st
         return str(translation[spec.source_lang]), str(translation[spec.target_lang])
     for name in (spec.source_field, spec.target_field):
         if name not in record:
-            hint = " (for a 'translation' field pass --source-lang and --target-lang)" if translation else ""
+            hint = " (for a 'translation' field pass --translation-keys SRC TGT)" if translation else ""
             raise EvalError(f"{where}: no field {name!r}{hint}")
     return str(record[spec.source_field]), str(record[spec.target_field])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 import torch
 
@@ -43,8 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("translation")
     g.add_argument("--source-field", default="source", help="JSON-lines / datasets source field")
     g.add_argument("--target-field", default="target", help="JSON-lines / datasets target field")
-    g.add_argument("--source-lang", help="source language code (NLLB tokenizers; 'translation' records)")
+    g.add_argument("--source-lang", help="source language code of the tokenizer (NLLB: e.g. eng_Latn)")
     g.add_argument("--target-lang", help="target language code: forced BOS token (default: the model's)")
+    g.add_argument(
+        "--translation-keys",
+        nargs=2,
+        metavar=("SRC", "TGT"),
+        help="keys of 'translation' records (e.g. en de; default: --source-lang/--target-lang)",
+    )
     g.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default min(400, 1.6 x padded source length + 10)")
     g.add_argument("--max-source-length", type=int, default=386, help="source tokens incl. language tag and EOS")
@@ -104,8 +111,22 @@ def _token_id(tokenizer, token: str, what: str) -> int:
     return int(tid)
 
 
+def _check_language_code(tokenizer, code: str | None, what: str) -> None:
+    """A multilingual tokenizer's language code is one of its special tokens ('deu_Latn'); a subword
+    that happens to be spelled like an ISO code ('de') would be used silently otherwise."""
+    codes = [t for t in tokenizer.all_special_tokens if re.fullmatch(r"[a-z]{2,3}_[A-Z][a-z]{3}", t)]
+    if code and codes and code not in codes:
+        examples = codes[:3]
+        raise EvalError(
+            f"{what} {code!r} is not a language code of this tokenizer (codes look like {examples}); "
+            "for 'translation' records keyed by other names pass --translation-keys SRC TGT"
+        )
+
+
 def prepare(tokenizer, model, pairs: list[tuple[str, str]], args: argparse.Namespace) -> dict:
     """Token ids of sources and targets, and the ids generation needs."""
+    _check_language_code(tokenizer, args.source_lang, "--source-lang")
+    _check_language_code(tokenizer, args.target_lang, "--target-lang")
     if args.source_lang and hasattr(tokenizer, "src_lang"):
         tokenizer.src_lang = args.source_lang
     gen_config = model.generation_config
@@ -166,8 +187,8 @@ def run(args: argparse.Namespace) -> dict:
             **spec,
             source_field=args.source_field,
             target_field=args.target_field,
-            source_lang=args.source_lang,
-            target_lang=args.target_lang,
+            source_lang=args.translation_keys[0] if args.translation_keys else args.source_lang,
+            target_lang=args.translation_keys[1] if args.translation_keys else args.target_lang,
         )
 
     setup: RunSetup = setup_run(args, DEFAULT_DATA, make_spec)

@@ -104,6 +104,8 @@ def setup_run(args: argparse.Namespace, default_data: str, make_spec: Callable[[
         parent = Path(args.json).expanduser().resolve().parent
         if not parent.is_dir():
             raise EvalError(f"--json: folder {parent} does not exist")
+        if Path(args.json).expanduser().is_dir():
+            raise EvalError(f"--json {args.json} is a folder; give a file path")
     source, origin = resolve_model(args.model)
     if args.data:
         spec = {"path": Path(args.data).expanduser(), "limit": args.limit}
