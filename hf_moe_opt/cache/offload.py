@@ -66,6 +66,14 @@ def offload_device_map(model: nn.Module, device: int | str | torch.device = 0) -
     """
     if isinstance(device, torch.device):
         device = device.index if device.type == "cuda" and device.index is not None else str(device)
+    if isinstance(device, int) or str(device).startswith("cuda"):
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device if isinstance(device, int) else int(str(device).partition(":")[2] or 0)
+        if index >= visible:
+            raise ValueError(
+                f"offload_device_map: GPU {index} is not here ({visible} CUDA device(s) visible); "
+                "pass device='cpu' to keep the dense parts on the CPU"
+            )
     names = expert_module_names(model)
     if not names:
         raise ValueError(f"{type(model).__name__} has no supported sparse MoE block")
