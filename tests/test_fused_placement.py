@@ -148,6 +148,9 @@ def test_fused_device_map_keeps_experts_in_host_memory(family):
     model = tiny_model(family)
     plan = _plans(model)["replicate"]
     order = [n for n, _ in model.named_parameters()]
+    if torch.cuda.device_count() < 2:  # without budgets the default GPUs 0 and 1 must exist
+        with pytest.raises(ValueError, match="CUDA device.*devices="):
+            plan.device_map(model)
     # Fake GPU ids: accelerate only reads the budgets given here, no device is touched.
     dm = plan.device_map(model, max_memory={0: 400_000, 1: 400_000, "cpu": 10**9})
     keys = list(dm)

@@ -138,6 +138,14 @@ def device_map_for(
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory, get_max_memory
 
+    if devices is None and max_memory is None:  # accelerate would measure GPUs that are not there
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible < plan.num_devices:
+            raise ValueError(
+                f"the plan spreads experts over {plan.num_devices} devices and devices= defaults to GPUs "
+                f"0..{plan.num_devices - 1}, but {visible} CUDA device(s) are visible; pass devices=[...] "
+                "(e.g. ['cpu', 'cpu'] to try it without GPUs) or max_memory= for the GPUs to plan for"
+            )
     targets: list[DeviceKey] = list(range(plan.num_devices)) if devices is None else list(devices)
     if len(targets) != plan.num_devices:
         raise ValueError(f"the plan has {plan.num_devices} devices; devices= lists {len(targets)}")
