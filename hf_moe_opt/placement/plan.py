@@ -232,7 +232,7 @@ class PlacementPlan:
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a placement plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
         if not isinstance(data.get("version", -1), int) or data.get("version", -1) > PLAN_VERSION:
-            raise ValueError(f"placement plan version {data.get('version')} is newer than supported ({PLAN_VERSION})")
+            raise ValueError(f"placement plan version {data.get('version')!r} is not supported (1..{PLAN_VERSION})")
         layers: dict[str, Any] = {}
         for entry in data["layers"]:
             if entry["name"] in layers:

@@ -429,7 +429,7 @@ def _check_header(data: Mapping[str, Any]) -> None:
     if data.get("format") != TRACE_FORMAT:
         raise ValueError(f"not a routing trace (format {data.get('format')!r}, expected {TRACE_FORMAT!r})")
     if not isinstance(data.get("version", -1), int) or data.get("version", -1) > TRACE_VERSION:
-        raise ValueError(f"routing trace version {data.get('version')} is newer than supported ({TRACE_VERSION})")
+        raise ValueError(f"routing trace version {data.get('version')!r} is not supported (1..{TRACE_VERSION})")
 
 
 def synthetic_zipf_trace(
