@@ -32,6 +32,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..devices import visible_gpus
+
 __all__ = [
     "expert_module_names",
     "move_dense",
@@ -67,7 +69,7 @@ def offload_device_map(model: nn.Module, device: int | str | torch.device = 0) -
     if isinstance(device, torch.device):
         device = device.index if device.type == "cuda" and device.index is not None else str(device)
     if isinstance(device, int) or str(device).startswith("cuda"):
-        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        visible = visible_gpus()
         index = device if isinstance(device, int) else int(str(device).partition(":")[2] or 0)
         if index >= visible:
             raise ValueError(

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import visible_gpus
 from ..experts.layout import expert_layout, expert_modules
 from .plan import PlacementPlan
 from .store import PlacedExpertStore, ReplicaTable
@@ -39,11 +40,11 @@ def _plain_device_hook(hook: Any) -> bool:
 
 def _resolve_devices(devices: Sequence[Any] | None, plan: PlacementPlan) -> list[torch.device]:
     if devices is None:
-        if torch.cuda.is_available() and torch.cuda.device_count() >= plan.num_devices:
+        if visible_gpus() >= plan.num_devices:
             return [torch.device("cuda", i) for i in range(plan.num_devices)]
         raise ValueError(
             f"the placement plan spreads experts over {plan.num_devices} devices but only "
-            f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA devices are visible; pass "
+            f"{visible_gpus()} CUDA devices are visible; pass "
             "devices=[...] (one torch device per plan device, e.g. ['cuda:0', 'cuda:1'] or ['cpu', 'cpu'])"
         )
     if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence):
@@ -54,7 +55,7 @@ def _resolve_devices(devices: Sequence[Any] | None, plan: PlacementPlan) -> list
             out.append(torch.device("cuda", d) if isinstance(d, int) else torch.device(d))
         except (RuntimeError, TypeError, ValueError) as err:
             raise ValueError(f"devices=: {d!r} is not a torch device ({err})") from None
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = visible_gpus()
     missing = [str(d) for d in out if d.type == "cuda" and (d.index or 0) >= visible]
     if missing:
         raise ValueError(f"devices= names {missing}, but {visible} CUDA device(s) are visible here")

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import visible_gpus
 from ..experts.layout import expert_layout, expert_modules
 from .plan import PlacementPlan
 
@@ -139,7 +140,7 @@ def device_map_for(
     from accelerate.utils import get_balanced_memory, get_max_memory
 
     if devices is None and max_memory is None:  # accelerate would measure GPUs that are not there
-        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        visible = visible_gpus()
         if visible < plan.num_devices:
             raise ValueError(
                 f"the plan spreads experts over {plan.num_devices} devices and devices= defaults to GPUs "
