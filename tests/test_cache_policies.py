@@ -7,9 +7,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import hf_moe_opt
 from hf_moe_opt.cache import (
     POLICY_NAMES,
     AdaptiveLFUPolicy,
@@ -496,6 +498,25 @@ def test_trace_from_assignments_keeps_first_appearance_order():
 def test_as_trace_merges_repeats_and_infers_experts():
     tr = as_trace([[2, 0, 2], [5]], counts=[[1, 1, 3], [2]])
     assert tr.num_experts == 6 and tr.steps == ((2, 0), (5,)) and tr.counts == ((4, 1), (2,))
+
+
+def test_arrays_and_profile_traces_are_refused_not_misread():
+    """A [steps, experts] count matrix passed as a trace used to be read as expert ids: wrong hit rates."""
+    counts = np.random.default_rng(0).integers(0, 5, size=(30, 8))
+    for arr in (counts, torch.from_numpy(counts), counts[:, 0]):
+        with pytest.raises(TypeError, match="trace_from_counts"):
+            simulate(arr, "lru", 4)
+    with pytest.raises(TypeError, match="trace_from_counts"):
+        hit_rate_curve(counts, ["lru"], [4])
+    profiled = hf_moe_opt.RoutingTrace(num_experts=8, top_k=1)
+    profiled.add_batch("layer", counts[0])
+    with pytest.raises(TypeError, match=r"trace.counts\(layer\)"):
+        simulate(profiled, "lru", 4)
+    # the way the errors point to gives the counts' own hit rate
+    result = simulate(trace_from_counts(counts), "lru", 4)
+    assert result.hits + result.misses == int((counts > 0).sum())
+    # a list of 1-D arrays (one per step) stays a plain trace
+    assert simulate([np.array([0, 1]), np.array([1])], "lru", 2).hits == 1
 
 
 # -------------------------------------------------------------------------------------- errors

@@ -78,6 +78,23 @@ TraceLike = RoutingTrace | Sequence[Iterable[int]]
 """A :class:`RoutingTrace`, or a sequence of steps, each an iterable of expert ids."""
 
 
+def _refuse_ambiguous(trace: object) -> None:
+    """Inputs that would otherwise be read as steps of expert ids and give wrong hit rates silently."""
+    if hasattr(trace, "counts") and hasattr(trace, "layers"):  # a profile's per-layer trace
+        raise TypeError(
+            "a profile trace holds every MoE layer's counts: pass one layer's steps, "
+            "hf_moe_opt.cache.trace_from_counts(trace.counts(layer))"
+        )
+    ndim = getattr(trace, "ndim", None)
+    if ndim is not None:
+        # [steps, experts] counts and [steps, k] router choices look alike; a list of steps does not.
+        raise TypeError(
+            f"a {ndim}-D array is ambiguous as a trace: pass trace_from_counts(counts) for a "
+            "[steps, experts] count matrix, trace_from_assignments(expert_index, num_experts) for "
+            "router choices, or a list of steps (each the expert ids one forward needs)"
+        )
+
+
 def as_trace(
     trace: TraceLike, num_experts: int | None = None, counts: Sequence[Sequence[int]] | None = None
 ) -> RoutingTrace:
@@ -93,6 +110,9 @@ def as_trace(
     Raises:
         ValueError: negative or out-of-range ids, misaligned counts, or ``counts`` given with a
             :class:`RoutingTrace`.
+        TypeError: an array or tensor (a count matrix and router choices look alike: use
+            :func:`trace_from_counts` or :func:`trace_from_assignments`) or a profile's multi-layer
+            trace.
     """
     if isinstance(trace, RoutingTrace):
         if counts is not None:
@@ -100,6 +120,7 @@ def as_trace(
         if num_experts is None or int(num_experts) == trace.num_experts:
             return trace
         return RoutingTrace(trace.steps, trace.counts, int(num_experts))
+    _refuse_ambiguous(trace)
     raw = [[int(e) for e in step] for step in trace]
     if counts is not None and len(counts) != len(raw):
         raise ValueError(f"counts has {len(counts)} steps but the trace has {len(raw)}")
