@@ -42,6 +42,34 @@ def hf_class(module_path: str, name: str) -> type | None:
     return getattr(module, name, None)
 
 
+def activation_name(act_fn: Callable, block: nn.Module, config) -> str:
+    """The ``hidden_act`` name of the experts' ``act_fn``: the Triton kernels pick their activation by
+    this name (not by ``act_fn``), so it must be the one that built ``act_fn``.
+
+    The model's config may not hold it: a composite model (a VLM around a MoE text model) keeps
+    ``hidden_act`` in a sub-config. The experts module's own config (set by transformers'
+    ``use_experts_implementation``), the block's, the text config and the model's are asked in turn;
+    a name counts only if it builds ``act_fn``'s class. Without one, the class name, which no kernel
+    knows, so ``act_fn`` itself runs.
+    """
+    from transformers.activations import ACT2CLS
+
+    candidates = [getattr(block.experts, "config", None), getattr(block, "config", None)]
+    try:
+        candidates.append(config.get_text_config(decoder=True))
+    except (AttributeError, ValueError):  # not a PreTrainedConfig, or several text configs
+        pass
+    candidates.append(config)
+    for candidate in candidates:
+        name = getattr(candidate, "hidden_act", None)
+        cls = ACT2CLS.get(name) if isinstance(name, str) else None
+        if isinstance(cls, tuple):  # (class, constructor kwargs)
+            cls = cls[0]
+        if cls is not None and type(act_fn) is cls:
+            return name
+    return type(act_fn).__name__
+
+
 def route_topk(router: nn.Module, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> Routing:
     """Call the (optimized) router on ``[B, S, D]`` tokens; it returns transformers' tuple."""
     _, weights, indices = router(hidden_states.reshape(-1, hidden_states.shape[-1]))
@@ -178,7 +206,8 @@ class FusedMoEPatch(MoEPatch):
 
     def activation(self, block: nn.Module, config) -> Activation:
         """The experts' GLU: ``act(gate) * up`` on ``gate_up_proj``'s concatenated halves."""
-        return glu_activation(getattr(config, "hidden_act", "silu"), block.experts.act_fn)
+        act_fn = block.experts.act_fn
+        return glu_activation(activation_name(act_fn, block, config), act_fn)
 
     def weights(self, block: nn.Module) -> ExpertWeights:
         experts = block.experts

@@ -286,6 +286,42 @@ def test_fused_moe_raises_in_training_mode():
         opt(_ids())
 
 
+def _triton_runs_here() -> bool:
+    from hf_moe_opt.experts.backends import available_backends
+
+    if "triton" not in available_backends():
+        return False
+    from hf_moe_opt.kernels import kernels_interpreted
+
+    return torch.cuda.is_available() or kernels_interpreted()
+
+
+def test_composite_model_experts_activation():
+    # A VLM around a Mixtral text model: the top-level config has no hidden_act (it is in text_config).
+    # The Triton kernels choose the activation by its name, so the name must be the experts' own.
+    if getattr(transformers, "LlavaConfig", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Llava")
+    text = transformers.MixtralConfig(**{**_COMMON, **_configs()["mixtral"][2], "hidden_act": "gelu"})
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=14
+    )
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=VOCAB - 1)
+    torch.manual_seed(0)
+    ref = transformers.LlavaForConditionalGeneration(config).eval()
+    assert getattr(ref.config, "hidden_act", None) is None
+    _spread(ref)
+    ids = _ids()
+    with torch.no_grad():
+        expected = ref(input_ids=ids).logits
+    for backend in ["torch", "triton"] if _triton_runs_here() else ["torch"]:
+        opt = copy.deepcopy(ref)
+        hf_moe_opt.optimize(opt, backend=backend)
+        layers = hf_moe_opt.optimized_layers(opt)
+        assert len(layers) == 2 and all(layer.activation.name == "glu_gelu" for _, layer in layers)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
 # --- routing functions against the transformers routers, on random logits -------------------------
 
 
