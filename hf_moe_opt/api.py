@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from transformers.utils import logging
@@ -85,6 +88,14 @@ def _check_block_weights(name: str, block: nn.Module) -> None:
         getattr(m, "_hf_hook", None) is not None for m in block.modules()
     ):
         raise ValueError(f"{name} carries accelerate offload hooks; load its experts onto one device before optimizing")
+
+
+def _quietly(check: Callable[[], Any]) -> bool:
+    """``check()``, False where it raises (a probe for an error message must not fail itself)."""
+    try:
+        return bool(check())
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def optimize(
@@ -185,7 +196,16 @@ def optimize(
     blocks = _find_blocks(model)
     if not blocks:
         supported = ", ".join(f"{cls} ({mt})" for mt, cls in supported_architectures().items())
-        raise ValueError(f"{type(model).__name__} has no supported sparse MoE block. Supported: {supported}")
+        hint = ""
+        can_set = getattr(model, "_can_set_experts_implementation", None)
+        if callable(can_set) and _quietly(can_set):
+            # Its experts modules take transformers' experts implementations: ours runs them there.
+            hint = (
+                "; its experts accept experts implementations: hf_moe_opt.register_experts_implementation(), "
+                'then from_pretrained(..., experts_implementation="hf_moe_opt") or '
+                'model.set_experts_implementation("hf_moe_opt")'
+            )
+        raise ValueError(f"{type(model).__name__} has no supported sparse MoE block{hint}. Supported: {supported}")
     if not isinstance(fuse_dense, bool):
         raise TypeError(f"fuse_dense must be True or False, got {fuse_dense!r}")
     if fuse_dense and getattr(getattr(model, "config", None), "model_type", None) not in DENSE_MODEL_TYPES:

@@ -91,3 +91,23 @@ def test_training_mode_raises():
 
 def test_exported_from_package():
     assert hf_moe_opt.register_experts_implementation is register_experts_implementation
+
+
+def test_unsupported_block_error_points_to_the_experts_implementation():
+    """A family without a patch whose experts take implementations: the error says how to use ours there."""
+    from transformers import BertConfig, BertModel, PhimoeConfig, PhimoeForCausalLM
+
+    config = PhimoeConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        vocab_size=64,
+    )
+    with pytest.raises(ValueError, match=r"no supported sparse MoE block; .*experts_implementation=\"hf_moe_opt\""):
+        hf_moe_opt.optimize(PhimoeForCausalLM(config))
+    dense = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match=r"no supported sparse MoE block\. Supported:"):
+        hf_moe_opt.optimize(dense)
