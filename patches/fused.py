@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from hf_moe_opt.experts import ExpertWeights
 from hf_moe_opt.experts.activation import Activation, glu_activation
+from hf_moe_opt.experts.activation import activation_name as name_of_activation
 from hf_moe_opt.layer import OptimizedMoE
 from hf_moe_opt.routing import Routing, softmax_topk, topk_routing
 from hf_moe_opt.routing.fused import try_fused_router
@@ -43,31 +44,18 @@ def hf_class(module_path: str, name: str) -> type | None:
 
 
 def activation_name(act_fn: Callable, block: nn.Module, config) -> str:
-    """The ``hidden_act`` name of the experts' ``act_fn``: the Triton kernels pick their activation by
-    this name (not by ``act_fn``), so it must be the one that built ``act_fn``.
-
-    The model's config may not hold it: a composite model (a VLM around a MoE text model) keeps
-    ``hidden_act`` in a sub-config. The experts module's own config (set by transformers'
-    ``use_experts_implementation``), the block's, the text config and the model's are asked in turn;
-    a name counts only if it builds ``act_fn``'s class. Without one, the class name, which no kernel
-    knows, so ``act_fn`` itself runs.
+    """The ``hidden_act`` name of the experts' ``act_fn`` (see :func:`activation_name` of the experts
+    package). A composite model (a VLM around a MoE text model) keeps it in a sub-config: the experts
+    module's own config (set by transformers' ``use_experts_implementation``), the block's, the text
+    config and the model's are asked in turn.
     """
-    from transformers.activations import ACT2CLS
-
     candidates = [getattr(block.experts, "config", None), getattr(block, "config", None)]
     try:
         candidates.append(config.get_text_config(decoder=True))
     except (AttributeError, ValueError):  # not a PreTrainedConfig, or several text configs
         pass
     candidates.append(config)
-    for candidate in candidates:
-        name = getattr(candidate, "hidden_act", None)
-        cls = ACT2CLS.get(name) if isinstance(name, str) else None
-        if isinstance(cls, tuple):  # (class, constructor kwargs)
-            cls = cls[0]
-        if cls is not None and type(act_fn) is cls:
-            return name
-    return type(act_fn).__name__
+    return name_of_activation(act_fn, candidates)
 
 
 def route_topk(router: nn.Module, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> Routing:

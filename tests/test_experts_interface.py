@@ -111,3 +111,21 @@ def test_unsupported_block_error_points_to_the_experts_implementation():
     dense = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match=r"no supported sparse MoE block\. Supported:"):
         hf_moe_opt.optimize(dense)
+
+
+def test_activation_name_comes_from_the_config_that_built_act_fn():
+    """The kernels pick the activation by name: a config whose hidden_act did not build act_fn is ignored."""
+    from hf_moe_opt.integrations.experts_interface import _activation
+
+    experts = tiny_model("mixtral").model.layers[0].mlp.experts
+    assert _activation(experts).name == "glu_silu"
+    experts.config.hidden_act = "gelu"  # act_fn is still SiLU (an experts module with a hard-coded activation)
+    assert "gelu" not in _activation(experts).name
+    ids = _ids()
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.experts.config.hidden_act = "gelu"
+    ref = copy.deepcopy(model)
+    model.set_experts_implementation("hf_moe_opt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, **FP32)

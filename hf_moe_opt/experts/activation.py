@@ -17,7 +17,7 @@ Backends call :meth:`Activation.apply`, which covers every case.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +79,25 @@ class Activation:
             up = h[..., 1::2].clamp(min=-self.limit, max=self.limit)
             return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
         return self.gate_fn(h)
+
+
+def activation_name(act_fn: Callable, configs: Iterable[object]) -> str:
+    """The ``hidden_act`` name that built ``act_fn``, from the first of ``configs`` whose name builds
+    ``act_fn``'s class; else the class name, which no kernel knows, so ``act_fn`` itself runs.
+
+    The Triton kernels pick their activation by this name, not by ``act_fn``: a config whose
+    ``hidden_act`` did not build it (a sub-config's, a hard-coded activation) must not be trusted.
+    """
+    from transformers.activations import ACT2CLS
+
+    for config in configs:
+        name = getattr(config, "hidden_act", None)
+        cls = ACT2CLS.get(name) if isinstance(name, str) else None
+        if isinstance(cls, tuple):  # (class, constructor kwargs)
+            cls = cls[0]
+        if cls is not None and type(act_fn) is cls:
+            return name
+    return type(act_fn).__name__
 
 
 def glu_activation(name: str, fn: Callable[[torch.Tensor], torch.Tensor], *, interleaved: bool = False) -> Activation:

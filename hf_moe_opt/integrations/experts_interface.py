@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..dispatch import make_plan
-from ..experts.activation import Activation, glu_activation
+from ..experts.activation import Activation, activation_name, glu_activation
 from ..experts.backends import choose_backend, get_backend
 
 EXPERTS_IMPLEMENTATION = "hf_moe_opt"
@@ -57,15 +57,13 @@ def _interface_module():
 def _activation(module: nn.Module) -> Activation:
     """The experts module's activation, gated or not, exactly as its own forward applies it."""
     if not getattr(module, "has_gate", True):
-        name = getattr(module.config, "hidden_act", "act") if hasattr(module, "config") else "act"
-        return Activation(str(name), module.act_fn)
+        return Activation(activation_name(module.act_fn, [getattr(module, "config", None)]), module.act_fn)
     moe = _interface_module()
     default_gate = getattr(moe, "_default_apply_gate", None)
     apply_gate = getattr(type(module), "_apply_gate", None)
     if apply_gate is None or apply_gate is default_gate:
         # transformers' default gate: ``act(gate) * up`` on the concatenated halves (chunk(2)).
-        name = getattr(getattr(module, "config", None), "hidden_act", "act")
-        return glu_activation(str(name), module.act_fn)
+        return glu_activation(activation_name(module.act_fn, [getattr(module, "config", None)]), module.act_fn)
     return Activation("custom_glu", module._apply_gate, glu="custom", gate_fn=module._apply_gate)
 
 
