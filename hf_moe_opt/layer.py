@@ -7,6 +7,7 @@ which hook the router module, still see the router logits.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -125,6 +126,8 @@ class OptimizedMoE(nn.Module):
             raise RuntimeError(
                 "hf_moe_opt layers run inference only: call model.eval(), or hf_moe_opt.restore(model) to train"
             )
+        if torch.is_grad_enabled() and not _GRAD_WARNED:
+            _warn_no_expert_grads(self)
         if not self.store.capturable and _stream_capturing(hidden_states):
             # Otherwise the store's host read fails deep inside with a bare CUDA capture error.
             raise RuntimeError(
@@ -147,6 +150,23 @@ class OptimizedMoE(nn.Module):
         """Dispatch, experts and combine for routed tokens ``x`` ``[N, D]``."""
         return self.store.run_routed(
             x, expert_index, gates, keep, self._backend_name(x.device), self._ffn, self.activation, self.out_scale
+        )
+
+
+_GRAD_WARNED = False
+
+
+def _warn_no_expert_grads(layer: OptimizedMoE) -> None:
+    """Once per process: a forward with gradients on computes none for the experts' weights."""
+    global _GRAD_WARNED
+    if any(p.requires_grad for p in layer.parameters()):
+        _GRAD_WARNED = True
+        warnings.warn(
+            "hf_moe_opt layers compute no gradients for expert weights (outputs and input gradients are "
+            "exact); run inference under torch.no_grad() or torch.inference_mode() (which is also faster), "
+            "or hf_moe_opt.restore(model) to fine-tune the experts",
+            UserWarning,
+            stacklevel=3,
         )
 
 

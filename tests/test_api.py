@@ -241,3 +241,25 @@ def test_layer_repr_and_type():
     layer = model.model.encoder.layers[0].ffn
     assert isinstance(layer, OptimizedMoE)
     assert "num_experts=8" in repr(layer) and "family=nllb-moe" in repr(layer)
+
+
+def test_forward_with_gradients_on_warns_once_that_experts_get_none(monkeypatch):
+    """Gradients reach inputs and the router, never the expert weights: say so rather than drop them silently."""
+    import warnings
+
+    import hf_moe_opt.layer as layer_module
+
+    monkeypatch.setattr(layer_module, "_GRAD_WARNED", False)
+    model = hf_moe_opt.optimize(tiny_switch(), capacity="none")
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(input_ids=ids, decoder_input_ids=ids)
+        assert not [w for w in caught if "no gradients for expert weights" in str(w.message)]
+        model(input_ids=ids, decoder_input_ids=ids).logits.sum().backward()
+        model(input_ids=ids, decoder_input_ids=ids)
+    ours = [w for w in caught if "no gradients for expert weights" in str(w.message)]
+    assert len(ours) == 1 and "torch.no_grad()" in str(ours[0].message)
+    experts = [p for n, p in model.named_parameters() if ".experts." in n]
+    assert experts and all(p.grad is None for p in experts)  # what the warning says
