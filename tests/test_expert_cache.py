@@ -474,6 +474,28 @@ def test_stats_on_models_without_cache():
     hf_moe_opt.reset_stats(model)
 
 
+def test_from_pretrained_with_the_offload_device_map(family, tmp_path):
+    """Recipe 1 as documented: a checkpoint loaded with ``offload_device_map`` (on a GPU accelerate
+    keeps the experts in host memory behind hooks), then ``optimize`` takes them over."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    family["base"].save_pretrained(tmp_path)
+    with torch.device("meta"):
+        skeleton = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    dmap = offload_device_map(skeleton, 0 if DEVICE.type == "cuda" else "cpu")
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, device_map=dmap).eval()
+    if DEVICE.type == "cuda":  # experts offloaded: meta parameters behind accelerate's hooks
+        assert any(p.device.type == "meta" for p in model.parameters())
+    _quiet_optimize(model, expert_cache=3)
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert all(
+        st["device"] == str(DEVICE if DEVICE.type == "cpu" else "cuda:0") for st in hf_moe_opt.stats(model).values()
+    )
+    outs = _run(model, family["batches"])
+    assert all(torch.equal(a, b) for a, b in zip(family["outs"], outs, strict=True))
+
+
 def test_accelerate_offloaded_experts_are_taken_over(family):
     """The device-map recipe: experts offloaded by accelerate hooks, then optimize(expert_cache=...)."""
     from accelerate import cpu_offload

@@ -240,6 +240,26 @@ def test_fused_offload_device_map_and_offloaded_experts_are_taken_over(fam):
         assert len(list(dataset.state_dict if hasattr(dataset, "state_dict") else dataset)) == 0
 
 
+def test_fused_from_pretrained_with_the_offload_device_map(fam, tmp_path):
+    """Recipe 1 through ``from_pretrained``: on a GPU accelerate offloads each ``experts`` module."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fam["base"].save_pretrained(tmp_path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    dmap = offload_device_map(skeleton, 0 if DEVICE.type == "cuda" else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=dmap, dtype=torch.float32).eval()
+    if DEVICE.type == "cuda":
+        assert any(p.device.type == "meta" for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        hf_moe_opt.optimize(model, backend="torch", expert_cache=2)
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    for got, resident in zip(_run(model), fam["resident"], strict=True):
+        _assert_same(got, resident)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA variant below covers it")
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_fused_cache_triton_interpreted(family):
