@@ -213,6 +213,17 @@ def test_fused_pinned_experts(fam):
     assert {4, 1} & used <= set(st["resident"])
 
 
+def _cache_takes_over(model, resident_outputs) -> None:
+    """optimize with a cache over offloaded experts: no meta parameters or hooks left, outputs exact."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        hf_moe_opt.optimize(model, backend="torch", expert_cache=2)
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    for got, resident in zip(_run(model), resident_outputs, strict=True):
+        _assert_same(got, resident)
+
+
 def test_fused_offload_device_map_and_offloaded_experts_are_taken_over(fam):
     """Recipe 1: accelerate offloads each fused ``experts`` module (one module, 3-D parameters)."""
     from accelerate import cpu_offload
@@ -228,13 +239,7 @@ def test_fused_offload_device_map_and_offloaded_experts_are_taken_over(fam):
         cpu_offload(module, execution_device=DEVICE)
         maps.append(module._hf_hook.hooks[-1].weights_map)
     assert any(p.device.type == "meta" for p in model.parameters())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        hf_moe_opt.optimize(model, backend="torch", expert_cache=2)
-    assert not any(p.device.type == "meta" for p in model.parameters())
-    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
-    for got, resident in zip(_run(model), fam["resident"], strict=True):
-        _assert_same(got, resident)
+    _cache_takes_over(model, fam["resident"])
     for wm in maps:  # accelerate's host-side map forgot the experts: one copy of each weight
         dataset = wm.dataset
         assert len(list(dataset.state_dict if hasattr(dataset, "state_dict") else dataset)) == 0
@@ -251,13 +256,7 @@ def test_fused_from_pretrained_with_the_offload_device_map(fam, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=dmap, dtype=torch.float32).eval()
     if DEVICE.type == "cuda":
         assert any(p.device.type == "meta" for p in model.parameters())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        hf_moe_opt.optimize(model, backend="torch", expert_cache=2)
-    assert not any(p.device.type == "meta" for p in model.parameters())
-    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
-    for got, resident in zip(_run(model), fam["resident"], strict=True):
-        _assert_same(got, resident)
+    _cache_takes_over(model, fam["resident"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA variant below covers it")
