@@ -28,10 +28,34 @@ def _check_writable(path: str, suffixes: tuple[str, ...]) -> None:
         raise ValueError(f"--out {path}: the folder {str(out.parent)!r} does not exist")
 
 
+def _check_folder(option: str, path: str | None) -> None:
+    """An output's folder must exist before the work starts, not be found missing after it."""
+    if path and not Path(path).expanduser().parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {str(Path(path).parent)!r} does not exist")
+
+
+def _demo_settings(args: argparse.Namespace) -> dict:
+    """What produced a demo JSON: the command, its settings, the versions and the machine."""
+    from .evaluation.common import machine, versions
+
+    return {
+        "command": " ".join(["hf-moe-opt", *args.argv]),
+        "device": args.device,
+        "dtype": args.dtype,
+        "backend": args.backend,
+        "cache_fraction": args.cache_fraction,
+        "repeats": args.repeats,
+        "versions": versions(),
+        "machine": machine(torch.device(args.device)),
+    }
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import as_dict, format_table, plot, run_demo
 
     _check_device(args.device)
+    _check_folder("--plot", args.plot)
+    _check_folder("--json", args.json)
     if not 0 < args.cache_fraction <= 1:
         raise ValueError("--cache-fraction must be in (0, 1]")
     if args.repeats < 1:
@@ -43,7 +67,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "dtype": args.dtype, **as_dict(result)}, f, indent=2)
+            json.dump({**_demo_settings(args), **as_dict(result)}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
 
@@ -64,19 +88,15 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _load_model(name: str, device: str, dtype: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    """``(source, model, tokenizer)``; a missing or broken model is a one-line error, as in eval-lm."""
+    from .evaluation.common import load_model, model_kind, parse_device, resolve_model
 
-    from .assets import SHIPPED_MODELS, shipped_model_path
-
-    source = str(shipped_model_path(name)) if name in SHIPPED_MODELS else name
-    auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(source).is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(source, dtype=DTYPES[dtype]).to(device).eval()
-    return source, model
+    source, _ = resolve_model(name)
+    model, tokenizer = load_model(source, model_kind(source), DTYPES[dtype], parse_device(device))
+    return source, model, tokenizer
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from .evaluation.common import DataSpec, read_data
     from .placement import profile
 
@@ -84,8 +104,7 @@ def _profile(args: argparse.Namespace) -> int:
         raise ValueError("--batches and --batch-size must be positive")
     _check_device(args.device)
     _check_writable(args.out, (".json", ".npz"))
-    source, model = _load_model(args.model, args.device, args.dtype)
-    tok = AutoTokenizer.from_pretrained(source)
+    source, model, tok = _load_model(args.model, args.device, args.dtype)
     texts = read_data(DataSpec(path=Path(args.data), limit=args.batches * args.batch_size), pairs=False)
     batches = []
     for i in range(0, len(texts), args.batch_size):
@@ -140,7 +159,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
-    return 1 if args.fail_if_changed and not report["unchanged"]["unchanged"] else 0
+    verdict = report["unchanged"]
+    changed = not (verdict["unchanged"] or verdict.get("differences_are_rounding"))
+    return 1 if args.fail_if_changed and changed else 0
 
 
 def _add_eval_commands(sub) -> None:

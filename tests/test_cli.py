@@ -1,6 +1,7 @@
 """The command line: demo on the shipped models, profile -> plan, and one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -70,3 +71,35 @@ def test_bad_input_is_one_line_and_nonzero(argv):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("Loading")]
     assert len(lines) == 1 and "error" in lines[0], proc.stderr
+
+
+def test_profile_missing_hub_model_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    argv = ["profile", "--data", "README.md", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "t.json")]
+    proc = subprocess.run([sys.executable, "-m", "hf_moe_opt.cli", *argv], capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("Loading")]
+    assert proc.returncode == 2 and len(lines) == 1 and "no-such-org/no-such-model" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("option", ["--plot", "--json"])
+def test_demo_checks_output_folders_before_running(monkeypatch, capsys, option):
+    import hf_moe_opt.demo
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the demo ran although its output cannot be written")
+
+    monkeypatch.setattr(hf_moe_opt.demo, "run_demo", must_not_run)
+    assert main(["demo", option, "/nonexistent/folder/out.png"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_json_has_provenance(monkeypatch, tmp_path):
+    import hf_moe_opt.demo
+
+    monkeypatch.setattr(hf_moe_opt.demo, "run_demo", lambda *args: hf_moe_opt.demo.DemoResult())
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--plot", "", "--repeats", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("hf-moe-opt demo") and report["repeats"] == 2
+    assert report["backend"] == "auto" and report["cache_fraction"] == 0.5
+    assert "torch" in report["versions"] and "cpu_count" in report["machine"]

@@ -385,3 +385,59 @@ def test_resolve_model():
     assert resolve_model("google/switch-base-8") == ("google/switch-base-8", "hub")
     with pytest.raises(EvalError):
         resolve_model("/definitely/not/here")
+
+
+# ----------------------------------------------------------------------------- low precision
+def test_float32_weights_is_exact_and_in_place():
+    from transformers import AutoModelForSeq2SeqLM
+
+    from hf_moe_opt.evaluation.compare import float32_weights
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(SWITCH, dtype=torch.bfloat16).eval()
+    before = {n: (p, p.dtype, p.detach().clone()) for n, p in model.named_parameters()}
+    with float32_weights(model):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    for n, p in model.named_parameters():
+        obj, dtype, value = before[n]
+        assert p is obj and p.dtype == dtype and torch.equal(p, value), n
+
+
+def test_eval_mt_bfloat16_differences_are_told_from_changes(tmp_path, capsys):
+    """bfloat16 greedy decoding flips near-ties: a float32 re-run of both models tells it is rounding."""
+    data = DDTP / "en-de.test.tsv.gz"
+    if not data.is_file() or not (NLLB / "config.json").is_file():
+        pytest.skip("needs the DDTP test split and the shipped NLLB-MoE model")
+    argv = ["eval-mt", "--data", str(data), "--limit", "8", "--dtype", "bfloat16", "--metrics", "sacrebleu"]
+    out = tmp_path / "mt.json"
+    assert main([*argv, "--no-progress", "--fail-if-changed", "--json", str(out)]) == 0
+    v = json.loads(out.read_text())["unchanged"]
+    printed = capsys.readouterr().out
+    # No token is dropped with capacity="model": changes are not to be read as "changed without a drop".
+    assert "changes_only_where_original_drops" not in v and "changed without a drop" not in printed
+    assert v["sentences"] == 8 and v["sentences_differing"] >= 0
+    if v["unchanged"]:
+        pytest.skip("no translation flipped in bfloat16 on this machine")
+    check = v["float32_check"]
+    assert v["differences_are_rounding"] is True and check["sentences_differing"] == 0
+    assert abs(check["perplexity_rel_diff"]) <= 1e-4
+    assert f"{v['sentences_differing']}/8 translations differ" in printed and "BFLOAT16 ROUNDING" in printed
+
+
+def test_verdict_line_says_how_much_differs():
+    from hf_moe_opt.evaluation.report import verdict_line
+
+    v = {"against": "reference", "capacity": "model", "unchanged": False, "perplexity_within_tolerance": True}
+    v |= {"sentences": 48, "sentences_differing": 30, "bleu_diff": 0.02}
+    report = {"settings": {"dtype": "bfloat16"}, "unchanged": v}
+    line = verdict_line(report)
+    assert "30/48 translations differ" in line and "--no-float32-check skipped the float32 re-run" in line
+    lm_report = {"settings": {"dtype": "bfloat16"}, "unchanged": {**v, "generations": 32, "generations_differing": 5}}
+    for key in ("sentences", "sentences_differing", "bleu_diff"):
+        del lm_report["unchanged"][key]
+    lm_line = verdict_line(lm_report)
+    assert "5/32 greedy generations differ" in lm_line and "a float32 run tells" in lm_line
+    v |= {"differences_are_rounding": False}
+    v["float32_check"] = {"sentences_differing": 3, "perplexity_rel_diff": 0.0}
+    v["float32_check"]["reference_sentences_differing_from_its_float32_run"] = 20
+    line = verdict_line(report)
+    assert line.startswith("CHANGED vs reference") and "not bfloat16 rounding" in line

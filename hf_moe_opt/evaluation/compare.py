@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +108,23 @@ def iterate_phases(model: nn.Module, phases: Sequence[Phase], capacity: str, bac
             yield phase
         finally:
             leave_phase(model, phase)
+
+
+@contextmanager
+def float32_weights(model: nn.Module) -> Iterator[None]:
+    """Floating-point parameters and buffers in float32 inside the block, back to their dtypes after.
+
+    In place (the same Parameter objects), so ``optimize`` / ``restore`` and the eager references work
+    as usual; casting a bfloat16 / float16 value to float32 and back is exact.
+    """
+    saved = [(t, t.dtype) for t in chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    for t, _ in saved:
+        t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, dtype in saved:
+            t.data = t.data.to(dtype)
 
 
 @dataclass

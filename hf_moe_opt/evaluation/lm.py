@@ -406,6 +406,9 @@ def unchanged_verdict(cmp: dict, capacity: str, dtype: torch.dtype, baseline: st
         "perplexity_within_tolerance": ppl_ok,
         "generated_tokens_identical": None if gen is None else gen["all_identical"],
     }
+    if gen is not None:
+        out["generations"] = gen["sequences"]
+        out["generations_differing"] = gen["sequences"] - gen["identical_sequences"]
     if capacity == "model":
         out["unchanged"] = bool(ppl_ok and gen_ok)
     else:

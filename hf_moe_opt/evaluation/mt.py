@@ -23,6 +23,7 @@ from .compare import (
     TeacherForcedResult,
     compare_generations,
     compare_teacher_forced,
+    float32_weights,
     generate_batches,
     iterate_phases,
     model_memory,
@@ -56,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=None, help="default min(400, 1.6 x padded source length + 10)")
     g.add_argument("--max-source-length", type=int, default=386, help="source tokens incl. language tag and EOS")
     g.add_argument("--metrics", default="auto", help="auto | evaluate | sacrebleu (see the description)")
+    g.add_argument(
+        "--no-float32-check",
+        dest="float32_check",
+        action="store_false",
+        help="bfloat16/float16: when translations differ, do not re-run the baseline and the optimized model "
+        "in float32 to tell rounding from a change (the re-run holds the weights in float32 meanwhile)",
+    )
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -169,6 +177,42 @@ def scoring_batches(prep: dict, batch_size: int) -> list[TeacherForcedBatch]:
     return out
 
 
+def float32_verdict(
+    results32: dict[str, TeacherForcedResult],
+    generations32: dict[str, dict],
+    scores32: dict[str, dict],
+    generations: dict[str, dict],
+    phase_reports: dict[str, dict],
+    baseline: str,
+) -> dict:
+    """The float32 re-run's part of the verdict: whether the low-precision differences are rounding.
+
+    They are when the baseline and the optimized model agree in float32 (identical translations,
+    perplexity within the float32 tolerance). The noise floor: how many of the baseline's own
+    translations change between float32 and the evaluated dtype.
+    """
+    cmp = compare_teacher_forced(results32["optimized"], results32[baseline], torch.float32, False)
+    gen = compare_generations(generations32["optimized"], generations32[baseline])
+    n = gen["sequences"]
+
+    def differing(name: str) -> int:
+        return n - compare_generations(generations[name], generations32[name])["identical_sequences"]
+
+    check = {
+        "what": f"{baseline} and optimized re-run with float32 weights on the same data",
+        "perplexity_rel_diff": cmp["perplexity_rel_diff"],
+        "perplexity_within_tolerance": ppl_within_tolerance(cmp["perplexity_rel_diff"], torch.float32),
+        "sentences_differing": n - gen["identical_sequences"],
+        "bleu": {baseline: scores32[baseline]["bleu"], "optimized": scores32["optimized"]["bleu"]},
+        # The noise floor: the evaluated dtype against float32, for each model alone.
+        f"{baseline}_sentences_differing_from_its_float32_run": differing(baseline),
+        "optimized_sentences_differing_from_its_float32_run": differing("optimized"),
+        f"{baseline}_bleu_diff_from_its_float32_run": phase_reports[baseline]["bleu"] - scores32[baseline]["bleu"],
+    }
+    rounding = bool(check["perplexity_within_tolerance"] and gen["all_identical"])
+    return {"float32_check": check, "differences_are_rounding": rounding}
+
+
 # ----------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> dict:
     check_positive("--num-beams", args.num_beams)
@@ -212,20 +256,19 @@ def run(args: argparse.Namespace) -> dict:
         return kw
 
     phases, baseline, notes = plan_phases(model)
+    modes = (args.capacity, args.backend)
     results: dict[str, TeacherForcedResult] = {}
     generations: dict[str, dict] = {}
     phase_reports: dict[str, dict] = {}
+    results32: dict[str, TeacherForcedResult] = {}
+    generations32: dict[str, dict] = {}
+    scores32: dict[str, dict] = {}
+    timings: dict[str, tuple] = {}
     drops = None
-    for phase in iterate_phases(model, phases, args.capacity, args.backend):
-        counter = DropCounter(model) if phase.name == baseline else None
-        try:
-            tf = teacher_forced(model, batches, setup.device, f"{phase.name} score", counter, setup.progress)
-        finally:
-            if counter is not None:
-                counter.remove()
-        if counter is not None:
-            drops = counter.summary()
-        results[phase.name] = tf
+
+    def translate(name: str, suffix: str, counter: DropCounter | None) -> tuple[TeacherForcedResult, dict, dict]:
+        """Teacher-forced scores, translations and BLEU/chrF of the model as it is set up now."""
+        tf = teacher_forced(model, batches, setup.device, f"{name}{suffix} score", counter, setup.progress)
         out, secs, new_tokens, gen_peak, _ = generate_batches(
             model,
             prep["sources"],
@@ -233,12 +276,25 @@ def run(args: argparse.Namespace) -> dict:
             prep["pad"],
             setup.device,
             gen_kwargs,
-            f"{phase.name} translate",
+            f"{name}{suffix} translate",
             setup.progress,
         )
-        generations[phase.name] = out
+        timings[name + suffix] = (secs, new_tokens, gen_peak)
         hyps = [tokenizer.decode(out[i], skip_special_tokens=True).strip() for i in range(len(pairs))]
-        scores = corpus_scores(hyps, refs, args.metrics)
+        return tf, out, corpus_scores(hyps, refs, args.metrics)
+
+    for phase in iterate_phases(model, phases, *modes):
+        counter = DropCounter(model) if phase.name == baseline else None
+        try:
+            tf, out, scores = translate(phase.name, "", counter)
+        finally:
+            if counter is not None:
+                counter.remove()
+        if counter is not None:
+            drops = counter.summary()
+        results[phase.name] = tf
+        generations[phase.name] = out
+        secs, new_tokens, gen_peak = timings[phase.name]
         phase_reports[phase.name] = {
             "description": phase.description,
             "bleu": scores["bleu"],
@@ -267,11 +323,14 @@ def run(args: argparse.Namespace) -> dict:
         cmp["generation"] = compare_generations(generations[a], generations[b])
         return cmp
 
+    # Changes "only where the original drops" is the capacity="none" question; with capacity="model"
+    # every change is unexplained, and reporting them as "changed without a drop" misleads.
+    drops_known = drops is not None and args.capacity == "none"
     comparisons = {}
     for phase in phases:
         if phase.name != baseline:
             comparisons[f"{phase.name}_vs_{baseline}"] = compare(
-                phase.name, baseline, drops is not None and phase.name == "optimized"
+                phase.name, baseline, drops_known and phase.name == "optimized"
             )
     if "reference" in results:
         comparisons["optimized_vs_original"] = compare("optimized", "original", False)
@@ -288,8 +347,20 @@ def run(args: argparse.Namespace) -> dict:
         "perplexity_within_tolerance": ppl_ok,
         "generated_tokens_identical": same,
         "bleu_equal": cmp["bleu_diff"] == 0.0,
+        "bleu_diff": cmp["bleu_diff"],
+        "sentences": cmp["generation"]["sequences"],
+        "sentences_differing": cmp["generation"]["sequences"] - cmp["generation"]["identical_sequences"],
         "unchanged": bool(ppl_ok and same),
     }
+    if not same and setup.dtype != torch.float32 and args.float32_check:
+        # In bfloat16 / float16 greedy decoding flips near-ties under rounding, and one flipped token
+        # changes the rest of the sentence. The same two models in float32 tell rounding from a change.
+        with float32_weights(model):
+            for phase in iterate_phases(model, [p for p in phases if p.name in (baseline, "optimized")], *modes):
+                results32[phase.name], generations32[phase.name], scores32[phase.name] = translate(
+                    phase.name, " float32", None
+                )
+        verdict.update(float32_verdict(results32, generations32, scores32, generations, phase_reports, baseline))
     if "sequences_changed_without_any_drop" in cmp:
         verdict["changes_only_where_original_drops"] = cmp["sequences_changed_without_any_drop"] == 0
     task = {
