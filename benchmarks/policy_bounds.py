@@ -4,11 +4,16 @@
 
 Each setting is drawn with several seeds (``--seeds``; the first two are the ones the shipped
 policies' defaults were chosen on, the others are held out), with 25% of the experts resident.
-Beside Belady and the shipped ``lfu``/``lfru``/``adaptive``, two policies that are not shipped:
+Settings: ``synthetic_trace`` draws, and the first layer's routing of ``bench_cache.py``'s MoE-only
+stacks (a random router of the layer's shape over that script's sticky stream of Zipf-popular
+prototype tokens; each seed its own router and stream), whose timed runs see only 150 steps.
+Beside Belady and the shipped ``lfu``/``lfru``/``adaptive`` (and ``adaptive`` with a threshold of 20
+nats, to show how much its default of 10 matters), two policies that are not shipped:
 
 * ``oracle_next`` -- told the distribution the generator draws the *next* step from (what no online
-  policy can know), it evicts the expert least likely to be drawn. Its gap to Belady is what is left
-  for the future beyond one step, an estimate of how far any online policy stays from Belady;
+  policy can know), it evicts the expert least likely to be drawn (synthetic settings only). Its
+  gap to Belady is what is left for the future beyond one step, an estimate of how far any online
+  policy stays from Belady;
 * ``lfru_ensemble`` -- shadow caches of ``lfru`` with several half-lives; the real cache evicts by the
   ranking of the shadow with the most hits over a recent window (adapting the half-life online).
 """
@@ -16,14 +21,17 @@ Beside Belady and the shipped ``lfu``/``lfru``/``adaptive``, two policies that a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hf_moe_opt.benchmarking.common import environment  # noqa: E402
+import torch  # noqa: E402
+from bench_cache import token_stream  # noqa: E402
+
+from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, save_result  # noqa: E402
 from hf_moe_opt.cache import simulate  # noqa: E402
 from hf_moe_opt.cache.policies import EvictionPolicy, LFRUPolicy  # noqa: E402
 from hf_moe_opt.cache.traces import RoutingTrace, synthetic_steps  # noqa: E402
@@ -89,21 +97,50 @@ SETTINGS = {
     "128 experts, top-1, stickiness 0.6": (128, 1, 8, 1.0, 0.6, None),
     "128 experts, top-1, reshuffle 200": (128, 1, 8, 1.0, 0.5, 200),
 }
+# name: (layer shape, batch): a bench_cache.py MoE-only stack's first layer, decode steps of ``batch`` tokens.
+STACKS = {
+    "nllb-moe-54b stack, batch 1": ("nllb-moe-54b", 1),
+    "nllb-moe-54b stack, batch 8": ("nllb-moe-54b", 8),
+    "switch-base-128 stack, batch 1": ("switch-base-128", 1),
+    "switch-base-128 stack, batch 8": ("switch-base-128", 8),
+}
 SHIPPED = ("lfu", "lfru", "adaptive")
+
+
+@torch.no_grad()
+def stack_trace(shape: str, batch: int, steps: int, seed: int) -> RoutingTrace:
+    """The routing of a random ``nn.Linear`` router of ``shape`` over ``bench_cache.token_stream``."""
+    e, d, _, k = LAYER_SHAPES[shape]
+    torch.manual_seed(seed)
+    router = torch.nn.Linear(d, e, bias=False)
+    rows = []
+    for x in token_stream(d, batch, steps, torch.device("cpu"), seed=seed):
+        chosen = router(x.view(batch, d).float()).topk(k, dim=-1).indices.reshape(-1)
+        experts, counts = torch.unique(chosen, return_counts=True)
+        rows.append((tuple(experts.tolist()), tuple(counts.tolist())))
+    return RoutingTrace(tuple(r[0] for r in rows), tuple(r[1] for r in rows), e)
 
 
 def _row(job: tuple[str, int, int]) -> dict:
     setting, seed, steps = job
-    e, k, tokens, zipf, sticky, reshuffle = SETTINGS[setting]
-    drawn = list(synthetic_steps(e, k, tokens, steps, zipf, sticky, reshuffle, seed))
-    trace = RoutingTrace(tuple(s for s, _, _ in drawn), tuple(c for _, c, _ in drawn), e)
+    if setting in STACKS:
+        shape, batch = STACKS[setting]
+        trace, drawn = stack_trace(shape, batch, steps, seed), None
+        title = f"{setting}: {shape} router, bench_cache token stream, seed {seed}"
+    else:
+        e, k, tokens, zipf, sticky, reshuffle = SETTINGS[setting]
+        drawn = list(synthetic_steps(e, k, tokens, steps, zipf, sticky, reshuffle, seed))
+        trace = RoutingTrace(tuple(s for s, _, _ in drawn), tuple(c for _, c, _ in drawn), e)
+        title = (f"{e} experts, top-{k}, {tokens} tokens/step, zipf {zipf}, stickiness {sticky}, "
+                 f"reshuffle {reshuffle}, seed {seed}")  # fmt: skip
+    e = trace.num_experts
     slots = e // 4  # 25% resident
     rates = {name: simulate(trace, name, slots).hit_rate for name in ("belady", *SHIPPED)}
-    rates["oracle_next"] = _replay(OracleNext(slots, e, [m for _, _, m in drawn]), trace)
+    rates["adaptive_threshold_20"] = simulate(trace, "adaptive", slots, threshold=20.0).hit_rate
+    if drawn is not None:
+        rates["oracle_next"] = _replay(OracleNext(slots, e, [m for _, _, m in drawn]), trace)
     rates["lfru_ensemble"] = _replay(LFRUEnsemble(slots, e), trace)
     gaps = {k: round(rates["belady"] - v, 4) for k, v in rates.items() if k != "belady"}
-    title = (f"{e} experts, top-{k}, {tokens} tokens/step, zipf {zipf}, stickiness {sticky}, "
-             f"reshuffle {reshuffle}, seed {seed}")  # fmt: skip
     return {"setting": setting, "seed": seed, "trace": title, "slots": slots, "hit_rate": rates, "belady_minus": gaps}
 
 
@@ -112,7 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/policy_bounds.json")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    names = [*SETTINGS, *STACKS]
+    p.add_argument("--settings", nargs="+", choices=names, default=names)
     p.add_argument("--jobs", type=int, default=2, help="worker processes (1: run in this process)")
     args = p.parse_args(argv)
     jobs = [(setting, seed, args.steps) for setting in args.settings for seed in args.seeds]
@@ -130,12 +168,34 @@ def main(argv=None) -> int:
         }
         print(f"{setting} (Belady minus policy at 25% resident, mean / max over seeds {args.seeds}):")
         print("    " + ", ".join(f"{k} {v['mean']:.3f} / {v['max']:.3f}" for k, v in summary[setting].items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join(sys.argv), "environment": environment(), "summary": summary, "rows": rows}
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    save_result({"environment": environment(), "summary": summary, "rows": rows}, args.out, plot)
     return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    """Belady minus each policy per setting (mean over seeds, worst as a tick), the 5-point target dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(result["summary"])
+    names = list(dict.fromkeys(n for s in settings for n in result["summary"][s]))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(settings) + 2), 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j, s in enumerate(settings) if name in result["summary"][s]]
+        got = [result["summary"][s][name] for s in settings if name in result["summary"][s]]
+        ax.bar(xs, [100 * g["mean"] for g in got], width, label=name)
+        ax.plot(xs, [100 * g["max"] for g in got], "k_", markersize=5)
+    ax.axhline(5.0, color="red", linestyle="--", linewidth=1, label="target: 5 points")
+    ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("Belady minus policy, points of hit rate")
+    ax.set_title("25% of experts resident: gap to Belady (bars: mean over seeds, ticks: worst)", fontsize=10)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -307,15 +307,24 @@ def test_policy_bounds_smoke(tmp_path) -> None:
     assert tuple(s for s, _, _ in drawn) == trace.steps and tuple(c for _, c, _ in drawn) == trace.counts
     assert all(abs(float(m.sum()) - 1.0) < 1e-9 for _, _, m in drawn)
     out = tmp_path / "bounds.json"
-    settings = ["reshuffle 200", "fixed popularity"]
+    settings = ["reshuffle 200", "fixed popularity", "nllb-moe-54b stack, batch 8"]
     argv = ["--out", str(out), "--steps", "150", "--seeds", "0", "1", "--settings", *settings, "--jobs", "1"]
-    assert _load("policy_bounds").main(argv) == 0
+    module = _load("policy_bounds")
+    assert module.main(argv) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [(r["setting"], r["seed"]) for r in rows] == [(s, seed) for s in settings for seed in (0, 1)]
+    policies = {"lfu", "lfru", "adaptive", "adaptive_threshold_20", "lfru_ensemble"}
     for row in rows:  # Belady is optimal: no online policy, not even the oracle, beats it
-        assert set(row["belady_minus"]) == {"lfu", "lfru", "adaptive", "oracle_next", "lfru_ensemble"}
+        oracle = set() if "stack" in row["setting"] else {"oracle_next"}
+        assert set(row["belady_minus"]) == policies | oracle
         assert all(gap >= 0 for gap in row["belady_minus"].values())
+    # A stack trace: top-2 of 128 experts for 8 tokens per step, the same for the same seed.
+    trace = module.stack_trace("nllb-moe-54b", 8, 20, seed=5)
+    assert trace.num_experts == 128 and all(sum(c) == 16 for c in trace.counts)
+    assert (
+        trace == module.stack_trace("nllb-moe-54b", 8, 20, seed=5) != module.stack_trace("nllb-moe-54b", 8, 20, seed=6)
+    )
     assert set(result["summary"]) == set(settings)
     for setting, gaps in result["summary"].items():
         mine = [r["belady_minus"]["adaptive"] for r in rows if r["setting"] == setting]
