@@ -262,6 +262,10 @@ def _error_line(capsys, argv: list[str]) -> str:
         (["eval-mt", "--num-beams", "0"], "--num-beams"),
         (["eval-mt", "--metrics", "meteor"], "--metrics"),
         (["eval-lm", "--json", str(Path(__file__).parent)], "is a folder"),
+        # options of the other model kind are refused, not ignored (the default model is seq2seq)
+        (["eval-lm", "--stride", "16"], "--stride does not apply to seq2seq models"),
+        (["eval-lm", "--model", "qwen3-moe-tiny-ddtp", "--batch-size", "8"], "--batch-size does not apply to causal"),
+        (["eval-lm", "--model", "qwen3-moe-tiny-ddtp", "--corruption-seed", "3"], "--corruption-seed does not apply"),
     ],
 )
 def test_bad_arguments_one_line(capsys, argv, needle):

@@ -133,6 +133,10 @@ def span_corruption_pairs(texts: Sequence[str], tokenizer, max_length: int, seed
     return [corrupt(s, rng, sentinels, eos) for s in ids]
 
 
+SEQ2SEQ_BATCH = 64
+CORRUPTION_SEED = 1234
+
+
 def seq2seq_batches(pairs: Sequence[tuple[list, list]], batch_size: int, pad_id: int) -> list[TeacherForcedBatch]:
     out = []
     for idx in length_batches([len(p[0]) for p in pairs], batch_size):
@@ -238,14 +242,36 @@ def causal_generations(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .report import add_common_arguments
 
-    add_common_arguments(parser, default_model=DEFAULT_MODEL, default_data=DEFAULT_DATA, batch_size=64)
+    add_common_arguments(
+        parser,
+        default_model=DEFAULT_MODEL,
+        default_data=DEFAULT_DATA,
+        batch_size=None,
+        batch_help=f"texts per forward, seq2seq models (default {SEQ2SEQ_BATCH}); causal models: one window",
+    )
     g = parser.add_argument_group("perplexity")
     g.add_argument("--text-field", default="text", help="JSON-lines / datasets field (TSV: column number)")
     g.add_argument("--max-length", type=int, default=112, help="tokens per text (seq2seq) / window (causal)")
-    g.add_argument("--corruption-seed", type=int, default=1234, help="span-corruption seed (seq2seq)")
-    g.add_argument("--stride", type=int, default=None, help="causal window stride (default: max-length / 2)")
+    seed_help = f"span-corruption seed, seq2seq models (default {CORRUPTION_SEED})"
+    g.add_argument("--corruption-seed", type=int, default=None, help=seed_help)
+    g.add_argument("--stride", type=int, default=None, help="window stride, causal models (default: max-length / 2)")
     g.add_argument("--generate-samples", type=int, default=32, help="greedy generations compared (0: none)")
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens per compared generation")
+
+
+def _check_options_apply(args: argparse.Namespace, kind: str) -> None:
+    """Options of the other model kind are refused, not ignored; defaults filled in for the report."""
+    other = {"seq2seq": ("--stride", args.stride), "causal": ("--batch-size", args.batch_size)}[kind]
+    given = [other] + ([("--corruption-seed", args.corruption_seed)] if kind == "causal" else [])
+    for option, value in given:
+        if value is not None:
+            how = "span corruption" if kind == "seq2seq" else "strided windows, one per forward"
+            raise EvalError(f"{option} does not apply to {kind} models (scored by {how})")
+    if kind == "seq2seq":
+        args.batch_size = args.batch_size or SEQ2SEQ_BATCH
+        args.corruption_seed = CORRUPTION_SEED if args.corruption_seed is None else args.corruption_seed
+    else:
+        args.batch_size = 1  # recorded in the report: one window per forward
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -258,6 +284,7 @@ def run(args: argparse.Namespace) -> dict:
     setup: RunSetup = setup_run(args, DEFAULT_DATA, lambda spec: DataSpec(**spec, text_field=args.text_field))
     texts = read_data(setup.data, pairs=False)
     kind = model_kind(setup.model_source)
+    _check_options_apply(args, kind)
     model, tokenizer = load_model(setup.model_source, kind, setup.dtype, setup.device)
     phases, baseline, notes = plan_phases(model)
     results: dict[str, TeacherForcedResult] = {}

@@ -45,7 +45,12 @@ UNCHANGED_RULES = {
 
 
 def add_common_arguments(
-    parser: argparse.ArgumentParser, *, default_model: str, default_data: str, batch_size: int
+    parser: argparse.ArgumentParser,
+    *,
+    default_model: str,
+    default_data: str,
+    batch_size: int | None,
+    batch_help: str | None = None,
 ) -> None:
     g = parser.add_argument_group("model and run")
     g.add_argument(
@@ -53,7 +58,7 @@ def add_common_arguments(
     )
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    g.add_argument("--batch-size", type=int, default=batch_size)
+    g.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     g.add_argument("--capacity", default="model", help="optimize(capacity=...): model | none")
     g.add_argument("--backend", default="auto", help="optimize(backend=...): auto | torch | triton")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
