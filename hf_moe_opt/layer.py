@@ -121,6 +121,9 @@ class OptimizedMoE(nn.Module):
     def _ffn(self, device: torch.device, rows: int) -> Callable:
         return get_backend(self._backend_name(device))
 
+    # torch.compile (a user's, or transformers' own for static-cache generate) runs this layer as it is,
+    # between compiled graphs: its host-side routing decisions, Triton launches and probes do not trace.
+    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.training:
             raise RuntimeError(

@@ -263,3 +263,13 @@ def test_forward_with_gradients_on_warns_once_that_experts_get_none(monkeypatch)
     assert len(ours) == 1 and "torch.no_grad()" in str(ours[0].message)
     experts = [p for n, p in model.named_parameters() if ".experts." in n]
     assert experts and all(p.grad is None for p in experts)  # what the warning says
+
+
+def test_torch_compile_of_an_optimized_model_runs_the_layers_as_they_are():
+    """torch.compile (a user's, or transformers' for static-cache generate) used to fail tracing the layer."""
+    model = hf_moe_opt.optimize(tiny_switch(), capacity="none")
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids, decoder_input_ids=ids).logits
+        got = torch.compile(model, backend="eager")(input_ids=ids, decoder_input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -148,3 +148,19 @@ def test_cuda_graphs_option_gives_identical_generation(backend, family):
     assert torch.equal(got, want) and torch.equal(got_again, want)
     layers = hf_moe_opt.optimized_layers(model)
     assert sum(len(layer.graphs.graphs) for _, layer in layers) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_static_cache_generate_and_torch_compile(backend):
+    """transformers may torch.compile a static-cache decode step; the layers run between its graphs."""
+    model = tiny_switch(num_experts=8).cuda().to(torch.bfloat16)
+    hf_moe_opt.optimize(model, backend=_backend_or_skip(backend))
+    ids = torch.randint(3, VOCAB, (2, 10), device="cuda")
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        got = model.generate(ids, cache_implementation="static", **kw)
+        logits = model(input_ids=ids, decoder_input_ids=ids).logits
+        compiled = torch.compile(model)(input_ids=ids, decoder_input_ids=ids).logits
+    assert torch.equal(got, want)
+    torch.testing.assert_close(compiled, logits, rtol=2e-2, atol=2e-2)  # inductor fuses the dense parts
