@@ -137,6 +137,21 @@ def _store_case(rank: int, world: int) -> None:
                     assert torch.equal(got, want), (top_k, seed, scale)
 
 
+def _cast_case(rank: int, world: int) -> None:
+    # Rank 0 holds every expert, the others none: after model.to(bf16) every rank must still send its
+    # rows in the experts' new dtype (a rank without experts has no expert parameter that is cast).
+    model = tiny_switch(num_experts=4, seed=0, expert_capacity=64)
+    names = [name for name, _ in hf_moe_opt.optimized_layers(hf_moe_opt.optimize(copy.deepcopy(model)))]
+    plan = PlacementPlan(num_devices=world, strategy="hand", layers={n: [[(0, 1.0)]] * 4 for n in names})
+    reference = hf_moe_opt.optimize(copy.deepcopy(model)).to(torch.bfloat16)
+    hf_moe_opt.optimize(model, expert_parallel=True, placement=plan)
+    assert "_hf_moe_opt_expert_dtype" not in "".join(model.state_dict())
+    model.to(torch.bfloat16)
+    batch = _batch(200 + rank)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+
+
 def _worker(rank: int, world: int, port: int, cases: list, errors) -> None:
     try:
         _init(rank, world, port)
@@ -145,6 +160,8 @@ def _worker(rank: int, world: int, port: int, cases: list, errors) -> None:
                 _zero_token_case(rank, world)
             elif case == "store":
                 _store_case(rank, world)
+            elif case == "cast":
+                _cast_case(rank, world)
             else:
                 family, num_experts, strategy = case
                 make = tiny_switch if family == "switch" else tiny_nllb
@@ -188,6 +205,11 @@ def _run(world: int, target, *args) -> list:
 
 def test_two_ranks_match_single_process():
     errors = _run(2, _worker, [("switch", 4, "replicate"), ("nllb", 4, "greedy"), "zero", "store"])
+    assert not errors, "\n".join(f"rank {r}:\n{tb}" for r, tb in errors)
+
+
+def test_rank_without_experts_follows_dtype_cast():
+    errors = _run(2, _worker, ["cast"])
     assert not errors, "\n".join(f"rank {r}:\n{tb}" for r, tb in errors)
 
 

@@ -159,6 +159,22 @@ def test_placed_model_survives_dtype_cast():
         torch.testing.assert_close(placed(**batch).logits, reference(**batch).logits, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU beside the CPU")
+def test_restore_brings_placed_experts_back_to_the_layer_device():
+    # The restored transformers block runs every expert on its inputs' device: experts left on their
+    # planned devices would make its forward fail.
+    model = tiny_switch(num_experts=4).cuda()
+    names = [b[0] for b in _find_blocks(model)]
+    plan = PlacementPlan(num_devices=2, strategy="hand", layers={n: [[(e % 2, 1.0)] for e in range(4)] for n in names})
+    batch = {k: v.cuda() for k, v in _batch(5).items()}
+    with torch.no_grad():
+        want = model(**batch).logits
+    hf_moe_opt.restore(hf_moe_opt.optimize(model, placement=plan, devices=["cuda:0", "cpu"]))
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, want, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------- device maps
 
 

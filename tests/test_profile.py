@@ -155,3 +155,30 @@ def test_padding_is_not_counted():
     apart = [profile(causal, [{"input_ids": i, "attention_mask": m}], progress=False) for i, m in alone]
     for name in together.layers:
         assert (together.counts(name).sum(0) == sum(t.counts(name).sum(0) for t in apart)).all(), name
+
+
+def test_max_batches_takes_no_extra_batch_from_an_iterator():
+    model = tiny_switch(num_experts=4)
+    batches = iter(_batches(3))
+    trace = profile(model, batches, progress=False, max_batches=2)
+    assert trace.num_batches() == 2
+    assert len(list(batches)) == 1  # the third batch is still there for the caller
+
+
+def test_beam_decode_steps_are_not_masked_by_the_prompt_mask():
+    """Beam search decode steps have [batch * beams, 1] rows: with beams == prompt length as many as
+    the prompt's mask has entries, but they are not the prompt's tokens and all count."""
+    from .test_families import tiny_model
+
+    model = tiny_model("mixtral")
+    (ids, mask), _ = _padded_pair(3, lengths=(2, 4))  # [2, 4], two padding entries in sequence 0
+    k = model.config.num_experts_per_tok
+
+    def run(m, b):
+        return m.generate(**b, max_new_tokens=3, min_new_tokens=3, num_beams=4, do_sample=False)
+
+    trace = profile(model, [{"input_ids": ids, "attention_mask": mask}], progress=False, run=run, coactivation=False)
+    # Prefill: beam search repeats each prompt per beam, 2 x 4 x 4 rows (padding counted: the layer does
+    # not see the batch's own [2, 4] shape); then 2 decode steps of 2 x 4 rows each, all real.
+    for name in trace.layers:
+        assert trace.counts(name).sum() == (2 * 4 * 4 + 2 * 2 * 4) * k, name

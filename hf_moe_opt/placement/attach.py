@@ -217,6 +217,7 @@ class Placer:
         for name, layer in self.pending:
             table = ReplicaTable(self.plan, name, layer.num_experts)
             store = ExpertParallelStore(layer.weights, table, self.group, name)
+            store.track_dtype(layer)
             keep = set(table.experts_on[store.rank])
             for expert_name in expert_modules(layer):
                 if int(expert_name.split("_", 1)[1]) not in keep:

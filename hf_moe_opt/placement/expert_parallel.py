@@ -16,7 +16,8 @@ Multi-node runs are the same code under ``torchrun``.
 Rules that follow from the collectives:
 
 * every rank must call every MoE layer the same number of times (the same number of forward
-  passes, the same ``max_new_tokens`` in ``generate``; a rank may pass zero tokens); a rank that
+  passes; in ``generate`` the same ``max_new_tokens`` and ``min_new_tokens`` equal to it, since a
+  rank whose sequences all end early stops calling; a rank may pass zero tokens); a rank that
   stops calling, or dies, makes the others fail with the process group's timeout (set it with
   ``init_process_group(timeout=...)``), reported as a :class:`RuntimeError` naming the layer;
 * at setup the ranks compare their models and plans with one ``all_gather_object``; any mismatch
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..dispatch import DispatchPlan
 from ..experts.activation import Activation
@@ -52,6 +54,7 @@ from .store import (
     _sub_plan,
 )
 
+DTYPE_BUFFER = "_hf_moe_opt_expert_dtype"
 _HINT = (
     "a peer rank died or timed out, or the ranks called the MoE layers a different number of times "
     "(every rank must run the same number of forward passes; a rank may pass zero tokens)"
@@ -144,13 +147,29 @@ class ExpertParallelStore(ExpertStore):
         self.calls = 0
         self.rows_sent = 0
         self.rows_computed = 0
+        self._dtype_owner: nn.Module | None = None
         self._place()
 
     def _weight_dtype(self) -> torch.dtype:
         """The experts' dtype, the same on every rank (also on one that holds no experts): rows travel
         in it, so every rank sizes its all-to-all buffers alike."""
         w1 = self.weights.w1
-        return w1.param.dtype if isinstance(w1, FusedExpertTensor) else w1.tensor.dtype
+        if isinstance(w1, FusedExpertTensor):
+            return w1.param.dtype  # a [0, ...] parameter on a rank without experts: cast with the model
+        if not self.local.experts and self._dtype_owner is not None:
+            return getattr(self._dtype_owner, DTYPE_BUFFER).dtype
+        return w1.tensor.dtype
+
+    def track_dtype(self, module: nn.Module) -> None:
+        """Keep the experts' dtype in an empty non-persistent buffer of ``module`` (the layer).
+
+        A rank that holds none of the layer's experts keeps no expert parameter that ``model.to(dtype)``
+        would cast; the buffer is cast with the model (and is not in the ``state_dict``), so that rank
+        still sends its rows in the dtype the other ranks expect.
+        """
+        probe = torch.empty(0, dtype=self._weight_dtype(), device=self.local.device)
+        module.register_buffer(DTYPE_BUFFER, probe, persistent=False)
+        self._dtype_owner = module
 
     def _fused(self) -> bool:
         return isinstance(self.weights.w1, FusedExpertTensor)

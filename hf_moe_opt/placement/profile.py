@@ -12,6 +12,7 @@ layer call); the counts come to the host once per batch.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -172,7 +173,17 @@ def profile(
     padding: list[torch.Tensor | None] = [None, None]
     counters: dict[str, _LayerCounter] = {}
     hooks: list[tuple[nn.Module, Callable]] = []
+    handles = []
     names = {id(layer): name for name, layer in layers}
+    # (batch, seq) of each layer's current call: a decode step of beam search can have as many rows as
+    # the prompt's mask has entries ([batch * beams, 1] vs [batch, seq]) without being those tokens.
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record_shape(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor):
+            shapes[names[id(layer)]] = tuple(hidden.shape[:-1])
+
     for name, layer in layers:
         counters[name] = _LayerCounter(layer.num_experts, coactivation)
 
@@ -180,11 +191,16 @@ def profile(
             name = names[id(layer)]
             rows = routing.expert_index.shape[0]
             mask = padding[1] if seq2seq and "decoder" in name.split(".") else padding[0]
-            tokens = mask if mask is not None and mask.numel() == rows else None
+            tokens = None
+            if mask is not None and mask.numel() == rows:
+                shape = shapes.get(name)
+                if shape is None or shape in (tuple(mask.shape), (1, mask.numel())):
+                    tokens = mask
             counters[name].add(routing.expert_index, routing.keep, tokens)
 
         layer.observers.append(observe)
         hooks.append((layer, observe))
+        handles.append(layer.register_forward_pre_hook(record_shape, with_kwargs=True))
     num_experts = {c.num_experts for c in counters.values()}
     if len(num_experts) > 1:
         raise ValueError(f"layers have different expert counts {sorted(num_experts)}; a trace holds one count")
@@ -201,7 +217,8 @@ def profile(
         total = int(max_batches)
     elif hasattr(batches, "__len__"):
         total = len(batches)  # type: ignore[arg-type]
-    iterator: Iterable[Any] = batches
+    # islice: stop before fetching batch max_batches + 1 (a generator or data loader would lose it).
+    iterator: Iterable[Any] = batches if max_batches is None else itertools.islice(batches, int(max_batches))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -209,9 +226,7 @@ def profile(
         bar = tqdm(total=total, desc="profiling routing", unit="batch")
     try:
         with torch.no_grad():
-            for i, batch in enumerate(iterator):
-                if max_batches is not None and i >= max_batches:
-                    break
+            for batch in iterator:
                 batch = _to_device(batch, device)
                 padding[:] = _padding_masks(batch)
                 runner(model, batch)
@@ -225,6 +240,8 @@ def profile(
             bar.close()
         for layer, fn in hooks:
             layer.observers.remove(fn)
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
         if temporary:
             restore(model)

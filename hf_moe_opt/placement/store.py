@@ -253,7 +253,7 @@ class PlacedExpertStore(ExpertStore):
         self.devices = [torch.device(d) for d in devices]
         self.num_experts = table.num_experts
         self.groups = [_DeviceExperts(self.devices[d], table.experts_on[d]) for d in range(table.num_devices)]
-        self.fused_home = weights.device  # where fused parameters return on restore
+        self.home_device = weights.device  # where every expert parameter returns on restore
         self._place()
         self.calls = 0
         self.rows_per_device = [0] * table.num_devices
@@ -297,11 +297,21 @@ class PlacedExpertStore(ExpertStore):
 
     @torch.no_grad()
     def release(self) -> None:
-        """``hf_moe_opt.restore``: fused parameters go back to the device they had before placement."""
+        """``hf_moe_opt.restore``: every expert parameter goes back to the layer's device.
+
+        The restored transformers block runs all its experts on the device of its inputs, so per-expert
+        parameters left on their planned devices would make its forward fail.
+        """
+        home = self.home_device
         for name in _stack_names(self.weights):
             stack = getattr(self.weights, name)
-            if isinstance(stack, FusedExpertTensor) and stack.storage().device != self.fused_home:
-                stack.set_storage(stack.storage().to(self.fused_home))
+            if isinstance(stack, FusedExpertTensor):
+                if stack.storage().device != home:
+                    stack.set_storage(stack.storage().to(home))
+                continue
+            for p in stack.params:
+                if p.device != home:
+                    p.data = p.data.to(home)
         for group in self.groups:
             group.tensors.clear()
 
