@@ -13,7 +13,8 @@ the routing on a few batches, plans a balanced placement, then shards the expert
 ``hf_moe_opt.optimize(model, expert_parallel=True, placement=plan)`` and checks its own batch
 against the single-process optimized model (logits equal to float rounding, generated tokens
 identical). Every rank must call the model the same number of
-times (here: the same number of forward passes and ``max_new_tokens``).
+times (here: the same number of forward passes, and ``max_new_tokens`` with ``min_new_tokens``
+equal to it, so that no rank stops generating early).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def _patches():
 
 
 def supported_architectures() -> dict[str, str]:
-    """``{config.model_type: sparse MoE block class}`` for every architecture ``optimize`` handles."""
+    """``{config.model_type: sparse MoE block class name}`` for every architecture ``optimize`` handles."""
     return {p.model_type: p.block_class_name for p in _patches()}
 
 
