@@ -307,10 +307,12 @@ def test_composite_model_experts_activation():
     )
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=VOCAB - 1)
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels run where CUDA is
     ref = transformers.LlavaForConditionalGeneration(config).eval()
     assert getattr(ref.config, "hidden_act", None) is None
     _spread(ref)
-    ids = _ids()
+    ref.to(device)
+    ids = _ids().to(device)
     with torch.no_grad():
         expected = ref(input_ids=ids).logits
     for backend in ["torch", "triton"] if _triton_runs_here() else ["torch"]:

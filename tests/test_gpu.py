@@ -153,14 +153,17 @@ def test_cuda_graphs_option_gives_identical_generation(backend, family):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_static_cache_generate_and_torch_compile(backend):
     """transformers may torch.compile a static-cache decode step; the layers run between its graphs."""
-    model = tiny_switch(num_experts=8).cuda().to(torch.bfloat16)
-    hf_moe_opt.optimize(model, backend=_backend_or_skip(backend))
+    base = tiny_switch(num_experts=8).cuda()
+    model = hf_moe_opt.optimize(copy.deepcopy(base).to(torch.bfloat16), backend=_backend_or_skip(backend))
     ids = torch.randint(3, VOCAB, (2, 10), device="cuda")
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     with torch.no_grad():
         want = model.generate(ids, **kw)
         got = model.generate(ids, cache_implementation="static", **kw)
-        logits = model(input_ids=ids, decoder_input_ids=ids).logits
-        compiled = torch.compile(model)(input_ids=ids, decoder_input_ids=ids).logits
     assert torch.equal(got, want)
-    torch.testing.assert_close(compiled, logits, rtol=2e-2, atol=2e-2)  # inductor fuses the dense parts
+    # Compiled in float32 (in bfloat16 inductor's fused dense kernels round differently, a few ulps).
+    model32 = hf_moe_opt.optimize(base, backend=backend)
+    with torch.no_grad():
+        logits = model32(input_ids=ids, decoder_input_ids=ids).logits
+        compiled = torch.compile(model32)(input_ids=ids, decoder_input_ids=ids).logits
+    torch.testing.assert_close(compiled, logits, rtol=1e-4, atol=1e-4)
