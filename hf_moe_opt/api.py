@@ -11,6 +11,7 @@ from transformers.utils import logging
 
 from . import dense, encoder_graphs, step_graphs
 from .dense import DENSE_MODEL_TYPES
+from .devices import plain_device_hook
 from .experts.backends import BACKENDS
 from .graphs import GraphCache
 from .layer import CAPACITY_MODES, OptimizedMoE
@@ -73,6 +74,13 @@ def _config_for(model: nn.Module, block_name: str):
 
 
 def _check_block_weights(name: str, block: nn.Module) -> None:
+    hooks = [getattr(m, "_hf_hook", None) for m in block.modules()]
+    if any(h is not None and not plain_device_hook(h) for h in hooks):
+        raise ValueError(
+            f"{name} has weights offloaded by accelerate (a device map with 'cpu' or 'disk' entries): "
+            "optimize(model, expert_cache=...) serves offloaded experts from host memory; otherwise load "
+            "the model onto GPUs"
+        )
     for pname, p in block.named_parameters():
         if p.device.type == "meta":
             raise ValueError(
@@ -84,10 +92,12 @@ def _check_block_weights(name: str, block: nn.Module) -> None:
                 f"{name}.{pname} has dtype {p.dtype}; hf_moe_opt supports float32, bfloat16 and float16 "
                 "experts (quantized experts are not supported)"
             )
-    if getattr(block, "_hf_hook", None) is not None or any(
-        getattr(m, "_hf_hook", None) is not None for m in block.modules()
-    ):
-        raise ValueError(f"{name} carries accelerate offload hooks; load its experts onto one device before optimizing")
+    devices = sorted({str(p.device) for p in block.parameters()})
+    if len(devices) > 1:
+        raise ValueError(
+            f"{name} has weights on {devices}: a layer runs on one device; load each MoE block onto one "
+            "device, or spread experts with placement= (hf_moe_opt.plan_placement)"
+        )
 
 
 def _quietly(check: Callable[[], Any]) -> bool:

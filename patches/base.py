@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import types
 from abc import ABC, abstractmethod
 
 from torch import nn
@@ -48,6 +49,8 @@ def undo_router_swap(module: nn.Module) -> None:
         original_class = getattr(sub, "_hf_moe_opt_original_class", None)
         if original_class is not None:
             sub.__class__ = original_class
+            if "_hf_moe_opt_hooked_forward" in vars(sub):
+                sub._old_forward = sub._hf_moe_opt_hooked_forward
             for name in [n for n in vars(sub) if n.startswith("_hf_moe_opt_")]:
                 delattr(sub, name)
 
@@ -64,3 +67,8 @@ def swap_router_class(router: nn.Module, optimized_class: type[nn.Module], **opt
     for key, value in options.items():
         setattr(router, f"_hf_moe_opt_{key}", value)
     router.__class__ = optimized_class
+    if "_old_forward" in vars(router):
+        # An accelerate hook (a model loaded with a device map over several devices or offloading) calls
+        # the forward bound when it was attached, the original class's: it must call ours instead.
+        router._hf_moe_opt_hooked_forward = router._old_forward
+        router._old_forward = types.MethodType(optimized_class.forward, router)

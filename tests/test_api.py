@@ -273,3 +273,25 @@ def test_torch_compile_of_an_optimized_model_runs_the_layers_as_they_are():
         want = model(input_ids=ids, decoder_input_ids=ids).logits
         got = torch.compile(model, backend="eager")(input_ids=ids, decoder_input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_accelerate_hooked_routers_run_our_forward(family):
+    """Models loaded with a device map over several devices carry accelerate hooks on every module; a
+    hook calls the forward bound when it was attached, which used to be the original router's."""
+    from accelerate.hooks import attach_execution_device_hook
+
+    base = FAMILIES[family]()
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        original = base(input_ids=ids, decoder_input_ids=ids).logits
+        want = hf_moe_opt.optimize(copy.deepcopy(base))(input_ids=ids, decoder_input_ids=ids).logits
+    hooked = copy.deepcopy(base)
+    attach_execution_device_hook(hooked, "cpu")  # as from_pretrained(device_map=...) does: every module
+    assert any(hasattr(m, "_hf_hook") for m in hooked.modules())
+    hf_moe_opt.optimize(hooked)
+    with torch.no_grad():
+        torch.testing.assert_close(hooked(input_ids=ids, decoder_input_ids=ids).logits, want, rtol=0, atol=0)
+    hf_moe_opt.restore(hooked)  # the hooks call the original routers again
+    with torch.no_grad():
+        torch.testing.assert_close(hooked(input_ids=ids, decoder_input_ids=ids).logits, original, rtol=0, atol=0)

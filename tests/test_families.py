@@ -437,3 +437,36 @@ def test_gated_activation_is_not_kernel_activation():
     assert Activation("silu", torch.nn.functional.silu).kernel_supported
     with pytest.raises(ValueError):
         Activation("x", torch.sigmoid, glu="clamped_swiglu")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_accelerate_hooked_routers_run_our_forward(family):
+    """A device-mapped model has accelerate hooks on every module: the routers must still run ours."""
+    from accelerate.hooks import attach_execution_device_hook
+
+    base = tiny_model(family)
+    ids = _ids()
+    with torch.no_grad():
+        original = base(ids).logits
+        want = hf_moe_opt.optimize(copy.deepcopy(base), backend="torch")(ids).logits
+    hooked = copy.deepcopy(base)
+    attach_execution_device_hook(hooked, "cpu")
+    hf_moe_opt.optimize(hooked, backend="torch")
+    for _, layer in hf_moe_opt.optimized_layers(hooked):
+        router = layer.router
+        if "_old_forward" in vars(router):
+            assert router._old_forward.__func__ is type(router).forward
+    with torch.no_grad():
+        torch.testing.assert_close(hooked(ids).logits, want, rtol=0, atol=0)
+        hf_moe_opt.restore(hooked)
+        torch.testing.assert_close(hooked(ids).logits, original, rtol=0, atol=0)
+
+
+def test_offloaded_block_without_a_cache_says_how_to_serve_it():
+    from accelerate import cpu_offload
+
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:
+        cpu_offload(layer.mlp.experts, execution_device="cpu")
+    with pytest.raises(ValueError, match=r"offloaded by accelerate.*expert_cache="):
+        hf_moe_opt.optimize(model)

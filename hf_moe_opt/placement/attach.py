@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..devices import visible_gpus
+from ..devices import plain_device_hook, visible_gpus
 from ..experts.layout import expert_layout, expert_modules
 from .plan import PlacementPlan
 from .store import PlacedExpertStore, ReplicaTable
@@ -26,15 +26,6 @@ def round_robin_plan(layers: dict[str, int], num_devices: int) -> PlacementPlan:
         num_devices=num_devices,
         strategy="round_robin",
         layers={name: [[(j % num_devices, 1.0)] for j in range(n)] for name, n in layers.items()},
-    )
-
-
-def _plain_device_hook(hook: Any) -> bool:
-    """An accelerate hook that only moves inputs between devices (no offload, no weights map)."""
-    return (
-        type(hook).__name__ == "AlignDevicesHook"
-        and not getattr(hook, "offload", False)
-        and getattr(hook, "weights_map", None) is None
     )
 
 
@@ -151,7 +142,7 @@ class Placer:
         skip = {id(m) for m in experts.modules()} if fused else set()
         for module in block.modules():
             hook = getattr(module, "_hf_hook", None)
-            if id(module) not in skip and hook is not None and not _plain_device_hook(hook):
+            if id(module) not in skip and hook is not None and not plain_device_hook(hook):
                 raise ValueError(
                     f"{name} carries accelerate offload hooks; expert placement needs every expert's weights "
                     "on a real device (no disk/CPU offload in the device map, except for fused experts)"
