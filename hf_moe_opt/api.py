@@ -73,7 +73,7 @@ def _config_for(model: nn.Module, block_name: str):
     return config
 
 
-def _check_block_weights(name: str, block: nn.Module) -> None:
+def _check_block_weights(name: str, block: nn.Module, cached: bool) -> None:
     hooks = [getattr(m, "_hf_hook", None) for m in block.modules()]
     if any(h is not None and not plain_device_hook(h) for h in hooks):
         raise ValueError(
@@ -93,7 +93,7 @@ def _check_block_weights(name: str, block: nn.Module) -> None:
                 "experts (quantized experts are not supported)"
             )
     devices = sorted({str(p.device) for p in block.parameters()})
-    if len(devices) > 1:
+    if len(devices) > 1 and not cached:  # a cache's experts live in host memory
         raise ValueError(
             f"{name} has weights on {devices}: a layer runs on one device; load each MoE block onto one "
             "device, or spread experts with placement= (hf_moe_opt.plan_placement)"
@@ -264,7 +264,7 @@ def optimize(
         )
     for name, _, _, block, _ in blocks:
         if placer is None:
-            _check_block_weights(name, block)
+            _check_block_weights(name, block, cached=cache_plan is not None)
         else:
             placer.check_block(name, block)
     from .patches.base import undo_router_swap

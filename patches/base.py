@@ -48,9 +48,13 @@ def undo_router_swap(module: nn.Module) -> None:
     for sub in module.modules():
         original_class = getattr(sub, "_hf_moe_opt_original_class", None)
         if original_class is not None:
+            ours = type(sub).forward
             sub.__class__ = original_class
-            if "_hf_moe_opt_hooked_forward" in vars(sub):
+            own = vars(sub)
+            if "_hf_moe_opt_hooked_forward" in own and "_old_forward" in own:
                 sub._old_forward = sub._hf_moe_opt_hooked_forward
+            if getattr(own.get("forward"), "__func__", None) is ours:
+                del sub.forward  # a hook removed while optimized pinned our forward on the instance
             for name in [n for n in vars(sub) if n.startswith("_hf_moe_opt_")]:
                 delattr(sub, name)
 
@@ -66,9 +70,13 @@ def swap_router_class(router: nn.Module, optimized_class: type[nn.Module], **opt
     router._hf_moe_opt_original_class = type(router)
     for key, value in options.items():
         setattr(router, f"_hf_moe_opt_{key}", value)
+    original_forward = type(router).forward
     router.__class__ = optimized_class
-    if "_old_forward" in vars(router):
+    own = vars(router)
+    if "_old_forward" in own:
         # An accelerate hook (a model loaded with a device map over several devices or offloading) calls
         # the forward bound when it was attached, the original class's: it must call ours instead.
         router._hf_moe_opt_hooked_forward = router._old_forward
         router._old_forward = types.MethodType(optimized_class.forward, router)
+    elif getattr(own.get("forward"), "__func__", None) is original_forward:
+        del router.forward  # a removed hook leaves the original bound forward on the instance

@@ -295,3 +295,19 @@ def test_accelerate_hooked_routers_run_our_forward(family):
     hf_moe_opt.restore(hooked)  # the hooks call the original routers again
     with torch.no_grad():
         torch.testing.assert_close(hooked(input_ids=ids, decoder_input_ids=ids).logits, original, rtol=0, atol=0)
+    # Hooks removed before optimize (as the expert cache's take-over does) or while optimized leave a
+    # bound forward on each module: the routers must still run ours while optimized, theirs after.
+    from accelerate.hooks import remove_hook_from_module
+
+    for remove_before in (True, False):
+        model = copy.deepcopy(base)
+        attach_execution_device_hook(model, "cpu")
+        if remove_before:
+            remove_hook_from_module(model, recurse=True)
+        hf_moe_opt.optimize(model)
+        if not remove_before:
+            remove_hook_from_module(model, recurse=True)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, want, rtol=0, atol=0)
+            hf_moe_opt.restore(model)
+            torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, original, rtol=0, atol=0)
