@@ -152,3 +152,14 @@ def random_routing(seed: int, tokens: int, top_k: int, hidden: int, num_experts:
     gates = torch.rand(tokens, top_k, generator=g)
     keep = torch.rand(tokens, top_k, generator=g) >= drop if drop else None
     return x, make_plan(expert_index, gates, keep, num_experts)
+
+
+def offloading_hooks(model) -> list[str]:
+    """Modules whose accelerate hook still offloads weights (plain device-moving hooks do not count)."""
+    found = []
+    for name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook] if hook is not None else []):
+            if getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None:
+                found.append(name)
+    return found

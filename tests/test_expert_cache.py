@@ -21,7 +21,7 @@ from hf_moe_opt.cache import (
 )
 from hf_moe_opt.cache.budget import LayerGeometry
 
-from .models import VOCAB, tiny_nllb, tiny_switch
+from .models import VOCAB, offloading_hooks, tiny_nllb, tiny_switch
 
 FAMILIES = {"switch": tiny_switch, "nllb": tiny_nllb}
 NUM_EXPERTS = 8
@@ -474,17 +474,6 @@ def test_stats_on_models_without_cache():
     hf_moe_opt.reset_stats(model)
 
 
-def _offloading_hooks(model) -> list[str]:
-    """Modules whose accelerate hook still offloads weights (plain device-moving hooks do not count)."""
-    found = []
-    for name, module in model.named_modules():
-        hook = getattr(module, "_hf_hook", None)
-        for h in getattr(hook, "hooks", [hook] if hook is not None else []):
-            if getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None:
-                found.append(name)
-    return found
-
-
 def test_from_pretrained_with_the_offload_device_map(family, tmp_path):
     """Recipe 1 as documented: a checkpoint loaded with ``offload_device_map`` (on a GPU accelerate
     keeps the experts in host memory behind hooks), then ``optimize`` takes them over."""
@@ -499,7 +488,7 @@ def test_from_pretrained_with_the_offload_device_map(family, tmp_path):
         assert any(p.device.type == "meta" for p in model.parameters())
     _quiet_optimize(model, expert_cache=3)
     assert not any(p.device.type == "meta" for p in model.parameters())
-    assert not _offloading_hooks(model)  # from_pretrained leaves plain device hooks on the dense parts
+    assert not offloading_hooks(model)  # from_pretrained leaves plain device hooks on the dense parts
     assert all(
         st["device"] == str(DEVICE if DEVICE.type == "cpu" else "cuda:0") for st in hf_moe_opt.stats(model).values()
     )

@@ -19,6 +19,7 @@ import hf_moe_opt
 from hf_moe_opt.api import _find_blocks
 from hf_moe_opt.cache import CachedExpertStore, move_dense, offload_device_map, simulate, trace_from_counts
 
+from .models import offloading_hooks
 from .test_families import BF16, FAMILIES, FP32, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -213,24 +214,13 @@ def test_fused_pinned_experts(fam):
     assert {4, 1} & used <= set(st["resident"])
 
 
-def _offloading_hooks(model) -> list[str]:
-    """Modules whose accelerate hook still offloads weights (plain device-moving hooks do not count)."""
-    found = []
-    for name, module in model.named_modules():
-        hook = getattr(module, "_hf_hook", None)
-        for h in getattr(hook, "hooks", [hook] if hook is not None else []):
-            if getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None:
-                found.append(name)
-    return found
-
-
 def _cache_takes_over(model, resident_outputs) -> None:
     """optimize with a cache over offloaded experts: no meta parameters or hooks left, outputs exact."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         hf_moe_opt.optimize(model, backend="torch", expert_cache=2)
     assert not any(p.device.type == "meta" for p in model.parameters())
-    assert not _offloading_hooks(model)  # from_pretrained leaves plain device hooks on the dense parts
+    assert not offloading_hooks(model)  # from_pretrained leaves plain device hooks on the dense parts
     for got, resident in zip(_run(model), resident_outputs, strict=True):
         _assert_same(got, resident)
 
