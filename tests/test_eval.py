@@ -411,20 +411,21 @@ def test_eval_mt_bfloat16_differences_are_told_from_changes(tmp_path, capsys):
     data = DDTP / "en-de.test.tsv.gz"
     if not data.is_file() or not (NLLB / "config.json").is_file():
         pytest.skip("needs the DDTP test split and the shipped NLLB-MoE model")
-    argv = ["eval-mt", "--data", str(data), "--limit", "8", "--dtype", "bfloat16", "--metrics", "sacrebleu"]
+    argv = ["eval-mt", "--data", str(data), "--limit", "4", "--dtype", "bfloat16", "--metrics", "sacrebleu"]
+    argv += ["--max-new-tokens", "24"]
     out = tmp_path / "mt.json"
     assert main([*argv, "--no-progress", "--fail-if-changed", "--json", str(out)]) == 0
     v = json.loads(out.read_text())["unchanged"]
     printed = capsys.readouterr().out
     # No token is dropped with capacity="model": changes are not to be read as "changed without a drop".
     assert "changes_only_where_original_drops" not in v and "changed without a drop" not in printed
-    assert v["sentences"] == 8 and v["sentences_differing"] >= 0
+    assert v["sentences"] == 4 and v["sentences_differing"] >= 0
     if v["unchanged"]:
         pytest.skip("no translation flipped in bfloat16 on this machine")
     check = v["float32_check"]
     assert v["differences_are_rounding"] is True and check["sentences_differing"] == 0
     assert abs(check["perplexity_rel_diff"]) <= 1e-4
-    assert f"{v['sentences_differing']}/8 translations differ" in printed and "BFLOAT16 ROUNDING" in printed
+    assert f"{v['sentences_differing']}/4 translations differ" in printed and "BFLOAT16 ROUNDING" in printed
 
 
 def test_verdict_line_says_how_much_differs():
