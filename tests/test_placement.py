@@ -142,6 +142,25 @@ def test_split_by_batch():
         trace_from([[1, 2]]).split()
 
 
+def test_select_batches_picks_rows_and_refuses_masks_and_bad_indices():
+    trace = synthetic_zipf_trace(num_layers=2, num_experts=8, num_batches=6, tokens_per_batch=32, seed=1)
+    picked = trace.select_batches([4, 1, 4])
+    for layer in trace.layers:
+        np.testing.assert_array_equal(picked.counts(layer), trace.counts(layer)[[4, 1, 4]])
+    np.testing.assert_array_equal(
+        picked.counts(trace.layers[0]), trace.select_batches(np.array([4, 1, 4])).counts(trace.layers[0])
+    )
+    with pytest.raises(ValueError, match="mask"):  # read as indices it would pick batches 1, 0, 1
+        trace.select_batches(np.array([True, False, True, False, False, False]))
+    with pytest.raises(ValueError, match="integer"):
+        trace.select_batches([0.0, 2.5])
+    with pytest.raises(ValueError, match="non-empty"):
+        trace.select_batches([])
+    for bad in ([6], [-1]):
+        with pytest.raises(ValueError, match=r"\[0, 6\)"):
+            trace.select_batches(bad)
+
+
 @pytest.mark.parametrize("suffix", [".json", ".npz"])
 def test_trace_round_trip(tmp_path, suffix):
     trace = synthetic_zipf_trace(num_layers=3, num_experts=16, num_batches=5, tokens_per_batch=100, seed=4)
@@ -154,6 +173,11 @@ def test_trace_round_trip(tmp_path, suffix):
         assert loaded.coactivation_batches(layer) == trace.coactivation_batches(layer)
     loaded.add_batch("extra.mlp", np.ones(16, dtype=np.int64))
     assert loaded != trace
+    # Metadata that JSON stores differently (a tuple, an int key) still compares equal once loaded.
+    odd = RoutingTrace({"shape": (2, 3), "per_layer": {7: "x"}}, num_experts=4)
+    odd.add_batch("l", np.arange(4))
+    assert odd.metadata["shape"] == [2, 3] and odd.metadata["per_layer"] == {"7": "x"}
+    assert RoutingTrace.load(odd.save(tmp_path / f"odd{suffix}")) == odd
 
 
 def test_trace_npz_is_plain_arrays(tmp_path):
@@ -258,6 +282,8 @@ def test_plan_round_trip(tmp_path, zipf_trace, strategy):
     plan = plan_for(zipf_trace, 4, strategy)
     assert PlacementPlan.from_json(plan.to_json()) == plan
     assert PlacementPlan.load(plan.save(tmp_path / "plan.json")) == plan
+    odd = PlacementPlan(1, "manual", {"l": [[(0, 1.0)]]}, {"slots": (1, 2), "by_device": {0: 1}})
+    assert PlacementPlan.from_json(odd.to_json()) == odd
 
 
 @pytest.mark.parametrize("num_devices", [2, 4])
@@ -343,6 +369,11 @@ def test_plan_validation_and_evaluate_errors():
         PlacementPlan(2, "manual", {"l": [[(0, 0.5), (0, 0.5)]]})
     with pytest.raises(ValueError, match="no replica"):
         PlacementPlan(2, "manual", {"l": [[]]})
+    for bad in (0.5, 1.7, True):  # never truncated to device 0 or 1
+        with pytest.raises(ValueError, match="device index"):
+            PlacementPlan(2, "manual", {"l": [[(bad, 1.0)]]})
+    whole = PlacementPlan(2, "manual", {"l": [[(1.0, 1.0)], [(np.int64(0), 1.0)]]})
+    assert whole.layers["l"] == (((1, 1.0),), ((0, 1.0),))
     with pytest.raises(ValueError, match="num_devices"):
         PlacementPlan(0, "manual", {"l": [[(0, 1.0)]]})
     plan = PlacementPlan(2, "manual", {"layers.0.mlp": [[(0, 1.0)], [(1, 1.0)]]})

@@ -14,6 +14,7 @@ layer's step takes as long as its busiest device).
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,26 @@ Replica = tuple[int, float]
 """``(device, share)``: one copy of an expert and the fraction of its tokens it computes."""
 
 
+def _device_index(name: str, expert: int, device: Any) -> int:
+    """A replica's device as an int; a fractional or boolean value is an error, not truncated."""
+    if isinstance(device, (bool, np.bool_)):
+        raise ValueError(f"layer {name!r}: expert {expert} has device {device!r}, not a device index")
+    try:
+        return operator.index(device)
+    except TypeError:
+        pass
+    value = float(device)
+    if not value.is_integer():
+        raise ValueError(f"layer {name!r}: expert {expert} has device {device!r}, not a whole device index")
+    return int(value)
+
+
 def _normalise_layer(
     name: str, experts: Iterable[Iterable[Iterable[Any]]], num_devices: int
 ) -> tuple[tuple[Replica, ...], ...]:
     out: list[tuple[Replica, ...]] = []
     for e, replicas in enumerate(experts):
-        reps = tuple((int(d), float(s)) for d, s in replicas)
+        reps = tuple((_device_index(name, e, d), float(s)) for d, s in replicas)
         if not reps:
             raise ValueError(f"layer {name!r}: expert {e} has no replica")
         devices = [d for d, _ in reps]
@@ -64,7 +79,9 @@ class PlacementPlan:
         num_devices: devices the experts are spread over.
         strategy: name of the strategy that produced the plan.
         layers: layer name -> per expert, a tuple of ``(device, share)`` replicas.
-        metadata: free-form JSON-serialisable facts (model name, spare slots, ...).
+        metadata: free-form JSON-serialisable facts (model name, spare slots, ...), kept as JSON
+            holds them (tuples become lists, dict keys strings) so that a saved and loaded plan
+            compares equal.
     """
 
     num_devices: int
@@ -79,11 +96,12 @@ class PlacementPlan:
             str(name): _normalise_layer(str(name), experts, self.num_devices) for name, experts in self.layers.items()
         }
         object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "metadata", dict(self.metadata))
         try:
-            json.dumps(self.metadata)
+            # Kept as JSON holds it (tuples as lists, keys as strings): a saved and loaded plan compares equal.
+            metadata = json.loads(json.dumps(dict(self.metadata)))
         except TypeError as exc:
             raise ValueError(f"plan metadata must be JSON-serialisable: {exc}") from exc
+        object.__setattr__(self, "metadata", metadata)
 
     # ------------------------------------------------------------------ queries
     @property

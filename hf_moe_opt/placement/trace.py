@@ -99,7 +99,9 @@ class RoutingTrace:
     """Per-layer routing history, recorded batch by batch.
 
     Args:
-        metadata: free-form JSON-serialisable facts about the run (dataset, batch size, ...).
+        metadata: free-form JSON-serialisable facts about the run (dataset, batch size, ...), kept
+            as JSON holds them (tuples become lists, dict keys strings) so that a saved and loaded
+            trace compares equal.
         model_name: name or path of the model that was traced.
         num_experts: experts per MoE layer; when omitted, taken from the first batch added.
         top_k: experts per token.
@@ -124,7 +126,8 @@ class RoutingTrace:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{key} must be a positive int, got {value!r}")
         try:
-            json.dumps(meta)
+            # Kept as JSON holds it (tuples as lists, keys as strings): a saved and loaded trace compares equal.
+            meta = json.loads(json.dumps(meta))
         except TypeError as exc:
             raise ValueError(f"metadata must be JSON-serialisable (plain str/int/float/list/dict): {exc}") from exc
         self.metadata: dict[str, Any] = meta
@@ -248,12 +251,23 @@ class RoutingTrace:
         """A new trace with only the given batch indices of every layer (co-activation not carried).
 
         Co-activation is a sum over batches and cannot be divided among them, so the result holds
-        none.
+        none. Indices may repeat; they must be integers in ``[0, num_batches)`` (a boolean mask is
+        refused rather than read as the indices 0 and 1).
         """
+        index = np.asarray(batches)
+        if index.ndim != 1 or index.size == 0:
+            raise ValueError(f"batches must be a non-empty 1-D sequence of batch indices, got shape {index.shape}")
+        if index.dtype == np.bool_ or not np.issubdtype(index.dtype, np.integer):
+            raise ValueError(f"batches must be integer batch indices (not a {index.dtype} mask or values)")
+        index = index.astype(np.int64)
         out = RoutingTrace(self.metadata)
-        index = np.asarray(batches, dtype=np.int64)
         for layer in self.layers:
             counts = self.counts(layer)
+            if index.min() < 0 or index.max() >= counts.shape[0]:
+                raise ValueError(
+                    f"batch indices must lie in [0, {counts.shape[0]}) for layer {layer!r}, "
+                    f"got {index.min()}..{index.max()}"
+                )
             for row in counts[index]:
                 out.add_batch(layer, row)
         return out
