@@ -386,6 +386,29 @@ def test_prefetch_keeps_outputs_and_loads_ahead(family, policy):
     assert misses < sum(v["misses"] for v in plain_stats.values())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="copies run beside the compute only on a GPU")
+def test_prefetch_wrong_guesses_never_expose_a_copy_in_flight():
+    """Unused prefetches are not waited for at once; a later step that needs one of those experts must
+    wait for its copy. Experts of 134 MB take about 2.5 ms to copy, far longer than a decode step's
+    host work, so a missing wait would read half-copied weights."""
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    cfg = SwitchTransformersConfig(d_model=1024, d_ff=16384, num_experts=4, expert_capacity=1 << 20)
+    torch.manual_seed(0)
+    stack = _Stack([SwitchTransformersSparseMLP(cfg) for _ in range(2)], cfg).to(DEVICE).eval()
+    resident = copy.deepcopy(stack)
+    hf_moe_opt.optimize(resident, capacity="none", backend="torch")
+    _quiet_optimize(stack, expert_cache=2, cache_policy="lifo", backend="torch", cache_prefetch=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(30):
+            h = torch.randn(1, 1, 1024, generator=g).to(DEVICE)
+            assert torch.equal(stack(h), resident(h))
+    stats = hf_moe_opt.stats(stack).values()
+    assert sum(v["prefetched"] for v in stats) > sum(v["prefetch_hits"] for v in stats) > 0
+
+
 def test_prefetch_chains_stay_within_a_model():
     # Two cached models on one device, their calls interleaved (as a paired benchmark or two pipelines
     # do): each learns its own layer order and prefetches only into its own slots.

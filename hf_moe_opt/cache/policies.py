@@ -628,21 +628,38 @@ class AdaptiveLFUPolicy(EvictionPolicy):
 
     def _detect(self, fresh: list[int]) -> None:
         """Add this step's evidence to each candidate's CUSUM; restart the regime past the threshold."""
+        # Runs on every decode step of a cached layer: the log-likelihoods are written out inline
+        # (no per-candidate closure, map or list), with the same operations in the same order.
         count, prev, prior, log = self._count, self._prev, self._PRIOR, math.log
-        fresh_count = [count[e] + prior for e in fresh]
+        pairs = [(count[e] + prior, e) for e in fresh]
+        nf = len(pairs)
         # Every estimate predicts the fresh experts among those idle in the previous step.
-        idle_mass = self._total - sum(map(count.__getitem__, prev)) + prior * (self.num_experts - len(prev))
+        prev_sum = 0
+        for e in prev:
+            prev_sum += count[e]
+        idle_mass = self._total - prev_sum + prior * (self.num_experts - len(prev))
 
-        def log_likelihood(since: list[float], since_total: float) -> float:
-            norm = idle_mass - since_total + sum(map(since.__getitem__, prev))
-            terms = [c - since[e] for c, e in zip(fresh_count, fresh, strict=True)]
-            return sum(map(log, terms)) - len(terms) * log(max(norm, prior))
-
-        current = log_likelihood(self._base, self._base_total)
+        since = self._base
+        s = 0
+        for e in prev:
+            s += since[e]
+        ll = 0
+        for c, e in pairs:
+            ll += log(c - since[e])
+        current = ll - nf * log(max(idle_mass - self._base_total + s, prior))
         best = None
+        threshold = self.threshold
         for cand in self._candidates:
-            cand[2] = max(0.0, cand[2] + log_likelihood(cand[0], cand[1]) - current)
-            if cand[2] > self.threshold and (best is None or cand[2] > best[2]):
+            since = cand[0]
+            s = 0
+            for e in prev:
+                s += since[e]
+            ll = 0
+            for c, e in pairs:
+                ll += log(c - since[e])
+            stat = cand[2] + (ll - nf * log(max(idle_mass - cand[1] + s, prior))) - current
+            cand[2] = stat = stat if stat > 0.0 else 0.0
+            if stat > threshold and (best is None or stat > best[2]):
                 best = cand
         if best is not None:
             self._base, self._base_total, self._regime_start = best[0], best[1], best[3]

@@ -212,6 +212,10 @@ class CachedExpertStore(ExpertStore):
         self._top_k = 0
         self._prefetched: frozenset[int] = frozenset()
         self._prefetch_done: torch.cuda.Event | None = None
+        # Prefetched experts the step after the look-ahead did not need, and the event their copies end
+        # with: a later step that needs one waits for it then (not every step for every wrong guess).
+        self._unwaited: set[int] = set()
+        self._unwaited_done: torch.cuda.Event | None = None
         self._last_compute: torch.cuda.Event | None = None
         self.reset_stats()
 
@@ -261,15 +265,17 @@ class CachedExpertStore(ExpertStore):
     def _reset_table(self) -> None:
         """Every expert out of the slots: the slot map says ``S`` (dropped) for all ``E + 1`` entries."""
         self._slot_of: dict[int, int] = {}  # mirror of the policy's residents, as the slots hold them
-        # Slot of every expert (S: not resident; entry E is the plan's dropped rows). The host copy is
-        # pageable on purpose: a non-blocking copy from pageable memory is staged before it returns, so
-        # the mirror may change right after; the device copy is refreshed only after loads.
+        # Slot of every expert (S: not resident; entry E is the plan's dropped rows). The host mirror
+        # changes with every load; the device copy is refreshed only after loads, from a pinned
+        # snapshot of the mirror (_staged).
         self._table_host = torch.full((self.num_experts + 1,), self.num_slots, dtype=torch.long)
         self._table_np = self._table_host.numpy()
         self._table = self._table_host.to(self.device, copy=True)  # a copy on the CPU too: one code path
         self._table_stale = False
         self._prefetched = frozenset()  # a look-ahead's loads are forgotten with the slots
         self._prefetch_done = None
+        self._unwaited = set()  # their slots get new loads, queued behind these copies before any read
+        self._unwaited_done = None
 
     def _slot_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         if self._views is None:
@@ -449,10 +455,20 @@ class CachedExpertStore(ExpertStore):
         self._pending.append(("stall", mark, done))
 
     # ---------------------------------------------------------------- compute
+    def _staged(self, host: torch.Tensor) -> torch.Tensor:
+        """``host`` (a small tensor about to be copied to the compute device) as the copy's source.
+
+        On CUDA, a pinned snapshot: a non-blocking copy from pageable memory may make the host wait
+        until the stream reaches the copy, and here the stream is usually waiting for this step's
+        expert loads (a millisecond and more), so the host could queue nothing meanwhile
+        (``benchmarks/probe_table_copy.py``). torch's pinned allocator keeps the snapshot until the
+        copy has run, so ``host`` may change right after."""
+        return host.pin_memory() if self.device.type == "cuda" else host
+
     def _full_table(self) -> torch.Tensor:
         """The device slot map of every resident expert, brought up to date after loads."""
         if self._table_stale:
-            self._table.copy_(self._table_host, non_blocking=True)
+            self._table.copy_(self._staged(self._table_host), non_blocking=True)
             self._table_stale = False
         return self._table
 
@@ -461,7 +477,7 @@ class CachedExpertStore(ExpertStore):
         tables = np.full((len(maps), self.num_experts + 1), self.num_slots, dtype=np.int64)
         for g, (experts, slots) in enumerate(maps):
             tables[g, experts] = slots
-        return torch.from_numpy(tables).to(self.device, non_blocking=True)
+        return self._staged(torch.from_numpy(tables)).to(self.device, non_blocking=True)
 
     def run(
         self, x: torch.Tensor, plan: DispatchPlan, ffn_for: FfnFactory, activation: Activation, out_scale: float
@@ -497,6 +513,9 @@ class CachedExpertStore(ExpertStore):
         needed, counts, predicted = self._needed(key, guess)
         if self._prefetched:
             self._take_prefetch(needed)
+        if self._unwaited and not self._unwaited.isdisjoint(needed):
+            torch.cuda.current_stream(self.device).wait_event(self._unwaited_done)
+            self._unwaited, self._unwaited_done = set(), None
         out = self._step(x, expert_index, key, gates, keep, needed, counts, backend, ffn_for, activation, out_scale)
         if self.prefetch and self.device.type == "cuda":
             self._last_compute = torch.cuda.Event()
@@ -678,15 +697,20 @@ class CachedExpertStore(ExpertStore):
         self._prefetch_done = done if done is not None else self._prefetch_done
 
     def _take_prefetch(self, needed: list[int]) -> None:
-        """Order this step's compute after the pending prefetch copies (stall time if it needs them)."""
+        """Order this step's compute after the prefetch copies if it needs one of their experts (stall
+        time); otherwise the compute goes on beside them and the first later step that needs one of
+        those experts waits (``run_routed``)."""
         used = self._prefetched.intersection(needed)
         self._prefetch_hits += len(used)
-        if self._prefetch_done is None:  # copied synchronously (no CUDA)
+        done = self._prefetch_done
+        if done is None:  # copied synchronously (no CUDA)
             pass
         elif used:
-            self._wait(self._prefetch_done)
-        else:  # later hits on these slots must still see the copies: free if they are done
-            torch.cuda.current_stream(self.device).wait_event(self._prefetch_done)
+            self._wait(done)  # the copy stream runs in order: every earlier prefetch is in too
+            self._unwaited, self._unwaited_done = set(), None
+        else:
+            self._unwaited |= self._prefetched
+            self._unwaited_done = done
         self._prefetched = frozenset()
         self._prefetch_done = None
 
