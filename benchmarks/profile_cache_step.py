@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--prefetch", action="store_true", help="also profile the cached stack with cache_prefetch=True")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     args = p.parse_args(argv)
     device = torch.device("cpu") if args.smoke else torch.device("cuda")
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         model = bench_cache.MoEStack(args.family, args.layers, shape).to(torch.bfloat16).eval()
     stream = bench_cache.token_stream(model.d_model, args.batch, args.steps, device, seed=args.batch)
     settings = [("resident", {}), (f"{args.fraction:g} resident, {args.policy}", {"expert_cache": args.fraction})]
+    if args.prefetch:
+        label = f"{args.fraction:g} resident, {args.policy}, look-ahead"
+        settings.append((label, {"expert_cache": args.fraction, "cache_prefetch": True}))
     for label, kwargs in settings:
         if kwargs:
             kwargs["cache_policy"] = args.policy

@@ -74,7 +74,8 @@ def _hit_rate(model: torch.nn.Module) -> float | None:
 
 
 def _median_ms(fn, repeats: int = 3) -> float:
-    fn()  # warm-up
+    """Median wall time of ``repeats`` calls of ``fn``; the caller has just run it once (the warm-up: the
+    run whose outputs the table reports)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

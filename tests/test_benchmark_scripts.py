@@ -332,12 +332,14 @@ def test_policy_bounds_smoke(tmp_path) -> None:
 
 
 def test_profile_cache_step_smoke(capsys) -> None:
-    assert _load("profile_cache_step").main(["--smoke", "--steps", "6", "--top", "100000", "--policy", "lifo"]) == 0
+    args = ["--smoke", "--steps", "6", "--top", "100000", "--policy", "lifo", "--prefetch"]
+    assert _load("profile_cache_step").main(args) == 0
     out = capsys.readouterr().out
-    # Both settings report a time per step and a profile (every function listed) that includes the
-    # cached store's step.
-    assert out.count("ms per step") == 2 and "resident, lifo" in out
+    # Every setting reports a time per step and a profile (every function listed) that includes the
+    # cached store's step; the look-ahead's includes its guess.
+    assert out.count("ms per step") == 3 and "resident, lifo" in out
     assert "_step" in out.split("resident, lifo")[1]
+    assert "_guess" in out.split("look-ahead")[1]
 
 
 @pytest.mark.parametrize("n, k, block", [(48, 768, (16, 512, 8)), (33, 256, (16, 256, 4)), (1, 100, (64, 128, 4))])

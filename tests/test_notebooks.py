@@ -40,7 +40,9 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     before = hashlib.sha256(path.read_bytes()).hexdigest()
     work = tmp_path / path.name
     shutil.copy(path, work)
-    # The kernel inherits this environment: headless plots, one CPU thread, the checkout importable.
+    # The kernel inherits this environment: headless plots, one CPU thread, the checkout importable, and
+    # no Triton interpreter (the tests' own setting; users' notebooks on a CPU run without it).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))

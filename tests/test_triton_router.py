@@ -65,6 +65,8 @@ def test_switch_mode_matches_switch_route(dtype, tokens, experts, hidden, bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "experts", "hidden"), [(1, 4, 16), (MAX_TOKENS, 128, 96), (9, 12, 48)])
 def test_nllb_mode_matches_nllb_route(dtype, tokens, experts, hidden):
+    if tokens == MAX_TOKENS and dtype != torch.bfloat16 and kernels_interpreted():
+        pytest.skip("interpreted, the full-size case runs in bfloat16 only (9 s each); every dtype runs on a GPU")
     x, w, b = _inputs(tokens, experts, hidden, dtype, bias=False, seed=experts)
     logits, index, gates = fused_router(x, w, b, mode="nllb", top_k=2, logits_dtype=torch.float32, gates_dtype=dtype)
     ref_logits = F.linear(x.float(), w.float())

@@ -265,9 +265,10 @@ class CachedExpertStore(ExpertStore):
     def _reset_table(self) -> None:
         """Every expert out of the slots: the slot map says ``S`` (dropped) for all ``E + 1`` entries."""
         self._slot_of: dict[int, int] = {}  # mirror of the policy's residents, as the slots hold them
-        # Slot of every expert (S: not resident; entry E is the plan's dropped rows). The host mirror
-        # changes with every load; the device copy is refreshed only after loads, from a pinned
-        # snapshot of the mirror (_staged).
+        # Slot of every expert (S: not resident; entry E is the plan's dropped rows). The host copy is
+        # pageable on purpose: a non-blocking copy from pageable memory is staged before it returns, so
+        # the mirror may change right after, and it does not hold the host while the stream waits for
+        # loads (benchmarks/probe_table_copy.py); the device copy is refreshed only after loads.
         self._table_host = torch.full((self.num_experts + 1,), self.num_slots, dtype=torch.long)
         self._table_np = self._table_host.numpy()
         self._table = self._table_host.to(self.device, copy=True)  # a copy on the CPU too: one code path
@@ -455,20 +456,10 @@ class CachedExpertStore(ExpertStore):
         self._pending.append(("stall", mark, done))
 
     # ---------------------------------------------------------------- compute
-    def _staged(self, host: torch.Tensor) -> torch.Tensor:
-        """``host`` (a small tensor about to be copied to the compute device) as the copy's source.
-
-        On CUDA, a pinned snapshot: a non-blocking copy from pageable memory may make the host wait
-        until the stream reaches the copy, and here the stream is usually waiting for this step's
-        expert loads (a millisecond and more), so the host could queue nothing meanwhile
-        (``benchmarks/probe_table_copy.py``). torch's pinned allocator keeps the snapshot until the
-        copy has run, so ``host`` may change right after."""
-        return host.pin_memory() if self.device.type == "cuda" else host
-
     def _full_table(self) -> torch.Tensor:
         """The device slot map of every resident expert, brought up to date after loads."""
         if self._table_stale:
-            self._table.copy_(self._staged(self._table_host), non_blocking=True)
+            self._table.copy_(self._table_host, non_blocking=True)
             self._table_stale = False
         return self._table
 
@@ -477,7 +468,7 @@ class CachedExpertStore(ExpertStore):
         tables = np.full((len(maps), self.num_experts + 1), self.num_slots, dtype=np.int64)
         for g, (experts, slots) in enumerate(maps):
             tables[g, experts] = slots
-        return self._staged(torch.from_numpy(tables)).to(self.device, non_blocking=True)
+        return torch.from_numpy(tables).to(self.device, non_blocking=True)
 
     def run(
         self, x: torch.Tensor, plan: DispatchPlan, ffn_for: FfnFactory, activation: Activation, out_scale: float
