@@ -184,6 +184,7 @@ def cache_totals(stats: dict) -> dict:
         "copy_bytes_per_s": copied / (copy_ms * 1e-3) if copy_ms else None,
         "copy_ms": copy_ms,
         "stall_ms": stall_ms,
+        "host_ms": sum(s["host_time_ms"] for s in stats),
         "hidden_copy_fraction": 1.0 - stall_ms / copy_ms if copy_ms else None,
         "slot_bytes": sum(s["slot_bytes"] for s in stats),
         "host_pinned": all(s["host_pinned"] for s in stats),

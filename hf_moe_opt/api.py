@@ -346,9 +346,10 @@ def stats(model: nn.Module) -> dict[str, dict]:
     """Per optimized layer, its expert store's counters: ``{layer name: {...}}``.
 
     With ``expert_cache``: ``hits``, ``misses``, ``hit_rate``, ``bytes_copied``, ``copy_time_ms``,
-    ``stall_time_ms`` (compute waiting for copies), ``resident`` (expert ids on the device now) and
-    more (see :meth:`hf_moe_opt.cache.CachedExpertStore.stats`). Layers without a cache give ``{}``.
-    Reading CUDA timings waits for the copies recorded so far.
+    ``stall_time_ms`` (compute waiting for copies), ``host_time_ms`` (the cache's calls on the host),
+    ``resident`` (expert ids on the device now) and more (see
+    :meth:`hf_moe_opt.cache.CachedExpertStore.stats`). Layers without a cache give ``{}``. Reading
+    CUDA timings waits for the copies recorded so far.
     """
     layers = optimized_layers(model)
     if not layers:

@@ -107,14 +107,14 @@ def test_outputs_exact_and_stats_match_simulator(family, policy, slots):
         assert len(st["resident"]) <= slots
         layer = dict(hf_moe_opt.optimized_layers(model))[name]
         assert st["bytes_copied"] == st["misses"] * layer.store.expert_nbytes
-        assert st["copy_time_ms"] >= 0 and st["stall_time_ms"] >= 0
+        assert st["copy_time_ms"] >= 0 and st["stall_time_ms"] >= 0 and st["host_time_ms"] > 0
         needs_chunks = any(sum(c > 0 for c in step) > slots for step in family["counts"][name])
         assert (st["chunked_steps"] > 0) == needs_chunks
     if slots == 1:
         assert any(st["chunked_steps"] > 0 for st in stats.values())  # the chunked path ran
     hf_moe_opt.reset_stats(model)
     after = hf_moe_opt.stats(model)
-    assert all(st["hits"] == st["misses"] == st["bytes_copied"] == 0 for st in after.values())
+    assert all(st["hits"] == st["misses"] == st["bytes_copied"] == st["host_time_ms"] == 0 for st in after.values())
     assert [st["resident"] for st in after.values()] == [st["resident"] for st in stats.values()]
 
 

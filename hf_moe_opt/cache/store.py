@@ -350,6 +350,7 @@ class CachedExpertStore(ExpertStore):
         self._bytes = 0
         self._copy_ms = 0.0
         self._stall_ms = 0.0
+        self._host_ms = 0.0
         self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     def _resolve_events(self, wait: bool) -> None:
@@ -375,7 +376,11 @@ class CachedExpertStore(ExpertStore):
         stream), ``stall_time_ms`` (time the compute waited for copies), ``resident`` (sorted
         expert ids), ``device``, ``host_pinned``, ``slot_bytes``, ``prefetched`` (loads made ahead
         by the look-ahead, see :meth:`enable_prefetch`; their bytes are in ``bytes_copied``) and
-        ``prefetch_hits`` (needed experts that a look-ahead had loaded just before the step).
+        ``prefetch_hits`` (needed experts that a look-ahead had loaded just before the step), and
+        ``host_time_ms``: wall time the layer's calls spent in the cache on the host (the read of the
+        router's choices with its wait for the device, the policy, issuing copies and the expert
+        kernels; on a CPU the copies and the compute themselves). Against a resident layer's time per
+        call, it tells a host-bound decode step from one that waits for copies (``stall_time_ms``).
         """
         self._resolve_events(wait=True)
         accesses = self._hits + self._misses
@@ -399,6 +404,7 @@ class CachedExpertStore(ExpertStore):
             "slot_bytes": self.slot_nbytes,
             "prefetched": self._prefetches,
             "prefetch_hits": self._prefetch_hits,
+            "host_time_ms": self._host_ms,
         }
 
     # ----------------------------------------------------------------- copies
@@ -494,6 +500,7 @@ class CachedExpertStore(ExpertStore):
         activation: Activation,
         out_scale: float,
     ) -> torch.Tensor:
+        start = time.perf_counter()
         self._follow(x)
         num_experts = self.num_experts
         # Dropped assignments look up entry E of the slot maps, which is always S (outside every group).
@@ -513,6 +520,7 @@ class CachedExpertStore(ExpertStore):
             self._last_compute.record(torch.cuda.current_stream(self.device))
         if predicted:
             nxt._prefetch_for_next_step(predicted)
+        self._host_ms += (time.perf_counter() - start) * 1e3
         return out
 
     def _step(self, x, expert_index, key, gates, keep, needed, counts, backend, ffn_for, activation, out_scale):
