@@ -100,8 +100,8 @@ def _profile(args: argparse.Namespace) -> int:
     from .evaluation.common import DataSpec, read_data
     from .placement import profile
 
-    if args.batches <= 0 or args.batch_size <= 0:
-        raise ValueError("--batches and --batch-size must be positive")
+    if args.batches <= 0 or args.batch_size <= 0 or args.max_length <= 0:
+        raise ValueError("--batches, --batch-size and --max-length must be positive")
     _check_device(args.device)
     _check_writable(args.out, (".json", ".npz"))
     source, model, tok = _load_model(args.model, args.device, args.dtype)
@@ -110,8 +110,14 @@ def _profile(args: argparse.Namespace) -> int:
     for i in range(0, len(texts), args.batch_size):
         chunk = [t if isinstance(t, str) else t[0] for t in texts[i : i + args.batch_size]]
         enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=args.max_length)
-        seq2seq = model.config.is_encoder_decoder  # the decoder then needs targets to run
-        batches.append({**enc, "labels": enc["input_ids"].clamp(min=0)} if seq2seq else dict(enc))
+        if model.config.is_encoder_decoder:
+            # The decoder needs targets to run; its position i is real exactly when target i is, so the
+            # tokens' own mask keeps padding out of the decoder layers' counts too.
+            batches.append(
+                {**enc, "labels": enc["input_ids"].clamp(min=0), "decoder_attention_mask": enc["attention_mask"]}
+            )
+        else:
+            batches.append(dict(enc))
     trace = profile(model, batches, progress=True, metadata={"model": source})
     trace.save(args.out)
     print(f"profiled {len(batches)} batches, {len(trace.layers)} MoE layers; wrote {args.out}")
@@ -123,22 +129,32 @@ def _plan(args: argparse.Namespace) -> int:
 
     _check_writable(args.out, (".json",))
     trace = RoutingTrace.load(args.trace)
-    fit, held_out = trace.split(0.5)
     spare = {"replicate": args.spare_slots}
     # The chosen strategy first: if it cannot place this trace, that is the error to report.
     chosen = plan_placement(trace, args.devices, strategy=args.strategy, spare_slots=spare.get(args.strategy, 0))
-    print(f"{'strategy':<16} {'avg max/mean':>12} {'worst':>8}   (held-out half of {args.trace})")
+    if min(trace.num_batches(layer) for layer in trace.layers) < 2:
+        print("the trace holds one batch: no held-out half to compare the strategies on (profile more batches)")
+    else:
+        _compare_strategies(trace, args.devices, spare, args.trace)
+    chosen.save(args.out)
+    print(f"wrote the {args.strategy} plan for {args.devices} devices (fitted on the whole trace) to {args.out}")
+    return 0
+
+
+def _compare_strategies(trace, devices: int, spare: dict, source: str) -> None:
+    """Every strategy fitted on the first half of ``trace``, judged on the second."""
+    from .placement import plan_placement
+
+    fit, held_out = trace.split(0.5)
+    print(f"{'strategy':<16} {'avg max/mean':>12} {'worst':>8}   (held-out half of {source})")
     for strategy in ("round_robin", "greedy", "anticorrelation", "replicate"):
         try:
-            plan = plan_placement(fit, args.devices, strategy=strategy, spare_slots=spare.get(strategy, 0))
+            plan = plan_placement(fit, devices, strategy=strategy, spare_slots=spare.get(strategy, 0))
         except ValueError as err:  # another strategy's constraint (e.g. equal expert counts): say why, go on
             print(f"{strategy:<16} {'n/a':>12} {'':>8}   ({err})")
             continue
         overall = plan.evaluate(held_out)["overall"]
         print(f"{strategy:<16} {overall['avg_max_over_mean']:>12.3f} {overall['worst_max_over_mean']:>8.3f}")
-    chosen.save(args.out)
-    print(f"wrote the {args.strategy} plan for {args.devices} devices (fitted on the whole trace) to {args.out}")
-    return 0
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from hf_moe_opt.cli import main
+from hf_moe_opt.placement import PlacementPlan, RoutingTrace
 
 
 def test_demo_table_plot_and_json(tmp_path, capsys, monkeypatch):
@@ -38,6 +39,28 @@ def test_demo_table_plot_and_json(tmp_path, capsys, monkeypatch):
     assert out_png.stat().st_size > 10_000
 
 
+def test_profile_counts_no_padding_in_seq2seq_decoder_layers(tmp_path):
+    """Texts of different lengths pad every batch; encoder and decoder layers both count each real
+    token once (top-1), padding never."""
+    from transformers import AutoTokenizer
+
+    from hf_moe_opt.assets import shipped_model_path
+
+    texts = ["Short one.", "A somewhat longer sentence about files and folders and tools.", "Mid length text here."]
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(texts))
+    out = tmp_path / "trace.json"
+    assert main(["profile", "--data", str(data), "--batches", "1", "--batch-size", "3", "--out", str(out)]) == 0
+    tok = AutoTokenizer.from_pretrained(shipped_model_path("switch-tiny-ddtp"))
+    real = int(tok(texts, padding=True, return_tensors="pt")["attention_mask"].sum())
+    trace = json.loads(out.read_text())
+    assert trace["metadata"]["top_k"] == 1
+    sides = {layer["name"].split(".")[0] for layer in trace["layers"]}
+    assert sides == {"encoder", "decoder"}
+    for layer in trace["layers"]:
+        assert sum(layer["counts"][0]) == real, layer["name"]
+
+
 def test_profile_then_plan(tmp_path, capsys):
     data = tmp_path / "texts.txt"
     data.write_text("\n".join(f"A small tool number {i} for managing files and folders." for i in range(32)))
@@ -56,6 +79,13 @@ def test_profile_then_plan(tmp_path, capsys):
     assert json.loads(rr_path.read_text())["strategy"] == "round_robin"
     assert any(line.startswith("greedy") and "n/a" in line for line in out.splitlines())
     assert main(["plan", str(trace), "--devices", "3", "--strategy", "greedy", "--out", str(rr_path)]) == 2
+    # One batch: no held-out half to compare on, but the chosen plan is still written.
+    one = RoutingTrace.load(trace).select_batches([0])
+    one_path = one.save(tmp_path / "one.json")
+    capsys.readouterr()
+    assert main(["plan", str(one_path), "--devices", "2", "--out", str(plan_path)]) == 0
+    assert "one batch" in capsys.readouterr().out
+    assert PlacementPlan.load(plan_path).num_devices == 2
 
 
 @pytest.mark.parametrize(
@@ -68,6 +98,8 @@ def test_profile_then_plan(tmp_path, capsys):
         ["profile", "--data", "README.md", "--out", "trace.bogus"],
         ["profile", "--data", "/nonexistent.txt"],
         ["demo", "--dtype", "int8"],
+        ["profile", "--data", "README.md", "--max-length", "-3"],
+        ["profile", "--data", "README.md", "--max-length", "0"],
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(argv, capsys):

@@ -307,13 +307,16 @@ def test_missing_fields_and_formats(tmp_path):
 def test_local_formats_lm(tmp_path):
     texts = ENGLISH[:3]
     (tmp_path / "a.txt").write_text("\n".join(texts) + "\n\n")
-    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
-        f.write("\n".join(texts) + "\n")
+    for gz in ("a.txt.gz", "b.txt.GZ"):  # the suffix in either case
+        with gzip.open(tmp_path / gz, "wt", encoding="utf-8") as f:
+            f.write("\n".join(texts) + "\n")
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
     (tmp_path / "a.tsv").write_text("".join(f"{t}\tignored\n" for t in texts))
-    for name in ("a.txt", "a.txt.gz", "a.jsonl", "a.tsv"):
+    for name in ("a.txt", "a.txt.gz", "b.txt.GZ", "a.jsonl", "a.tsv"):
         assert read_local(DataSpec(path=tmp_path / name), pairs=False) == texts, name
     assert read_local(DataSpec(path=tmp_path / "a.tsv", text_field="1"), pairs=False) == ["ignored"] * 3
+    with pytest.raises(EvalError, match="column number"):  # never silently column 0
+        read_local(DataSpec(path=tmp_path / "a.tsv", text_field="body"), pairs=False)
     assert read_local(DataSpec(path=tmp_path / "a.txt", limit=2), pairs=False) == texts[:2]
 
 

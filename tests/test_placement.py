@@ -161,6 +161,42 @@ def test_select_batches_picks_rows_and_refuses_masks_and_bad_indices():
             trace.select_batches(bad)
 
 
+def test_stored_traces_are_checked_like_added_batches(tmp_path):
+    """A stored table of fractional or boolean counts, a bad co-activation batch count or version are
+    refused on load (never truncated to whole numbers)."""
+    good = trace_from([[1, 2], [0, 3]]).to_dict()
+    for change, match in (
+        (lambda d: d["layers"][0].update(counts=[[1.7, 2.2], [0.5, 3.9]]), "whole token counts"),
+        (lambda d: d["layers"][0].update(counts=[[True, False]]), "booleans"),
+        (lambda d: d["layers"][0].update(coactivation_batches=-5), "coactivation_batches"),
+        (lambda d: d["layers"][0].update(coactivation_batches=2.9), "coactivation_batches"),
+        (lambda d: d["layers"][0].update(coactivation_batches=3), "exceeds"),
+        (lambda d: d.update(version=True), "version"),
+        (lambda d: d.update(version=0), "version"),
+    ):
+        data = json.loads(json.dumps(good))
+        change(data)
+        with pytest.raises(ValueError, match=match):
+            RoutingTrace.from_dict(data)
+    path = tmp_path / "t.npz"
+    np.savez(path, header=json.dumps({**good, "layers": [{"name": "a"}]}), counts_0=np.array([[1.5, 2.0]]))
+    with pytest.raises(ValueError, match="whole token counts"):
+        RoutingTrace.load(path)
+
+
+def test_synthetic_zipf_trace_refuses_bad_names_and_numbers():
+    for kwargs, match in (
+        ({"layer_names": ["a", "a"]}, "repeats"),
+        ({"topic_boost": float("nan")}, "finite"),
+        ({"alpha": float("inf")}, "finite"),
+        ({"drift": True}, "finite"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            synthetic_zipf_trace(num_layers=2, num_experts=8, num_batches=2, tokens_per_batch=8, **kwargs)
+    with pytest.raises(TypeError, match="string"):
+        synthetic_zipf_trace(num_layers=2, num_experts=8, num_batches=2, tokens_per_batch=8, layer_names="ab")
+
+
 @pytest.mark.parametrize("suffix", [".json", ".npz"])
 def test_trace_round_trip(tmp_path, suffix):
     trace = synthetic_zipf_trace(num_layers=3, num_experts=16, num_batches=5, tokens_per_batch=100, seed=4)
@@ -369,14 +405,23 @@ def test_plan_validation_and_evaluate_errors():
         PlacementPlan(2, "manual", {"l": [[(0, 0.5), (0, 0.5)]]})
     with pytest.raises(ValueError, match="no replica"):
         PlacementPlan(2, "manual", {"l": [[]]})
-    for bad in (0.5, 1.7, True):  # never truncated to device 0 or 1
+    for bad in (0.5, 1.7, True, "1"):  # never truncated to (or read as) device 0 or 1
         with pytest.raises(ValueError, match="device index"):
             PlacementPlan(2, "manual", {"l": [[(bad, 1.0)]]})
+    for bad in (True, "1"):
+        with pytest.raises(ValueError, match="not a number"):
+            PlacementPlan(2, "manual", {"l": [[(0, bad)]]})
+    with pytest.raises(ValueError, match="strategy"):
+        PlacementPlan(2, None, {"l": [[(0, 1.0)]]})
     whole = PlacementPlan(2, "manual", {"l": [[(1.0, 1.0)], [(np.int64(0), 1.0)]]})
     assert whole.layers["l"] == (((1, 1.0),), ((0, 1.0),))
     with pytest.raises(ValueError, match="num_devices"):
         PlacementPlan(0, "manual", {"l": [[(0, 1.0)]]})
     plan = PlacementPlan(2, "manual", {"layers.0.mlp": [[(0, 1.0)], [(1, 1.0)]]})
+    pair = trace_from([[1, 2], [3, 1]])
+    with pytest.raises(TypeError, match="list of layer names"):
+        plan.evaluate(pair, layers="layers.0.mlp")
+    assert plan.evaluate(pair, layers=["layers.0.mlp"] * 2)["overall"] == plan.evaluate(pair)["overall"]
     with pytest.raises(ValueError, match="3 experts"):
         plan.evaluate(trace_from([[1, 2, 3]]))
     with pytest.raises(KeyError, match="not in the plan"):

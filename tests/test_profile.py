@@ -165,6 +165,21 @@ def test_max_batches_takes_no_extra_batch_from_an_iterator():
     assert len(list(batches)) == 1  # the third batch is still there for the caller
 
 
+def test_failed_profile_leaves_the_model_as_given():
+    """Errors raised after profile() optimized the model (bad metadata, a fractional max_batches) must
+    not leave it optimized with observers attached."""
+    model = tiny_switch(num_experts=4)
+    for kwargs in ({"metadata": {"bad": object()}}, {"max_batches": 2.9}):
+        with pytest.raises(ValueError):
+            profile(model, _batches(3), progress=False, **kwargs)
+        assert not hf_moe_opt.is_optimized(model)
+    hf_moe_opt.optimize(model)
+    with pytest.raises(ValueError, match="JSON"):
+        profile(model, _batches(1), progress=False, metadata={"bad": object()})
+    assert all(not layer.observers for _, layer in hf_moe_opt.optimized_layers(model))
+    assert all(not layer._forward_pre_hooks for _, layer in hf_moe_opt.optimized_layers(model))
+
+
 def test_beam_decode_steps_are_not_masked_by_the_prompt_mask():
     """Beam search decode steps have [batch * beams, 1] rows: with beams == prompt length as many as
     the prompt's mask has entries, but they are not the prompt's tokens and all count."""

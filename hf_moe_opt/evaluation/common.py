@@ -141,7 +141,7 @@ def default_data_file(filename: str) -> Path:
 
 
 def _open_text(path: Path):
-    if path.suffix == ".gz":
+    if path.suffix.lower() == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 
@@ -234,7 +234,14 @@ def read_local(spec: DataSpec, pairs: bool) -> list:
                             raise EvalError(f"{path}:{line_no}: expected 'source<TAB>target'")
                         item = (cols[0], cols[1])
                     else:
-                        column = int(spec.text_field) if spec.text_field.isdigit() else 0
+                        if spec.text_field.isdigit():
+                            column = int(spec.text_field)
+                        elif spec.text_field == DataSpec.text_field:  # the default: the first column
+                            column = 0
+                        else:
+                            raise EvalError(
+                                f"{path}: a TSV file's text field is a column number, not {spec.text_field!r}"
+                            )
                         if column >= len(cols):
                             raise EvalError(f"{path}:{line_no}: no column {column}")
                         item = cols[column]

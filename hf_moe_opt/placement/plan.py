@@ -14,6 +14,7 @@ layer's step takes as long as its busiest device).
 from __future__ import annotations
 
 import json
+import numbers
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ Replica = tuple[int, float]
 
 def _device_index(name: str, expert: int, device: Any) -> int:
     """A replica's device as an int; a fractional or boolean value is an error, not truncated."""
-    if isinstance(device, (bool, np.bool_)):
+    if isinstance(device, (bool, np.bool_)) or not isinstance(device, numbers.Real):
         raise ValueError(f"layer {name!r}: expert {expert} has device {device!r}, not a device index")
     try:
         return operator.index(device)
@@ -46,12 +47,19 @@ def _device_index(name: str, expert: int, device: Any) -> int:
     return int(value)
 
 
+def _share(name: str, expert: int, share: Any) -> float:
+    """A replica's share of its expert's tokens as a float (a number, not a string or a bool)."""
+    if isinstance(share, (bool, np.bool_)) or not isinstance(share, numbers.Real):
+        raise ValueError(f"layer {name!r}: expert {expert} has share {share!r}, not a number")
+    return float(share)
+
+
 def _normalise_layer(
     name: str, experts: Iterable[Iterable[Iterable[Any]]], num_devices: int
 ) -> tuple[tuple[Replica, ...], ...]:
     out: list[tuple[Replica, ...]] = []
     for e, replicas in enumerate(experts):
-        reps = tuple((_device_index(name, e, d), float(s)) for d, s in replicas)
+        reps = tuple((_device_index(name, e, d), _share(name, e, s)) for d, s in replicas)
         if not reps:
             raise ValueError(f"layer {name!r}: expert {e} has no replica")
         devices = [d for d, _ in reps]
@@ -92,6 +100,8 @@ class PlacementPlan:
     def __post_init__(self) -> None:
         if isinstance(self.num_devices, bool) or not isinstance(self.num_devices, int) or self.num_devices < 1:
             raise ValueError(f"num_devices must be a positive int, got {self.num_devices!r}")
+        if not isinstance(self.strategy, str):
+            raise ValueError(f"strategy must be a name (str), got {self.strategy!r}")
         layers = {
             str(name): _normalise_layer(str(name), experts, self.num_devices) for name, experts in self.layers.items()
         }
@@ -195,7 +205,9 @@ class PlacementPlan:
         (layer, batch) pair) and ``device_share`` is each device's fraction of the layer's tokens.
         Every evaluated layer (default: all layers of the trace) must be in the plan.
         """
-        names = trace.layers if layers is None else list(layers)
+        if isinstance(layers, str):
+            raise TypeError(f"layers must be a list of layer names, not the string {layers!r}")
+        names = trace.layers if layers is None else list(dict.fromkeys(layers))  # each layer counted once
         if not names:
             raise ValueError("nothing to evaluate: the trace has no layers")
         per_layer: dict[str, dict[str, Any]] = {}
@@ -249,7 +261,8 @@ class PlacementPlan:
             raise ValueError(f"not a placement plan (a JSON {type(data).__name__}, expected an object)")
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a placement plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
-        if not isinstance(data.get("version", -1), int) or data.get("version", -1) > PLAN_VERSION:
+        version = data.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= PLAN_VERSION:
             raise ValueError(f"placement plan version {data.get('version')!r} is not supported (1..{PLAN_VERSION})")
         layers: dict[str, Any] = {}
         for entry in data["layers"]:

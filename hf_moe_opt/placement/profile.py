@@ -13,6 +13,7 @@ layer call); the counts come to the host once per batch.
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -155,76 +156,79 @@ def profile(
     """
     from ..api import is_optimized, optimize, optimized_layers, restore
 
-    if max_batches is not None and (isinstance(max_batches, bool) or int(max_batches) < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1
+    ):
         raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
+    meta = dict(metadata or {})
+    RoutingTrace(meta)  # bad metadata fails here, before the model is touched
     temporary = not is_optimized(model)
-    if temporary:
-        optimize(model, **optimize_kwargs)
-    elif optimize_kwargs:
+    if not temporary and optimize_kwargs:
         raise ValueError(
             f"the model is already optimized; options {sorted(optimize_kwargs)} only apply when profile "
             "optimizes it for the run"
         )
-    layers = optimized_layers(model)
-    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    # The current batch's padding masks (encoder / causal tokens, decoder tokens): a layer call whose
-    # rows are exactly one mask's tokens counts only the real ones (routers such as Switch's and
-    # Mixtral's route padding like any token).
-    padding: list[torch.Tensor | None] = [None, None]
-    counters: dict[str, _LayerCounter] = {}
+    was_training = model.training
     hooks: list[tuple[nn.Module, Callable]] = []
     handles = []
-    names = {id(layer): name for name, layer in layers}
-    # (batch, seq) of each layer's current call: a decode step of beam search can have as many rows as
-    # the prompt's mask has entries ([batch * beams, 1] vs [batch, seq]) without being those tokens.
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record_shape(layer: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if isinstance(hidden, torch.Tensor):
-            shapes[names[id(layer)]] = tuple(hidden.shape[:-1])
-
-    for name, layer in layers:
-        counters[name] = _LayerCounter(layer.num_experts, coactivation)
-
-        def observe(layer: nn.Module, routing: Any) -> None:
-            name = names[id(layer)]
-            rows = routing.expert_index.shape[0]
-            mask = padding[1] if seq2seq and "decoder" in name.split(".") else padding[0]
-            tokens = None
-            if mask is not None and mask.numel() == rows:
-                shape = shapes.get(name)
-                if shape is None or shape in (tuple(mask.shape), (1, mask.numel())):
-                    tokens = mask
-            counters[name].add(routing.expert_index, routing.keep, tokens)
-
-        layer.observers.append(observe)
-        hooks.append((layer, observe))
-        handles.append(layer.register_forward_pre_hook(record_shape, with_kwargs=True))
-    num_experts = {c.num_experts for c in counters.values()}
-    if len(num_experts) > 1:
-        raise ValueError(f"layers have different expert counts {sorted(num_experts)}; a trace holds one count")
-    config = getattr(model, "config", None)
-    meta = dict(metadata or {})
-    model_name = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None)
-    trace = RoutingTrace(meta, model_name=model_name or None, num_experts=num_experts.pop())
-    device = _model_device(model) if move_to_device else None
-    runner = run or _default_run
-    was_training = model.training
-    model.eval()
-    total = None
-    if max_batches is not None:
-        total = int(max_batches)
-    elif hasattr(batches, "__len__"):
-        total = len(batches)  # type: ignore[arg-type]
-    # islice: stop before fetching batch max_batches + 1 (a generator or data loader would lose it).
-    iterator: Iterable[Any] = batches if max_batches is None else itertools.islice(batches, int(max_batches))
+    counters: dict[str, _LayerCounter] = {}
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    if temporary:
+        optimize(model, **optimize_kwargs)
+    try:  # from here on, whatever fails leaves the model as it was given
+        layers = optimized_layers(model)
+        seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        # The current batch's padding masks (encoder / causal tokens, decoder tokens): a layer call whose
+        # rows are exactly one mask's tokens counts only the real ones (routers such as Switch's and
+        # Mixtral's route padding like any token).
+        padding: list[torch.Tensor | None] = [None, None]
+        names = {id(layer): name for name, layer in layers}
+        # (batch, seq) of each layer's current call: a decode step of beam search can have as many rows
+        # as the prompt's mask has entries ([batch * beams, 1] vs [batch, seq]) without being those tokens.
+        shapes: dict[str, tuple[int, ...]] = {}
 
-        bar = tqdm(total=total, desc="profiling routing", unit="batch")
-    try:
+        def record_shape(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor):
+                shapes[names[id(layer)]] = tuple(hidden.shape[:-1])
+
+        for name, layer in layers:
+            counters[name] = _LayerCounter(layer.num_experts, coactivation)
+
+            def observe(layer: nn.Module, routing: Any) -> None:
+                name = names[id(layer)]
+                rows = routing.expert_index.shape[0]
+                mask = padding[1] if seq2seq and "decoder" in name.split(".") else padding[0]
+                tokens = None
+                if mask is not None and mask.numel() == rows:
+                    shape = shapes.get(name)
+                    if shape is None or shape in (tuple(mask.shape), (1, mask.numel())):
+                        tokens = mask
+                counters[name].add(routing.expert_index, routing.keep, tokens)
+
+            layer.observers.append(observe)
+            hooks.append((layer, observe))
+            handles.append(layer.register_forward_pre_hook(record_shape, with_kwargs=True))
+        num_experts = {c.num_experts for c in counters.values()}
+        if len(num_experts) > 1:
+            raise ValueError(f"layers have different expert counts {sorted(num_experts)}; a trace holds one count")
+        config = getattr(model, "config", None)
+        model_name = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None)
+        trace = RoutingTrace(meta, model_name=model_name or None, num_experts=num_experts.pop())
+        device = _model_device(model) if move_to_device else None
+        runner = run or _default_run
+        model.eval()
+        total = None
+        if max_batches is not None:
+            total = int(max_batches)
+        elif hasattr(batches, "__len__"):
+            total = len(batches)  # type: ignore[arg-type]
+        # islice: stop before fetching batch max_batches + 1 (a generator or data loader would lose it).
+        iterator: Iterable[Any] = batches if max_batches is None else itertools.islice(batches, int(max_batches))
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="profiling routing", unit="batch")
         with torch.no_grad():
             for batch in iterator:
                 batch = _to_device(batch, device)

@@ -349,10 +349,8 @@ class RoutingTrace:
             name = entry["name"]
             if name in trace.layers:
                 raise ValueError(f"layer {name!r} appears twice in the trace")
-            rows = np.asarray(entry["counts"], dtype=np.int64)
-            if rows.ndim != 2:
-                raise ValueError(f"layer {name!r}: counts must be a [num_batches, num_experts] table")
-            trace._load_layer(name, rows, entry.get("coactivation"), int(entry.get("coactivation_batches", 0)))
+            rows = _stored_counts(entry["counts"], name)
+            trace._load_layer(name, rows, entry.get("coactivation"), _stored_batches(entry, name))
         return trace
 
     def _load_layer(self, name: str, counts: np.ndarray, coactivation: Any | None, coact_batches: int) -> None:
@@ -360,6 +358,10 @@ class RoutingTrace:
             raise ValueError(f"layer {name!r} holds no batches")
         for row in counts:
             self.add_batch(name, row)
+        if coact_batches > counts.shape[0]:
+            raise ValueError(
+                f"layer {name!r}: coactivation_batches {coact_batches} exceeds its {counts.shape[0]} batches"
+            )
         if coactivation is not None:
             co = _as_count_array(np.asarray(coactivation), "coactivation", 2)
             if co.shape != (self.num_experts, self.num_experts):
@@ -419,13 +421,28 @@ class RoutingTrace:
             for i, entry in enumerate(header["layers"]):
                 co_key = f"coactivation_{i}"
                 co = npz[co_key] if co_key in npz.files else None
-                trace._load_layer(
-                    entry["name"],
-                    np.asarray(npz[f"counts_{i}"], dtype=np.int64),
-                    co,
-                    int(entry.get("coactivation_batches", 0)),
-                )
+                name = entry["name"]
+                trace._load_layer(name, _stored_counts(npz[f"counts_{i}"], name), co, _stored_batches(entry, name))
         return trace
+
+
+def _stored_counts(data: Any, name: str) -> np.ndarray:
+    """A stored ``[num_batches, num_experts]`` count table, checked as :meth:`RoutingTrace.add_batch`
+    checks counts (no fractions truncated, no booleans read as counts)."""
+    arr = np.asarray(data)
+    if arr.dtype == np.bool_:
+        raise ValueError(f"layer {name!r}: counts must be whole token counts, got booleans")
+    if arr.ndim != 2:
+        raise ValueError(f"layer {name!r}: counts must be a [num_batches, num_experts] table")
+    return _as_count_array(arr, f"layer {name!r}: counts", 2)
+
+
+def _stored_batches(entry: Mapping[str, Any], name: str) -> int:
+    """A stored layer's ``coactivation_batches``: a whole number >= 0."""
+    value = entry.get("coactivation_batches", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"layer {name!r}: coactivation_batches must be a whole number >= 0, got {value!r}")
+    return value
 
 
 def _format_of(path: Path) -> str:
@@ -442,7 +459,8 @@ def _check_header(data: Mapping[str, Any]) -> None:
         raise ValueError(f"not a routing trace (a JSON {type(data).__name__}, expected an object)")
     if data.get("format") != TRACE_FORMAT:
         raise ValueError(f"not a routing trace (format {data.get('format')!r}, expected {TRACE_FORMAT!r})")
-    if not isinstance(data.get("version", -1), int) or data.get("version", -1) > TRACE_VERSION:
+    version = data.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= TRACE_VERSION:
         raise ValueError(f"routing trace version {data.get('version')!r} is not supported (1..{TRACE_VERSION})")
 
 
@@ -495,11 +513,18 @@ def synthetic_zipf_trace(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if top_k > num_experts:
         raise ValueError(f"top_k ({top_k}) cannot exceed num_experts ({num_experts})")
+    for name, value in (("alpha", alpha), ("drift", drift), ("topic_boost", topic_boost)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     if alpha < 0 or drift < 0:
         raise ValueError(f"alpha and drift must be non-negative, got alpha={alpha}, drift={drift}")
+    if isinstance(layer_names, str):
+        raise TypeError(f"layer_names must be a list of names, not the string {layer_names!r}")
     names = [f"layers.{i}.mlp" for i in range(num_layers)] if layer_names is None else list(layer_names)
     if len(names) != num_layers:
         raise ValueError(f"layer_names has {len(names)} names for {num_layers} layers")
+    if len(set(names)) != len(names):
+        raise ValueError(f"layer_names repeats a name: {names}")
 
     rng = np.random.default_rng(seed)
     trace = RoutingTrace(
