@@ -174,5 +174,18 @@ def _warn_no_expert_grads(layer: OptimizedMoE) -> None:
 
 
 def _weights_loaded(module: OptimizedMoE, incompatible_keys) -> None:
-    """``load_state_dict`` post-hook: the loaded values went into the parameters in place."""
+    """``load_state_dict`` post-hook: the loaded values went into the parameters in place.
+
+    ``load_state_dict(..., assign=True)`` instead puts new parameter objects into the modules, which
+    the layer's stacked experts and its store do not hold: it would go on computing with the old
+    weights, so that is an error with the way out."""
+    registered = {id(p) for p in module.parameters()}
+    for stack in module.weights.stacks():
+        params = stack.params() if callable(stack.params) else stack.params
+        if any(id(p) not in registered for p in params):
+            raise RuntimeError(
+                "load_state_dict(..., assign=True) replaced expert parameters of an hf_moe_opt layer, which "
+                "would keep computing with the old ones: load without assign=True, or call "
+                "hf_moe_opt.restore(model), load, then optimize again"
+            )
     module.expert_weights_changed()

@@ -539,6 +539,9 @@ def test_arrays_and_profile_traces_are_refused_not_misread():
         (dict(name="adaptive", num_slots=2, num_experts=4, restart_every=0), "restart_every"),
         (dict(name="adaptive", num_slots=2, num_experts=4, restart_every=2.5), "restart_every"),
         (dict(name="adaptive", num_slots=2, num_experts=4, horizon=15), "horizon"),
+        (dict(name="lfru", num_slots=2, num_experts=4, count_weight=float("inf")), "count_weight"),
+        (dict(name="adaptive", num_slots=2, num_experts=4, threshold=True), "must be a number"),
+        (dict(name="lfru", num_slots=2, num_experts=4, half_life="8"), "must be a number"),
     ],
 )
 def test_make_policy_errors(kwargs, match):

@@ -235,6 +235,13 @@ def test_cache_follows_weight_writes(family):
     hf_moe_opt.sync_expert_copies(model)
     assert all(torch.equal(a, b) for a, b in zip(want, _run(model, family["batches"]), strict=True))
 
+    # assign=True swaps in new parameter objects the layer does not hold: an error, never the old weights.
+    for kwargs in ({"expert_cache": 3}, {}):
+        model = copy.deepcopy(family["base"])
+        _quiet_optimize(model, **kwargs)
+        with pytest.raises(RuntimeError, match="assign=True"):
+            model.load_state_dict(changed, assign=True)
+
 
 def test_parse_bytes():
     assert parse_bytes("24GiB") == 24 * 2**30
@@ -242,7 +249,8 @@ def test_parse_bytes():
     assert parse_bytes("1.5 tb") == 15 * 10**11
     assert parse_bytes("4096") == 4096
     assert parse_bytes("2KiB") == 2048
-    for bad in ["", "GB", "12 parsecs", "-1GB", "0"]:
+    assert parse_bytes("2.01KB") == 2010 and parse_bytes("8.04KB") == 8040  # no float rounding down
+    for bad in ["", "GB", "12 parsecs", "-1GB", "0", "1e400"]:
         with pytest.raises(ValueError):
             parse_bytes(bad)
 
@@ -301,7 +309,26 @@ def test_type_errors():
         hf_moe_opt.optimize(model, expert_cache=2, cache_prefetch="yes")
     with pytest.raises(TypeError, match="cache_policy_options"):
         hf_moe_opt.optimize(model, expert_cache=2, cache_policy_options=[("half_life", 8)])
+    for pinned in ([1.7], [True], ["3"], 3, {"encoder.block.1.layer.1.mlp": 3}):  # never truncated or guessed
+        with pytest.raises(TypeError, match="pinned_experts"):
+            hf_moe_opt.optimize(model, expert_cache=2, pinned_experts=pinned)
     assert not hf_moe_opt.is_optimized(model)
+    with pytest.raises(ValueError, match="finite"):
+        hf_moe_opt.optimize(
+            model,
+            expert_cache=CacheBudget("96KiB", demand={"encoder.block.1.layer.1.mlp": [1.0, float("nan"), 2.0, 0.0]}),
+        )
+    assert not hf_moe_opt.is_optimized(model)
+
+
+def test_pinned_experts_from_ranges_and_arrays():
+    import numpy as np
+
+    model = tiny_switch(num_experts=4)
+    for pinned in (range(1), np.array([0]), torch.tensor([0])):
+        _quiet_optimize(model, expert_cache=2, pinned_experts=pinned)
+        assert all(st["pinned_experts"] == [0] for st in hf_moe_opt.stats(model).values())
+        hf_moe_opt.restore(model)
 
 
 def test_policy_options_reach_every_layer():
@@ -517,6 +544,22 @@ def test_from_pretrained_with_the_offload_device_map(family, tmp_path):
     )
     outs = _run(model, family["batches"])
     assert all(torch.equal(a, b) for a, b in zip(family["outs"], outs, strict=True))
+
+
+def test_refused_offloaded_model_keeps_its_hooks():
+    """An optimize(expert_cache=...) that is refused (float64 weights) must not have taken over
+    accelerate's offload hooks first: the model stays loadable and runnable as it was."""
+    from accelerate import cpu_offload
+
+    model = tiny_switch(num_experts=NUM_EXPERTS).double()
+    for name in [k for k, v in offload_device_map(model, "cpu").items() if k and v == "cpu"]:
+        cpu_offload(model.get_submodule(name), execution_device="cpu")
+    hooked = offloading_hooks(model)
+    assert hooked
+    with pytest.raises(ValueError, match="float64"):
+        _quiet_optimize(model, expert_cache=3)
+    assert offloading_hooks(model) == hooked and not hf_moe_opt.is_optimized(model)
+    assert any(p.device.type == "meta" for p in model.parameters())
 
 
 def test_accelerate_offloaded_experts_are_taken_over(family):

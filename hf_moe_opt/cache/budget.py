@@ -20,6 +20,7 @@ gets more slots than one that keeps sending them to a few.
 
 from __future__ import annotations
 
+import decimal
 import heapq
 import math
 import re
@@ -63,7 +64,10 @@ def parse_bytes(text: str) -> int:
             f"cannot read {text!r} as a byte size; write e.g. '24GiB', '500MB' or '1.5TB' "
             "(KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024)"
         )
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    # Decimal: "2.01KB" is 2010 bytes, not float rounding's 2009.
+    value = decimal.Decimal(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not value.is_finite() or value > 2**80:
+        raise ValueError(f"{text!r} is not a usable byte size")
     if not value >= 1:
         raise ValueError(f"a byte budget must be at least one byte, got {text!r}")
     return int(value)
@@ -142,6 +146,8 @@ def _histogram(record: Any) -> np.ndarray:
         arr = arr.sum(axis=0)
     if arr.ndim != 1:
         raise ValueError(f"a routing histogram must be [E] or [steps, E], got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("routing histograms hold finite token counts, got NaN or inf")
     if arr.size and arr.min() < 0:
         raise ValueError("routing histograms hold non-negative token counts")
     return arr

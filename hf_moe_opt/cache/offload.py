@@ -142,9 +142,23 @@ def take_over_offloaded_experts(name: str, block: nn.Module) -> int:
         ValueError: the block's router (or another dense part of it) is offloaded: dense weights
             must sit on the compute device.
     """
+    hooked = check_offloaded_experts(name, block)
+    for module in hooked:
+        take_over_module(name, module)
+    return len(hooked)
+
+
+def check_offloaded_experts(name: str, block: nn.Module) -> list[nn.Module]:
+    """What :func:`take_over_offloaded_experts` checks, without touching the block: its modules that
+    carry accelerate hooks.
+
+    Raises:
+        ValueError: a dense part of the block is offloaded, or an offloaded weight has a dtype the
+            kernels do not take (checked on the meta parameters, which carry the dtype).
+    """
+    from ..api import SUPPORTED_DTYPES
+
     hooked = [m for m in block.modules() if getattr(m, "_hf_hook", None) is not None]
-    if not hooked:
-        return 0
     experts = getattr(block, "experts", None)
     expert_ids = {id(m) for m in experts.modules()} if experts is not None else set()
     for module in hooked:
@@ -155,9 +169,13 @@ def take_over_offloaded_experts(name: str, block: nn.Module) -> int:
                 "expert_cache keep the router and all non-expert weights on the GPU (device_map value "
                 "'cpu' only for the '...experts' modules, see hf_moe_opt.cache.offload_device_map)"
             )
-    for module in hooked:
-        take_over_module(name, module)
-    return len(hooked)
+    for pname, p in block.named_parameters():
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"{name}.{pname} has dtype {p.dtype}; hf_moe_opt supports float32, bfloat16 and float16 "
+                "experts (quantized experts are not supported)"
+            )
+    return hooked
 
 
 def take_over_module(name: str, module: nn.Module) -> None:

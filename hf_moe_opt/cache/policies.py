@@ -50,6 +50,7 @@ Policies (``make_policy`` names):
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -474,8 +475,8 @@ class LFRUPolicy(EvictionPolicy):
     ) -> None:
         if not half_life > 0 or math.isinf(half_life):
             raise ValueError(f"half_life must be a positive finite number, got {half_life}")
-        if not count_weight >= 0:
-            raise ValueError(f"count_weight must be >= 0, got {count_weight}")
+        if not count_weight >= 0 or math.isinf(count_weight):
+            raise ValueError(f"count_weight must be a finite number >= 0, got {count_weight}")
         self.half_life = float(half_life)
         self.count_weight = float(count_weight)
         self._log_decay = -math.log(2.0) / self.half_life
@@ -719,4 +720,7 @@ def make_policy(
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"policy {key!r} does not take {sorted(unknown)}; it takes {sorted(allowed)}")
+    for option, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"policy option {option}={value!r} must be a number")
     return cls(num_slots, num_experts, pinned, **options)

@@ -6,8 +6,9 @@ Everything that can be rejected is checked by :func:`plan_expert_cache` before t
 
 from __future__ import annotations
 
+import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..experts.layout import expert_layout
 from .budget import LayerGeometry, slots_per_layer
-from .offload import take_over_offloaded_experts
+from .offload import check_offloaded_experts, take_over_offloaded_experts
 from .policies import POLICY_NAMES, make_policy
 from .store import CachedExpertStore
 
@@ -84,14 +85,23 @@ def _normalise_pinned(pinned_experts: Any, names: Sequence[str]) -> dict[str, tu
                 f"pinned_experts names layers the model does not have: {unknown[:5]}; MoE layers are named like "
                 f"{list(names[:2])} (see hf_moe_opt.optimized_layers)"
             )
-        return {k: tuple(int(e) for e in v) for k, v in pinned_experts.items()}
-    if isinstance(pinned_experts, (list, tuple, set, frozenset)):
-        ids = tuple(int(e) for e in pinned_experts)
-        return dict.fromkeys(names, ids)
-    raise TypeError(
-        "pinned_experts must be {layer name: [expert ids]} or one list of ids for every layer, "
-        f"got {type(pinned_experts).__name__}"
-    )
+        return {k: _expert_ids(v, f"pinned_experts[{k!r}]") for k, v in pinned_experts.items()}
+    return dict.fromkeys(names, _expert_ids(pinned_experts, "pinned_experts"))
+
+
+def _expert_ids(value: Any, what: str) -> tuple[int, ...]:
+    """Expert ids from a list, tuple, set, range, array or tensor of whole numbers (never truncated)."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()  # numpy array, torch tensor
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"{what} must be expert ids (a list, or {{layer name: [expert ids]}}), got {type(value).__name__}"
+        )
+    ids = list(value)
+    for e in ids:
+        if isinstance(e, bool) or not isinstance(e, numbers.Integral):
+            raise TypeError(f"{what} must hold whole expert ids, got {e!r}")
+    return tuple(int(e) for e in ids)
 
 
 @dataclass
@@ -167,6 +177,8 @@ def plan_expert_cache(
             raise ValueError(f"{g.name}: {err}") from None
     devices = {n: _compute_device(n, b) for n, b in blocks}
     _warn_if_cpu_beside_gpu(devices)
+    for n, b in blocks:  # every block checked before any is touched
+        check_offloaded_experts(n, b)
     for n, b in blocks:
         take_over_offloaded_experts(n, b)
     return ExpertCachePlan(policy, dict(zip(names, slots, strict=True)), pinned, devices, options or None, prefetch)

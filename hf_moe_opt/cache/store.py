@@ -372,8 +372,8 @@ class CachedExpertStore(ExpertStore):
 
         Keys: ``policy``, ``num_slots``, ``num_experts``, ``pinned_experts``, ``steps``, ``hits``,
         ``misses`` (= loads), ``hit_rate``, ``evictions``, ``chunked_steps`` (steps that needed more
-        experts than slots), ``bytes_copied``, ``copy_time_ms`` (time the copies took on the copy
-        stream), ``stall_time_ms`` (time the compute waited for copies), ``resident`` (sorted
+        unpinned experts than unpinned slots), ``bytes_copied``, ``copy_time_ms`` (time the copies
+        took on the copy stream), ``stall_time_ms`` (time the compute waited for copies), ``resident`` (sorted
         expert ids), ``device``, ``host_pinned``, ``slot_bytes``, ``prefetched`` (loads made ahead
         by the look-ahead, see :meth:`enable_prefetch`; their bytes are in ``bytes_copied``) and
         ``prefetch_hits`` (needed experts that a look-ahead had loaded just before the step), and
