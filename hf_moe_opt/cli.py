@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .argparsing import OneLineErrorParser
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -82,7 +84,7 @@ def _bench(args: argparse.Namespace) -> int:
         )
     module = importlib.import_module(f".benchmarking.{args.which}", __package__)
     try:
-        return module.main(args.rest)
+        return module.main(args.rest, prog=f"hf-moe-opt bench {args.which}")
     except SystemExit as e:  # the benchmark's own argument errors: its parser printed them already
         return e.code if isinstance(e.code, int) else 2
 
@@ -157,13 +159,6 @@ def _compare_strategies(trace, devices: int, spare: dict, source: str) -> None:
         print(f"{strategy:<16} {overall['avg_max_over_mean']:>12.3f} {overall['worst_max_over_mean']:>8.3f}")
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """Argument mistakes print one line (no usage block) and exit with status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _eval(args: argparse.Namespace) -> int:
     import importlib
 
@@ -193,7 +188,7 @@ def _add_eval_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(prog="hf-moe-opt", description="Fast MoE inference for Hugging Face models")
+    parser = OneLineErrorParser(prog="hf-moe-opt", description="Fast MoE inference for Hugging Face models")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the shipped MoE models, original vs optimized (offline)")
     demo.add_argument("--device", default="cpu")

@@ -100,6 +100,7 @@ def test_profile_then_plan(tmp_path, capsys):
         ["demo", "--dtype", "int8"],
         ["profile", "--data", "README.md", "--max-length", "-3"],
         ["profile", "--data", "README.md", "--max-length", "0"],
+        ["bench", "model", "--cpu-smoke", "--bogus"],
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(argv, capsys):

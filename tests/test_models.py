@@ -155,3 +155,22 @@ def test_padding_read_from_a_static_cache_mask():
     square = torch.ones(batch, 1, seq, seq, dtype=torch.bool)
     square[0, 0, :, 2] = False
     assert token_padding_mask(square, batch, seq).tolist() == [False, False, True, False, False, False]
+
+
+@pytest.mark.parametrize("family", ["switch", "nllb"])
+@pytest.mark.parametrize("cache", [None, 2])
+def test_a_batch_of_no_sequences_gives_an_empty_output(family, cache):
+    """transformers' blocks take a [0, S, D] batch; the optimized layer (resident or cached) too."""
+    import warnings
+
+    model = (tiny_switch if family == "switch" else tiny_nllb)(num_experts=4)
+    block = next(m for m in model.modules() if type(m).__name__.endswith("SparseMLP"))
+    x = torch.randn(0, 3, block.router.classifier.in_features)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no pinned memory without CUDA
+        hf_moe_opt.optimize(model, **({"expert_cache": cache} if cache else {}))
+    layer = hf_moe_opt.optimized_layers(model)[0][1]
+    with torch.no_grad():
+        out = layer(x)
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.shape == (0, 3, x.shape[-1])

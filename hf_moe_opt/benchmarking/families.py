@@ -10,12 +10,12 @@ CUDA-graph replayed; the floor from the bandwidth and matmul rate measured in th
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
+from ..argparsing import OneLineErrorParser
 from ..experts import available_backends
 from ..timing import median_ms
 from .common import add_floor_ratios, environment, measure_ceilings, plot_by_shape, print_ceilings, save_result
@@ -141,8 +141,8 @@ def plot(result: dict, path: Path) -> None:
     plot_by_shape(result, path, series, "MoE block time, bf16", width=5)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog: str | None = None) -> int:
+    p = OneLineErrorParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(FAMILY_SHAPES), choices=list(FAMILY_SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     p.add_argument("--repeats", type=int, default=20)

@@ -12,12 +12,12 @@ and matmul rate measured in the same run; ratios; peak memory.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
+from ..argparsing import OneLineErrorParser
 from ..baselines import NllbMoeEagerReference
 from ..experts import available_backends
 from ..timing import median_ms
@@ -141,8 +141,8 @@ def plot(result: dict, path: Path) -> None:
     plot_by_shape(result, path, series, "MoE layer time, bf16")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog: str | None = None) -> int:
+    p = OneLineErrorParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(LAYER_SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     p.add_argument("--repeats", type=int, default=20)

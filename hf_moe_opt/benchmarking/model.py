@@ -24,7 +24,6 @@ the benchmark runs; its times mean nothing.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import warnings
@@ -35,6 +34,7 @@ import torch
 
 from .. import api as hf_moe_opt
 from .. import encoder_graphs
+from ..argparsing import OneLineErrorParser
 from ..baselines import hf_reference
 from ..dense import fuse_dense, unfuse_dense
 from ..step_graphs import EagerCapture, runner_of
@@ -490,8 +490,8 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog: str | None = None) -> int:
+    p = OneLineErrorParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", help=f"default: {' '.join(DEFAULT_MODELS)} ({' '.join(SMOKE_MODELS)} "
                    "with --cpu-smoke)")  # fmt: skip
     p.add_argument("--batches", nargs="+", type=int, help="encoder batches (default: 8 32 128; 2 with --cpu-smoke)")

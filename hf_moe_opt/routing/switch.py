@@ -36,6 +36,8 @@ def _fused_queue():
 def switch_keep(expert: torch.Tensor, batch: int, num_experts: int, capacity: int | None) -> torch.Tensor | None:
     """Capacity mask ``[B*S, 1]`` of the experts ``expert`` (``B*S`` entries, sequence-major) of ``batch``
     sequences, or None where nothing can be dropped (``capacity=None`` or sequences no longer than it)."""
+    if batch == 0:  # no sequences: nothing to drop
+        return None
     seq = expert.numel() // batch
     if capacity is None or seq <= capacity:
         # No sequence can overflow an expert: skip the queue bookkeeping (decode steps land here).
