@@ -640,25 +640,23 @@ class AdaptiveLFUPolicy(EvictionPolicy):
             prev_sum += count[e]
         idle_mass = self._total - prev_sum + prior * (self.num_experts - len(prev))
 
-        since = self._base
-        s = 0
-        for e in prev:
-            s += since[e]
-        ll = 0
-        for c, e in pairs:
-            ll += log(c - since[e])
-        current = ll - nf * log(max(idle_mass - self._base_total + s, prior))
-        best = None
-        threshold = self.threshold
-        for cand in self._candidates:
-            since = cand[0]
+        # The current regime's log-likelihood first, then each candidate's.
+        estimates = [(self._base, self._base_total)]
+        estimates += [(cand[0], cand[1]) for cand in self._candidates]
+        lls = []
+        for since, since_total in estimates:
             s = 0
             for e in prev:
                 s += since[e]
             ll = 0
             for c, e in pairs:
                 ll += log(c - since[e])
-            stat = cand[2] + (ll - nf * log(max(idle_mass - cand[1] + s, prior))) - current
+            lls.append(ll - nf * log(max(idle_mass - since_total + s, prior)))
+        current = lls[0]
+        best = None
+        threshold = self.threshold
+        for cand, ll in zip(self._candidates, lls[1:], strict=True):
+            stat = cand[2] + ll - current
             cand[2] = stat = stat if stat > 0.0 else 0.0
             if stat > threshold and (best is None or stat > best[2]):
                 best = cand
