@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("ideal_gemm.py needs a CUDA GPU")
-        return 0
+        return 1
     device = torch.device("cuda", torch.cuda.current_device())
     ceilings = measure_ceilings(device)
     print_ceilings(ceilings)

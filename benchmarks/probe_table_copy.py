@@ -43,7 +43,7 @@ def host_us(src: torch.Tensor, dst: torch.Tensor, behind: int, repeats: int = 20
 def main() -> int:
     if not torch.cuda.is_available():
         print("probe_table_copy.py needs CUDA")
-        return 0
+        return 1
     device = torch.device("cuda")
     dst = torch.empty(129, dtype=torch.long, device=device)
     pageable = torch.zeros(129, dtype=torch.long)

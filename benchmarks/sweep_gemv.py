@@ -10,6 +10,9 @@ import sys
 
 import torch
 
+if not torch.cuda.is_available():
+    sys.exit("sweep_gemv.py needs a CUDA GPU")
+
 sys.path.insert(0, ".")
 from hf_moe_opt.benchmarking import families
 from hf_moe_opt.benchmarking.common import LAYER_SHAPES, floor_ms, measure_ceilings

@@ -8,6 +8,9 @@ import sys
 
 import torch
 
+if not torch.cuda.is_available():
+    sys.exit("time_plan.py needs a CUDA GPU")
+
 sys.path.insert(0, ".")
 from hf_moe_opt.dispatch.plan import make_plan, torch_plan
 from hf_moe_opt.kernels.plan import large_plan

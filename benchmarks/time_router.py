@@ -7,6 +7,9 @@ Triton router, with a tile sweep (python benchmarks/time_router.py).
 import sys
 
 import torch
+
+if not torch.cuda.is_available():
+    sys.exit("time_router.py needs a CUDA GPU")
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")

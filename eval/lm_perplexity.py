@@ -1,6 +1,7 @@
 """Perplexity of an MoE model before and after ``hf_moe_opt.optimize`` (same as ``hf-moe-opt eval-lm``).
 
-    python eval/lm_perplexity.py --limit 256 --json eval/results/cpu_switch_tiny_lm.json
+    python eval/lm_perplexity.py --limit 256 --json /tmp/lm.json   # a quick look at 256 texts
+    python eval/lm_perplexity.py --json eval/results/cpu_switch_tiny_lm.json --no-progress   # the committed report
     python eval/lm_perplexity.py --help
 
 See ``hf_moe_opt/evaluation/lm.py`` for what is measured.

@@ -1,6 +1,7 @@
 """BLEU / chrF of an MoE translation model before and after ``hf_moe_opt.optimize`` (= ``hf-moe-opt eval-mt``).
 
-    python eval/mt_bleu.py --limit 200 --json eval/results/cpu_nllb_tiny_mt.json
+    python eval/mt_bleu.py --limit 200 --json /tmp/mt.json   # a quick look at 200 sentences
+    python eval/mt_bleu.py --json eval/results/cpu_nllb_tiny_mt.json --no-progress   # the committed report
     python eval/mt_bleu.py --help
 
 See ``hf_moe_opt/evaluation/mt.py`` for what is measured.

@@ -338,7 +338,9 @@ def _restore(model: nn.Module, rolling_back: bool = False) -> nn.Module:
     for parent, child_name, layer in targets:
         if hasattr(layer.store, "release"):
             layer.store.release()  # expert cache: free the slots, experts back to their original device
-        setattr(parent, child_name, layer._hf_moe_opt_patch.restore(layer))
+        block = layer._hf_moe_opt_patch.restore(layer)
+        block.train(layer.training)  # hidden from model.train()/eval() while optimized (Mixtral's jitter reads it)
+        setattr(parent, child_name, block)
     return model
 
 
@@ -364,7 +366,9 @@ def sync_expert_copies(model: nn.Module) -> None:
     The expert cache's device slots and a placement's per-device copies (slices of fused expert
     tensors, replicas) are copies of the expert parameters. ``model.load_state_dict`` refreshes them
     by itself; after writing expert parameters in place any other way (``p.data.mul_(...)``,
-    ``p.copy_(...)``), call this before the next forward. Models without such copies are unaffected.
+    ``p.copy_(...)``), call this before the next forward. Per-expert parameters re-pointed one by one
+    (``p.data = new_tensor``, as accelerate's ``set_module_tensor_to_device`` does) are gathered into
+    the layer's stacked experts again, with or without a cache.
 
     Raises:
         ValueError: ``model`` is not optimized.

@@ -194,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     demo.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
-    demo.add_argument("--cache-fraction", type=float, default=0.5, help="experts per layer kept on the device")
+    demo.add_argument(
+        "--cache-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of each layer's experts kept on the device, in (0, 1]",
+    )
     demo.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median), after one warm-up")
     demo.add_argument("--plot", default="hf_moe_opt_demo.png", help="where to save the plot ('' for none)")
     demo.add_argument("--json", help="also write the table as JSON to this path")

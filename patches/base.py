@@ -53,10 +53,15 @@ def undo_router_swap(module: nn.Module) -> None:
             own = vars(sub)
             if "_hf_moe_opt_hooked_forward" in own and "_old_forward" in own:
                 sub._old_forward = sub._hf_moe_opt_hooked_forward
+            elif getattr(own.get("_old_forward"), "__func__", None) is ours:
+                # A hook attached while optimized (dispatch_model, cpu_offload) bound our forward.
+                sub._old_forward = types.MethodType(original_class.forward, sub)
             if getattr(own.get("forward"), "__func__", None) is ours:
                 del sub.forward  # a hook removed while optimized pinned our forward on the instance
             for name in [n for n in vars(sub) if n.startswith("_hf_moe_opt_")]:
                 delattr(sub, name)
+        # The router's cached float32 weight (hf_moe_opt.routing.types) lives on its linear child.
+        sub.__dict__.pop("_hf_moe_opt_router_cast", None)
 
 
 def swap_router_class(router: nn.Module, optimized_class: type[nn.Module], **options) -> None:

@@ -72,6 +72,39 @@ def test_restore_gives_back_the_original_modules(family):
     torch.testing.assert_close(_logits(model, ids, dec), want, atol=0, rtol=0)
     hf_moe_opt.optimize(model)  # and it can be optimized again
     assert hf_moe_opt.is_optimized(model)
+    # bf16 (the router's float32 copy of its weight is dropped), and the train/eval mode set meanwhile.
+    hf_moe_opt.restore(model)
+    model.to(torch.bfloat16).train()
+    hf_moe_opt.optimize(model).eval()
+    _logits(model, ids, dec)
+    hf_moe_opt.restore(model)
+    assert not any(k.startswith("_hf_moe_opt") for m in model.modules() for k in vars(m))
+    assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sync_expert_copies_takes_re_pointed_parameters(family):
+    """``p.data = new`` on single expert parameters (as accelerate's set_module_tensor_to_device does)
+    leaves the stacked experts behind until sync_expert_copies, resident or cached."""
+    import warnings
+
+    base = FAMILIES[family]()
+    ids, dec = _ids()
+    for kwargs in ({}, {"expert_cache": 2}):
+        want_model, model = copy.deepcopy(base), copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # no pinned memory without CUDA
+            hf_moe_opt.optimize(model, **kwargs)
+        _logits(model, ids, dec)
+        g = torch.Generator().manual_seed(1)
+        new = {n: torch.randn(p.shape, generator=g) for n, p in base.named_parameters() if ".experts.expert_1." in n}
+        for m in (want_model, model):
+            for name, p in m.named_parameters():
+                if name in new:  # a middle expert's weights (and biases) re-pointed
+                    p.data = new[name].clone()
+        want = _logits(hf_moe_opt.optimize(want_model), ids, dec)  # optimized after the change
+        hf_moe_opt.sync_expert_copies(model)
+        torch.testing.assert_close(_logits(model, ids, dec), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -312,3 +345,9 @@ def test_accelerate_hooked_routers_run_our_forward(family):
             torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, want, rtol=0, atol=0)
             hf_moe_opt.restore(model)
             torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, original, rtol=0, atol=0)
+    # Hooks attached while optimized (dispatch_model, cpu_offload after optimize) bind our forward.
+    model = hf_moe_opt.optimize(copy.deepcopy(base))
+    attach_execution_device_hook(model, "cpu")
+    hf_moe_opt.restore(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, original, rtol=0, atol=0)

@@ -134,7 +134,7 @@ def _move_to_host(stack: ExpertTensor, pin: bool) -> str | None:
     data is replaced by a host copy in the same layout. Either way the host tensor *is* the
     parameter data: ``state_dict`` is unchanged and no second copy exists.
     """
-    current = stack.storage() if stack.is_current() else None
+    current = stack.storage() if stack.is_current(full=True) else None
     if current is not None and current.device.type == "cpu" and (current.is_pinned() or not pin):
         return None if current.is_pinned() else "pinning disabled"
     if current is not None and current.device.type == "cpu":
@@ -303,7 +303,7 @@ class CachedExpertStore(ExpertStore):
         target device); they are copied back into (pinned) host memory, the slots are reallocated
         in the new dtype and the cache starts cold. Move the model *before* optimizing to avoid it.
         """
-        if all(s.is_current() and s.storage().device.type == "cpu" for s in self.weights.stacks()):
+        if all(s.is_current(full=True) and s.storage().device.type == "cpu" for s in self.weights.stacks()):
             if all(t.dtype == h.dtype for t, h in zip(self._slots, self._host_tensors(), strict=True)):
                 return
         moved_to = next((s.params[0].device for s in self.weights.stacks() if s.params[0].device.type != "cpu"), None)
@@ -332,7 +332,11 @@ class CachedExpertStore(ExpertStore):
         self._reset_table()
 
     def weights_changed(self) -> None:
-        """The host copy was written in place (``load_state_dict``): every slot is stale, start cold."""
+        """The host copy was written in place (``load_state_dict``), or parameters were re-pointed
+        (``p.data = ...``, gathered into the host copy again): every slot is stale, start cold."""
+        if not all(s.is_current(full=True) for s in self.weights.stacks()):
+            self.refresh()
+            self._checked_key = None
         self.clear()
 
     # ----------------------------------------------------------------- stats

@@ -56,7 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default min(400, 1.6 x padded source length + 10)")
     g.add_argument("--max-source-length", type=int, default=386, help="source tokens incl. language tag and EOS")
-    g.add_argument("--metrics", default="auto", help="auto | evaluate | sacrebleu (see the description)")
+    g.add_argument(
+        "--metrics",
+        default="auto",
+        help="auto: evaluate's scripts if cached locally, else sacrebleu (same numbers); "
+        "evaluate: may download its scripts; sacrebleu: sacrebleu directly",
+    )
     g.add_argument(
         "--no-float32-check",
         dest="float32_check",

@@ -99,6 +99,10 @@ class ResidentStore(ExpertStore):
         ffn, (w1, b1, w2, b2) = found
         return ffn(x, expert_index, gates, keep, w1, b1, w2, b2, activation, out_scale)
 
+    def weights_changed(self) -> None:
+        """Parameters re-pointed one by one (``p.data = ...``) are stacked again."""
+        self.weights.refresh(full=True)
+
     def _tensors(self) -> tuple:
         if not self.weights.w1.is_current():
             self.weights.refresh()

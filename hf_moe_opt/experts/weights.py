@@ -63,9 +63,9 @@ class ExpertStack:
                 )
 
     @torch.no_grad()
-    def _stack(self) -> torch.Tensor:
+    def _stack(self, full: bool = False) -> torch.Tensor:
         self._check()
-        if self.is_current_for(getattr(self, "tensor", None)):
+        if self.is_current_for(getattr(self, "tensor", None), full):
             return self.tensor
         first = self.params[0]
         stacked = torch.empty((len(self.params), *first.shape), dtype=first.dtype, device=first.device)
@@ -76,22 +76,25 @@ class ExpertStack:
             p.data = stacked[j]
         return stacked
 
-    def is_current_for(self, tensor: torch.Tensor | None) -> bool:
+    def is_current_for(self, tensor: torch.Tensor | None, full: bool = False) -> bool:
+        """Whether the parameters are the slices of ``tensor``: by the first and last one (cheap, per
+        call: ``.to()`` replaces them all), or with ``full`` every one (one re-pointed with
+        ``p.data = ...`` too)."""
         if tensor is None:
             return False
-        last = len(self.params) - 1
-        return (
-            self.params[0].data_ptr() == tensor[0].data_ptr()
-            and self.params[last].data_ptr() == tensor[last].data_ptr()
-            and self.params[0].dtype == tensor.dtype
-        )
+        if any(p.dtype != tensor.dtype or p.device != tensor.device for p in (self.params[0], self.params[-1])):
+            return False
+        step = tensor.stride(0) * tensor.element_size()
+        base = tensor.data_ptr()
+        experts = range(len(self.params)) if full else (0, len(self.params) - 1)
+        return all(self.params[j].data_ptr() == base + j * step for j in experts)
 
-    def is_current(self) -> bool:
-        """Cheap host-side check that the parameters still live in the stack (``.to()`` replaces them)."""
-        return self.is_current_for(self.tensor)
+    def is_current(self, full: bool = False) -> bool:
+        """Host-side check that the parameters still live in the stack (see :meth:`is_current_for`)."""
+        return self.is_current_for(self.tensor, full)
 
-    def restack(self) -> torch.Tensor:
-        self.tensor = self._stack()
+    def restack(self, full: bool = False) -> torch.Tensor:
+        self.tensor = self._stack(full)
         return self.tensor
 
     @property
@@ -200,10 +203,10 @@ class FusedExpertTensor:
             raise ValueError(f"{self.what}: storage of shape {tuple(data.shape)}, expected {tuple(self.param.shape)}")
         self.param.data = data
 
-    def is_current(self) -> bool:
-        return True
+    def is_current(self, full: bool = False) -> bool:
+        return True  # the data is read from the parameter on every access
 
-    def restack(self) -> torch.Tensor:
+    def restack(self, full: bool = False) -> torch.Tensor:
         return self.tensor
 
 
@@ -256,11 +259,12 @@ class ExpertWeights:
     def stacks(self) -> list[ExpertTensor]:
         return [s for s in (self.w1, self.w2, self.b1, self.b2) if s is not None]
 
-    def refresh(self) -> None:
-        """Re-stack after the parameters were moved or cast (``model.to(...)``)."""
+    def refresh(self, full: bool = False) -> None:
+        """Re-stack after the parameters were moved or cast (``model.to(...)``); with ``full``, also
+        after any one of them was re-pointed (``p.data = ...``)."""
         for s in self.stacks():
-            if not s.is_current():
-                s.restack()
+            if not s.is_current(full):
+                s.restack(full)
 
     @property
     def num_experts(self) -> int:

@@ -26,8 +26,9 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 def topk_routing(weights: torch.Tensor, indices: torch.Tensor) -> Routing:
-    """A :class:`Routing` keeping every one of the ``k`` assignments of every token."""
-    return Routing(indices, weights, torch.ones_like(indices, dtype=torch.bool))
+    """A :class:`Routing` keeping every one of the ``k`` assignments of every token (``keep`` None:
+    nothing is dropped, so the dispatch needs no mask)."""
+    return Routing(indices, weights, None)
 
 
 def softmax_topk(
