@@ -142,12 +142,22 @@ def _cast_case(rank: int, world: int) -> None:
     # rows in the experts' new dtype (a rank without experts has no expert parameter that is cast).
     model = tiny_switch(num_experts=4, seed=0, expert_capacity=64)
     names = [name for name, _ in hf_moe_opt.optimized_layers(hf_moe_opt.optimize(copy.deepcopy(model)))]
-    plan = PlacementPlan(num_devices=world, strategy="hand", layers={n: [[(0, 1.0)]] * 4 for n in names})
+    # Plans that differ only in metadata place the same: the ranks agree.
+    layers = {n: [[(0, 1.0)]] * 4 for n in names}
+    plan = PlacementPlan(num_devices=world, strategy="hand", layers=layers, metadata={"made_on_rank": rank})
     reference = hf_moe_opt.optimize(copy.deepcopy(model)).to(torch.bfloat16)
     hf_moe_opt.optimize(model, expert_parallel=True, placement=plan)
     assert "_hf_moe_opt_expert_dtype" not in "".join(model.state_dict())
     model.to(torch.bfloat16)
     batch = _batch(200 + rank)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+    # Expert parameters re-pointed one by one (p.data = ...), then sync_expert_copies: on both models.
+    for m in (model, reference):
+        for name, p in m.named_parameters():
+            if ".experts.expert_" in name:
+                p.data = p.data * 1.5
+        hf_moe_opt.sync_expert_copies(m)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
 
@@ -261,6 +271,33 @@ def _dead_rank_worker(rank: int, world: int, port: int, errors) -> None:
         errors.put((rank, f"RuntimeError after {time.monotonic() - start:.1f}s: {exc}"))
         return
     errors.put((rank, "no error"))
+
+
+def _out_of_step_worker(rank: int, world: int, port: int, errors) -> None:
+    """Rank 1 runs its encoder once more than rank 0 before both run the full model: the collectives
+    would pair rank 0's decoder layers with rank 1's encoder layers, the same number of calls in all."""
+    _init(rank, world, port, timeout_s=20)
+    model = tiny_switch(num_experts=4, seed=0)
+    hf_moe_opt.optimize(model, expert_parallel=True)
+    batch = _batch(0)
+    try:
+        with torch.no_grad():
+            if rank == 1:
+                model.get_encoder()(input_ids=batch["input_ids"])
+            model(**batch)
+            if rank == 0:
+                model.get_encoder()(input_ids=batch["input_ids"])
+    except RuntimeError as exc:
+        errors.put((rank, f"RuntimeError: {exc}"))
+        return
+    errors.put((rank, "no error"))
+
+
+def test_ranks_out_of_step_raise_instead_of_mixing_layers():
+    results = sorted(_run(2, _out_of_step_worker))
+    assert [r for r, _ in results] == [0, 1], results
+    for _, message in results:
+        assert message.startswith("RuntimeError") and "out of step" in message, message
 
 
 def test_dead_rank_raises_instead_of_hanging():

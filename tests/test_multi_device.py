@@ -146,6 +146,10 @@ def test_placement_errors_are_clear():
     with pytest.raises(RuntimeError, match="initialised process group"):
         hf_moe_opt.optimize(copy.deepcopy(model), expert_parallel=True, placement=good)
     assert not hf_moe_opt.is_optimized(model)
+    # A plan for another model places layers this one lacks: said, not silently ignored.
+    extra = PlacementPlan(2, "x", {**good.layers, "not.a.layer": [[(0, 1.0)]] * 4})
+    with pytest.warns(UserWarning, match="not.a.layer"):
+        hf_moe_opt.optimize(copy.deepcopy(model), placement=extra, devices=["cpu", "cpu"])
 
 
 def test_placed_model_survives_dtype_cast():

@@ -8,6 +8,8 @@ store for a :class:`PlacedExpertStore` (several devices, one process) or an
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,6 +68,14 @@ def _check_plan_covers(placement: PlacementPlan, counts: dict[str, int]) -> None
     for name, n in counts.items():
         if placement.num_experts(name) != n:
             raise ValueError(f"layer {name!r} has {n} experts but the placement plan has {placement.num_experts(name)}")
+    extra = [n for n in placement.layers if n not in counts]
+    if extra:
+        warnings.warn(
+            f"the placement plan also places layers this model does not have: {extra[:4]}"
+            f"{' ...' if len(extra) > 4 else ''} (a plan made for another model?); they are ignored",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 class Placer:
@@ -198,7 +208,10 @@ class Placer:
 
         signature = {
             "layers": [layer_signature(name, layer.weights, layer.family) for name, layer in self.pending],
-            "plan": plan_digest(self.plan.to_json()),
+            # What is placed where (metadata may differ between ranks' plans).
+            "plan": plan_digest(
+                json.dumps([self.plan.num_devices, sorted(self.plan.to_dict()["layers"], key=lambda e: e["name"])])
+            ),
             "plan_devices": self.plan.num_devices,
             "local_error": self.local_error,
         }

@@ -19,9 +19,14 @@ Rules that follow from the collectives:
   passes; in ``generate`` the same ``max_new_tokens`` and ``min_new_tokens`` equal to it, since a
   rank whose sequences all end early stops calling; a rank may pass zero tokens); a rank that
   stops calling, or dies, makes the others fail with the process group's timeout (set it with
-  ``init_process_group(timeout=...)``), reported as a :class:`RuntimeError` naming the layer;
+  ``init_process_group(timeout=...)``), reported as a :class:`RuntimeError` naming the layer; ranks
+  out of step (one in another layer, or a call ahead) raise a :class:`RuntimeError` naming both
+  layers at their next exchange (the row counts carry the layer and the call number);
 * at setup the ranks compare their models and plans with one ``all_gather_object``; any mismatch
-  (different layers, expert counts, shapes, dtypes or plans) raises :class:`ValueError` on every rank;
+  (different layers, expert counts, shapes, dtypes or placements) raises :class:`ValueError` on
+  every rank. An error one rank finds in its own arguments before that (an unsupported dtype, a
+  plan that is not a :class:`PlacementPlan`) raises on that rank, and the others fail when it
+  leaves the process group;
 * rank ``r`` frees the parameters of the experts it does not hold: its ``state_dict`` only holds its
   own experts (``experts.expert_{j}`` entries of the other experts are gone; a fused
   ``experts.gate_up_proj`` / ``down_proj`` (+ biases) shrinks to ``[n_r, ...]``, the rank's experts
@@ -55,6 +60,7 @@ from .store import (
 )
 
 DTYPE_BUFFER = "_hf_moe_opt_expert_dtype"
+_TAG_NAMES: dict[int, str] = {}  # layer tag -> layer name, for the out-of-step error
 _HINT = (
     "a peer rank died or timed out, or the ranks called the MoE layers a different number of times "
     "(every rank must run the same number of forward passes; a rank may pass zero tokens)"
@@ -145,6 +151,10 @@ class ExpertParallelStore(ExpertStore):
         device = weights.device
         self.local = _DeviceExperts(device, table.experts_on[self.rank])
         self.calls = 0
+        # Sent with the row counts, so that ranks out of step (one in another layer, or a call ahead)
+        # fail at once instead of pairing different layers' rows.
+        self._tag = int.from_bytes(hashlib.sha256(name.encode()).digest()[:6], "big")
+        _TAG_NAMES[self._tag] = name
         self.rows_sent = 0
         self.rows_computed = 0
         self._dtype_owner: nn.Module | None = None
@@ -220,6 +230,11 @@ class ExpertParallelStore(ExpertStore):
                 stack.tensor = torch.empty((self.num_experts, *params[0].shape), dtype=params[0].dtype, device="meta")
         self.local.device = device
 
+    def weights_changed(self) -> None:
+        """Writes in place reach the local experts by themselves (they are the parameters' storage);
+        parameters re-pointed one by one (``p.data = ...``) are stacked again."""
+        self.refresh()
+
     def stats(self) -> dict:
         return {"calls": self.calls, "rows_sent": self.rows_sent, "rows_computed": self.rows_computed}
 
@@ -244,6 +259,17 @@ class ExpertParallelStore(ExpertStore):
                 f"(call {self.calls}): {_HINT}. Cause: {exc}"
             ) from exc
 
+    def _check_in_step(self, stamps: list[int]) -> None:
+        """``stamps``: each source rank's (layer tag, call number); all must be this call's."""
+        for source in range(self.world):
+            tag, call = stamps[2 * source], stamps[2 * source + 1]
+            if (tag, call) != (self._tag, self.calls):
+                other = _TAG_NAMES.get(tag, f"an unknown layer (tag {tag})")
+                raise RuntimeError(
+                    f"expert-parallel ranks out of step: rank {self.rank} is in MoE layer {self.name!r} "
+                    f"(call {self.calls}) while rank {source} is in {other!r} (call {call}); {_HINT}"
+                )
+
     def run(
         self, x: torch.Tensor, plan: DispatchPlan, ffn_for: FfnFactory, activation: Activation, out_scale: float
     ) -> torch.Tensor:
@@ -258,11 +284,19 @@ class ExpertParallelStore(ExpertStore):
         key = torch.where(kept, target * num_experts + expert, world * num_experts)
         hist = torch.zeros(world * num_experts + 1, dtype=torch.int64, device=device)
         hist.scatter_add_(0, key, torch.ones_like(key))
-        send_counts = hist[: world * num_experts].contiguous()
-        recv_counts = torch.empty_like(send_counts)
-        self._all_to_all(recv_counts, send_counts)
-        sizes = torch.stack([send_counts.view(world, num_experts).sum(1), recv_counts.view(world, num_experts).sum(1)])
-        send_splits, recv_splits = sizes.tolist()  # the host synchronisation every variable all-to-all needs
+        # Per destination rank: the row counts per expert, then this layer's tag and call number.
+        send = torch.empty((world, num_experts + 2), dtype=torch.int64, device=device)
+        send[:, :num_experts] = hist[: world * num_experts].view(world, num_experts)
+        send[:, num_experts] = self._tag
+        send[:, num_experts + 1] = self.calls
+        recv = torch.empty_like(send)
+        self._all_to_all(recv, send)
+        recv_counts = recv[:, :num_experts]
+        head = torch.cat([send[:, :num_experts].sum(1), recv_counts.sum(1), recv[:, num_experts:].reshape(-1)])
+        recv_counts = recv_counts.reshape(-1)
+        read = head.tolist()  # the host synchronisation every variable all-to-all needs
+        send_splits, recv_splits, stamps = read[:world], read[world : 2 * world], read[2 * world :]
+        self._check_in_step(stamps)
         num_send, num_recv = sum(send_splits), sum(recv_splits)
         rows = perm[:num_send]
         send_x = x[plan.token[rows]].to(row_dtype)
