@@ -290,6 +290,31 @@ def test_kernel_detects_wrong_weights() -> None:
     assert not torch.allclose(out, ref, atol=1e-3)
 
 
+def test_mismatched_shapes_are_refused() -> None:
+    """The kernels take their sizes from the weights: tokens, weights, biases and the plan's expert
+    count must agree, or they would read out of bounds (or compute wrong numbers) silently."""
+    from hf_moe_opt.kernels.gemv import gemv_moe_ffn
+
+    num_tokens, num_experts, hidden, ffn = 6, 4, 16, 8
+    x = torch.randn(num_tokens, hidden).to(DEVICE)
+    w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, torch.float32, bias=True, seed=3)
+    index = _random_index(num_tokens, 1, num_experts, seed=4)
+    plan = _plan(index, num_experts)
+    relu = ACTIVATIONS["relu"]
+    gates = torch.ones(num_tokens, 1, device=DEVICE)
+    for args, match in (
+        ((x[:, : hidden // 2], plan, w1, b1, w2, b2, relu), "tokens"),
+        ((x, plan, w1[:, : ffn // 2], b1, w2, b2, relu), "do not make"),
+        ((x, plan, w1, b1[:, :1], w2, b2, relu), "b1"),
+        ((x, _plan(index, num_experts + 4), w1, b1, w2, b2, relu), "routes to 8 experts"),
+        ((x, plan, w1, b1, w2, b2, glu_activation("silu", torch.nn.functional.silu)), "gated"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            moe_ffn_with_configs(*args, 1.0, SMALL, SMALL)
+    with pytest.raises(ValueError, match="b2"):
+        gemv_moe_ffn(x[:1], index[:1], gates[:1], None, w1, b1, w2, b2[:, :2], relu)
+
+
 def test_config_lookup(tmp_path, monkeypatch) -> None:
     gemm1, gemm2 = get_configs(torch.device("cpu"), 128, 768, 3072, 1, 1)
     assert isinstance(gemm1, KernelConfig) and isinstance(gemm2, KernelConfig)

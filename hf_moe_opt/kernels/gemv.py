@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_ffn import KernelActivation, _activate, _glu, weight_strides
+from .moe_ffn import KernelActivation, _activate, _glu, check_expert_shapes, weight_strides
 from .pdl import launch_options, wait_for_producer
 
 # Above this many tokens, experts shared by several tokens would be read once per token here; the
@@ -206,6 +206,7 @@ def gemv_moe_ffn(
     kernel_act = KernelActivation.of(activation, ffn)
     if kernel_act is None:
         raise ValueError(f"the Triton kernels do not implement activation {activation.name!r}")
+    check_expert_shapes(x, w1, b1, w2, b2, kernel_act)
     out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out

@@ -526,8 +526,10 @@ def _split_combine_kernel(
     kept = expert < num_experts
     src = part_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    # int64: s * stride_part (stride_part = rows * N) passes 2**31 for large row counts.
+    part_stride = tl.zeros((), dtype=tl.int64) + stride_part
     for s in tl.static_range(SPLITS):  # fixed order: deterministic
-        acc += tl.load(src + s * stride_part, mask=mask & kept[:, None], other=0.0)
+        acc += tl.load(src + s * part_stride, mask=mask & kept[:, None], other=0.0)
     if HAS_BIAS:
         e = tl.minimum(expert, num_experts - 1).to(tl.int64)
         bias = tl.load(b_ptr + e[:, None] * stride_be + offs_n[None, :] * stride_bn, mask=mask, other=0.0)
@@ -601,6 +603,35 @@ class KernelActivation:
         if activation.glu == "concatenated":
             return cls(name, "glu", 1, ffn)
         return cls(name, "glu", 2, 1)
+
+
+def check_expert_shapes(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    kernel_act: KernelActivation,
+    num_experts: int | None = None,
+) -> None:
+    """The kernels take their sizes from the weights: tokens, weights and biases must agree (a
+    mismatch would read out of bounds, or compute wrong numbers silently)."""
+    experts, rows, hidden = w1.shape
+    ffn = w2.shape[2]
+    gated = 1 if kernel_act.glu == "none" else 2
+    problems = []
+    if x.dim() != 2 or x.shape[1] != hidden:
+        problems.append(f"tokens {tuple(x.shape)} for experts of width {hidden}")
+    if w2.shape[0] != experts or w2.shape[1] != hidden or rows != gated * ffn:
+        problems.append(f"w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} do not make {'gated ' * (gated > 1)}experts")
+    if b1 is not None and tuple(b1.shape) != (experts, rows):
+        problems.append(f"b1 {tuple(b1.shape)} for w1 {tuple(w1.shape)}")
+    if b2 is not None and tuple(b2.shape) != (experts, hidden):
+        problems.append(f"b2 {tuple(b2.shape)} for w2 {tuple(w2.shape)}")
+    if num_experts is not None and experts < num_experts:
+        problems.append(f"the plan routes to {num_experts} experts but the weights hold {experts}")
+    if problems:
+        raise ValueError("moe_ffn: " + "; ".join(problems))
 
 
 def _dot_precision(dtype: torch.dtype) -> str | None:
@@ -883,6 +914,7 @@ def moe_ffn_with_configs(
     kernel_act = KernelActivation.of(activation, ffn)
     if kernel_act is None:
         raise ValueError(f"the Triton kernels do not implement activation {activation.name!r}")
+    check_expert_shapes(x, w1, b1, w2, b2, kernel_act, plan.num_experts)
     h = torch.empty((plan.num_rows, ffn), dtype=w2.dtype, device=x.device)
     if x.device.type == "cuda":
         # Triton launches on the current device; models split by a device map live on several.
