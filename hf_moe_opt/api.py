@@ -87,17 +87,23 @@ def _check_block_weights(name: str, block: nn.Module, cached: bool) -> None:
                 f"{name}.{pname} is on the meta device (not loaded, or offloaded by accelerate). "
                 "Load the model's weights onto a real device before hf_moe_opt.optimize."
             )
-        if p.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"{name}.{pname} has dtype {p.dtype}; hf_moe_opt supports float32, bfloat16 and float16 "
-                "experts (quantized experts are not supported)"
-            )
+    check_weight_dtypes(name, block)
     devices = sorted({str(p.device) for p in block.parameters()})
     if len(devices) > 1 and not cached:  # a cache's experts live in host memory
         raise ValueError(
             f"{name} has weights on {devices}: a layer runs on one device; load each MoE block onto one "
             "device, or spread experts with placement= (hf_moe_opt.plan_placement)"
         )
+
+
+def check_weight_dtypes(name: str, block: nn.Module) -> None:
+    """Every weight of ``block`` in a dtype the layers compute in (meta parameters carry theirs too)."""
+    for pname, p in block.named_parameters():
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"{name}.{pname} has dtype {p.dtype}; hf_moe_opt supports float32, bfloat16 and float16 "
+                "experts (quantized experts are not supported)"
+            )
 
 
 def _quietly(check: Callable[[], Any]) -> bool:

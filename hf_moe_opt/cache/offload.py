@@ -156,7 +156,7 @@ def check_offloaded_experts(name: str, block: nn.Module) -> list[nn.Module]:
         ValueError: a dense part of the block is offloaded, or an offloaded weight has a dtype the
             kernels do not take (checked on the meta parameters, which carry the dtype).
     """
-    from ..api import SUPPORTED_DTYPES
+    from ..api import check_weight_dtypes
 
     hooked = [m for m in block.modules() if getattr(m, "_hf_hook", None) is not None]
     experts = getattr(block, "experts", None)
@@ -169,12 +169,7 @@ def check_offloaded_experts(name: str, block: nn.Module) -> list[nn.Module]:
                 "expert_cache keep the router and all non-expert weights on the GPU (device_map value "
                 "'cpu' only for the '...experts' modules, see hf_moe_opt.cache.offload_device_map)"
             )
-    for pname, p in block.named_parameters():
-        if p.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"{name}.{pname} has dtype {p.dtype}; hf_moe_opt supports float32, bfloat16 and float16 "
-                "experts (quantized experts are not supported)"
-            )
+    check_weight_dtypes(name, block)
     return hooked
 
 
