@@ -334,9 +334,8 @@ class CachedExpertStore(ExpertStore):
     def weights_changed(self) -> None:
         """The host copy was written in place (``load_state_dict``), or parameters were re-pointed
         (``p.data = ...``, gathered into the host copy again): every slot is stale, start cold."""
-        if not all(s.is_current(full=True) for s in self.weights.stacks()):
-            self.refresh()
-            self._checked_key = None
+        self.refresh()  # a no-op unless a parameter was re-pointed
+        self._checked_key = None
         self.clear()
 
     # ----------------------------------------------------------------- stats
