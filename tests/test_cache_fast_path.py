@@ -144,12 +144,13 @@ def test_one_token_steps_run_the_plan_free_kernels_on_the_slots(family, slots, m
         pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
     monkeypatch.setattr(cache_store, "OVERLAP_MIN_ASSIGNMENTS", 0)  # hits and loads in two groups
     resident, cached = _first_layers(family, slots, "lru", "none", 64, backend="triton")
-    calls = {"slots": 0}
+    calls = {"slots": 0, "mapped": 0}
     inner = gemv.gemv_moe_ffn
 
-    def counting(x, index, gates, keep, w1, *args):
+    def counting(x, index, gates, keep, w1, *args, **kwargs):
         calls["slots"] += w1.shape[0] == slots  # over the slot tensors, not the resident layer's experts
-        return inner(x, index, gates, keep, w1, *args)
+        calls["mapped"] += kwargs.get("slot_map") is not None  # one-group steps: the kernels look slots up
+        return inner(x, index, gates, keep, w1, *args, **kwargs)
 
     monkeypatch.setattr(gemv, "gemv_moe_ffn", counting)
     paths: dict[str, int] = {}
@@ -180,6 +181,7 @@ def test_one_token_steps_run_the_plan_free_kernels_on_the_slots(family, slots, m
         assert paths == {"chunked": 16}
     else:
         assert paths.get("hits only", 0) > 0 and paths.get("loads only", 0) > 0
+        assert calls["mapped"] >= paths["hits only"] + paths["loads only"]
     if family == "nllb" and slots == 3:
         assert paths.get("hits+loads", 0) > 0
 

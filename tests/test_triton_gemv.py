@@ -108,6 +108,29 @@ def test_wrong_expert_changes_the_result():
     assert not torch.allclose(out, other)
 
 
+@pytest.mark.parametrize(("dtype", "drop"), [(torch.float32, 0.4), (torch.bfloat16, 0.0)])
+def test_slot_map_reads_each_expert_from_its_slot(dtype, drop):
+    # An expert cache's call: expert ids plus the slot table (dropped ids map to the out-of-range
+    # slot S, which the keep mask never lets a kernel read); same result as the slots indexed first.
+    tokens, top_k, experts, slots = 3, 2, 7, 4
+    x, index, gates, keep, w1, b1, w2, b2 = _case(tokens, top_k, slots, 24, 40, dtype, True, False, seed=16, drop=drop)
+    g = torch.Generator().manual_seed(17)
+    resident = torch.randperm(experts, generator=g)[:slots]  # expert resident[s] sits in slot s
+    table = torch.full((experts + 1,), slots, dtype=torch.long)
+    table[resident] = torch.arange(slots)
+    ids = resident.to(DEVICE)[index]  # expert ids whose slots are the case's indices
+    if keep is not None:
+        ids = torch.where(keep, ids, experts)
+    act = ACTIVATIONS["gelu"]
+    out = gemv_moe_ffn(x, ids, gates, keep, w1, b1, w2, b2, act, 0.5, slot_map=table.to(DEVICE))
+    ref = _check(x, index, gates, keep, w1, b1, w2, b2, act, 0.5)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="slot_map"):
+        gemv_moe_ffn(x, ids, gates, keep, w1, b1, w2, b2, act, slot_map=table.to(DEVICE).float())
+    with pytest.raises(ValueError, match="slot_map"):
+        gemv_moe_ffn(x, ids, gates, keep, w1, b1, w2, b2, act, slot_map=table.to(DEVICE)[None])
+
+
 def test_bad_inputs_raise():
     x, index, gates, _, w1, b1, w2, b2 = _case(2, 2, 4, 16, 32, torch.float32, False, False, seed=15)
     with pytest.raises(ValueError, match="same"):

@@ -547,8 +547,9 @@ class CachedExpertStore(ExpertStore):
             # One group: every needed expert is resident once this step's loads (if any) are in.
             if outcome.loads:
                 self._wait(self._issue(list(outcome.loads)))
-            slots = self._full_table()[key]
-            out = self._experts(x, slots, gates, keep, direct, ffn_for, weights, activation, out_scale)
+            # The kernels look each expert's slot up themselves (no indexing launch); a plan is built over slots.
+            table = self._full_table()
+            out = self._experts(x, key, gates, keep, direct, ffn_for, weights, activation, out_scale, table)
             self._resolve_if_many()
             return out
 
@@ -716,11 +717,16 @@ class CachedExpertStore(ExpertStore):
         self._prefetched = frozenset()
         self._prefetch_done = None
 
-    def _experts(self, x, slots, gates, keep, direct, ffn_for, weights, activation, out_scale) -> torch.Tensor:
-        """The experts of ``slots`` (``[N, k]`` slot ids, ``S`` where ``keep`` is False) over the slot tensors."""
+    def _experts(
+        self, x, slots, gates, keep, direct, ffn_for, weights, activation, out_scale, slot_map=None
+    ) -> torch.Tensor:
+        """The experts of ``slots`` (``[N, k]`` slot ids, ``S`` where ``keep`` is False) over the slot
+        tensors; with ``slot_map`` (``[E + 1]``), ``slots`` holds expert ids and ``slot_map`` their slots."""
         w1, b1, w2, b2 = weights
         if direct is not None:
-            return direct(x, slots, gates, keep, w1, b1, w2, b2, activation, out_scale)
+            return direct(x, slots, gates, keep, w1, b1, w2, b2, activation, out_scale, slot_map=slot_map)
+        if slot_map is not None:
+            slots = slot_map[slots]
         plan = make_plan(slots, gates, keep, self.num_slots)
         return ffn_for(x.device, plan.num_rows)(x, plan, w1, b1, w2, b2, activation, out_scale)
 

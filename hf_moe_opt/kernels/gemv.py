@@ -43,6 +43,7 @@ _LOOP_STAGES = 3
 def _gemv_act_kernel(
     x_ptr,
     index_ptr,
+    map_ptr,
     keep_ptr,
     w_ptr,
     b_ptr,
@@ -61,6 +62,7 @@ def _gemv_act_kernel(
     stride_bn,
     stride_hm,
     TOP_K: tl.constexpr,
+    HAS_MAP: tl.constexpr,
     HAS_KEEP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -75,7 +77,10 @@ def _gemv_act_kernel(
     if HAS_KEEP:
         if tl.load(keep_ptr + a) == 0:  # dropped: its row of h is never read
             return
-    e = tl.load(index_ptr + a).to(tl.int64)
+    e = tl.load(index_ptr + a)
+    if HAS_MAP:  # expert id -> the slot holding it (expert caches)
+        e = tl.load(map_ptr + e)
+    e = e.to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     gate_rows = offs_n * row_mul
@@ -110,6 +115,7 @@ def _gemv_act_kernel(
 def _gemv_combine_kernel(
     h_ptr,
     index_ptr,
+    map_ptr,
     gates_ptr,
     keep_ptr,
     w_ptr,
@@ -126,6 +132,7 @@ def _gemv_combine_kernel(
     stride_bn,
     stride_om,
     TOP_K: tl.constexpr,
+    HAS_MAP: tl.constexpr,
     HAS_KEEP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -145,7 +152,10 @@ def _gemv_combine_kernel(
         if HAS_KEEP:
             kept = tl.load(keep_ptr + a) != 0
         if kept:  # a dropped slot contributes exactly 0
-            e = tl.load(index_ptr + a).to(tl.int64)
+            e = tl.load(index_ptr + a)
+            if HAS_MAP:
+                e = tl.load(map_ptr + e)
+            e = e.to(tl.int64)
             w_base = w_ptr + e * stride_we
             h_row = h_ptr + a.to(tl.int64) * stride_hm
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -190,12 +200,15 @@ def gemv_moe_ffn(
     b2: torch.Tensor | None,
     activation,
     out_scale: float = 1.0,
+    slot_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[n] = sum_k gate * out_scale * expert(x[n])`` for a few tokens, without a dispatch plan.
 
     Args are those of ``moe_ffn`` with the router's ``[N, k]`` choices, gates and keep mask (None:
     nothing dropped) in place of the plan. The activation and dtypes must be kernel-supported
-    (:func:`hf_moe_opt.kernels.kernel_supported`).
+    (:func:`hf_moe_opt.kernels.kernel_supported`). ``slot_map`` (1-D integers on the tokens' device):
+    kept assignment ``a`` reads the experts' entry ``slot_map[expert_index[a]]`` instead of
+    ``expert_index[a]``; an expert cache passes its slot table, so the lookup costs no launch.
     """
     num_tokens, top_k = expert_index.shape
     hidden, ffn = w2.shape[1], w2.shape[2]
@@ -207,6 +220,16 @@ def gemv_moe_ffn(
     if kernel_act is None:
         raise ValueError(f"the Triton kernels do not implement activation {activation.name!r}")
     check_expert_shapes(x, w1, b1, w2, b2, kernel_act)
+    if slot_map is not None and (
+        slot_map.dim() != 1
+        or slot_map.numel() == 0
+        or slot_map.device != x.device
+        or slot_map.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(
+            f"slot_map must be a non-empty 1-D int32/int64 tensor on {x.device}, got "
+            f"{slot_map.dtype} {tuple(slot_map.shape)} on {slot_map.device}"
+        )
     out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
@@ -223,6 +246,7 @@ def gemv_moe_ffn(
         _gemv_act_kernel[(num_rows, triton.cdiv(ffn, block_n))](
             x,
             index,
+            slot_map if slot_map is not None else index,  # placeholder, never read
             keep_arg,
             w1,
             b1 if b1 is not None else w1,  # placeholder, never read
@@ -237,6 +261,7 @@ def gemv_moe_ffn(
             *weight_strides(w1, b1),
             h.stride(0),
             TOP_K=top_k,
+            HAS_MAP=slot_map is not None,
             HAS_KEEP=keep is not None,
             HAS_BIAS=b1 is not None,
             ACTIVATION=kernel_act.name,
@@ -251,6 +276,7 @@ def gemv_moe_ffn(
         _gemv_combine_kernel[(num_tokens, triton.cdiv(hidden, block_n))](
             h,
             index,
+            slot_map if slot_map is not None else index,  # placeholder, never read
             flat_gates,
             keep_arg,
             w2,
@@ -263,6 +289,7 @@ def gemv_moe_ffn(
             *weight_strides(w2, b2),
             out.stride(0),
             TOP_K=top_k,
+            HAS_MAP=slot_map is not None,
             HAS_KEEP=keep is not None,
             HAS_BIAS=b2 is not None,
             BLOCK_N=block_n,
