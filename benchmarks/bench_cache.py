@@ -65,6 +65,7 @@ from torch import nn
 
 import hf_moe_opt
 from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, save_result
+from hf_moe_opt.benchmarking.copy_trace import trace_copies
 from hf_moe_opt.benchmarking.model import random_model, real_config
 from hf_moe_opt.cache import POLICY_NAMES, BeladyPolicy, hit_rate_curve, synthetic_trace
 from hf_moe_opt.cache.store import copy_pairs, expert_nbytes
@@ -279,6 +280,19 @@ def add_belady_floor(
         row["x_resident_belady_serial"] = row["belady_serial_ms_per_token"] / resident_ms
 
 
+# Steps traced after the timed ones for the copy engine's own rate (the profiler slows the host: untimed).
+DMA_STEPS = 60
+
+
+def add_dma_rate(row: dict, model: nn.Module, stream: list[torch.Tensor], pinned_bytes_per_s: float | None) -> None:
+    """The copy engine's rate on the cache's loads over ``stream`` (CUPTI, after the timed steps),
+    beside the cache's event clock (which includes the host's submission of each load batch)."""
+    found = trace_copies(lambda: decode_ms(model, stream, 0))
+    row["dma"] = found
+    rate = found["dma_bytes_per_s"]
+    row["dma_vs_pinned_bandwidth"] = rate / pinned_bytes_per_s if rate and pinned_bytes_per_s else None
+
+
 def _stack_model(family: str, num_layers: int, shape, device: torch.device, setting) -> tuple[nn.Module, int]:
     """A fresh stack (same seed: same weights for every setting), optimized for ``setting``, and the
     GPU memory it holds then (None off CUDA)."""
@@ -365,6 +379,8 @@ def bench_family(
                 )
                 add_copy_floor(row, resident_ms, steps, pinned_bytes_per_s)
                 add_belady_floor(row, routed, nbytes, num_experts, warmup, resident_ms, pinned_bytes_per_s)
+                if device.type == "cuda":
+                    add_dma_rate(row, models[setting], stream[warmup : warmup + DMA_STEPS], pinned_bytes_per_s)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ms_per_token_blocks"}), flush=True)
     del models, built
