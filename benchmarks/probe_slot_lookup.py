@@ -1,22 +1,15 @@
-"""Paired A/B of a cached one-token step: early launch, slot lookup in the kernels, indexing first.
+"""Paired A/B: a cached decode step whose kernels look the slots up, against one that indexes first.
 
     python benchmarks/probe_slot_lookup.py --out slot_lookup_h200.json
 
-A cached layer call at one token routes expert ids; the experts sit in slots. Three ways to run it:
-
-* ``speculative`` (the cache's way): the decode kernels are launched before the host has read the
-  choices, each looking its expert's slot up in the device slot table (an expert not resident
-  contributes nothing); a step that turns out to load nothing returns that launch, one that loads
-  runs again after its copies;
-* ``kernel_lookup``: the host reads the choices first, then the kernels look the slots up;
-* ``index_first``: the host reads the choices, indexes the table (``table[ids]``, one more launch)
-  and runs the kernels on slot ids.
-
-This builds ``bench_cache.py``'s MoE-only stack four times from one seed (fully resident and the
-three cached variants), warms each on the same token stream, then times blocks of steps through
-them in turn so host jitter hits them alike, and reports the median per-block time per token of
-each and the cached ones over the resident. The cached variants must give identical outputs
-(checked on every timed step).
+A cached layer call at one token routes expert ids; the experts sit in slots. The decode kernels can
+read each expert's slot from the cache's device slot table themselves (``slot_map``, no launch), or
+the cache can index the table first (``table[ids]``: one more launch and its host time, as before).
+This builds ``bench_cache.py``'s MoE-only stack three times from one seed (fully resident; cached
+with the lookup in the kernels; cached indexing first), warms each on the same token stream, then
+times blocks of steps through the three in turn so host jitter hits them alike, and reports the
+median per-block time per token of each and the cached ones over the resident. The two cached
+variants must give identical outputs (checked on every timed step).
 """
 
 from __future__ import annotations
@@ -46,18 +39,6 @@ def _index_first(store) -> None:
     store._experts = experts
 
 
-def _no_early_launch(store) -> None:
-    """Make ``store`` read the choices before it launches anything."""
-    store._speculate = lambda *args: (None, None)
-
-
-VARIANTS = {
-    "speculative": (),
-    "kernel_lookup": (_no_early_launch,),
-    "index_first": (_no_early_launch, _index_first),
-}
-
-
 def _block_ms(model, xs, device) -> tuple[float, list[torch.Tensor]]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -77,17 +58,15 @@ def run(family: str, layers: int, batch: int, fraction: float, policy: str, warm
 
     shape = bench_cache.SMOKE_SHAPES[family] if smoke else None
     models = {}
-    for name in ("resident", *VARIANTS):
+    for name in ("resident", "kernel_lookup", "index_first"):
         torch.manual_seed(0)  # the same weights for all three
         with torch.device(device):
             models[name] = bench_cache.MoEStack(family, layers, shape).to(torch.bfloat16).eval()
         # At fraction 1.0 the cached models hold every expert in a slot: every step is all hits.
         cache = {} if name == "resident" else {"expert_cache": fraction, "cache_policy": policy}
         bench_cache._optimize(models[name], capacity="none", **cache)
-    for name, patches in VARIANTS.items():
-        for _, layer in hf_moe_opt.optimized_layers(models[name]):
-            for patch in patches:
-                patch(layer.store)
+    for _, layer in hf_moe_opt.optimized_layers(models["index_first"]):
+        _index_first(layer.store)
     d_model = models["resident"].d_model
     stream = bench_cache.token_stream(d_model, batch, warmup + steps, device, seed=batch)
     for model in models.values():
@@ -95,7 +74,7 @@ def run(family: str, layers: int, batch: int, fraction: float, policy: str, warm
             model(x)
         hf_moe_opt.reset_stats(model)  # kernels compiled, slots filled: count the timed steps only
     times: dict[str, list[float]] = {name: [] for name in models}
-    ratio: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    ratio: dict[str, list[float]] = {"kernel_lookup": [], "index_first": []}
     mismatches = 0
     timed = stream[warmup:]
     for start in range(0, len(timed) - block + 1, block):
@@ -104,9 +83,9 @@ def run(family: str, layers: int, batch: int, fraction: float, policy: str, warm
         for name, model in models.items():
             ms, outs[name] = _block_ms(model, xs, device)
             times[name].append(ms)
-        for name in VARIANTS:
-            pairs = zip(outs["speculative"], outs[name], strict=True)
-            mismatches += sum(not torch.equal(a, b) for a, b in pairs)
+        mismatches += sum(
+            not torch.equal(a, b) for a, b in zip(outs["kernel_lookup"], outs["index_first"], strict=True)
+        )
         for name in ratio:
             ratio[name].append(times[name][-1] / times["resident"][-1])
     stats = {name: hf_moe_opt.stats(models[name]) for name in ratio}
@@ -127,8 +106,6 @@ def run(family: str, layers: int, batch: int, fraction: float, policy: str, warm
         "host_time_ms_per_step": {
             name: sum(s["host_time_ms"] for s in st.values()) / steps for name, st in stats.items()
         },
-        "speculative_steps": sum(s["speculative_steps"] for s in stats["speculative"].values()),
-        "steps": sum(s["steps"] for s in stats["speculative"].values()),
         "output_mismatches": mismatches,
     }
     for m in models.values():

@@ -217,7 +217,6 @@ class CachedExpertStore(ExpertStore):
         self._unwaited: set[int] = set()
         self._unwaited_done: torch.cuda.Event | None = None
         self._last_compute: torch.cuda.Event | None = None
-        self._read_buffers: dict[torch.dtype, torch.Tensor] = {}  # pinned, for a decode step's choices
         self.reset_stats()
 
     # ---------------------------------------------------------------- memory
@@ -351,7 +350,6 @@ class CachedExpertStore(ExpertStore):
         self._chunked_steps = 0
         self._prefetches = 0
         self._prefetch_hits = 0
-        self._speculative_steps = 0
         self._bytes = 0
         self._copy_ms = 0.0
         self._stall_ms = 0.0
@@ -381,13 +379,11 @@ class CachedExpertStore(ExpertStore):
         took on the copy stream), ``stall_time_ms`` (time the compute waited for copies), ``resident`` (sorted
         expert ids), ``device``, ``host_pinned``, ``slot_bytes``, ``prefetched`` (loads made ahead
         by the look-ahead, see :meth:`enable_prefetch`; their bytes are in ``bytes_copied``) and
-        ``prefetch_hits`` (needed experts that a look-ahead had loaded just before the step),
-        ``speculative_steps`` (one-token steps whose experts were launched before their choices were
-        read and turned out all resident, see :meth:`_speculate`), and ``host_time_ms``: wall time
-        the layer's calls spent in the cache on the host (the read of the router's choices with its
-        wait for the device, the policy, issuing copies and the expert kernels; on a CPU the copies
-        and the compute themselves). Against a resident layer's time per call, it tells a host-bound
-        decode step from one that waits for copies (``stall_time_ms``).
+        ``prefetch_hits`` (needed experts that a look-ahead had loaded just before the step), and
+        ``host_time_ms``: wall time the layer's calls spent in the cache on the host (the read of the
+        router's choices with its wait for the device, the policy, issuing copies and the expert
+        kernels; on a CPU the copies and the compute themselves). Against a resident layer's time per
+        call, it tells a host-bound decode step from one that waits for copies (``stall_time_ms``).
         """
         self._resolve_events(wait=True)
         accesses = self._hits + self._misses
@@ -411,7 +407,6 @@ class CachedExpertStore(ExpertStore):
             "slot_bytes": self.slot_nbytes,
             "prefetched": self._prefetches,
             "prefetch_hits": self._prefetch_hits,
-            "speculative_steps": self._speculative_steps,
             "host_time_ms": self._host_ms,
         }
 
@@ -516,18 +511,13 @@ class CachedExpertStore(ExpertStore):
         self._top_k = expert_index.shape[1]
         nxt = self._chain(x.device) if self.prefetch else None
         guess = nxt._guess(x) if nxt is not None and key.numel() <= HOST_CHOICES_MAX else None
-        read, speculative = None, None
-        if not self.prefetch and key.numel() <= HOST_CHOICES_MAX:
-            read, speculative = self._speculate(x, key, gates, keep, backend, activation, out_scale)
-        needed, counts, predicted = self._needed(key, guess, read)
+        needed, counts, predicted = self._needed(key, guess)
         if self._prefetched:
             self._take_prefetch(needed)
         if self._unwaited and not self._unwaited.isdisjoint(needed):
             torch.cuda.current_stream(self.device).wait_event(self._unwaited_done)
             self._unwaited, self._unwaited_done = set(), None
-        out = self._step(
-            x, expert_index, key, gates, keep, needed, counts, backend, ffn_for, activation, out_scale, speculative
-        )
+        out = self._step(x, expert_index, key, gates, keep, needed, counts, backend, ffn_for, activation, out_scale)
         if self.prefetch and self.device.type == "cuda":
             self._last_compute = torch.cuda.Event()
             self._last_compute.record(torch.cuda.current_stream(self.device))
@@ -536,11 +526,8 @@ class CachedExpertStore(ExpertStore):
         self._host_ms += (time.perf_counter() - start) * 1e3
         return out
 
-    def _step(
-        self, x, expert_index, key, gates, keep, needed, counts, backend, ffn_for, activation, out_scale, speculative
-    ):
-        """The policy's step for ``needed`` experts, its copies and the compute (see the module docs);
-        ``speculative``: the output of :meth:`_speculate`, this step's if it loads nothing."""
+    def _step(self, x, expert_index, key, gates, keep, needed, counts, backend, ffn_for, activation, out_scale):
+        """The policy's step for ``needed`` experts, its copies and the compute (see the module docs)."""
         num_slots = self.num_slots
         outcome = self.policy.step(needed, counts)
         self._steps += 1
@@ -550,9 +537,6 @@ class CachedExpertStore(ExpertStore):
             self._chunked_steps += 1
         if not needed:
             return torch.zeros_like(x)
-        if speculative is not None and not outcome.loads:
-            self._speculative_steps += 1
-            return speculative  # every expert was resident: the kernels already ran on the right slots
         weights = self._slot_tensors()
         # The resident layer's plan-free decode kernels, over the slots (not for run(plan): no backend).
         found = supported_direct_ffn(backend, x, lambda: weights, activation) if backend else None
@@ -625,54 +609,9 @@ class CachedExpertStore(ExpertStore):
                 self.refresh()
             self._checked_key = self._weights_key()
 
-    def _speculate(self, x, key, gates, keep, backend, activation, out_scale):
-        """Start reading a decode step's choices and launch its experts before they arrive, as if all hit.
-
-        One token on the plan-free kernels: they look each expert's slot up in the device table, where
-        an expert not resident maps past the slots and contributes nothing. If the step turns out to
-        load nothing (the common decode step), that launch is its output and the host never waits
-        for the experts' kernels before issuing the next layer's work; otherwise it is discarded and
-        the step runs as usual after its loads (whose copies queue behind it: they may overwrite slots
-        it reads). Returns ``(read, output)``: a callable giving the choices on the host, and the
-        launch's output; ``(None, None)`` where the kernels do not apply.
-        """
-        weights = self._slot_tensors()
-        found = supported_direct_ffn(backend, x, lambda: weights, activation) if backend else None
-        if found is None:
-            return None, None
-        read = self._start_read(key.reshape(-1))
-        w1, b1, w2, b2 = weights
-        out = found[0](x, key, gates, keep, w1, b1, w2, b2, activation, out_scale, slot_map=self._full_table())
-        return read, out
-
-    def _start_read(self, flat: torch.Tensor):
-        """Copy ``flat`` to the host without waiting; returns a callable that waits and gives the list."""
-        if flat.device.type != "cuda":
-            return flat.tolist
-        buffer = self._read_buffers.get(flat.dtype)
-        if buffer is None or buffer.numel() < flat.numel():
-            try:
-                buffer = torch.empty(HOST_CHOICES_MAX, dtype=flat.dtype, pin_memory=True)
-            except RuntimeError:  # no page-locked memory: read synchronously when asked
-                return flat.tolist
-            self._read_buffers[flat.dtype] = buffer
-        part = buffer[: flat.numel()]
-        part.copy_(flat, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(flat.device))
-
-        def finish() -> list[int]:
-            done.synchronize()
-            return part.tolist()
-
-        return finish
-
-    def _needed(
-        self, key: torch.Tensor, guess: torch.Tensor | None, read=None
-    ) -> tuple[list[int], list[int], list[int]]:
+    def _needed(self, key: torch.Tensor, guess: torch.Tensor | None) -> tuple[list[int], list[int], list[int]]:
         """The experts a call routes to (ascending), their assignment counts and the experts ``guess``
-        predicts for the next cached layer, read on the host (``read``: a read :meth:`_start_read`
-        began, for a call without a guess).
+        predicts for the next cached layer, read on the host.
 
         This is the one host synchronisation of a cached layer call, and it is inherent to a cache:
         which experts to copy is a host decision. A few assignments are read as they are (with the
@@ -684,7 +623,7 @@ class CachedExpertStore(ExpertStore):
             flat = key.reshape(-1)
             predicted: list[int] = []
             if guess is None:
-                choices = read() if read is not None else flat.tolist()
+                choices = flat.tolist()
             else:
                 both = torch.cat([flat, guess.reshape(-1).to(flat.dtype)]).tolist()
                 choices, predicted = both[: flat.numel()], sorted(set(both[flat.numel() :]))

@@ -50,7 +50,6 @@ def _gemv_act_kernel(
     h_ptr,
     N,
     K,
-    map_rows,
     row_mul,
     up_offset,
     alpha,
@@ -79,10 +78,8 @@ def _gemv_act_kernel(
         if tl.load(keep_ptr + a) == 0:  # dropped: its row of h is never read
             return
     e = tl.load(index_ptr + a)
-    if HAS_MAP:  # expert id -> the slot holding it (expert caches); past the slots: not resident
+    if HAS_MAP:  # expert id -> the slot holding it (expert caches)
         e = tl.load(map_ptr + e)
-        if e >= map_rows:  # its row of h is never read either
-            return
     e = e.to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -127,7 +124,6 @@ def _gemv_combine_kernel(
     out_scale,
     N,
     K,
-    map_rows,
     stride_hm,
     stride_we,
     stride_wn,
@@ -155,11 +151,10 @@ def _gemv_combine_kernel(
         kept = True
         if HAS_KEEP:
             kept = tl.load(keep_ptr + a) != 0
-        e = tl.load(index_ptr + a)
-        if HAS_MAP:
-            e = tl.load(map_ptr + e, mask=kept, other=map_rows)
-            kept = kept & (e < map_rows)
-        if kept:  # a dropped (or absent) slot contributes exactly 0
+        if kept:  # a dropped slot contributes exactly 0
+            e = tl.load(index_ptr + a)
+            if HAS_MAP:
+                e = tl.load(map_ptr + e)
             e = e.to(tl.int64)
             w_base = w_ptr + e * stride_we
             h_row = h_ptr + a.to(tl.int64) * stride_hm
@@ -213,9 +208,7 @@ def gemv_moe_ffn(
     nothing dropped) in place of the plan. The activation and dtypes must be kernel-supported
     (:func:`hf_moe_opt.kernels.kernel_supported`). ``slot_map`` (1-D integers on the tokens' device):
     kept assignment ``a`` reads the experts' entry ``slot_map[expert_index[a]]`` instead of
-    ``expert_index[a]``, and an entry past the experts (``>= w1.shape[0]``) marks the expert absent:
-    the assignment contributes 0, as if dropped. An expert cache passes its slot table, so the
-    lookup costs no launch.
+    ``expert_index[a]``; an expert cache passes its slot table, so the lookup costs no launch.
     """
     num_tokens, top_k = expert_index.shape
     hidden, ffn = w2.shape[1], w2.shape[2]
@@ -260,7 +253,6 @@ def gemv_moe_ffn(
             h,
             ffn,
             hidden,
-            w1.shape[0],
             kernel_act.row_mul,
             kernel_act.up_offset,
             kernel_act.alpha,
@@ -293,7 +285,6 @@ def gemv_moe_ffn(
             float(out_scale),
             hidden,
             ffn,
-            w2.shape[0],
             h.stride(0),
             *weight_strides(w2, b2),
             out.stride(0),
