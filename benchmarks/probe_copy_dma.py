@@ -25,6 +25,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """Rates over the 1 GiB pinned rate: the copy engine's (per copy, per load batch) and the cache's events."""
+    from hf_moe_opt.benchmarking.common import pyplot_or_none
+
+    plt = pyplot_or_none()
+    if plt is None:
+        return
+    bars = [
+        ("copy engine (trace)", lambda r: r["trace"]["dma_bytes_per_s"]),
+        ("load batch span (trace)", lambda r: r["trace"]["batch_span_bytes_per_s"]),
+        ("cache events", lambda r: r["events_bytes_per_s"]),
+    ]
+    fig, ax = plt.subplots(figsize=(2.5 * len(results) + 2, 4))
+    width = 0.8 / len(bars)
+    for b, (label, rate) in enumerate(bars):
+        xs = [i + b * width for i in range(len(results))]
+        ax.bar(xs, [(rate(r) or 0.0) / r["pinned_h2d_bytes_per_s"] for r in results], width, label=label)
+    ax.axhline(0.85, ls="--", color="gray", lw=1, label="85%")
+    ax.set(
+        xticks=[i + 0.4 - width / 2 for i in range(len(results))],
+        xticklabels=[f"{r['family']} shape, batch {r['batch']}" for r in results],
+        ylabel="fraction of the 1 GiB pinned rate",
+        ylim=(0, 1.1),
+    )
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"cached expert loads, {results[0]['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     import bench_cache
@@ -41,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--gap-us", type=float, default=50.0, help="copies closer than this form one load batch")
     p.add_argument("--out", type=Path)
+    p.add_argument("--replot", type=Path, nargs="+", help="only draw the plot of result JSONs (to the first's .png)")
     args = p.parse_args(argv)
+    if args.replot:
+        plot([json.loads(f.read_text()) for f in args.replot], args.replot[0].with_suffix(".png"))
+        return 0
     if not torch.cuda.is_available():
         print("probe_copy_dma.py needs CUDA")
         return 0

@@ -113,6 +113,30 @@ def run(family: str, layers: int, batch: int, fraction: float, policy: str, warm
     return row
 
 
+def plot(result: dict, path: Path) -> None:
+    """Cached time over resident (median over blocks) per variant, one group of bars per row."""
+    from hf_moe_opt.benchmarking.common import pyplot_or_none
+
+    plt = pyplot_or_none()
+    if plt is None:
+        return
+    rows = result["rows"]
+    variants = list(rows[0]["x_resident_block_median"])
+    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
+    width = 0.8 / len(variants)
+    for v, name in enumerate(variants):
+        xs = [i + v * width for i in range(len(rows))]
+        ax.bar(xs, [r["x_resident_block_median"][name] for r in rows], width, label=name, color=f"C{v}")
+    ax.axhline(1.5, ls="--", color="gray", lw=1, label="1.5x target")
+    labels = [f"{r['family']} b{r['batch']}\n{r['fraction_resident']:.0%} resident" for r in rows]
+    ax.set(xticks=[i + 0.4 - width / 2 for i in range(len(rows))], xticklabels=labels, ylabel="x resident time")
+    ax.set_ylim(1.0, max(1.7, 1.05 * max(max(r["x_resident_block_median"].values()) for r in rows)))
+    ax.legend(fontsize=7)
+    ax.set_title(f"cached one-token steps, MoE-only stack (paired blocks), {result['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     from hf_moe_opt.cache import DEFAULT_POLICY, POLICY_NAMES
 
@@ -126,12 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     p.add_argument("--out", type=Path)
+    p.add_argument("--replot", type=Path, help="only redraw the plot of a result JSON")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return 0
     device = torch.device("cpu") if args.smoke else torch.device("cuda")
     if not args.smoke and not torch.cuda.is_available():
         print("probe_slot_lookup.py needs CUDA (--smoke runs on the CPU)")
         return 0
     import bench_cache
+
+    from hf_moe_opt.benchmarking.common import save_result
 
     rows = []
     for family in args.families:
@@ -142,10 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                           device, args.smoke)  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    result = {"command": " ".join(sys.argv), "environment": bench_cache.environment(), "rows": rows}
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+        save_result({"environment": bench_cache.environment(), "rows": rows}, args.out, plot)
     return 0
 
 
