@@ -280,7 +280,8 @@ def add_belady_floor(
         row["x_resident_belady_serial"] = row["belady_serial_ms_per_token"] / resident_ms
 
 
-# Steps traced after the timed ones for the copy engine's own rate (the profiler slows the host: untimed).
+# Steps of fresh tokens traced after the timed ones for the copy engine's own rate (the profiler slows
+# the host: untimed; tokens already seen would find their experts resident).
 DMA_STEPS = 60
 
 
@@ -380,7 +381,8 @@ def bench_family(
                 add_copy_floor(row, resident_ms, steps, pinned_bytes_per_s)
                 add_belady_floor(row, routed, nbytes, num_experts, warmup, resident_ms, pinned_bytes_per_s)
                 if device.type == "cuda":
-                    add_dma_rate(row, models[setting], stream[warmup : warmup + DMA_STEPS], pinned_bytes_per_s)
+                    fresh = token_stream(models[resident].d_model, batch, DMA_STEPS, device, seed=batch + 1000)
+                    add_dma_rate(row, models[setting], fresh, pinned_bytes_per_s)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ms_per_token_blocks"}), flush=True)
     del models, built

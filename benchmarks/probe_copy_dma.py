@@ -4,7 +4,7 @@
 
 The cache times each load batch with CUDA events on its copy stream (``hf_moe_opt.stats``'
 ``copy_time_ms``). This runs ``bench_cache.py``'s MoE-only stack cached (warmed, stats reset), a
-few hundred decode steps timed by the cache's events, then the same steps again under
+few hundred decode steps timed by the cache's events, then as many steps of fresh tokens under
 ``torch.profiler``, and reads from the trace every host-to-device copy of at least 1 MB
 (:func:`hf_moe_opt.benchmarking.copy_trace.h2d_copies`): its duration on the device and bytes (the
 DMA's own rate), the span of each load batch, the gap between the copies of one batch and the
@@ -91,17 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.synchronize()
     hf_moe_opt.reset_stats(model)
 
-    def steps() -> None:
-        for x in stream[args.warmup :]:
+    def steps(xs: list[torch.Tensor]) -> None:
+        for x in xs:
             model(x)
 
-    # The cache's own clock without the profiler (which slows the host down), then the same steps traced.
-    steps()
+    # The cache's own clock without the profiler (which slows the host down), then as many steps of
+    # fresh tokens traced (the same ones again would find their experts resident: nothing to copy).
+    steps(stream[args.warmup :])
     torch.cuda.synchronize()
+    fresh = bench_cache.token_stream(model.d_model, args.batch, args.steps, device, seed=args.batch + 1000)
     stats = hf_moe_opt.stats(model)
     copied = sum(s["bytes_copied"] for s in stats.values())
     copy_ms = sum(s["copy_time_ms"] for s in stats.values())
-    found = trace_copies(steps, min_bytes=1 << 20, gap_us=args.gap_us)
+    found = trace_copies(lambda: steps(fresh), min_bytes=1 << 20, gap_us=args.gap_us)
     pinned = bench_cache.pinned_bandwidth(device)["pinned_h2d_bytes_per_s"]
     result = {
         "command": " ".join(sys.argv),
