@@ -375,15 +375,18 @@ class CachedExpertStore(ExpertStore):
 
         Keys: ``policy``, ``num_slots``, ``num_experts``, ``pinned_experts``, ``steps``, ``hits``,
         ``misses`` (= loads), ``hit_rate``, ``evictions``, ``chunked_steps`` (steps that needed more
-        unpinned experts than unpinned slots), ``bytes_copied``, ``copy_time_ms`` (time the copies
-        took on the copy stream), ``stall_time_ms`` (time the compute waited for copies), ``resident`` (sorted
-        expert ids), ``device``, ``host_pinned``, ``slot_bytes``, ``prefetched`` (loads made ahead
-        by the look-ahead, see :meth:`enable_prefetch`; their bytes are in ``bytes_copied``) and
-        ``prefetch_hits`` (needed experts that a look-ahead had loaded just before the step), and
-        ``host_time_ms``: wall time the layer's calls spent in the cache on the host (the read of the
-        router's choices with its wait for the device, the policy, issuing copies and the expert
-        kernels; on a CPU the copies and the compute themselves). Against a resident layer's time per
-        call, it tells a host-bound decode step from one that waits for copies (``stall_time_ms``).
+        unpinned experts than unpinned slots), ``bytes_copied``, ``copy_time_ms`` (from the copy
+        stream reaching each load batch to its end: the transfers plus the host's submission of the
+        batch, which the stream may reach first; a profiler trace gives the transfers alone, see
+        :func:`hf_moe_opt.benchmarking.copy_trace.h2d_copies`), ``stall_time_ms`` (time the compute
+        waited for copies), ``resident`` (sorted expert ids), ``device``, ``host_pinned``,
+        ``slot_bytes``, ``prefetched`` (loads made ahead by the look-ahead, see
+        :meth:`enable_prefetch`; their bytes are in ``bytes_copied``), ``prefetch_hits`` (needed
+        experts that a look-ahead had loaded just before the step), and ``host_time_ms``: wall time
+        the layer's calls spent in the cache on the host (the read of the router's choices with its
+        wait for the device, the policy, issuing copies and the expert kernels; on a CPU the copies
+        and the compute themselves). Against a resident layer's time per call, it tells a host-bound
+        decode step from one that waits for copies (``stall_time_ms``).
         """
         self._resolve_events(wait=True)
         accesses = self._hits + self._misses
