@@ -35,8 +35,9 @@ One forward of the layer (a *step*) starts from the router's choices (no plan ov
    chunk before it (its victims).
 4. The compute reuses the layer's backend over the slots: the choices are mapped to slot ids by a
    device table (experts outside the group are marked dropped) and the dispatch plan is built over
-   the slots, or, for one token on the Triton backend, the plan-free decode kernels run on the slot
-   ids as the resident layer's do. Every expert sees the same rows in the same order as in the
+   the slots, or, for one token on the Triton backend, the plan-free decode kernels run as the
+   resident layer's do, on the expert ids, reading each one's slot from the table themselves (no
+   indexing launch). Every expert sees the same rows in the same order as in the
    resident layer, and every token's top-k expert outputs are summed in the same order, so the
    output is bitwise the resident layer's for the torch backend. (The Triton kernels pick launch
    configurations by expert count; with a different slot count they may pick another one, which
@@ -550,7 +551,7 @@ class CachedExpertStore(ExpertStore):
             # One group: every needed expert is resident once this step's loads (if any) are in.
             if outcome.loads:
                 self._wait(self._issue(list(outcome.loads)))
-            # The kernels look each expert's slot up themselves (no indexing launch); a plan is built over slots.
+            # The decode kernels look each expert's slot up themselves; a plan is built over the slots.
             table = self._full_table()
             out = self._experts(x, key, gates, keep, direct, ffn_for, weights, activation, out_scale, table)
             self._resolve_if_many()

@@ -12,7 +12,8 @@ row. Here two kernels run the experts without a plan:
 
 Small column blocks keep enough programs in flight to stream the weights at memory speed, and no
 split-K partials or combine kernels are needed: a decode step's experts take two launches. Used by
-the layer for at most :data:`MAX_TOKENS` tokens with resident experts.
+the layer for at most :data:`MAX_TOKENS` tokens with resident experts, and by an expert cache over
+its slots (``slot_map``: the kernels read each expert's slot from the cache's device table).
 """
 
 from __future__ import annotations
