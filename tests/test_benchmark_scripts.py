@@ -393,3 +393,32 @@ def test_multi_gpu_script_refuses_fewer_than_two_gpus(tmp_path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2 and "needs at least 2 CUDA GPUs" in proc.stderr
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_slot_lookup_probe_smoke(tmp_path) -> None:
+    """Both cached variants run the same steps with the same outputs; ratios and a plot are written."""
+    out = tmp_path / "slot_lookup.json"
+    argv = ["--smoke", "--warmup", "3", "--steps", "6", "--block", "3", "--families", "switch"]
+    assert _load("probe_slot_lookup").main([*argv, "--fractions", "0.5", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["blocks"] == 2 and row["output_mismatches"] == 0
+    assert set(row["x_resident_block_median"]) == {"kernel_lookup", "index_first"}
+    assert row["hit_rate"]["kernel_lookup"] == row["hit_rate"]["index_first"] > 0
+    assert all(v > 0 for v in row["ms_per_token"].values())
+    assert out.with_suffix(".png").exists()
+
+
+def test_copy_dma_probe_plot(tmp_path) -> None:
+    """The probe needs CUDA (it says so and exits 0 without); its plot reads saved results."""
+    probe = _load("probe_copy_dma")
+    if not torch.cuda.is_available():
+        assert probe.main(["--steps", "1"]) == 0
+    trace = {"dma_bytes_per_s": 50e9, "batch_span_bytes_per_s": 48e9}
+    saved = []
+    for family in ("switch", "nllb"):
+        result = {"family": family, "batch": 1, "pinned_h2d_bytes_per_s": 55e9, "events_bytes_per_s": 45e9}
+        path = tmp_path / f"copy_dma_{family}.json"
+        path.write_text(json.dumps({**result, "environment": {"device": "test"}, "trace": trace}))
+        saved.append(str(path))
+    assert probe.main(["--replot", *saved]) == 0
+    assert (tmp_path / "copy_dma_switch.png").exists()
