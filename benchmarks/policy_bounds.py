@@ -8,7 +8,8 @@ Settings: ``synthetic_trace`` draws, and the first layer's routing of ``bench_ca
 stacks (a random router of the layer's shape over that script's sticky stream of Zipf-popular
 prototype tokens; each seed its own router and stream), whose timed runs see only 150 steps.
 Beside Belady and the shipped ``lfu``/``lfru``/``adaptive`` (and ``adaptive`` with a threshold of 20
-nats, to show how much its default of 10 matters), two policies that are not shipped:
+nats, to show how much its default of 10 matters, and with ``recheck=32``, which undoes detected
+changes that left the top experts in place), two policies that are not shipped:
 
 * ``oracle_next`` -- told the distribution the generator draws the *next* step from (what no online
   policy can know), it evicts the expert least likely to be drawn (synthetic settings only). Its
@@ -137,6 +138,7 @@ def _row(job: tuple[str, int, int]) -> dict:
     slots = e // 4  # 25% resident
     rates = {name: simulate(trace, name, slots).hit_rate for name in ("belady", *SHIPPED)}
     rates["adaptive_threshold_20"] = simulate(trace, "adaptive", slots, threshold=20.0).hit_rate
+    rates["adaptive_recheck_32"] = simulate(trace, "adaptive", slots, recheck=32).hit_rate
     if drawn is not None:
         rates["oracle_next"] = _replay(OracleNext(slots, e, [m for _, _, m in drawn]), trace)
     rates["lfru_ensemble"] = _replay(LFRUEnsemble(slots, e), trace)

@@ -214,11 +214,43 @@ def test_adaptive_beats_lfu_when_popularity_shifts(seed):
     assert simulate(tr, "adaptive", 16).hit_rate > simulate(tr, "lfu", 16).hit_rate
 
 
+def test_adaptive_recheck_undoes_a_false_alarm_and_keeps_a_real_change():
+    # Fixed popularity, a detector set to trip easily (threshold 1 nat): with recheck=16 every change
+    # it finds in the first 1000 steps is checked 16 steps later, and a change that left the top
+    # experts where they were is undone (the regime start goes back, the old counts with it).
+    tr = synthetic_trace(64, 2, 8, 1000, zipf_s=1.2, stickiness=0.5, seed=3)
+    plain = make_policy("adaptive", 16, 64, threshold=1.0)
+    checked = make_policy("adaptive", 16, 64, threshold=1.0, recheck=16, recheck_overlap=0.5)
+    starts = []
+    for step, counts in zip(tr.steps, tr.counts, strict=True):
+        plain.step(step, counts)
+        before = checked.regime_start
+        checked.step(step, counts)
+        starts.append((before, checked.regime_start))
+    assert plain.changes and checked.undone and plain.undone == ()
+    for t in checked.undone:
+        assert any(0 < t - c <= 16 for c in checked.changes)  # undone at its recheck, no later
+        assert starts[t][1] < starts[t][0]  # the earlier regime start came back
+    assert (
+        simulate(tr, "adaptive", 16, threshold=1.0, recheck=16).hit_rate
+        > simulate(tr, "adaptive", 16, threshold=1.0).hit_rate
+    )
+    # A real change: 0 and 1 alternate, then 2 and 3 take over; the recheck finds other top experts
+    # and keeps the change (the forgetting of test_adaptive_forgets_the_popularity_before_a_detected_change).
+    trace = [[0], [1]] * 20 + [[2], [3]] * 10 + [[4]]
+    p = make_policy("adaptive", 3, 6, recheck=4)
+    run(p, trace)
+    assert p.changes == (44,) and p.undone == () and p.regime_start == 40
+
+
 def test_adaptive_options_pass_through_make_policy():
     p = make_policy("adaptive", 4, 8, threshold=5.0, continuation_weight=0.25, restart_every=4, horizon=64)
     assert isinstance(p, AdaptiveLFUPolicy)
     assert (p.threshold, p.continuation_weight, p.restart_every, p.horizon) == (5.0, 0.25, 4, 64)
+    assert (p.recheck, p.recheck_overlap) == (0, 0.5)  # the recheck is off by default
     assert "horizon=64" in repr(p)
+    p = make_policy("adaptive", 4, 8, recheck=32, recheck_overlap=0.75)
+    assert (p.recheck, p.recheck_overlap) == (32, 0.75) and "recheck=32" in repr(p)
 
 
 def test_repeated_ids_in_a_step_count_once_and_merge_counts():
@@ -539,6 +571,10 @@ def test_arrays_and_profile_traces_are_refused_not_misread():
         (dict(name="adaptive", num_slots=2, num_experts=4, restart_every=0), "restart_every"),
         (dict(name="adaptive", num_slots=2, num_experts=4, restart_every=2.5), "restart_every"),
         (dict(name="adaptive", num_slots=2, num_experts=4, horizon=15), "horizon"),
+        (dict(name="adaptive", num_slots=2, num_experts=4, recheck=-1), "recheck"),
+        (dict(name="adaptive", num_slots=2, num_experts=4, recheck=2.5), "recheck"),
+        (dict(name="adaptive", num_slots=2, num_experts=4, recheck_overlap=0.0), "recheck_overlap"),
+        (dict(name="adaptive", num_slots=2, num_experts=4, recheck_overlap=1.5), "recheck_overlap"),
         (dict(name="lfru", num_slots=2, num_experts=4, count_weight=float("inf")), "count_weight"),
         (dict(name="adaptive", num_slots=2, num_experts=4, threshold=True), "must be a number"),
         (dict(name="lfru", num_slots=2, num_experts=4, half_life="8"), "must be a number"),

@@ -534,6 +534,13 @@ class AdaptiveLFUPolicy(EvictionPolicy):
       ``e**threshold`` to one), the current regime restarts where that candidate opened and the
       older counts are forgotten. Without a change the longer history predicts better and the
       statistics stay near zero.
+    * Recheck (off by default): ``recheck`` steps after a detected change, the (at most ``C``, the
+      unpinned slots) experts used most since it are compared with those the forgotten counts
+      ranked highest; if at least ``recheck_overlap`` of the smaller set are in both, the change was
+      a false alarm and the forgotten counts come back (:attr:`undone`). A router whose popularity never
+      changes still trips the detector now and then (a token's top-k experts arrive together and
+      count as separate evidence, among other things); this keeps those trips from costing the
+      long history.
 
     Token counts are not used: a step's counts only describe experts needed in it, and those are
     never evicted while an idle expert can go. Cost per step: O(experts needed in this and the
@@ -548,10 +555,13 @@ class AdaptiveLFUPolicy(EvictionPolicy):
             step, in ``[0, 1]`` (1: every step counts alike, as LFU).
         restart_every: steps between candidate regimes.
         horizon: steps a candidate stays open at most (how far back a change can be placed).
+        recheck: steps after a detected change at which it is checked (0: never).
+        recheck_overlap: share of the top ``C`` experts, in ``(0, 1]``, that must be the same before
+            and after a change for the recheck to undo it.
     """
 
     name = "adaptive"
-    options = ("threshold", "continuation_weight", "restart_every", "horizon")
+    options = ("threshold", "continuation_weight", "restart_every", "horizon", "recheck", "recheck_overlap")
     _PRIOR = 0.5  # pseudo-count of each expert in the likelihood estimates (Krichevsky-Trofimov)
 
     def __init__(
@@ -564,6 +574,8 @@ class AdaptiveLFUPolicy(EvictionPolicy):
         continuation_weight: float = 0.5,
         restart_every: int = 8,
         horizon: int = 256,
+        recheck: int = 0,
+        recheck_overlap: float = 0.5,
     ) -> None:
         if not threshold > 0 or math.isinf(threshold):
             raise ValueError(f"threshold must be a positive finite number, got {threshold}")
@@ -573,6 +585,12 @@ class AdaptiveLFUPolicy(EvictionPolicy):
             raise ValueError(f"restart_every must be a positive integer, got {restart_every}")
         if horizon != int(horizon) or horizon < 2 * restart_every:
             raise ValueError(f"horizon must be an integer >= 2 * restart_every ({2 * restart_every}), got {horizon}")
+        if recheck != int(recheck) or recheck < 0:
+            raise ValueError(f"recheck must be a non-negative integer, got {recheck}")
+        if not 0.0 < recheck_overlap <= 1.0:
+            raise ValueError(f"recheck_overlap must be in (0, 1], got {recheck_overlap}")
+        self.recheck = int(recheck)
+        self.recheck_overlap = float(recheck_overlap)
         self.threshold = float(threshold)
         self.continuation_weight = float(continuation_weight)
         self.restart_every = int(restart_every)
@@ -593,6 +611,10 @@ class AdaptiveLFUPolicy(EvictionPolicy):
         self._prev: set[int] = set()  # experts needed in the previous step
         self._last_use: dict[int, int] = {}
         self._changes: list[int] = []
+        self._undone: list[int] = []
+        # The regime a detected change replaced, while its recheck is due: (base, base_total,
+        # regime_start, the new regime's base, step of the recheck).
+        self._replaced: tuple | None = None
 
     @property
     def regime_start(self) -> int:
@@ -601,8 +623,13 @@ class AdaptiveLFUPolicy(EvictionPolicy):
 
     @property
     def changes(self) -> tuple[int, ...]:
-        """Steps at which a change was detected, oldest first."""
+        """Steps at which a change was detected, oldest first (undone ones included)."""
         return tuple(self._changes)
+
+    @property
+    def undone(self) -> tuple[int, ...]:
+        """Steps at which a recheck found a detected change to be a false alarm and undid it."""
+        return tuple(self._undone)
 
     def score(self, expert: int) -> float:
         """The expert's weighted uses since the current regime began (the eviction key)."""
@@ -661,9 +688,28 @@ class AdaptiveLFUPolicy(EvictionPolicy):
             if stat > threshold and (best is None or stat > best[2]):
                 best = cand
         if best is not None:
+            if self.recheck:  # the forgotten counts are those from the old start to the new one
+                self._replaced = (self._base, self._base_total, self._regime_start, best[0], self._step + self.recheck)
             self._base, self._base_total, self._regime_start = best[0], best[1], best[3]
             self._changes.append(self._step)
             self._candidates = []
+
+    def _end_step(self, order: list[int], counts: dict[int, int] | None) -> None:
+        replaced = self._replaced
+        if replaced is None or self._step < replaced[4]:
+            return
+        self._replaced = None
+        old_base, old_total, old_start, new_base = replaced[:4]
+        since = self._top_used(self._count, self._base)
+        before = self._top_used(new_base, old_base)
+        if since and before and len(since & before) >= self.recheck_overlap * min(len(since), len(before)):
+            self._base, self._base_total, self._regime_start = old_base, old_total, old_start
+            self._undone.append(self._step)
+
+    def _top_used(self, count: list[float], base: list[float]) -> set[int]:
+        """The (at most ``C`` = unpinned slots) experts with the most uses between ``base`` and ``count``."""
+        used = [e for e in range(self.num_experts) if count[e] > base[e]]
+        return set(sorted(used, key=lambda e: base[e] - count[e])[: max(1, self.capacity)])
 
     def _on_use(self, expert: int, tick: int, count: int | None) -> None:
         self._last_use[expert] = tick
@@ -675,7 +721,8 @@ class AdaptiveLFUPolicy(EvictionPolicy):
     def __repr__(self) -> str:
         return (
             f"{super().__repr__()[:-1]}, threshold={self.threshold}, continuation_weight={self.continuation_weight}, "
-            f"restart_every={self.restart_every}, horizon={self.horizon})"
+            f"restart_every={self.restart_every}, horizon={self.horizon}, recheck={self.recheck}, "
+            f"recheck_overlap={self.recheck_overlap})"
         )
 
 
