@@ -748,8 +748,8 @@ def make_policy(
         num_experts: experts in the layer.
         pinned: experts never evicted.
         **options: policy-specific settings (``half_life``, ``count_weight`` for ``"lfru"``;
-            ``threshold``, ``continuation_weight``, ``restart_every``, ``horizon`` for
-            ``"adaptive"``).
+            ``threshold``, ``continuation_weight``, ``restart_every``, ``horizon``, ``recheck``,
+            ``recheck_overlap`` for ``"adaptive"``).
 
     Raises:
         ValueError: an unknown name, options the policy does not take, or impossible settings
