@@ -537,10 +537,9 @@ class AdaptiveLFUPolicy(EvictionPolicy):
     * Recheck (off by default): ``recheck`` steps after a detected change, the (at most ``C``, the
       unpinned slots) experts used most since it are compared with those the forgotten counts
       ranked highest; if at least ``recheck_overlap`` of the smaller set are in both, the change was
-      a false alarm and the forgotten counts come back (:attr:`undone`). A router whose popularity never
-      changes still trips the detector now and then (a token's top-k experts arrive together and
-      count as separate evidence, among other things); this keeps those trips from costing the
-      long history.
+      a false alarm and the forgotten counts come back (:attr:`undone`). A router whose popularity
+      never changes still trips the detector now and then (chance runs of unlikely arrivals); this
+      keeps those trips from costing the long history.
 
     Token counts are not used: a step's counts only describe experts needed in it, and those are
     never evicted while an idle expert can go. Cost per step: O(experts needed in this and the
@@ -556,8 +555,8 @@ class AdaptiveLFUPolicy(EvictionPolicy):
         restart_every: steps between candidate regimes.
         horizon: steps a candidate stays open at most (how far back a change can be placed).
         recheck: steps after a detected change at which it is checked (0: never).
-        recheck_overlap: share of the top ``C`` experts, in ``(0, 1]``, that must be the same before
-            and after a change for the recheck to undo it.
+        recheck_overlap: share, in ``(0, 1]``, of the smaller of the two top sets (used most before
+            and since the change) that must be in both for the recheck to undo the change.
     """
 
     name = "adaptive"
