@@ -408,6 +408,24 @@ def test_slot_lookup_probe_smoke(tmp_path) -> None:
     assert out.with_suffix(".png").exists()
 
 
+def test_fast_launch_probe_smoke(tmp_path, monkeypatch) -> None:
+    """Both launch paths run the same steps with the same outputs; ratios and a plot are written."""
+    from hf_moe_opt.kernels import launch
+
+    monkeypatch.setenv(launch.ENV_VAR, "1")  # the probe flips it; leave it as found
+    out = tmp_path / "fast_launch.json"
+    argv = ["--smoke", "--warmup", "2", "--steps", "6", "--block", "3", "--call-blocks", "1", "--families", "nllb"]
+    assert _load("probe_fast_launch").main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (call,) = result["calls"]
+    assert set(call["host_us"]) == {"direct", "triton"} and all(v > 0 for v in call["host_us"].values())
+    (row,) = result["stack"]
+    assert row["blocks"] == 2 and row["output_mismatches"] == 0
+    assert set(row["ms_per_token"]) == {"resident/direct", "resident/triton", "cached/direct", "cached/triton"}
+    assert set(row["cached_over_resident"]) == {"direct", "triton"}
+    assert out.with_suffix(".png").exists()
+
+
 def test_copy_dma_probe_plot(tmp_path) -> None:
     """The probe needs CUDA (it says so and exits 0 without); its plot reads saved results."""
     probe = _load("probe_copy_dma")

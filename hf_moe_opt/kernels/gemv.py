@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .moe_ffn import KernelActivation, _activate, _glu, check_expert_shapes, weight_strides
 from .pdl import launch_options, wait_for_producer
 
@@ -244,59 +245,71 @@ def gemv_moe_ffn(
     pdl = launch_options(x.device)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         block_n, block_k = _blocks(w1.shape[1], hidden, num_rows, w1.element_size())
-        _gemv_act_kernel[(num_rows, triton.cdiv(ffn, block_n))](
-            x,
-            index,
-            slot_map if slot_map is not None else index,  # placeholder, never read
-            keep_arg,
-            w1,
-            b1 if b1 is not None else w1,  # placeholder, never read
-            h,
-            ffn,
-            hidden,
-            kernel_act.row_mul,
-            kernel_act.up_offset,
-            kernel_act.alpha,
-            kernel_act.limit,
-            x.stride(0),
-            *weight_strides(w1, b1),
-            h.stride(0),
-            TOP_K=top_k,
-            HAS_MAP=slot_map is not None,
-            HAS_KEEP=keep is not None,
-            HAS_BIAS=b1 is not None,
-            ACTIVATION=kernel_act.name,
-            GLU=kernel_act.glu,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            LOOP_STAGES=_LOOP_STAGES,
-            num_warps=_NUM_WARPS,
-            **pdl,
+        launch(
+            _gemv_act_kernel,
+            (num_rows, triton.cdiv(ffn, block_n)),
+            (
+                x,
+                index,
+                slot_map if slot_map is not None else index,  # placeholder, never read
+                keep_arg,
+                w1,
+                b1 if b1 is not None else w1,  # placeholder, never read
+                h,
+                ffn,
+                hidden,
+                kernel_act.row_mul,
+                kernel_act.up_offset,
+                kernel_act.alpha,
+                kernel_act.limit,
+                x.stride(0),
+                *weight_strides(w1, b1),
+                h.stride(0),
+            ),
+            {
+                "TOP_K": top_k,
+                "HAS_MAP": slot_map is not None,
+                "HAS_KEEP": keep is not None,
+                "HAS_BIAS": b1 is not None,
+                "ACTIVATION": kernel_act.name,
+                "GLU": kernel_act.glu,
+                "BLOCK_N": block_n,
+                "BLOCK_K": block_k,
+                "LOOP_STAGES": _LOOP_STAGES,
+                "num_warps": _NUM_WARPS,
+                **pdl,
+            },
         )
         block_n, block_k = _blocks(hidden, ffn * top_k, num_tokens, w2.element_size())
-        _gemv_combine_kernel[(num_tokens, triton.cdiv(hidden, block_n))](
-            h,
-            index,
-            slot_map if slot_map is not None else index,  # placeholder, never read
-            flat_gates,
-            keep_arg,
-            w2,
-            b2 if b2 is not None else w2,  # placeholder, never read
-            out,
-            float(out_scale),
-            hidden,
-            ffn,
-            h.stride(0),
-            *weight_strides(w2, b2),
-            out.stride(0),
-            TOP_K=top_k,
-            HAS_MAP=slot_map is not None,
-            HAS_KEEP=keep is not None,
-            HAS_BIAS=b2 is not None,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            LOOP_STAGES=_LOOP_STAGES,
-            num_warps=_NUM_WARPS,
-            **pdl,
+        launch(
+            _gemv_combine_kernel,
+            (num_tokens, triton.cdiv(hidden, block_n)),
+            (
+                h,
+                index,
+                slot_map if slot_map is not None else index,  # placeholder, never read
+                flat_gates,
+                keep_arg,
+                w2,
+                b2 if b2 is not None else w2,  # placeholder, never read
+                out,
+                float(out_scale),
+                hidden,
+                ffn,
+                h.stride(0),
+                *weight_strides(w2, b2),
+                out.stride(0),
+            ),
+            {
+                "TOP_K": top_k,
+                "HAS_MAP": slot_map is not None,
+                "HAS_KEEP": keep is not None,
+                "HAS_BIAS": b2 is not None,
+                "BLOCK_N": block_n,
+                "BLOCK_K": block_k,
+                "LOOP_STAGES": _LOOP_STAGES,
+                "num_warps": _NUM_WARPS,
+                **pdl,
+            },
         )
     return out

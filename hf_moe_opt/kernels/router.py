@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .moe_ffn import kernels_interpreted
 from .pdl import launch_options, wait_for_producer
 
@@ -441,33 +442,31 @@ def fused_router(
             return logits, index, gates
         small_block_e = 8 if num_experts <= 256 else 16
         block_d = min(triton.next_power_of_2(hidden), 8192 // small_block_e)
-        _logits_kernel[(num_tokens, triton.cdiv(num_experts, small_block_e))](
-            x,
-            weight,
-            bias_arg,
-            logits,
-            num_experts,
-            hidden,
-            x.stride(0),
-            HAS_BIAS=bias is not None,
-            BLOCK_E=small_block_e,
-            BLOCK_D=block_d,
-            num_warps=8 if small_block_e * block_d >= 8192 else 4,
-            **pdl,
+        launch(
+            _logits_kernel,
+            (num_tokens, triton.cdiv(num_experts, small_block_e)),
+            (x, weight, bias_arg, logits, num_experts, hidden, x.stride(0)),
+            {
+                "HAS_BIAS": bias is not None,
+                "BLOCK_E": small_block_e,
+                "BLOCK_D": block_d,
+                "num_warps": 8 if small_block_e * block_d >= 8192 else 4,
+                **pdl,
+            },
         )
-        _route_kernel[(num_tokens,)](
-            logits,
-            index,
-            gates,
-            num_experts,
-            torch.finfo(gates_dtype).eps,
-            MODE=MODES[mode],
-            TOP_K=k,
-            NORMALIZE=normalize,
-            BLOCK_E=block_e,
-            BLOCK_K=block_k,
-            num_warps=4,
-            **pdl,
+        launch(
+            _route_kernel,
+            (num_tokens,),
+            (logits, index, gates, num_experts, torch.finfo(gates_dtype).eps),
+            {
+                "MODE": MODES[mode],
+                "TOP_K": k,
+                "NORMALIZE": normalize,
+                "BLOCK_E": block_e,
+                "BLOCK_K": block_k,
+                "num_warps": 4,
+                **pdl,
+            },
         )
     return logits, index, gates
 

@@ -1,0 +1,249 @@
+"""Paired A/B: one-token decode steps with direct kernel launches against Triton's launch path.
+
+    python benchmarks/probe_fast_launch.py --out fast_launch_h200.json
+
+``hf_moe_opt.kernels.launch`` calls a compiled kernel directly once its specialisation has run
+(``HF_MOE_OPT_FAST_LAUNCH=0``: every call through ``kernel[grid](...)``). Two measurements, each
+with both paths taken in turn so host jitter hits them alike:
+
+* ``calls``: the host time of one router + decode-experts call pair (four launches) at one token on
+  the layer shape, and the GPU time of the same pair (CUDA events over a block): the launch-free floor;
+* ``stack``: ``bench_cache.py``'s MoE-only stack, resident and expert-cached (``--fraction``), each
+  timed in blocks of steps with the direct path on and off in turn; median time per token per
+  variant, the direct path over Triton's, and cached over resident within each path. Outputs of the
+  two paths must be identical (checked on every timed step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hf_moe_opt.kernels import launch as fast  # noqa: E402
+
+PATHS = {"direct": "1", "triton": "0"}
+
+
+def _set_path(name: str) -> None:
+    os.environ[fast.ENV_VAR] = PATHS[name]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def calls(family: str, blocks: int, block: int, device: torch.device, smoke: bool) -> dict:
+    """Host and GPU time of router + experts at one token, on one layer's shape."""
+    import bench_cache
+
+    from hf_moe_opt.experts.activation import Activation
+    from hf_moe_opt.kernels.gemv import gemv_moe_ffn
+    from hf_moe_opt.kernels.router import fused_router
+
+    e, d, f, k = bench_cache.SMOKE_SHAPES[family] if smoke else bench_cache.LAYER_SHAPES[_shape(family)]
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(e, d, generator=g) / d**0.5).to(device, torch.float32)
+    w1 = (torch.randn(e, f, d, generator=g) / d**0.5).to(device, torch.bfloat16)
+    w2 = (torch.randn(e, d, f, generator=g) / f**0.5).to(device, torch.bfloat16)
+    xs = [torch.randn(1, d, generator=g).to(device, torch.bfloat16) for _ in range(block)]
+    act = Activation("relu", torch.relu)
+    mode = "switch" if k == 1 else "nllb"
+
+    def one(x):
+        _, index, gates = fused_router(x, w, None, mode=mode, logits_dtype=torch.float32, gates_dtype=x.dtype)
+        return gemv_moe_ffn(x, index, gates, None, w1, None, w2, None, act)
+
+    host: dict[str, list[float]] = {name: [] for name in PATHS}
+    gpu: dict[str, list[float]] = {name: [] for name in PATHS}
+    for name in PATHS:  # compile and fill both paths' caches
+        _set_path(name)
+        for x in xs:
+            one(x)
+    _sync(device)
+    for _ in range(blocks):
+        for name in PATHS:
+            _set_path(name)
+            _sync(device)
+            start = end = None
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            for x in xs:
+                one(x)
+            host[name].append((time.perf_counter() - t0) * 1e6 / block)
+            if end is not None:
+                end.record()
+                end.synchronize()
+                gpu[name].append(start.elapsed_time(end) * 1e3 / block)
+    row = {
+        "what": "router + experts, one token, host time per call pair (4 launches)",
+        "family": family,
+        "shape": [e, d, f, k],
+        "host_us": {name: statistics.median(v) for name, v in host.items()},
+        "gpu_span_us": {name: statistics.median(v) for name, v in gpu.items()} if gpu["direct"] else None,
+    }
+    row["host_saved_us_per_launch"] = (row["host_us"]["triton"] - row["host_us"]["direct"]) / 4
+    return row
+
+
+def _shape(family: str) -> str:
+    return "switch-base-128" if family == "switch" else "nllb-moe-54b"
+
+
+def _block_ms(model, xs, device) -> tuple[float, list[torch.Tensor]]:
+    _sync(device)
+    t0 = time.perf_counter()
+    outs = [model(x) for x in xs]
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3 / len(xs), outs
+
+
+@torch.no_grad()
+def stack(family: str, layers: int, batch: int, fraction: float, policy: str, warmup: int, steps: int, block: int,
+          device: torch.device, smoke: bool) -> dict:  # fmt: skip
+    import bench_cache
+
+    import hf_moe_opt
+
+    shape = bench_cache.SMOKE_SHAPES[family] if smoke else None
+    models = {}
+    for name in ("resident", "cached"):
+        torch.manual_seed(0)
+        with torch.device(device):
+            models[name] = bench_cache.MoEStack(family, layers, shape).to(torch.bfloat16).eval()
+        cache = {} if name == "resident" else {"expert_cache": fraction, "cache_policy": policy}
+        bench_cache._optimize(models[name], capacity="none", **cache)
+    stream = bench_cache.token_stream(models["resident"].d_model, batch, warmup + steps, device, seed=batch)
+    for model in models.values():
+        for path in PATHS:
+            _set_path(path)
+            for x in stream[:warmup]:
+                model(x)
+        hf_moe_opt.reset_stats(model)
+    variants = [(m, p) for m in models for p in PATHS]
+    times: dict[str, list[float]] = {f"{m}/{p}": [] for m, p in variants}
+    mismatches = 0
+    timed = stream[warmup:]
+    for start in range(0, len(timed) - block + 1, block):
+        xs = timed[start : start + block]
+        outs = {}
+        for m, p in variants:
+            _set_path(p)
+            ms, outs[(m, p)] = _block_ms(models[m], xs, device)
+            times[f"{m}/{p}"].append(ms)
+        for m in models:
+            pairs = zip(outs[(m, "direct")], outs[(m, "triton")], strict=True)
+            mismatches += sum(not torch.equal(a, b) for a, b in pairs)
+    per_block = {name: statistics.median(t) for name, t in times.items()}
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+    row = {
+        "family": family,
+        "layers": layers,
+        "batch": batch,
+        "fraction_resident": fraction,
+        "policy": policy,
+        "blocks": len(times["resident/direct"]),
+        "block_steps": block,
+        "ms_per_token": per_block,
+        "direct_over_triton": {m: ratio(f"{m}/direct", f"{m}/triton") for m in models},
+        "cached_over_resident": {p: ratio(f"cached/{p}", f"resident/{p}") for p in PATHS},
+        "output_mismatches": mismatches,
+    }
+    for m in models.values():
+        hf_moe_opt.restore(m)
+    return row
+
+
+def plot(result: dict, path: Path) -> None:
+    """Time per token of each stack row, direct launches beside Triton's path."""
+    from hf_moe_opt.benchmarking.common import pyplot_or_none
+
+    plt = pyplot_or_none()
+    if plt is None or not result["stack"]:
+        return
+    rows = result["stack"]
+    names = list(rows[0]["ms_per_token"])
+    fig, ax = plt.subplots(figsize=(2.2 * len(rows) + 2, 4))
+    width = 0.8 / len(names)
+    for v, name in enumerate(names):
+        xs = [i + v * width for i in range(len(rows))]
+        ax.bar(xs, [r["ms_per_token"][name] for r in rows], width, label=name, color=f"C{v}")
+    labels = [f"{r['family']} x{r['layers']} b{r['batch']}\ncached {r['fraction_resident']:.0%}" for r in rows]
+    ax.set(xticks=[i + 0.4 - width / 2 for i in range(len(rows))], xticklabels=labels, ylabel="ms per token")
+    ax.legend(fontsize=7)
+    ax.set_title(f"one-token steps, direct launches vs Triton's path, {result['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hf_moe_opt.cache import DEFAULT_POLICY, POLICY_NAMES
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--families", nargs="+", choices=["switch", "nllb"], default=["switch", "nllb"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1])
+    p.add_argument("--fraction", type=float, default=0.5)
+    p.add_argument("--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--block", type=int, default=10)
+    p.add_argument("--call-blocks", type=int, default=40)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--replot", type=Path, help="only redraw the plot of a result JSON")
+    args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return 0
+    device = torch.device("cpu") if args.smoke else torch.device("cuda")
+    if not args.smoke and not torch.cuda.is_available():
+        print("probe_fast_launch.py needs CUDA (--smoke runs on the CPU)")
+        return 1
+    from hf_moe_opt.benchmarking.common import environment, save_result
+
+    result: dict = {"environment": environment(), "calls": [], "stack": []}
+    before = os.environ.get(fast.ENV_VAR)
+    try:
+        _measure(args, device, result)
+    finally:  # the measurements flip the variable: leave it as found
+        if before is None:
+            os.environ.pop(fast.ENV_VAR, None)
+        else:
+            os.environ[fast.ENV_VAR] = before
+    if args.out:
+        save_result(result, args.out, plot)
+    return 0
+
+
+def _measure(args: argparse.Namespace, device: torch.device, result: dict) -> None:
+    for family in args.families:
+        row = calls(family, args.call_blocks, args.block, device, args.smoke)
+        result["calls"].append(row)
+        print(json.dumps(row), flush=True)
+    for family in args.families:
+        layers = 4 if family == "switch" else 2
+        for batch in args.batches:
+            row = stack(family, layers, batch, args.fraction, args.policy, args.warmup, args.steps, args.block,
+                        device, args.smoke)  # fmt: skip
+            result["stack"].append(row)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

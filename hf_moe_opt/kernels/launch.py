@@ -1,0 +1,136 @@
+"""Kernel launches that skip Triton's per-call argument binding once a kernel is compiled.
+
+``kernel[grid](*args, **meta)`` binds and specialises every argument in Python on each call, then
+looks the compiled kernel up; on a GPU host that is tens of microseconds per launch. A one-token
+decode step of an eager or expert-cached model launches four of our kernels per MoE layer and
+little else, so this binding is a large part of its time. :func:`launch` keys the compiled kernel by
+everything Triton specialises on -- each tensor's dtype and 16-byte alignment; each integer's type
+range, divisibility by 16 and equality to 1; which arguments are floats, bools or None; the
+constexpr values and launch options; the device -- and calls the compiled kernel directly when that
+key was seen before. The first call with a new key goes through Triton as usual (compiling the
+kernel or finding it in Triton's own cache), so the key is at least as fine as Triton's own and the
+kernel that runs is the one Triton would pick.
+
+Off (every call through Triton) with ``HF_MOE_OPT_FAST_LAUNCH=0``, in Triton's interpreter, on a
+CPU, while Triton's launch hooks are set (profilers read them), and for argument kinds it does not
+know (tensor descriptors, tuples): those calls always take Triton's path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+try:
+    from triton import knobs as _knobs
+except ImportError:
+    _knobs = None
+
+ENV_VAR = "HF_MOE_OPT_FAST_LAUNCH"
+
+_INT32 = (-(2**31), 2**31)
+_INT64 = (-(2**63), 2**63)
+# Per kernel: key -> (compiled kernel, the names of the parameters passed by keyword, in order).
+_COMPILED: dict[Any, dict[tuple, Any]] = {}
+
+
+def enabled() -> bool:
+    """Whether :func:`launch` may bypass Triton's binding (``HF_MOE_OPT_FAST_LAUNCH`` not ``0``)."""
+    return os.environ.get(ENV_VAR, "1") != "0"
+
+
+def _hooks_set() -> bool:
+    if _knobs is None:  # a Triton without knobs: let it launch (and honour whatever it has)
+        return True
+    runtime = _knobs.runtime
+    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+
+
+def arg_key(args: tuple) -> tuple | None:
+    """What Triton specialises on in runtime arguments ``args``; None for kinds not handled here.
+
+    Tensors: dtype and whether the data pointer is 16-byte aligned. Integers: 1 (a constant to
+    Triton), else the type range (i32 / i64 / u64) and divisibility by 16. Floats, bools and None
+    by kind only (Triton does not specialise on their values; None is a constant).
+    """
+    key = []
+    for a in args:
+        kind = type(a)
+        if kind is int:
+            if a == 1:
+                key.append(1)
+            else:
+                rank = 0 if _INT32[0] <= a < _INT32[1] else 1 if _INT64[0] <= a < _INT64[1] else 2
+                key.append((rank, a % 16 == 0))
+        elif kind is float or kind is bool or a is None:
+            key.append(kind)
+        elif isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            return None
+    return tuple(key)
+
+
+def launch(kernel, grid: tuple[int, ...], args: tuple, meta: dict[str, Any]) -> None:
+    """``kernel[grid](*args, **meta)``, through the compiled kernel when this specialisation ran before.
+
+    ``args``: the runtime (not constexpr) arguments, positionally, in the kernel's parameter order;
+    ``meta``: every later parameter by name (constexprs) and launch options (``num_warps``,
+    ``launch_pdl``, ...). Calls that do not fit that shape always go through Triton.
+    """
+    cache = _COMPILED.get(kernel)
+    if cache is not None and enabled():
+        key = _key(args, meta)
+        try:
+            hit = cache.get(key) if key is not None else None
+        except TypeError:  # an unhashable meta value
+            key, hit = None, None
+        if hit is not None and not _hooks_set():
+            compiled, names = hit
+            g1 = grid[1] if len(grid) > 1 else 1
+            g2 = grid[2] if len(grid) > 2 else 1
+            stream = torch._C._cuda_getCurrentRawStream(key[0])
+            compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args, *[meta[n] for n in names])  # fmt: skip
+            return
+    compiled = kernel[grid](*args, **meta)
+    if not enabled() or not _direct_callable(compiled):  # the interpreter returns no compiled kernel
+        return
+    names = _keyword_params(kernel, len(args), meta)
+    key = _key(args, meta) if names is not None else None
+    if key is not None:
+        try:
+            _COMPILED.setdefault(kernel, {})[key] = (compiled, names)
+        except TypeError:
+            pass
+
+
+def _key(args: tuple, meta: dict[str, Any]) -> tuple | None:
+    key = arg_key(args)
+    if key is None:
+        return None
+    return (torch.cuda.current_device(), key, tuple(meta.items()))
+
+
+def _direct_callable(compiled) -> bool:
+    return all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
+
+
+def _keyword_params(kernel, num_positional: int, meta: dict[str, Any]) -> list[str] | None:
+    """The kernel's parameters after the positional ones, in order, if the positional ones are all
+    runtime parameters and ``meta`` names each of the rest; else None (no direct path)."""
+    params = getattr(kernel, "params", None)
+    names = getattr(kernel, "arg_names", None)
+    if params is None or names is None or len(params) < num_positional:
+        return None
+    if any(getattr(p, "is_constexpr", True) for p in params[:num_positional]):
+        return None  # a constexpr passed positionally would be keyed by kind, not value
+    rest = list(names[num_positional:])
+    return rest if all(n in meta for n in rest) else None
+
+
+def clear() -> None:
+    """Forget every compiled kernel this module keeps (tests; Triton's own caches stay)."""
+    _COMPILED.clear()
