@@ -32,7 +32,7 @@ def _axpy_kernel(x_ptr, y_ptr, out_ptr, n, alpha, flag, BLOCK: tl.constexpr, NEG
 def _axpy(x, y, alpha, flag, negate, block=64):
     out = torch.empty_like(x)
     n = x.numel()
-    fast.launch(_axpy_kernel, (triton.cdiv(n, block),), (x, y, out, n, alpha, flag), {"BLOCK": block, "NEGATE": negate})
+    fast.launch(_axpy_kernel, (triton.cdiv(n, block),), x, y, out, n, alpha, flag, BLOCK=block, NEGATE=negate)
     return out
 
 
@@ -108,6 +108,16 @@ def test_direct_launch_matches_triton_on_every_specialisation(monkeypatch):
     first_round = len(cases)
     assert len(calls) <= first_round, "repeated specialisations went through Triton again"
     assert len(fast._COMPILED[_axpy_kernel]) == len(calls)
+    # A constexpr passed positionally, or a callable grid, always goes through Triton.
+    before = len(calls)
+    x = torch.ones(8, device=DEVICE)
+    for _ in range(2):
+        out = torch.empty_like(x)
+        fast.launch(_axpy_kernel, (1,), x, x, out, 8, 1.0, False, 64, NEGATE=True)
+        assert torch.equal(out, -2 * x)
+        fast.launch(_axpy_kernel, lambda meta: (1,), x, x, out, 8, 1.0, False, BLOCK=64, NEGATE=False)
+        assert torch.equal(out, 2 * x)
+    assert len(calls) == before + 4
     # The environment variable sends every call back through Triton.
     monkeypatch.setenv(fast.ENV_VAR, "0")
     before = len(calls)

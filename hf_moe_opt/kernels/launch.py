@@ -73,15 +73,15 @@ def arg_key(args: tuple) -> tuple | None:
     return tuple(key)
 
 
-def launch(kernel, grid: tuple[int, ...], args: tuple, meta: dict[str, Any]) -> None:
+def launch(kernel, grid, /, *args: Any, **meta: Any) -> None:
     """``kernel[grid](*args, **meta)``, through the compiled kernel when this specialisation ran before.
 
     ``args``: the runtime (not constexpr) arguments, positionally, in the kernel's parameter order;
     ``meta``: every later parameter by name (constexprs) and launch options (``num_warps``,
-    ``launch_pdl``, ...). Calls that do not fit that shape always go through Triton.
+    ``launch_pdl``, ...). Calls that do not fit that shape (or a callable grid) always go through Triton.
     """
     cache = _COMPILED.get(kernel)
-    if cache is not None and enabled():
+    if cache is not None and not callable(grid) and enabled():
         key = _key(args, meta)
         try:
             hit = cache.get(key) if key is not None else None
@@ -96,7 +96,7 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, meta: dict[str, Any]) -> 
                          *args, *[meta[n] for n in names])  # fmt: skip
             return
     compiled = kernel[grid](*args, **meta)
-    if not enabled() or not _direct_callable(compiled):  # the interpreter returns no compiled kernel
+    if callable(grid) or not enabled() or not _direct_callable(compiled):  # the interpreter returns no compiled kernel
         return
     names = _keyword_params(kernel, len(args), meta)
     key = _key(args, meta) if names is not None else None

@@ -40,6 +40,7 @@ import triton.language as tl
 from ..dispatch import DispatchPlan
 from ..experts.activation import Activation
 from ..experts.torch_backend import torch_moe_ffn
+from .launch import launch
 from .launch_config import KernelConfig, fit_shared_memory, get_configs, shared_memory_limit
 from .pdl import launch_options, wait_for_producer
 
@@ -731,7 +732,9 @@ def gather_gemm_act(
     w_desc = None
     if config.tma and activation.row_mul == 1 and tma_available(x.device):
         w_desc = _tma_matrix(w1, config.block_n, config.block_k)
-    _gather_gemm_act_kernel[_grid(num_rows, num_experts, config.block_m, ffn, config.block_n)](
+    launch(
+        _gather_gemm_act_kernel,
+        _grid(num_rows, num_experts, config.block_m, ffn, config.block_n),
         x,
         plan.token,
         plan.counts,
@@ -809,7 +812,9 @@ def gemm_scatter(
         if w_desc is not None and config.tma == 1:
             h_desc = _tma_matrix(h, config.block_m, config.block_k)
     grid = _grid(num_rows, num_experts, config.block_m, hidden, config.block_n) + (splits,)
-    _gemm_scatter_kernel[grid](
+    launch(
+        _gemm_scatter_kernel,
+        grid,
         h,
         plan.order,
         plan.gate,
@@ -853,7 +858,9 @@ def gemm_scatter(
     )
     if part is not None:
         block_r, block_n = 16, 128
-        _split_combine_kernel[(triton.cdiv(num_rows, block_r), triton.cdiv(hidden, block_n))](
+        launch(
+            _split_combine_kernel,
+            (triton.cdiv(num_rows, block_r), triton.cdiv(hidden, block_n)),
             part,
             plan.expert,
             plan.order,
@@ -961,7 +968,9 @@ def slot_sum(slots: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Tensor
         return out
     block_d = min(triton.next_power_of_2(hidden), 1024)
     block_t = max(4096 // block_d, 1)
-    _slot_sum_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_d))](
+    launch(
+        _slot_sum_kernel,
+        (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_d)),
         slots,
         out,
         num_tokens,

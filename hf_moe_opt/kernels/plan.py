@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch.plan import DispatchPlan
+from .launch import launch
 from .pdl import launch_options, wait_for_producer
 
 # One program holds an [A, A] and an [E, A] comparison in registers.
@@ -130,7 +131,9 @@ def fused_plan(
     plan = _empty_plan(expert_index, gates, keep, num_experts)
     keep_arg = keep.reshape(-1).view(torch.uint8) if keep is not None else plan.order  # placeholder, never read
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _plan_kernel[(1,)](
+        launch(
+            _plan_kernel,
+            (1,),
             expert_index.reshape(-1),
             gates.reshape(-1),
             keep_arg,
@@ -328,7 +331,9 @@ def large_plan(
     num_warps = 4 if chunk <= 512 else 8
     pdl = launch_options(device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _hist_kernel[(num_chunks,)](
+        launch(
+            _hist_kernel,
+            (num_chunks,),
             index,
             keep_arg,
             hist,
@@ -342,7 +347,9 @@ def large_plan(
         )
         if not inline_scan:
             # [64, 32] tiles down the chunks; one program per 32 keys.
-            _scan_kernel[(triton.cdiv(num_experts + 1, 32),)](
+            launch(
+                _scan_kernel,
+                (triton.cdiv(num_experts + 1, 32),),
                 hist,
                 totals,
                 num_chunks,
@@ -353,7 +360,9 @@ def large_plan(
                 num_warps=4,
                 **pdl,
             )
-        _scatter_kernel[(num_chunks,)](
+        launch(
+            _scatter_kernel,
+            (num_chunks,),
             index,
             gates.reshape(-1),
             keep_arg,

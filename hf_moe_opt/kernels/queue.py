@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .pdl import launch_options, wait_for_producer
 
 MAX_EXPERTS = 1024
@@ -74,7 +75,9 @@ def sequence_keep(expert: torch.Tensor, num_experts: int, capacity: int) -> torc
     block_s = max(min(_TILE // block_e, triton.next_power_of_2(seq_len)), 16)
     device = expert.device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _sequence_keep_kernel[(batch,)](
+        launch(
+            _sequence_keep_kernel,
+            (batch,),
             expert,
             keep.view(torch.uint8),
             seq_len,

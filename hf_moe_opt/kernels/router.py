@@ -411,7 +411,9 @@ def fused_router(
             operand_bytes = max(x.element_size(), weight.element_size())
             split_w, widen, precision = _dot_mode(x.dtype, weight.dtype, kernels_interpreted())
             config = large_batch_config(num_tokens, num_experts, hidden, device, operand_bytes, split_w)
-            _large_router_kernel[(triton.cdiv(num_tokens, config.block_t),)](
+            launch(
+                _large_router_kernel,
+                (triton.cdiv(num_tokens, config.block_t),),
                 x,
                 weight,
                 bias_arg,
@@ -445,28 +447,34 @@ def fused_router(
         launch(
             _logits_kernel,
             (num_tokens, triton.cdiv(num_experts, small_block_e)),
-            (x, weight, bias_arg, logits, num_experts, hidden, x.stride(0)),
-            {
-                "HAS_BIAS": bias is not None,
-                "BLOCK_E": small_block_e,
-                "BLOCK_D": block_d,
-                "num_warps": 8 if small_block_e * block_d >= 8192 else 4,
-                **pdl,
-            },
+            x,
+            weight,
+            bias_arg,
+            logits,
+            num_experts,
+            hidden,
+            x.stride(0),
+            HAS_BIAS=bias is not None,
+            BLOCK_E=small_block_e,
+            BLOCK_D=block_d,
+            num_warps=8 if small_block_e * block_d >= 8192 else 4,
+            **pdl,
         )
         launch(
             _route_kernel,
             (num_tokens,),
-            (logits, index, gates, num_experts, torch.finfo(gates_dtype).eps),
-            {
-                "MODE": MODES[mode],
-                "TOP_K": k,
-                "NORMALIZE": normalize,
-                "BLOCK_E": block_e,
-                "BLOCK_K": block_k,
-                "num_warps": 4,
-                **pdl,
-            },
+            logits,
+            index,
+            gates,
+            num_experts,
+            torch.finfo(gates_dtype).eps,
+            MODE=MODES[mode],
+            TOP_K=k,
+            NORMALIZE=normalize,
+            BLOCK_E=block_e,
+            BLOCK_K=block_k,
+            num_warps=4,
+            **pdl,
         )
     return logits, index, gates
 
