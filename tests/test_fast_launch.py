@@ -68,6 +68,25 @@ def test_arg_key_refuses_kinds_it_does_not_know():
     assert fast.arg_key((np.int64(3),)) is None
 
 
+def test_launch_hooks_are_noticed():
+    """A profiler's launch hook sends launches through Triton, which calls it; none installed: direct."""
+    knobs = pytest.importorskip("triton.knobs")
+    chain = knobs.runtime.launch_enter_hook
+    if not hasattr(chain, "add"):
+        pytest.skip("this Triton keeps a single hook, not a chain")
+    assert not fast._hooks_set()
+
+    def hook(*args):
+        return None
+
+    chain.add(hook)
+    try:
+        assert fast._hooks_set()
+    finally:
+        chain.remove(hook)
+    assert not fast._hooks_set()
+
+
 def test_launch_is_tritons_launch_where_nothing_is_compiled(monkeypatch):
     """In the interpreter (or with the variable at 0) every call goes through Triton and nothing is kept."""
     if CUDA:
@@ -107,7 +126,7 @@ def test_direct_launch_matches_triton_on_every_specialisation(monkeypatch):
             )
     first_round = len(cases)
     assert len(calls) <= first_round, "repeated specialisations went through Triton again"
-    assert len(fast._COMPILED[_axpy_kernel]) == len(calls)
+    assert fast.compiled_count(_axpy_kernel) == len(calls)
     # A constexpr passed positionally, or a callable grid, always goes through Triton.
     before = len(calls)
     x = torch.ones(8, device=DEVICE)
@@ -118,6 +137,14 @@ def test_direct_launch_matches_triton_on_every_specialisation(monkeypatch):
         fast.launch(_axpy_kernel, lambda meta: (1,), x, x, out, 8, 1.0, False, BLOCK=64, NEGATE=False)
         assert torch.equal(out, 2 * x)
     assert len(calls) == before + 4
+    # So does a launch while a profiler's hook is installed (Triton calls it).
+    seen = []
+    fast._knobs.runtime.launch_enter_hook.add(seen.append)
+    try:
+        _axpy(x, x, 1.0, False, False)
+    finally:
+        fast._knobs.runtime.launch_enter_hook.remove(seen.append)
+    assert len(calls) == before + 5 and len(seen) == 1
     # The environment variable sends every call back through Triton.
     monkeypatch.setenv(fast.ENV_VAR, "0")
     before = len(calls)
@@ -158,4 +185,4 @@ def test_decode_kernels_give_the_same_bits_either_way(monkeypatch):
         (torch.bfloat16, torch.float32), ((8, 64, 256), (16, 96, 160)), (1, 2), (False, True)
     ):
         step(dtype, experts, hidden, ffn, k, bias)
-    assert fast._COMPILED.get(_gemv_act_kernel) and fast._COMPILED.get(_logits_kernel)
+    assert fast.compiled_count(_gemv_act_kernel) and fast.compiled_count(_logits_kernel)

@@ -30,10 +30,12 @@ except ImportError:
 
 ENV_VAR = "HF_MOE_OPT_FAST_LAUNCH"
 
-_INT32 = (-(2**31), 2**31)
-_INT64 = (-(2**63), 2**63)
-# Per kernel: key -> (compiled kernel, the names of the parameters passed by keyword, in order).
-_COMPILED: dict[Any, dict[tuple, Any]] = {}
+_INT32_MIN, _INT32_END = -(2**31), 2**31
+_INT64_MIN, _INT64_END = -(2**63), 2**63
+_TENSOR = torch.Tensor
+_PLAIN = (float, bool, type(None))
+# id(kernel) -> (kernel, {key: (compiled kernel, names of the parameters passed by keyword, in order)}).
+_COMPILED: dict[int, tuple[Any, dict[tuple, tuple[Any, list[str]]]]] = {}
 
 
 def enabled() -> bool:
@@ -42,10 +44,15 @@ def enabled() -> bool:
 
 
 def _hooks_set() -> bool:
+    """Whether a launch hook is installed (a profiler): those launches go through Triton."""
     if _knobs is None:  # a Triton without knobs: let it launch (and honour whatever it has)
         return True
     runtime = _knobs.runtime
-    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        # Newer Triton keeps an always-present chain of hooks; older ones a callable or None.
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 def arg_key(args: tuple) -> tuple | None:
@@ -53,21 +60,27 @@ def arg_key(args: tuple) -> tuple | None:
 
     Tensors: dtype and whether the data pointer is 16-byte aligned. Integers: 1 (a constant to
     Triton), else the type range (i32 / i64 / u64) and divisibility by 16. Floats, bools and None
-    by kind only (Triton does not specialise on their values; None is a constant).
+    by kind only (Triton does not specialise on their values; None is a constant). Flat: a tensor
+    adds its dtype and alignment, anything else one entry, so the key reads back unambiguously.
     """
     key = []
+    push = key.append
     for a in args:
-        kind = type(a)
-        if kind is int:
+        kind = a.__class__
+        if kind is _TENSOR:
+            push(a.dtype)
+            push(a.data_ptr() & 15 == 0)
+        elif kind is int:
             if a == 1:
-                key.append(1)
+                push(1)
             else:
-                rank = 0 if _INT32[0] <= a < _INT32[1] else 1 if _INT64[0] <= a < _INT64[1] else 2
-                key.append((rank, a % 16 == 0))
-        elif kind is float or kind is bool or a is None:
-            key.append(kind)
-        elif isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
+                rank = 0 if _INT32_MIN <= a < _INT32_END else 2 if _INT64_MIN <= a < _INT64_END else 4
+                push(2 + rank + (a & 15 == 0))
+        elif kind in _PLAIN:
+            push(kind)
+        elif isinstance(a, _TENSOR):  # subclasses (parameters)
+            push(a.dtype)
+            push(a.data_ptr() & 15 == 0)
         else:
             return None
     return tuple(key)
@@ -80,38 +93,46 @@ def launch(kernel, grid, /, *args: Any, **meta: Any) -> None:
     ``meta``: every later parameter by name (constexprs) and launch options (``num_warps``,
     ``launch_pdl``, ...). Calls that do not fit that shape (or a callable grid) always go through Triton.
     """
-    cache = _COMPILED.get(kernel)
-    if cache is not None and not callable(grid) and enabled():
+    entry = _COMPILED.get(id(kernel))
+    if entry is not None and grid.__class__ is tuple and enabled() and not _hooks_set():
         key = _key(args, meta)
-        try:
-            hit = cache.get(key) if key is not None else None
-        except TypeError:  # an unhashable meta value
-            key, hit = None, None
-        if hit is not None and not _hooks_set():
+        hit = entry[1].get(key) if key is not None else None
+        if hit is not None:
             compiled, names = hit
-            g1 = grid[1] if len(grid) > 1 else 1
-            g2 = grid[2] if len(grid) > 2 else 1
-            stream = torch._C._cuda_getCurrentRawStream(key[0])
-            compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *args, *[meta[n] for n in names])  # fmt: skip
+            size = len(grid)
+            compiled.run(
+                grid[0],
+                grid[1] if size > 1 else 1,
+                grid[2] if size > 2 else 1,
+                torch._C._cuda_getCurrentRawStream(key[0]),
+                compiled.function,
+                compiled.packed_metadata,
+                None,  # launch metadata and hooks: only read by hooks, and none is set
+                None,
+                None,
+                *args,
+                *[meta[n] for n in names],
+            )
             return
     compiled = kernel[grid](*args, **meta)
-    if callable(grid) or not enabled() or not _direct_callable(compiled):  # the interpreter returns no compiled kernel
-        return
+    if grid.__class__ is not tuple or not _direct_callable(compiled) or not enabled():
+        return  # the interpreter returns no compiled kernel
     names = _keyword_params(kernel, len(args), meta)
     key = _key(args, meta) if names is not None else None
     if key is not None:
-        try:
-            _COMPILED.setdefault(kernel, {})[key] = (compiled, names)
-        except TypeError:
-            pass
+        _COMPILED.setdefault(id(kernel), (kernel, {}))[1][key] = (compiled, names)
 
 
 def _key(args: tuple, meta: dict[str, Any]) -> tuple | None:
     key = arg_key(args)
     if key is None:
         return None
-    return (torch.cuda.current_device(), key, tuple(meta.items()))
+    full = (torch._C._cuda_getDevice(), key, tuple(meta.items()))
+    try:
+        hash(full)
+    except TypeError:  # an unhashable meta value
+        return None
+    return full
 
 
 def _direct_callable(compiled) -> bool:
@@ -129,6 +150,12 @@ def _keyword_params(kernel, num_positional: int, meta: dict[str, Any]) -> list[s
         return None  # a constexpr passed positionally would be keyed by kind, not value
     rest = list(names[num_positional:])
     return rest if all(n in meta for n in rest) else None
+
+
+def compiled_count(kernel) -> int:
+    """How many specialisations of ``kernel`` the direct path knows (tests, diagnostics)."""
+    entry = _COMPILED.get(id(kernel))
+    return len(entry[1]) if entry is not None else 0
 
 
 def clear() -> None:
