@@ -119,32 +119,37 @@ def stack(family: str, layers: int, batch: int, fraction: float, policy: str, wa
     import hf_moe_opt
 
     shape = bench_cache.SMOKE_SHAPES[family] if smoke else None
+    # One resident model serves both paths (it keeps no state between steps); each path has its own
+    # cached model from the same seed, so each sees its own misses on the same token stream.
+    variants = [("resident", "direct"), ("resident", "triton"), ("cached", "direct"), ("cached", "triton")]
     models = {}
-    for name in ("resident", "cached"):
+    for m, p in variants:
+        if m == "resident" and models:
+            models[(m, p)] = models[("resident", "direct")]
+            continue
         torch.manual_seed(0)
         with torch.device(device):
-            models[name] = bench_cache.MoEStack(family, layers, shape).to(torch.bfloat16).eval()
-        cache = {} if name == "resident" else {"expert_cache": fraction, "cache_policy": policy}
-        bench_cache._optimize(models[name], capacity="none", **cache)
-    stream = bench_cache.token_stream(models["resident"].d_model, batch, warmup + steps, device, seed=batch)
-    for model in models.values():
-        for path in PATHS:
-            _set_path(path)
-            for x in stream[:warmup]:
-                model(x)
+            model = bench_cache.MoEStack(family, layers, shape).to(torch.bfloat16).eval()
+        cache = {} if m == "resident" else {"expert_cache": fraction, "cache_policy": policy}
+        bench_cache._optimize(model, capacity="none", **cache)
+        models[(m, p)] = model
+    stream = bench_cache.token_stream(model.d_model, batch, warmup + steps, device, seed=batch)
+    for (_, p), model in models.items():
+        _set_path(p)
+        for x in stream[:warmup]:
+            model(x)
         hf_moe_opt.reset_stats(model)
-    variants = [(m, p) for m in models for p in PATHS]
     times: dict[str, list[float]] = {f"{m}/{p}": [] for m, p in variants}
     mismatches = 0
     timed = stream[warmup:]
-    for start in range(0, len(timed) - block + 1, block):
+    for b, start in enumerate(range(0, len(timed) - block + 1, block)):
         xs = timed[start : start + block]
         outs = {}
-        for m, p in variants:
+        for m, p in variants if b % 2 == 0 else variants[::-1]:  # alternate the order
             _set_path(p)
-            ms, outs[(m, p)] = _block_ms(models[m], xs, device)
+            ms, outs[(m, p)] = _block_ms(models[(m, p)], xs, device)
             times[f"{m}/{p}"].append(ms)
-        for m in models:
+        for m in ("resident", "cached"):
             pairs = zip(outs[(m, "direct")], outs[(m, "triton")], strict=True)
             mismatches += sum(not torch.equal(a, b) for a, b in pairs)
     per_block = {name: statistics.median(t) for name, t in times.items()}
@@ -161,12 +166,17 @@ def stack(family: str, layers: int, batch: int, fraction: float, policy: str, wa
         "blocks": len(times["resident/direct"]),
         "block_steps": block,
         "ms_per_token": per_block,
-        "direct_over_triton": {m: ratio(f"{m}/direct", f"{m}/triton") for m in models},
+        "direct_over_triton": {m: ratio(f"{m}/direct", f"{m}/triton") for m in ("resident", "cached")},
         "cached_over_resident": {p: ratio(f"cached/{p}", f"resident/{p}") for p in PATHS},
         "output_mismatches": mismatches,
     }
-    for m in models.values():
-        hf_moe_opt.restore(m)
+    for p in PATHS:  # each cached model's own hit rate over the timed steps
+        stats = hf_moe_opt.stats(models[("cached", p)]).values()
+        used = sum(s["hits"] + s["misses"] for s in stats)
+        row.setdefault("hit_rate", {})[p] = sum(s["hits"] for s in stats) / max(used, 1)
+    for (m, p), model in models.items():
+        if (m, p) != ("resident", "triton"):  # the same model as resident/direct
+            hf_moe_opt.restore(model)
     return row
 
 

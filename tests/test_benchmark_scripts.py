@@ -422,7 +422,8 @@ def test_fast_launch_probe_smoke(tmp_path, monkeypatch) -> None:
     (row,) = result["stack"]
     assert row["blocks"] == 2 and row["output_mismatches"] == 0
     assert set(row["ms_per_token"]) == {"resident/direct", "resident/triton", "cached/direct", "cached/triton"}
-    assert set(row["cached_over_resident"]) == {"direct", "triton"}
+    assert set(row["cached_over_resident"]) == set(row["hit_rate"]) == {"direct", "triton"}
+    assert row["hit_rate"]["direct"] == row["hit_rate"]["triton"] > 0
     assert out.with_suffix(".png").exists()
 
 

@@ -186,3 +186,10 @@ def test_decode_kernels_give_the_same_bits_either_way(monkeypatch):
     ):
         step(dtype, experts, hidden, ffn, k, bias)
     assert fast.compiled_count(_gemv_act_kernel) and fast.compiled_count(_logits_kernel)
+
+
+def test_host_integer_helpers_match_tritons():
+    for n in [*range(0, 300), 1023, 1024, 1025, 2**31 - 1, 2**31, 2**40 + 5]:
+        assert fast.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 3, 16, 64, 128):
+            assert fast.cdiv(n, b) == triton.cdiv(n, b), (n, b)

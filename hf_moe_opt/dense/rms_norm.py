@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..kernels import kernels_interpreted
-from ..kernels.launch import launch
+from ..kernels.launch import cdiv, launch, next_power_of_2
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows per program: a [ROWS, next_pow2(D)] tile in registers.
@@ -60,9 +60,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     flat = x.reshape(rows, cols)
     out = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
     if rows:
-        grid = (triton.cdiv(rows, _ROWS),)
+        grid = (cdiv(rows, _ROWS),)
         launch(_rms_norm_kernel, grid, flat, weight, out, rows, cols, flat.stride(0), out.stride(0), float(eps),
-                               BLOCK_N=triton.next_power_of_2(cols), ROWS=_ROWS)  # fmt: skip
+                               BLOCK_N=next_power_of_2(cols), ROWS=_ROWS)  # fmt: skip
     return out.view(x.shape)
 
 

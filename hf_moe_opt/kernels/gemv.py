@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .moe_ffn import KernelActivation, _activate, _glu, check_expert_shapes, weight_strides
 from .pdl import launch_options, wait_for_producer
 
@@ -185,9 +185,9 @@ def _blocks(columns: int, depth: int, rows: int, item_bytes: int) -> tuple[int, 
     """Column and depth blocks: enough programs to keep loads in flight, tiles of about ``_TILE`` elements."""
     weight_bytes = columns * depth * rows * item_bytes
     programs = max(_MIN_PROGRAMS, weight_bytes // _BYTES_PER_PROGRAM)
-    block_n = triton.next_power_of_2(max(columns * rows // programs, 1))
+    block_n = next_power_of_2(max(columns * rows // programs, 1))
     block_n = min(max(block_n, 4), 64)
-    block_k = min(triton.next_power_of_2(depth), max(_TILE // block_n, 32))
+    block_k = min(next_power_of_2(depth), max(_TILE // block_n, 32))
     return block_n, block_k
 
 
@@ -247,7 +247,7 @@ def gemv_moe_ffn(
         block_n, block_k = _blocks(w1.shape[1], hidden, num_rows, w1.element_size())
         launch(
             _gemv_act_kernel,
-            (num_rows, triton.cdiv(ffn, block_n)),
+            (num_rows, cdiv(ffn, block_n)),
             x,
             index,
             slot_map if slot_map is not None else index,  # placeholder, never read
@@ -279,7 +279,7 @@ def gemv_moe_ffn(
         block_n, block_k = _blocks(hidden, ffn * top_k, num_tokens, w2.element_size())
         launch(
             _gemv_combine_kernel,
-            (num_tokens, triton.cdiv(hidden, block_n)),
+            (num_tokens, cdiv(hidden, block_n)),
             h,
             index,
             slot_map if slot_map is not None else index,  # placeholder, never read

@@ -40,7 +40,7 @@ import triton.language as tl
 from ..dispatch import DispatchPlan
 from ..experts.activation import Activation
 from ..experts.torch_backend import torch_moe_ffn
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .launch_config import KernelConfig, fit_shared_memory, get_configs, shared_memory_limit
 from .pdl import launch_options, wait_for_producer
 
@@ -644,8 +644,8 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
 
 def _grid(num_rows: int, num_experts: int, block_m: int, columns: int, block_n: int) -> tuple[int]:
     # Every non-empty group (experts + dropped rows) can add one partial row tile.
-    row_tiles = triton.cdiv(num_rows, block_m) + min(num_experts + 1, num_rows)
-    return (row_tiles * triton.cdiv(columns, block_n),)
+    row_tiles = cdiv(num_rows, block_m) + min(num_experts + 1, num_rows)
+    return (row_tiles * cdiv(columns, block_n),)
 
 
 def weight_strides(w: torch.Tensor, b: torch.Tensor | None) -> tuple[int, ...]:
@@ -674,7 +674,7 @@ def _fit(config: KernelConfig, a: torch.Tensor, w: torch.Tensor, w_tiles: int) -
 
 
 def _block_e(num_experts: int) -> int:
-    return max(triton.next_power_of_2(num_experts + 1), 2)
+    return max(next_power_of_2(num_experts + 1), 2)
 
 
 @functools.cache
@@ -798,8 +798,8 @@ def gemm_scatter(
     num_rows, num_experts = plan.num_rows, plan.num_experts
     hidden, ffn = w2.shape[1], w2.shape[2]
     splits = config.split_k if num_rows > 0 else 1
-    k_per_split = triton.cdiv(triton.cdiv(ffn, splits), config.block_k) * config.block_k
-    splits = triton.cdiv(ffn, k_per_split)  # no empty splits
+    k_per_split = cdiv(cdiv(ffn, splits), config.block_k) * config.block_k
+    splits = cdiv(ffn, k_per_split)  # no empty splits
     part = torch.empty((splits, num_rows, hidden), dtype=torch.float32, device=h.device) if splits > 1 else None
     target = part if part is not None else dst
     # Partials: row stride hidden, split-plane stride passed as "stride_on" (see the kernel).
@@ -860,7 +860,7 @@ def gemm_scatter(
         block_r, block_n = 16, 128
         launch(
             _split_combine_kernel,
-            (triton.cdiv(num_rows, block_r), triton.cdiv(hidden, block_n)),
+            (cdiv(num_rows, block_r), cdiv(hidden, block_n)),
             part,
             plan.expert,
             plan.order,
@@ -966,11 +966,11 @@ def slot_sum(slots: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Tensor
         raise ValueError("slot_sum needs contiguous [N * k, D] slots and an [N, D] output with unit column stride")
     if num_tokens == 0:
         return out
-    block_d = min(triton.next_power_of_2(hidden), 1024)
+    block_d = min(next_power_of_2(hidden), 1024)
     block_t = max(4096 // block_d, 1)
     launch(
         _slot_sum_kernel,
-        (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_d)),
+        (cdiv(num_tokens, block_t), cdiv(hidden, block_d)),
         slots,
         out,
         num_tokens,

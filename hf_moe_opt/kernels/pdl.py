@@ -30,6 +30,7 @@ def wait_for_producer(USE_PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
+@functools.cache
 def _triton_has_pdl() -> bool:
     try:
         from triton.language.extra import cuda

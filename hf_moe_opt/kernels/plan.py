@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch.plan import DispatchPlan
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .pdl import launch_options, wait_for_producer
 
 # One program holds an [A, A] and an [E, A] comparison in registers.
@@ -147,8 +147,8 @@ def fused_plan(
             num_experts,
             top_k,
             HAS_KEEP=keep is not None,
-            BLOCK_A=max(triton.next_power_of_2(num_rows), 16),
-            BLOCK_E=max(triton.next_power_of_2(num_experts), 16),
+            BLOCK_A=max(next_power_of_2(num_rows), 16),
+            BLOCK_E=max(next_power_of_2(num_experts), 16),
             num_warps=4,
             **launch_options(device),
         )
@@ -287,7 +287,7 @@ def fits_large(num_rows: int, num_experts: int) -> bool:
 
 def default_chunk(num_rows: int) -> int:
     """Assignments per program: up to about 128 programs (an H200 has 132 SMs), 256 to 2048 rows each."""
-    return min(max(triton.next_power_of_2(triton.cdiv(num_rows, 128)), 256), 2048)
+    return min(max(next_power_of_2(cdiv(num_rows, 128)), 256), 2048)
 
 
 def large_plan(
@@ -315,9 +315,9 @@ def large_plan(
     chunk = default_chunk(num_rows) if chunk is None else chunk
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
-    num_chunks = triton.cdiv(num_rows, chunk)
+    num_chunks = cdiv(num_rows, chunk)
     # Keys 0..E-1 (experts), E (dropped), E + 1 (past the end); at least a warp's worth of bins.
-    bins = max(triton.next_power_of_2(num_experts + 2), 32)
+    bins = max(next_power_of_2(num_experts + 2), 32)
     if inline_scan is None:
         inline_scan = num_chunks * (num_experts + 1) <= INLINE_SCAN_CELLS
     device = expert_index.device
@@ -327,7 +327,7 @@ def large_plan(
     index = expert_index.reshape(-1)
     keep_arg = keep.reshape(-1).view(torch.uint8) if keep is not None else index  # placeholder, never read
     # Inline scan: [block_c, bins] tiles of the table (4096 cells). Sort and histogram: 4-8 keys a thread.
-    block_c = max(min(4096 // bins, triton.next_power_of_2(num_chunks)), 1)
+    block_c = max(min(4096 // bins, next_power_of_2(num_chunks)), 1)
     num_warps = 4 if chunk <= 512 else 8
     pdl = launch_options(device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -349,13 +349,13 @@ def large_plan(
             # [64, 32] tiles down the chunks; one program per 32 keys.
             launch(
                 _scan_kernel,
-                (triton.cdiv(num_experts + 1, 32),),
+                (cdiv(num_experts + 1, 32),),
                 hist,
                 totals,
                 num_chunks,
                 num_experts,
                 BINS=bins,
-                BLOCK_C=min(triton.next_power_of_2(num_chunks), 64),
+                BLOCK_C=min(next_power_of_2(num_chunks), 64),
                 BLOCK_K=32,
                 num_warps=4,
                 **pdl,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import launch, next_power_of_2
 from .pdl import launch_options, wait_for_producer
 
 MAX_EXPERTS = 1024
@@ -71,8 +71,8 @@ def sequence_keep(expert: torch.Tensor, num_experts: int, capacity: int) -> torc
     if keep.numel() == 0:
         return keep
     expert = expert.contiguous()
-    block_e = max(triton.next_power_of_2(num_experts), 16)
-    block_s = max(min(_TILE // block_e, triton.next_power_of_2(seq_len)), 16)
+    block_e = max(next_power_of_2(num_experts), 16)
+    block_s = max(min(_TILE // block_e, next_power_of_2(seq_len)), 16)
     device = expert.device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         launch(

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .moe_ffn import kernels_interpreted
 from .pdl import launch_options, wait_for_producer
 
@@ -326,14 +326,14 @@ def large_batch_config(
     (H200: 6-20% faster than 8 at 4096-16384 tokens), else 8 where the token block times
     ``max(E_pad, BLOCK_D)`` reaches 2048.
     """
-    block_e = max(triton.next_power_of_2(num_experts), 16)
+    block_e = max(next_power_of_2(num_experts), 16)
     tile = 2 * _TILE if split else _TILE
     block_t = max(16, min(128, tile // block_e))
     min_programs = max(_num_sms(device) // (2 if split else 1), 1)
-    while block_t > 32 and triton.cdiv(num_tokens, block_t) < min_programs:
+    while block_t > 32 and cdiv(num_tokens, block_t) < min_programs:
         block_t //= 2
     chunk = _CHUNK_BYTES // (max(block_e, block_t) * operand_bytes)
-    block_d = max(16, min(64, chunk, triton.next_power_of_2(hidden)))
+    block_d = max(16, min(64, chunk, next_power_of_2(hidden)))
     if operand_bytes == 2:
         return LargeBatchConfig(block_t, block_d, 4)
     return LargeBatchConfig(block_t, block_d, 8 if block_t * max(block_e, block_d) >= 2048 else 4)
@@ -403,8 +403,8 @@ def fused_router(
     index = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
     gates = torch.empty(num_tokens, k, dtype=gates_dtype, device=device)
     bias_arg = bias if bias is not None else weight  # placeholder, never read
-    block_e = max(triton.next_power_of_2(num_experts), 16)
-    block_k = max(triton.next_power_of_2(k), 2)
+    block_e = max(next_power_of_2(num_experts), 16)
+    block_k = max(next_power_of_2(k), 2)
     pdl = launch_options(device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if num_tokens > MAX_TOKENS:
@@ -413,7 +413,7 @@ def fused_router(
             config = large_batch_config(num_tokens, num_experts, hidden, device, operand_bytes, split_w)
             launch(
                 _large_router_kernel,
-                (triton.cdiv(num_tokens, config.block_t),),
+                (cdiv(num_tokens, config.block_t),),
                 x,
                 weight,
                 bias_arg,
@@ -443,10 +443,10 @@ def fused_router(
             )
             return logits, index, gates
         small_block_e = 8 if num_experts <= 256 else 16
-        block_d = min(triton.next_power_of_2(hidden), 8192 // small_block_e)
+        block_d = min(next_power_of_2(hidden), 8192 // small_block_e)
         launch(
             _logits_kernel,
-            (num_tokens, triton.cdiv(num_experts, small_block_e)),
+            (num_tokens, cdiv(num_experts, small_block_e)),
             x,
             weight,
             bias_arg,
