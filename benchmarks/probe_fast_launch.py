@@ -1,4 +1,4 @@
-"""Paired A/B: one-token decode steps with direct kernel launches against Triton's launch path.
+"""Paired A/B: decode steps with direct kernel launches against Triton's launch path.
 
     python benchmarks/probe_fast_launch.py --out fast_launch_h200.json
 
@@ -197,7 +197,7 @@ def plot(result: dict, path: Path) -> None:
     labels = [f"{r['family']} x{r['layers']} b{r['batch']}\ncached {r['fraction_resident']:.0%}" for r in rows]
     ax.set(xticks=[i + 0.4 - width / 2 for i in range(len(rows))], xticklabels=labels, ylabel="ms per token")
     ax.legend(fontsize=7)
-    ax.set_title(f"one-token steps, direct launches vs Triton's path, {result['environment']['device']}")
+    ax.set_title(f"decode steps, direct launches vs Triton's path, {result['environment']['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
