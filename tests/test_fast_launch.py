@@ -29,6 +29,21 @@ def _axpy_kernel(x_ptr, y_ptr, out_ptr, n, alpha, flag, BLOCK: tl.constexpr, NEG
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _plain_kernel(x_ptr, n, stride, BLOCK: tl.constexpr, FLAG: tl.constexpr):
+    pass
+
+
+def test_direct_path_only_for_runtime_args_by_position_and_constexprs_by_name():
+    from triton.runtime.jit import JITFunction
+
+    kernel = JITFunction(_plain_kernel)
+    meta = {"BLOCK": 4, "FLAG": 1, "num_warps": 4}
+    assert fast._keyword_params(kernel, 3, meta) == ["BLOCK", "FLAG"]
+    assert fast._keyword_params(kernel, 3, {"BLOCK": 4}) is None  # FLAG missing: Triton's defaults
+    assert fast._keyword_params(kernel, 2, {"stride": 3, **meta}) is None  # a runtime argument by name
+    assert fast._keyword_params(kernel, 4, {"FLAG": 1}) is None  # a constexpr by position
+
+
 def _axpy(x, y, alpha, flag, negate, block=64):
     out = torch.empty_like(x)
     n = x.numel()
@@ -193,3 +208,34 @@ def test_host_integer_helpers_match_tritons():
         assert fast.next_power_of_2(n) == triton.next_power_of_2(n), n
         for b in (1, 3, 16, 64, 128):
             assert fast.cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
+def test_every_launch_of_ours_can_take_the_direct_path():
+    """Static check of each ``launch(...)`` call: runtime parameters by position, every constexpr by
+    name (``**`` of the PDL options supplies ``USE_PDL``), so none falls back to Triton silently."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "hf_moe_opt"
+    options = {"num_warps", "num_stages", "launch_pdl", "num_ctas", "maxnreg"}
+    checked = 0
+    for path in [*root.glob("kernels/*.py"), *root.glob("dense/*.py")]:
+        tree = ast.parse(path.read_text())
+        constexprs = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                args = node.args.args
+                constexprs[node.name] = {
+                    a.arg for a in args if a.annotation is not None and "constexpr" in ast.unparse(a.annotation)
+                }
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "launch"):
+                continue
+            name = ast.unparse(node.args[0])
+            assert name in constexprs, f"{path.name}: launch of {name}, not a jit kernel of this module"
+            named = {k.arg for k in node.keywords if k.arg is not None} - options
+            if any(k.arg is None for k in node.keywords):  # **pdl / **launch_options(...)
+                named.add("USE_PDL")
+            assert named == constexprs[name], f"{path.name}: {name} passes {sorted(named ^ constexprs[name])} wrongly"
+            checked += 1
+    assert checked >= 14

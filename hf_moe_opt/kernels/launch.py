@@ -152,13 +152,16 @@ def _direct_callable(compiled) -> bool:
 
 def _keyword_params(kernel, num_positional: int, meta: dict[str, Any]) -> list[str] | None:
     """The kernel's parameters after the positional ones, in order, if the positional ones are all
-    runtime parameters and ``meta`` names each of the rest; else None (no direct path)."""
+    runtime parameters, the rest all constexprs and ``meta`` names each of them; else None (no
+    direct path)."""
     params = getattr(kernel, "params", None)
     names = getattr(kernel, "arg_names", None)
     if params is None or names is None or len(params) < num_positional:
         return None
     if any(getattr(p, "is_constexpr", True) for p in params[:num_positional]):
         return None  # a constexpr passed positionally would be keyed by kind, not value
+    if not all(getattr(p, "is_constexpr", False) for p in params[num_positional:]):
+        return None  # a runtime argument by keyword (a tensor) would key by identity: keys without end
     rest = list(names[num_positional:])
     return rest if all(n in meta for n in rest) else None
 
