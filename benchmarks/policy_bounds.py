@@ -8,8 +8,8 @@ Settings: ``synthetic_trace`` draws, and the first layer's routing of ``bench_ca
 stacks (a random router of the layer's shape over that script's sticky stream of Zipf-popular
 prototype tokens; each seed its own router and stream), whose timed runs see only 150 steps.
 Beside Belady and the shipped ``lfu``/``lfru``/``adaptive`` (and ``adaptive`` with a threshold of 20
-nats, to show how much its default of 10 matters, and with ``recheck=32``, which undoes detected
-changes that left the top experts in place), two policies that are not shipped:
+nats, to show how much its default of 10 matters, and with ``recheck=0``: without the recheck that
+undoes detected changes which left the top experts in place), two policies that are not shipped:
 
 * ``oracle_next`` -- told the distribution the generator draws the *next* step from (what no online
   policy can know), it evicts the expert least likely to be drawn (synthetic settings only). Its
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from bench_cache import token_stream  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, save_result  # noqa: E402
 from hf_moe_opt.cache import simulate  # noqa: E402
@@ -138,7 +140,7 @@ def _row(job: tuple[str, int, int]) -> dict:
     slots = e // 4  # 25% resident
     rates = {name: simulate(trace, name, slots).hit_rate for name in ("belady", *SHIPPED)}
     rates["adaptive_threshold_20"] = simulate(trace, "adaptive", slots, threshold=20.0).hit_rate
-    rates["adaptive_recheck_32"] = simulate(trace, "adaptive", slots, recheck=32).hit_rate
+    rates["adaptive_no_recheck"] = simulate(trace, "adaptive", slots, recheck=0).hit_rate
     if drawn is not None:
         rates["oracle_next"] = _replay(OracleNext(slots, e, [m for _, _, m in drawn]), trace)
     rates["lfru_ensemble"] = _replay(LFRUEnsemble(slots, e), trace)
@@ -156,11 +158,10 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="worker processes (1: run in this process)")
     args = p.parse_args(argv)
     jobs = [(setting, seed, args.steps) for setting in args.settings for seed in args.seeds]
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(_row, jobs))
-    else:
-        rows = [_row(job) for job in jobs]
+    with ExitStack() as stack:
+        pool = stack.enter_context(ProcessPoolExecutor(args.jobs)) if args.jobs > 1 else None
+        done = pool.map(_row, jobs) if pool is not None else map(_row, jobs)
+        rows = list(tqdm(done, total=len(jobs), desc="traces", unit="trace", dynamic_ncols=True))
     summary = {}
     for setting in args.settings:
         gaps = [r["belady_minus"] for r in rows if r["setting"] == setting]

@@ -315,7 +315,7 @@ def test_policy_bounds_smoke(tmp_path) -> None:
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [(r["setting"], r["seed"]) for r in rows] == [(s, seed) for s in settings for seed in (0, 1)]
-    policies = {"lfu", "lfru", "adaptive", "adaptive_threshold_20", "adaptive_recheck_32", "lfru_ensemble"}
+    policies = {"lfu", "lfru", "adaptive", "adaptive_threshold_20", "adaptive_no_recheck", "lfru_ensemble"}
     for row in rows:  # Belady is optimal: no online policy, not even the oracle, beats it
         oracle = set() if "stack" in row["setting"] else {"oracle_next"}
         assert set(row["belady_minus"]) == policies | oracle

@@ -219,7 +219,7 @@ def test_adaptive_recheck_undoes_a_false_alarm_and_keeps_a_real_change():
     # it finds in the first 1000 steps is checked 16 steps later, and a change that left the top
     # experts where they were is undone (the regime start goes back, the old counts with it).
     tr = synthetic_trace(64, 2, 8, 1000, zipf_s=1.2, stickiness=0.5, seed=3)
-    plain = make_policy("adaptive", 16, 64, threshold=1.0)
+    plain = make_policy("adaptive", 16, 64, threshold=1.0, recheck=0)
     checked = make_policy("adaptive", 16, 64, threshold=1.0, recheck=16, recheck_overlap=0.5)
     starts = []
     for step, counts in zip(tr.steps, tr.counts, strict=True):
@@ -233,7 +233,7 @@ def test_adaptive_recheck_undoes_a_false_alarm_and_keeps_a_real_change():
         assert starts[t][1] < starts[t][0]  # the earlier regime start came back
     assert (
         simulate(tr, "adaptive", 16, threshold=1.0, recheck=16).hit_rate
-        > simulate(tr, "adaptive", 16, threshold=1.0).hit_rate
+        > simulate(tr, "adaptive", 16, threshold=1.0, recheck=0).hit_rate
     )
     # A real change: 0 and 1 alternate, then 2 and 3 take over; the recheck finds other top experts
     # and keeps the change (the forgetting of test_adaptive_forgets_the_popularity_before_a_detected_change).
@@ -247,10 +247,10 @@ def test_adaptive_options_pass_through_make_policy():
     p = make_policy("adaptive", 4, 8, threshold=5.0, continuation_weight=0.25, restart_every=4, horizon=64)
     assert isinstance(p, AdaptiveLFUPolicy)
     assert (p.threshold, p.continuation_weight, p.restart_every, p.horizon) == (5.0, 0.25, 4, 64)
-    assert (p.recheck, p.recheck_overlap) == (0, 0.5)  # the recheck is off by default
+    assert (p.recheck, p.recheck_overlap) == (32, 0.5)  # the recheck is on by default
     assert "horizon=64" in repr(p)
-    p = make_policy("adaptive", 4, 8, recheck=32, recheck_overlap=0.75)
-    assert (p.recheck, p.recheck_overlap) == (32, 0.75) and "recheck=32" in repr(p)
+    p = make_policy("adaptive", 4, 8, recheck=0, recheck_overlap=0.75)
+    assert (p.recheck, p.recheck_overlap) == (0, 0.75) and "recheck=0" in repr(p)
 
 
 def test_repeated_ids_in_a_step_count_once_and_merge_counts():

@@ -534,12 +534,13 @@ class AdaptiveLFUPolicy(EvictionPolicy):
       ``e**threshold`` to one), the current regime restarts where that candidate opened and the
       older counts are forgotten. Without a change the longer history predicts better and the
       statistics stay near zero.
-    * Recheck (off by default): ``recheck`` steps after a detected change, the (at most ``C``, the
-      unpinned slots) experts used most since it are compared with those the forgotten counts
-      ranked highest; if at least ``recheck_overlap`` of the smaller set are in both, the change was
-      a false alarm and the forgotten counts come back (:attr:`undone`). A router whose popularity
-      never changes still trips the detector now and then (chance runs of unlikely arrivals); this
-      keeps those trips from costing the long history.
+    * Recheck (``recheck`` = 32 steps by default; 0 turns it off): ``recheck`` steps after a
+      detected change, the (at most ``C``, the unpinned slots) experts used most since it are
+      compared with those the forgotten counts ranked highest; if at least ``recheck_overlap`` of
+      the smaller set are in both, the change was a false alarm and the forgotten counts come back
+      (:attr:`undone`). A router whose popularity never changes still trips the detector now and
+      then (chance runs of unlikely arrivals); this keeps those trips from costing the long
+      history.
 
     Token counts are not used: a step's counts only describe experts needed in it, and those are
     never evicted while an idle expert can go. Cost per step: O(experts needed in this and the
@@ -573,7 +574,7 @@ class AdaptiveLFUPolicy(EvictionPolicy):
         continuation_weight: float = 0.5,
         restart_every: int = 8,
         horizon: int = 256,
-        recheck: int = 0,
+        recheck: int = 32,
         recheck_overlap: float = 0.5,
     ) -> None:
         if not threshold > 0 or math.isinf(threshold):
