@@ -203,29 +203,19 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_moe_opt.cache import DEFAULT_POLICY, POLICY_NAMES
+    from hf_moe_opt.benchmarking.common import add_stack_probe_args, environment, probe_device, save_result
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--families", nargs="+", choices=["switch", "nllb"], default=["switch", "nllb"])
-    p.add_argument("--batches", nargs="+", type=int, default=[1])
+    add_stack_probe_args(p, warmup=100, steps=300)
     p.add_argument("--fraction", type=float, default=0.5)
-    p.add_argument("--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--block", type=int, default=10)
     p.add_argument("--call-blocks", type=int, default=40)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
-    p.add_argument("--out", type=Path)
-    p.add_argument("--replot", type=Path, help="only redraw the plot of a result JSON")
     args = p.parse_args(argv)
     if args.replot:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return 0
-    device = torch.device("cpu") if args.smoke else torch.device("cuda")
-    if not args.smoke and not torch.cuda.is_available():
-        print("probe_fast_launch.py needs CUDA (--smoke runs on the CPU)")
+    device = probe_device(args.smoke, "probe_fast_launch.py")
+    if device is None:
         return 1
-    from hf_moe_opt.benchmarking.common import environment, save_result
 
     result: dict = {"environment": environment(), "calls": [], "stack": []}
     before = os.environ.get(fast.ENV_VAR)

@@ -138,30 +138,19 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_moe_opt.cache import DEFAULT_POLICY, POLICY_NAMES
+    from hf_moe_opt.benchmarking.common import add_stack_probe_args, probe_device, save_result
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--families", nargs="+", choices=["switch", "nllb"], default=["switch", "nllb"])
-    p.add_argument("--batches", nargs="+", type=int, default=[1])
+    add_stack_probe_args(p, warmup=200, steps=400)
     p.add_argument("--fractions", nargs="+", type=float, default=[0.5, 1.0])
-    p.add_argument("--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--block", type=int, default=10)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
-    p.add_argument("--out", type=Path)
-    p.add_argument("--replot", type=Path, help="only redraw the plot of a result JSON")
     args = p.parse_args(argv)
     if args.replot:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return 0
-    device = torch.device("cpu") if args.smoke else torch.device("cuda")
-    if not args.smoke and not torch.cuda.is_available():
-        print("probe_slot_lookup.py needs CUDA (--smoke runs on the CPU)")
-        return 0
+    device = probe_device(args.smoke, "probe_slot_lookup.py")
+    if device is None:
+        return 1
     import bench_cache
-
-    from hf_moe_opt.benchmarking.common import save_result
 
     rows = []
     for family in args.families:

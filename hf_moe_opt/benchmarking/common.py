@@ -184,3 +184,29 @@ def each_model(names: list[str], run: Callable[[str], dict], device: torch.devic
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return records
+
+
+def add_stack_probe_args(parser, *, warmup: int, steps: int) -> None:
+    """The options of the probes over ``bench_cache``'s MoE-only stacks: which stacks, how long, where
+    the JSON goes (``--replot`` redraws a saved one); ``--smoke`` runs tiny shapes on the CPU."""
+    from hf_moe_opt.cache import DEFAULT_POLICY, POLICY_NAMES
+
+    parser.add_argument("--families", nargs="+", choices=["switch", "nllb"], default=["switch", "nllb"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1])
+    parser.add_argument("--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--block", type=int, default=10, help="steps per timed block (blocks alternate settings)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--replot", type=Path, help="only redraw the plot of a result JSON")
+
+
+def probe_device(smoke: bool, script: str) -> torch.device | None:
+    """The CPU for a smoke run, else CUDA; None (with a message) when CUDA is wanted but missing."""
+    if smoke:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        print(f"{script} needs CUDA (--smoke runs on the CPU)", file=sys.stderr)
+        return None
+    return torch.device("cuda")
