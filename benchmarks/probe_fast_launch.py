@@ -182,20 +182,16 @@ def stack(family: str, layers: int, batch: int, fraction: float, policy: str, wa
 
 def plot(result: dict, path: Path) -> None:
     """Time per token of each stack row, direct launches beside Triton's path."""
-    from hf_moe_opt.benchmarking.common import pyplot_or_none
+    from hf_moe_opt.benchmarking.common import grouped_bars, pyplot_or_none
 
     plt = pyplot_or_none()
     if plt is None or not result["stack"]:
         return
     rows = result["stack"]
-    names = list(rows[0]["ms_per_token"])
     fig, ax = plt.subplots(figsize=(2.2 * len(rows) + 2, 4))
-    width = 0.8 / len(names)
-    for v, name in enumerate(names):
-        xs = [i + v * width for i in range(len(rows))]
-        ax.bar(xs, [r["ms_per_token"][name] for r in rows], width, label=name, color=f"C{v}")
     labels = [f"{r['family']} x{r['layers']} b{r['batch']}\ncached {r['fraction_resident']:.0%}" for r in rows]
-    ax.set(xticks=[i + 0.4 - width / 2 for i in range(len(rows))], xticklabels=labels, ylabel="ms per token")
+    grouped_bars(ax, [r["ms_per_token"] for r in rows], labels)
+    ax.set_ylabel("ms per token")
     ax.legend(fontsize=7)
     ax.set_title(f"decode steps, direct launches vs Triton's path, {result['environment']['device']}")
     fig.tight_layout()

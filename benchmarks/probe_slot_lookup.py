@@ -115,21 +115,17 @@ def run(family: str, layers: int, batch: int, fraction: float, policy: str, warm
 
 def plot(result: dict, path: Path) -> None:
     """Cached time over resident (median over blocks) per variant, one group of bars per row."""
-    from hf_moe_opt.benchmarking.common import pyplot_or_none
+    from hf_moe_opt.benchmarking.common import grouped_bars, pyplot_or_none
 
     plt = pyplot_or_none()
     if plt is None:
         return
     rows = result["rows"]
-    variants = list(rows[0]["x_resident_block_median"])
     fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
-    width = 0.8 / len(variants)
-    for v, name in enumerate(variants):
-        xs = [i + v * width for i in range(len(rows))]
-        ax.bar(xs, [r["x_resident_block_median"][name] for r in rows], width, label=name, color=f"C{v}")
-    ax.axhline(1.5, ls="--", color="gray", lw=1, label="1.5x target")
     labels = [f"{r['family']} b{r['batch']}\n{r['fraction_resident']:.0%} resident" for r in rows]
-    ax.set(xticks=[i + 0.4 - width / 2 for i in range(len(rows))], xticklabels=labels, ylabel="x resident time")
+    grouped_bars(ax, [r["x_resident_block_median"] for r in rows], labels)
+    ax.axhline(1.5, ls="--", color="gray", lw=1, label="1.5x target")
+    ax.set_ylabel("x resident time")
     ax.set_ylim(1.0, max(1.7, 1.05 * max(max(r["x_resident_block_median"].values()) for r in rows)))
     ax.legend(fontsize=7)
     ax.set_title(f"cached one-token steps, MoE-only stack (paired blocks), {result['environment']['device']}")

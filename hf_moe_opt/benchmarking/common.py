@@ -210,3 +210,14 @@ def probe_device(smoke: bool, script: str) -> torch.device | None:
         print(f"{script} needs CUDA (--smoke runs on the CPU)", file=sys.stderr)
         return None
     return torch.device("cuda")
+
+
+def grouped_bars(ax, values: list[dict[str, float]], labels: list[str]) -> None:
+    """One group of bars per entry of ``values`` (a bar per key, in the first entry's key order), and
+    ``labels`` under the groups."""
+    names = list(values[0])
+    width = 0.8 / len(names)
+    for v, name in enumerate(names):
+        xs = [i + v * width for i in range(len(values))]
+        ax.bar(xs, [row[name] for row in values], width, label=name, color=f"C{v}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(values))], labels)
