@@ -427,6 +427,14 @@ def test_fast_launch_probe_smoke(tmp_path, monkeypatch) -> None:
     assert out.with_suffix(".png").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("script", ["probe_fast_launch", "probe_slot_lookup"])
+def test_stack_probes_need_cuda(script, capsys) -> None:
+    """Without --smoke the stack probes time the GPU: without one they fail and say why."""
+    assert _load(script).main(["--steps", "1"]) == 1
+    assert f"{script}.py needs CUDA" in capsys.readouterr().err
+
+
 def test_copy_dma_probe_plot(tmp_path) -> None:
     """The probe needs CUDA (it says so and exits 0 without); its plot reads saved results."""
     probe = _load("probe_copy_dma")
