@@ -131,6 +131,62 @@ def test_slot_map_reads_each_expert_from_its_slot(dtype, drop):
         gemv_moe_ffn(x, ids, gates, keep, w1, b1, w2, b2, act, slot_map=table.to(DEVICE)[None])
 
 
+def _offsets_of(views, homes, where):
+    """Element offsets of every expert from ``views[i][0]``: slot ``where[e]`` or, if None, ``homes[i][e]``."""
+    tables = []
+    for view, home in zip(views, homes, strict=True):
+        if view is None:
+            tables.append(None)
+            continue
+        size, base = view.element_size(), view.data_ptr()
+        rows = [
+            s * view.stride(0) if s is not None else (home[e].data_ptr() - base) // size for e, s in enumerate(where)
+        ]
+        tables.append(torch.tensor([*rows, 0], dtype=torch.int64, device=DEVICE))  # entry E: dropped, never read
+    return tables
+
+
+@pytest.mark.parametrize(("dtype", "drop", "bias"), [(torch.float32, 0.4, True), (torch.bfloat16, 0.0, False)])
+def test_offsets_read_each_expert_from_its_slot_or_its_home(dtype, drop, bias):
+    # A cache that reads misses where they live: some experts from slots, the rest from another
+    # allocation (on a GPU, pinned host memory). Same result as all experts resident.
+    from hf_moe_opt.kernels.gemv import ExpertOffsets
+
+    tokens, top_k, experts, slots = 3, 2, 7, 3
+    x, index, gates, keep, w1, b1, w2, b2 = _case(
+        tokens, top_k, experts, 24, 40, dtype, bias, False, seed=18, drop=drop
+    )
+    homes = [t.cpu().pin_memory() if DEVICE.type == "cuda" else t.clone() if t is not None else None
+             for t in (w1, b1, w2, b2)]  # fmt: skip
+    where: list[int | None] = [None] * experts
+    slot_tensors = [torch.full((slots, *t.shape[1:]), float("nan"), dtype=dtype, device=DEVICE) if t is not None
+                    else None for t in (w1, b1, w2, b2)]  # fmt: skip
+    for s, e in enumerate([5, 0, 3]):  # these three sit in slots; the other four are read from home
+        where[e] = s
+        for slot, home in zip(slot_tensors, homes, strict=True):
+            if slot is not None:
+                slot[s].copy_(home[e])
+    ids = index if keep is None else torch.where(keep, index, experts)
+    act = ACTIVATIONS["relu"]
+    w1o, b1o, w2o, b2o = _offsets_of(slot_tensors, homes, where)
+    offsets = ExpertOffsets(
+        w1o, b1o, w2o, b2o, aligned=all(int(v) % 8 == 0 for v in w1o) and all(int(v) % 8 == 0 for v in w2o)
+    )
+    sw1, sb1, sw2, sb2 = slot_tensors
+    out = gemv_moe_ffn(x, ids, gates, keep, sw1, sb1, sw2, sb2, act, 0.5, offsets=offsets)
+    ref = gemv_moe_ffn(x, index, gates, keep, w1, b1, w2, b2, act, 0.5)
+    assert torch.equal(out, ref)  # the same kernels over the same numbers, only read elsewhere
+    assert any(s is None for s in where) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="not both"):
+        gemv_moe_ffn(x, ids, gates, keep, sw1, sb1, sw2, sb2, act, slot_map=w1o, offsets=offsets)
+    bad = ExpertOffsets(w1o.int(), b1o, w2o, b2o)
+    with pytest.raises(ValueError, match="offsets.w1"):
+        gemv_moe_ffn(x, ids, gates, keep, sw1, sb1, sw2, sb2, act, offsets=bad)
+    missing = ExpertOffsets(w1o, None if bias else w1o, w2o, b2o)
+    with pytest.raises(ValueError, match="offsets.b1"):
+        gemv_moe_ffn(x, ids, gates, keep, sw1, sb1, sw2, sb2, act, offsets=missing)
+
+
 def test_bad_inputs_raise():
     x, index, gates, _, w1, b1, w2, b2 = _case(2, 2, 4, 16, 32, torch.float32, False, False, seed=15)
     with pytest.raises(ValueError, match="same"):

@@ -19,6 +19,7 @@ its slots (``slot_map``: the kernels read each expert's slot from the cache's de
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -42,6 +43,16 @@ _LOOP_STAGES = 3
 
 
 @triton.jit
+def _expert_offset(off_ptr, e, ALIGNED: tl.constexpr):
+    """Element offset of expert ``e``'s weights from the tensor the kernel was given (a slot, or the
+    expert's pinned host copy, which the GPU reads over the host link under unified addressing)."""
+    off = tl.load(off_ptr + e)
+    if ALIGNED:  # every offset is a multiple of 16 bytes: the loads stay vectorised
+        off = tl.multiple_of(off, 8)
+    return off
+
+
+@triton.jit
 def _gemv_act_kernel(
     x_ptr,
     index_ptr,
@@ -49,6 +60,8 @@ def _gemv_act_kernel(
     keep_ptr,
     w_ptr,
     b_ptr,
+    w_off_ptr,
+    b_off_ptr,
     h_ptr,
     N,
     K,
@@ -65,6 +78,8 @@ def _gemv_act_kernel(
     stride_hm,
     TOP_K: tl.constexpr,
     HAS_MAP: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     HAS_KEEP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -80,13 +95,16 @@ def _gemv_act_kernel(
         if tl.load(keep_ptr + a) == 0:  # dropped: its row of h is never read
             return
     e = tl.load(index_ptr + a)
-    if HAS_MAP:  # expert id -> the slot holding it (expert caches)
-        e = tl.load(map_ptr + e)
-    e = e.to(tl.int64)
+    if HAS_OFFSETS:  # expert id -> where its weights are, in elements from w_ptr / b_ptr
+        w_base = w_ptr + _expert_offset(w_off_ptr, e, ALIGNED)
+    else:
+        if HAS_MAP:  # expert id -> the slot holding it (expert caches)
+            e = tl.load(map_ptr + e)
+        e = e.to(tl.int64)
+        w_base = w_ptr + e * stride_we
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     gate_rows = offs_n * row_mul
-    w_base = w_ptr + e * stride_we
     x_row = x_ptr + (a // TOP_K).to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -102,7 +120,10 @@ def _gemv_act_kernel(
             u = tl.load(w_ptrs + up_offset * stride_wn, mask=mask_w, other=0.0).to(tl.float32)
             acc_up += tl.sum(u * xv[None, :], axis=1)
     if HAS_BIAS:
-        b_base = b_ptr + e * stride_be
+        if HAS_OFFSETS:
+            b_base = b_ptr + _expert_offset(b_off_ptr, e, False)
+        else:
+            b_base = b_ptr + e * stride_be
         acc += tl.load(b_base + gate_rows * stride_bn, mask=mask_n, other=0.0).to(tl.float32)
         if GLU != "none":
             acc_up += tl.load(b_base + (gate_rows + up_offset) * stride_bn, mask=mask_n, other=0.0).to(tl.float32)
@@ -122,6 +143,8 @@ def _gemv_combine_kernel(
     keep_ptr,
     w_ptr,
     b_ptr,
+    w_off_ptr,
+    b_off_ptr,
     out_ptr,
     out_scale,
     N,
@@ -135,6 +158,8 @@ def _gemv_combine_kernel(
     stride_om,
     TOP_K: tl.constexpr,
     HAS_MAP: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     HAS_KEEP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -155,10 +180,13 @@ def _gemv_combine_kernel(
             kept = tl.load(keep_ptr + a) != 0
         if kept:  # a dropped slot contributes exactly 0
             e = tl.load(index_ptr + a)
-            if HAS_MAP:
-                e = tl.load(map_ptr + e)
-            e = e.to(tl.int64)
-            w_base = w_ptr + e * stride_we
+            if HAS_OFFSETS:
+                w_base = w_ptr + _expert_offset(w_off_ptr, e, ALIGNED)
+            else:
+                if HAS_MAP:
+                    e = tl.load(map_ptr + e)
+                e = e.to(tl.int64)
+                w_base = w_ptr + e * stride_we
             h_row = h_ptr + a.to(tl.int64) * stride_hm
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
@@ -169,11 +197,54 @@ def _gemv_combine_kernel(
                 w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
                 acc += tl.sum(w * hv[None, :], axis=1)
             if HAS_BIAS:
-                acc += tl.load(b_ptr + e * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)
+                if HAS_OFFSETS:
+                    b_base = b_ptr + _expert_offset(b_off_ptr, e, False)
+                else:
+                    b_base = b_ptr + e * stride_be
+                acc += tl.load(b_base + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)
             gate = tl.load(gates_ptr + a).to(tl.float32) * out_scale
             # Each slot rounded to the output dtype, as the plan path's slots are.
             total += (acc * gate).to(out_ty).to(tl.float32)
     tl.store(out_ptr + t.to(tl.int64) * stride_om + offs_n, total.to(out_ty), mask=mask_n)
+
+
+@dataclass(frozen=True)
+class ExpertOffsets:
+    """Where each expert's weights are, as element offsets from the tensors the kernels are given.
+
+    ``w1``, ``w2`` (and ``b1``, ``b2`` for biased experts, else None): 1-D int64 tensors on the
+    compute device, one entry per expert id (``E + 1`` entries: entry ``E``, a dropped assignment's
+    id, is never read). Entry ``e`` of ``w1`` is the offset, in elements, of expert ``e``'s ``[F, D]``
+    matrix from ``w1[0]``: ``s * w1.stride(0)`` for slot ``s``, or the distance to its copy in
+    pinned host memory, which the GPU reads over the host link (unified addressing). ``aligned``:
+    every weight offset is a multiple of 8 elements (lets the kernels keep vectorised loads).
+    """
+
+    w1: torch.Tensor
+    b1: torch.Tensor | None
+    w2: torch.Tensor
+    b2: torch.Tensor | None
+    aligned: bool = False
+
+    @property
+    def w1_b1(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w1, self.b1 if self.b1 is not None else self.w1
+
+    @property
+    def w2_b2(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w2, self.b2 if self.b2 is not None else self.w2
+
+    def check(self, device: torch.device, has_b1: bool, has_b2: bool) -> None:
+        """Raise ValueError unless these tables fit experts with (or without) biases on ``device``."""
+        for name, t, wanted in (("w1", self.w1, True), ("b1", self.b1, has_b1), ("w2", self.w2, True),
+                                ("b2", self.b2, has_b2)):  # fmt: skip
+            if (t is not None) != wanted:
+                raise ValueError(f"offsets.{name} must be {'given' if wanted else 'None'} for these experts")
+            if t is not None and (t.dim() != 1 or t.dtype != torch.int64 or t.device != device):
+                raise ValueError(
+                    f"offsets.{name} must be a 1-D int64 tensor on {device}, got {t.dtype} {tuple(t.shape)} "
+                    f"on {t.device}"
+                )
 
 
 def fits(num_tokens: int) -> bool:
@@ -203,6 +274,7 @@ def gemv_moe_ffn(
     activation,
     out_scale: float = 1.0,
     slot_map: torch.Tensor | None = None,
+    offsets: ExpertOffsets | None = None,
 ) -> torch.Tensor:
     """``out[n] = sum_k gate * out_scale * expert(x[n])`` for a few tokens, without a dispatch plan.
 
@@ -211,6 +283,9 @@ def gemv_moe_ffn(
     (:func:`hf_moe_opt.kernels.kernel_supported`). ``slot_map`` (1-D integers on the tokens' device):
     kept assignment ``a`` reads the experts' entry ``slot_map[expert_index[a]]`` instead of
     ``expert_index[a]``; an expert cache passes its slot table, so the lookup costs no launch.
+    ``offsets`` (instead of ``slot_map``): expert ``e``'s weights are read ``offsets.w1[e]`` elements
+    from ``w1``'s first expert (``w2``, ``b1``, ``b2`` likewise), wherever they are: in a slot or in
+    the pinned host copy (see :class:`ExpertOffsets`).
     """
     num_tokens, top_k = expert_index.shape
     hidden, ffn = w2.shape[1], w2.shape[2]
@@ -232,6 +307,10 @@ def gemv_moe_ffn(
             f"slot_map must be a non-empty 1-D int32/int64 tensor on {x.device}, got "
             f"{slot_map.dtype} {tuple(slot_map.shape)} on {slot_map.device}"
         )
+    if offsets is not None:
+        if slot_map is not None:
+            raise ValueError("pass slot_map or offsets, not both")
+        offsets.check(x.device, b1 is not None, b2 is not None)
     out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
@@ -254,6 +333,7 @@ def gemv_moe_ffn(
             keep_arg,
             w1,
             b1 if b1 is not None else w1,  # placeholder, never read
+            *(offsets.w1_b1 if offsets is not None else (index, index)),  # placeholders, never read
             h,
             ffn,
             hidden,
@@ -266,6 +346,8 @@ def gemv_moe_ffn(
             h.stride(0),
             TOP_K=top_k,
             HAS_MAP=slot_map is not None,
+            HAS_OFFSETS=offsets is not None,
+            ALIGNED=offsets is not None and offsets.aligned,
             HAS_KEEP=keep is not None,
             HAS_BIAS=b1 is not None,
             ACTIVATION=kernel_act.name,
@@ -287,6 +369,7 @@ def gemv_moe_ffn(
             keep_arg,
             w2,
             b2 if b2 is not None else w2,  # placeholder, never read
+            *(offsets.w2_b2 if offsets is not None else (index, index)),  # placeholders, never read
             out,
             float(out_scale),
             hidden,
@@ -296,6 +379,8 @@ def gemv_moe_ffn(
             out.stride(0),
             TOP_K=top_k,
             HAS_MAP=slot_map is not None,
+            HAS_OFFSETS=offsets is not None,
+            ALIGNED=offsets is not None and offsets.aligned,
             HAS_KEEP=keep is not None,
             HAS_BIAS=b2 is not None,
             BLOCK_N=block_n,
