@@ -128,6 +128,7 @@ def optimize(
     pinned_experts=None,
     cache_policy_options: dict | None = None,
     cache_prefetch: bool = False,
+    cache_misses: str = "copy",
     fuse_dense: bool = False,
 ) -> nn.Module:
     """Replace every supported sparse MoE block of ``model`` in place with :class:`OptimizedMoE`.
@@ -190,6 +191,14 @@ def optimize(
             cached layer's experts (that layer's router applied to this layer's input) and starts
             their copies, so that they overlap with the compute in between. Outputs never change; a
             wrong guess costs a copy. ``stats`` reports ``prefetched`` and ``prefetch_hits``.
+        cache_misses: what a cached one-token step does with an expert not in a slot. ``"copy"``
+            (default): read the router's choices on the host, copy the expert in and wait for it.
+            ``"read"``: the decode kernels read it straight from pinned host memory (Triton backend:
+            CUDA, or ``TRITON_INTERPRET=1``), the step never waits for the host, and the policy runs one
+            step behind, copying experts into slots for later steps; other calls copy as before.
+            Outputs are the same either way; ``stats`` reports ``host_reads`` (assignments computed from
+            host memory). Needs pinned memory; not with ``cache_prefetch``. See
+            ``hf_moe_opt.cache.host_reads``.
         fuse_dense: also speed up the dense parts (Switch Transformers, NLLB-MoE): attention runs as one
             ``scaled_dot_product_attention`` call with the position bias and mask folded into one
             additive mask, and Switch's float32 RMS norms as one-pass kernels (CUDA). Outputs agree
@@ -257,16 +266,18 @@ def optimize(
             pinned_experts,
             policy_options=cache_policy_options,
             prefetch=cache_prefetch,
+            misses=cache_misses,
         )
     elif (
         pinned_experts is not None
         or str(cache_policy).lower() != "adaptive"
         or cache_policy_options is not None
         or cache_prefetch is not False
+        or cache_misses != "copy"
     ):
         raise ValueError(
-            "cache_policy=, cache_policy_options=, pinned_experts= and cache_prefetch= take effect only with "
-            "expert_cache="
+            "cache_policy=, cache_policy_options=, pinned_experts=, cache_prefetch= and cache_misses= take effect "
+            "only with expert_cache="
         )
     for name, _, _, block, _ in blocks:
         if placer is None:

@@ -104,6 +104,10 @@ def _expert_ids(value: Any, what: str) -> tuple[int, ...]:
     return tuple(int(e) for e in ids)
 
 
+# What a cached decode step does with a missing expert: wait for its copy, or read it from host memory.
+CACHE_MISSES = ("copy", "read")
+
+
 @dataclass
 class ExpertCachePlan:
     """Validated cache settings for every MoE layer, by layer name."""
@@ -114,6 +118,7 @@ class ExpertCachePlan:
     devices: dict[str, torch.device]
     policy_options: dict[str, Any] | None = None
     prefetch: bool = False
+    misses: str = "copy"
 
     def attach(self, layers: Sequence[tuple[str, nn.Module]]) -> dict[str, CachedExpertStore]:
         """Give every layer a :class:`CachedExpertStore`; warns once if pinned memory was unavailable."""
@@ -130,6 +135,8 @@ class ExpertCachePlan:
             )
             if self.prefetch:
                 store.enable_prefetch(getattr(layer, "router", None), chain)
+            if self.misses == "read":
+                store.enable_host_reads()
             layer.store = store
             stores[name] = store
         errors = {s.pin_error for s in stores.values() if s.pin_error}
@@ -152,6 +159,7 @@ def plan_expert_cache(
     *,
     policy_options: Mapping[str, Any] | None = None,
     prefetch: bool = False,
+    misses: str = "copy",
 ) -> ExpertCachePlan:
     """Check ``optimize``'s cache options against the model's sparse blocks and plan the slots.
 
@@ -166,6 +174,10 @@ def plan_expert_cache(
     options = dict(policy_options or {})
     if not isinstance(prefetch, bool):
         raise TypeError(f"cache_prefetch must be True or False, got {prefetch!r}")
+    if misses not in CACHE_MISSES:
+        raise ValueError(f"cache_misses must be one of {CACHE_MISSES}, got {misses!r}")
+    if misses == "read" and prefetch:
+        raise ValueError('cache_misses="read" cannot be combined with cache_prefetch=True (no look-ahead needed)')
     names = [n for n, _ in blocks]
     pinned = _normalise_pinned(pinned_experts, names)
     geometry = [_geometry(n, b, len(pinned.get(n, ()))) for n, b in blocks]
@@ -181,4 +193,6 @@ def plan_expert_cache(
         check_offloaded_experts(n, b)
     for n, b in blocks:
         take_over_offloaded_experts(n, b)
-    return ExpertCachePlan(policy, dict(zip(names, slots, strict=True)), pinned, devices, options or None, prefetch)
+    return ExpertCachePlan(
+        policy, dict(zip(names, slots, strict=True)), pinned, devices, options or None, prefetch, misses
+    )

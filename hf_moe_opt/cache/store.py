@@ -76,6 +76,7 @@ from ..experts.activation import Activation
 from ..experts.backends import supported_direct_ffn
 from ..experts.store import ExpertStore, FfnFactory
 from ..experts.weights import ExpertTensor, ExpertWeights
+from .host_reads import HostReads
 from .policies import EvictionPolicy, Load, make_policy
 
 __all__ = ["CachedExpertStore", "expert_nbytes"]
@@ -197,6 +198,7 @@ class CachedExpertStore(ExpertStore):
         self.pin_memory = bool(pin_memory)
         self.home_device = weights.device  # where the experts were before; restore() brings them back
         self.pin_error: str | None = None
+        self._reads: HostReads | None = None  # read-behind mode (enable_host_reads)
         self._home()
         self._alloc_slots()
         # The run-time check that no parameter was moved behind the store's back (``is_current`` per
@@ -278,16 +280,25 @@ class CachedExpertStore(ExpertStore):
         self._prefetch_done = None
         self._unwaited = set()  # their slots get new loads, queued behind these copies before any read
         self._unwaited_done = None
+        if getattr(self, "_reads", None) is not None:
+            self._reads.reset()  # new slots or a cold cache: every expert read from its host copy
 
     def _slot_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         if self._views is None:
-            it = (s.compute_view(t) for s, t in zip(self.weights.stacks(), self._slots, strict=True))
-            w1 = next(it)
-            w2 = next(it)
-            b1 = next(it) if self.weights.b1 is not None else None
-            b2 = next(it) if self.weights.b2 is not None else None
-            self._views = (w1, b1, w2, b2)
+            self._views = self._compute_views(self._slots)
         return self._views
+
+    def _host_views(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The host copy as the kernels see the slots: ``(w1, b1, w2, b2)``, ``[E, ...]`` each."""
+        return self._compute_views(self._host_tensors())
+
+    def _compute_views(self, tensors: list[torch.Tensor]) -> tuple:
+        it = (s.compute_view(t) for s, t in zip(self.weights.stacks(), tensors, strict=True))
+        w1 = next(it)
+        w2 = next(it)
+        b1 = next(it) if self.weights.b1 is not None else None
+        b2 = next(it) if self.weights.b2 is not None else None
+        return (w1, b1, w2, b2)
 
     def _weights_key(self) -> list[int]:
         """Where the first and last expert parameter of every stack point now (cheap: no views made)."""
@@ -356,6 +367,8 @@ class CachedExpertStore(ExpertStore):
         self._stall_ms = 0.0
         self._host_ms = 0.0
         self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        if self._reads is not None:
+            self._reads.reset_stats()
 
     def _resolve_events(self, wait: bool) -> None:
         keep = []
@@ -389,8 +402,11 @@ class CachedExpertStore(ExpertStore):
         and the compute themselves). Against a resident layer's time per call, it tells a host-bound
         decode step from one that waits for copies (``stall_time_ms``).
         """
+        if self._reads is not None:
+            self._reads.catch_up(wait=True)  # the policy takes every step queued so far
         self._resolve_events(wait=True)
         accesses = self._hits + self._misses
+        reads = self._reads
         return {
             "policy": self.policy.name,
             "num_slots": self.num_slots,
@@ -412,6 +428,9 @@ class CachedExpertStore(ExpertStore):
             "prefetched": self._prefetches,
             "prefetch_hits": self._prefetch_hits,
             "host_time_ms": self._host_ms,
+            "cache_misses": "copy" if reads is None else "read",
+            "host_reads": 0 if reads is None else reads.host_reads,
+            "host_read_bytes": 0 if reads is None else reads.host_read_bytes,
         }
 
     # ----------------------------------------------------------------- copies
@@ -509,6 +528,13 @@ class CachedExpertStore(ExpertStore):
     ) -> torch.Tensor:
         start = time.perf_counter()
         self._follow(x)
+        reads = self._reads
+        if reads is not None:
+            out = reads.run(x, expert_index, gates, keep, backend, activation, out_scale)
+            if out is not None:
+                self._host_ms += (time.perf_counter() - start) * 1e3
+                return out
+            reads.catch_up(wait=True)  # a call the decode kernels do not take: the policy catches up first
         num_experts = self.num_experts
         # Dropped assignments look up entry E of the slot maps, which is always S (outside every group).
         key = expert_index if keep is None else torch.where(keep, expert_index, num_experts)
@@ -527,6 +553,8 @@ class CachedExpertStore(ExpertStore):
             self._last_compute.record(torch.cuda.current_stream(self.device))
         if predicted:
             nxt._prefetch_for_next_step(predicted)
+        if reads is not None:
+            reads.after_copy_step()
         self._host_ms += (time.perf_counter() - start) * 1e3
         return out
 
@@ -643,6 +671,25 @@ class CachedExpertStore(ExpertStore):
         needed = list(compress(self._expert_ids, per_expert))
         return needed, [per_expert[e] for e in needed], []
 
+    # ------------------------------------------------------------ host reads
+    def enable_host_reads(self) -> None:
+        """Read-behind mode (``cache_misses="read"``): one-token calls on the Triton backend read
+        missing experts from pinned host memory and never wait for the host; the policy runs one
+        step behind and copies experts into slots for later steps (:mod:`hf_moe_opt.cache.host_reads`).
+
+        Raises:
+            ValueError: the look-ahead is on, or the cache serves a GPU from memory that is not pinned.
+        """
+        if self.prefetch:
+            raise ValueError('cache_misses="read" cannot be combined with the look-ahead (cache_prefetch=True)')
+        if self.device.type == "cuda" and not self.host_pinned:
+            raise ValueError(
+                'cache_misses="read" needs the experts in pinned host memory, which the GPU can read; '
+                f"pinning failed: {self.pin_error}"
+            )
+        if self._reads is None:
+            self._reads = HostReads(self)
+
     # ------------------------------------------------------------- look-ahead
     def enable_prefetch(self, router: nn.Module | None, chain: dict | None = None) -> bool:
         """Load this layer's likely experts while the cached layer before it computes (look-ahead).
@@ -662,6 +709,8 @@ class CachedExpertStore(ExpertStore):
         of two models whose calls interleave on a GPU never prefetch into each other's slots. None:
         a chain shared by the whole process.
         """
+        if self._reads is not None:
+            raise ValueError('the look-ahead cannot be combined with cache_misses="read"')
         self.prefetch = True
         self._chain_of = _LAST_STORE if chain is None else chain
         self._predictor = None

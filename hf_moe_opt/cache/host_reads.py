@@ -1,0 +1,220 @@
+"""Read-behind expert caching: a decode step reads missing experts from pinned host memory.
+
+A cached layer in its default mode (``cache_misses="copy"``) reads the router's choices on the host,
+copies the missing experts into slots and waits for the copies before it computes: one host
+synchronisation per layer call, and a decode step that cannot run ahead of the GPU. With
+``cache_misses="read"`` a one-token call instead
+
+1. runs the plan-free decode kernels (:func:`hf_moe_opt.kernels.gemv.gemv_moe_ffn`) over a device
+   table of per-expert offsets (:class:`~hf_moe_opt.kernels.gemv.ExpertOffsets`): an expert whose
+   copy into a slot is complete is read from the slot, every other one from its pinned host copy,
+   which the GPU reads over the host link under unified addressing (``probe_zero_copy.py``: 68-85%
+   of the copy engine's rate on an H200);
+2. queues a device-to-host copy of its routing choices, with an event, and returns: no wait.
+
+At the layer's next call, choices whose copies have arrived go to the policy (it runs one step
+behind), and its loads are copied into slots on the copy stream. A load's victim is pointed back
+at its host copy (a table update queued on the compute stream) before the copy stream may overwrite
+its slot (the copy waits for everything the compute stream queued so far), and the loaded expert is
+pointed at its slot only once its copy's event has completed. So every read is of complete weights,
+and the outputs equal the resident layer's bit for bit (the same kernels over the same numbers).
+
+Calls the decode kernels do not take (several tokens, the torch backend) run the default path
+after the policy has caught up with every queued step; the table is then rebuilt from the slots.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..experts.backends import supported_direct_ffn
+from .policies import Load
+
+if TYPE_CHECKING:
+    from ..experts.activation import Activation
+    from .store import CachedExpertStore
+
+__all__ = ["HostReads", "MAX_QUEUED_STEPS"]
+
+# Steps whose choices may wait for the policy; one more waits for the oldest (bounds the lag).
+MAX_QUEUED_STEPS = 8
+
+
+class HostReads:
+    """The per-expert offset table, the queued routing choices and the in-flight loads of one
+    :class:`~hf_moe_opt.cache.store.CachedExpertStore` in read-behind mode (see the module docs)."""
+
+    def __init__(self, store: CachedExpertStore) -> None:
+        self.store = store
+        self.host_reads = 0  # assignments computed from the host copy
+        self.host_read_bytes = 0
+        self.reset()
+
+    # ----------------------------------------------------------------- state
+    def reset(self) -> None:
+        """New slots or a cold cache: every expert read from its host copy, nothing queued."""
+        from ..kernels.gemv import ExpertOffsets
+
+        store = self.store
+        views = store._slot_tensors()  # (w1, b1, w2, b2) compute views of the slots
+        homes = store._host_views()
+        num_experts = store.num_experts
+        self._host = np.zeros((4, num_experts + 1), dtype=np.int64)
+        self._slot = np.zeros((4, store.num_slots), dtype=np.int64)
+        for i, (view, home) in enumerate(zip(views, homes, strict=True)):
+            if view is None:
+                continue
+            size, base, step = view.element_size(), view.data_ptr(), view.stride(0)
+            if (home.data_ptr() - base) % size or home.stride() != view.stride():
+                raise RuntimeError("the host copy of the experts is not laid out as the slots are")
+            self._host[i, :num_experts] = (home.data_ptr() - base) // size + np.arange(num_experts) * step
+            self._slot[i] = np.arange(store.num_slots) * step
+        self._table_np = self._host.copy()
+        self._table_host = torch.from_numpy(self._table_np)
+        self._table = self._table_host.to(store.device, copy=True)
+        weights = [0, 2]  # w1, w2: the offsets that decide whether the weight loads stay vectorised
+        aligned = bool(all((self._host[i, :num_experts] % 8 == 0).all() and (self._slot[i] % 8 == 0).all()
+                           for i in weights))  # fmt: skip
+        rows = [self._table[i] if views[i] is not None else None for i in range(4)]
+        self.offsets = ExpertOffsets(rows[0], rows[1], rows[2], rows[3], aligned=aligned)
+        self._ready: frozenset[int] = frozenset()  # experts read from their slot
+        self._queued: deque[tuple[object, torch.cuda.Event | None, frozenset[int]]] = deque()
+        self._in_flight: deque[tuple[torch.cuda.Event | None, list[tuple[int, int, int]]]] = deque()
+        self._slot_seq = [0] * store.num_slots  # the last load issued into each slot
+        self._seq = 0
+        # The GPU reads host memory only if it is page-locked (checked here, not per call).
+        self._pin_error = None if store.device.type != "cuda" or store.host_pinned else str(store.pin_error)
+
+    def reset_stats(self) -> None:
+        self.host_reads = 0
+        self.host_read_bytes = 0
+
+    # ------------------------------------------------------------------ calls
+    def run(
+        self,
+        x: torch.Tensor,
+        expert_index: torch.Tensor,
+        gates: torch.Tensor,
+        keep: torch.Tensor | None,
+        backend: str,
+        activation: Activation,
+        out_scale: float,
+    ) -> torch.Tensor | None:
+        """The call through the decode kernels over the offset table, or None where they do not apply."""
+        store = self.store
+        if not backend:
+            return None
+        weights = store._slot_tensors()
+        found = supported_direct_ffn(backend, x, lambda: weights, activation)
+        if found is None:
+            return None
+        if self._pin_error is not None:
+            raise RuntimeError(
+                'cache_misses="read" needs the experts in pinned host memory, which the GPU can read; '
+                f"pinning failed: {self._pin_error}"
+            )
+        self.catch_up(wait=False)
+        key = expert_index if keep is None else torch.where(keep, expert_index, store.num_experts)
+        w1, b1, w2, b2 = weights
+        out = found[0](x, key, gates, keep, w1, b1, w2, b2, activation, out_scale, offsets=self.offsets)
+        self._queue(key)
+        return out
+
+    def _queue(self, key: torch.Tensor) -> None:
+        """Keep this call's choices for the policy: on CUDA a copy to pinned memory and its event."""
+        if len(self._queued) >= MAX_QUEUED_STEPS:
+            self._apply(*self._queued.popleft(), wait=True)
+        flat = key.reshape(-1)
+        if flat.device.type != "cuda":
+            self._queued.append((flat.tolist(), None, self._ready))
+            return
+        buf = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        buf.copy_(flat, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(flat.device))
+        self._queued.append((buf, done, self._ready))
+
+    def catch_up(self, wait: bool) -> None:
+        """Give the policy every queued step whose choices have arrived (all with ``wait``), issue its
+        loads, and point experts whose copies have completed at their slots."""
+        while self._queued and (wait or self._queued[0][1] is None or self._queued[0][1].query()):
+            self._apply(*self._queued.popleft(), wait=wait)
+        changed = False
+        while self._in_flight:
+            done, loads = self._in_flight[0]
+            if done is not None:
+                if wait:
+                    done.synchronize()
+                elif not done.query():
+                    break  # the copy stream runs in order: the later loads are not done either
+            self._in_flight.popleft()
+            slot_of = self.store._slot_of
+            for expert, slot, seq in loads:
+                # Only the slot's latest load, and only while the expert still owns the slot.
+                if self._slot_seq[slot] == seq and slot_of.get(expert) == slot:
+                    self._table_np[:, expert] = self._slot[:, slot]
+                    self._ready = self._ready | {expert}
+                    changed = True
+        if changed:
+            self._push()
+
+    def _apply(self, choices, done: torch.cuda.Event | None, ready: frozenset[int], wait: bool) -> None:
+        """One queued step through the policy: its counters, then its loads."""
+        if done is not None:
+            done.synchronize()  # no-op once completed (catch_up checks first unless told to wait)
+            choices = choices.tolist()
+        store = self.store
+        tally: dict[int, int] = {}
+        for e in choices:
+            tally[e] = tally.get(e, 0) + 1
+        tally.pop(store.num_experts, None)  # dropped assignments
+        needed = sorted(tally)
+        far = [e for e in needed if e not in ready]
+        self.host_reads += sum(tally[e] for e in far)
+        self.host_read_bytes += sum(tally[e] for e in far) * store.expert_nbytes
+        outcome = store.policy.step(needed, [tally[e] for e in needed])
+        store._steps += 1
+        store._hits += len(outcome.hits)
+        store._misses += len(outcome.misses)
+        if len(outcome.chunks) > 1:
+            store._chunked_steps += 1
+        if outcome.loads:
+            self._load(list(outcome.loads))
+
+    def _load(self, loads: list[Load]) -> None:
+        """Victims back to their host copies (before their slots are written), then the copies."""
+        ready = set(self._ready)
+        for ld in loads:
+            if ld.evicted is not None:
+                self._table_np[:, ld.evicted] = self._host[:, ld.evicted]
+                ready.discard(ld.evicted)
+            self._table_np[:, ld.expert] = self._host[:, ld.expert]  # until its copy completes
+            ready.discard(ld.expert)
+        self._ready = frozenset(ready)
+        self._push()
+        done = self.store._issue(loads)  # the copy stream waits for the compute queued so far
+        entries = []
+        for ld in loads:
+            self._seq += 1
+            self._slot_seq[ld.slot] = self._seq
+            entries.append((ld.expert, ld.slot, self._seq))
+        self._in_flight.append((done, entries))
+
+    def _push(self) -> None:
+        # From pageable memory: staged before the call returns, so the host table may change right after.
+        self._table.copy_(self._table_host, non_blocking=True)
+
+    def after_copy_step(self) -> None:
+        """After a call on the default path (every queued step applied, its loads waited for by the
+        compute stream): every resident expert is read from its slot."""
+        self._table_np[:] = self._host
+        slot_of = self.store._slot_of
+        for expert, slot in slot_of.items():
+            self._table_np[:, expert] = self._slot[:, slot]
+        self._ready = frozenset(slot_of)
+        self._in_flight.clear()
+        self._push()

@@ -1,0 +1,228 @@
+"""Read-behind caching (``cache_misses="read"``): one-token steps read missing experts from their host
+copy through the decode kernels' offset table and never wait for the host; the policy sees every
+step once, in order, one step late; outputs equal the resident layer's."""
+
+from __future__ import annotations
+
+import copy
+import random
+import warnings
+
+import pytest
+import torch
+
+import hf_moe_opt
+from hf_moe_opt.cache import CachedExpertStore, make_policy
+
+from .models import tiny_nllb, tiny_switch
+
+pytest.importorskip("triton")
+from hf_moe_opt.kernels import kernels_interpreted  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not kernels_interpreted():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+NUM_EXPERTS = 8
+
+
+def _models(family: str, slots: int, policy: str, capacity: str, expert_capacity: int = 64, **cache):
+    if family == "switch":
+        base = tiny_switch(num_experts=NUM_EXPERTS, expert_capacity=expert_capacity)
+    else:
+        fraction = 0.3 if expert_capacity < 64 else 1.0
+        base = tiny_nllb(
+            num_experts=NUM_EXPERTS, expert_capacity=expert_capacity, moe_eval_capacity_token_fraction=fraction
+        )
+    base = base.to(DEVICE)
+    resident, cached = base, copy.deepcopy(base)
+    hf_moe_opt.optimize(resident, capacity=capacity, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no pinned memory without CUDA
+        hf_moe_opt.optimize(
+            cached, capacity=capacity, backend="triton", expert_cache=slots, cache_policy=policy,
+            cache_misses="read", **cache,
+        )  # fmt: skip
+    return hf_moe_opt.optimized_layers(resident)[0][1], hf_moe_opt.optimized_layers(cached)[0][1]
+
+
+def _inputs(d_model: int, steps: int, seed: int, long_every: int = 0) -> list[torch.Tensor]:
+    """One-token steps over a few prototypes (hits are common) with fresh ones between, and with
+    ``long_every``, a several-token call now and then (the default path)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(5, d_model, generator=g)
+    rng = random.Random(seed)
+    out = []
+    for i in range(steps):
+        if long_every and i % long_every == long_every - 1:
+            h = torch.randn(2, rng.choice([1, 4]), d_model, generator=g)
+        elif rng.random() < 0.75:
+            h = (protos[rng.randrange(5)] + 0.01 * torch.randn(d_model, generator=g)).view(1, 1, d_model)
+        else:
+            h = torch.randn(1, 1, d_model, generator=g)
+        out.append(h.to(DEVICE))
+    return out
+
+
+def _record_choices(store: CachedExpertStore) -> list[tuple[bool, list[int], list[int]]]:
+    """Per call: whether it was a one-token call, and the experts it needs with their counts."""
+    calls = []
+    inner = store.run_routed
+
+    def recording(x, expert_index, gates, keep, *args):
+        idx = expert_index if keep is None else torch.where(keep, expert_index, store.num_experts)
+        tally: dict[int, int] = {}
+        for e in idx.reshape(-1).tolist():
+            if e != store.num_experts:
+                tally[e] = tally.get(e, 0) + 1
+        calls.append((x.shape[0] == 1, sorted(tally), [tally[e] for e in sorted(tally)]))
+        return inner(x, expert_index, gates, keep, *args)
+
+    store.run_routed = recording
+    return calls
+
+
+def _assert_same(want: torch.Tensor, got: torch.Tensor) -> None:
+    if DEVICE.type == "cpu":
+        assert torch.equal(want, got)
+    else:  # compiled, the kernels with and without an offset table may fuse multiply-adds differently
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "family,slots,policy,capacity,expert_capacity,long_every",
+    [
+        ("switch", 3, "lru", "none", 64, 0),
+        ("nllb", 3, "adaptive", "none", 64, 7),
+        ("nllb", 1, "lfu", "none", 64, 0),  # top-2 never fits one slot: oversubscribed policy steps
+        ("switch", 2, "lifo", "model", 1, 5),  # the router drops assignments
+    ],
+)
+def test_read_behind_is_exact_and_the_policy_sees_every_step_once(
+    family, slots, policy, capacity, expert_capacity, long_every
+):
+    resident, cached = _models(family, slots, policy, capacity, expert_capacity)
+    store = cached.store
+    assert store.stats()["cache_misses"] == "read"
+    calls = _record_choices(store)
+    d_model = cached.weights.w1.tensor.shape[2]
+    with torch.no_grad():
+        pairs = [(resident(h), cached(h)) for h in _inputs(d_model, 40, seed=slots, long_every=long_every)]
+    for want, got in pairs:  # compared after the run: no host read between the steps
+        _assert_same(want, got)
+    stats = store.stats()  # the policy catches up with the queued steps here
+
+    # A policy fed every call's needs in order reaches the same state and counts. On the CPU copies
+    # finish at once, so a one-token step reads from host memory exactly the experts that the policy,
+    # one step behind, did not hold when the step ran.
+    shadow = make_policy(policy, slots, NUM_EXPERTS)
+    hits = misses = host_reads = 0
+    for one_token, needed, counts in calls:
+        if one_token:
+            host_reads += sum(c for e, c in zip(needed, counts, strict=True) if e not in shadow.resident)
+        outcome = shadow.step(needed, counts)
+        hits, misses = hits + len(outcome.hits), misses + len(outcome.misses)
+    assert (stats["steps"], stats["hits"], stats["misses"]) == (len(calls), hits, misses)
+    assert stats["resident"] == sorted(shadow.resident)
+    assert misses > 0 and host_reads > 0
+    if DEVICE.type == "cpu":
+        assert stats["host_reads"] == host_reads
+    else:
+        assert stats["host_reads"] >= host_reads
+    assert stats["host_read_bytes"] == stats["host_reads"] * store.expert_nbytes
+
+
+def test_the_offset_table_points_at_slots_once_their_copies_are_in():
+    _, cached = _models("nllb", 3, "lru", "none")
+    store = cached.store
+    reads = store._reads
+    d_model = cached.weights.w1.tensor.shape[2]
+    with torch.no_grad():
+        for h in _inputs(d_model, 12, seed=3):
+            cached(h)
+    store.stats()  # every queued step applied, every copy waited for
+    table = reads.offsets.w1.tolist()
+    for e in range(NUM_EXPERTS):
+        slot = store.policy.slot_of(e)
+        if slot is None:
+            assert table[e] == reads._host[0, e]
+        else:
+            assert table[e] == slot * store._slot_tensors()[0].stride(0)
+    assert reads._ready == store.policy.resident
+    store.clear()  # cold: everything read from its host copy again
+    assert reads.offsets.w1.tolist()[:NUM_EXPERTS] == reads._host[0, :NUM_EXPERTS].tolist()
+    assert not store.policy.resident and not reads._ready
+
+
+def test_reset_stats_and_clear_keep_outputs_exact():
+    resident, cached = _models("switch", 2, "adaptive", "none")
+    store = cached.store
+    d_model = cached.weights.w1.tensor.shape[2]
+    with torch.no_grad():
+        inputs = _inputs(d_model, 20, seed=9, long_every=6)
+        for i, h in enumerate(inputs):
+            if i == 8:
+                store.reset_stats()
+            if i == 13:
+                store.clear()
+            _assert_same(resident(h), cached(h))
+    stats = store.stats()
+    assert 0 < stats["steps"] < len(inputs) and stats["host_reads"] > 0
+
+
+def test_bad_settings_raise():
+    base = tiny_switch(num_experts=NUM_EXPERTS).to(DEVICE)
+    with pytest.raises(ValueError, match="cache_misses must be one of"):
+        hf_moe_opt.optimize(copy.deepcopy(base), expert_cache=2, cache_misses="stream")
+    with pytest.raises(ValueError, match="cache_prefetch"):
+        hf_moe_opt.optimize(copy.deepcopy(base), expert_cache=2, cache_misses="read", cache_prefetch=True)
+    with pytest.raises(ValueError, match="only with expert_cache"):
+        hf_moe_opt.optimize(copy.deepcopy(base), cache_misses="read")
+    _, cached = _models("switch", 2, "lru", "none")
+    with pytest.raises(ValueError, match="look-ahead"):
+        cached.store.enable_prefetch(None)
+
+
+def test_copy_mode_reports_no_host_reads():
+    base = tiny_switch(num_experts=NUM_EXPERTS).to(DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        hf_moe_opt.optimize(base, expert_cache=2, backend="triton")
+    layer = hf_moe_opt.optimized_layers(base)[0][1]
+    with torch.no_grad():
+        layer(torch.randn(1, 1, layer.weights.w1.tensor.shape[2], device=DEVICE))
+    stats = layer.store.stats()
+    assert stats["cache_misses"] == "copy" and stats["host_reads"] == 0 and stats["misses"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: copies racing the kernels that read slots")
+def test_large_experts_with_copies_in_flight_stay_exact():
+    """Experts large enough that a copy outlasts a decode step, few slots, many evictions: no step
+    reads a slot whose copy is in flight or whose victim is being overwritten."""
+    from hf_moe_opt.cache import store as cache_store
+
+    torch.manual_seed(0)
+    experts, d, f = 16, 1024, 4096  # 16 MiB per bfloat16 expert
+    w1 = torch.randn(experts, f, d, device="cuda", dtype=torch.bfloat16) / d**0.5
+    w2 = torch.randn(experts, d, f, device="cuda", dtype=torch.bfloat16) / f**0.5
+    from hf_moe_opt.experts.activation import Activation
+    from hf_moe_opt.experts.weights import ExpertWeights
+    from hf_moe_opt.kernels.gemv import gemv_moe_ffn
+
+    weights = ExpertWeights.from_fused(torch.nn.Parameter(w1.clone()), torch.nn.Parameter(w2.clone()))
+    store = cache_store.CachedExpertStore(weights, 3, "cuda", policy="lru")
+    store.enable_host_reads()
+    act = Activation("relu", torch.relu)
+    outs, refs = [], []
+    g = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        x = torch.randn(1, d, generator=g).to("cuda", torch.bfloat16)
+        index = torch.randperm(experts, generator=g)[:2].view(1, 2).to("cuda")
+        gates = torch.rand(1, 2, generator=g).to("cuda")
+        outs.append(store.run_routed(x, index, gates, None, "triton", None, act, 1.0))
+        refs.append(gemv_moe_ffn(x, index, gates, None, w1, None, w2, None, act))
+    torch.cuda.synchronize()
+    for want, got in zip(refs, outs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    stats = store.stats()
+    assert stats["misses"] > 20 and stats["host_reads"] > 0
