@@ -427,8 +427,24 @@ def test_fast_launch_probe_smoke(tmp_path, monkeypatch) -> None:
     assert out.with_suffix(".png").exists()
 
 
+def test_host_reads_probe_smoke(tmp_path) -> None:
+    """The three builds run the same steps with the resident outputs; read mode reads over the link."""
+    from hf_moe_opt.kernels import kernels_interpreted
+
+    if not torch.cuda.is_available() and not kernels_interpreted():
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
+    out = tmp_path / "host_reads.json"
+    argv = ["--smoke", "--warmup", "2", "--steps", "4", "--block", "2", "--families", "nllb", "--fractions", "0.5"]
+    assert _load("probe_host_reads").main([*argv, "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["blocks"] == 2 and set(row["x_resident"]) == {"copy", "read"}
+    assert row["max_abs_diff_vs_resident"] == {"copy": 0.0, "read": 0.0}
+    assert row["host_reads_per_token"]["copy"] == 0 < row["host_reads_per_token"]["read"]
+    assert out.with_suffix(".png").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-@pytest.mark.parametrize("script", ["probe_fast_launch", "probe_slot_lookup"])
+@pytest.mark.parametrize("script", ["probe_fast_launch", "probe_slot_lookup", "probe_host_reads"])
 def test_stack_probes_need_cuda(script, capsys) -> None:
     """Without --smoke the stack probes time the GPU: without one they fail and say why."""
     assert _load(script).main(["--steps", "1"]) == 1

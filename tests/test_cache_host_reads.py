@@ -106,7 +106,7 @@ def test_read_behind_is_exact_and_the_policy_sees_every_step_once(
     calls = _record_choices(store)
     d_model = cached.weights.w1.tensor.shape[2]
     with torch.no_grad():
-        pairs = [(resident(h), cached(h)) for h in _inputs(d_model, 40, seed=slots, long_every=long_every)]
+        pairs = [(resident(h), cached(h)) for h in _inputs(d_model, 32, seed=slots, long_every=long_every)]
     for want, got in pairs:  # compared after the run: no host read between the steps
         _assert_same(want, got)
     stats = store.stats()  # the policy catches up with the queued steps here
@@ -158,11 +158,11 @@ def test_reset_stats_and_clear_keep_outputs_exact():
     store = cached.store
     d_model = cached.weights.w1.tensor.shape[2]
     with torch.no_grad():
-        inputs = _inputs(d_model, 20, seed=9, long_every=6)
+        inputs = _inputs(d_model, 14, seed=9, long_every=6)
         for i, h in enumerate(inputs):
             if i == 8:
                 store.reset_stats()
-            if i == 13:
+            if i == 10:
                 store.clear()
             _assert_same(resident(h), cached(h))
     stats = store.stats()

@@ -186,13 +186,14 @@ def each_model(names: list[str], run: Callable[[str], dict], device: torch.devic
     return records
 
 
-def add_stack_probe_args(parser, *, warmup: int, steps: int) -> None:
+def add_stack_probe_args(parser, *, warmup: int, steps: int, batches: bool = True) -> None:
     """The options of the probes over ``bench_cache``'s MoE-only stacks: which stacks, how long, where
     the JSON goes (``--replot`` redraws a saved one); ``--smoke`` runs tiny shapes on the CPU."""
     from hf_moe_opt.cache import DEFAULT_POLICY, POLICY_NAMES
 
     parser.add_argument("--families", nargs="+", choices=["switch", "nllb"], default=["switch", "nllb"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1])
+    if batches:
+        parser.add_argument("--batches", nargs="+", type=int, default=[1])
     parser.add_argument("--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY)
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--steps", type=int, default=steps)

@@ -353,6 +353,8 @@ class CachedExpertStore(ExpertStore):
     # ----------------------------------------------------------------- stats
     def reset_stats(self) -> None:
         """Zero the counters; the cache contents stay."""
+        if self._reads is not None:
+            self._reads.catch_up(wait=True)  # steps queued before the reset are counted before it
         if hasattr(self, "_pending"):
             self._resolve_events(wait=True)
         self._steps = 0

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .launch import cdiv, launch, next_power_of_2
-from .moe_ffn import KernelActivation, _activate, _glu, check_expert_shapes, weight_strides
+from .moe_ffn import KernelActivation, _activate, _glu, check_expert_shapes, kernels_interpreted, weight_strides
 from .pdl import launch_options, wait_for_producer
 
 # Above this many tokens, experts shared by several tokens would be read once per token here; the
@@ -40,6 +40,8 @@ _NUM_WARPS = 8
 _BYTES_PER_PROGRAM = 1 << 16
 _MIN_PROGRAMS = 256
 _LOOP_STAGES = 3
+# The CPU interpreter runs programs one after another: fewer, wider ones (tests only).
+_INTERPRETED = kernels_interpreted()
 
 
 @triton.jit
@@ -47,8 +49,8 @@ def _expert_offset(off_ptr, e, ALIGNED: tl.constexpr):
     """Element offset of expert ``e``'s weights from the tensor the kernel was given (a slot, or the
     expert's pinned host copy, which the GPU reads over the host link under unified addressing)."""
     off = tl.load(off_ptr + e)
-    if ALIGNED:  # every offset is a multiple of 16 bytes: the loads stay vectorised
-        off = tl.multiple_of(off, 8)
+    if ALIGNED:  # every offset is a multiple of 8 elements; written so, the compiler knows it and
+        off = (off // 8) * 8  # keeps the weight loads vectorised (a no-op on the value)
     return off
 
 
@@ -259,6 +261,8 @@ def _blocks(columns: int, depth: int, rows: int, item_bytes: int) -> tuple[int, 
     block_n = next_power_of_2(max(columns * rows // programs, 1))
     block_n = min(max(block_n, 4), 64)
     block_k = min(next_power_of_2(depth), max(_TILE // block_n, 32))
+    if _INTERPRETED:  # one program per row where it fits: each column's sums stay exactly as they are
+        block_n = min(max(next_power_of_2(columns), block_n), 64)
     return block_n, block_k
 
 
