@@ -131,6 +131,75 @@ def test_read_behind_is_exact_and_the_policy_sees_every_step_once(
     assert stats["host_read_bytes"] == stats["host_reads"] * store.expert_nbytes
 
 
+class _SlowCopies:
+    """Copies that take ``lag`` later queries to land, as the copy stream runs them on a GPU: from
+    the moment a load is issued its slot holds garbage (NaN) until its event has completed, and the
+    copies complete in issue order. A kernel that read a slot too early would return NaN."""
+
+    def __init__(self, store: CachedExpertStore, lag: int) -> None:
+        self.store, self.lag, self.pending = store, lag, []  # [(event, [(slot, expert)])]
+        self.issued = self.completed = 0
+        inner = store._issue
+
+        def issue(loads, after=None):
+            inner(loads, after)  # the bookkeeping (and on the CPU the copies themselves)
+            writes = [(ld.slot, ld.expert) for ld in loads]
+            self._garble([s for s, _ in writes])
+            event = _FakeEvent(self, self.issued)
+            self.issued += 1
+            self.pending.append((event, writes))
+            return event
+
+        store._issue = issue
+        # The default path's compute waits for its loads (on a GPU, the stream waits on the event).
+        store._wait = lambda done: done.synchronize() if done is not None else None
+
+    def _garble(self, slots: list[int]) -> None:
+        for t in self.store._slots:
+            t[slots] = float("nan")
+
+    def complete(self, upto: int) -> None:
+        """Land every copy issued before ``upto`` (in order); slots still awaiting a later copy stay garbage."""
+        while self.pending and self.pending[0][0].index < upto:
+            _, writes = self.pending.pop(0)
+            self.completed += 1
+            waiting = {s for _, w in self.pending for s, _ in w}
+            homes = self.store._host_tensors()
+            for slot, expert in writes:
+                if slot not in waiting:
+                    for t, home in zip(self.store._slots, homes, strict=True):
+                        t[slot] = home[expert]
+
+
+class _FakeEvent:
+    def __init__(self, copies: _SlowCopies, index: int) -> None:
+        self.copies, self.index, self.queries = copies, index, 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        if self.queries > self.copies.lag:
+            self.copies.complete(self.index + 1)
+        return self.index < self.copies.completed
+
+    def synchronize(self) -> None:
+        self.copies.complete(self.index + 1)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="emulates the copy stream on the CPU")
+@pytest.mark.parametrize("family,slots,lag", [("switch", 3, 2), ("nllb", 3, 4), ("nllb", 2, 1)])
+def test_no_step_reads_a_slot_while_its_copy_is_in_flight(family, slots, lag):
+    resident, cached = _models(family, slots, "lru", "none")
+    store = cached.store
+    copies = _SlowCopies(store, lag)
+    d_model = cached.weights.w1.tensor.shape[2]
+    with torch.no_grad():
+        for h in _inputs(d_model, 30, seed=lag, long_every=9):
+            _assert_same(resident(h), cached(h))
+    stats = store.stats()
+    assert copies.issued > 5 and copies.completed == copies.issued
+    assert stats["host_reads"] > 0 and sorted(store._reads._ready) == stats["resident"]
+
+
 def test_the_offset_table_points_at_slots_once_their_copies_are_in():
     _, cached = _models("nllb", 3, "lru", "none")
     store = cached.store
