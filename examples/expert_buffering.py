@@ -10,7 +10,8 @@ Runs offline on the shipped models::
 ``hf_moe_opt.optimize(model, expert_cache=0.25)`` keeps every expert in (pinned)
 host memory, one copy, and a quarter of each layer's experts in slots on the device of the layer's
 router; a step that routes to a missing expert copies it into a slot (evicting one chosen by the
-policy) on a separate stream. Outputs are those of the fully resident model; ``hf_moe_opt.stats``
+policy) on a separate stream (``--cache-misses read``: a one-token step reads it from host memory
+instead and the copy serves later steps). Outputs are those of the fully resident model; ``hf_moe_opt.stats``
 reports hits, misses, bytes copied, copy and stall time per layer.
 
 Models larger than GPU memory (the recipe this example follows with ``--device cuda``)::
@@ -80,6 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--policy", default=DEFAULT_POLICY, choices=list(POLICY_NAMES), help="eviction policy")
     parser.add_argument(
+        "--cache-misses",
+        default="copy",
+        choices=["copy", "read"],
+        help="a one-token step copies a missing expert in and waits, or reads it from host memory (Triton backend)",
+    )
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument(
         "--recipe",
         default="move_dense",
         choices=["move_dense", "device_map"],
@@ -134,7 +142,7 @@ def main(argv=None) -> int:
         # Reference: the same model with every expert resident (a model larger than the GPU has no
         # such run; this one is small, so the buffered runs are checked token for token).
         resident = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device)
-        hf_moe_opt.optimize(resident.eval())
+        hf_moe_opt.optimize(resident.eval(), backend=args.backend)
         generate_all(resident)  # warm-up
         reference, t_resident = generate_all(resident)
         del resident
@@ -151,7 +159,10 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             if torch.device(args.device).type == "cpu":  # no page-locked memory without an accelerator
                 warnings.filterwarnings("ignore", message=".*pinned.*", category=RuntimeWarning)
-            hf_moe_opt.optimize(model, expert_cache=fraction, cache_policy=args.policy)
+            hf_moe_opt.optimize(
+                model, backend=args.backend, expert_cache=fraction, cache_policy=args.policy,
+                cache_misses=args.cache_misses,
+            )  # fmt: skip
         outs, elapsed = generate_all(model)
         same = reference is None or all(torch.equal(a, b) for a, b in zip(outs, reference, strict=True))
         stats = hf_moe_opt.stats(model)
@@ -172,7 +183,10 @@ def main(argv=None) -> int:
                 f"{st['resident']}"
             )
         rate = total_hits / total_access if total_access else 0.0
-        print(f"  all layers: hit rate {rate:.2f}, {total_bytes / 2**20:.2f} MiB copied")
+        line = f"  all layers: hit rate {rate:.2f}, {total_bytes / 2**20:.2f} MiB copied"
+        if args.cache_misses == "read":  # assignments computed straight from host memory
+            line += f", host reads {sum(st['host_reads'] for st in stats.values())}"
+        print(line)
         hf_moe_opt.restore(model)  # experts back to host memory, slots freed
         if not same and args.dtype == "float32":
             print("float32 tokens differ from the fully resident run", file=sys.stderr)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -59,16 +60,24 @@ def test_translation_nllb():
     [
         ("--model", "switch", "--policy", "lifo"),
         ("--model", "nllb", "--policy", "lru", "--recipe", "device_map", "--fractions", "0.25"),
+        ("--model", "nllb", "--backend", "triton", "--cache-misses", "read", "--fractions", "0.25"),
     ],
-    ids=["switch-lifo-move_dense", "nllb-lru-device_map"],
+    ids=["switch-lifo-move_dense", "nllb-lru-device_map", "nllb-read-behind"],
 )
 def test_expert_buffering(args):
-    out = _run("expert_buffering.py", *args, "--num-prompts", "2", "--max-new-tokens", "12", "--threads", "1")
+    if "triton" in args and not torch.cuda.is_available():
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
+    size = ("1", "8") if "read" in args else ("2", "12")  # the interpreted kernels are slow on a CPU
+    out = _run("expert_buffering.py", *args, "--num-prompts", size[0], "--max-new-tokens", size[1], "--threads", "1")
     for fraction in ("0.25",) if "--fractions" in args else ("0.25", "0.5"):
         assert f"expert_cache={fraction}:" in out
     assert "tokens identical to fully resident: False" not in out
     assert "tokens identical to fully resident: True" in out
     assert "hit rate" in out and "MiB copied" in out
+    if "read" in args:  # decode steps read missing experts from host memory
+        assert int(out.split("host reads ")[1].split()[0]) > 0
 
 
 @pytest.mark.parametrize("model", ["switch", "nllb"])
