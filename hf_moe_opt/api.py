@@ -155,9 +155,10 @@ def optimize(
             with a warning. Switch Transformers and the causal families without sliding-window
             layers, and NLLB-MoE with transformers >= 5.24; NLLB-MoE on older versions and GPT-OSS raise
             ``ValueError`` (see :mod:`hf_moe_opt.step_graphs`).
-            Resident experts only. ``"encoder"`` replays an encoder-decoder model's encoder forward
-            (also the encoder pass of ``generate``) from one CUDA graph per input signature, under
-            ``torch.no_grad()``; other calls run eagerly (see :mod:`hf_moe_opt.encoder_graphs`).
+            Resident experts, or an ``expert_cache`` with ``cache_misses="read"`` (one sequence per step:
+            the caches' policies run between the replays). ``"encoder"`` replays an encoder-decoder
+            model's encoder forward (also the encoder pass of ``generate``) from one CUDA graph per input
+            signature, under ``torch.no_grad()``; other calls run eagerly (see :mod:`hf_moe_opt.encoder_graphs`).
             ``("encoder", "step")`` does both: a sequence-to-sequence ``generate`` then replays its
             encoder pass and every decode step.
         placement: a :class:`~hf_moe_opt.placement.PlacementPlan` (``hf_moe_opt.plan_placement``):
@@ -239,9 +240,13 @@ def optimize(
             'attn_implementation="sdpa" (transformers\' own fused attention)'
         )
     for mode in sorted(graph_modes & set(_COMBINABLE_GRAPH_MODES)):
-        if placement is not None or expert_parallel or expert_cache is not None:
-            raise ValueError(f'cuda_graphs="{mode}" needs resident experts: it cannot be combined with expert_cache=, '
-                             "placement= or expert_parallel=")  # fmt: skip
+        # Read-behind caches never read the host inside a one-token step: whole decode steps can be graphed.
+        read_behind_steps = mode == "step" and expert_cache is not None and cache_misses == "read"
+        if placement is not None or expert_parallel or (expert_cache is not None and not read_behind_steps):
+            raise ValueError(
+                f'cuda_graphs="{mode}" needs resident experts: it cannot be combined with expert_cache= (except '
+                'cuda_graphs="step" with cache_misses="read"), placement= or expert_parallel='
+            )
     if "encoder" in graph_modes:
         encoder_graphs.check_supported(model)  # checked again once the layers are built
     if "step" in graph_modes:

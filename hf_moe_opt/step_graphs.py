@@ -473,7 +473,17 @@ class StepGraphs:
         # generate repeats every sequence once per beam (beam search) or per returned sequence (sampling).
         beams = option("num_beams", 1)
         expand = beams if beams > 1 else option("num_return_sequences", 1)
+        if batch * expand > 1 and self._read_behind():
+            return (
+                f'an expert cache (cache_misses="read") runs inside step graphs for one sequence per step, '
+                f"this call decodes {batch * expand}"
+            )
         return batch * expand, length, encoder_length, dtype, device, decoder_prompt
+
+    def _read_behind(self) -> list:
+        """The read-behind expert caches of the model's layers (their policies run after each replay)."""
+        reads = (getattr(getattr(m, "store", None), "_reads", None) for _, m in self._index.modules())
+        return [r for r in reads if r is not None]
 
     def _slot(self, batch: int, length: int, encoder_length: int | None, dtype, device) -> _Slot:
         weights_key = self._index.weights_key()
@@ -573,7 +583,10 @@ class StepGraphs:
             outputs, graph.first_outputs = graph.first_outputs, None
             return _own(outputs, graph.substitutions(leaves), clone=False)
         self.counts["replays"] += 1
-        return _own(graph(leaves), graph.substitutions(leaves), clone=True)
+        out = _own(graph(leaves), graph.substitutions(leaves), clone=True)
+        for reads in self._read_behind():  # the replayed step's routing to the caches' policies
+            reads.after_replay()
+        return out
 
 
 def _static_layers(cache) -> list:

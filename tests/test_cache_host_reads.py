@@ -81,6 +81,19 @@ def _record_choices(store: CachedExpertStore) -> list[tuple[bool, list[int], lis
     return calls
 
 
+def _count_calls(store: CachedExpertStore) -> list[int]:
+    """``[calls]`` of the store, counted without reading any tensor (replays refuse host reads)."""
+    count = [0]
+    inner = store.run_routed
+
+    def counting(*args):
+        count[0] += 1
+        return inner(*args)
+
+    store.run_routed = counting
+    return count
+
+
 def _assert_same(want: torch.Tensor, got: torch.Tensor) -> None:
     if DEVICE.type == "cpu":
         assert torch.equal(want, got)
@@ -217,9 +230,12 @@ def test_the_offset_table_points_at_slots_once_their_copies_are_in():
         else:
             assert table[e] == slot * store._slot_tensors()[0].stride(0)
     assert reads._ready == store.policy.resident
+    table, step_key = reads._table, reads._step_key
     store.clear()  # cold: everything read from its host copy again
     assert reads.offsets.w1.tolist()[:NUM_EXPERTS] == reads._host[0, :NUM_EXPERTS].tolist()
     assert not store.policy.resident and not reads._ready
+    # A captured step keeps reading the same device buffers: they are rewritten, never replaced.
+    assert reads._table is table and reads._step_key is step_key is not None
 
 
 def test_reset_stats_and_clear_keep_outputs_exact():
@@ -295,3 +311,76 @@ def test_large_experts_with_copies_in_flight_stay_exact():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     stats = store.stats()
     assert stats["misses"] > 20 and stats["host_reads"] > 0
+
+
+# -- whole decode steps in graphs (cuda_graphs="step") --------------------------------------------
+
+
+def _step_graph_pair(family: str, slots: int):
+    """``(plain, graphed)``: resident ``optimize``, and a copy with a read-behind cache and step graphs."""
+    from .test_families import tiny_model
+
+    base = tiny_switch(num_experts=NUM_EXPERTS) if family == "switch" else tiny_model(family)
+    base = base.to(DEVICE)
+    plain, model = base, copy.deepcopy(base)
+    hf_moe_opt.optimize(plain, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no pinned memory without CUDA
+        hf_moe_opt.optimize(model, backend="triton", expert_cache=slots, cache_misses="read", cuda_graphs="step")
+    return plain, model
+
+
+def _ids(model, batch: int, seq: int = 7, seed: int = 0) -> torch.Tensor:
+    from .models import VOCAB
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=g).to(DEVICE)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the CPU stand-in for graphs; CUDA graphs are tested below")
+@pytest.mark.parametrize("family", ["switch", "qwen3_moe"])
+def test_step_graphs_with_a_read_behind_cache_match_plain_generate(family):
+    """The decode steps replay (on the CPU: the eager stand-in, with every host read inside a step
+    refused); the caches' policies take each replayed step's routing afterwards."""
+    from hf_moe_opt.step_graphs import EagerCapture, runner_of
+
+    plain, model = _step_graph_pair(family, 2)
+    runner = runner_of(model)
+    runner.capture = EagerCapture()
+    stores = [layer.store for _, layer in hf_moe_opt.optimized_layers(model)]
+    calls = [_count_calls(store) for store in stores]
+    ids = _ids(model, 1)
+    new = 8
+    with torch.no_grad():
+        want = plain.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        got = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    assert torch.equal(got, want)
+    assert runner.counts["replays"] > 0 and runner.counts["fallbacks"] == 0
+    for store, recorded in zip(stores, calls, strict=True):
+        stats = store.stats()
+        # Every call once: eager ones (prefill, warm-up) through the queue, replays through after_replay.
+        assert stats["steps"] == recorded[0] > 0
+    assert sum(store.stats()["host_reads"] for store in stores) > 0
+    # Several sequences per step: plain generate (read-behind, eager) with a warning.
+    with torch.no_grad(), pytest.warns(UserWarning, match="one sequence per step"):
+        batch = model.generate(_ids(model, 2), max_new_tokens=4, do_sample=False)
+    assert batch.shape[0] == 2 and runner.counts["fallbacks"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["switch", "qwen3_moe"])
+def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family):
+    from hf_moe_opt.step_graphs import runner_of
+
+    plain, model = _step_graph_pair(family, 2)
+    ids = _ids(model, 1)
+    with torch.no_grad():
+        want = plain.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        got = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        again = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want) and torch.equal(again, want)
+    counts = runner_of(model).counts
+    assert counts["replays"] > 0 and counts["fallbacks"] == 0
+    stats = hf_moe_opt.stats(model)
+    assert sum(s["host_reads"] for s in stats.values()) > 0 and sum(s["misses"] for s in stats.values()) > 0

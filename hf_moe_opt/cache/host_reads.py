@@ -44,6 +44,14 @@ __all__ = ["HostReads", "MAX_QUEUED_STEPS"]
 MAX_QUEUED_STEPS = 8
 
 
+def _capturing() -> bool:
+    """Whether this call is being captured into a graph (or runs in ``step_graphs.EagerCapture``'s stand-in)."""
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except RuntimeError:  # a build of torch without CUDA, outside the stand-in
+        return False
+
+
 class HostReads:
     """The per-expert offset table, the queued routing choices and the in-flight loads of one
     :class:`~hf_moe_opt.cache.store.CachedExpertStore` in read-behind mode (see the module docs)."""
@@ -52,6 +60,10 @@ class HostReads:
         self.store = store
         self.host_reads = 0  # assignments computed from the host copy
         self.host_read_bytes = 0
+        # Device buffers a captured decode step reads and writes: kept (written in place) across
+        # resets, so a graph captured before a clear() or load_state_dict() still sees the live ones.
+        self._table: torch.Tensor | None = None
+        self._step_key: torch.Tensor | None = None  # a captured step's choices (whole-step graphs)
         self.reset()
 
     # ----------------------------------------------------------------- state
@@ -75,7 +87,11 @@ class HostReads:
             self._slot[i] = np.arange(store.num_slots) * step
         self._table_np = self._host.copy()
         self._table_host = torch.from_numpy(self._table_np)
-        self._table = self._table_host.to(store.device, copy=True)
+        table = self._table
+        if table is None or table.shape != self._table_host.shape or table.device != store.device:
+            self._table = self._table_host.to(store.device, copy=True)
+        else:
+            self._push()
         weights = [0, 2]  # w1, w2: the offsets that decide whether the weight loads stay vectorised
         aligned = bool(all((self._host[i, :num_experts] % 8 == 0).all() and (self._slot[i] % 8 == 0).all()
                            for i in weights))  # fmt: skip
@@ -106,23 +122,48 @@ class HostReads:
     ) -> torch.Tensor | None:
         """The call through the decode kernels over the offset table, or None where they do not apply."""
         store = self.store
-        if not backend:
-            return None
         weights = store._slot_tensors()
-        found = supported_direct_ffn(backend, x, lambda: weights, activation)
+        found = supported_direct_ffn(backend, x, lambda: weights, activation) if backend else None
         if found is None:
+            if _capturing():
+                raise RuntimeError(
+                    'an expert cache with cache_misses="read" runs inside a captured decode step only for '
+                    f"one-token calls on the Triton backend; this call has {x.shape[0]} tokens "
+                    f"(backend {backend or 'plan'!r})"
+                )
             return None
         if self._pin_error is not None:
             raise RuntimeError(
                 'cache_misses="read" needs the experts in pinned host memory, which the GPU can read; '
                 f"pinning failed: {self._pin_error}"
             )
-        self.catch_up(wait=False)
+        capturing = _capturing()
+        if not capturing:
+            self.catch_up(wait=False)
         key = expert_index if keep is None else torch.where(keep, expert_index, store.num_experts)
         w1, b1, w2, b2 = weights
         out = found[0](x, key, gates, keep, w1, b1, w2, b2, activation, out_scale, offsets=self.offsets)
-        self._queue(key)
+        if capturing:  # part of a whole-step graph: the choices stay on the device for after_replay()
+            self._step_key_for(key).copy_(key.reshape(-1))
+        else:
+            self._step_key_for(key)  # allocated outside the capture (the warm-up step comes first)
+            self._queue(key)
         return out
+
+    def _step_key_for(self, key: torch.Tensor) -> torch.Tensor:
+        buf = self._step_key
+        if buf is None or buf.numel() != key.numel() or buf.dtype != key.dtype or buf.device != key.device:
+            buf = self._step_key = torch.empty(key.numel(), dtype=key.dtype, device=key.device)
+        return buf
+
+    def after_replay(self) -> None:
+        """After a captured decode step was replayed (``cuda_graphs="step"``): its routing choices, left
+        in a device buffer by the graph, go to the policy (a host read, after the step has run), then
+        finished copies are pointed at their slots for the next replay."""
+        if self._step_key is None:
+            return
+        self._queued.append((self._step_key.tolist(), None, self._ready))
+        self.catch_up(wait=False)
 
     def _queue(self, key: torch.Tensor) -> None:
         """Keep this call's choices for the policy: on CUDA a copy to pinned memory and its event."""

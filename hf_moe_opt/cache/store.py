@@ -674,6 +674,11 @@ class CachedExpertStore(ExpertStore):
         return needed, [per_expert[e] for e in needed], []
 
     # ------------------------------------------------------------ host reads
+    @property
+    def capturable(self) -> bool:
+        """Whether a one-token call can run inside a captured decode step (read-behind mode only)."""
+        return self._reads is not None
+
     def enable_host_reads(self) -> None:
         """Read-behind mode (``cache_misses="read"``): one-token calls on the Triton backend read
         missing experts from pinned host memory and never wait for the host; the policy runs one
