@@ -473,11 +473,14 @@ class StepGraphs:
         # generate repeats every sequence once per beam (beam search) or per returned sequence (sampling).
         beams = option("num_beams", 1)
         expand = beams if beams > 1 else option("num_return_sequences", 1)
-        if batch * expand > 1 and self._read_behind():
-            return (
-                f'an expert cache (cache_misses="read") runs inside step graphs for one sequence per step, '
-                f"this call decodes {batch * expand}"
-            )
+        if self._read_behind():
+            if batch * expand > 1:
+                return (
+                    f'an expert cache (cache_misses="read") runs inside step graphs for one sequence per step, '
+                    f"this call decodes {batch * expand}"
+                )
+            if any(getattr(m, "backend", None) == "torch" for _, m in self._index.modules()):
+                return 'an expert cache (cache_misses="read") runs inside step graphs on the Triton backend only'
         return batch * expand, length, encoder_length, dtype, device, decoder_prompt
 
     def _read_behind(self) -> list:

@@ -384,3 +384,17 @@ def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family):
     assert counts["replays"] > 0 and counts["fallbacks"] == 0
     stats = hf_moe_opt.stats(model)
     assert sum(s["host_reads"] for s in stats.values()) > 0 and sum(s["misses"] for s in stats.values()) > 0
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the CPU stand-in for graphs")
+def test_step_graphs_with_a_read_behind_cache_on_the_torch_backend_fall_back():
+    from hf_moe_opt.step_graphs import EagerCapture, runner_of
+
+    model = tiny_switch(num_experts=NUM_EXPERTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        hf_moe_opt.optimize(model, backend="torch", expert_cache=2, cache_misses="read", cuda_graphs="step")
+    runner_of(model).capture = EagerCapture()
+    with torch.no_grad(), pytest.warns(UserWarning, match="Triton backend only"):
+        out = model.generate(_ids(model, 1), max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 1 and runner_of(model).counts["fallbacks"] == 1
