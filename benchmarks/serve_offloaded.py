@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--fraction", type=float, default=0.25, help="experts resident per layer")
     p.add_argument("--policy", default="lfu")
     p.add_argument("--cache-misses", choices=["copy", "read"], default="copy", help="see optimize(cache_misses=)")
+    p.add_argument(
+        "--step-graphs", action="store_true", help='cuda_graphs="step" (needs --cache-misses read and a batch of 1)'
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=16)
@@ -92,7 +95,10 @@ def main(argv=None) -> int:
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     move_dense(model, device)
     t0 = time.perf_counter()
-    hf_moe_opt.optimize(model, expert_cache=args.fraction, cache_policy=args.policy, cache_misses=args.cache_misses)
+    graphs = {"cuda_graphs": "step"} if args.step_graphs else {}
+    hf_moe_opt.optimize(
+        model, expert_cache=args.fraction, cache_policy=args.policy, cache_misses=args.cache_misses, **graphs
+    )
     optimize_s = time.perf_counter() - t0
     stats = hf_moe_opt.stats(model)
     resident_bytes = sum(s["slot_bytes"] for s in stats.values())
@@ -117,6 +123,7 @@ def main(argv=None) -> int:
         "fraction_resident": args.fraction,
         "policy": args.policy,
         "cache_misses": args.cache_misses,
+        "step_graphs": args.step_graphs,
         "host_reads": sum(s["host_reads"] for s in stats.values()),
         "batch": args.batch,
         "prompt_len": args.prompt_len,
