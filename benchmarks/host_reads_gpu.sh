@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Read-behind expert caching (cache_misses="read") on one GPU, by stage, so that a device call goes to
+# measuring. Run from the repository root with the package importable (PYTHONPATH=$PWD):
+#
+#   bash benchmarks/host_reads_gpu.sh tests  [OUT_DIR]  # GPU tests: read-behind, offset kernels, step graphs with a cache
+#   bash benchmarks/host_reads_gpu.sh probe  [OUT_DIR]  # MoE-only stacks, copy vs read vs resident, 50% and 25% resident
+#   bash benchmarks/host_reads_gpu.sh model  [OUT_DIR]  # switch-base-128 at 25%: copy, read, read + step graphs
+#
+# Each stage writes host_reads_*_h200.{json,png,log} into OUT_DIR (default benchmarks/results); each log
+# starts with the commit, GPU and versions. Each command stops after 540 s (a device call has 10 min).
+# PYTHON picks the interpreter (default: python).
+set -euo pipefail
+stage=${1:?usage: host_reads_gpu.sh tests|probe|model [OUT_DIR]}
+out=${2:-benchmarks/results}
+mkdir -p "$out"
+py=${PYTHON:-python}
+commit=$(git rev-parse --short HEAD 2>/dev/null || cat .carry/commit.txt 2>/dev/null || echo unknown)
+header="# commit $commit; $("$py" -c 'import torch,triton,transformers;print(torch.cuda.get_device_name(),"torch",torch.__version__,"triton",triton.__version__,"transformers",transformers.__version__)')"
+
+status=0
+run() {  # run NAME COMMAND...: log with the header and the command line; the exit status in $status
+    local name=$1
+    shift
+    { echo "$header"; echo "# $*"; } > "$out/$name.log"
+    "$@" >> "$out/$name.log" 2>&1 || status=$?
+}
+
+case "$stage" in
+tests)
+    run host_reads_tests_h200 timeout 540 "$py" -m pytest -q -p no:cacheprovider tests/test_cache_host_reads.py \
+        tests/test_triton_gemv.py tests/test_cache_fast_path.py
+    ;;
+probe)
+    run host_reads_h200 timeout 540 "$py" benchmarks/probe_host_reads.py --fractions 0.5 0.25 \
+        --out "$out/host_reads_h200.json"
+    ;;
+model)
+    for mode in copy read graphs; do
+        extra=(--cache-misses "$mode")
+        [ "$mode" = graphs ] && extra=(--cache-misses read --step-graphs)
+        run "host_reads_model_${mode}_h200" timeout 540 "$py" benchmarks/serve_offloaded.py --model switch-base-128 \
+            --fraction 0.25 --policy adaptive --new-tokens 32 "${extra[@]}" --out "$out/host_reads_model_${mode}_h200.json"
+    done
+    ;;
+*)
+    echo "host_reads_gpu.sh: unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
+exit $status
