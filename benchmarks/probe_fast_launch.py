@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hf_moe_opt.benchmarking.common import block_ms  # noqa: E402
 from hf_moe_opt.kernels import launch as fast  # noqa: E402
 
 PATHS = {"direct": "1", "triton": "0"}
@@ -103,14 +104,6 @@ def _shape(family: str) -> str:
     return "switch-base-128" if family == "switch" else "nllb-moe-54b"
 
 
-def _block_ms(model, xs, device) -> tuple[float, list[torch.Tensor]]:
-    _sync(device)
-    t0 = time.perf_counter()
-    outs = [model(x) for x in xs]
-    _sync(device)
-    return (time.perf_counter() - t0) * 1e3 / len(xs), outs
-
-
 @torch.no_grad()
 def stack(family: str, layers: int, batch: int, fraction: float, policy: str, warmup: int, steps: int, block: int,
           device: torch.device, smoke: bool) -> dict:  # fmt: skip
@@ -147,7 +140,7 @@ def stack(family: str, layers: int, batch: int, fraction: float, policy: str, wa
         outs = {}
         for m, p in variants if b % 2 == 0 else variants[::-1]:  # alternate the order
             _set_path(p)
-            ms, outs[(m, p)] = _block_ms(models[(m, p)], xs, device)
+            ms, outs[(m, p)] = block_ms(models[(m, p)], xs, device)
             times[f"{m}/{p}"].append(ms)
         for m in ("resident", "cached"):
             pairs = zip(outs[(m, "direct")], outs[(m, "triton")], strict=True)
@@ -182,20 +175,12 @@ def stack(family: str, layers: int, batch: int, fraction: float, policy: str, wa
 
 def plot(result: dict, path: Path) -> None:
     """Time per token of each stack row, direct launches beside Triton's path."""
-    from hf_moe_opt.benchmarking.common import grouped_bars, pyplot_or_none
+    from hf_moe_opt.benchmarking.common import plot_stack_bars
 
-    plt = pyplot_or_none()
-    if plt is None or not result["stack"]:
-        return
     rows = result["stack"]
-    fig, ax = plt.subplots(figsize=(2.2 * len(rows) + 2, 4))
     labels = [f"{r['family']} x{r['layers']} b{r['batch']}\ncached {r['fraction_resident']:.0%}" for r in rows]
-    grouped_bars(ax, [r["ms_per_token"] for r in rows], labels)
-    ax.set_ylabel("ms per token")
-    ax.legend(fontsize=7)
-    ax.set_title(f"decode steps, direct launches vs Triton's path, {result['environment']['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    title = f"decode steps, direct launches vs Triton's path, {result['environment']['device']}"
+    plot_stack_bars(rows, "ms_per_token", labels, path, ylabel="ms per token", title=title)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,20 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hf_moe_opt.benchmarking.common import block_ms  # noqa: E402
+
 MODES = ("resident", "copy", "read")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _block_ms(model, xs, device) -> tuple[float, list[torch.Tensor]]:
-    _sync(device)
-    t0 = time.perf_counter()
-    outs = [model(x) for x in xs]
-    _sync(device)
-    return (time.perf_counter() - t0) * 1e3 / len(xs), outs
 
 
 @torch.no_grad()
@@ -72,7 +60,7 @@ def run(family: str, layers: int, fraction: float, policy: str, warmup: int, ste
         xs = timed[start : start + block]
         outs = {}
         for mode in MODES if b % 2 == 0 else MODES[::-1]:
-            ms, outs[mode] = _block_ms(models[mode], xs, device)
+            ms, outs[mode] = block_ms(models[mode], xs, device)
             times[mode].append(ms)
         for mode in MODES[1:]:
             for want, got in zip(outs["resident"], outs[mode], strict=True):
@@ -108,21 +96,12 @@ def run(family: str, layers: int, fraction: float, policy: str, warmup: int, ste
 
 def plot(result: dict, path: Path) -> None:
     """Cached time over resident per mode, one group of bars per row."""
-    from hf_moe_opt.benchmarking.common import grouped_bars, pyplot_or_none
+    from hf_moe_opt.benchmarking.common import plot_stack_bars
 
-    plt = pyplot_or_none()
-    if plt is None or not result["rows"]:
-        return
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
     labels = [f"{r['family']} x{r['layers']}\n{r['fraction_resident']:.0%} resident" for r in rows]
-    grouped_bars(ax, [r["x_resident"] for r in rows], labels)
-    ax.axhline(1.5, ls="--", color="gray", lw=1, label="1.5x target")
-    ax.set_ylabel("x resident time per token")
-    ax.legend(fontsize=7)
-    ax.set_title(f"one-token steps, misses copied vs read from host memory, {result['environment']['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    title = f"one-token steps, misses copied vs read from host memory, {result['environment']['device']}"
+    plot_stack_bars(rows, "x_resident", labels, path, ylabel="x resident time per token", title=title, target=1.5)
 
 
 def main(argv: list[str] | None = None) -> int:

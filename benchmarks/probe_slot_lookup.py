@@ -18,13 +18,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hf_moe_opt.benchmarking.common import block_ms  # noqa: E402
 
 
 def _index_first(store) -> None:
@@ -37,16 +38,6 @@ def _index_first(store) -> None:
         return inner(x, slots, gates, keep, direct, ffn_for, weights, activation, out_scale)
 
     store._experts = experts
-
-
-def _block_ms(model, xs, device) -> tuple[float, list[torch.Tensor]]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    outs = [model(x) for x in xs]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) * 1e3 / len(xs), outs
 
 
 @torch.no_grad()
@@ -81,7 +72,7 @@ def run(family: str, layers: int, batch: int, fraction: float, policy: str, warm
         xs = timed[start : start + block]
         outs = {}
         for name, model in models.items():
-            ms, outs[name] = _block_ms(model, xs, device)
+            ms, outs[name] = block_ms(model, xs, device)
             times[name].append(ms)
         mismatches += sum(
             not torch.equal(a, b) for a, b in zip(outs["kernel_lookup"], outs["index_first"], strict=True)
@@ -115,22 +106,12 @@ def run(family: str, layers: int, batch: int, fraction: float, policy: str, warm
 
 def plot(result: dict, path: Path) -> None:
     """Cached time over resident (median over blocks) per variant, one group of bars per row."""
-    from hf_moe_opt.benchmarking.common import grouped_bars, pyplot_or_none
+    from hf_moe_opt.benchmarking.common import plot_stack_bars
 
-    plt = pyplot_or_none()
-    if plt is None:
-        return
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
     labels = [f"{r['family']} b{r['batch']}\n{r['fraction_resident']:.0%} resident" for r in rows]
-    grouped_bars(ax, [r["x_resident_block_median"] for r in rows], labels)
-    ax.axhline(1.5, ls="--", color="gray", lw=1, label="1.5x target")
-    ax.set_ylabel("x resident time")
-    ax.set_ylim(1.0, max(1.7, 1.05 * max(max(r["x_resident_block_median"].values()) for r in rows)))
-    ax.legend(fontsize=7)
-    ax.set_title(f"cached one-token steps, MoE-only stack (paired blocks), {result['environment']['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    title = f"cached one-token steps, MoE-only stack (paired blocks), {result['environment']['device']}"
+    plot_stack_bars(rows, "x_resident_block_median", labels, path, ylabel="x resident time", title=title, target=1.5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,8 +21,11 @@ NUM_EXPERTS = 8
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _first_layers(family: str, slots: int, policy: str, capacity: str, expert_capacity: int, backend: str = "torch"):
-    """The first MoE layer of a resident-optimized model and of a cached copy of the same model."""
+def _first_layers(
+    family: str, slots: int, policy: str, capacity: str, expert_capacity: int, backend: str = "torch", **cache
+):
+    """The first MoE layer of a resident-optimized model and of a cached copy of the same model
+    (``cache``: more ``optimize`` options for the cached one)."""
     if family == "switch":
         base = tiny_switch(num_experts=NUM_EXPERTS, expert_capacity=expert_capacity)
     else:
@@ -36,7 +39,9 @@ def _first_layers(family: str, slots: int, policy: str, capacity: str, expert_ca
     hf_moe_opt.optimize(resident, capacity=capacity, backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # no pinned memory without CUDA
-        hf_moe_opt.optimize(cached, capacity=capacity, backend=backend, expert_cache=slots, cache_policy=policy)
+        hf_moe_opt.optimize(
+            cached, capacity=capacity, backend=backend, expert_cache=slots, cache_policy=policy, **cache
+        )
     return hf_moe_opt.optimized_layers(resident)[0][1], hf_moe_opt.optimized_layers(cached)[0][1]
 
 

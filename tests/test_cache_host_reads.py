@@ -14,7 +14,8 @@ import torch
 import hf_moe_opt
 from hf_moe_opt.cache import CachedExpertStore, make_policy
 
-from .models import tiny_nllb, tiny_switch
+from .models import tiny_switch
+from .test_cache_fast_path import _first_layers
 
 pytest.importorskip("triton")
 from hf_moe_opt.kernels import kernels_interpreted  # noqa: E402
@@ -26,23 +27,8 @@ NUM_EXPERTS = 8
 
 
 def _models(family: str, slots: int, policy: str, capacity: str, expert_capacity: int = 64, **cache):
-    if family == "switch":
-        base = tiny_switch(num_experts=NUM_EXPERTS, expert_capacity=expert_capacity)
-    else:
-        fraction = 0.3 if expert_capacity < 64 else 1.0
-        base = tiny_nllb(
-            num_experts=NUM_EXPERTS, expert_capacity=expert_capacity, moe_eval_capacity_token_fraction=fraction
-        )
-    base = base.to(DEVICE)
-    resident, cached = base, copy.deepcopy(base)
-    hf_moe_opt.optimize(resident, capacity=capacity, backend="triton")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # no pinned memory without CUDA
-        hf_moe_opt.optimize(
-            cached, capacity=capacity, backend="triton", expert_cache=slots, cache_policy=policy,
-            cache_misses="read", **cache,
-        )  # fmt: skip
-    return hf_moe_opt.optimized_layers(resident)[0][1], hf_moe_opt.optimized_layers(cached)[0][1]
+    """First MoE layers: resident, and a read-behind cached copy (Triton backend)."""
+    return _first_layers(family, slots, policy, capacity, expert_capacity, "triton", cache_misses="read", **cache)
 
 
 def _inputs(d_model: int, steps: int, seed: int, long_every: int = 0) -> list[torch.Tensor]:

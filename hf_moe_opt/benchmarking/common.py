@@ -6,6 +6,7 @@ import gc
 import json
 import platform
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -222,3 +223,41 @@ def grouped_bars(ax, values: list[dict[str, float]], labels: list[str]) -> None:
         xs = [i + v * width for i in range(len(values))]
         ax.bar(xs, [row[name] for row in values], width, label=name, color=f"C{v}")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(values))], labels)
+
+
+def block_ms(model, xs: list, device: torch.device) -> tuple[float, list]:
+    """Wall time per call of ``model`` over ``xs`` (the device synchronised before and after) and the
+    outputs: a paired probe's timed block."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    outs = [model(x) for x in xs]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3 / len(xs), outs
+
+
+def plot_stack_bars(
+    rows: list[dict],
+    values: str,
+    labels: list[str],
+    path: Path,
+    *,
+    ylabel: str,
+    title: str,
+    target: float | None = None,
+) -> None:
+    """A grouped bar per row of ``row[values]`` (a dict per variant), with an optional dashed target."""
+    plt = pyplot_or_none()
+    if plt is None or not rows:
+        return
+    fig, ax = plt.subplots(figsize=(2.0 * len(rows) + 2, 4))
+    grouped_bars(ax, [r[values] for r in rows], labels)
+    if target is not None:
+        ax.axhline(target, ls="--", color="gray", lw=1, label=f"{target}x target")
+        ax.set_ylim(1.0, max(target + 0.2, 1.05 * max(max(r[values].values()) for r in rows)))
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
