@@ -23,6 +23,7 @@ import argparse
 import copy
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -103,11 +104,12 @@ def main() -> None:
     error = (got - want).abs().max().item()
     experts = {name: plan.experts_on(name, rank) for name in plan.layer_names}
     first = plan.layer_names[0]
-    print(
+    line = (
         f"rank {rank}/{world}: holds experts {experts[first]} of {first} (and per plan in the other layers); "
-        f"max |EP - single process| = {error:.2e}; generated {tuple(tokens.shape)}, identical tokens: {same}",
-        flush=True,
+        f"max |EP - single process| = {error:.2e}; generated {tuple(tokens.shape)}, identical tokens: {same}\n"
     )
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), line.encode())  # one write: the ranks' lines never interleave
     dist.barrier()
     dist.destroy_process_group()
 
