@@ -485,7 +485,7 @@ class StepGraphs:
 
     def _read_behind(self) -> list:
         """The read-behind expert caches of the model's layers (their policies run after each replay)."""
-        reads = (getattr(getattr(m, "store", None), "_reads", None) for _, m in self._index.modules())
+        reads = (getattr(getattr(m, "store", None), "read_behind", None) for _, m in self._index.modules())
         return [r for r in reads if r is not None]
 
     def _slot(self, batch: int, length: int, encoder_length: int | None, dtype, device) -> _Slot:

@@ -675,6 +675,11 @@ class CachedExpertStore(ExpertStore):
 
     # ------------------------------------------------------------ host reads
     @property
+    def read_behind(self) -> HostReads | None:
+        """The read-behind state (:meth:`enable_host_reads`), or None in the default mode."""
+        return self._reads
+
+    @property
     def capturable(self) -> bool:
         """Whether a one-token call can run inside a captured decode step (read-behind mode only)."""
         return self._reads is not None
