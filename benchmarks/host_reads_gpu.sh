@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/host_reads_gpu.sh tests  [OUT_DIR]  # GPU tests: read-behind, offset kernels, step graphs with a cache
 #   bash benchmarks/host_reads_gpu.sh probe  [OUT_DIR]  # MoE-only stacks, copy vs read vs resident, 50% and 25% resident
-#   bash benchmarks/host_reads_gpu.sh model  [OUT_DIR]  # switch-base-128 at 25%: copy, read, read + step graphs
+#   bash benchmarks/host_reads_gpu.sh model  [OUT_DIR]  # switch-base-128 at 50% and 25%: copy, read, read + step graphs, vs resident
 #
 # Each stage writes host_reads_*_h200.{json,png,log} into OUT_DIR (default benchmarks/results); each log
 # starts with the commit, GPU and versions. Each command stops after 540 s (a device call has 10 min).
@@ -35,12 +35,9 @@ probe)
         --out "$out/host_reads_h200.json"
     ;;
 model)
-    for mode in copy read graphs; do
-        extra=(--cache-misses "$mode")
-        [ "$mode" = graphs ] && extra=(--cache-misses read --step-graphs)
-        run "host_reads_model_${mode}_h200" timeout 540 "$py" benchmarks/serve_offloaded.py --model switch-base-128 \
-            --fraction 0.25 --policy adaptive --new-tokens 32 "${extra[@]}" --out "$out/host_reads_model_${mode}_h200.json"
-    done
+    run host_reads_model_h200 timeout 540 "$py" benchmarks/serve_offloaded.py --model switch-base-128 \
+        --fraction 0.5 0.25 --modes copy read graphs --resident-baseline --policy adaptive --new-tokens 32 \
+        --out "$out/host_reads_model_h200.json"
     ;;
 *)
     echo "host_reads_gpu.sh: unknown stage $stage" >&2

@@ -1,7 +1,7 @@
 """Serve a model whose experts live in host memory: real config, random bf16 weights, one GPU.
 
     python benchmarks/serve_offloaded.py --model nllb-moe-54b --fraction 0.25 \\
-        --out benchmarks/results/offload_nllb54b_h200.json
+        [--modes copy read graphs] [--resident-baseline] --out benchmarks/results/offload_nllb54b_h200.json
 
 The model is built in host memory, its dense modules moved to the GPU (``move_dense``), and
 ``optimize(model, expert_cache=fraction)`` keeps that fraction of every layer's experts in GPU slots
@@ -9,6 +9,8 @@ and the rest in pinned host memory. Reports GPU memory (allocated, peak), the by
 model and of the resident experts, greedy ``generate`` time per new token (the median difference
 between generating 1 and ``--new-tokens`` tokens, three runs each), the cache's hit rate and
 its copy bandwidth beside the pinned host-to-device bandwidth measured in the same run.
+``--resident-baseline`` first times the same model fully resident on the GPU, with the same
+``cuda_graphs`` setting, in the same process, and reports the cached time over it (``x_resident``).
 ``--tiny`` runs a small config on whatever device exists (a smoke test of the script).
 """
 
@@ -69,65 +71,71 @@ def generate_ms(model, ids, new_tokens: int) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="nllb-moe-54b", choices=["nllb-moe-54b", "switch-base-128"])
-    p.add_argument("--fraction", type=float, default=0.25, help="experts resident per layer")
-    p.add_argument("--policy", default="lfu")
-    p.add_argument("--cache-misses", choices=["copy", "read"], default="copy", help="see optimize(cache_misses=)")
-    p.add_argument(
-        "--step-graphs", action="store_true", help='cuda_graphs="step" (needs --cache-misses read and a batch of 1)'
-    )
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--tiny", action="store_true", help="a small config (smoke test, any device)")
-    p.add_argument("--out", default="benchmarks/results/offload.json")
-    args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.tiny:
-        print("error: serving the real config needs a CUDA device (use --tiny for a smoke test)", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
+def decode_ms(model, ids, new_tokens: int, before_timing=None) -> tuple[float, float]:
+    """(prefill + 1 token, per new token) in ms: medians of three alternating 1 / ``new_tokens`` runs."""
     with torch.no_grad():
-        model = tiny_model() if args.tiny else random_model(args.model, torch.device("cpu"))
+        generate_ms(model, ids, 2)  # warm-up: slots filled, kernels compiled, graphs captured
+        if before_timing is not None:
+            before_timing()
+        runs = [(generate_ms(model, ids, 1), generate_ms(model, ids, new_tokens)) for _ in range(3)]
+    short = statistics.median(r[0] for r in runs)
+    long = statistics.median(r[1] for r in runs)
+    # NaN where host jitter made the longer generation look no slower (tiny models on a busy CPU).
+    return short, (long - short) / max(new_tokens - 1, 1) if long > short else float("nan")
+
+
+def build(args) -> torch.nn.Module:
+    with torch.no_grad():
+        return tiny_model() if args.tiny else random_model(args.model, torch.device("cpu"))
+
+
+GRAPH_MODES = {"copy": ("copy", {}), "read": ("read", {}), "graphs": ("read", {"cuda_graphs": "step"})}
+
+
+def resident_ms(args, device: torch.device, graphs: dict) -> float:
+    """Per-new-token time of the same model with every expert on the GPU (no cache)."""
+    model = build(args).to(device)
+    hf_moe_opt.optimize(model, **graphs)
+    ids = torch.randint(3, model.config.vocab_size - 1, (args.batch, args.prompt_len), device=device)
+    per_token = decode_ms(model, ids, args.new_tokens)[1]
+    del model
+    release(device)
+    return per_token
+
+
+def release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
+    """Build the model, keep ``fraction`` of each layer's experts in GPU slots, time greedy decoding."""
+    cache_misses, graphs = GRAPH_MODES[mode]
+    t0 = time.perf_counter()
+    model = build(args)
     build_s = time.perf_counter() - t0
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     move_dense(model, device)
     t0 = time.perf_counter()
-    graphs = {"cuda_graphs": "step"} if args.step_graphs else {}
-    hf_moe_opt.optimize(
-        model, expert_cache=args.fraction, cache_policy=args.policy, cache_misses=args.cache_misses, **graphs
-    )
+    hf_moe_opt.optimize(model, expert_cache=fraction, cache_policy=args.policy, cache_misses=cache_misses, **graphs)
     optimize_s = time.perf_counter() - t0
     stats = hf_moe_opt.stats(model)
     resident_bytes = sum(s["slot_bytes"] for s in stats.values())
     expert_bytes = sum(s["slot_bytes"] * s["num_experts"] / s["num_slots"] for s in stats.values())
     ids = torch.randint(3, model.config.vocab_size - 1, (args.batch, args.prompt_len), device=device)
-    with torch.no_grad():
-        generate_ms(model, ids, 2)  # warm-up: slots filled, kernels compiled
-        hf_moe_opt.reset_stats(model)
-        # Medians of alternating runs; the difference is the decode time of new_tokens - 1 steps.
-        runs = [(generate_ms(model, ids, 1), generate_ms(model, ids, args.new_tokens)) for _ in range(3)]
-        short = statistics.median(r[0] for r in runs)
-        long = statistics.median(r[1] for r in runs)
+    short, per_token = decode_ms(model, ids, args.new_tokens, before_timing=lambda: hf_moe_opt.reset_stats(model))
     stats = hf_moe_opt.stats(model)
     hits = sum(s["hits"] for s in stats.values())
     misses = sum(s["misses"] for s in stats.values())
     copied = sum(s["bytes_copied"] for s in stats.values())
     copy_ms = sum(s["copy_time_ms"] for s in stats.values())
-    result = {
-        "command": " ".join(sys.argv),
-        "environment": environment(),
-        "model": "tiny" if args.tiny else args.model,
-        "fraction_resident": args.fraction,
-        "policy": args.policy,
-        "cache_misses": args.cache_misses,
-        "step_graphs": args.step_graphs,
+    run = {
+        "fraction_resident": fraction,
+        "mode": mode,
+        "cache_misses": cache_misses,
+        "step_graphs": bool(graphs),
         "host_reads": sum(s["host_reads"] for s in stats.values()),
-        "batch": args.batch,
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
         "build_s": build_s,
         "optimize_s": optimize_s,
         "model_gib": model_bytes / 2**30,
@@ -136,22 +144,75 @@ def main(argv=None) -> int:
         "gpu_allocated_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "gpu_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "prefill_plus_1_token_ms": short,
-        # NaN where host jitter made the longer generation look no slower (tiny models on a busy CPU).
-        "ms_per_new_token": (long - short) / max(args.new_tokens - 1, 1) if long > short else float("nan"),
+        "ms_per_new_token": per_token,
         "hit_rate": hits / max(hits + misses, 1),
         "bytes_copied": copied,
         "copy_gbps": copied / (copy_ms * 1e-3) / 1e9 if copy_ms > 0 else None,
-        "pinned_h2d_gbps": pinned_gbps(device),
         "host_pinned_layers": sum(bool(s["host_pinned"]) for s in stats.values()),
         "cached_layers": len(stats),
     }
-    for key, value in result.items():
-        if key not in ("environment", "command"):
-            print(f"{key:>24}: {value:.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    del model
+    release(device)
+    return run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="nllb-moe-54b", choices=["nllb-moe-54b", "switch-base-128"])
+    p.add_argument("--fraction", type=float, nargs="+", default=[0.25], help="experts resident per layer")
+    p.add_argument("--policy", default="lfu")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=sorted(GRAPH_MODES),
+        default=["copy"],
+        help='cache_misses="copy", "read", or "read" with cuda_graphs="step" (graphs: a batch of 1)',
+    )
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument(
+        "--resident-baseline", action="store_true", help="also time the model fully resident (same graph settings)"
+    )
+    p.add_argument("--tiny", action="store_true", help="a small config (smoke test, any device)")
+    p.add_argument("--out", default="benchmarks/results/offload.json")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.tiny:
+        print("error: serving the real config needs a CUDA device (use --tiny for a smoke test)", file=sys.stderr)
+        return 2
+    graph_settings = {"graphs" if GRAPH_MODES[m][1] else "eager" for m in args.modes}
+    baselines = {}
+    if args.resident_baseline:
+        for setting in sorted(graph_settings):
+            baselines[setting] = resident_ms(args, device, {"cuda_graphs": "step"} if setting == "graphs" else {})
+            print(f"resident ({setting}): {baselines[setting]:.3f} ms per new token", flush=True)
+    runs = []
+    for fraction in args.fraction:
+        for mode in args.modes:
+            run = cached_run(args, device, fraction, mode)
+            base = baselines.get("graphs" if run["step_graphs"] else "eager")
+            run["x_resident"] = run["ms_per_new_token"] / base if base else None
+            runs.append(run)
+            print(f"--- fraction {fraction}, {mode}")
+            for key, value in run.items():
+                print(f"{key:>24}: {value:.3f}" if isinstance(value, float) else f"{key:>24}: {value}", flush=True)
+    result = {
+        "command": " ".join(sys.argv),
+        "environment": environment(),
+        "model": "tiny" if args.tiny else args.model,
+        "policy": args.policy,
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "pinned_h2d_gbps": pinned_gbps(device),
+        "resident_ms_per_new_token": baselines,
+        "runs": runs,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"pinned host-to-device: {result['pinned_h2d_gbps']} GB/s\nwrote {out}")
     return 0
 
 

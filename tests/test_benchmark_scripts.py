@@ -21,13 +21,21 @@ def _load(name: str):
 
 def test_serve_offloaded_tiny(tmp_path) -> None:
     out = tmp_path / "offload.json"
-    assert _load("serve_offloaded").main(["--tiny", "--fraction", "0.25", "--new-tokens", "4", "--out", str(out)]) == 0
+    argv = ["--tiny", "--fraction", "0.25", "0.5", "--modes", "copy", "read", "--new-tokens", "4"]
+    assert _load("serve_offloaded").main([*argv, "--resident-baseline", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["cached_layers"] == 4  # 2 encoder + 2 decoder sparse layers
-    # 8 experts per layer, 25% resident: 2 slots of 8.
-    assert abs(result["resident_expert_gib"] / result["expert_gib"] - 0.25) < 1e-9
-    assert 0.0 <= result["hit_rate"] < 1.0 and result["bytes_copied"] > 0
-    assert not result["ms_per_new_token"] <= 0  # a time, or NaN where CPU jitter hid it (never negative)
+    runs = result["runs"]
+    assert [(r["fraction_resident"], r["mode"]) for r in runs] == [(0.25, "copy"), (0.25, "read"), (0.5, "copy"), (0.5, "read")]
+    assert set(result["resident_ms_per_new_token"]) == {"eager"}  # no graphed mode asked for
+    for run in runs:
+        assert run["cached_layers"] == 4  # 2 encoder + 2 decoder sparse layers
+        # 8 experts per layer: 2 or 4 slots of 8.
+        assert abs(run["resident_expert_gib"] / run["expert_gib"] - run["fraction_resident"]) < 1e-9
+        assert 0.0 <= run["hit_rate"] < 1.0 and run["bytes_copied"] > 0
+        assert not run["ms_per_new_token"] <= 0  # a time, or NaN where CPU jitter hid it (never negative)
+        assert run["x_resident"] is not None and not run["x_resident"] <= 0
+    # On a CPU there is no pinned host memory to read from, so "read" copies like "copy".
+    assert all(r["host_reads"] == 0 for r in runs)
 
 
 def test_bench_model_cpu_smoke(tmp_path) -> None:

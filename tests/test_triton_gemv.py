@@ -156,7 +156,7 @@ def test_offsets_read_each_expert_from_its_slot_or_its_home(dtype, drop, bias):
     x, index, gates, keep, w1, b1, w2, b2 = _case(
         tokens, top_k, experts, 24, 40, dtype, bias, False, seed=18, drop=drop
     )
-    homes = [t.cpu().pin_memory() if DEVICE.type == "cuda" else t.clone() if t is not None else None
+    homes = [None if t is None else t.cpu().pin_memory() if DEVICE.type == "cuda" else t.clone()
              for t in (w1, b1, w2, b2)]  # fmt: skip
     where: list[int | None] = [None] * experts
     slot_tensors = [torch.full((slots, *t.shape[1:]), float("nan"), dtype=dtype, device=DEVICE) if t is not None
