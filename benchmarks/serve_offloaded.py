@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -124,7 +125,7 @@ def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
     resident_bytes = sum(s["slot_bytes"] for s in stats.values())
     expert_bytes = sum(s["slot_bytes"] * s["num_experts"] / s["num_slots"] for s in stats.values())
     ids = torch.randint(3, model.config.vocab_size - 1, (args.batch, args.prompt_len), device=device)
-    short, per_token = decode_ms(model, ids, args.new_tokens, before_timing=lambda: hf_moe_opt.reset_stats(model))
+    short, per_token = decode_ms(model, ids, args.new_tokens, before_timing=partial(hf_moe_opt.reset_stats, model))
     stats = hf_moe_opt.stats(model)
     hits = sum(s["hits"] for s in stats.values())
     misses = sum(s["misses"] for s in stats.values())

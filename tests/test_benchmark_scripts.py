@@ -25,7 +25,8 @@ def test_serve_offloaded_tiny(tmp_path) -> None:
     assert _load("serve_offloaded").main([*argv, "--resident-baseline", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     runs = result["runs"]
-    assert [(r["fraction_resident"], r["mode"]) for r in runs] == [(0.25, "copy"), (0.25, "read"), (0.5, "copy"), (0.5, "read")]
+    expected = [(0.25, "copy"), (0.25, "read"), (0.5, "copy"), (0.5, "read")]
+    assert [(r["fraction_resident"], r["mode"]) for r in runs] == expected
     assert set(result["resident_ms_per_new_token"]) == {"eager"}  # no graphed mode asked for
     for run in runs:
         assert run["cached_layers"] == 4  # 2 encoder + 2 decoder sparse layers
