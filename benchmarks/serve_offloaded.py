@@ -17,6 +17,7 @@ its copy bandwidth beside the pinned host-to-device bandwidth measured in the sa
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -97,14 +98,21 @@ def resident_ms(args, device: torch.device, graphs: dict) -> float:
     """Per-new-token time of the same model with every expert on the GPU (no cache)."""
     model = build(args).to(device)
     hf_moe_opt.optimize(model, **graphs)
-    ids = torch.randint(3, model.config.vocab_size - 1, (args.batch, args.prompt_len), device=device)
+    ids = prompt(model, args, device)
     per_token = decode_ms(model, ids, args.new_tokens)[1]
     del model
     release(device)
     return per_token
 
 
+def prompt(model, args, device: torch.device) -> torch.Tensor:
+    """The same random prompt for every run of the process, so that their times compare."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(3, model.config.vocab_size - 1, (args.batch, args.prompt_len), generator=gen).to(device)
+
+
 def release(device: torch.device) -> None:
+    gc.collect()  # modules, hooks and graphs hold cycles: free the last run's GPU memory before the next
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -124,7 +132,7 @@ def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
     stats = hf_moe_opt.stats(model)
     resident_bytes = sum(s["slot_bytes"] for s in stats.values())
     expert_bytes = sum(s["slot_bytes"] * s["num_experts"] / s["num_slots"] for s in stats.values())
-    ids = torch.randint(3, model.config.vocab_size - 1, (args.batch, args.prompt_len), device=device)
+    ids = prompt(model, args, device)
     short, per_token = decode_ms(model, ids, args.new_tokens, before_timing=partial(hf_moe_opt.reset_stats, model))
     stats = hf_moe_opt.stats(model)
     hits = sum(s["hits"] for s in stats.values())
