@@ -116,6 +116,11 @@ def release(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        # Freed pinned blocks stay in torch's host cache: hand them back before the next build.
+        for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
+            if hasattr(torch._C, name):
+                getattr(torch._C, name)()
+                break
 
 
 def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
