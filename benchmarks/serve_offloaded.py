@@ -170,6 +170,43 @@ def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
     return run
 
 
+def plot(result: dict, path: Path) -> None:
+    """Time per new token by resident fraction: each mode's bar beside the resident model's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hf_moe_opt.benchmarking.common import grouped_bars
+
+    fractions = sorted({r["fraction_resident"] for r in result["runs"]}, reverse=True)
+    modes = list(dict.fromkeys(r["mode"] for r in result["runs"]))
+    # Eager bars first, then graphed ones: each cached mode beside the resident run it compares with.
+    order = ["resident, eager", "cached, copy", "cached, read", "resident, graphs", "cached, graphs"]
+    rows = []
+    for fraction in fractions:
+        row = {f"resident, {k}": v for k, v in result["resident_ms_per_new_token"].items()}
+        for run in result["runs"]:
+            if run["fraction_resident"] == fraction:
+                row[f"cached, {run['mode']}"] = run["ms_per_new_token"]
+        rows.append(row)
+    names = [n for n in order if any(n in row for row in rows)]
+    rows = [{n: row.get(n, float("nan")) for n in names} for row in rows]
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.2 + 0.8 * len(fractions) * (len(modes) + 1)), 3.6))
+    grouped_bars(ax, rows, [f"{f:.0%} of experts resident" for f in fractions])
+    ax.set_ylabel("ms per new token (greedy, median)")
+    env = result["environment"]
+    ax.set_title(
+        f"{result['model']}, batch {result['batch']}, {result['policy']} policy\n"
+        f"{env.get('device')}, torch {env.get('torch')}, transformers {env.get('transformers')}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="nllb-moe-54b", choices=["nllb-moe-54b", "switch-base-128"])
@@ -190,7 +227,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--tiny", action="store_true", help="a small config (smoke test, any device)")
     p.add_argument("--out", default="benchmarks/results/offload.json")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the plot of a result file")
     args = p.parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
         print("error: serving the real config needs a CUDA device (use --tiny for a smoke test)", file=sys.stderr)
@@ -226,7 +268,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"pinned host-to-device: {result['pinned_h2d_gbps']} GB/s\nwrote {out}")
+    plot(result, out.with_suffix(".png"))
+    print(f"pinned host-to-device: {result['pinned_h2d_gbps']} GB/s\nwrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
