@@ -370,6 +370,11 @@ def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family):
     assert counts["replays"] > 0 and counts["fallbacks"] == 0
     stats = hf_moe_opt.stats(model)
     assert sum(s["host_reads"] for s in stats.values()) > 0 and sum(s["misses"] for s in stats.values()) > 0
+    # The replayed steps hand each layer's choices over as soon as that layer has run: through pinned
+    # memory and an event recorded in the graph (every decoding layer; encoder layers never replay).
+    reads = [layer.store.read_behind for _, layer in hf_moe_opt.optimized_layers(model)]
+    stepping = [r for r in reads if r._step_key is not None]
+    assert stepping and all(r._step_done is not None and r._step_key_host is not None for r in stepping)
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the CPU stand-in for graphs")

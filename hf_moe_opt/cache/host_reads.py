@@ -21,10 +21,17 @@ and the outputs equal the resident layer's bit for bit (the same kernels over th
 
 Calls the decode kernels do not take (several tokens, the torch backend) run the default path
 after the policy has caught up with every queued step; the table is then rebuilt from the slots.
+
+Inside a whole-step CUDA graph (``cuda_graphs="step"``) each layer also copies its choices to pinned
+memory and records an event right after its kernels. After a replay is launched, the host takes
+the layers in order, each as soon as its own event has fired: its policy runs and its loads start
+(waiting for that layer's kernels only) while the GPU still runs the step's later layers.
+``HF_MOE_OPT_STEP_EVENTS=0`` reads every layer's choices after the whole step instead.
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -42,6 +49,8 @@ __all__ = ["HostReads", "MAX_QUEUED_STEPS"]
 
 # Steps whose choices may wait for the policy; one more waits for the oldest (bounds the lag).
 MAX_QUEUED_STEPS = 8
+# Pinned buffers the table pushes of one cache cycle through.
+PUSH_RING = 4
 
 
 def _capturing() -> bool:
@@ -50,6 +59,34 @@ def _capturing() -> bool:
         return torch.cuda.is_current_stream_capturing()
     except RuntimeError:  # a build of torch without CUDA, outside the stand-in
         return False
+
+
+_GRAPH_HOST_COPIES: dict[torch.device, bool] = {}
+
+
+def _graphs_copy_to_host(device: torch.device) -> bool:
+    """Whether a CUDA graph captured here can copy to pinned memory and record an external event (probed
+    once per device with a tiny capture); without it a replayed step's choices are read after the step."""
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    ok = _GRAPH_HOST_COPIES.get(device)
+    if ok is None:
+        try:
+            with torch.cuda.device(device):
+                src = torch.zeros(4, dtype=torch.int64, device=device)
+                dst = torch.empty(4, dtype=torch.int64, pin_memory=True)
+                event = torch.cuda.Event(external=True)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    src.add_(1)
+                    dst.copy_(src, non_blocking=True)
+                    event.record()
+                graph.replay()
+                event.synchronize()
+                ok = dst.tolist() == [1, 1, 1, 1]  # the capture itself runs nothing
+        except Exception:  # noqa: BLE001 -- any failure means: do not use it
+            ok = False
+        _GRAPH_HOST_COPIES[device] = ok
+    return ok
 
 
 class HostReads:
@@ -64,6 +101,13 @@ class HostReads:
         # resets, so a graph captured before a clear() or load_state_dict() still sees the live ones.
         self._table: torch.Tensor | None = None
         self._step_key: torch.Tensor | None = None  # a captured step's choices (whole-step graphs)
+        # Their pinned twin, written by the graph, and the event the graph records after this layer.
+        self._step_key_host: torch.Tensor | None = None
+        self._step_done: torch.cuda.Event | None = None
+        self._copy_after: torch.cuda.Event | None = None  # what loads wait for (None: all queued compute)
+        # Table pushes go through pinned buffers (a pageable copy may wait for the stream to drain).
+        self._push_ring: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._push_next = 0
         self.reset()
 
     # ----------------------------------------------------------------- state
@@ -87,6 +131,7 @@ class HostReads:
             self._slot[i] = np.arange(store.num_slots) * step
         self._table_np = self._host.copy()
         self._table_host = torch.from_numpy(self._table_np)
+        self._push_ring, self._push_next = [], 0  # sized for this table
         table = self._table
         if table is None or table.shape != self._table_host.shape or table.device != store.device:
             self._table = self._table_host.to(store.device, copy=True)
@@ -145,6 +190,9 @@ class HostReads:
         out = found[0](x, key, gates, keep, w1, b1, w2, b2, activation, out_scale, offsets=self.offsets)
         if capturing:  # part of a whole-step graph: the choices stay on the device for after_replay()
             self._step_key_for(key).copy_(key.reshape(-1))
+            if self._step_key_host is not None and self._step_done is not None:
+                self._step_key_host.copy_(self._step_key, non_blocking=True)
+                self._step_done.record()
         else:
             self._step_key_for(key)  # allocated outside the capture (the warm-up step comes first)
             self._queue(key)
@@ -154,16 +202,34 @@ class HostReads:
         buf = self._step_key
         if buf is None or buf.numel() != key.numel() or buf.dtype != key.dtype or buf.device != key.device:
             buf = self._step_key = torch.empty(key.numel(), dtype=key.dtype, device=key.device)
+            self._step_key_host = self._step_done = None
+            late = os.environ.get("HF_MOE_OPT_STEP_EVENTS", "1") == "0"  # read after the whole step (A/B runs)
+            if key.device.type == "cuda" and not late and _graphs_copy_to_host(key.device):
+                self._step_done = torch.cuda.Event(external=True)
+                self._step_key_host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
         return buf
 
     def after_replay(self) -> None:
-        """After a captured decode step was replayed (``cuda_graphs="step"``): its routing choices, left
-        in a device buffer by the graph, go to the policy (a host read, after the step has run), then
-        finished copies are pointed at their slots for the next replay."""
+        """After a captured decode step was launched (``cuda_graphs="step"``): its routing choices go to
+        the policy, then finished copies are pointed at their slots for the next replay.
+
+        On CUDA the graph copied them to pinned memory and recorded this layer's event: the host waits
+        for this layer's part of the step only, and the loads wait for nothing later in the step (only
+        this layer reads its slots; the table updates are queued behind the whole step)."""
         if self._step_key is None:
             return
-        self._queued.append((self._step_key.tolist(), None, self._ready))
-        self.catch_up(wait=False)
+        done, host = self._step_done, self._step_key_host
+        if done is not None and host is not None:
+            done.synchronize()
+            choices = host.tolist()
+        else:
+            choices = self._step_key.tolist()
+        self._queued.append((choices, None, self._ready))
+        self._copy_after = done
+        try:
+            self.catch_up(wait=False)
+        finally:
+            self._copy_after = None
 
     def _queue(self, key: torch.Tensor) -> None:
         """Keep this call's choices for the policy: on CUDA a copy to pinned memory and its event."""
@@ -237,7 +303,8 @@ class HostReads:
             ready.discard(ld.expert)
         self._ready = frozenset(ready)
         self._push()
-        done = self.store._issue(loads)  # the copy stream waits for the compute queued so far
+        # The copy stream waits for the compute queued so far, or in a replayed step for this layer's part.
+        done = self.store._issue(loads, after=self._copy_after)
         entries = []
         for ld in loads:
             self._seq += 1
@@ -246,8 +313,26 @@ class HostReads:
         self._in_flight.append((done, entries))
 
     def _push(self) -> None:
-        # From pageable memory: staged before the call returns, so the host table may change right after.
-        self._table.copy_(self._table_host, non_blocking=True)
+        """The host table to the device table, queued on the compute stream."""
+        if self._table.device.type != "cuda":
+            self._table.copy_(self._table_host)
+            return
+        # Through a ring of pinned buffers: the host table may change right after, and a pageable
+        # copy can make the host wait for the stream (a replay still running). A buffer is reused
+        # only once its last copy has completed (pushes of four calls ago: never waited for in practice).
+        if len(self._push_ring) < PUSH_RING:
+            host = self._table_host
+            self._push_ring.append((torch.empty(host.shape, dtype=host.dtype, pin_memory=True), None))
+        i = self._push_next
+        self._push_next = (i + 1) % PUSH_RING
+        buf, last = self._push_ring[i]
+        if last is not None:
+            last.synchronize()
+        buf.copy_(self._table_host)
+        self._table.copy_(buf, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self._table.device))
+        self._push_ring[i] = (buf, event)
 
     def after_copy_step(self) -> None:
         """After a call on the default path (every queued step applied, its loads waited for by the
