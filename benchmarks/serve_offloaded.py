@@ -96,9 +96,11 @@ GRAPH_MODES = {
     "copy": ("copy", {}),
     "read": ("read", {}),
     "graphs": ("read", {"cuda_graphs": "step"}),
-    # The same, each layer's choices handed to its policy after the whole step (HF_MOE_OPT_STEP_EVENTS=0).
-    "graphs_late": ("read", {"cuda_graphs": "step"}),
+    # The same with the other hand-overs of a replayed step's choices (HF_MOE_OPT_STEP_HANDOVER).
+    "graphs_layer": ("read", {"cuda_graphs": "step"}),
+    "graphs_layer_early": ("read", {"cuda_graphs": "step"}),
 }
+HANDOVER = {"graphs_layer": "layer", "graphs_layer_early": "layer-early"}
 
 
 def resident_ms(args, device: torch.device, graphs: dict) -> float:
@@ -138,7 +140,7 @@ def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
     build_s = time.perf_counter() - t0
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     move_dense(model, device)
-    os.environ["HF_MOE_OPT_STEP_EVENTS"] = "0" if mode == "graphs_late" else "1"
+    os.environ["HF_MOE_OPT_STEP_HANDOVER"] = HANDOVER.get(mode, "step")
     t0 = time.perf_counter()
     hf_moe_opt.optimize(model, expert_cache=fraction, cache_policy=args.policy, cache_misses=cache_misses, **graphs)
     optimize_s = time.perf_counter() - t0
@@ -190,8 +192,8 @@ def plot(result: dict, path: Path) -> None:
     fractions = sorted({r["fraction_resident"] for r in result["runs"]}, reverse=True)
     modes = list(dict.fromkeys(r["mode"] for r in result["runs"]))
     # Eager bars first, then graphed ones: each cached mode beside the resident run it compares with.
-    order = ["resident, eager", "cached, copy", "cached, read", "resident, graphs", "cached, graphs_late"]
-    order.append("cached, graphs")
+    order = ["resident, eager", "cached, copy", "cached, read", "resident, graphs", "cached, graphs"]
+    order += ["cached, graphs_layer", "cached, graphs_layer_early", "cached, graphs_late"]  # (the last: older files)
     rows = []
     for fraction in fractions:
         row = {f"resident, {k}": v for k, v in result["resident_ms_per_new_token"].items()}
@@ -226,8 +228,8 @@ def main(argv=None) -> int:
         nargs="+",
         choices=sorted(GRAPH_MODES),
         default=["copy"],
-        help='cache_misses="copy", "read", or "read" with cuda_graphs="step" (graphs: a batch of 1; graphs_late: '
-        "each layer's choices handed over after the whole step, HF_MOE_OPT_STEP_EVENTS=0)",
+        help='cache_misses="copy", "read", or "read" with cuda_graphs="step" (graphs: a batch of 1; graphs_layer, '
+        "graphs_layer_early: HF_MOE_OPT_STEP_HANDOVER=layer / layer-early, see hf_moe_opt.cache.host_reads)",
     )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=64)

@@ -355,9 +355,12 @@ def test_step_graphs_with_a_read_behind_cache_match_plain_generate(family):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("family", ["switch", "qwen3_moe"])
-def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family):
+@pytest.mark.parametrize(("family", "handover"), [("switch", "step"), ("qwen3_moe", "step"), ("switch", "layer"),
+                                                  ("switch", "layer-early"), ("qwen3_moe", "layer-early")])  # fmt: skip
+def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family, handover, monkeypatch):
     from hf_moe_opt.step_graphs import runner_of
+
+    monkeypatch.setenv("HF_MOE_OPT_STEP_HANDOVER", handover)
 
     plain, model = _step_graph_pair(family, 2)
     ids = _ids(model, 1)
@@ -370,11 +373,26 @@ def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family):
     assert counts["replays"] > 0 and counts["fallbacks"] == 0
     stats = hf_moe_opt.stats(model)
     assert sum(s["host_reads"] for s in stats.values()) > 0 and sum(s["misses"] for s in stats.values()) > 0
-    # The replayed steps hand each layer's choices over as soon as that layer has run: through pinned
+    # A per-layer hand-over gives each layer's choices over as soon as that layer has run: through pinned
     # memory and an event recorded in the graph (every decoding layer; encoder layers never replay).
     reads = [layer.store.read_behind for _, layer in hf_moe_opt.optimized_layers(model)]
     stepping = [r for r in reads if r._step_key is not None]
-    assert stepping and all(r._step_done is not None and r._step_key_host is not None for r in stepping)
+    assert stepping
+    per_layer = handover != "step"
+    assert all((r._step_done is not None and r._step_key_host is not None) == per_layer for r in stepping)
+
+
+def test_step_handover_setting_is_checked(monkeypatch):
+    from hf_moe_opt.cache.host_reads import HANDOVERS, _handover
+
+    monkeypatch.delenv("HF_MOE_OPT_STEP_HANDOVER", raising=False)
+    assert _handover() == "step"
+    for value in HANDOVERS:
+        monkeypatch.setenv("HF_MOE_OPT_STEP_HANDOVER", value)
+        assert _handover() == value
+    monkeypatch.setenv("HF_MOE_OPT_STEP_HANDOVER", "layers")
+    with pytest.raises(ValueError, match="HF_MOE_OPT_STEP_HANDOVER"):
+        _handover()
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the CPU stand-in for graphs")
