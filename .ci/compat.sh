@@ -11,7 +11,7 @@ trap 'rm -rf "$old"' EXIT
 if .venv/bin/python -m pip install -q --no-deps --target "$old" "transformers==5.17.0" "huggingface-hub>=1.5,<2" \
     && .venv/bin/python -m pip install -q --target "$old" httpx \
     && PYTHONPATH="$old" .venv/bin/python -c "import transformers; assert transformers.__version__ == '5.17.0'"; then
-  PYTHONPATH="$old:$PWD" .venv/bin/python -m pytest -q -p no:cacheprovider \
+  PYTHONPATH="$old:$PWD" .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 \
     tests/test_step_graphs.py tests/test_encoder_graphs.py tests/test_dense.py \
     tests/test_eval.py::test_eval_lm_capacity_none_changes_only_dropped \
     tests/test_eval.py::test_eval_lm_shipped_switch_unchanged \
