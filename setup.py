@@ -29,7 +29,16 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "pytest-xdist", "hypothesis>=6", "ruff", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist",
+            "hypothesis>=6",
+            "ruff",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "matplotlib",
+        ],
         "eval": ["datasets", "evaluate", "sacrebleu", "matplotlib"],
     },
     entry_points={"console_scripts": ["hf-moe-opt=hf_moe_opt.cli:main"]},
