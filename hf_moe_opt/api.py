@@ -155,8 +155,8 @@ def optimize(
             with a warning. Switch Transformers and the causal families without sliding-window
             layers, and NLLB-MoE with transformers >= 5.24; NLLB-MoE on older versions and GPT-OSS raise
             ``ValueError`` (see :mod:`hf_moe_opt.step_graphs`).
-            Resident experts, or an ``expert_cache`` with ``cache_misses="read"`` (one sequence per step:
-            the caches' policies run between the replays). ``"encoder"`` replays an encoder-decoder
+            Resident experts, or an ``expert_cache`` with ``cache_misses="read"`` (at most 8 sequences per
+            step, beams counted: the caches' policies run between the replays). ``"encoder"`` replays an encoder-decoder
             model's encoder forward (also the encoder pass of ``generate``) from one CUDA graph per input
             signature, under ``torch.no_grad()``; other calls run eagerly (see :mod:`hf_moe_opt.encoder_graphs`).
             ``("encoder", "step")`` does both: a sequence-to-sequence ``generate`` then replays its

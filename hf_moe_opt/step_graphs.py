@@ -50,6 +50,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .cache.host_reads import STEP_MAX_TOKENS, captured_calls
 from .host_sync import no_host_reads
 from .layer import OptimizedMoE
 from .model_index import ModelIndex
@@ -268,6 +269,7 @@ class _StepGraph:
 
         self._put = state[1] if state is not None else None
         before = state[0]() if state is not None else None
+        self.read_calls: list = []  # (read-behind cache, tokens) of each call the capture saw, in order
         self.first_outputs = capture.warm_up(step, device)  # the real result of this first step
         self.after = state[0]() if state is not None else None
         if state is not None:
@@ -474,10 +476,10 @@ class StepGraphs:
         beams = option("num_beams", 1)
         expand = beams if beams > 1 else option("num_return_sequences", 1)
         if self._read_behind():
-            if batch * expand > 1:
+            if batch * expand > STEP_MAX_TOKENS:
                 return (
-                    f'an expert cache (cache_misses="read") runs inside step graphs for one sequence per step, '
-                    f"this call decodes {batch * expand}"
+                    f'an expert cache (cache_misses="read") runs inside step graphs for at most {STEP_MAX_TOKENS} '
+                    f"sequences per step, this call decodes {batch * expand}"
                 )
             if any(getattr(m, "backend", None) == "torch" for _, m in self._index.modules()):
                 return 'an expert cache (cache_misses="read") runs inside step graphs on the Triton backend only'
@@ -573,7 +575,9 @@ class StepGraphs:
             if isinstance(is_updated, dict):
                 state = (lambda: dict(slot.cache.is_updated), lambda snap: slot.cache.is_updated.update(snap))
             try:
-                graph = _StepGraph(forward, leaves, spec, self.capture, device, state)
+                with captured_calls() as reads:
+                    graph = _StepGraph(forward, leaves, spec, self.capture, device, state)
+                graph.read_calls = list(reads)
             except Exception as e:
                 self.broken = f"capturing a decode step failed ({type(e).__name__}: {e})"
                 raise RuntimeError(
@@ -586,9 +590,12 @@ class StepGraphs:
             outputs, graph.first_outputs = graph.first_outputs, None
             return _own(outputs, graph.substitutions(leaves), clone=False)
         self.counts["replays"] += 1
-        out = _own(graph(leaves), graph.substitutions(leaves), clone=True)
-        for reads in self._read_behind():  # the replayed step's routing to the caches' policies
-            reads.after_replay()
+        # The replayed step's routing to the caches' policies: the read-behind calls the capture saw
+        # (a stand-in capture runs nothing then, but runs them in each replay).
+        with captured_calls() as replayed:
+            out = _own(graph(leaves), graph.substitutions(leaves), clone=True)
+        for reads, tokens in graph.read_calls + replayed:
+            reads.after_replay(tokens)
         return out
 
 

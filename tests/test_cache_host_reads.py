@@ -216,12 +216,12 @@ def test_the_offset_table_points_at_slots_once_their_copies_are_in():
         else:
             assert table[e] == slot * store._slot_tensors()[0].stride(0)
     assert reads._ready == store.policy.resident
-    table, step_key = reads._table, reads._step_key
+    table, step_bufs = reads._table, dict(reads._step_bufs)
     store.clear()  # cold: everything read from its host copy again
     assert reads.offsets.w1.tolist()[:NUM_EXPERTS] == reads._host[0, :NUM_EXPERTS].tolist()
     assert not store.policy.resident and not reads._ready
     # A captured step keeps reading the same device buffers: they are rewritten, never replaced.
-    assert reads._table is table and reads._step_key is step_key is not None
+    assert reads._table is table and reads._step_bufs == step_bufs and 1 in step_bufs
 
 
 def test_reset_stats_and_clear_keep_outputs_exact():
@@ -324,10 +324,11 @@ def _ids(model, batch: int, seq: int = 7, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the CPU stand-in for graphs; CUDA graphs are tested below")
-@pytest.mark.parametrize("family", ["switch", "qwen3_moe"])
-def test_step_graphs_with_a_read_behind_cache_match_plain_generate(family):
+@pytest.mark.parametrize(("family", "batch"), [("switch", 1), ("qwen3_moe", 1), ("switch", 3)])
+def test_step_graphs_with_a_read_behind_cache_match_plain_generate(family, batch):
     """The decode steps replay (on the CPU: the eager stand-in, with every host read inside a step
     refused); the caches' policies take each replayed step's routing afterwards."""
+    from hf_moe_opt.cache.host_reads import STEP_MAX_TOKENS
     from hf_moe_opt.step_graphs import EagerCapture, runner_of
 
     plain, model = _step_graph_pair(family, 2)
@@ -335,7 +336,7 @@ def test_step_graphs_with_a_read_behind_cache_match_plain_generate(family):
     runner.capture = EagerCapture()
     stores = [layer.store for _, layer in hf_moe_opt.optimized_layers(model)]
     calls = [_count_calls(store) for store in stores]
-    ids = _ids(model, 1)
+    ids = _ids(model, batch)
     new = 5
     with torch.no_grad():
         want = plain.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
@@ -347,23 +348,25 @@ def test_step_graphs_with_a_read_behind_cache_match_plain_generate(family):
         # Every call once: eager ones (prefill, warm-up) through the queue, replays through after_replay.
         assert stats["steps"] == recorded[0] > 0
     assert sum(store.stats()["host_reads"] for store in stores) > 0
-    # Several sequences per step: plain generate (read-behind, eager) with a warning.
-    with torch.no_grad(), pytest.warns(UserWarning, match="one sequence per step"):
-        batch = model.generate(_ids(model, 2), max_new_tokens=4, do_sample=False)
-    assert batch.shape[0] == 2 and runner.counts["fallbacks"] == 1
+    # More sequences per step than the decode kernels take: plain generate (read-behind, eager) with a warning.
+    too_many = STEP_MAX_TOKENS + 1
+    with torch.no_grad(), pytest.warns(UserWarning, match=f"at most {STEP_MAX_TOKENS} sequences per step"):
+        out = model.generate(_ids(model, too_many), max_new_tokens=2, do_sample=False)
+    assert out.shape[0] == too_many and runner.counts["fallbacks"] == 1
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(("family", "handover"), [("switch", "step"), ("qwen3_moe", "step"), ("switch", "layer"),
-                                                  ("switch", "layer-early"), ("qwen3_moe", "layer-early")])  # fmt: skip
-def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family, handover, monkeypatch):
+@pytest.mark.parametrize(("family", "handover", "batch"), [
+    ("switch", "step", 1), ("qwen3_moe", "step", 1), ("switch", "layer", 1), ("switch", "layer-early", 1),
+    ("qwen3_moe", "layer-early", 1), ("switch", "step", 4), ("qwen3_moe", "layer-early", 3)])  # fmt: skip
+def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family, handover, batch, monkeypatch):
     from hf_moe_opt.step_graphs import runner_of
 
     monkeypatch.setenv("HF_MOE_OPT_STEP_HANDOVER", handover)
 
     plain, model = _step_graph_pair(family, 2)
-    ids = _ids(model, 1)
+    ids = _ids(model, batch)
     with torch.no_grad():
         want = plain.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         got = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
@@ -376,10 +379,10 @@ def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family, 
     # A per-layer hand-over gives each layer's choices over as soon as that layer has run: through pinned
     # memory and an event recorded in the graph (every decoding layer; encoder layers never replay).
     reads = [layer.store.read_behind for _, layer in hf_moe_opt.optimized_layers(model)]
-    stepping = [r for r in reads if r._step_key is not None]
+    stepping = [bufs for r in reads for bufs in r._step_bufs.values()]
     assert stepping
     per_layer = handover != "step"
-    assert all((r._step_done is not None and r._step_key_host is not None) == per_layer for r in stepping)
+    assert all((bufs.done is not None and bufs.host is not None) == per_layer for bufs in stepping)
 
 
 def test_step_handover_setting_is_checked(monkeypatch):

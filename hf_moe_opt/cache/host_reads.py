@@ -21,6 +21,8 @@ and the outputs equal the resident layer's bit for bit (the same kernels over th
 
 Calls the decode kernels do not take (several tokens, the torch backend) run the default path
 after the policy has caught up with every queued step; the table is then rebuilt from the slots.
+Inside a captured decode step the decode kernels take up to :data:`STEP_MAX_TOKENS` tokens (a graph
+cannot wait for the host), reading an expert missing from the slots once per token routed to it.
 
 Inside a whole-step CUDA graph (``cuda_graphs="step"``) the layers leave their choices in device
 buffers and, after the replay, hand them to their policies (``HF_MOE_OPT_STEP_HANDOVER``):
@@ -41,6 +43,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,7 +58,7 @@ if TYPE_CHECKING:
     from ..experts.activation import Activation
     from .store import CachedExpertStore
 
-__all__ = ["HostReads", "MAX_QUEUED_STEPS"]
+__all__ = ["HostReads", "MAX_QUEUED_STEPS", "STEP_MAX_TOKENS", "captured_calls"]
 
 # Steps whose choices may wait for the policy; one more waits for the oldest (bounds the lag).
 MAX_QUEUED_STEPS = 8
@@ -69,6 +74,8 @@ def _capturing() -> bool:
         return False
 
 
+# Tokens of a captured decode step (sequences times beams) that read-behind caches can serve.
+STEP_MAX_TOKENS = 8
 HANDOVERS = ("step", "layer", "layer-early")
 
 
@@ -78,6 +85,32 @@ def _handover() -> str:
     if value not in HANDOVERS:
         raise ValueError(f"HF_MOE_OPT_STEP_HANDOVER must be one of {HANDOVERS}, not {value!r}")
     return value
+
+
+@dataclass
+class _StepBuffers:
+    """Where a captured step leaves one layer's choices: a device buffer, and for a per-layer
+    hand-over its pinned twin and the event recorded after the copy (else None)."""
+
+    key: torch.Tensor
+    host: torch.Tensor | None
+    done: torch.cuda.Event | None
+
+
+# While a step is being captured: the read-behind calls it makes, in order (see ``captured_calls``).
+_CAPTURED_CALLS: list | None = None
+
+
+@contextmanager
+def captured_calls() -> Iterator[list[tuple[HostReads, int]]]:
+    """Collects ``(host_reads, tokens)`` for each read-behind call captured inside the block, in call
+    order: after each replay of that graph, ``host_reads.after_replay(tokens)`` runs for each."""
+    global _CAPTURED_CALLS
+    outer, _CAPTURED_CALLS = _CAPTURED_CALLS, []
+    try:
+        yield _CAPTURED_CALLS
+    finally:
+        _CAPTURED_CALLS = outer
 
 
 _GRAPH_HOST_COPIES: dict[torch.device, bool] = {}
@@ -119,10 +152,7 @@ class HostReads:
         # Device buffers a captured decode step reads and writes: kept (written in place) across
         # resets, so a graph captured before a clear() or load_state_dict() still sees the live ones.
         self._table: torch.Tensor | None = None
-        self._step_key: torch.Tensor | None = None  # a captured step's choices (whole-step graphs)
-        # Their pinned twin, written by the graph, and the event the graph records after this layer.
-        self._step_key_host: torch.Tensor | None = None
-        self._step_done: torch.cuda.Event | None = None
+        self._step_bufs: dict[int, _StepBuffers] = {}  # a captured step's choices, by its tokens
         self._copy_after: torch.cuda.Event | None = None  # what loads wait for (None: all queued compute)
         # Table pushes go through pinned buffers (a pageable copy may wait for the stream to drain).
         self._push_ring: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
@@ -187,13 +217,19 @@ class HostReads:
         """The call through the decode kernels over the offset table, or None where they do not apply."""
         store = self.store
         weights = store._slot_tensors()
-        found = supported_direct_ffn(backend, x, lambda: weights, activation) if backend else None
+        capturing = _capturing()
+        # Eager calls: one token (beyond it the plan path reads a shared expert once); in a captured
+        # step, up to STEP_MAX_TOKENS (a graph cannot wait for the host's copies).
+        limit = STEP_MAX_TOKENS if capturing else None
+        found = supported_direct_ffn(backend, x, lambda: weights, activation, limit) if backend else None
+        if not capturing and 0 < x.shape[0] <= STEP_MAX_TOKENS:
+            self._buffers(expert_index)  # a later capture of this step shape finds them (allocated here)
         if found is None:
-            if _capturing():
+            if capturing:
                 raise RuntimeError(
                     'an expert cache with cache_misses="read" runs inside a captured decode step only for '
-                    f"one-token calls on the Triton backend; this call has {x.shape[0]} tokens "
-                    f"(backend {backend or 'plan'!r})"
+                    f"calls of at most {STEP_MAX_TOKENS} tokens on the Triton backend; this call has "
+                    f"{x.shape[0]} tokens (backend {backend or 'plan'!r})"
                 )
             return None
         if self._pin_error is not None:
@@ -201,34 +237,38 @@ class HostReads:
                 'cache_misses="read" needs the experts in pinned host memory, which the GPU can read; '
                 f"pinning failed: {self._pin_error}"
             )
-        capturing = _capturing()
         if not capturing:
             self.catch_up(wait=False)
         key = expert_index if keep is None else torch.where(keep, expert_index, store.num_experts)
         w1, b1, w2, b2 = weights
         out = found[0](x, key, gates, keep, w1, b1, w2, b2, activation, out_scale, offsets=self.offsets)
         if capturing:  # part of a whole-step graph: the choices stay on the device for after_replay()
-            self._step_key_for(key).copy_(key.reshape(-1))
-            if self._step_key_host is not None and self._step_done is not None:
-                self._step_key_host.copy_(self._step_key, non_blocking=True)
-                self._step_done.record()
+            bufs = self._buffers(key)
+            bufs.key.copy_(key.reshape(-1))
+            if bufs.host is not None and bufs.done is not None:
+                bufs.host.copy_(bufs.key, non_blocking=True)
+                bufs.done.record()
+            if _CAPTURED_CALLS is not None:
+                _CAPTURED_CALLS.append((self, x.shape[0]))
         else:
-            self._step_key_for(key)  # allocated outside the capture (the warm-up step comes first)
             self._queue(key)
         return out
 
-    def _step_key_for(self, key: torch.Tensor) -> torch.Tensor:
-        buf = self._step_key
-        if buf is None or buf.numel() != key.numel() or buf.dtype != key.dtype or buf.device != key.device:
-            buf = self._step_key = torch.empty(key.numel(), dtype=key.dtype, device=key.device)
-            self._step_key_host = self._step_done = None
+    def _buffers(self, key: torch.Tensor) -> _StepBuffers:
+        """The buffers a captured step of ``key.shape[0]`` tokens leaves its choices in (made on first use)."""
+        tokens = key.shape[0]
+        bufs = self._step_bufs.get(tokens)
+        if bufs is None or bufs.key.dtype != key.dtype or bufs.key.device != key.device:
+            host = done = None
             per_layer = _handover() != "step"
             if key.device.type == "cuda" and per_layer and _graphs_copy_to_host(key.device):
-                self._step_done = torch.cuda.Event(external=True)
-                self._step_key_host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
-        return buf
+                done = torch.cuda.Event(external=True)
+                host = torch.empty(key.numel(), dtype=key.dtype, pin_memory=True)
+            device_key = torch.empty(key.numel(), dtype=key.dtype, device=key.device)
+            bufs = self._step_bufs[tokens] = _StepBuffers(device_key, host, done)
+        return bufs
 
-    def after_replay(self) -> None:
+    def after_replay(self, tokens: int) -> None:
         """After a captured decode step was launched (``cuda_graphs="step"``): its routing choices go to
         the policy, then finished copies are pointed at their slots for the next replay.
 
@@ -236,14 +276,13 @@ class HostReads:
         this layer's event: the host waits for this layer's part of the step only; with ``layer-early``
         the loads wait for nothing later in the step either (only this layer reads its slots, and the
         table updates are queued behind the whole step)."""
-        if self._step_key is None:
-            return
-        done, host = self._step_done, self._step_key_host
+        bufs = self._step_bufs[tokens]
+        done, host = bufs.done, bufs.host
         if done is not None and host is not None:
             done.synchronize()
             choices = host.tolist()
         else:
-            choices = self._step_key.tolist()
+            choices = bufs.key.tolist()
         self._queued.append((choices, None, self._ready))
         self._copy_after = done if _handover() == "layer-early" else None
         try:

@@ -681,7 +681,8 @@ class CachedExpertStore(ExpertStore):
 
     @property
     def capturable(self) -> bool:
-        """Whether a one-token call can run inside a captured decode step (read-behind mode only)."""
+        """Whether a decode call (up to ``host_reads.STEP_MAX_TOKENS`` tokens) can run inside a captured
+        decode step (read-behind mode only)."""
         return self._reads is not None
 
     def enable_host_reads(self) -> None:

@@ -88,9 +88,10 @@ def get_backend(name: str) -> Callable:
     raise ValueError(f"unknown backend {name!r}")
 
 
-def direct_ffn(name: str, num_tokens: int) -> Callable | None:
+def direct_ffn(name: str, num_tokens: int, max_tokens: int | None = None) -> Callable | None:
     """The plan-free decode path (:func:`hf_moe_opt.kernels.gemv.gemv_moe_ffn`) for ``num_tokens`` tokens
-    on the concrete backend ``name`` ("torch", "triton" or "auto"), or None where it does not apply.
+    on the concrete backend ``name`` ("torch", "triton" or "auto"), or None where it does not apply
+    (above ``max_tokens`` tokens; default :data:`hf_moe_opt.kernels.gemv.MAX_TOKENS`).
     The caller still checks the weights and activation (:func:`hf_moe_opt.kernels.kernel_supported`)."""
     if name == "torch" or not _triton_available():
         return None
@@ -98,15 +99,15 @@ def direct_ffn(name: str, num_tokens: int) -> Callable | None:
         from ..kernels import gemv
     except ImportError:
         return None
-    return gemv.gemv_moe_ffn if gemv.fits(num_tokens) else None
+    return gemv.gemv_moe_ffn if gemv.fits(num_tokens, max_tokens) else None
 
 
 def supported_direct_ffn(
-    name: str, x: torch.Tensor, weights: Callable[[], tuple], activation
+    name: str, x: torch.Tensor, weights: Callable[[], tuple], activation, max_tokens: int | None = None
 ) -> tuple[Callable, tuple] | None:
     """:func:`direct_ffn` for the tokens ``x`` where the kernels also take these experts:
     ``(ffn, (w1, b1, w2, b2))``, or None. ``weights()`` is called only once the cheap checks passed."""
-    ffn = direct_ffn(name, x.shape[0])
+    ffn = direct_ffn(name, x.shape[0], max_tokens)
     if ffn is None:
         return None
     from ..kernels import kernel_supported

@@ -249,9 +249,10 @@ class ExpertOffsets:
                 )
 
 
-def fits(num_tokens: int) -> bool:
-    """Whether :func:`gemv_moe_ffn` serves a batch of ``num_tokens`` tokens."""
-    return 0 < num_tokens <= MAX_TOKENS
+def fits(num_tokens: int, limit: int | None = None) -> bool:
+    """Whether :func:`gemv_moe_ffn` serves a batch of ``num_tokens`` tokens (at most ``limit``, by
+    default :data:`MAX_TOKENS`; an expert cache reading from host memory inside a graph takes more)."""
+    return 0 < num_tokens <= (MAX_TOKENS if limit is None else limit)
 
 
 def _blocks(columns: int, depth: int, rows: int, item_bytes: int) -> tuple[int, int]:
