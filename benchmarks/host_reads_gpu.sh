@@ -5,12 +5,13 @@
 #   bash benchmarks/host_reads_gpu.sh tests  [OUT_DIR]  # GPU tests: read-behind, offset kernels, step graphs with a cache
 #   bash benchmarks/host_reads_gpu.sh probe  [OUT_DIR]  # MoE-only stacks, copy vs read vs resident, 50% and 25% resident
 #   bash benchmarks/host_reads_gpu.sh model  [OUT_DIR]  # switch-base-128 at 50% and 25%: copy, read, read + step graphs, vs resident
+#   bash benchmarks/host_reads_gpu.sh model8 [OUT_DIR]  # the same at batch 8 (step graphs serve up to 8 sequences)
 #
 # Each stage writes host_reads_*_h200.{json,png,log} into OUT_DIR (default benchmarks/results); each log
 # starts with the commit, GPU and versions. Each command stops after 540 s (a device call has 10 min).
 # PYTHON picks the interpreter (default: python).
 set -euo pipefail
-stage=${1:?usage: host_reads_gpu.sh tests|probe|model [OUT_DIR]}
+stage=${1:?usage: host_reads_gpu.sh tests|probe|model|model8 [OUT_DIR]}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
 py=${PYTHON:-python}
@@ -38,6 +39,11 @@ model)
     run host_reads_model_h200 timeout 540 "$py" benchmarks/serve_offloaded.py --model switch-base-128 \
         --fraction 0.5 0.25 --modes copy read graphs --resident-baseline --policy adaptive --new-tokens 32 \
         --out "$out/host_reads_model_h200.json"
+    ;;
+model8)
+    run host_reads_model_b8_h200 timeout 540 "$py" benchmarks/serve_offloaded.py --model switch-base-128 --batch 8 \
+        --fraction 0.5 0.25 --modes copy graphs --resident-baseline --policy adaptive --new-tokens 32 \
+        --out "$out/host_reads_model_b8_h200.json"
     ;;
 *)
     echo "host_reads_gpu.sh: unknown stage $stage" >&2

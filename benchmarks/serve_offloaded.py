@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         nargs="+",
         choices=sorted(GRAPH_MODES),
         default=["copy"],
-        help='cache_misses="copy", "read", or "read" with cuda_graphs="step" (graphs: a batch of 1; graphs_layer, '
+        help='cache_misses="copy", "read", or "read" with cuda_graphs="step" (graphs: batches up to 8; graphs_layer, '
         "graphs_layer_early: HF_MOE_OPT_STEP_HANDOVER=layer / layer-early, see hf_moe_opt.cache.host_reads)",
     )
     p.add_argument("--batch", type=int, default=1)

@@ -219,8 +219,9 @@ class HostReads:
         weights = store._slot_tensors()
         capturing = _capturing()
         # Eager calls: one token (beyond it the plan path reads a shared expert once); in a captured
-        # step, up to STEP_MAX_TOKENS (a graph cannot wait for the host's copies).
-        limit = STEP_MAX_TOKENS if capturing else None
+        # decode step, up to STEP_MAX_TOKENS (a graph cannot wait for the host's copies). Other captures
+        # (the encoder's) hand no choices over: one token, as eager calls.
+        limit = STEP_MAX_TOKENS if capturing and _CAPTURED_CALLS is not None else None
         found = supported_direct_ffn(backend, x, lambda: weights, activation, limit) if backend else None
         if not capturing and 0 < x.shape[0] <= STEP_MAX_TOKENS:
             self._buffers(expert_index)  # a later capture of this step shape finds them (allocated here)
