@@ -261,7 +261,9 @@ class HostReads:
         bufs = self._step_bufs.get(tokens)
         if bufs is None or bufs.key.dtype != key.dtype or bufs.key.device != key.device:
             host = done = None
-            per_layer = _handover() != "step"
+            # Made inside a capture only if no eager call of this shape came first: no probe (a capture
+            # cannot nest), so such a step hands over after the whole step.
+            per_layer = _handover() != "step" and not _capturing()
             if key.device.type == "cuda" and per_layer and _graphs_copy_to_host(key.device):
                 done = torch.cuda.Event(external=True)
                 host = torch.empty(key.numel(), dtype=key.dtype, pin_memory=True)
