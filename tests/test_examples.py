@@ -61,9 +61,11 @@ def test_translation_nllb():
         ("--model", "switch", "--policy", "lifo"),
         ("--model", "nllb", "--policy", "lru", "--recipe", "device_map", "--fractions", "0.25"),
         ("--model", "nllb", "--backend", "triton", "--cache-misses", "read", "--fractions", "0.25"),
+        ("--model", "switch", "--backend", "triton", "--cache-misses", "read", "--cuda-graphs", "step",
+         "--fractions", "0.25"),
     ],
-    ids=["switch-lifo-move_dense", "nllb-lru-device_map", "nllb-read-behind"],
-)
+    ids=["switch-lifo-move_dense", "nllb-lru-device_map", "nllb-read-behind", "switch-read-behind-step-graphs"],
+)  # fmt: skip
 def test_expert_buffering(args):
     if "triton" in args and not torch.cuda.is_available():
         pytest.importorskip("triton")
@@ -78,6 +80,14 @@ def test_expert_buffering(args):
     assert "hit rate" in out and "MiB copied" in out
     if "read" in args:  # decode steps read missing experts from host memory
         assert int(out.split("host reads ")[1].split()[0]) > 0
+
+
+def test_expert_buffering_step_graphs_need_read_behind():
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "expert_buffering.py"), "--cuda-graphs", "step"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--cache-misses read" in proc.stderr
 
 
 @pytest.mark.parametrize("model", ["switch", "nllb"])
