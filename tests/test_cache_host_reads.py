@@ -355,6 +355,23 @@ def test_step_graphs_with_a_read_behind_cache_match_plain_generate(family, batch
     assert out.shape[0] == too_many and runner.counts["fallbacks"] == 1
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the CPU stand-in for graphs")
+def test_step_graphs_with_a_read_behind_cache_and_beams_match_plain_generate():
+    """Two prompts times three beams: six sequences per replayed step, each step's choices to the policies."""
+    from hf_moe_opt.step_graphs import EagerCapture, runner_of
+
+    plain, model = _step_graph_pair("switch", 2)
+    runner = runner_of(model)
+    runner.capture = EagerCapture()
+    ids = _ids(model, 2, seed=4)
+    with torch.no_grad():
+        want = plain.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, num_beams=3)
+        got = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, num_beams=3)
+    assert torch.equal(got, want)
+    assert runner.counts["replays"] > 0 and runner.counts["fallbacks"] == 0
+    assert sum(s["host_reads"] for s in hf_moe_opt.stats(model).values()) > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("family", "handover", "batch"), [
