@@ -7,7 +7,7 @@ The model is built in host memory, its dense modules moved to the GPU (``move_de
 ``optimize(model, expert_cache=fraction)`` keeps that fraction of every layer's experts in GPU slots
 and the rest in pinned host memory. Reports GPU memory (allocated, peak), the bytes of the whole
 model and of the resident experts, greedy ``generate`` time per new token (the median difference
-between generating 1 and ``--new-tokens`` tokens, three runs each), the cache's hit rate and
+between generating 1 and ``--new-tokens`` tokens, ``--runs`` runs each), the cache's hit rate and
 its copy bandwidth beside the pinned host-to-device bandwidth measured in the same run.
 ``--resident-baseline`` first times the same model fully resident on the GPU, with the same
 ``cuda_graphs`` setting, in the same process, and reports the cached time over it (``x_resident``).
@@ -74,15 +74,15 @@ def generate_ms(model, ids, new_tokens: int) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def decode_ms(model, ids, new_tokens: int, before_timing=None) -> tuple[float, float]:
-    """(prefill + 1 token, per new token) in ms: medians of three alternating 1 / ``new_tokens`` runs."""
+def decode_ms(model, ids, new_tokens: int, before_timing=None, runs: int = 3) -> tuple[float, float]:
+    """(prefill + 1 token, per new token) in ms: medians of ``runs`` alternating 1 / ``new_tokens`` runs."""
     with torch.no_grad():
         generate_ms(model, ids, 2)  # warm-up: slots filled, kernels compiled, graphs captured
         if before_timing is not None:
             before_timing()
-        runs = [(generate_ms(model, ids, 1), generate_ms(model, ids, new_tokens)) for _ in range(3)]
-    short = statistics.median(r[0] for r in runs)
-    long = statistics.median(r[1] for r in runs)
+        times = [(generate_ms(model, ids, 1), generate_ms(model, ids, new_tokens)) for _ in range(runs)]
+    short = statistics.median(r[0] for r in times)
+    long = statistics.median(r[1] for r in times)
     # NaN where host jitter made the longer generation look no slower (tiny models on a busy CPU).
     return short, (long - short) / max(new_tokens - 1, 1) if long > short else float("nan")
 
@@ -108,7 +108,7 @@ def resident_ms(args, device: torch.device, graphs: dict) -> float:
     model = build(args).to(device)
     hf_moe_opt.optimize(model, **graphs)
     ids = prompt(model, args, device)
-    per_token = decode_ms(model, ids, args.new_tokens)[1]
+    per_token = decode_ms(model, ids, args.new_tokens, runs=args.runs)[1]
     del model
     release(device)
     return per_token
@@ -148,7 +148,8 @@ def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
     resident_bytes = sum(s["slot_bytes"] for s in stats.values())
     expert_bytes = sum(s["slot_bytes"] * s["num_experts"] / s["num_slots"] for s in stats.values())
     ids = prompt(model, args, device)
-    short, per_token = decode_ms(model, ids, args.new_tokens, before_timing=partial(hf_moe_opt.reset_stats, model))
+    reset = partial(hf_moe_opt.reset_stats, model)
+    short, per_token = decode_ms(model, ids, args.new_tokens, before_timing=reset, runs=args.runs)
     stats = hf_moe_opt.stats(model)
     hits = sum(s["hits"] for s in stats.values())
     misses = sum(s["misses"] for s in stats.values())
@@ -234,6 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--runs", type=int, default=3, help="timed 1- and N-token generations per setting (medians)")
     p.add_argument(
         "--resident-baseline", action="store_true", help="also time the model fully resident (same graph settings)"
     )
@@ -273,6 +275,7 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "timed_runs": args.runs,
         "pinned_h2d_gbps": pinned_gbps(device),
         "resident_ms_per_new_token": baselines,
         "runs": runs,
