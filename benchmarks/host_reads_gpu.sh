@@ -15,17 +15,8 @@ stage=${1:?usage: host_reads_gpu.sh tests|probe|model|model8 [OUT_DIR]}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
 py=${PYTHON:-python}
-# HF_MOE_OPT_COMMIT names the commit where git cannot (a copied working tree whose .git is older).
-commit=${HF_MOE_OPT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || cat .carry/commit.txt 2>/dev/null || echo unknown)}
-header="# commit $commit; $("$py" -c 'import torch,triton,transformers;print(torch.cuda.get_device_name(),"torch",torch.__version__,"triton",triton.__version__,"transformers",transformers.__version__)')"
-
-status=0
-run() {  # run NAME COMMAND...: log with the header and the command line; the exit status in $status
-    local name=$1
-    shift
-    { echo "$header"; echo "# $*"; } > "$out/$name.log"
-    "$@" >> "$out/$name.log" 2>&1 || status=$?
-}
+. "$(dirname "$0")/gpu_stage.sh"
+header=$(stage_header)
 
 case "$stage" in
 tests)

@@ -21,17 +21,8 @@ if [ "$n" -lt 2 ]; then
     echo "multi_gpu.sh: needs at least 2 CUDA GPUs, found $n" >&2
     exit 2
 fi
-# HF_MOE_OPT_COMMIT names the commit where git cannot (a copied working tree whose .git is older).
-commit=${HF_MOE_OPT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || cat .carry/commit.txt 2>/dev/null || echo unknown)}
-header="# commit $commit; ${n}x $("$py" -c 'import torch,triton,transformers;print(torch.cuda.get_device_name(),"torch",torch.__version__,"triton",triton.__version__,"transformers",transformers.__version__)')"
-
-status=0
-run() {  # run NAME COMMAND...: log with the header and the command line; the exit status in $status
-    local name=$1
-    shift
-    { echo "$header"; echo "# $*"; } > "$out/$name.log"
-    "$@" >> "$out/$name.log" 2>&1 || status=$?
-}
+. "$(dirname "$0")/gpu_stage.sh"
+header=$(stage_header "${n}x ")
 
 torchrun=("$py" -m torch.distributed.run --standalone --nproc_per_node "$n")
 case "$stage" in
