@@ -155,7 +155,7 @@ class HostReads:
         self._step_bufs: dict[int, _StepBuffers] = {}  # a captured step's choices, by its tokens
         self._copy_after: torch.cuda.Event | None = None  # what loads wait for (None: all queued compute)
         # Table pushes go through pinned buffers (a pageable copy may wait for the stream to drain).
-        self._push_ring: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._push_ring: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         self._push_next = 0
         self.reset()
 
@@ -384,17 +384,14 @@ class HostReads:
         # only once its last copy has completed (pushes of four calls ago: never waited for in practice).
         if len(self._push_ring) < PUSH_RING:
             host = self._table_host
-            self._push_ring.append((torch.empty(host.shape, dtype=host.dtype, pin_memory=True), None))
+            self._push_ring.append((torch.empty(host.shape, dtype=host.dtype, pin_memory=True), torch.cuda.Event()))
         i = self._push_next
         self._push_next = (i + 1) % PUSH_RING
-        buf, last = self._push_ring[i]
-        if last is not None:
-            last.synchronize()
+        buf, done = self._push_ring[i]
+        done.synchronize()  # returns at once for an event never recorded
         buf.copy_(self._table_host)
         self._table.copy_(buf, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self._table.device))
-        self._push_ring[i] = (buf, event)
+        done.record(torch.cuda.current_stream(self._table.device))  # one event per buffer, re-recorded
 
     def after_copy_step(self) -> None:
         """After a call on the default path (every queued step applied, its loads waited for by the
