@@ -8,7 +8,8 @@ The model is built in host memory, its dense modules moved to the GPU (``move_de
 and the rest in pinned host memory. Reports GPU memory (allocated, peak), the bytes of the whole
 model and of the resident experts, greedy ``generate`` time per new token (the median difference
 between generating 1 and ``--new-tokens`` tokens, ``--runs`` runs each), the cache's hit rate and
-its copy bandwidth beside the pinned host-to-device bandwidth measured in the same run.
+its copy bandwidth beside the pinned host-to-device bandwidth measured in the same run, and the
+host link's floor: the timed generations' copies and host reads at that rate, per decode step.
 ``--resident-baseline`` first times the same model fully resident on the GPU, with the same
 ``cuda_graphs`` setting, in the same process, and reports the cached time over it (``x_resident``).
 ``--tiny`` runs a small config on whatever device exists (a smoke test of the script).
@@ -172,6 +173,9 @@ def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
         "ms_per_new_token": per_token,
         "hit_rate": hits / max(hits + misses, 1),
         "bytes_copied": copied,
+        # Over the host link in the timed generations (prefill included): copies and reads of host memory.
+        "link_bytes": copied + sum(s["host_read_bytes"] for s in stats.values()),
+        "timed_steps": args.runs * (1 + args.new_tokens),
         "copy_gbps": copied / (copy_ms * 1e-3) / 1e9 if copy_ms > 0 else None,
         "host_pinned_layers": sum(bool(s["host_pinned"]) for s in stats.values()),
         "cached_layers": len(stats),
@@ -267,6 +271,13 @@ def main(argv=None) -> int:
             print(f"--- fraction {fraction}, {mode}")
             for key, value in run.items():
                 print(f"{key:>24}: {value:.3f}" if isinstance(value, float) else f"{key:>24}: {value}", flush=True)
+    pinned = pinned_gbps(device)
+    for run in runs:  # the link's floor beside the time: its bytes per decode step at the pinned rate
+        run["link_floor_ms_per_step"] = run["link_bytes"] / run["timed_steps"] / (pinned * 1e6) if pinned else None
+        print(
+            f"fraction {run['fraction_resident']}, {run['mode']}: {run['ms_per_new_token']:.3f} ms per new token, "
+            f"host-link floor {run['link_floor_ms_per_step'] or float('nan'):.3f} ms per step"
+        )
     result = {
         "command": " ".join(sys.argv),
         "environment": environment(),
@@ -276,7 +287,7 @@ def main(argv=None) -> int:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "timed_runs": args.runs,
-        "pinned_h2d_gbps": pinned_gbps(device),
+        "pinned_h2d_gbps": pinned,
         "resident_ms_per_new_token": baselines,
         "runs": runs,
     }
