@@ -198,7 +198,7 @@ def plot(result: dict, path: Path) -> None:
     modes = list(dict.fromkeys(r["mode"] for r in result["runs"]))
     # Eager bars first, then graphed ones: each cached mode beside the resident run it compares with.
     order = ["resident, eager", "cached, copy", "cached, read", "resident, graphs", "cached, graphs"]
-    order += ["cached, graphs_layer", "cached, graphs_layer_early", "cached, graphs_late"]  # (the last: older files)
+    order += ["cached, graphs_layer", "cached, graphs_layer_early"]
     rows = []
     for fraction in fractions:
         row = {f"resident, {k}": v for k, v in result["resident_ms_per_new_token"].items()}
