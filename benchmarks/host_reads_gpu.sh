@@ -6,12 +6,14 @@
 #   bash benchmarks/host_reads_gpu.sh probe  [OUT_DIR]  # MoE-only stacks, copy vs read vs resident, 50% and 25% resident
 #   bash benchmarks/host_reads_gpu.sh model  [OUT_DIR]  # switch-base-128 at 50% and 25%: copy, read, read + step graphs, vs resident
 #   bash benchmarks/host_reads_gpu.sh model8 [OUT_DIR]  # the same at batch 8 (step graphs serve up to 8 sequences)
+#   bash benchmarks/host_reads_gpu.sh lag    [OUT_DIR]  # step graphs, 50%: the hand-overs step / lag / layer, twice
+#   bash benchmarks/host_reads_gpu.sh lag8   [OUT_DIR]  # batch 8, 50% and 25%: copy, step graphs with step / lag
 #
 # Each stage writes host_reads_*_h200.{json,png,log} into OUT_DIR (default benchmarks/results); each log
 # starts with the commit, GPU and versions. Each command stops after 540 s (a device call has 10 min).
 # PYTHON picks the interpreter (default: python).
 set -euo pipefail
-stage=${1:?usage: host_reads_gpu.sh tests|probe|model|model8 [OUT_DIR]}
+stage=${1:?usage: host_reads_gpu.sh tests|probe|model|model8|lag|lag8 [OUT_DIR]}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
 py=${PYTHON:-python}
@@ -36,6 +38,16 @@ model8)
     run host_reads_model_b8_h200 timeout 540 "$py" benchmarks/serve_offloaded.py --model switch-base-128 --batch 8 \
         --fraction 0.5 0.25 --modes copy graphs --resident-baseline --policy adaptive --new-tokens 32 \
         --out "$out/host_reads_model_b8_h200.json"
+    ;;
+lag)
+    run host_reads_lag_h200 timeout 540 "$py" benchmarks/serve_offloaded.py --model switch-base-128 \
+        --fraction 0.5 --modes graphs graphs_lag graphs_layer graphs graphs_lag --resident-baseline --policy adaptive \
+        --new-tokens 64 --out "$out/host_reads_lag_h200.json"
+    ;;
+lag8)
+    run host_reads_lag_b8_h200 timeout 540 "$py" benchmarks/serve_offloaded.py --model switch-base-128 --batch 8 \
+        --fraction 0.5 0.25 --modes copy graphs graphs_lag --resident-baseline --policy adaptive --new-tokens 32 \
+        --out "$out/host_reads_lag_b8_h200.json"
     ;;
 *)
     echo "host_reads_gpu.sh: unknown stage $stage" >&2

@@ -324,12 +324,16 @@ def _ids(model, batch: int, seq: int = 7, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the CPU stand-in for graphs; CUDA graphs are tested below")
-@pytest.mark.parametrize(("family", "batch"), [("switch", 1), ("qwen3_moe", 1), ("switch", 3)])
-def test_step_graphs_with_a_read_behind_cache_match_plain_generate(family, batch):
+@pytest.mark.parametrize(
+    ("family", "batch", "handover"), [("switch", 1, "step"), ("qwen3_moe", 1, "step"), ("switch", 3, "step"),
+                                      ("switch", 3, "lag")])  # fmt: skip
+def test_step_graphs_with_a_read_behind_cache_match_plain_generate(family, batch, handover, monkeypatch):
     """The decode steps replay (on the CPU: the eager stand-in, with every host read inside a step
     refused); the caches' policies take each replayed step's routing afterwards."""
     from hf_moe_opt.cache.host_reads import STEP_MAX_TOKENS
     from hf_moe_opt.step_graphs import EagerCapture, runner_of
+
+    monkeypatch.setenv("HF_MOE_OPT_STEP_HANDOVER", handover)
 
     plain, model = _step_graph_pair(family, 2)
     runner = runner_of(model)
@@ -376,7 +380,8 @@ def test_step_graphs_with_a_read_behind_cache_and_beams_match_plain_generate():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("family", "handover", "batch"), [
     ("switch", "step", 1), ("qwen3_moe", "step", 1), ("switch", "layer", 1), ("switch", "layer-early", 1),
-    ("qwen3_moe", "layer-early", 1), ("switch", "step", 4), ("qwen3_moe", "layer-early", 3)])  # fmt: skip
+    ("qwen3_moe", "layer-early", 1), ("switch", "step", 4), ("qwen3_moe", "layer-early", 3), ("switch", "lag", 1),
+    ("qwen3_moe", "lag", 3), ("switch", "lag", 8)])  # fmt: skip
 def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family, handover, batch, monkeypatch):
     from hf_moe_opt.step_graphs import runner_of
 
@@ -391,14 +396,18 @@ def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family, 
     assert torch.equal(got, want) and torch.equal(again, want)
     counts = runner_of(model).counts
     assert counts["replays"] > 0 and counts["fallbacks"] == 0
+    reads = [layer.store.read_behind for _, layer in hf_moe_opt.optimized_layers(model)]
+    decoding = [layer.store.read_behind for name, layer in hf_moe_opt.optimized_layers(model) if "encoder" not in name]
+    assert decoding
+    # With ``lag`` no replay waits for its choices: the last step's stay queued until stats() takes them.
+    assert all(bool(r._queued) == (handover == "lag") for r in decoding)
     stats = hf_moe_opt.stats(model)
     assert sum(s["host_reads"] for s in stats.values()) > 0 and sum(s["misses"] for s in stats.values()) > 0
     # A per-layer hand-over gives each layer's choices over as soon as that layer has run: through pinned
     # memory and an event recorded in the graph (every decoding layer; encoder layers never replay).
-    reads = [layer.store.read_behind for _, layer in hf_moe_opt.optimized_layers(model)]
     stepping = [bufs for r in reads for bufs in r._step_bufs.values()]
     assert stepping
-    per_layer = handover != "step"
+    per_layer = handover in ("layer", "layer-early")
     assert all((bufs.done is not None and bufs.host is not None) == per_layer for bufs in stepping)
 
 

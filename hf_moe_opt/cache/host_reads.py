@@ -32,7 +32,12 @@ buffers and, after the replay, hand them to their policies (``HF_MOE_OPT_STEP_HA
   kernels, so the host takes the layers in order as each one's event fires: the policies run while
   the GPU still runs the step's later layers; the loads still start after the whole step;
 * ``layer-early``: as ``layer``, and each layer's loads start at once (waiting for that layer's kernels
-  only), beside the step's later layers and their reads of host memory.
+  only), beside the step's later layers and their reads of host memory;
+* ``lag``: each layer's choices are copied to pinned memory behind the replay, as an eager call's are,
+  and the host does not wait for them: the policies take a step's choices after the next step was
+  launched (generate reads its tokens between steps, so they have arrived by then), while the GPU
+  runs that next step. The loads start a step later than with ``step``, so a newly needed expert is
+  read from host memory for one step more.
 
 Measured once on an H200 (switch-base-128, 50% resident), ``layer-early`` decoded slower than ``step``
 (3.79 against 3.19 ms per token, one run each, in that order): likely its copies compete with the
@@ -42,6 +47,7 @@ step's own host reads for the link. ``layer`` is not measured yet; hence ``step`
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,7 +82,7 @@ def _capturing() -> bool:
 
 # Tokens of a captured decode step (sequences times beams) that read-behind caches can serve.
 STEP_MAX_TOKENS = 8
-HANDOVERS = ("step", "layer", "layer-early")
+HANDOVERS = ("step", "layer", "layer-early", "lag")
 
 
 def _handover() -> str:
@@ -263,7 +269,7 @@ class HostReads:
             host = done = None
             # Made inside a capture only if no eager call of this shape came first: no probe (a capture
             # cannot nest), so such a step hands over after the whole step.
-            per_layer = _handover() != "step" and not _capturing()
+            per_layer = _handover() in ("layer", "layer-early") and not _capturing()
             if key.device.type == "cuda" and per_layer and _graphs_copy_to_host(key.device):
                 done = torch.cuda.Event(external=True)
                 host = torch.empty(key.numel(), dtype=key.dtype, pin_memory=True)
@@ -280,18 +286,27 @@ class HostReads:
         the loads wait for nothing later in the step either (only this layer reads its slots, and the
         table updates are queued behind the whole step)."""
         bufs = self._step_bufs[tokens]
+        handover = _handover()
+        if handover == "lag":  # no wait: taken at a later call, once its copy has arrived
+            start = time.perf_counter()
+            self._queue(bufs.key)
+            self.catch_up(wait=False)
+            self.store._host_ms += (time.perf_counter() - start) * 1e3
+            return
         done, host = bufs.done, bufs.host
         if done is not None and host is not None:
             done.synchronize()
             choices = host.tolist()
         else:
             choices = bufs.key.tolist()
+        start = time.perf_counter()  # the host's work once the choices are here (the wait is the GPU's step)
         self._queued.append((choices, None, self._ready))
-        self._copy_after = done if _handover() == "layer-early" else None
+        self._copy_after = done if handover == "layer-early" else None
         try:
             self.catch_up(wait=False)
         finally:
             self._copy_after = None
+            self.store._host_ms += (time.perf_counter() - start) * 1e3
 
     def _queue(self, key: torch.Tensor) -> None:
         """Keep this call's choices for the policy: on CUDA a copy to pinned memory and its event."""

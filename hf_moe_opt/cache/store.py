@@ -401,7 +401,8 @@ class CachedExpertStore(ExpertStore):
         experts that a look-ahead had loaded just before the step), and ``host_time_ms``: wall time
         the layer's calls spent in the cache on the host (the read of the router's choices with its
         wait for the device, the policy, issuing copies and the expert kernels; on a CPU the copies
-        and the compute themselves). Against a resident layer's time per call, it tells a host-bound
+        and the compute themselves; after a replayed decode step, the policy's work on its choices).
+        Against a resident layer's time per call, it tells a host-bound
         decode step from one that waits for copies (``stall_time_ms``).
         """
         if self._reads is not None:
