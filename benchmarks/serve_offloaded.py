@@ -97,7 +97,8 @@ GRAPH_MODES = {
     "copy": ("copy", {}),
     "read": ("read", {}),
     "graphs": ("read", {"cuda_graphs": "step"}),
-    # The same with the other hand-overs of a replayed step's choices (HF_MOE_OPT_STEP_HANDOVER).
+    # "graphs" hands a replayed step's choices over with HF_MOE_OPT_STEP_HANDOVER=step; the others with
+    # the hand-over in their names ("lag" is the default outside this script).
     "graphs_layer": ("read", {"cuda_graphs": "step"}),
     "graphs_layer_early": ("read", {"cuda_graphs": "step"}),
     "graphs_lag": ("read", {"cuda_graphs": "step"}),
@@ -162,6 +163,7 @@ def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
         "mode": mode,
         "cache_misses": cache_misses,
         "step_graphs": bool(graphs),
+        "handover": HANDOVER.get(mode, "step") if graphs else None,
         "host_reads": sum(s["host_reads"] for s in stats.values()),
         "build_s": build_s,
         "optimize_s": optimize_s,
@@ -247,9 +249,9 @@ def main(argv=None) -> int:
         nargs="+",
         choices=sorted(GRAPH_MODES),
         default=["copy"],
-        help='cache_misses="copy", "read", or "read" with cuda_graphs="step" (graphs: batches up to 8; graphs_layer, '
-        "graphs_layer_early, graphs_lag: HF_MOE_OPT_STEP_HANDOVER=layer / layer-early / lag, see "
-        "hf_moe_opt.cache.host_reads)",
+        help='cache_misses="copy", "read", or "read" with cuda_graphs="step" (batches up to 8), the choices of a '
+        "replayed step handed over with HF_MOE_OPT_STEP_HANDOVER=step (graphs), layer, layer-early or lag (graphs_lag, "
+        "the default outside this script); see hf_moe_opt.cache.host_reads",
     )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=64)

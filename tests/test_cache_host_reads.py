@@ -80,6 +80,25 @@ def _count_calls(store: CachedExpertStore) -> list[int]:
     return count
 
 
+def _count_steps(reads) -> list[int]:
+    """``[steps]`` a read-behind cache hands its policy: eager calls, and each replay of a captured one."""
+    from hf_moe_opt.cache.host_reads import _capturing
+
+    count = [0]
+    run, after_replay = reads.store.run_routed, reads.after_replay
+
+    def counting_run(*args):
+        count[0] += not _capturing()
+        return run(*args)
+
+    def counting_replay(tokens):
+        count[0] += 1
+        return after_replay(tokens)
+
+    reads.store.run_routed, reads.after_replay = counting_run, counting_replay
+    return count
+
+
 def _assert_same(want: torch.Tensor, got: torch.Tensor) -> None:
     if DEVICE.type == "cpu":
         assert torch.equal(want, got)
@@ -388,6 +407,8 @@ def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family, 
     monkeypatch.setenv("HF_MOE_OPT_STEP_HANDOVER", handover)
 
     plain, model = _step_graph_pair(family, 2)
+    reads = [layer.store.read_behind for _, layer in hf_moe_opt.optimized_layers(model)]
+    calls = [_count_steps(r) for r in reads]
     ids = _ids(model, batch)
     with torch.no_grad():
         want = plain.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
@@ -396,11 +417,9 @@ def test_cuda_step_graphs_with_a_read_behind_cache_match_plain_generate(family, 
     assert torch.equal(got, want) and torch.equal(again, want)
     counts = runner_of(model).counts
     assert counts["replays"] > 0 and counts["fallbacks"] == 0
-    reads = [layer.store.read_behind for _, layer in hf_moe_opt.optimized_layers(model)]
-    decoding = [layer.store.read_behind for name, layer in hf_moe_opt.optimized_layers(model) if "encoder" not in name]
-    assert decoding
-    # With ``lag`` no replay waits for its choices: the last step's stay queued until stats() takes them.
-    assert all(bool(r._queued) == (handover == "lag") for r in decoding)
+    # The policy took every eager call and every replayed step once (with ``lag``, the last step's
+    # choices are still queued after generate: stats() takes them).
+    assert [r.store.stats()["steps"] for r in reads] == [c[0] for c in calls]
     stats = hf_moe_opt.stats(model)
     assert sum(s["host_reads"] for s in stats.values()) > 0 and sum(s["misses"] for s in stats.values()) > 0
     # A per-layer hand-over gives each layer's choices over as soon as that layer has run: through pinned
@@ -415,7 +434,7 @@ def test_step_handover_setting_is_checked(monkeypatch):
     from hf_moe_opt.cache.host_reads import HANDOVERS, _handover
 
     monkeypatch.delenv("HF_MOE_OPT_STEP_HANDOVER", raising=False)
-    assert _handover() == "step"
+    assert _handover() == "lag"
     for value in HANDOVERS:
         monkeypatch.setenv("HF_MOE_OPT_STEP_HANDOVER", value)
         assert _handover() == value

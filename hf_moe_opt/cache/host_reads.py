@@ -27,21 +27,24 @@ cannot wait for the host), reading an expert missing from the slots once per tok
 Inside a whole-step CUDA graph (``cuda_graphs="step"``) the layers leave their choices in device
 buffers and, after the replay, hand them to their policies (``HF_MOE_OPT_STEP_HANDOVER``):
 
-* ``step`` (default): each layer's choices are read once the whole step has run;
+* ``lag`` (default): each layer's choices are copied to pinned memory behind the replay, as an eager
+  call's are, and the host does not wait for them: the policies take a step's choices after the next
+  step was launched (generate reads its tokens between steps, so they have arrived by then), while the
+  GPU runs that next step. The loads start a step later than with ``step``, so a newly needed expert
+  is read from host memory for one step more;
+* ``step``: each layer's choices are read once the whole step has run (the host waits for the step,
+  then runs the policies while the GPU idles);
 * ``layer``: each layer also copies its choices to pinned memory and records an event right after its
   kernels, so the host takes the layers in order as each one's event fires: the policies run while
   the GPU still runs the step's later layers; the loads still start after the whole step;
 * ``layer-early``: as ``layer``, and each layer's loads start at once (waiting for that layer's kernels
-  only), beside the step's later layers and their reads of host memory;
-* ``lag``: each layer's choices are copied to pinned memory behind the replay, as an eager call's are,
-  and the host does not wait for them: the policies take a step's choices after the next step was
-  launched (generate reads its tokens between steps, so they have arrived by then), while the GPU
-  runs that next step. The loads start a step later than with ``step``, so a newly needed expert is
-  read from host memory for one step more.
+  only), beside the step's later layers and their reads of host memory.
 
-Measured once on an H200 (switch-base-128, 50% resident), ``layer-early`` decoded slower than ``step``
-(3.79 against 3.19 ms per token, one run each, in that order): likely its copies compete with the
-step's own host reads for the link. ``layer`` is not measured yet; hence ``step`` stays the default.
+On an H200 (switch-base-128, 50% resident, batch 1, greedy decoding, the resident model graphed in the
+same process; ``benchmarks/results/host_reads_lag_h200.json``): ``lag`` 1.04-1.12x the resident time
+per token, ``layer`` 1.33x, ``step`` 1.53-1.57x; at batch 8 ``lag`` 1.26x / 1.28x (50% / 25%) against
+``step``'s 1.55x / 1.97x. ``layer-early`` was slower than ``step`` in an earlier run (its copies
+compete with the step's own host reads for the link).
 """
 
 from __future__ import annotations
@@ -82,12 +85,12 @@ def _capturing() -> bool:
 
 # Tokens of a captured decode step (sequences times beams) that read-behind caches can serve.
 STEP_MAX_TOKENS = 8
-HANDOVERS = ("step", "layer", "layer-early", "lag")
+HANDOVERS = ("lag", "step", "layer", "layer-early")
 
 
 def _handover() -> str:
     """How a replayed step's choices reach the policies (module docs), from ``HF_MOE_OPT_STEP_HANDOVER``."""
-    value = os.environ.get("HF_MOE_OPT_STEP_HANDOVER", "step")
+    value = os.environ.get("HF_MOE_OPT_STEP_HANDOVER", "lag")
     if value not in HANDOVERS:
         raise ValueError(f"HF_MOE_OPT_STEP_HANDOVER must be one of {HANDOVERS}, not {value!r}")
     return value
