@@ -184,7 +184,7 @@ def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
         "host_pinned_layers": sum(bool(s["host_pinned"]) for s in stats.values()),
         "cached_layers": len(stats),
     }
-    del model
+    del model, reset  # the partial holds the model too: the next run must not build beside it
     release(device)
     return run
 
