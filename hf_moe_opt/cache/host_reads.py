@@ -40,11 +40,12 @@ buffers and, after the replay, hand them to their policies (``HF_MOE_OPT_STEP_HA
 * ``layer-early``: as ``layer``, and each layer's loads start at once (waiting for that layer's kernels
   only), beside the step's later layers and their reads of host memory.
 
-On an H200 (switch-base-128, 50% resident, batch 1, greedy decoding, the resident model graphed in the
-same process; ``benchmarks/results/host_reads_lag_h200.json``): ``lag`` 1.04-1.12x the resident time
-per token, ``layer`` 1.33x, ``step`` 1.53-1.57x; at batch 8 ``lag`` 1.26x / 1.28x (50% / 25%) against
-``step``'s 1.55x / 1.97x. ``layer-early`` was slower than ``step`` in an earlier run (its copies
-compete with the step's own host reads for the link).
+On an H200 (greedy decoding, the resident model graphed in the same process; ``benchmarks/results/
+host_reads_lag*_h200.json``, ``offload_nllb54b_lag*_h200.*``): switch-base-128 at 50% resident, batch 1,
+``lag`` 0.93-1.12x the resident time per token over three runs, ``layer`` 1.33x, ``step`` 1.39-1.57x;
+at batch 8 ``lag`` 1.26x / 1.28x (50% / 25%) against ``step``'s 1.55x / 1.97x; nllb-moe-54b at 50%
+``lag`` 1.00x and 1.23x (``step`` 1.46x in an earlier run). ``layer-early`` was slower than ``step``
+in an earlier run (its copies compete with the step's own host reads for the link).
 """
 
 from __future__ import annotations
