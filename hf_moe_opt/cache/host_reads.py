@@ -285,10 +285,12 @@ class HostReads:
         """After a captured decode step was launched (``cuda_graphs="step"``): its routing choices go to
         the policy, then finished copies are pointed at their slots for the next replay.
 
-        With a per-layer hand-over (module docs) the graph copied them to pinned memory and recorded
-        this layer's event: the host waits for this layer's part of the step only; with ``layer-early``
-        the loads wait for nothing later in the step either (only this layer reads its slots, and the
-        table updates are queued behind the whole step)."""
+        With ``lag`` (the default) the choices are only queued, as an eager call's are, and the policy
+        takes the queued steps whose copies have arrived (the previous step's, in ``generate``). With a
+        per-layer hand-over (module docs) the graph copied them to pinned memory and recorded this
+        layer's event: the host waits for this layer's part of the step only; with ``layer-early`` the
+        loads wait for nothing later in the step either (only this layer reads its slots, and the table
+        updates are queued behind the whole step)."""
         bufs = self._step_bufs[tokens]
         handover = _handover()
         if handover == "lag":  # no wait: taken at a later call, once its copy has arrived
