@@ -243,6 +243,33 @@ def test_adaptive_recheck_undoes_a_false_alarm_and_keeps_a_real_change():
     assert p.changes == (44,) and p.undone == () and p.regime_start == 40
 
 
+def test_adaptive_undoes_a_false_alarm_once_the_replaced_regime_predicts_better():
+    # The same easily tripped detector with a long recheck: the later arrivals' likelihood under the
+    # replaced regime undoes false alarms before their recheck is due.
+    tr = synthetic_trace(64, 2, 8, 1000, zipf_s=1.2, stickiness=0.5, seed=3)
+    p = make_policy("adaptive", 16, 64, threshold=1.0, recheck=200)
+    for step, counts in zip(tr.steps, tr.counts, strict=True):
+        p.step(step, counts)
+    early = [t for t in p.undone if any(0 < t - c < 200 for c in p.changes)]
+    assert early
+    # A real change is kept for the whole recheck: the replaced counts predict 2 and 3 badly.
+    p = make_policy("adaptive", 3, 6, recheck=30)
+    run(p, [[0], [1]] * 20 + [[2], [3]] * 40)
+    assert p.changes and p.undone == () and p.regime_start >= 40
+
+
+def test_adaptive_breaks_ties_by_the_replaced_counts_while_a_recheck_is_due():
+    # 0 used 20 times up to step 38, 5 once at step 39; then 2 and 3 take over (a change at 45).
+    trace = [[0], [1]] * 19 + [[0], [5]] + [[2], [3]] * 3
+    p = make_policy("adaptive", 3, 8, recheck=30)
+    run(p, trace)
+    assert p.changes == (45,) and p.regime_start == 40 and p._replaced is not None  # its recheck due
+    # Neither has a use in the new regime: the replaced counts keep 0 (least recently used otherwise).
+    assert p._choose_victim([0, 5]) == 5
+    run(p, [[2], [3]] * 20)  # past the recheck: the change stands, ties go by recency again
+    assert p.undone == () and p._replaced is None and p._choose_victim([0, 5]) == 0
+
+
 def test_adaptive_options_pass_through_make_policy():
     p = make_policy("adaptive", 4, 8, threshold=5.0, continuation_weight=0.25, restart_every=4, horizon=64)
     assert isinstance(p, AdaptiveLFUPolicy)

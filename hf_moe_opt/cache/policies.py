@@ -534,18 +534,24 @@ class AdaptiveLFUPolicy(EvictionPolicy):
       ``e**threshold`` to one), the current regime restarts where that candidate opened and the
       older counts are forgotten. Without a change the longer history predicts better and the
       statistics stay near zero.
-    * Recheck (``recheck`` = 32 steps by default; 0 turns it off): ``recheck`` steps after a
-      detected change, the (at most ``C``, the unpinned slots) experts used most since it are
-      compared with those the forgotten counts ranked highest; if at least ``recheck_overlap`` of
-      the smaller set are in both, the change was a false alarm and the forgotten counts come back
-      (:attr:`undone`). A router whose popularity never changes still trips the detector now and
-      then (chance runs of unlikely arrivals); this keeps those trips from costing the long
-      history.
+    * Recheck (``recheck`` = 32 steps by default; 0 turns it off): a router whose popularity never
+      changes still trips the detector now and then (chance runs of unlikely arrivals, more often
+      when experts arrive in correlated groups, as the experts of one token do, since each member
+      counts as evidence). For ``recheck`` steps after a detected change, the later arrivals are
+      predicted both by the new regime and by the one it replaced, and the replaced regime's
+      log-likelihood ratio is summed; the change is a false alarm and the forgotten counts come
+      back (:attr:`undone`) as soon as that sum passes ``threshold``, or at the end of the
+      ``recheck`` steps if it is positive or if at least ``recheck_overlap`` of the smaller of two
+      sets are in both: the (at most ``C``, the unpinned slots) experts used most since the change
+      and those the forgotten counts ranked highest. Until then, experts with equal counts in the
+      new regime are ranked by their counts in the replaced one, so a false alarm evicts what the
+      long history still favours.
 
     Token counts are not used: a step's counts only describe experts needed in it, and those are
     never evicted while an idle expert can go. Cost per step: O(experts needed in this and the
-    previous step) for each open candidate (about ``log2(horizon / restart_every)`` of them), plus
-    a copy of ``num_experts`` counts every ``restart_every`` steps.
+    previous step) for each open candidate (about ``log2(horizon / restart_every)`` of them, plus
+    the replaced regime while a recheck is due), plus a copy of ``num_experts`` counts every
+    ``restart_every`` steps.
 
     Args:
         num_slots, num_experts, pinned: as for :class:`EvictionPolicy`.
@@ -555,7 +561,7 @@ class AdaptiveLFUPolicy(EvictionPolicy):
             step, in ``[0, 1]`` (1: every step counts alike, as LFU).
         restart_every: steps between candidate regimes.
         horizon: steps a candidate stays open at most (how far back a change can be placed).
-        recheck: steps after a detected change at which it is checked (0: never).
+        recheck: steps after a detected change during which it may be undone (0: never).
         recheck_overlap: share, in ``(0, 1]``, of the smaller of the two top sets (used most before
             and since the change) that must be in both for the recheck to undo the change.
     """
@@ -571,7 +577,7 @@ class AdaptiveLFUPolicy(EvictionPolicy):
         pinned: Iterable[int] = (),
         *,
         threshold: float = 10.0,
-        continuation_weight: float = 0.5,
+        continuation_weight: float = 0.3,
         restart_every: int = 8,
         horizon: int = 256,
         recheck: int = 32,
@@ -615,6 +621,7 @@ class AdaptiveLFUPolicy(EvictionPolicy):
         # The regime a detected change replaced, while its recheck is due: (base, base_total,
         # regime_start, the new regime's base, step of the recheck).
         self._replaced: tuple | None = None
+        self._replaced_llr = 0.0  # evidence for the replaced regime over the new one since the change
 
     @property
     def regime_start(self) -> int:
@@ -637,7 +644,7 @@ class AdaptiveLFUPolicy(EvictionPolicy):
 
     def _begin_step(self, order: list[int], counts: dict[int, int] | None) -> None:
         prev = self._prev
-        if self._candidates:
+        if self._candidates or self._replaced is not None:
             fresh = [e for e in order if e not in prev]
             if fresh:
                 self._detect(fresh)
@@ -655,7 +662,8 @@ class AdaptiveLFUPolicy(EvictionPolicy):
         self._prev = set(order)
 
     def _detect(self, fresh: list[int]) -> None:
-        """Add this step's evidence to each candidate's CUSUM; restart the regime past the threshold."""
+        """Add this step's evidence to each candidate's CUSUM and to a due recheck; restart the regime
+        past the threshold, or undo the last restart once the replaced regime's evidence passes it."""
         # Runs on every decode step of a cached layer: the log-likelihoods are written out inline
         # (no per-candidate closure, map or list), with the same operations in the same order.
         count, prev, prior, log = self._count, self._prev, self._PRIOR, math.log
@@ -667,8 +675,11 @@ class AdaptiveLFUPolicy(EvictionPolicy):
             prev_sum += count[e]
         idle_mass = self._total - prev_sum + prior * (self.num_experts - len(prev))
 
-        # The current regime's log-likelihood first, then each candidate's.
+        # The current regime's log-likelihood first, then the replaced one's (recheck due), then each candidate's.
+        replaced = self._replaced
         estimates = [(self._base, self._base_total)]
+        if replaced is not None:
+            estimates.append((replaced[0], replaced[1]))
         estimates += [(cand[0], cand[1]) for cand in self._candidates]
         lls = []
         for since, since_total in estimates:
@@ -680,8 +691,14 @@ class AdaptiveLFUPolicy(EvictionPolicy):
                 ll += log(c - since[e])
             lls.append(ll - nf * log(max(idle_mass - since_total + s, prior)))
         current = lls[0]
-        best = None
         threshold = self.threshold
+        if replaced is not None:
+            self._replaced_llr += lls[1] - current
+            del lls[1]
+            if self._replaced_llr > threshold:
+                self._undo()  # the candidates' evidence was against the regime just dropped: no restart now
+                return
+        best = None
         for cand, ll in zip(self._candidates, lls[1:], strict=True):
             stat = cand[2] + ll - current
             cand[2] = stat = stat if stat > 0.0 else 0.0
@@ -690,6 +707,7 @@ class AdaptiveLFUPolicy(EvictionPolicy):
         if best is not None:
             if self.recheck:  # the forgotten counts are those from the old start to the new one
                 self._replaced = (self._base, self._base_total, self._regime_start, best[0], self._step + self.recheck)
+                self._replaced_llr = 0.0
             self._base, self._base_total, self._regime_start = best[0], best[1], best[3]
             self._changes.append(self._step)
             self._candidates = []
@@ -698,13 +716,21 @@ class AdaptiveLFUPolicy(EvictionPolicy):
         replaced = self._replaced
         if replaced is None or self._step < replaced[4]:
             return
+        if self._replaced_llr > 0.0:
+            self._undo()
+            return
         self._replaced = None
-        old_base, old_total, old_start, new_base = replaced[:4]
         since = self._top_used(self._count, self._base)
-        before = self._top_used(new_base, old_base)
+        before = self._top_used(replaced[3], replaced[0])
         if since and before and len(since & before) >= self.recheck_overlap * min(len(since), len(before)):
-            self._base, self._base_total, self._regime_start = old_base, old_total, old_start
+            self._base, self._base_total, self._regime_start = replaced[:3]
             self._undone.append(self._step)
+
+    def _undo(self) -> None:
+        """Restore the regime the last detected change replaced (a false alarm)."""
+        self._base, self._base_total, self._regime_start = self._replaced[:3]
+        self._replaced = None
+        self._undone.append(self._step)
 
     def _top_used(self, count: list[float], base: list[float]) -> set[int]:
         """The (at most ``C`` = unpinned slots) experts with the most uses between ``base`` and ``count``."""
@@ -716,7 +742,10 @@ class AdaptiveLFUPolicy(EvictionPolicy):
 
     def _choose_victim(self, candidates: list[int]) -> int:
         count, base, last_use = self._count, self._base, self._last_use
-        return min(candidates, key=lambda e: (count[e] - base[e], last_use.get(e, -1)))
+        if self._replaced is None:
+            return min(candidates, key=lambda e: (count[e] - base[e], last_use.get(e, -1)))
+        old = self._replaced[0]
+        return min(candidates, key=lambda e: (count[e] - base[e], count[e] - old[e], last_use.get(e, -1)))
 
     def __repr__(self) -> str:
         return (
