@@ -16,8 +16,8 @@ policy) on a separate stream (``--cache-misses read``: a one-token step reads it
 instead and the copy serves later steps). Outputs are those of the fully resident model; ``hf_moe_opt.stats``
 reports hits, misses, bytes copied, copy and stall time per layer. ``--cuda-graphs step`` replays every
 decode step from a CUDA graph, the fully resident reference too (with ``--cache-misses read``, batch
-up to 8; the policies run between the replays): on an H200, nllb-moe-54b at half its experts resident
-decoded at 1.46x the graphed resident time.
+up to 8; the policies take each step's routing while the GPU runs the next step): on an H200,
+nllb-moe-54b at half its experts resident decoded at 1.00-1.23x the graphed resident time.
 
 Models larger than GPU memory (the recipe this example follows with ``--device cuda``)::
 
