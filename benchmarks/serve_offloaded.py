@@ -135,7 +135,7 @@ def release(device: torch.device) -> None:
                 break
 
 
-def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
+def cached_run(args, device: torch.device, fraction: float, mode: str, policy: str) -> dict:
     """Build the model, keep ``fraction`` of each layer's experts in GPU slots, time greedy decoding."""
     cache_misses, graphs = GRAPH_MODES[mode]
     t0 = time.perf_counter()
@@ -145,7 +145,7 @@ def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
     move_dense(model, device)
     os.environ["HF_MOE_OPT_STEP_HANDOVER"] = HANDOVER.get(mode, "step")
     t0 = time.perf_counter()
-    hf_moe_opt.optimize(model, expert_cache=fraction, cache_policy=args.policy, cache_misses=cache_misses, **graphs)
+    hf_moe_opt.optimize(model, expert_cache=fraction, cache_policy=policy, cache_misses=cache_misses, **graphs)
     optimize_s = time.perf_counter() - t0
     stats = hf_moe_opt.stats(model)
     resident_bytes = sum(s["slot_bytes"] for s in stats.values())
@@ -161,6 +161,7 @@ def cached_run(args, device: torch.device, fraction: float, mode: str) -> dict:
     run = {
         "fraction_resident": fraction,
         "mode": mode,
+        "policy": policy,
         "cache_misses": cache_misses,
         "step_graphs": bool(graphs),
         "handover": HANDOVER.get(mode, "step") if graphs else None,
@@ -201,6 +202,10 @@ def cache_host_ms(model, ids, new_tokens: int) -> float:
     return (spent[1] - spent[0]) / max(new_tokens - 1, 1)
 
 
+def _label(run: dict, with_policy: bool) -> str:
+    return f"cached, {run['mode']}, {run['policy']}" if with_policy else f"cached, {run['mode']}"
+
+
 def plot(result: dict, path: Path) -> None:
     """Time per new token by resident fraction: each mode's bar beside the resident model's."""
     import matplotlib
@@ -211,6 +216,7 @@ def plot(result: dict, path: Path) -> None:
     from hf_moe_opt.benchmarking.common import grouped_bars
 
     fractions = sorted({r["fraction_resident"] for r in result["runs"]}, reverse=True)
+    several = len({r.get("policy") for r in result["runs"]}) > 1
     modes = list(dict.fromkeys(r["mode"] for r in result["runs"]))
     # Eager bars first, then graphed ones: each cached mode beside the resident run it compares with.
     order = ["resident, eager", "cached, copy", "cached, read", "resident, graphs", "cached, graphs"]
@@ -220,9 +226,10 @@ def plot(result: dict, path: Path) -> None:
         row = {f"resident, {k}": v for k, v in result["resident_ms_per_new_token"].items()}
         for run in result["runs"]:
             if run["fraction_resident"] == fraction:
-                row[f"cached, {run['mode']}"] = run["ms_per_new_token"]
+                row[_label(run, several)] = run["ms_per_new_token"]
         rows.append(row)
     names = [n for n in order if any(n in row for row in rows)]
+    names += [n for n in dict.fromkeys(k for row in rows for k in row) if n not in names]
     rows = [{n: row.get(n, float("nan")) for n in names} for row in rows]
     fig, ax = plt.subplots(figsize=(max(5.5, 2.2 + 0.8 * len(fractions) * (len(modes) + 1)), 3.6))
     grouped_bars(ax, rows, [f"{f:.0%} of experts resident" for f in fractions])
@@ -243,7 +250,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="nllb-moe-54b", choices=["nllb-moe-54b", "switch-base-128"])
     p.add_argument("--fraction", type=float, nargs="+", default=[0.25], help="experts resident per layer")
-    p.add_argument("--policy", default="lfu")
+    p.add_argument(
+        "--policy", nargs="+", default=["lfu"], help="eviction policies, each run in turn at every fraction and mode"
+    )
     p.add_argument(
         "--modes",
         nargs="+",
@@ -281,25 +290,28 @@ def main(argv=None) -> int:
     runs = []
     for fraction in args.fraction:
         for mode in args.modes:
-            run = cached_run(args, device, fraction, mode)
-            base = baselines.get("graphs" if run["step_graphs"] else "eager")
-            run["x_resident"] = run["ms_per_new_token"] / base if base else None
-            runs.append(run)
-            print(f"--- fraction {fraction}, {mode}")
-            for key, value in run.items():
-                print(f"{key:>24}: {value:.3f}" if isinstance(value, float) else f"{key:>24}: {value}", flush=True)
+            for policy in args.policy:
+                run = cached_run(args, device, fraction, mode, policy)
+                base = baselines.get("graphs" if run["step_graphs"] else "eager")
+                run["x_resident"] = run["ms_per_new_token"] / base if base else None
+                runs.append(run)
+                print(f"--- fraction {fraction}, {mode}, {policy}")
+                for key, value in run.items():
+                    text = f"{value:.3f}" if isinstance(value, float) else value
+                    print(f"{key:>24}: {text}", flush=True)
     pinned = pinned_gbps(device)
     for run in runs:  # the link's floor beside the time: its bytes per decode step at the pinned rate
         run["link_floor_ms_per_step"] = run["link_bytes"] / run["timed_steps"] / (pinned * 1e6) if pinned else None
         print(
-            f"fraction {run['fraction_resident']}, {run['mode']}: {run['ms_per_new_token']:.3f} ms per new token, "
+            f"fraction {run['fraction_resident']}, {run['mode']}, {run['policy']}: {run['ms_per_new_token']:.3f} ms "
+            "per new token, "
             f"host-link floor {run['link_floor_ms_per_step'] or float('nan'):.3f} ms per step"
         )
     result = {
         "command": " ".join(sys.argv),
         "environment": environment(),
         "model": "tiny" if args.tiny else args.model,
-        "policy": args.policy,
+        "policy": ", ".join(args.policy),
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,

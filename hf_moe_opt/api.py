@@ -124,7 +124,7 @@ def optimize(
     expert_parallel=False,
     devices=None,
     expert_cache=None,
-    cache_policy: str = "adaptive",
+    cache_policy: str = "changepoint",
     pinned_experts=None,
     cache_policy_options: dict | None = None,
     cache_prefetch: bool = False,
@@ -182,9 +182,10 @@ def optimize(
             ``hf_moe_opt.cache.move_dense(model, "cuda")`` first (a layer left computing on the CPU
             while CUDA is available gets a cache that serves the CPU, with a ``RuntimeWarning``).
             See ``hf_moe_opt.stats(model)``.
-        cache_policy: the eviction policy, one of ``hf_moe_opt.cache.POLICY_NAMES``: ``"adaptive"``
-            (the default: LFU that forgets when the routing popularity changes), ``"lifo"`` (the
-            paper's), ``"fifo"``, ``"lru"``, ``"lfu"``, ``"lfru"``.
+        cache_policy: the eviction policy, one of ``hf_moe_opt.cache.POLICY_NAMES``: ``"changepoint"``
+            (the default: LFU over a Bayesian mixture of when the routing popularity last changed),
+            ``"adaptive"`` (LFU since the last detected change), ``"lifo"`` (the paper's), ``"fifo"``,
+            ``"lru"``, ``"lfu"``, ``"lfru"``.
         pinned_experts: experts never evicted: ``{layer name: [expert ids]}`` or one list for every layer.
         cache_policy_options: keyword options of the policy (e.g. ``{"half_life": 32}`` for ``"lfru"``;
             see each policy class in ``hf_moe_opt.cache.policies``); unknown ones raise ``ValueError``.
@@ -275,7 +276,7 @@ def optimize(
         )
     elif (
         pinned_experts is not None
-        or str(cache_policy).lower() != "adaptive"
+        or str(cache_policy).lower() != "changepoint"
         or cache_policy_options is not None
         or cache_prefetch is not False
         or cache_misses != "copy"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import math
+import random
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,9 +16,12 @@ from hypothesis import strategies as st
 
 import hf_moe_opt
 from hf_moe_opt.cache import (
+    DEFAULT_POLICY,
     POLICY_NAMES,
     AdaptiveLFUPolicy,
     BeladyPolicy,
+    CachedExpertStore,
+    ChangePointPolicy,
     EvictionPolicy,
     LFRUPolicy,
     RoutingTrace,
@@ -278,6 +284,133 @@ def test_adaptive_options_pass_through_make_policy():
     assert "horizon=64" in repr(p)
     p = make_policy("adaptive", 4, 8, recheck=0, recheck_overlap=0.75)
     assert (p.recheck, p.recheck_overlap) == (0, 0.75) and "recheck=0" in repr(p)
+
+
+def _reference_changepoint(trace, num_experts, hazard, prior, continuation_weight, max_runs):
+    """Each step's mixture probabilities of a plain Bayesian online change-point model, written out
+    from ChangePointPolicy's description: runs are dicts, sums are Python loops."""
+    runs = [{"start": 0, "uses": [0.0] * num_experts, "total": 0.0, "logw": 0.0}]
+    prev: list[int] = []
+    out = []
+    for t, step in enumerate(trace):
+        order = list(dict.fromkeys(step))
+        fresh = [e for e in order if e not in prev]
+        idle = num_experts - len(prev)
+        top = max(r["logw"] for r in runs)
+        log_total = top + math.log(sum(math.exp(r["logw"] - top) for r in runs))
+        for r in runs:
+            ll = 0.0
+            if fresh:
+                mass = r["total"] + prior * idle - sum(r["uses"][e] for e in prev)
+                ll = sum(math.log(r["uses"][e] + prior) for e in fresh) - len(fresh) * math.log(mass)
+            r["logw"] += ll + math.log(1.0 - hazard)
+        new_w = log_total + math.log(hazard) - (len(fresh) * math.log(idle) if fresh else 0.0)
+        top = max(max(r["logw"] for r in runs), new_w)
+        runs = [r for r in runs if r["logw"] > top + math.log(1e-8)]
+        heaviest = sorted(range(len(runs)), key=lambda i: -runs[i]["logw"])[: max_runs - 1]
+        runs = [runs[i] for i in sorted(heaviest)]
+        runs.append({"start": t, "uses": [0.0] * num_experts, "total": 0.0, "logw": new_w})
+        for e in order:
+            w = continuation_weight if e in prev else 1.0
+            for r in runs:
+                r["uses"][e] += w
+                r["total"] += w
+        prev = order
+        top = max(r["logw"] for r in runs)
+        z = sum(math.exp(r["logw"] - top) for r in runs)
+        p = [0.0] * num_experts
+        for r in runs:
+            w = math.exp(r["logw"] - top) / z
+            for e in range(num_experts):
+                p[e] += w * (r["uses"][e] + prior) / (r["total"] + prior * num_experts)
+        out.append((p, sorted(r["start"] for r in runs)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"hazard": 0.05, "prior": 0.5, "continuation_weight": 1.0, "max_runs": 4}, {"hazard": 0.001, "max_runs": 2}],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_changepoint_matches_a_plain_reference(options, seed):
+    tr = synthetic_trace(16, 2, 4, 250, zipf_s=1.0, stickiness=0.5, reshuffle_every=60, seed=seed)
+    p = make_policy("changepoint", 5, 16, **options)
+    full = {"hazard": 0.005, "prior": 1.5, "continuation_weight": 0.3, "max_runs": 64} | options
+    ref = _reference_changepoint(tr.steps, 16, **full)
+    pruned = False
+    for step, (ref_p, ref_starts) in zip(tr.steps, ref, strict=True):
+        out = p.step(step)
+        np.testing.assert_allclose(p.probability(), ref_p, rtol=1e-9, atol=0)
+        assert sorted(p.run_starts) == ref_starts
+        pruned |= len(ref_starts) < p.steps_seen
+        # Every victim is at most as likely as each idle expert that stays.
+        staying = [e for e in p.resident if e not in step]
+        if out.evicted and staying:
+            assert max(ref_p[e] for e in out.evicted) <= min(ref_p[e] for e in staying) + 1e-12
+    assert pruned
+
+
+def test_changepoint_counts_a_continued_use_less_than_an_arrival():
+    # As for adaptive: 1 arrives three times, 0 arrives once and stays three more steps (1 + 3 * 0.3).
+    trace = [[1], [2], [1], [2], [1], [0], [0], [0], [0], [3]]
+    assert run(make_policy("changepoint", 2, 4), trace)[-1] == (0,)
+    assert run(make_policy("changepoint", 2, 4, continuation_weight=1.0), trace)[-1] == (1,)
+
+
+def test_changepoint_follows_a_change_that_lfu_thrashes_on():
+    # 40 steps alternate 0 and 1, then 2 and 3 take over: within three steps the runs that begin at
+    # the change carry the weight and 2 and 3 stay, where LFU makes them evict each other.
+    trace = [[0], [1]] * 20 + [[2], [3]] * 10 + [[4]]
+    p = make_policy("changepoint", 3, 6)
+    evicted = run(p, trace)
+    assert [(t, e) for t, e in enumerate(evicted) if e] == [(41, (2,)), (42, (3,)), (43, (0,)), (60, (1,))]
+    assert p.run_starts[0] == 40
+    prob = p.probability()
+    assert prob[2] > 0.3 and prob[3] > 0.3 and max(prob[0], prob[1], prob[5]) < 0.1
+    assert abs(prob.sum() - 1.0) < 1e-12
+
+
+def test_changepoint_keeps_the_oldest_run_on_a_fixed_popularity():
+    tr = synthetic_trace(64, 2, 8, 1500, zipf_s=1.0, stickiness=0.5, seed=11)
+    p = make_policy("changepoint", 16, 64)
+    for step, counts in zip(tr.steps, tr.counts, strict=True):
+        p.step(step, counts)
+    assert p.run_starts[0] == 0
+
+
+def test_changepoint_pinned_and_reset():
+    tr = synthetic_trace(16, 2, 4, 400, reshuffle_every=100, seed=5)
+    used = make_policy("changepoint", 5, 16, pinned=[3, 7])
+    for step in tr.steps:
+        out = used.step(step)
+        assert not {3, 7} & set(out.evicted)
+    assert used.slot_of(3) == 0 and used.slot_of(7) == 1
+    used.reset()
+    assert used.run_starts == (0,) and used.steps_seen == 0 and not used.resident
+    fresh = make_policy("changepoint", 5, 16, pinned=[3, 7])
+    assert [used.step(s) for s in tr.steps] == [fresh.step(s) for s in tr.steps]
+
+
+@settings(max_examples=3, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_changepoint_beats_lfu_when_popularity_shifts(seed):
+    tr = synthetic_trace(64, 2, 8, 600, zipf_s=1.0, stickiness=0.5, reshuffle_every=150, seed=seed)
+    assert simulate(tr, "changepoint", 16).hit_rate > simulate(tr, "lfu", 16).hit_rate
+
+
+def test_changepoint_options_and_the_defaults():
+    p = make_policy("changepoint", 4, 8, hazard=0.01, prior=2.0, continuation_weight=0.5, max_runs=8)
+    assert isinstance(p, ChangePointPolicy)
+    assert (p.hazard, p.prior, p.continuation_weight, p.max_runs) == (0.01, 2.0, 0.5, 8)
+    assert "max_runs=8" in repr(p)
+    # optimize() and the cache build the default policy when none is named.
+    assert DEFAULT_POLICY == "changepoint"
+    assert inspect.signature(hf_moe_opt.optimize).parameters["cache_policy"].default == DEFAULT_POLICY
+    assert inspect.signature(CachedExpertStore).parameters["policy"].default == DEFAULT_POLICY
+    rng = random.Random(3)
+    for _ in range(200):  # max_runs bounds the hypotheses
+        p.step(rng.sample(range(8), rng.randint(1, 3)))
+        assert 1 <= len(p.run_starts) <= 8
 
 
 def test_repeated_ids_in_a_step_count_once_and_merge_counts():
@@ -604,6 +737,14 @@ def test_arrays_and_profile_traces_are_refused_not_misread():
         (dict(name="adaptive", num_slots=2, num_experts=4, recheck_overlap=1.5), "recheck_overlap"),
         (dict(name="lfru", num_slots=2, num_experts=4, count_weight=float("inf")), "count_weight"),
         (dict(name="adaptive", num_slots=2, num_experts=4, threshold=True), "must be a number"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, hazard=0.0), "hazard"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, hazard=1.0), "hazard"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, prior=0.0), "prior"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, prior=float("inf")), "prior"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, continuation_weight=-0.1), "continuation_weight"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, max_runs=1), "max_runs"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, max_runs=2.5), "max_runs"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, threshold=5.0), "does not take"),
         (dict(name="lfru", num_slots=2, num_experts=4, half_life="8"), "must be a number"),
     ],
 )

@@ -1,10 +1,10 @@
 """Expert buffering: which experts of a MoE layer keep the GPU slots, and the cache that serves them.
 
 ``policies`` ranks eviction candidates online (``lifo`` from the paper, ``fifo``, ``lru``, ``lfu``,
-``lfru``, ``adaptive``), ``belady`` is the offline optimum, ``simulate`` replays routing traces through them and
-``traces`` draws synthetic traces or converts recorded routing. ``store`` is the weight cache
-behind ``optimize(model, expert_cache=...)`` (``CachedExpertStore``), ``budget`` splits a byte budget
-into slots, ``offload`` prepares models larger than the GPU.
+``lfru``, ``adaptive``, ``changepoint``), ``belady`` is the offline optimum, ``simulate`` replays
+routing traces through them and ``traces`` draws synthetic traces or converts recorded routing.
+``store`` is the weight cache behind ``optimize(model, expert_cache=...)`` (``CachedExpertStore``),
+``budget`` splits a byte budget into slots, ``offload`` prepares models larger than the GPU.
 """
 
 from .belady import BeladyPolicy, belady
@@ -14,6 +14,7 @@ from .policies import (
     DEFAULT_POLICY,
     POLICY_NAMES,
     AdaptiveLFUPolicy,
+    ChangePointPolicy,
     EvictionPolicy,
     FIFOPolicy,
     LFRUPolicy,
@@ -44,6 +45,7 @@ __all__ = [
     "CacheBudget",
     "CacheSimResult",
     "CachedExpertStore",
+    "ChangePointPolicy",
     "EvictionPolicy",
     "FIFOPolicy",
     "LFRUPolicy",

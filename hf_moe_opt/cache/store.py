@@ -182,7 +182,7 @@ class CachedExpertStore(ExpertStore):
         num_slots: int,
         device: torch.device | str,
         *,
-        policy: str = "adaptive",
+        policy: str = "changepoint",
         pinned: Iterable[int] = (),
         pin_memory: bool = True,
         policy_options: dict | None = None,
