@@ -329,18 +329,18 @@ def _reference_changepoint(trace, num_experts, hazard, prior, continuation_weigh
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"hazard": 0.05, "prior": 0.5, "continuation_weight": 1.0, "max_runs": 4}, {"hazard": 0.001, "max_runs": 2}],
+    [{}, {"hazard": 0.05, "prior": 0.5, "continuation_weight": 1.0, "max_runs": 3}, {"hazard": 0.001, "max_runs": 64}],
 )
 @pytest.mark.parametrize("seed", [0, 1])
 def test_changepoint_matches_a_plain_reference(options, seed):
     tr = synthetic_trace(16, 2, 4, 250, zipf_s=1.0, stickiness=0.5, reshuffle_every=60, seed=seed)
     p = make_policy("changepoint", 5, 16, **options)
-    full = {"hazard": 0.005, "prior": 1.5, "continuation_weight": 0.3, "max_runs": 64} | options
+    full = {"hazard": 0.005, "prior": 1.5, "continuation_weight": 0.3, "max_runs": 4} | options
     ref = _reference_changepoint(tr.steps, 16, **full)
     pruned = False
     for step, (ref_p, ref_starts) in zip(tr.steps, ref, strict=True):
         out = p.step(step)
-        np.testing.assert_allclose(p.probability(), ref_p, rtol=1e-9, atol=0)
+        np.testing.assert_allclose([p.probability(e) for e in range(16)], ref_p, rtol=1e-9, atol=0)
         assert sorted(p.run_starts) == ref_starts
         pruned |= len(ref_starts) < p.steps_seen
         # Every victim is at most as likely as each idle expert that stays.
@@ -365,9 +365,9 @@ def test_changepoint_follows_a_change_that_lfu_thrashes_on():
     evicted = run(p, trace)
     assert [(t, e) for t, e in enumerate(evicted) if e] == [(41, (2,)), (42, (3,)), (43, (0,)), (60, (1,))]
     assert p.run_starts[0] == 40
-    prob = p.probability()
+    prob = [p.probability(e) for e in range(6)]
     assert prob[2] > 0.3 and prob[3] > 0.3 and max(prob[0], prob[1], prob[5]) < 0.1
-    assert abs(prob.sum() - 1.0) < 1e-12
+    assert abs(sum(prob) - 1.0) < 1e-12
 
 
 def test_changepoint_keeps_the_oldest_run_on_a_fixed_popularity():

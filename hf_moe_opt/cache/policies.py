@@ -60,8 +60,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
 __all__ = [
     "AdaptiveLFUPolicy",
     "ChangePointPolicy",
@@ -785,9 +783,8 @@ class ChangePointPolicy(EvictionPolicy):
     restart after a likelihood-ratio test) this is 0.1-0.35 points of hit rate closer to Belady on
     traces whose popularity changes, and level on fixed ones (docs/expert_buffering.md).
 
-    Cost per step: O(runs x (experts needed in this and the previous step)) to update, and
-    O(runs x num_experts) once per step in which something is evicted (numpy; a few tens of
-    microseconds at 128 experts).
+    Cost per step: O(runs x (experts needed in this and the previous step)) to update (plain Python),
+    and O(runs) for each candidate ranked in a step that evicts.
 
     Args:
         num_slots, num_experts, pinned: as for :class:`EvictionPolicy`.
@@ -801,7 +798,7 @@ class ChangePointPolicy(EvictionPolicy):
 
     name = "changepoint"
     options = ("hazard", "prior", "continuation_weight", "max_runs")
-    _DROP = math.log(1e-8)  # runs this much lighter than the heaviest are dropped
+    _DROP = 1e-8  # runs this much lighter than the heaviest are dropped
 
     def __init__(
         self,
@@ -812,7 +809,7 @@ class ChangePointPolicy(EvictionPolicy):
         hazard: float = 0.005,
         prior: float = 1.5,
         continuation_weight: float = 0.3,
-        max_runs: int = 64,
+        max_runs: int = 4,
     ) -> None:
         if not 0.0 < hazard < 1.0:
             raise ValueError(f"hazard must be in (0, 1), got {hazard}")
@@ -826,89 +823,102 @@ class ChangePointPolicy(EvictionPolicy):
         self.prior = float(prior)
         self.continuation_weight = float(continuation_weight)
         self.max_runs = int(max_runs)
-        self._log_stay, self._log_hazard = math.log1p(-self.hazard), math.log(self.hazard)
+        # The common factor 1 - hazard of the continuing runs is left out: the new run gets the odds.
+        self._odds = self.hazard / (1.0 - self.hazard)
         super().__init__(num_slots, num_experts, pinned)
 
     def _reset_history(self) -> None:
-        # Row i of _uses: each expert's weighted uses since run i began; rows past _runs are spare.
-        self._uses = np.zeros((self.max_runs + 1, self.num_experts))
-        self._totals = np.zeros(self.max_runs + 1)
-        self._log_weight = np.zeros(self.max_runs + 1)
-        self._starts = [0] * (self.max_runs + 1)
-        self._runs = 1
-        self._prev: list[int] = []
+        # One entry per run: its first step, each expert's weighted uses since then,
+        # their sum, and the run's weight (up to a shared factor; the heaviest is rescaled to 1
+        # before the weights could underflow).
+        self._zeros = [0.0] * self.num_experts
+        self._starts = [0]
+        self._uses = [self._zeros.copy()]
+        self._totals = [0.0]
+        self._weights = [1.0]
+        self._prev_uses = [0.0]  # the uses of the previous step's experts
         self._prev_set: set[int] = set()
         self._last_use: dict[int, int] = {}
-        self._probability: np.ndarray | None = None
+        self._probability: dict[int, float] = {}
 
     @property
     def run_starts(self) -> tuple[int, ...]:
         """First step of each live hypothesis, heaviest first."""
-        n = self._runs
-        order = np.argsort(-self._log_weight[:n], kind="stable")
+        order = sorted(range(len(self._starts)), key=lambda i: -self._weights[i])
         return tuple(self._starts[i] for i in order)
 
-    def probability(self) -> np.ndarray:
-        """Each expert's probability of being newly needed under the runs' mixture (the eviction key)."""
-        if self._probability is None:
-            n, prior = self._runs, self.prior
-            w = np.exp(self._log_weight[:n] - self._log_weight[:n].max())
-            w /= w.sum()
-            scale = w / (self._totals[:n] + prior * self.num_experts)
-            self._probability = scale @ (self._uses[:n] + prior)
-        return self._probability
+    def probability(self, expert: int) -> float:
+        """The expert's probability of being newly needed under the runs' mixture (the eviction key)."""
+        p = self._probability.get(expert)
+        if p is None:
+            prior, n = self.prior, self.prior * self.num_experts
+            p = sum(
+                w * (uses[expert] + prior) / (total + n)
+                for w, uses, total in zip(self._weights, self._uses, self._totals, strict=True)
+            ) / sum(self._weights)
+            self._probability[expert] = p
+        return p
 
     def _begin_step(self, order: list[int], counts: dict[int, int] | None) -> None:
-        n, prior = self._runs, self.prior
-        uses, totals, log_weight = self._uses[:n], self._totals[:n], self._log_weight[:n]
-        prev_set = self._prev_set
+        # Runs on every decode step of a cached layer, so plain Python over a handful of runs and no
+        # logarithms: at this size a few numpy calls per step would cost more than the whole update.
+        prev_set, prior = self._prev_set, self.prior
+        uses_all, totals, weights, prev_uses = self._uses, self._totals, self._weights, self._prev_uses
         fresh = [e for e in order if e not in prev_set]
-        # Likelihood of the fresh experts under each run, among the experts idle in the previous step.
+        new_weight = sum(weights) * self._odds
         if fresh:
+            # How well each run predicted the fresh experts among those idle in the previous step.
             idle = self.num_experts - len(prev_set)
-            idle_mass = totals + prior * idle
-            if self._prev:
-                idle_mass = idle_mass - uses[:, self._prev].sum(axis=1)
-            ll = np.log(uses[:, fresh] + prior).sum(axis=1) - len(fresh) * np.log(idle_mass)
-            ll_new = -len(fresh) * math.log(idle)
+            new_weight /= idle ** len(fresh)
+            for i, uses in enumerate(uses_all):
+                mass = totals[i] + prior * idle - prev_uses[i]
+                for e in fresh:
+                    weights[i] *= (uses[e] + prior) / mass
+        # Drop runs far lighter than the heaviest, keep at most max_runs - 1, then open this step's.
+        top = max(max(weights), new_weight)
+        floor = top * self._DROP
+        if min(weights) <= floor:
+            keep = [i for i, w in enumerate(weights) if w > floor]
+            self._starts = [self._starts[i] for i in keep]
+            self._uses = uses_all = [uses_all[i] for i in keep]
+            self._totals = totals = [totals[i] for i in keep]
+            self._weights = weights = [weights[i] for i in keep]
+            self._prev_uses = prev_uses = [prev_uses[i] for i in keep]
+        if len(weights) >= self.max_runs:  # the new run takes the lightest one's place
+            i = weights.index(min(weights))
+            self._starts[i] = self._step
+            uses_all[i][:] = self._zeros
+            totals[i] = 0.0
+            weights[i] = new_weight
+            prev_uses[i] = 0.0
         else:
-            ll, ll_new = 0.0, 0.0
-        top = log_weight.max()
-        log_total = top + math.log(np.exp(log_weight - top).sum())
-        log_weight += ll + self._log_stay
-        # Drop runs far lighter than the heaviest (and the lightest beyond max_runs - 1), then open one.
-        new_weight = log_total + self._log_hazard + ll_new
-        top = max(log_weight.max(), new_weight)
-        keep = np.flatnonzero(log_weight > top + self._DROP)
-        if keep.size > self.max_runs - 1:
-            keep = keep[np.argsort(-log_weight[keep], kind="stable")[: self.max_runs - 1]]
-            keep.sort()
-        if keep.size < n:
-            m = keep.size
-            self._uses[:m] = self._uses[keep]
-            self._totals[:m] = self._totals[keep]
-            self._log_weight[:m] = self._log_weight[keep]
-            self._starts[:m] = [self._starts[i] for i in keep]
-            n = m
-        self._uses[n] = 0.0
-        self._totals[n] = 0.0
-        self._log_weight[n] = new_weight
-        self._starts[n] = self._step
-        self._runs = n = n + 1
-        self._log_weight[:n] -= self._log_weight[:n].max()
+            self._starts.append(self._step)
+            uses_all.append(self._zeros.copy())
+            totals.append(0.0)
+            weights.append(new_weight)
+            prev_uses.append(0.0)
+        if top < 1e-200:  # rescale before the weights underflow
+            weights[:] = [w / top for w in weights]
         # This step's uses, into every run.
-        weights = [self.continuation_weight if e in prev_set else 1.0 for e in order]
-        self._uses[:n, order] += np.asarray(weights)
-        self._totals[:n] += sum(weights)
-        self._prev, self._prev_set = order, set(order)
-        self._probability = None
+        weight = self.continuation_weight
+        step_uses = [(e, weight if e in prev_set else 1.0) for e in order]
+        added = sum(w for _, w in step_uses)
+        for i, uses in enumerate(uses_all):
+            in_step = 0.0  # this step's experts' uses: next step's likelihood leaves them out
+            for e, w in step_uses:
+                uses[e] = u = uses[e] + w
+                in_step += u
+            totals[i] += added
+            prev_uses[i] = in_step
+        self._prev_set = set(order)
+        self._probability = {}
 
     def _on_use(self, expert: int, tick: int, count: int | None) -> None:
         self._last_use[expert] = tick
 
     def _choose_victim(self, candidates: list[int]) -> int:
-        p, last_use = self.probability(), self._last_use
-        return min(candidates, key=lambda e: (p[e], last_use.get(e, -1)))
+        probability, last_use = self.probability, self._last_use
+        return min(candidates, key=lambda e: (probability(e), last_use.get(e, -1)))
 
     def __repr__(self) -> str:
         return (
