@@ -68,6 +68,12 @@ def _find_blocks(model: nn.Module):
 
 def _config_for(model: nn.Module, block_name: str):
     config = getattr(model, "config", None)
+    # A wrapper around a transformers model: the config of the innermost module above the block.
+    parts = block_name.split(".")[:-1]
+    while config is None and parts:
+        holder = model.get_submodule(".".join(parts))
+        config = getattr(holder, "config", None)
+        parts.pop()
     if config is None:
         raise ValueError(f"cannot optimize {block_name}: the model has no `config` (pass a transformers model)")
     return config
@@ -222,6 +228,13 @@ def optimize(
         raise ValueError("this model is already optimized; call hf_moe_opt.restore(model) before optimizing again")
     blocks = _find_blocks(model)
     if not blocks:
+        from .patches import find_patch
+
+        if find_patch(model) is not None:
+            raise ValueError(
+                f"{type(model).__name__} is itself a sparse MoE block: pass the whole transformers model "
+                "(the one with a .config), whose blocks optimize replaces in place"
+            )
         supported = ", ".join(f"{cls} ({mt})" for mt, cls in supported_architectures().items())
         hint = ""
         can_set = getattr(model, "_can_set_experts_implementation", None)

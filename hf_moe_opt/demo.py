@@ -249,6 +249,11 @@ def run_demo(
         result.notes.append("no pinned host memory here: the cache copies from pageable memory")
     if any("CUDA is available" in str(w.message) for w in caught):
         result.notes.append("the expert cache served the CPU although a GPU is present: --device cuda serves the GPU")
+    if dev.type == "cpu":
+        result.notes.append(
+            "on the CPU the cache's slots and its host copy share one memory: 'expert MiB' counts the slots, "
+            "what a GPU would hold; here the cache saves nothing"
+        )
     if dev.type != "cuda" or torch.cuda.device_count() < 2:
         result.notes.append("'2 devices' ran as two copies of one device here: it shows placement, not its speed")
     return result

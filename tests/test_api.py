@@ -160,6 +160,25 @@ def test_error_no_moe_block_names_supported_classes():
         hf_moe_opt.optimize(model)
 
 
+def test_error_a_block_instead_of_the_model():
+    block = tiny_switch().encoder.block[1].layer[1].mlp
+    with pytest.raises(ValueError, match="is itself a sparse MoE block: pass the whole transformers model"):
+        hf_moe_opt.optimize(block)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_wrapper_around_the_model_uses_the_inner_config(family):
+    model = FAMILIES[family]()
+    direct = hf_moe_opt.optimize(copy.deepcopy(model))  # (transformers' own NLLB-MoE forward differs)
+    ids, dec = _ids()
+    wrapper = torch.nn.ModuleDict({"inner": model})  # no .config of its own
+    hf_moe_opt.optimize(wrapper)
+    assert hf_moe_opt.is_optimized(wrapper) and any(isinstance(m, OptimizedMoE) for m in model.modules())
+    torch.testing.assert_close(_logits(model, ids, dec), _logits(direct, ids, dec), rtol=0, atol=0)
+    hf_moe_opt.restore(wrapper)
+    assert not any(isinstance(m, OptimizedMoE) for m in model.modules())
+
+
 def test_error_optimizing_twice():
     model = hf_moe_opt.optimize(tiny_switch())
     with pytest.raises(ValueError, match="already optimized"):

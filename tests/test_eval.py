@@ -53,9 +53,9 @@ def _run(argv: list[str], tmp_path: Path, name: str) -> dict:
     return json.loads(out.read_text())
 
 
-def _lines_file(tmp_path: Path) -> Path:
+def _lines_file(tmp_path: Path, repeat: int = 1) -> Path:
     path = tmp_path / "english.txt"
-    path.write_text("\n".join(ENGLISH) + "\n", encoding="utf-8")
+    path.write_text("\n".join(ENGLISH * repeat) + "\n", encoding="utf-8")
     return path
 
 
@@ -150,7 +150,8 @@ def _tiny_nllb(folder: Path) -> Path:
 
 # ----------------------------------------------------------------------------- end to end
 def test_eval_lm_shipped_switch_unchanged(tmp_path):
-    data = DDTP / "en.test.txt.gz" if (DDTP / "en.test.txt.gz").is_file() else _lines_file(tmp_path)
+    # Without the DDTP split next to the checkout: the test sentences, twice (16 are read).
+    data = DDTP / "en.test.txt.gz" if (DDTP / "en.test.txt.gz").is_file() else _lines_file(tmp_path, repeat=2)
     args = ["eval-lm", "--data", str(data), "--limit", "16", "--batch-size", "8"]
     report = _run([*args, "--generate-samples", "4", "--max-new-tokens", "8"], tmp_path, "lm")
     from hf_moe_opt.evaluation.common import transformers_switch_applies_capacity

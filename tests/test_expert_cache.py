@@ -271,6 +271,15 @@ def test_allotment():
         allot_slots(2401, layers)
 
 
+def test_numpy_scalars_size_the_cache():
+    import numpy as np
+
+    for spec, slots in ((np.int64(3), 3), (np.float32(0.5), NUM_EXPERTS // 2)):
+        model = tiny_switch(num_experts=NUM_EXPERTS)
+        _quiet_optimize(model, expert_cache=spec)
+        assert {s["num_slots"] for s in hf_moe_opt.stats(model).values()} == {slots}
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -284,6 +293,8 @@ def test_allotment():
         ({"expert_cache": 2, "pinned_experts": {"nope": [0]}}, "does not have"),
         ({"expert_cache": 2, "pinned_experts": [0, 1]}, "no free slot next to the pinned experts"),
         ({"expert_cache": 2, "pinned_experts": [9]}, "out of range"),
+        ({"expert_cache": 2, "pinned_experts": [0, 0]}, "repeat an id"),  # not "no free slot"
+        ({"expert_cache": "2GiB", "pinned_experts": [1, 1]}, "repeat an id"),
         ({"cache_policy": "lru"}, "only with expert_cache"),
         ({"pinned_experts": [0]}, "only with expert_cache"),
         ({"cache_prefetch": True}, "only with expert_cache"),

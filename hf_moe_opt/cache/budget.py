@@ -23,6 +23,7 @@ from __future__ import annotations
 import decimal
 import heapq
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -237,7 +238,8 @@ def slots_per_layer(spec: Any, layers: Sequence[LayerGeometry]) -> list[int]:
     """
     if isinstance(spec, bool):
         raise TypeError("expert_cache must be an int, a float, a byte size string or a CacheBudget, not a bool")
-    if isinstance(spec, int):
+    if isinstance(spec, numbers.Integral):  # numpy and torch integers too
+        spec = int(spec)
         largest = max(g.num_experts for g in layers)
         if spec < 1:
             raise ValueError(f"expert_cache={spec}: keep at least one expert per layer on the device")
@@ -250,7 +252,8 @@ def slots_per_layer(spec: Any, layers: Sequence[LayerGeometry]) -> list[int]:
                 "fits, so use no cache (expert_cache=None)"
             )
         return [min(spec, g.num_experts) for g in layers]
-    if isinstance(spec, float):
+    if isinstance(spec, numbers.Real):  # numpy floats too
+        spec = float(spec)
         if not 0.0 < spec <= 1.0:
             raise ValueError(f"expert_cache={spec}: a fraction of each layer's experts must lie in (0, 1]")
         return [max(g.min_slots, int(spec * g.num_experts + 1e-9)) for g in layers]

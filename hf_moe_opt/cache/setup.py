@@ -101,7 +101,10 @@ def _expert_ids(value: Any, what: str) -> tuple[int, ...]:
     for e in ids:
         if isinstance(e, bool) or not isinstance(e, numbers.Integral):
             raise TypeError(f"{what} must hold whole expert ids, got {e!r}")
-    return tuple(int(e) for e in ids)
+    ids = [int(e) for e in ids]
+    if len(set(ids)) != len(ids):  # before any slot count is derived from their number
+        raise ValueError(f"{what}: pinned experts repeat an id: {ids}")
+    return tuple(ids)
 
 
 # What a cached decode step does with a missing expert: wait for its copy, or read it from host memory.

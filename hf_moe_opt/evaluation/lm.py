@@ -281,10 +281,14 @@ def run(args: argparse.Namespace) -> dict:
     check_positive("--max-new-tokens", args.max_new_tokens)
     if args.generate_samples < 0:
         raise EvalError(f"--generate-samples must be >= 0, got {args.generate_samples}")
-    setup: RunSetup = setup_run(args, DEFAULT_DATA, lambda spec: DataSpec(**spec, text_field=args.text_field))
-    texts = read_data(setup.data, pairs=False)
+    setup: RunSetup = setup_run(
+        args,
+        DEFAULT_DATA,
+        lambda spec: DataSpec(**spec, text_field=args.text_field),
+        check_model=lambda source: _check_options_apply(args, model_kind(source)),
+    )
     kind = model_kind(setup.model_source)
-    _check_options_apply(args, kind)
+    texts = read_data(setup.data, pairs=False)
     model, tokenizer = load_model(setup.model_source, kind, setup.dtype, setup.device)
     phases, baseline, notes = plan_phases(model)
     results: dict[str, TeacherForcedResult] = {}

@@ -92,8 +92,16 @@ class RunSetup:
     progress: bool
 
 
-def setup_run(args: argparse.Namespace, default_data: str, make_spec: Callable[[dict], DataSpec]) -> RunSetup:
-    """Validate the common arguments (one-line :class:`EvalError` on mistakes) and resolve model and data."""
+def setup_run(
+    args: argparse.Namespace,
+    default_data: str,
+    make_spec: Callable[[dict], DataSpec],
+    check_model: Callable[[str], None] | None = None,
+) -> RunSetup:
+    """Validate the common arguments (one-line :class:`EvalError` on mistakes) and resolve model and data.
+
+    ``check_model`` gets the resolved model source before any data is looked for, so that options
+    the model cannot take are refused first (and without reading the data)."""
     from ..experts.backends import BACKENDS
     from ..layer import CAPACITY_MODES
 
@@ -119,6 +127,8 @@ def setup_run(args: argparse.Namespace, default_data: str, make_spec: Callable[[
         if Path(args.json).expanduser().is_dir():
             raise EvalError(f"--json {args.json} is a folder; give a file path")
     source, origin = resolve_model(args.model)
+    if check_model is not None:
+        check_model(source)
     if args.data:
         spec = {"path": Path(args.data).expanduser(), "limit": args.limit}
     elif args.dataset:
