@@ -286,7 +286,7 @@ def test_adaptive_options_pass_through_make_policy():
     assert (p.recheck, p.recheck_overlap) == (0, 0.75) and "recheck=0" in repr(p)
 
 
-def _reference_changepoint(trace, num_experts, hazard, prior, continuation_weight, max_runs):
+def _reference_changepoint(trace, num_experts, hazard, prior, continuation_weight, max_runs, evidence):
     """Each step's mixture probabilities of a plain Bayesian online change-point model, written out
     from ChangePointPolicy's description: runs are dicts, sums are Python loops."""
     runs = [{"start": 0, "uses": [0.0] * num_experts, "total": 0.0, "logw": 0.0}]
@@ -303,8 +303,8 @@ def _reference_changepoint(trace, num_experts, hazard, prior, continuation_weigh
             if fresh:
                 mass = r["total"] + prior * idle - sum(r["uses"][e] for e in prev)
                 ll = sum(math.log(r["uses"][e] + prior) for e in fresh) - len(fresh) * math.log(mass)
-            r["logw"] += ll + math.log(1.0 - hazard)
-        new_w = log_total + math.log(hazard) - (len(fresh) * math.log(idle) if fresh else 0.0)
+            r["logw"] += evidence * ll + math.log(1.0 - hazard)
+        new_w = log_total + math.log(hazard) - (evidence * len(fresh) * math.log(idle) if fresh else 0.0)
         top = max(max(r["logw"] for r in runs), new_w)
         runs = [r for r in runs if r["logw"] > top + math.log(1e-8)]
         heaviest = sorted(range(len(runs)), key=lambda i: -runs[i]["logw"])[: max_runs - 1]
@@ -329,13 +329,17 @@ def _reference_changepoint(trace, num_experts, hazard, prior, continuation_weigh
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"hazard": 0.05, "prior": 0.5, "continuation_weight": 1.0, "max_runs": 3}, {"hazard": 0.001, "max_runs": 64}],
+    [
+        {},
+        {"hazard": 0.05, "prior": 0.5, "continuation_weight": 1.0, "max_runs": 3, "evidence": 1.0},
+        {"hazard": 0.001, "max_runs": 64, "evidence": 0.3},
+    ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
 def test_changepoint_matches_a_plain_reference(options, seed):
     tr = synthetic_trace(16, 2, 4, 250, zipf_s=1.0, stickiness=0.5, reshuffle_every=60, seed=seed)
     p = make_policy("changepoint", 5, 16, **options)
-    full = {"hazard": 0.005, "prior": 1.5, "continuation_weight": 0.3, "max_runs": 4} | options
+    full = {"hazard": 0.005, "prior": 1.5, "continuation_weight": 0.3, "max_runs": 4, "evidence": 0.7} | options
     ref = _reference_changepoint(tr.steps, 16, **full)
     pruned = False
     for step, (ref_p, ref_starts) in zip(tr.steps, ref, strict=True):
@@ -358,12 +362,16 @@ def test_changepoint_counts_a_continued_use_less_than_an_arrival():
 
 
 def test_changepoint_follows_a_change_that_lfu_thrashes_on():
-    # 40 steps alternate 0 and 1, then 2 and 3 take over: within three steps the runs that begin at
-    # the change carry the weight and 2 and 3 stay, where LFU makes them evict each other.
+    # 40 steps alternate 0 and 1, then 2 and 3 take over: within five steps the runs that begin at
+    # the change carry the weight and 2 and 3 stay, where LFU makes them evict each other (with the
+    # full evidence of each step, within three).
     trace = [[0], [1]] * 20 + [[2], [3]] * 10 + [[4]]
     p = make_policy("changepoint", 3, 6)
     evicted = run(p, trace)
-    assert [(t, e) for t, e in enumerate(evicted) if e] == [(41, (2,)), (42, (3,)), (43, (0,)), (60, (1,))]
+    switch = [(41, (2,)), (42, (3,)), (43, (2,)), (44, (3,)), (45, (0,)), (60, (1,))]
+    assert [(t, e) for t, e in enumerate(evicted) if e] == switch
+    full = run(make_policy("changepoint", 3, 6, evidence=1.0), trace)
+    assert [(t, e) for t, e in enumerate(full) if e] == [(41, (2,)), (42, (3,)), (43, (0,)), (60, (1,))]
     assert p.run_starts[0] == 40
     prob = [p.probability(e) for e in range(6)]
     assert prob[2] > 0.3 and prob[3] > 0.3 and max(prob[0], prob[1], prob[5]) < 0.1
@@ -399,9 +407,9 @@ def test_changepoint_beats_lfu_when_popularity_shifts(seed):
 
 
 def test_changepoint_options_and_the_defaults():
-    p = make_policy("changepoint", 4, 8, hazard=0.01, prior=2.0, continuation_weight=0.5, max_runs=8)
+    p = make_policy("changepoint", 4, 8, hazard=0.01, prior=2.0, continuation_weight=0.5, max_runs=8, evidence=0.9)
     assert isinstance(p, ChangePointPolicy)
-    assert (p.hazard, p.prior, p.continuation_weight, p.max_runs) == (0.01, 2.0, 0.5, 8)
+    assert (p.hazard, p.prior, p.continuation_weight, p.max_runs, p.evidence) == (0.01, 2.0, 0.5, 8, 0.9)
     assert "max_runs=8" in repr(p)
     # optimize() and the cache build the default policy when none is named.
     assert DEFAULT_POLICY == "changepoint"
@@ -744,6 +752,8 @@ def test_arrays_and_profile_traces_are_refused_not_misread():
         (dict(name="changepoint", num_slots=2, num_experts=4, continuation_weight=-0.1), "continuation_weight"),
         (dict(name="changepoint", num_slots=2, num_experts=4, max_runs=1), "max_runs"),
         (dict(name="changepoint", num_slots=2, num_experts=4, max_runs=2.5), "max_runs"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, evidence=0.0), "evidence"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, evidence=1.5), "evidence"),
         (dict(name="changepoint", num_slots=2, num_experts=4, threshold=5.0), "does not take"),
         (dict(name="lfru", num_slots=2, num_experts=4, half_life="8"), "must be a number"),
     ],

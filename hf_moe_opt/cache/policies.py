@@ -770,7 +770,8 @@ class ChangePointPolicy(EvictionPolicy):
 
     * every run is scored by how well it predicted the experts newly needed (idle in the previous
       step: an expert needed again is mostly the same tokens staying, weak evidence of popularity),
-      among the experts idle in the previous step, and reweighted by that likelihood;
+      among the experts idle in the previous step, and reweighted by that likelihood raised to
+      ``evidence``;
     * a new run (a change at this step, predicting uniformly) receives ``hazard`` of the total
       weight, the others ``1 - hazard`` (``hazard``: the chance of a change at any step);
     * runs with weight below ``1e-8`` of the heaviest are dropped, and at most ``max_runs`` kept.
@@ -794,10 +795,13 @@ class ChangePointPolicy(EvictionPolicy):
         continuation_weight: weight of a use that continues the expert's use from the previous step,
             in ``[0, 1]``.
         max_runs: hypotheses kept at most (>= 2).
+        evidence: exponent, in ``(0, 1]``, on each step's likelihood: below 1 a step's arrivals count
+            as less than independent draws (the experts of one token arrive together, and tokens
+            repeat), so chance runs of arrivals move the weights less.
     """
 
     name = "changepoint"
-    options = ("hazard", "prior", "continuation_weight", "max_runs")
+    options = ("hazard", "prior", "continuation_weight", "max_runs", "evidence")
     _DROP = 1e-8  # runs this much lighter than the heaviest are dropped
 
     def __init__(
@@ -810,6 +814,7 @@ class ChangePointPolicy(EvictionPolicy):
         prior: float = 1.5,
         continuation_weight: float = 0.3,
         max_runs: int = 4,
+        evidence: float = 0.7,
     ) -> None:
         if not 0.0 < hazard < 1.0:
             raise ValueError(f"hazard must be in (0, 1), got {hazard}")
@@ -819,6 +824,9 @@ class ChangePointPolicy(EvictionPolicy):
             raise ValueError(f"continuation_weight must be in [0, 1], got {continuation_weight}")
         if max_runs != int(max_runs) or max_runs < 2:
             raise ValueError(f"max_runs must be an integer >= 2, got {max_runs}")
+        if not 0.0 < evidence <= 1.0:
+            raise ValueError(f"evidence must be in (0, 1], got {evidence}")
+        self.evidence = float(evidence)
         self.hazard = float(hazard)
         self.prior = float(prior)
         self.continuation_weight = float(continuation_weight)
@@ -869,11 +877,14 @@ class ChangePointPolicy(EvictionPolicy):
         if fresh:
             # How well each run predicted the fresh experts among those idle in the previous step.
             idle = self.num_experts - len(prev_set)
-            new_weight /= idle ** len(fresh)
+            temper = self.evidence
+            new_weight /= idle ** (len(fresh) * temper)
             for i, uses in enumerate(uses_all):
                 mass = totals[i] + prior * idle - prev_uses[i]
+                likelihood = 1.0
                 for e in fresh:
-                    weights[i] *= (uses[e] + prior) / mass
+                    likelihood *= (uses[e] + prior) / mass
+                weights[i] *= likelihood if temper == 1.0 else likelihood**temper
         # Drop runs far lighter than the heaviest, keep at most max_runs - 1, then open this step's.
         top = max(max(weights), new_weight)
         floor = top * self._DROP
@@ -923,7 +934,7 @@ class ChangePointPolicy(EvictionPolicy):
     def __repr__(self) -> str:
         return (
             f"{super().__repr__()[:-1]}, hazard={self.hazard}, prior={self.prior}, "
-            f"continuation_weight={self.continuation_weight}, max_runs={self.max_runs})"
+            f"continuation_weight={self.continuation_weight}, max_runs={self.max_runs}, evidence={self.evidence})"
         )
 
 
@@ -952,7 +963,7 @@ def make_policy(
         **options: policy-specific settings (``half_life``, ``count_weight`` for ``"lfru"``;
             ``threshold``, ``continuation_weight``, ``restart_every``, ``horizon``, ``recheck``,
             ``recheck_overlap`` for ``"adaptive"``; ``hazard``, ``prior``, ``continuation_weight``,
-            ``max_runs`` for ``"changepoint"``).
+            ``max_runs``, ``evidence`` for ``"changepoint"``).
 
     Raises:
         ValueError: an unknown name, options the policy does not take, or impossible settings
