@@ -286,7 +286,7 @@ def test_adaptive_options_pass_through_make_policy():
     assert (p.recheck, p.recheck_overlap) == (0, 0.75) and "recheck=0" in repr(p)
 
 
-def _reference_changepoint(trace, num_experts, hazard, prior, continuation_weight, max_runs, evidence):
+def _reference_changepoint(trace, num_experts, hazard, prior, continuation_weight, max_runs, evidence, open_every):
     """Each step's mixture probabilities of a plain Bayesian online change-point model, written out
     from ChangePointPolicy's description: runs are dicts, sums are Python loops."""
     runs = [{"start": 0, "uses": [0.0] * num_experts, "total": 0.0, "logw": 0.0}]
@@ -303,13 +303,18 @@ def _reference_changepoint(trace, num_experts, hazard, prior, continuation_weigh
             if fresh:
                 mass = r["total"] + prior * idle - sum(r["uses"][e] for e in prev)
                 ll = sum(math.log(r["uses"][e] + prior) for e in fresh) - len(fresh) * math.log(mass)
-            r["logw"] += evidence * ll + math.log(1.0 - hazard)
-        new_w = log_total + math.log(hazard) - (evidence * len(fresh) * math.log(idle) if fresh else 0.0)
-        top = max(max(r["logw"] for r in runs), new_w)
+            r["logw"] += evidence * ll
+        opening = t % open_every == 0
+        # A change at any of the open_every steps since the last opening, against none.
+        stay = (1.0 - hazard) ** open_every
+        new_w = log_total + math.log(1.0 - stay) - math.log(stay)
+        new_w -= evidence * len(fresh) * math.log(idle) if fresh else 0.0
+        top = max(max(r["logw"] for r in runs), new_w if opening else -math.inf)
         runs = [r for r in runs if r["logw"] > top + math.log(1e-8)]
-        heaviest = sorted(range(len(runs)), key=lambda i: -runs[i]["logw"])[: max_runs - 1]
-        runs = [runs[i] for i in sorted(heaviest)]
-        runs.append({"start": t, "uses": [0.0] * num_experts, "total": 0.0, "logw": new_w})
+        if opening:
+            heaviest = sorted(range(len(runs)), key=lambda i: -runs[i]["logw"])[: max_runs - 1]
+            runs = [runs[i] for i in sorted(heaviest)]
+            runs.append({"start": t, "uses": [0.0] * num_experts, "total": 0.0, "logw": new_w})
         for e in order:
             w = continuation_weight if e in prev else 1.0
             for r in runs:
@@ -331,15 +336,16 @@ def _reference_changepoint(trace, num_experts, hazard, prior, continuation_weigh
     "options",
     [
         {},
-        {"hazard": 0.05, "prior": 0.5, "continuation_weight": 1.0, "max_runs": 3, "evidence": 1.0},
-        {"hazard": 0.001, "max_runs": 64, "evidence": 0.3},
+        {"hazard": 0.05, "prior": 0.5, "continuation_weight": 1.0, "max_runs": 3, "evidence": 1.0, "open_every": 1},
+        {"hazard": 0.001, "max_runs": 64, "evidence": 0.3, "open_every": 3},
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
 def test_changepoint_matches_a_plain_reference(options, seed):
     tr = synthetic_trace(16, 2, 4, 250, zipf_s=1.0, stickiness=0.5, reshuffle_every=60, seed=seed)
     p = make_policy("changepoint", 5, 16, **options)
-    full = {"hazard": 0.005, "prior": 1.5, "continuation_weight": 0.3, "max_runs": 4, "evidence": 0.7} | options
+    full = {"hazard": 0.005, "prior": 1.5, "continuation_weight": 0.3, "max_runs": 4, "evidence": 0.7, "open_every": 8}
+    full |= options
     ref = _reference_changepoint(tr.steps, 16, **full)
     pruned = False
     for step, (ref_p, ref_starts) in zip(tr.steps, ref, strict=True):
@@ -362,20 +368,22 @@ def test_changepoint_counts_a_continued_use_less_than_an_arrival():
 
 
 def test_changepoint_follows_a_change_that_lfu_thrashes_on():
-    # 40 steps alternate 0 and 1, then 2 and 3 take over: within five steps the runs that begin at
-    # the change carry the weight and 2 and 3 stay, where LFU makes them evict each other (with the
-    # full evidence of each step, within three).
-    trace = [[0], [1]] * 20 + [[2], [3]] * 10 + [[4]]
+    # 44 steps alternate 0 and 1, then 2 and 3 take over. LFU makes 2 and 3 evict each other for
+    # good; changepoint keeps them once the run opened after the change (step 48) carries the
+    # weight, and with a run opened every step sooner.
+    trace = [[0], [1]] * 22 + [[2], [3]] * 10 + [[4]]
     p = make_policy("changepoint", 3, 6)
-    evicted = run(p, trace)
-    switch = [(41, (2,)), (42, (3,)), (43, (2,)), (44, (3,)), (45, (0,)), (60, (1,))]
-    assert [(t, e) for t, e in enumerate(evicted) if e] == switch
-    full = run(make_policy("changepoint", 3, 6, evidence=1.0), trace)
-    assert [(t, e) for t, e in enumerate(full) if e] == [(41, (2,)), (42, (3,)), (43, (0,)), (60, (1,))]
-    assert p.run_starts[0] == 40
+    evicted = [(t, e) for t, e in enumerate(run(p, trace)) if e]
+    assert evicted == [(t, (2,) if t % 2 else (3,)) for t in range(45, 51)] + [(51, (0,)), (64, (1,))]
+    assert p.run_starts[0] == 48
     prob = [p.probability(e) for e in range(6)]
     assert prob[2] > 0.3 and prob[3] > 0.3 and max(prob[0], prob[1], prob[5]) < 0.1
     assert abs(sum(prob) - 1.0) < 1e-12
+    every_step = run(make_policy("changepoint", 3, 6, open_every=1), trace)
+    expected = [(45, (2,)), (46, (3,)), (47, (2,)), (48, (0,)), (64, (1,))]
+    assert [(t, e) for t, e in enumerate(every_step) if e] == expected
+    lfu = run(make_policy("lfu", 3, 6), trace)
+    assert all(lfu[t] in ((2,), (3,)) for t in range(45, 65))
 
 
 def test_changepoint_keeps_the_oldest_run_on_a_fixed_popularity():
@@ -754,6 +762,8 @@ def test_arrays_and_profile_traces_are_refused_not_misread():
         (dict(name="changepoint", num_slots=2, num_experts=4, max_runs=2.5), "max_runs"),
         (dict(name="changepoint", num_slots=2, num_experts=4, evidence=0.0), "evidence"),
         (dict(name="changepoint", num_slots=2, num_experts=4, evidence=1.5), "evidence"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, open_every=0), "open_every"),
+        (dict(name="changepoint", num_slots=2, num_experts=4, open_every=1.5), "open_every"),
         (dict(name="changepoint", num_slots=2, num_experts=4, threshold=5.0), "does not take"),
         (dict(name="lfru", num_slots=2, num_experts=4, half_life="8"), "must be a number"),
     ],

@@ -772,9 +772,13 @@ class ChangePointPolicy(EvictionPolicy):
       step: an expert needed again is mostly the same tokens staying, weak evidence of popularity),
       among the experts idle in the previous step, and reweighted by that likelihood raised to
       ``evidence``;
-    * a new run (a change at this step, predicting uniformly) receives ``hazard`` of the total
-      weight, the others ``1 - hazard`` (``hazard``: the chance of a change at any step);
-    * runs with weight below ``1e-8`` of the heaviest are dropped, and at most ``max_runs`` kept.
+    * every ``open_every`` steps a new run opens (a change since the last opening; it predicts this
+      step uniformly) with the chance of such a change, ``1 - (1 - hazard) ** open_every``, of the
+      total weight (``hazard``: the chance of a change at any step), and takes the place of the
+      lightest run when ``max_runs`` are open. Runs opened a few steps apart give a new run time to
+      gather evidence before the next one competes with it: where each step carries little (one
+      token per step over few experts), a run opened every step is displaced before it can win;
+    * runs with weight below ``1e-8`` of the heaviest are dropped.
 
     A use counts 1 if the expert was idle in the previous step and ``continuation_weight`` if it was
     needed there too. The victim has the smallest probability under the runs' weighted mixture (ties:
@@ -795,13 +799,14 @@ class ChangePointPolicy(EvictionPolicy):
         continuation_weight: weight of a use that continues the expert's use from the previous step,
             in ``[0, 1]``.
         max_runs: hypotheses kept at most (>= 2).
+        open_every: steps between new hypotheses (>= 1).
         evidence: exponent, in ``(0, 1]``, on each step's likelihood: below 1 a step's arrivals count
             as less than independent draws (the experts of one token arrive together, and tokens
             repeat), so chance runs of arrivals move the weights less.
     """
 
     name = "changepoint"
-    options = ("hazard", "prior", "continuation_weight", "max_runs", "evidence")
+    options = ("hazard", "prior", "continuation_weight", "max_runs", "evidence", "open_every")
     _DROP = 1e-8  # runs this much lighter than the heaviest are dropped
 
     def __init__(
@@ -815,6 +820,7 @@ class ChangePointPolicy(EvictionPolicy):
         continuation_weight: float = 0.3,
         max_runs: int = 4,
         evidence: float = 0.7,
+        open_every: int = 8,
     ) -> None:
         if not 0.0 < hazard < 1.0:
             raise ValueError(f"hazard must be in (0, 1), got {hazard}")
@@ -826,13 +832,18 @@ class ChangePointPolicy(EvictionPolicy):
             raise ValueError(f"max_runs must be an integer >= 2, got {max_runs}")
         if not 0.0 < evidence <= 1.0:
             raise ValueError(f"evidence must be in (0, 1], got {evidence}")
+        if open_every != int(open_every) or open_every < 1:
+            raise ValueError(f"open_every must be a positive integer, got {open_every}")
+        self.open_every = int(open_every)
         self.evidence = float(evidence)
         self.hazard = float(hazard)
         self.prior = float(prior)
         self.continuation_weight = float(continuation_weight)
         self.max_runs = int(max_runs)
         # The common factor 1 - hazard of the continuing runs is left out: the new run gets the odds.
-        self._odds = self.hazard / (1.0 - self.hazard)
+        # A new run stands for a change at any of the open_every steps since the last one opened.
+        change = 1.0 - (1.0 - self.hazard) ** self.open_every
+        self._odds = change / (1.0 - change)
         super().__init__(num_slots, num_experts, pinned)
 
     def _reset_history(self) -> None:
@@ -873,6 +884,7 @@ class ChangePointPolicy(EvictionPolicy):
         prev_set, prior = self._prev_set, self.prior
         uses_all, totals, weights, prev_uses = self._uses, self._totals, self._weights, self._prev_uses
         fresh = [e for e in order if e not in prev_set]
+        opening = self._step % self.open_every == 0
         new_weight = sum(weights) * self._odds
         if fresh:
             # How well each run predicted the fresh experts among those idle in the previous step.
@@ -885,8 +897,8 @@ class ChangePointPolicy(EvictionPolicy):
                 for e in fresh:
                     likelihood *= (uses[e] + prior) / mass
                 weights[i] *= likelihood if temper == 1.0 else likelihood**temper
-        # Drop runs far lighter than the heaviest, keep at most max_runs - 1, then open this step's.
-        top = max(max(weights), new_weight)
+        # Drop runs far lighter than the heaviest; at an opening, open this step's run.
+        top = max(max(weights), new_weight) if opening else max(weights)
         floor = top * self._DROP
         if min(weights) <= floor:
             keep = [i for i, w in enumerate(weights) if w > floor]
@@ -895,14 +907,14 @@ class ChangePointPolicy(EvictionPolicy):
             self._totals = totals = [totals[i] for i in keep]
             self._weights = weights = [weights[i] for i in keep]
             self._prev_uses = prev_uses = [prev_uses[i] for i in keep]
-        if len(weights) >= self.max_runs:  # the new run takes the lightest one's place
+        if opening and len(weights) >= self.max_runs:  # the new run takes the lightest one's place
             i = weights.index(min(weights))
             self._starts[i] = self._step
             uses_all[i][:] = self._zeros
             totals[i] = 0.0
             weights[i] = new_weight
             prev_uses[i] = 0.0
-        else:
+        elif opening:
             self._starts.append(self._step)
             uses_all.append(self._zeros.copy())
             totals.append(0.0)
@@ -934,7 +946,8 @@ class ChangePointPolicy(EvictionPolicy):
     def __repr__(self) -> str:
         return (
             f"{super().__repr__()[:-1]}, hazard={self.hazard}, prior={self.prior}, "
-            f"continuation_weight={self.continuation_weight}, max_runs={self.max_runs}, evidence={self.evidence})"
+            f"continuation_weight={self.continuation_weight}, max_runs={self.max_runs}, evidence={self.evidence}, "
+            f"open_every={self.open_every})"
         )
 
 
@@ -963,7 +976,7 @@ def make_policy(
         **options: policy-specific settings (``half_life``, ``count_weight`` for ``"lfru"``;
             ``threshold``, ``continuation_weight``, ``restart_every``, ``horizon``, ``recheck``,
             ``recheck_overlap`` for ``"adaptive"``; ``hazard``, ``prior``, ``continuation_weight``,
-            ``max_runs``, ``evidence`` for ``"changepoint"``).
+            ``max_runs``, ``evidence``, ``open_every`` for ``"changepoint"``).
 
     Raises:
         ValueError: an unknown name, options the policy does not take, or impossible settings
