@@ -784,9 +784,10 @@ class ChangePointPolicy(EvictionPolicy):
     needed there too. The victim has the smallest probability under the runs' weighted mixture (ties:
     least recently used). With a fixed popularity the oldest run keeps almost all the weight, which
     is LFU; after a change the runs that begin near it take over within a few steps, and a false
-    alarm costs nothing, since no count is ever forgotten outright. Against ``"adaptive"`` (a hard
-    restart after a likelihood-ratio test) this is 0.1-0.35 points of hit rate closer to Belady on
-    traces whose popularity changes, and level on fixed ones (docs/expert_buffering.md).
+    alarm costs little, since no count is ever forgotten outright. Against ``"adaptive"`` (a hard
+    restart after a likelihood-ratio test) this is 0.04-0.27 points of hit rate closer to Belady on
+    synthetic traces whose popularity changes, and level on fixed ones and on the measured stack
+    routing (docs/expert_buffering.md).
 
     Cost per step: O(runs x (experts needed in this and the previous step)) to update (plain Python),
     and O(runs) for each candidate ranked in a step that evicts.
