@@ -188,7 +188,10 @@ def _add_eval_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = OneLineErrorParser(prog="hf-moe-opt", description="Fast MoE inference for Hugging Face models")
+    parser.add_argument("--version", action="version", version=f"hf-moe-opt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the shipped MoE models, original vs optimized (offline)")
     demo.add_argument("--device", default="cpu")

@@ -152,3 +152,13 @@ def test_demo_json_has_provenance(monkeypatch, tmp_path):
     assert report["command"].startswith("hf-moe-opt demo") and report["repeats"] == 2
     assert report["backend"] == "auto" and report["cache_fraction"] == 0.5
     assert "torch" in report["versions"] and "cpu_count" in report["machine"]
+
+
+def test_version_and_module_entry_point():
+    import hf_moe_opt
+
+    proc = subprocess.run([sys.executable, "-m", "hf_moe_opt", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"hf-moe-opt {hf_moe_opt.__version__}"
+    argv = [sys.executable, "-m", "hf_moe_opt", "demo", "--repeats", "0"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 2 and "error" in proc.stderr
