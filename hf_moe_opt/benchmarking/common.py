@@ -64,13 +64,20 @@ def floor_ms(active_experts: int, d: int, f: int, assignments: int, ceilings: di
     return 1e3 * max(weight_bytes / ceilings["copy_bytes_per_s"], flops / ceilings["bf16_flops_per_s"])
 
 
-def print_ceilings(ceilings: dict) -> None:
-    def rate(value: float | None, unit: str, fmt: str) -> str:
-        return f"{value / 1e12:{fmt}} {unit}" if value else "not measured"
+def print_ceilings(ceilings: dict, device: torch.device | None = None) -> None:
+    """One line with the measured rates (T or G units as they come); on a CPU a warning that the
+    floors built from them are rough (small probes), not bounds a run cannot beat."""
 
-    copy = rate(ceilings.get("copy_bytes_per_s"), "TB/s", ".2f")
-    flops = rate(ceilings.get("bf16_flops_per_s"), "TFLOP/s", ".0f")
+    def rate(value: float | None, unit: str) -> str:
+        if not value:
+            return "not measured"
+        return f"{value / 1e12:.2f} T{unit}" if value >= 1e12 else f"{value / 1e9:.1f} G{unit}"
+
+    copy = rate(ceilings.get("copy_bytes_per_s"), "B/s")
+    flops = rate(ceilings.get("bf16_flops_per_s"), "FLOP/s")
     print(f"ceilings: copy {copy}, bf16 {flops}", flush=True)
+    if device is not None and torch.device(device).type == "cpu":
+        print("(on a CPU these come from small probes: the floors below are rough, not bounds)", flush=True)
 
 
 def pyplot_or_none():
@@ -172,7 +179,7 @@ def bench_device(cpu_smoke: bool) -> tuple[torch.device, dict] | None:
         ceilings = measure_ceilings(device)
     env = environment()
     print(f"{env['device']}: torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}")
-    print_ceilings(ceilings)
+    print_ceilings(ceilings, device)
     return device, ceilings
 
 

@@ -520,7 +520,7 @@ def main(argv=None, prog: str | None = None) -> int:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    print_ceilings(ceilings)
+    print_ceilings(ceilings, device)
     models = []
     for name in args.models:
         config = tiny_config(name) if args.cpu_smoke else None
