@@ -68,13 +68,13 @@ def print_ceilings(ceilings: dict, device: torch.device | None = None) -> None:
     """One line with the measured rates (T or G units as they come); on a CPU a warning that the
     floors built from them are rough (small probes), not bounds a run cannot beat."""
 
-    def rate(value: float | None, unit: str) -> str:
+    def rate(value: float | None, unit: str, tera_digits: int) -> str:
         if not value:
             return "not measured"
-        return f"{value / 1e12:.2f} T{unit}" if value >= 1e12 else f"{value / 1e9:.1f} G{unit}"
+        return f"{value / 1e12:.{tera_digits}f} T{unit}" if value >= 1e12 else f"{value / 1e9:.1f} G{unit}"
 
-    copy = rate(ceilings.get("copy_bytes_per_s"), "B/s")
-    flops = rate(ceilings.get("bf16_flops_per_s"), "FLOP/s")
+    copy = rate(ceilings.get("copy_bytes_per_s"), "B/s", 2)
+    flops = rate(ceilings.get("bf16_flops_per_s"), "FLOP/s", 0)
     print(f"ceilings: copy {copy}, bf16 {flops}", flush=True)
     if device is not None and torch.device(device).type == "cpu":
         print("(on a CPU these come from small probes: the floors below are rough, not bounds)", flush=True)
