@@ -213,11 +213,12 @@ def test_adaptive_oversubscribed_step_evicts_finished_experts_by_count():
     assert lru.step([2, 1, 3, 4]).evicted == (0, 2, 1)
 
 
+@pytest.mark.parametrize("name", ["adaptive", "changepoint"])
 @settings(max_examples=3, deadline=None)
-@given(st.integers(0, 2**31 - 1))
-def test_adaptive_beats_lfu_when_popularity_shifts(seed):
+@given(seed=st.integers(0, 2**31 - 1))
+def test_change_aware_policies_beat_lfu_when_popularity_shifts(name, seed):
     tr = synthetic_trace(64, 2, 8, 600, zipf_s=1.0, stickiness=0.5, reshuffle_every=150, seed=seed)
-    assert simulate(tr, "adaptive", 16).hit_rate > simulate(tr, "lfu", 16).hit_rate
+    assert simulate(tr, name, 16).hit_rate > simulate(tr, "lfu", 16).hit_rate
 
 
 def test_adaptive_recheck_undoes_a_false_alarm_and_keeps_a_real_change():
@@ -405,13 +406,6 @@ def test_changepoint_pinned_and_reset():
     assert used.run_starts == (0,) and used.steps_seen == 0 and not used.resident
     fresh = make_policy("changepoint", 5, 16, pinned=[3, 7])
     assert [used.step(s) for s in tr.steps] == [fresh.step(s) for s in tr.steps]
-
-
-@settings(max_examples=3, deadline=None)
-@given(st.integers(0, 2**31 - 1))
-def test_changepoint_beats_lfu_when_popularity_shifts(seed):
-    tr = synthetic_trace(64, 2, 8, 600, zipf_s=1.0, stickiness=0.5, reshuffle_every=150, seed=seed)
-    assert simulate(tr, "changepoint", 16).hit_rate > simulate(tr, "lfu", 16).hit_rate
 
 
 def test_changepoint_options_and_the_defaults():
