@@ -885,13 +885,13 @@ class ChangePointPolicy(EvictionPolicy):
         prev_set, prior = self._prev_set, self.prior
         uses_all, totals, weights, prev_uses = self._uses, self._totals, self._weights, self._prev_uses
         fresh = [e for e in order if e not in prev_set]
+        idle = self.num_experts - len(prev_set)
+        temper = self.evidence
         opening = self._step % self.open_every == 0
-        new_weight = sum(weights) * self._odds
+        if opening:  # the new run predicts this step's fresh experts uniformly among the idle ones
+            new_weight = sum(weights) * self._odds / idle ** (len(fresh) * temper)
         if fresh:
             # How well each run predicted the fresh experts among those idle in the previous step.
-            idle = self.num_experts - len(prev_set)
-            temper = self.evidence
-            new_weight /= idle ** (len(fresh) * temper)
             for i, uses in enumerate(uses_all):
                 mass = totals[i] + prior * idle - prev_uses[i]
                 likelihood = 1.0
