@@ -47,7 +47,7 @@ Policies (``make_policy`` names):
 * ``"changepoint"`` — the same idea without a hard decision: a Bayesian online change-point model
   keeps several hypotheses of when the popularity last changed, each counting uses since then, and
   weighs them by how well they predicted the experts newly needed; the victim is the expert least
-  likely under that mixture. Closest to Belady on every measured trace, the default of ``optimize``
+  likely under that mixture. Closest to Belady on most measured traces, the default of ``optimize``
   (:data:`DEFAULT_POLICY`).
 """
 
@@ -959,7 +959,7 @@ _POLICIES: dict[str, type[EvictionPolicy]] = {
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
 """Names :func:`make_policy` accepts."""
 DEFAULT_POLICY = "changepoint"
-"""``optimize``'s policy: the closest to Belady on every measured trace, and it recovers when the
+"""``optimize``'s policy: the closest to Belady on most measured traces, and it recovers when the
 routing popularity shifts, where LIFO keeps what it loaded first (docs/expert_buffering.md)."""
 
 
