@@ -205,7 +205,8 @@ def optimize(
             CUDA, or ``TRITON_INTERPRET=1``), the step never waits for the host, and the policy runs one
             step behind, copying experts into slots for later steps; other calls copy as before.
             Outputs are the same either way; ``stats`` reports ``host_reads`` (assignments computed from
-            host memory). Needs pinned memory; not with ``cache_prefetch``. See
+            host memory). Needs pinned memory; not with ``cache_prefetch``; layers on the torch backend
+            copy their misses as ``"copy"`` does (with a ``RuntimeWarning``). See
             ``hf_moe_opt.cache.host_reads``.
         fuse_dense: also speed up the dense parts (Switch Transformers, NLLB-MoE): attention runs as one
             ``scaled_dot_product_attention`` call with the position bias and mask folded into one

@@ -526,6 +526,17 @@ def test_cpu_cache_does_not_pin_and_a_failed_pin_warns(monkeypatch):
         hf_moe_opt.optimize(tiny_switch(num_experts=4), expert_cache=2)
 
 
+def test_read_misses_warn_where_the_torch_backend_copies_them():
+    """Only the Triton decode kernels read misses from host memory: with the torch backend read mode
+    copies them, and optimize says so once; with the Triton backend (interpreted here) no warning."""
+    with pytest.warns(RuntimeWarning, match='cache_misses="read" .*Triton decode kernels only.*4 layer'):
+        hf_moe_opt.optimize(tiny_switch(num_experts=4), expert_cache=2, cache_misses="read", backend="torch")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf_moe_opt.optimize(tiny_switch(num_experts=4), expert_cache=2, cache_misses="read", backend="triton")
+    assert not [w for w in caught if "Triton decode kernels only" in str(w.message)]
+
+
 def test_stats_on_models_without_cache():
     model = tiny_switch(num_experts=4)
     with pytest.raises(ValueError, match="not optimized"):

@@ -75,6 +75,24 @@ def _warn_if_cpu_beside_gpu(devices: Mapping[str, torch.device]) -> None:
         )
 
 
+def _warn_if_reads_fall_back(layers: Sequence[tuple[str, nn.Module]], devices: Mapping[str, torch.device]) -> None:
+    """Misses are read from host memory only by the Triton decode kernels: say once where a layer's
+    backend is plain torch, so that ``cache_misses="read"`` copies its misses as ``"copy"`` does."""
+    from ..experts.backends import resolve_backend
+
+    plain = [n for n, layer in layers if resolve_backend(layer.backend, devices[n]) == "torch"]
+    if plain:
+        warnings.warn(
+            f'hf_moe_opt expert cache: cache_misses="read" reads missing experts from host memory in the '
+            f"Triton decode kernels only; {len(plain)} layer(s) (first: {plain[0]}, on {devices[plain[0]]}) "
+            'compute with the torch backend and copy their misses as cache_misses="copy" does. Serve a CUDA '
+            'device with backend="auto" or "triton" (on a CPU, TRITON_INTERPRET=1 and backend="triton" '
+            "for a slow correctness run)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def _normalise_pinned(pinned_experts: Any, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
     if pinned_experts is None:
         return {}
@@ -142,6 +160,8 @@ class ExpertCachePlan:
                 store.enable_host_reads()
             layer.store = store
             stores[name] = store
+        if self.misses == "read":
+            _warn_if_reads_fall_back(layers, self.devices)
         errors = {s.pin_error for s in stores.values() if s.pin_error}
         if errors:
             warnings.warn(
