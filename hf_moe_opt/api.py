@@ -10,6 +10,7 @@ from torch import nn
 from transformers.utils import logging
 
 from . import dense, encoder_graphs, step_graphs
+from .cache.policies import DEFAULT_POLICY
 from .dense import DENSE_MODEL_TYPES
 from .devices import plain_device_hook
 from .experts.backends import BACKENDS
@@ -290,7 +291,7 @@ def optimize(
         )
     elif (
         pinned_experts is not None
-        or str(cache_policy).lower() != "changepoint"
+        or str(cache_policy).lower() != DEFAULT_POLICY
         or cache_policy_options is not None
         or cache_prefetch is not False
         or cache_misses != "copy"
