@@ -68,6 +68,37 @@ def _triton_gemm():
     return triton, per_expert_gemm
 
 
+def _triton_persistent_gemm():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def persistent_expert_gemm(
+        a_desc, w_desc, out_ptr, rows, N, K, num_experts, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    ):  # fmt: skip
+        # The same tiles as per_expert_gemm, but PROGRAMS programs loop over them, so the next tile's
+        # loads can start while this one's epilogue runs (flattened loop) instead of at a new launch.
+        num_m = tl.cdiv(rows, BM)
+        per_expert = num_m * tl.cdiv(N, BN)
+        k_tiles = tl.cdiv(K, BK)
+        for tile in tl.range(
+            tl.program_id(0), num_experts * per_expert, PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+        ):
+            e = tile // per_expert
+            row = e * rows + (tile % per_expert % num_m) * BM
+            col = (tile % per_expert // num_m) * BN
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for ki in range(k_tiles):
+                k0 = ki * BK
+                acc = tl.dot(a_desc.load([row, k0]), w_desc.load([e * N + col, k0]).T, acc)
+            offs_m = row + tl.arange(0, BM)
+            offs_n = col + tl.arange(0, BN)
+            tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty))
+
+    return triton, persistent_expert_gemm
+
+
 def triton_ideal_ms(a: torch.Tensor, w: torch.Tensor, num_experts: int, device: torch.device) -> dict | None:
     """Best time of the plain descriptor GEMM over :data:`TRITON_CONFIGS` (None without TMA support)."""
     try:
@@ -97,7 +128,67 @@ def triton_ideal_ms(a: torch.Tensor, w: torch.Tensor, num_experts: int, device: 
     return best
 
 
-def bench_shape(name: str, tokens: int, device: torch.device, ceilings: dict) -> dict:
+# (BLOCK_N, num_stages, num_warps, programs per SM, flatten) tried for the persistent GEMM.
+PERSISTENT_CONFIGS = tuple(itertools.product((128, 256), (3, 4), (4, 8), (1, 2), (False, True)))
+
+
+def triton_persistent_ms(
+    a: torch.Tensor, w: torch.Tensor, num_experts: int, device: torch.device, warp_specialize: bool = False
+) -> dict | None:
+    """Best time of the persistent descriptor GEMM over :data:`PERSISTENT_CONFIGS` (None without TMA);
+    configurations that fail to compile or launch are skipped and counted."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        triton, kernel = _triton_persistent_gemm()
+    except ImportError:
+        return None
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+    rows, k = a.shape[0] // num_experts, a.shape[1]
+    n = w.shape[0] // num_experts
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    out = torch.empty(a.shape[0], n, dtype=a.dtype, device=device)
+    ref = None
+    best, failed = None, 0
+    for bn, stages, warps, per_sm, flatten in PERSISTENT_CONFIGS:
+        if rows % 128 or n % bn or (warp_specialize and flatten):
+            continue
+        a_desc = TensorDescriptor.from_tensor(a, [128, 64])
+        w_desc = TensorDescriptor.from_tensor(w, [bn, 64])
+        programs = min(sms * per_sm, num_experts * (rows // 128) * (n // bn))
+
+        def run(a_desc=a_desc, w_desc=w_desc, bn=bn, stages=stages, warps=warps, programs=programs, flatten=flatten):
+            kernel[(programs,)](
+                a_desc, w_desc, out, rows, n, k, num_experts, 128, bn, 64, programs, flatten, warp_specialize,
+                num_stages=stages, num_warps=warps,
+            )  # fmt: skip
+
+        try:
+            run()
+            torch.cuda.synchronize()
+        except Exception as exc:  # a configuration the compiler or the GPU refuses
+            failed += 1
+            print(f"  persistent {bn=} {stages=} {warps=} {per_sm=} {flatten=} ws={warp_specialize}: {exc!r:.200}")
+            continue
+        if ref is None:  # every configuration must compute the same product
+            ref = torch.bmm(a.view(num_experts, rows, k), w.view(num_experts, n, k).transpose(1, 2)).view(-1, n)
+        err = (out.float() - ref.float()).abs().max().item()
+        if err > 0.05 * ref.float().abs().max().item():
+            failed += 1
+            print(f"  persistent {bn=} {stages=} {warps=} {per_sm=} {flatten=}: wrong result (max error {err:.3g})")
+            continue
+        ms = device_ms(run, device)
+        if best is None or ms < best["ms"]:
+            best = {
+                "ms": ms, "block_n": bn, "num_stages": stages, "num_warps": warps, "programs_per_sm": per_sm,
+                "flatten": flatten, "warp_specialize": warp_specialize,
+            }  # fmt: skip
+    return best and {**best, "failed_configs": failed}
+
+
+def bench_shape(
+    name: str, tokens: int, device: torch.device, ceilings: dict, persistent: bool = False, ws: bool = False
+) -> dict:
     from hf_moe_opt.benchmarking.common import LAYER_SHAPES, floor_ms
     from hf_moe_opt.dispatch import make_plan
     from hf_moe_opt.experts.activation import Activation
@@ -129,6 +220,10 @@ def bench_shape(name: str, tokens: int, device: torch.device, ceilings: dict) ->
         best = triton_ideal_ms(a.view(e * rows, -1), w.reshape(-1, w.shape[2]), e, device)
         row[f"triton_ideal_{gemm}_ms"] = best and best["ms"]
         row[f"triton_ideal_{gemm}_config"] = best and {key: v for key, v in best.items() if key != "ms"}
+        if persistent:
+            best = triton_persistent_ms(a.view(e * rows, -1), w.reshape(-1, w.shape[2]), e, device, ws)
+            row[f"triton_persistent_{gemm}_ms"] = best and best["ms"]
+            row[f"triton_persistent_{gemm}_config"] = best and {key: v for key, v in best.items() if key != "ms"}
     x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16, generator=g)
     relu = Activation("relu", torch.relu)
     gates = torch.full((tokens, k), 1.0 / k, device=device, dtype=torch.bfloat16)
@@ -153,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", choices=list(LAYER_SHAPES), default=list(LAYER_SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--out", default="benchmarks/results/ideal_gemm.json")
+    p.add_argument("--persistent", action="store_true", help="also time a persistent descriptor GEMM (tile loop)")
+    p.add_argument("--warp-specialize", action="store_true", help="the persistent GEMM with warp specialisation")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("ideal_gemm.py needs a CUDA GPU")
@@ -162,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print_ceilings(ceilings)
     result = {"environment": environment(), "command": " ".join(sys.argv), "ceilings": ceilings, "rows": []}
     for name, tokens in itertools.product(args.shapes, args.tokens):
-        row = bench_shape(name, tokens, device, ceilings)
+        row = bench_shape(name, tokens, device, ceilings, args.persistent, args.warp_specialize)
         result["rows"].append(row)
         parts = ", ".join(f"{key[:-8]} {row[key]:.2f}x" for key in row if key.endswith("_x_floor") and row[key])
         print(f"{name} {tokens} tokens ({row['rows_per_expert']} rows/expert): floor {row['floor_ms']:.3f} ms "
