@@ -52,6 +52,8 @@ def _candidates(
     group_ms: tuple[int, ...] = (8,),
     elem_bytes: int = 2,
     tail_ms: tuple[int, ...] = (0,),
+    persistents: tuple[int, ...] = (0,),
+    flattens: tuple[int, ...] = (1,),
 ):
     from hf_moe_opt.kernels import KernelConfig
 
@@ -93,7 +95,11 @@ def _candidates(
         splits = (1, 2, 4, 8) if split and small and not quick else (1,)
         # Short last row tiles of an expert as tail_m-row tiles (0: off); only heights below BLOCK_M.
         tails = [tail for tail in tail_ms if tail == 0 or 16 <= tail < m]
-        for split_k, t, g, tail in itertools.product(splits, tma_states, group_ms, tails):
+        # Persistent launches (programs per SM looping over the tiles), without split-K or tail tiles.
+        loops = [(p, f) for p in persistents for f in (flattens if p else (1,))]
+        for split_k, t, g, tail, (persist, flat) in itertools.product(splits, tma_states, group_ms, tails, loops):
+            if persist and (split_k > 1 or tail):
+                continue
             yield KernelConfig(
                 block_m=m,
                 block_n=n,
@@ -104,6 +110,8 @@ def _candidates(
                 group_m=g,
                 tma=t,
                 tail_m=tail,
+                persistent=persist,
+                flatten=flat,
             )
 
 
@@ -129,6 +137,8 @@ _AB_KNOBS = (
     ("tma", _TMA_NAMES.__getitem__),
     ("tail_m", lambda v: f"tail_m={v}"),
     ("block_m", lambda v: f"block_m={v}"),
+    ("persistent", lambda v: f"persistent={v}"),
+    ("flatten", lambda v: f"flatten={v}"),
 )
 
 
@@ -165,6 +175,8 @@ def _filters(args, dtype: torch.dtype) -> dict:
         "tma": args.tma,
         "group_ms": tuple(args.group_m),
         "tail_ms": tuple(args.tail_m),
+        "persistents": tuple(args.persistent),
+        "flattens": tuple(args.flatten),
         "elem_bytes": torch.empty((), dtype=dtype).element_size(),
     }
 
@@ -299,6 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         default=[0],
         help="tail tile heights to try (0: off; e.g. 0 64 times each candidate without and with 64-row tail "
         "tiles; heights not below a candidate's BLOCK_M are skipped)",
+    )
+    parser.add_argument(
+        "--persistent",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="persistent launches to try, as programs per SM (0: one program per tile; e.g. 0 1 2)",
+    )
+    parser.add_argument(
+        "--flatten", type=int, nargs="+", choices=[0, 1], default=[1], help="persistent loops flattened (1) or not"
     )
     parser.add_argument(
         "--precompile", type=int, default=8, help="processes compiling the candidates before timing (1: none)"

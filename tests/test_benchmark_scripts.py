@@ -306,8 +306,33 @@ def test_tuner_tail_m_candidates() -> None:
     assert {(c.block_m, c.tail_m) for c in both} == {(64, 0), (128, 0), (128, 64)}
     import torch
 
-    args = tune.argparse.Namespace(block_m=None, num_warps=None, tma="off", group_m=[8], tail_m=[0, 32])
+    args = tune.argparse.Namespace(
+        block_m=None, num_warps=None, tma="off", group_m=[8], tail_m=[0, 32], persistent=[0], flatten=[1]
+    )
     assert tune._filters(args, torch.bfloat16)["tail_ms"] == (0, 32)
+
+
+def test_tuner_persistent_candidates() -> None:
+    pytest.importorskip("triton")
+    tune = _load("tune_triton")
+    plain = list(tune._candidates(512, quick=False, gated=False, split=True))
+    assert plain and all(c.persistent == 0 for c in plain)  # off unless asked for
+    looped = list(
+        tune._candidates(
+            512, quick=False, gated=False, split=True, tail_ms=(0, 64), persistents=(0, 2), flattens=(0, 1)
+        )
+    )
+    with_tails = [c for c in looped if c.persistent == 0]
+    # Each candidate without tails also persistent, flattened and not; never with tail tiles.
+    assert len(looped) == len(with_tails) + 2 * sum(c.tail_m == 0 for c in with_tails)
+    assert all(c.tail_m == 0 and c.split_k == 1 for c in looped if c.persistent)
+    assert {(c.persistent, c.flatten) for c in looped} == {(0, 1), (2, 0), (2, 1)}
+    import torch
+
+    args = tune.argparse.Namespace(
+        block_m=None, num_warps=None, tma="off", group_m=[8], tail_m=[0], persistent=[0, 1], flatten=[0, 1]
+    )
+    assert tune._filters(args, torch.bfloat16)["persistents"] == (0, 1)
 
 
 def test_policy_bounds_smoke(tmp_path) -> None:

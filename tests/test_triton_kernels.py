@@ -698,3 +698,79 @@ def test_tail_m_config() -> None:
         finally:
             mp.delenv("HF_MOE_OPT_TRITON_CONFIGS")
             clear_cache()
+
+
+@pytest.mark.parametrize(
+    ("block_m", "top_k", "dtype", "act", "bias", "dropped", "shape", "tma", "flatten"),
+    [
+        (16, 1, torch.float32, "relu", True, 0, (32, 48), 0, 1),
+        (16, 2, torch.bfloat16, "glu_silu", False, 6, (32, 48), 1, 1),
+        (32, 2, torch.float32, "gelu", True, 4, (40, 72), 0, 0),
+        (16, 1, torch.bfloat16, "silu", True, 40, (24, 40), 1, 0),
+    ],
+    ids=["16-fp32", "16-bf16-glu-dropped-tma", "32-fp32-top2-partial-k-unflattened", "16-bf16-many-dropped"],
+)
+def test_persistent_launch_equals_one_tile_per_program(block_m, top_k, dtype, act, bias, dropped, shape, tma, flatten):
+    # A fixed grid looping over the tiles computes the same tiles in the same K order as one program per
+    # tile: equal to the reference, and to the plain launch bit for bit (h and output; dropped rows
+    # zero). The groups: empty experts, single rows, exact and partial tiles, many tiles on one expert;
+    # with the interpreter's 3 "SMs" every program loops over several tiles, and 40 dropped rows (top-1)
+    # take more tiles than there are programs.
+    from hf_moe_opt.kernels.moe_ffn import KernelActivation, _grid, gather_gemm_act, gemm_scatter
+
+    hidden, ffn = shape
+    kept = [3, 0, block_m, 1, 2 * block_m + 5, 0, 3 * block_m + 1]
+    index, keep = _crafted_index(kept, top_k, dropped, seed=block_m + top_k)
+    plan = _plan(index, len(kept), keep, seed=dropped)
+    assert plan.counts.tolist() == kept
+    g = torch.Generator().manual_seed(70 + dropped)
+    x = torch.randn(index.shape[0], hidden, generator=g).to(DEVICE, dtype)
+    activation = GATED[act] if act in GATED else ACTIVATIONS[act]
+    w1, b1, _, _ = _weights(len(kept), hidden, ffn * (2 if act in GATED else 1), dtype, bias, seed=71)
+    _, _, w2, b2 = _weights(len(kept), hidden, ffn, dtype, bias, seed=72)
+    plain = KernelConfig(block_m=block_m, block_n=32, block_k=16, num_stages=2, tma=tma)
+    looped = KernelConfig(block_m=block_m, block_n=32, block_k=16, num_stages=2, tma=tma, persistent=1, flatten=flatten)
+    grid = _grid(plan.num_rows, len(kept), block_m, ffn, 32, looped.persistent, DEVICE)[0]
+    tiles = _grid(plan.num_rows, len(kept), block_m, ffn, 32, 0, DEVICE)[0]
+    assert grid < tiles  # the persistent programs do loop
+    out = _check(x, plan, w1, b1, w2, b2, activation, out_scale=0.5, config=looped)
+    ref = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, activation, 0.5, plain, plain)
+    kernel_act = KernelActivation.of(activation, ffn)
+    h_plain, h_looped = (torch.full((plan.num_rows, ffn), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2))
+    gather_gemm_act(x, plan, w1, b1, kernel_act, h_plain, plain)
+    gather_gemm_act(x, plan, w1, b1, kernel_act, h_looped, looped)
+    assert torch.isnan(h_looped[sum(kept) :]).all()  # rows of dropped assignments stay unwritten
+    if DEVICE.type == "cpu":
+        assert torch.equal(out, ref)
+        torch.testing.assert_close(h_looped, h_plain, rtol=0, atol=0, equal_nan=True)
+    else:  # other pipelining on a GPU may not change the MMAs, but tolerate rounding
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    if dropped:
+        assert (out[~keep.any(dim=1).to(DEVICE)] == 0).all()
+        assert (out[keep.any(dim=1).to(DEVICE)].abs().sum(dim=1) > 0).all()
+        # GEMM2 alone into NaNs: every slot written, the dropped ones with zeros.
+        slots = torch.full((plan.num_tokens * top_k, hidden), float("nan"), dtype=dtype, device=DEVICE)
+        gemm_scatter(h_looped, plan, w2, b2, 0.5, slots, looped)
+        dropped_slots = plan.order[sum(kept) :]
+        assert not torch.isnan(slots).any() and (slots[dropped_slots] == 0).all()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 37])
+def test_persistent_launch_one_expert_and_few_tokens(num_tokens: int) -> None:
+    # Every token on one expert of four (the rest empty); one token; grids smaller than the SMs.
+    looped = KernelConfig(block_m=16, block_n=16, block_k=16, num_stages=2, persistent=2)
+    w1, b1, w2, b2 = _weights(4, 24, 40, torch.float32, bias=True, seed=73)
+    x = torch.randn(num_tokens, 24, generator=torch.Generator().manual_seed(74)).to(DEVICE)
+    plan = _plan(torch.full((num_tokens, 1), 2, dtype=torch.long), 4, seed=75)
+    _check(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu"], out_scale=1.5, config=looped)
+
+
+def test_persistent_config() -> None:
+    for bad in ({"persistent": -1}, {"flatten": 2}, {"persistent": 1, "split_k": 2}, {"persistent": 1, "tail_m": 32}):
+        with pytest.raises(ValueError, match="persistent|flatten"):
+            KernelConfig(64, 64, 32, **bad)
+    cfg = KernelConfig(128, 256, 64, num_warps=8, persistent=2, flatten=0)
+    assert cfg.to_dict()["persistent"] == 2 and KernelConfig.from_dict(cfg.to_dict()) == cfg
+    plain = KernelConfig(128, 128, 64).to_dict()
+    assert "persistent" not in plain and "flatten" not in plain  # defaults stay out of the tables

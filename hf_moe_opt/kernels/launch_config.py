@@ -61,6 +61,11 @@ class KernelConfig:
     # experts end in a tile of a few rows, which otherwise costs a whole block_m-row MMA. On Hopper,
     # tiles under 64 rows multiply with mma.sync rather than wgmma.
     tail_m: int = 0
+    # Persistent launch: this many programs per SM loop over the tiles (0 = one program per tile), so
+    # a tile's epilogue overlaps the next tile's loads instead of a program's exit and start; with
+    # `flatten` the tile and K loops are pipelined as one. Not with split_k or tail_m.
+    persistent: int = 0
+    flatten: int = 1
 
     def __post_init__(self) -> None:
         if self.split_k < 1:
@@ -74,13 +79,24 @@ class KernelConfig:
             # tl.dot needs power-of-two tiles of at least 16 in every dimension.
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name}={value} must be a power of two >= 16")
+        if self.persistent < 0 or self.flatten not in (0, 1):
+            raise ValueError(f"persistent={self.persistent} must be >= 0 and flatten={self.flatten} 0 or 1")
+        if self.persistent and (self.split_k > 1 or self.tail_m):
+            raise ValueError("a persistent launch (persistent > 0) takes neither split_k > 1 nor tail_m")
         if self.tail_m and (self.tail_m < 16 or self.tail_m & (self.tail_m - 1) or self.tail_m >= self.block_m):
             raise ValueError(f"tail_m={self.tail_m} must be 0 or a power of two >= 16 below block_m={self.block_m}")
 
     def to_dict(self) -> dict[str, int]:
         data = asdict(self)
         # Default knobs are left out: tables stay readable by versions that lack them.
-        for name, default in (("split_k", 1), ("group_m", 8), ("tma", 0), ("tail_m", 0)):
+        for name, default in (
+            ("split_k", 1),
+            ("group_m", 8),
+            ("tma", 0),
+            ("tail_m", 0),
+            ("persistent", 0),
+            ("flatten", 1),
+        ):
             if data[name] == default:
                 del data[name]
         return data

@@ -67,8 +67,20 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _group_tiles(counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Row tiles of each group (``[BLOCK_E]``): the experts, then the dropped rows as group
+    ``num_experts``; zeros past it."""
+    idx = tl.arange(0, BLOCK_E)
+    kept = tl.load(offsets_ptr + num_experts - 1).to(tl.int32)
+    cnt = tl.load(counts_ptr + idx, mask=idx < num_experts, other=0).to(tl.int32)
+    cnt = tl.where(idx == num_experts, num_rows - kept, cnt)
+    return (cnt + BLOCK_M - 1) // BLOCK_M
+
+
+@triton.jit
 def _tile_coords(
     pid,
+    tiles,
     counts_ptr,
     offsets_ptr,
     num_rows,
@@ -78,16 +90,10 @@ def _tile_coords(
     BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """Group, row range ``[start, end)`` and column tile of program ``pid``.
-
-    Groups are the experts, then the dropped rows as group ``num_experts``; a larger group means an
-    unused program of the worst-case grid.
-    """
+    """Group, row range ``[start, end)`` and column tile of tile ``pid``, given the groups' row
+    tiles (:func:`_group_tiles`). A group past ``num_experts`` means an unused program of the
+    worst-case grid."""
     idx = tl.arange(0, BLOCK_E)
-    kept = tl.load(offsets_ptr + num_experts - 1).to(tl.int32)
-    cnt = tl.load(counts_ptr + idx, mask=idx < num_experts, other=0).to(tl.int32)
-    cnt = tl.where(idx == num_experts, num_rows - kept, cnt)
-    tiles = (cnt + BLOCK_M - 1) // BLOCK_M
     prog_end = tl.cumsum(tiles, axis=0) * num_n
     # Groups whose programs end at or before this one precede it; their number is this group.
     group = tl.sum((prog_end <= pid).to(tl.int32), axis=0)
@@ -102,10 +108,18 @@ def _tile_coords(
     tile_n = (local % width) // size_m
     is_expert = group < num_experts
     last = tl.minimum(group, num_experts - 1)
+    kept = tl.load(offsets_ptr + num_experts - 1).to(tl.int32)
     end = tl.where(is_expert, tl.load(offsets_ptr + last).to(tl.int32), num_rows)
     size = tl.where(is_expert, tl.load(counts_ptr + last).to(tl.int32), num_rows - kept)
     start = end - size + tile_m * BLOCK_M
     return group, start, end, tile_n
+
+
+@triton.jit
+def _expert_tiles(tiles, num_experts, num_n, BLOCK_E: tl.constexpr):
+    """Tiles of all experts' rows (the dropped rows' group left out): a persistent loop's length."""
+    idx = tl.arange(0, BLOCK_E)
+    return tl.sum(tl.where(idx < num_experts, tiles, 0), axis=0) * num_n
 
 
 @triton.jit
@@ -286,12 +300,32 @@ def _gather_gemm_act_kernel(
     GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr,
     TAIL_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    FLATTEN: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
     num_n = tl.cdiv(N, BLOCK_N)
+    tiles = _group_tiles(counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M, BLOCK_E)
+    if PERSISTENT:
+        # A fixed grid of programs loops over the experts' tiles (the dropped rows are never
+        # computed); flattened, the next tile's loads start during this tile's epilogue. Same tiles,
+        # same K order: bit-identical to one tile per program.
+        for pid in tl.range(
+            tl.program_id(0), _expert_tiles(tiles, num_experts, num_n, BLOCK_E), tl.num_programs(0), flatten=FLATTEN
+        ):
+            group, row_start, row_end, pid_n = _tile_coords(
+                pid, tiles, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
+            )
+            _gather_gemm_act_tile(
+                x_ptr, token_ptr, w_ptr, b_ptr, h_ptr, w_desc, group, row_start, row_end, pid_n, N, K, w_rows,
+                row_mul, up_offset, alpha, limit, stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be,
+                stride_bn, stride_hm, stride_hn, HAS_BIAS, ACTIVATION, GLU, DOT_PRECISION, DOT_FP32, EVEN_K, EVEN_N,
+                MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA,
+            )  # fmt: skip
+        return
     group, row_start, row_end, pid_n = _tile_coords(
-        tl.program_id(0), counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
+        tl.program_id(0), tiles, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
     )
     if group >= num_experts:  # dropped rows are never computed; unused programs exit
         return
@@ -355,9 +389,9 @@ def _gemm_scatter_tile(
     TMA_A: tl.constexpr,
     TMA_W: tl.constexpr,
 ):
-    """Kernel B's tile of rows ``[row_start, min(row_start + BLOCK_M, row_end))`` of group ``group``
-    and column tile ``pid_n`` (K split ``program_id(1)``): zeros for the dropped rows, else the K loop
-    and the epilogue (partials, or bias, gate and scatter), for either tile height of the kernel."""
+    """Kernel B's tile of rows ``[row_start, min(row_start + BLOCK_M, row_end))`` of expert ``group``
+    and column tile ``pid_n`` (K split ``program_id(1)``): the K loop and the epilogue (partials, or
+    bias, gate and scatter), for either tile height of the kernel."""
     rows = row_start + tl.arange(0, BLOCK_M)
     mask_m = rows < row_end
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -365,64 +399,76 @@ def _gemm_scatter_tile(
     mask_out = mask_m[:, None] & mask_n[None, :]
     dst = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
     out_ptrs = out_ptr + dst[:, None] * stride_om + offs_n[None, :] * stride_on
-    if group == num_experts:
-        # Dropped assignments contribute nothing, but their slot must still be defined.
-        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=mask_out)
-    else:
-        # K range of this program: everything, or split number program_id(1) of a split-K launch.
-        k_begin = tl.program_id(1) * k_per_split
-        k_stop = tl.minimum(k_begin + k_per_split, K)
-        offs_k = k_begin + tl.arange(0, BLOCK_K)
-        # Unmasked row loads read a valid row of h (clamped); rows past the group are never stored.
-        rows_in = rows if MASK_ROWS else tl.minimum(rows, num_rows - 1)
-        h_ptrs = h_ptr + rows_in.to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hk
-        w_base = w_ptr + group.to(tl.int64) * stride_we
-        w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-        # TMA: w_desc is W2 as [E * N, K], h_desc (TMA_A) is h ([A, K]); past K and past the last row
-        # read zeros. Rows past the group are the next group's (never stored), so no row mask either.
-        w_row = group * N + pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, k_per_split, BLOCK_K):
-            if TMA_W:
-                if TMA_A:
-                    a = h_desc.load([row_start, k_begin + k0])
-                elif EVEN_K and not MASK_ROWS:
-                    a = tl.load(h_ptrs)
-                elif EVEN_K:
-                    a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
-                else:
-                    a = tl.load(h_ptrs, mask=mask_m[:, None] & (offs_k < k_stop - k0)[None, :], other=0.0)
-                w = tl.trans(w_desc.load([w_row, k_begin + k0]))
+    # K range of this program: everything, or split number program_id(1) of a split-K launch.
+    k_begin = tl.program_id(1) * k_per_split
+    k_stop = tl.minimum(k_begin + k_per_split, K)
+    offs_k = k_begin + tl.arange(0, BLOCK_K)
+    # Unmasked row loads read a valid row of h (clamped); rows past the group are never stored.
+    rows_in = rows if MASK_ROWS else tl.minimum(rows, num_rows - 1)
+    h_ptrs = h_ptr + rows_in.to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hk
+    w_base = w_ptr + group.to(tl.int64) * stride_we
+    w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    # TMA: w_desc is W2 as [E * N, K], h_desc (TMA_A) is h ([A, K]); past K and past the last row
+    # read zeros. Rows past the group are the next group's (never stored), so no row mask either.
+    w_row = group * N + pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_per_split, BLOCK_K):
+        if TMA_W:
+            if TMA_A:
+                a = h_desc.load([row_start, k_begin + k0])
+            elif EVEN_K and not MASK_ROWS:
+                a = tl.load(h_ptrs)
             elif EVEN_K:
-                if MASK_ROWS:
-                    a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
-                else:
-                    a = tl.load(h_ptrs)
-                if EVEN_N:
-                    w = tl.load(w_ptrs)
-                else:
-                    w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+                a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
             else:
-                mask_k = offs_k < k_stop - k0
-                w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-            h_ptrs += BLOCK_K * stride_hk
-            w_ptrs += BLOCK_K * stride_wk
-        if SPLIT:
-            # fp32 partial of sorted row r at out[split, r, n]; strides: om = row, on = split plane.
-            part_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * stride_on + rows.to(tl.int64)[:, None] * stride_om
-            tl.store(part_ptrs + offs_n[None, :], acc, mask=mask_out)
+                a = tl.load(h_ptrs, mask=mask_m[:, None] & (offs_k < k_stop - k0)[None, :], other=0.0)
+            w = tl.trans(w_desc.load([w_row, k_begin + k0]))
+        elif EVEN_K:
+            if MASK_ROWS:
+                a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
+            else:
+                a = tl.load(h_ptrs)
+            if EVEN_N:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
         else:
-            if HAS_BIAS:
-                bias = tl.load(b_ptr + group.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
-                acc += bias.to(tl.float32)[None, :]
-            gate = tl.load(gate_ptr + rows, mask=mask_m, other=0.0).to(tl.float32) * out_scale
-            acc = acc * gate[:, None]
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+            mask_k = offs_k < k_stop - k0
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_K * stride_hk
+        w_ptrs += BLOCK_K * stride_wk
+    if SPLIT:
+        # fp32 partial of sorted row r at out[split, r, n]; strides: om = row, on = split plane.
+        part_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * stride_on + rows.to(tl.int64)[:, None] * stride_om
+        tl.store(part_ptrs + offs_n[None, :], acc, mask=mask_out)
+    else:
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + group.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        gate = tl.load(gate_ptr + rows, mask=mask_m, other=0.0).to(tl.float32) * out_scale
+        acc = acc * gate[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _dropped_tile(
+    order_ptr, out_ptr, row_start, row_end, pid_n, N, stride_om, stride_on, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Zeros into the output slots of dropped rows ``[row_start, min(row_start + BLOCK_M, row_end))``:
+    they contribute nothing, but every slot must be defined."""
+    rows = row_start + tl.arange(0, BLOCK_M)
+    mask_m = rows < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dst = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+    out_ptrs = out_ptr + dst[:, None] * stride_om + offs_n[None, :] * stride_on
+    zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+    tl.store(out_ptrs, zeros, mask=mask_m[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
@@ -467,14 +513,40 @@ def _gemm_scatter_kernel(
     TMA_A: tl.constexpr,
     TMA_W: tl.constexpr,
     TAIL_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    FLATTEN: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
     num_n = tl.cdiv(N, BLOCK_N)
+    tiles = _group_tiles(counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M, BLOCK_E)
+    if PERSISTENT:  # never split (see KernelConfig): the experts' tiles as in kernel A, then the dropped rows'
+        expert_tiles = _expert_tiles(tiles, num_experts, num_n, BLOCK_E)
+        for pid in tl.range(tl.program_id(0), expert_tiles, tl.num_programs(0), flatten=FLATTEN):
+            group, row_start, row_end, pid_n = _tile_coords(
+                pid, tiles, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
+            )
+            _gemm_scatter_tile(
+                h_ptr, order_ptr, gate_ptr, w_ptr, b_ptr, out_ptr, h_desc, w_desc, group, row_start, row_end,
+                pid_n, out_scale, num_rows, num_experts, N, K, stride_hm, stride_hk, stride_we, stride_wn,
+                stride_wk, stride_be, stride_bn, stride_om, stride_on, k_per_split, HAS_BIAS, False, DOT_PRECISION,
+                DOT_FP32, EVEN_K, EVEN_N, MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, TMA_A, TMA_W,
+            )  # fmt: skip
+        dropped_tiles = tl.sum(tl.where(tl.arange(0, BLOCK_E) == num_experts, tiles, 0), axis=0) * num_n
+        for pid in range(tl.program_id(0), dropped_tiles, tl.num_programs(0)):
+            dropped, row_start, row_end, pid_n = _tile_coords(
+                expert_tiles + pid, tiles, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E,
+                GROUP_M,
+            )  # fmt: skip
+            _dropped_tile(order_ptr, out_ptr, row_start, row_end, pid_n, N, stride_om, stride_on, BLOCK_M, BLOCK_N)
+        return
     group, row_start, row_end, pid_n = _tile_coords(
-        tl.program_id(0), counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
+        tl.program_id(0), tiles, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
     )
     if group > num_experts or (SPLIT and group == num_experts):  # split: the combine writes dropped rows
+        return
+    if group == num_experts:
+        _dropped_tile(order_ptr, out_ptr, row_start, row_end, pid_n, N, stride_om, stride_on, BLOCK_M, BLOCK_N)
         return
     # A short last row tile of a group (see kernel A); its rows of h by pointer: h_desc's tiles are
     # BLOCK_M rows.
@@ -642,10 +714,31 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _grid(num_rows: int, num_experts: int, block_m: int, columns: int, block_n: int) -> tuple[int]:
+def _grid(
+    num_rows: int, num_experts: int, block_m: int, columns: int, block_n: int, persistent: int, device: torch.device
+) -> tuple[int]:
     # Every non-empty group (experts + dropped rows) can add one partial row tile.
     row_tiles = cdiv(num_rows, block_m) + min(num_experts + 1, num_rows)
-    return (row_tiles * cdiv(columns, block_n),)
+    tiles = row_tiles * cdiv(columns, block_n)
+    if persistent:  # a loop over the tiles in `persistent` programs per SM, never more than the tiles
+        return (max(1, min(tiles, persistent * _multiprocessors(device))),)
+    return (tiles,)
+
+
+# Triton's interpreter runs programs one after another: a few "SMs" make every persistent program
+# loop over several tiles, as on a GPU at large batches.
+_INTERPRETED_SMS = 3
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETED_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def weight_strides(w: torch.Tensor, b: torch.Tensor | None) -> tuple[int, ...]:
@@ -734,7 +827,7 @@ def gather_gemm_act(
         w_desc = _tma_matrix(w1, config.block_n, config.block_k)
     launch(
         _gather_gemm_act_kernel,
-        _grid(num_rows, num_experts, config.block_m, ffn, config.block_n),
+        _grid(num_rows, num_experts, config.block_m, ffn, config.block_n, config.persistent, x.device),
         x,
         plan.token,
         plan.counts,
@@ -772,6 +865,8 @@ def gather_gemm_act(
         GROUP_M=config.group_m,
         USE_TMA=w_desc is not None,
         TAIL_M=config.tail_m,
+        PERSISTENT=config.persistent > 0,
+        FLATTEN=bool(config.flatten),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch_options(x.device),
@@ -811,7 +906,8 @@ def gemm_scatter(
         w_desc = _tma_matrix(w2, config.block_n, config.block_k)
         if w_desc is not None and config.tma == 1:
             h_desc = _tma_matrix(h, config.block_m, config.block_k)
-    grid = _grid(num_rows, num_experts, config.block_m, hidden, config.block_n) + (splits,)
+    grid = _grid(num_rows, num_experts, config.block_m, hidden, config.block_n, config.persistent, h.device)
+    grid += (splits,)
     launch(
         _gemm_scatter_kernel,
         grid,
@@ -852,6 +948,8 @@ def gemm_scatter(
         TMA_A=h_desc is not None,
         TMA_W=w_desc is not None,
         TAIL_M=config.tail_m,
+        PERSISTENT=config.persistent > 0,
+        FLATTEN=bool(config.flatten),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch_options(h.device),
