@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/persistent_gpu.sh OUT_DIR [tests] [tune] [layer]
 #
-# STAGE_TIMEOUT (s) bounds each tuning point; TUNE_POINTS lists "E,D,F,k:tokens" points to tune.
+# STAGE_TIMEOUT (s) bounds each tuning point; TUNE_POINTS lists "E,D,F,k:tokens" points to tune (each
+# against the table's entry, timed in the same run); TESTS_K selects tests, LAYER_SHAPES layer shapes.
 set -u
 out=${1:?usage: persistent_gpu.sh OUT_DIR [tests] [tune] [layer]}
 shift
@@ -18,7 +19,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 points=${TUNE_POINTS:-128,768,3072,1:16384 128,1024,4096,1:16384 8,768,3072,1:4096 128,2048,8192,2:16384 8,768,3072,1:16384}
 for stage in $stages; do
     case $stage in
-        tests) run persistent_tests "$py" -m pytest -q -p no:cacheprovider -x tests/test_triton_kernels.py ;;
+        tests) run persistent_tests "$py" -m pytest -q -p no:cacheprovider -x tests/test_triton_kernels.py ${TESTS_K:+-k "$TESTS_K"} ;;
         tune)
             { echo "$header"; echo "# tune_triton.py --out cfg/NVIDIA_H200.json (a copy of the shipped table), per point:"; } \
                 > "$out/persistent_tune.log"
@@ -31,7 +32,7 @@ for stage in $stages; do
             done ;;
         layer)
             HF_MOE_OPT_TRITON_CONFIGS=$out/cfg run persistent_layer "$py" benchmarks/bench_layer.py --tokens 4096 16384 \
-                --out "$out/persistent_layer_h200.json" ;;
+                ${LAYER_SHAPES:+--shapes $LAYER_SHAPES} --out "$out/persistent_layer_h200.json" ;;
         *) echo "unknown stage $stage"; exit 2 ;;
     esac
 done

@@ -732,7 +732,9 @@ def test_persistent_launch_equals_one_tile_per_program(block_m, top_k, dtype, ac
     looped = KernelConfig(block_m=block_m, block_n=32, block_k=16, num_stages=2, tma=tma, persistent=1, flatten=flatten)
     grid = _grid(plan.num_rows, len(kept), block_m, ffn, 32, looped.persistent, DEVICE)[0]
     tiles = _grid(plan.num_rows, len(kept), block_m, ffn, 32, 0, DEVICE)[0]
-    assert grid < tiles  # the persistent programs do loop
+    assert grid <= tiles
+    if DEVICE.type == "cpu":
+        assert grid < tiles  # the persistent programs do loop (on a GPU: where the tiles outnumber the SMs)
     out = _check(x, plan, w1, b1, w2, b2, activation, out_scale=0.5, config=looped)
     ref = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, activation, 0.5, plain, plain)
     kernel_act = KernelActivation.of(activation, ffn)
