@@ -241,6 +241,17 @@ def _precompile(shape, tokens, dtype, activation, gemm1_cfgs, gemm2_cfgs, worker
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    # Every worker holds its own copy of the problem: no more workers than the free GPU memory holds
+    # (nllb-moe-54b's 8.6 GB of experts in 14 processes ran out of memory).
+    num_experts, hidden, ffn, top_k = shape
+    w1_rows = 2 * ffn if activation.startswith("glu_") else ffn
+    elem = torch.empty((), dtype=dtype).element_size()
+    problem_bytes = elem * (num_experts * (w1_rows + ffn) * hidden + tokens * (hidden + top_k * (ffn + hidden)))
+    free, _ = torch.cuda.mem_get_info()
+    fits = max(1, int(0.8 * free // max(problem_bytes, 1)))  # the timing process's copy is already allocated
+    if fits < workers:
+        print(f"  precompiling in {fits} processes, not {workers}: each needs {problem_bytes / 2**30:.1f} GiB")
+        workers = fits
     jobs = [(list(gemm1_cfgs[i::workers]), list(gemm2_cfgs[i::workers])) for i in range(workers)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_compile_worker, shape, tokens, dtype, activation, g1, g2) for g1, g2 in jobs]
