@@ -25,15 +25,25 @@ CUDA_GRAPH_MODES = (False, True, "step", "encoder")
 _COMBINABLE_GRAPH_MODES = ("encoder", "step")
 
 
+def _choice(name: str, value, choices) -> str:
+    """A string option, case and surrounding spaces ignored (``"Triton"`` is ``"triton"``), else a
+    ValueError naming the choices. Every string option of ``optimize`` reads this way."""
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
 def _graph_modes(cuda_graphs) -> frozenset:
     """``cuda_graphs`` as a set of modes: ``{True}``, ``{"step"}``, ``{"encoder", "step"}``, ... (empty: none)."""
     unknown = f"unknown cuda_graphs {cuda_graphs!r}; choose False, True, 'step', 'encoder' or ('encoder', 'step')"
+    if isinstance(cuda_graphs, str):
+        cuda_graphs = cuda_graphs.strip().lower()
     if isinstance(cuda_graphs, (bool, str)):
         if cuda_graphs not in CUDA_GRAPH_MODES:
             raise ValueError(unknown)
         return frozenset() if cuda_graphs is False else frozenset([cuda_graphs])
     if isinstance(cuda_graphs, (list, tuple, set, frozenset)):
-        modes = frozenset(cuda_graphs)
+        modes = frozenset(m.strip().lower() if isinstance(m, str) else m for m in cuda_graphs)
         if any(not isinstance(m, str) or m not in _COMBINABLE_GRAPH_MODES for m in modes):
             raise ValueError(
                 f"cuda_graphs {cuda_graphs!r}: a sequence may combine only 'encoder' and 'step' (per-layer graphs, "
@@ -140,6 +150,8 @@ def optimize(
 ) -> nn.Module:
     """Replace every supported sparse MoE block of ``model`` in place with :class:`OptimizedMoE`.
 
+    String options ignore case and surrounding spaces (``backend="Triton"`` is ``"triton"``).
+
     Args:
         model: a transformers model in eval mode: Switch Transformers, NLLB-MoE, or a family with fused
             expert tensors (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS; shared experts stay
@@ -219,10 +231,10 @@ def optimize(
     Returns:
         ``model``, modified in place. Parameter names and values are unchanged.
     """
-    if capacity not in CAPACITY_MODES:
-        raise ValueError(f"unknown capacity {capacity!r}; choose one of {', '.join(map(repr, CAPACITY_MODES))}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+    capacity = _choice("capacity", capacity, CAPACITY_MODES)
+    backend = _choice("backend", backend, BACKENDS)
+    if isinstance(cache_misses, str):
+        cache_misses = cache_misses.strip().lower()  # checked with the other cache options
     graph_modes = _graph_modes(cuda_graphs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")

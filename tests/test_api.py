@@ -190,12 +190,34 @@ def test_error_restore_unoptimized():
         hf_moe_opt.restore(tiny_switch())
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(capacity="tight"), "capacity"), (dict(backend="cuda"), "backend")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(capacity="tight"), "capacity"),
+        (dict(backend="cuda"), "backend"),
+        (dict(backend=None), "backend"),
+        (dict(capacity=1), "capacity"),
+        (dict(cuda_graphs="steps"), "cuda_graphs"),
+    ],
+)
 def test_error_unknown_options(kwargs, match):
     model = tiny_switch()
     with pytest.raises(ValueError, match=match):
         hf_moe_opt.optimize(model, **kwargs)
     assert not hf_moe_opt.is_optimized(model)
+
+
+def test_string_options_ignore_case_and_spaces():
+    # "Torch", " NONE " and "Copy" read as the documented lower-case values, as cache_policy always did.
+    ids = torch.randint(0, 64, (2, 7))
+    dec = torch.randint(0, 64, (2, 3))
+    model = tiny_switch()
+    plain = _logits(hf_moe_opt.optimize(copy.deepcopy(model), capacity="none", backend="torch"), ids, dec)
+    optimized = hf_moe_opt.optimize(model, capacity=" NONE ", backend="Torch", cache_misses="Copy")
+    layers = [m for m in optimized.modules() if isinstance(m, OptimizedMoE)]
+    assert layers and {m.backend for m in layers} == {"torch"}
+    assert {m.router._hf_moe_opt_capacity for m in layers} == {"none"}
+    torch.testing.assert_close(_logits(optimized, ids, dec), plain, rtol=0, atol=0)
 
 
 def test_error_triton_backend_on_cpu_without_interpreter(monkeypatch):

@@ -253,6 +253,10 @@ def test_parse_bytes():
     for bad in ["", "GB", "12 parsecs", "-1GB", "0", "1e400"]:
         with pytest.raises(ValueError):
             parse_bytes(bad)
+    assert parse_bytes("3mb") == parse_bytes("3MB") == 3 * 10**6  # all lower case: bytes, as documented
+    for bits in ["3Mb", "2Gib", "1.5 Tb", "8Kb"]:  # an upper-case prefix and a lower-case b: bits
+        with pytest.raises(ValueError, match="reads as bits"):
+            parse_bytes(bits)
 
 
 def test_allotment():

@@ -54,13 +54,21 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$
 
 def parse_bytes(text: str) -> int:
     """``"24GiB"`` -> ``25769803776``. Units: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB
-    (powers of 1024), case-insensitive; a bare number is bytes.
+    (powers of 1024), case-insensitive; a bare number is bytes. A lower-case ``b`` after an upper-case
+    prefix (``"3Mb"``, bits) is refused rather than read as bytes.
 
     Raises:
         ValueError: not a size, an unknown unit, or a size that is not positive.
     """
     m = _SIZE.match(str(text))
-    if m is None or m.group(2).lower() not in _UNITS:
+    unit = m.group(2) if m is not None else ""
+    if len(unit) > 1 and unit.endswith("b") and unit != unit.lower():
+        # "3Mb", "2Gib": written like bits (lower-case b after a capital); all lower case reads as bytes.
+        raise ValueError(
+            f"{text!r} reads as bits (lower-case 'b' after an upper-case prefix); write bytes as e.g. "
+            f"'{m.group(1)}{unit[:-1]}B'"
+        )
+    if m is None or unit.lower() not in _UNITS:
         raise ValueError(
             f"cannot read {text!r} as a byte size; write e.g. '24GiB', '500MB' or '1.5TB' "
             "(KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024)"
