@@ -259,6 +259,24 @@ def test_reset_stats_and_clear_keep_outputs_exact():
     assert 0 < stats["steps"] < len(inputs) and stats["host_reads"] > 0
 
 
+def test_clear_counts_the_steps_still_queued():
+    # Read-behind steps reach the policy one step late; clear() empties the slots but keeps the
+    # statistics, so the steps queued before it are counted, not dropped.
+    _, cached = _models("switch", 2, "lru", "none")
+    store = cached.store
+    d_model = cached.weights.w1.tensor.shape[2]
+    inputs = _inputs(d_model, 9, seed=21)
+    with torch.no_grad():
+        for h in inputs[:5]:
+            cached(h)
+        assert store._reads._queued  # the last step waits for the next call
+        store.clear()
+        assert not store._reads._queued and not store.policy.resident
+        for h in inputs[5:]:
+            cached(h)
+    assert store.stats()["steps"] == len(inputs)
+
+
 def test_bad_settings_raise():
     base = tiny_switch(num_experts=NUM_EXPERTS).to(DEVICE)
     with pytest.raises(ValueError, match="cache_misses must be one of"):

@@ -340,6 +340,8 @@ class CachedExpertStore(ExpertStore):
 
     def clear(self) -> None:
         """Empty the cache (the next steps start cold); statistics are kept."""
+        if self._reads is not None:
+            self._reads.catch_up(wait=True)  # steps queued one late are counted before the slots empty
         self.policy.reset()
         self._reset_table()
 
