@@ -5,7 +5,8 @@
 #   bash benchmarks/persistent_gpu.sh OUT_DIR [tests] [tune] [layer]
 #
 # STAGE_TIMEOUT (s) bounds each tuning point; TUNE_POINTS lists "E,D,F,k:tokens" points to tune (each
-# against the table's entry, timed in the same run); TESTS_K selects tests, LAYER_SHAPES layer shapes.
+# against the table's entry, timed in the same run); FLATTEN the flatten values tried ("0 1"); TESTS
+# the test files, TESTS_K a -k selection; LAYER_SHAPES the layer benchmark's shapes.
 set -u
 out=${1:?usage: persistent_gpu.sh OUT_DIR [tests] [tune] [layer]}
 shift
@@ -19,7 +20,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 points=${TUNE_POINTS:-128,768,3072,1:16384 128,1024,4096,1:16384 8,768,3072,1:4096 128,2048,8192,2:16384 8,768,3072,1:16384}
 for stage in $stages; do
     case $stage in
-        tests) run persistent_tests "$py" -m pytest -q -p no:cacheprovider -x tests/test_triton_kernels.py ${TESTS_K:+-k "$TESTS_K"} ;;
+        tests) run persistent_tests "$py" -m pytest -q -p no:cacheprovider -x ${TESTS:-tests/test_triton_kernels.py} \
+            ${TESTS_K:+-k "$TESTS_K"} ;;
         tune)
             { echo "$header"; echo "# tune_triton.py --out cfg/NVIDIA_H200.json (a copy of the shipped table), per point:"; } \
                 > "$out/persistent_tune.log"
@@ -27,7 +29,7 @@ for stage in $stages; do
                 echo "== ${point%%:*} tokens ${point##*:}" >> "$out/persistent_tune.log"
                 timeout "${STAGE_TIMEOUT:-150}" "$py" benchmarks/tune_triton.py --shape "${point%%:*}" \
                     --tokens "${point##*:}" --block-m 128 --num-warps 8 --tma only --tail-m 0 \
-                    --persistent 0 1 2 --flatten 1 --precompile 14 --out "$out/cfg/NVIDIA_H200.json" \
+                    --persistent 0 1 2 --flatten ${FLATTEN:-1} --precompile 14 --out "$out/cfg/NVIDIA_H200.json" \
                     >> "$out/persistent_tune.log" 2>&1 || { status=$?; echo "rc=$status" >> "$out/persistent_tune.log"; }
             done ;;
         layer)
