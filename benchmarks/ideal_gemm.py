@@ -99,18 +99,27 @@ def _triton_persistent_gemm():
     return triton, persistent_expert_gemm
 
 
-def triton_ideal_ms(a: torch.Tensor, w: torch.Tensor, num_experts: int, device: torch.device) -> dict | None:
-    """Best time of the plain descriptor GEMM over :data:`TRITON_CONFIGS` (None without TMA support)."""
+def _descriptor_setup(make_kernel, a: torch.Tensor, w: torch.Tensor, num_experts: int, device: torch.device):
+    """``(TensorDescriptor, kernel, rows, K, N, out)`` for a per-expert descriptor GEMM of ``a``
+    ([E * rows, K]) by ``w`` ([E * N, K]); None where this Triton has no tensor descriptors."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        triton, kernel = _triton_gemm()
+        triton, kernel = make_kernel()
     except ImportError:
         return None
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
-    rows, k = a.shape[0] // num_experts, a.shape[1]
     n = w.shape[0] // num_experts
     out = torch.empty(a.shape[0], n, dtype=a.dtype, device=device)
+    return TensorDescriptor, kernel, a.shape[0] // num_experts, a.shape[1], n, out
+
+
+def triton_ideal_ms(a: torch.Tensor, w: torch.Tensor, num_experts: int, device: torch.device) -> dict | None:
+    """Best time of the plain descriptor GEMM over :data:`TRITON_CONFIGS` (None without TMA support)."""
+    setup = _descriptor_setup(_triton_gemm, a, w, num_experts, device)
+    if setup is None:
+        return None
+    TensorDescriptor, kernel, rows, k, n, out = setup
     best = None
     for bn, stages, warps in TRITON_CONFIGS:
         if rows % 128 or n % bn:
@@ -137,17 +146,11 @@ def triton_persistent_ms(
 ) -> dict | None:
     """Best time of the persistent descriptor GEMM over :data:`PERSISTENT_CONFIGS` (None without TMA);
     configurations that fail to compile or launch are skipped and counted."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        triton, kernel = _triton_persistent_gemm()
-    except ImportError:
+    setup = _descriptor_setup(_triton_persistent_gemm, a, w, num_experts, device)
+    if setup is None:
         return None
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
-    rows, k = a.shape[0] // num_experts, a.shape[1]
-    n = w.shape[0] // num_experts
+    TensorDescriptor, kernel, rows, k, n, out = setup
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    out = torch.empty(a.shape[0], n, dtype=a.dtype, device=device)
     ref = None
     best, failed = None, 0
     for bn, stages, warps, per_sm, flatten in PERSISTENT_CONFIGS:

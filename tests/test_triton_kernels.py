@@ -557,6 +557,21 @@ def _crafted_index(kept: list[int], top_k: int, dropped: int, seed: int) -> tupl
     return index[perm], keep[perm]
 
 
+def _crafted_problem(kept, top_k, dropped, act, dtype, bias, shape, seed):
+    """A plan with exactly ``kept[e]`` kept rows on expert ``e`` (plus ``dropped`` dropped assignments),
+    its inputs and expert weights: ``(plan, keep, x, activation, w1, b1, w2, b2)``."""
+    hidden, ffn = shape
+    index, keep = _crafted_index(kept, top_k, dropped, seed=seed)
+    plan = _plan(index, len(kept), keep, seed=seed + 1)
+    assert plan.counts.tolist() == kept
+    g = torch.Generator().manual_seed(seed + 2)
+    x = torch.randn(index.shape[0], hidden, generator=g).to(DEVICE, dtype)
+    activation = GATED[act] if act in GATED else ACTIVATIONS[act]
+    w1, b1, _, _ = _weights(len(kept), hidden, ffn * (2 if act in GATED else 1), dtype, bias, seed=seed + 3)
+    _, _, w2, b2 = _weights(len(kept), hidden, ffn, dtype, bias, seed=seed + 4)
+    return plan, keep, x, activation, w1, b1, w2, b2
+
+
 def _tile_heights(monkeypatch) -> dict[str, set[int]]:
     """Tile heights each kernel instantiates, recorded per call of its tile helper (interpreter only)."""
     import importlib
@@ -602,14 +617,9 @@ def test_tail_tiles_equal_full_tiles(
 
     hidden, ffn = shape
     kept = _tail_counts(block_m, tail_m)
-    index, keep = _crafted_index(kept, top_k, dropped, seed=block_m + tail_m)
-    plan = _plan(index, len(kept), keep, seed=tail_m)
-    assert plan.counts.tolist() == kept
-    g = torch.Generator().manual_seed(90 + tail_m)
-    x = torch.randn(index.shape[0], hidden, generator=g).to(DEVICE, dtype)
-    activation = GATED[act] if act in GATED else ACTIVATIONS[act]
-    w1, b1, _, _ = _weights(len(kept), hidden, ffn * (2 if act in GATED else 1), dtype, bias, seed=91)
-    _, _, w2, b2 = _weights(len(kept), hidden, ffn, dtype, bias, seed=92)
+    plan, keep, x, activation, w1, b1, w2, b2 = _crafted_problem(
+        kept, top_k, dropped, act, dtype, bias, shape, seed=90 + block_m + tail_m
+    )
     full = KernelConfig(block_m=block_m, block_n=32, block_k=16, num_stages=2, split_k=split_k)
     tail = KernelConfig(block_m=block_m, block_n=32, block_k=16, num_stages=2, split_k=split_k, tail_m=tail_m)
     heights = _tile_heights(monkeypatch) if kernels_interpreted() else None
@@ -720,14 +730,9 @@ def test_persistent_launch_equals_one_tile_per_program(block_m, top_k, dtype, ac
 
     hidden, ffn = shape
     kept = [3, 0, block_m, 1, 2 * block_m + 5, 0, 3 * block_m + 1]
-    index, keep = _crafted_index(kept, top_k, dropped, seed=block_m + top_k)
-    plan = _plan(index, len(kept), keep, seed=dropped)
-    assert plan.counts.tolist() == kept
-    g = torch.Generator().manual_seed(70 + dropped)
-    x = torch.randn(index.shape[0], hidden, generator=g).to(DEVICE, dtype)
-    activation = GATED[act] if act in GATED else ACTIVATIONS[act]
-    w1, b1, _, _ = _weights(len(kept), hidden, ffn * (2 if act in GATED else 1), dtype, bias, seed=71)
-    _, _, w2, b2 = _weights(len(kept), hidden, ffn, dtype, bias, seed=72)
+    plan, keep, x, activation, w1, b1, w2, b2 = _crafted_problem(
+        kept, top_k, dropped, act, dtype, bias, shape, seed=70 + block_m + dropped
+    )
     plain = KernelConfig(block_m=block_m, block_n=32, block_k=16, num_stages=2, tma=tma)
     looped = KernelConfig(block_m=block_m, block_n=32, block_k=16, num_stages=2, tma=tma, persistent=1, flatten=flatten)
     grid = _grid(plan.num_rows, len(kept), block_m, ffn, 32, looped.persistent, DEVICE)[0]
