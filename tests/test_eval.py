@@ -395,6 +395,27 @@ def test_resolve_model():
         resolve_model("/definitely/not/here")
 
 
+def test_hub_names_without_a_network_read_the_local_cache_only(monkeypatch):
+    # Offline, a Hub name fails at once with a clear reason instead of retrying for half a minute; a
+    # shipped or local folder never asks the network.
+    import socket
+
+    from hf_moe_opt.evaluation import common
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(common.socket, "getaddrinfo", no_dns)
+    assert not common.hub_reachable()
+    with pytest.raises(EvalError, match="cannot be reached from here and it is not in the local cache"):
+        common.model_kind("some-org/some-model")
+    with pytest.raises(EvalError, match="cannot be reached"):
+        common.load_model("some-org/some-model", "causal", torch.float32, torch.device("cpu"))
+    assert common.model_kind(str(SWITCH)) == "seq2seq"
+    monkeypatch.setattr(common.socket, "getaddrinfo", lambda *args, **kwargs: [])
+    assert common.hub_reachable() and common._load_options("some-org/some-model") == {}
+
+
 # ----------------------------------------------------------------------------- low precision
 def test_float32_weights_is_exact_and_in_place():
     from transformers import AutoModelForSeq2SeqLM

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -66,17 +68,48 @@ def resolve_model(name_or_path: str) -> tuple[str, str]:
     return name_or_path, "hub"
 
 
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub's host name resolves here. Without a network, loading a Hub name
+    would retry for about half a minute before failing; such loads read only the local cache instead."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+def _load_options(source: str) -> dict:
+    """``from_pretrained`` options for ``source``: the local cache only for a Hub name while the Hub is
+    out of reach (a folder never goes to the Hub)."""
+    if Path(source).expanduser().is_dir() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
+def _load_error(what: str, source: str, options: dict, e: Exception) -> EvalError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if options.get("local_files_only"):
+        first = (
+            "the Hugging Face Hub cannot be reached from here and it is not in the local cache "
+            "(download it where there is a network, or pass a local folder)"
+        )
+    return EvalError(f"cannot load {what} {source!r}: {first}")
+
+
 def load_model(source: str, kind: str, dtype: torch.dtype, device: torch.device):
     """Load ``(model, tokenizer)``; ``kind`` is ``"seq2seq"`` or ``"causal"``. Errors become one line."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    options = _load_options(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = cls.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = cls.from_pretrained(source, dtype=dtype, **options)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvalError(f"cannot load model {source!r}: {first}") from e
+        raise _load_error("model", source, options, e) from e
     return model.to(device).eval(), tokenizer
 
 
@@ -84,11 +117,11 @@ def model_kind(source: str) -> str:
     """``"seq2seq"`` or ``"causal"`` from the config (encoder-decoder or not)."""
     from transformers import AutoConfig
 
+    options = _load_options(source)
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **options)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvalError(f"cannot load the config of {source!r}: {first}") from e
+        raise _load_error("the config of", source, options, e) from e
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
