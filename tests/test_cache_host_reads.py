@@ -277,6 +277,34 @@ def test_clear_counts_the_steps_still_queued():
     assert store.stats()["steps"] == len(inputs)
 
 
+def test_a_copied_read_behind_cache_reads_its_own_host_copy():
+    # The offset table holds host addresses: a deep copy must read its own experts (and stay exact
+    # once the original is gone), not the original's. Fused expert tensors (Mixtral) are copied as
+    # they are, so nothing else notices the move.
+    from .test_families import tiny_model
+
+    base = tiny_model("mixtral").eval().to(DEVICE)
+    cached = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no pinned memory without CUDA
+        hf_moe_opt.optimize(cached, backend="triton", expert_cache=3, cache_policy="lru", cache_misses="read")
+    g = torch.Generator().manual_seed(23)
+    steps = [torch.randint(3, 64, (1, 1), generator=g).to(DEVICE) for _ in range(12)]
+    with torch.no_grad():
+        for ids in steps[:4]:
+            cached(input_ids=ids)
+        twin = copy.deepcopy(cached)
+        del cached
+        for ids in steps:
+            torch.testing.assert_close(twin(input_ids=ids).logits, base(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    for _, layer in hf_moe_opt.optimized_layers(twin):
+        store = layer.store
+        slots, home = store._slot_tensors()[0], store._host_views()[0]
+        # Expert 0's offset from the copy's own slot base to its own host copy.
+        assert store._reads._host[0, 0] == (home.data_ptr() - slots.data_ptr()) // home.element_size()
+        assert store.stats()["steps"] >= len(steps)
+
+
 def test_bad_settings_raise():
     base = tiny_switch(num_experts=NUM_EXPERTS).to(DEVICE)
     with pytest.raises(ValueError, match="cache_misses must be one of"):

@@ -614,3 +614,41 @@ def test_accelerate_offloaded_experts_are_taken_over(family):
     for wm in loaders:
         if wm is not None:
             assert len(list(wm.dataset.state_dict if hasattr(wm.dataset, "state_dict") else wm.dataset)) == 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "switch"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_of_a_cached_model_stay_exact(family, how):
+    # copy.deepcopy or torch.save/torch.load of a model with a warm cache: what the store derives from
+    # tensor addresses (the slot map's numpy view, pinning) is rebuilt, so the copy starts cold and its
+    # outputs equal the uncached model's step after step (a stale slot map read never-written slots).
+    import io
+
+    from .test_families import tiny_model
+
+    base = (tiny_model("mixtral") if family == "mixtral" else tiny_switch(num_experts=NUM_EXPERTS)).eval().to(DEVICE)
+    cached = _quiet_optimize(copy.deepcopy(base), expert_cache=3, cache_policy="lru")
+    g = torch.Generator().manual_seed(5)
+    steps = [torch.randint(3, VOCAB, (1, 1), generator=g).to(DEVICE) for _ in range(24)]
+    kwargs = (
+        (lambda ids: {"input_ids": ids})
+        if family == "mixtral"
+        else (lambda ids: {"input_ids": ids, "decoder_input_ids": ids})
+    )
+    with torch.no_grad():
+        for ids in steps[:6]:
+            cached(**kwargs(ids))  # warm: experts in slots, the policy's history
+        if how == "deepcopy":
+            twin = copy.deepcopy(cached)
+        else:
+            buffer = io.BytesIO()
+            torch.save(cached, buffer)
+            buffer.seek(0)
+            twin = torch.load(buffer, weights_only=False)
+        for ids in steps:
+            want = base(**kwargs(ids)).logits
+            for model in (twin, cached):
+                torch.testing.assert_close(model(**kwargs(ids)).logits, want, rtol=1e-5, atol=1e-6)
+    stores = [layer.store for _, layer in hf_moe_opt.optimized_layers(twin)]
+    assert stores and all(s._table_np.ctypes.data == s._table_host.data_ptr() for s in stores)
+    assert all(s.stats()["steps"] >= len(steps) for s in stores)

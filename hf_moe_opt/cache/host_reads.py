@@ -209,6 +209,13 @@ class HostReads:
         # The GPU reads host memory only if it is page-locked (checked here, not per call).
         self._pin_error = None if store.device.type != "cuda" or store.host_pinned else str(store.pin_error)
 
+    def __getstate__(self) -> dict:
+        """A copy's state (its store catches up first): no CUDA events or pinned step buffers, which
+        belong to this object's captured steps; the store's copy rebuilds the offsets (``reset``)."""
+        state = dict(self.__dict__)
+        state.update(_step_bufs={}, _push_ring=[], _push_next=0, _queued=deque(), _in_flight=deque(), _copy_after=None)
+        return state
+
     def reset_stats(self) -> None:
         self.host_reads = 0
         self.host_read_bytes = 0

@@ -222,6 +222,35 @@ class CachedExpertStore(ExpertStore):
         self._last_compute: torch.cuda.Event | None = None
         self.reset_stats()
 
+    # ---------------------------------------------------------------- copies
+    def __getstate__(self) -> dict:
+        """The state a copy (``copy.deepcopy``, pickling the model) takes: queued work finished first,
+        and no CUDA events, which belong to this store's own copies and steps."""
+        if self._reads is not None:
+            self._reads.catch_up(wait=True)
+        if hasattr(self, "_pending"):
+            self._resolve_events(wait=True)
+        state = dict(self.__dict__)
+        # The look-ahead chain is per process (weak references, which do not pickle): the copy joins it.
+        state.update(_prefetch_done=None, _unwaited_done=None, _last_compute=None, _next=None, _chain_of=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy's tensors are new, but what is derived from their addresses is not: the slot map's
+        # numpy view of its host mirror no longer shares memory with it, the read-behind offset table
+        # holds the original's host addresses, and page-locking is not copied. The copy starts cold at
+        # its first call, with all of that rebuilt (_follow).
+        self.__dict__.update(state)
+        self._chain_of = _LAST_STORE
+        self._copied = True
+
+    def _rebuild_copy(self) -> None:
+        del self._copied
+        if self.device.type == "cuda" and self.pin_memory and not self.host_pinned:
+            self._home()
+        self._alloc_slots()  # slots, the slot map and its views, the read-behind offsets; cold policy
+        self._checked_key = None
+
     # ---------------------------------------------------------------- memory
     @property
     def num_slots(self) -> int:
@@ -634,6 +663,8 @@ class CachedExpertStore(ExpertStore):
 
     def _follow(self, x: torch.Tensor) -> None:
         """Slots on the input's device, and the host copy of experts moved behind the store's back brought back."""
+        if "_copied" in self.__dict__:
+            self._rebuild_copy()
         if x.device != self.device:
             # The dense parts were moved after optimizing: follow the input (and pin for a GPU).
             self.device = x.device
