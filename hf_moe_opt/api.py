@@ -15,7 +15,7 @@ from .dense import DENSE_MODEL_TYPES
 from .devices import plain_device_hook
 from .experts.backends import BACKENDS
 from .graphs import GraphCache
-from .layer import CAPACITY_MODES, OptimizedMoE
+from .layer import CAPACITY_MODES, OptimizedMoE, remove_expert_load_hooks
 
 logger = logging.get_logger(__name__)
 
@@ -388,6 +388,7 @@ def _restore(model: nn.Module, rolling_back: bool = False) -> nn.Module:
     for parent, child_name, layer in targets:
         if hasattr(layer.store, "release"):
             layer.store.release()  # expert cache: free the slots, experts back to their original device
+        remove_expert_load_hooks(layer)
         block = layer._hf_moe_opt_patch.restore(layer)
         block.train(layer.training)  # hidden from model.train()/eval() while optimized (Mixtral's jitter reads it)
         setattr(parent, child_name, block)
@@ -414,9 +415,9 @@ def sync_expert_copies(model: nn.Module) -> None:
     ``load_state_dict``.
 
     The expert cache's device slots and a placement's per-device copies (slices of fused expert
-    tensors, replicas) are copies of the expert parameters. ``model.load_state_dict`` refreshes them
-    by itself; after writing expert parameters in place any other way (``p.data.mul_(...)``,
-    ``p.copy_(...)``), call this before the next forward. Per-expert parameters re-pointed one by one
+    tensors, replicas) are copies of the expert parameters. ``load_state_dict`` (on the model, a
+    layer or its expert modules) refreshes them by itself; after writing expert parameters in place
+    any other way (``p.data.mul_(...)``, ``p.copy_(...)``), call this before the next forward. Per-expert parameters re-pointed one by one
     (``p.data = new_tensor``, as accelerate's ``set_module_tensor_to_device`` does) are gathered into
     the layer's stacked experts again, with or without a cache.
 

@@ -76,8 +76,11 @@ class OptimizedMoE(nn.Module):
         resolve_backend(backend, router_params[0].device if router_params else weights.device)
         self.train(block.training)
         self.graphs = GraphCache() if cuda_graphs else None
-        # Stores that keep copies of expert weights (cache slots, placed copies) take them again.
+        # Stores that keep copies of expert weights (cache slots, placed copies) take them again after a
+        # load_state_dict through this layer or a module above it, or straight into its expert modules.
         self.register_load_state_dict_post_hook(_weights_loaded)
+        experts = self.experts.modules() if isinstance(self.experts, nn.Module) else ()
+        self._expert_load_hooks = [m.register_load_state_dict_post_hook(_ExpertsLoaded(self)) for m in experts]
 
     def expert_weights_changed(self) -> None:
         """The expert parameters were written in place: copies of them (expert-cache slots, the
@@ -173,12 +176,36 @@ def _warn_no_expert_grads(layer: OptimizedMoE) -> None:
         )
 
 
+class _ExpertsLoaded:
+    """``load_state_dict`` post-hook of the layer's expert modules: a load straight into them writes the
+    expert weights as a load through the layer does (a class, not a closure: models stay picklable)."""
+
+    def __init__(self, layer: OptimizedMoE) -> None:
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, incompatible_keys) -> None:
+        _weights_loaded(self.layer, incompatible_keys)
+
+
+def remove_expert_load_hooks(layer: OptimizedMoE) -> None:
+    """Take the layer's hooks off its expert modules (``restore`` hands them back to the HF block)."""
+    for handle in getattr(layer, "_expert_load_hooks", ()):
+        handle.remove()
+    layer._expert_load_hooks = []
+
+
 def _weights_loaded(module: OptimizedMoE, incompatible_keys) -> None:
     """``load_state_dict`` post-hook: the loaded values went into the parameters in place.
 
     ``load_state_dict(..., assign=True)`` instead puts new parameter objects into the modules, which
     the layer's stacked experts and its store do not hold: it would go on computing with the old
-    weights, so that is an error with the way out."""
+    weights, so that is an error with the way out. Every module's hooks of one load share its list of
+    missing keys: the layer acts once per load, however many of its modules the load went through."""
+    keys = getattr(incompatible_keys, "missing_keys", None)
+    if keys is not None:
+        if module.__dict__.get("_last_load") is keys:
+            return
+        module.__dict__["_last_load"] = keys
     registered = {id(p) for p in module.parameters()}
     for stack in module.weights.stacks():
         params = stack.params() if callable(stack.params) else stack.params

@@ -652,3 +652,45 @@ def test_copies_of_a_cached_model_stay_exact(family, how):
     stores = [layer.store for _, layer in hf_moe_opt.optimized_layers(twin)]
     assert stores and all(s._table_np.ctypes.data == s._table_host.data_ptr() for s in stores)
     assert all(s.stats()["steps"] >= len(steps) for s in stores)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "switch"])
+def test_loading_into_the_expert_modules_refreshes_the_cache(family):
+    # A load_state_dict straight into a layer's experts (or, per-expert modules, into one expert) writes
+    # the weights as a model-level load does: the cached slots are taken again, so the outputs follow.
+    from .test_families import tiny_model
+
+    base = (tiny_model("mixtral") if family == "mixtral" else tiny_switch(num_experts=NUM_EXPERTS)).eval()
+    new = copy.deepcopy(base)  # the same model with other weights
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    cached = _quiet_optimize(copy.deepcopy(base), expert_cache=4, cache_policy="lru")
+    ids = torch.tensor([[11]])  # one token, its experts warm in the slots, hit again after the load
+    kwargs = {"input_ids": ids} if family == "mixtral" else {"input_ids": ids, "decoder_input_ids": ids}
+    want = copy.deepcopy(base)
+    with torch.no_grad():
+        cached(**kwargs)  # warm slots hold the old experts
+        for name, layer in hf_moe_opt.optimized_layers(cached):
+            source = new.get_submodule(name).experts
+            if family == "switch" and name.startswith("encoder.block.0."):  # one expert module only, here
+                layer.experts.get_submodule("expert_1").load_state_dict(source.get_submodule("expert_1").state_dict())
+                want.get_submodule(name).experts.get_submodule("expert_1").load_state_dict(
+                    source.get_submodule("expert_1").state_dict()
+                )
+            else:
+                layer.experts.load_state_dict(source.state_dict())
+                want.get_submodule(name).experts.load_state_dict(source.state_dict())
+        torch.testing.assert_close(cached(**kwargs).logits, want(**kwargs).logits, rtol=1e-5, atol=1e-6)
+        # Loading through the model acts once per layer, not once per hooked module.
+        calls = []
+        for _, layer in hf_moe_opt.optimized_layers(cached):
+            layer.store.weights_changed = lambda _calls=calls: _calls.append(1)
+        cached.load_state_dict(base.state_dict())
+        assert len(calls) == len(hf_moe_opt.optimized_layers(cached))
+    # restore() takes the hooks off: the HF block's experts load as before, nothing is called.
+    layers = [layer for _, layer in hf_moe_opt.optimized_layers(cached)]
+    hf_moe_opt.restore(cached)
+    for name, _ in hf_moe_opt.optimized_layers(_quiet_optimize(copy.deepcopy(base))):
+        cached.get_submodule(name).experts.load_state_dict(new.get_submodule(name).experts.state_dict())
+    assert len(calls) == len(layers)
