@@ -417,9 +417,10 @@ def sync_expert_copies(model: nn.Module) -> None:
     The expert cache's device slots and a placement's per-device copies (slices of fused expert
     tensors, replicas) are copies of the expert parameters. ``load_state_dict`` (on the model, a
     layer or its expert modules) refreshes them by itself; after writing expert parameters in place
-    any other way (``p.data.mul_(...)``, ``p.copy_(...)``), call this before the next forward. Per-expert parameters re-pointed one by one
-    (``p.data = new_tensor``, as accelerate's ``set_module_tensor_to_device`` does) are gathered into
-    the layer's stacked experts again, with or without a cache.
+    any other way (``p.data.mul_(...)``, ``p.copy_(...)``), call this before the next forward.
+    Per-expert parameters re-pointed one by one (``p.data = new_tensor``, as accelerate's
+    ``set_module_tensor_to_device`` does) are gathered into the layer's stacked experts again, with or
+    without a cache.
 
     Raises:
         ValueError: ``model`` is not optimized.
