@@ -82,6 +82,14 @@ class OptimizedMoE(nn.Module):
         experts = self.experts.modules() if isinstance(self.experts, nn.Module) else ()
         self._expert_load_hooks = [m.register_load_state_dict_post_hook(_ExpertsLoaded(self)) for m in experts]
 
+    def __setstate__(self, state: dict) -> None:
+        # An optimized model unpickled in another process: if it was fused (fuse_dense=True), its
+        # configs name our attention implementation, which that process has not registered yet.
+        super().__setstate__(state)
+        from .dense.attention import register
+
+        register()
+
     def expert_weights_changed(self) -> None:
         """The expert parameters were written in place: copies of them (expert-cache slots, the
         per-device copies of a placement) are taken again before the next call. ``load_state_dict``

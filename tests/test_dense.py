@@ -214,3 +214,32 @@ def test_fuse_dense_under_step_graphs_generates_the_same_tokens():
     with torch.no_grad():
         assert torch.equal(model.generate(**kw), plain.generate(**kw))
     assert runner_of(model).counts["replays"] > 0
+
+
+@pytest.mark.parametrize("make", [tiny_switch, tiny_nllb], ids=["switch", "nllb"])
+def test_a_fused_model_pickles_and_loads_in_a_fresh_process(make, tmp_path):
+    # torch.save / torch.load of an optimize(..., fuse_dense=True) model: the fused norms' forward is a
+    # picklable object, and loading registers the fused attention in a process that never optimized.
+    import subprocess
+    import sys
+
+    model = make()
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    hf_moe_opt.optimize(model, capacity="none", fuse_dense=True)
+    want = _logits(model, ids, None, ids[:, :3])
+    torch.save({"model": model, "ids": ids}, tmp_path / "fused.pt")
+    torch.save(want, tmp_path / "want.pt")
+    code = (
+        "import torch, sys\n"
+        f"saved = torch.load({str(tmp_path / 'fused.pt')!r}, weights_only=False)\n"
+        "model, ids = saved['model'], saved['ids']\n"
+        "with torch.no_grad():\n"
+        "    got = model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits\n"
+        f"want = torch.load({str(tmp_path / 'want.pt')!r})\n"
+        "torch.testing.assert_close(got, want, rtol=0, atol=0)\n"
+        "norms = [m for m in model.modules() if 'forward' in m.__dict__]\n"
+        "assert (len(norms) > 0) == (model.config.model_type == 'switch_transformers'), norms\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

@@ -11,8 +11,8 @@ this is opt-in.
 from __future__ import annotations
 
 import importlib.util
-import types
 
+import torch
 from torch import nn
 
 from .attention import ATTENTION_NAME, register
@@ -24,7 +24,24 @@ DENSE_MODEL_TYPES = ("switch_transformers", "nllb-moe")
 # Norm classes with T5's arithmetic (float32 statistics, no mean subtraction, no bias).
 _T5_NORMS = ("SwitchTransformersLayerNorm",)
 _SAVED_ATTN = "_hf_moe_opt_saved_attn_implementation"
-_NORM_MODULE = f"{__name__}.rms_norm"
+
+
+class FusedNormForward:
+    """A T5-style norm's fused ``forward``, set on the module instance. A callable object rather than a
+    bound function, which pickles as a lookup of the function's name on the module and fails to load."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from .rms_norm import fused_forward
+
+        return fused_forward(self.module, hidden_states)
+
+    def __setstate__(self, state: dict) -> None:
+        # A fused model loaded in another process: its configs name our attention implementation.
+        self.__dict__.update(state)
+        register()
 
 
 def _configs(model: nn.Module) -> list:
@@ -52,11 +69,9 @@ def fuse_dense(model: nn.Module) -> list[str]:
         done.append("attention")
     norms = 0
     if importlib.util.find_spec("triton") is not None:  # the norm kernel is Triton (an optional extra)
-        from .rms_norm import fused_forward
-
         for module in model.modules():
             if type(module).__name__ in _T5_NORMS and "forward" not in module.__dict__:
-                module.forward = types.MethodType(fused_forward, module)
+                module.forward = FusedNormForward(module)
                 norms += 1
     if norms:
         done.append("rms_norm")
@@ -70,6 +85,5 @@ def unfuse_dense(model: nn.Module) -> None:
     if hasattr(model, _SAVED_ATTN):
         delattr(model, _SAVED_ATTN)
     for module in model.modules():
-        bound = module.__dict__.get("forward")
-        if isinstance(bound, types.MethodType) and bound.__func__.__module__ == _NORM_MODULE:
+        if isinstance(module.__dict__.get("forward"), FusedNormForward):
             del module.forward
