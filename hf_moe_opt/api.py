@@ -259,6 +259,16 @@ def optimize(
                 'then from_pretrained(..., experts_implementation="hf_moe_opt") or '
                 'model.set_experts_implementation("hf_moe_opt")'
             )
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        block_class = supported_architectures().get(model_type)
+        if block_class is not None:
+            # A supported family whose config builds no sparse layer (e.g. Switch Transformers with more
+            # num_sparse_encoder_layers than num_layers, which sets encoder_sparse_step to 0).
+            raise ValueError(
+                f"{type(model).__name__} ({model_type}) is a supported family, but this model has no "
+                f"{block_class}: its config builds no sparse MoE layer (check the config's sparse-layer "
+                "settings, e.g. num_sparse_encoder_layers / num_sparse_decoder_layers for Switch Transformers)"
+            )
         raise ValueError(f"{type(model).__name__} has no supported sparse MoE block{hint}. Supported: {supported}")
     if not isinstance(fuse_dense, bool):
         raise TypeError(f"fuse_dense must be True or False, got {fuse_dense!r}")
@@ -303,7 +313,7 @@ def optimize(
         )
     elif (
         pinned_experts is not None
-        or str(cache_policy).lower() != DEFAULT_POLICY
+        or str(cache_policy).strip().lower() != DEFAULT_POLICY
         or cache_policy_options is not None
         or cache_prefetch is not False
         or cache_misses != "copy"

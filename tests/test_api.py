@@ -212,12 +212,17 @@ def test_string_options_ignore_case_and_spaces():
     ids = torch.randint(0, 64, (2, 7))
     dec = torch.randint(0, 64, (2, 3))
     model = tiny_switch()
+    model_copy = copy.deepcopy(model)
     plain = _logits(hf_moe_opt.optimize(copy.deepcopy(model), capacity="none", backend="torch"), ids, dec)
     optimized = hf_moe_opt.optimize(model, capacity=" NONE ", backend="Torch", cache_misses="Copy")
     layers = [m for m in optimized.modules() if isinstance(m, OptimizedMoE)]
     assert layers and {m.backend for m in layers} == {"torch"}
     assert {m.router._hf_moe_opt_capacity for m in layers} == {"none"}
     torch.testing.assert_close(_logits(optimized, ids, dec), plain, rtol=0, atol=0)
+    # cache_policy too, with a cache and (the default, spelled otherwise) without one.
+    cached = hf_moe_opt.optimize(copy.deepcopy(model_copy), expert_cache=2, cache_policy=" LFU ")
+    assert {m.store.policy.name for m in cached.modules() if isinstance(m, OptimizedMoE)} == {"lfu"}
+    hf_moe_opt.optimize(copy.deepcopy(model_copy), cache_policy=" ChangePoint ")
 
 
 def test_error_triton_backend_on_cpu_without_interpreter(monkeypatch):

@@ -596,6 +596,8 @@ def test_accelerate_offloaded_experts_are_taken_over(family):
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with pytest.raises(ValueError, match=f"GPU {visible} is not here"):
         offload_device_map(model, visible)  # one past the last GPU (GPU 0 on a CPU machine)
+    with pytest.raises(ValueError, match=f"move_dense: GPU {visible} is not here"):
+        hf_moe_opt.cache.move_dense(model, f"cuda:{visible}")  # nothing moved, no CUDA assertion
     dmap = offload_device_map(model, "cpu")
     expert_names = [k for k, v in dmap.items() if k and v == "cpu"]
     assert len(expert_names) == 4 and all(n.endswith(".experts") for n in expert_names)

@@ -111,6 +111,16 @@ def test_unsupported_block_error_points_to_the_experts_implementation():
     dense = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match=r"no supported sparse MoE block\. Supported:"):
         hf_moe_opt.optimize(dense)
+    # A supported family whose config builds no sparse layer (more sparse layers than layers gives a
+    # sparse step of 0, as transformers' default of 12 does on a small model): the error says so.
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    switch = SwitchTransformersConfig(
+        d_model=16, num_experts=4, num_layers=2, num_decoder_layers=2, d_ff=32, d_kv=8, num_heads=2, vocab_size=64,
+        num_sparse_encoder_layers=3, num_sparse_decoder_layers=3,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"supported family, but this model has no SwitchTransformersSparseMLP"):
+        hf_moe_opt.optimize(SwitchTransformersForConditionalGeneration(switch).eval())
 
 
 def test_activation_name_comes_from_the_config_that_built_act_fn():

@@ -61,6 +61,15 @@ def expert_module_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _check_gpu(what: str, index: int) -> None:
+    visible = visible_gpus()
+    if index >= visible:
+        raise ValueError(
+            f"{what}: GPU {index} is not here ({visible} CUDA device(s) visible); "
+            "pass device='cpu' to keep the dense parts on the CPU"
+        )
+
+
 def offload_device_map(model: nn.Module, device: int | str | torch.device = 0) -> dict[str, int | str]:
     """A ``from_pretrained`` ``device_map``: the experts on ``"cpu"``, everything else on ``device``.
 
@@ -69,13 +78,7 @@ def offload_device_map(model: nn.Module, device: int | str | torch.device = 0) -
     if isinstance(device, torch.device):
         device = device.index if device.type == "cuda" and device.index is not None else str(device)
     if isinstance(device, int) or str(device).startswith("cuda"):
-        visible = visible_gpus()
-        index = device if isinstance(device, int) else int(str(device).partition(":")[2] or 0)
-        if index >= visible:
-            raise ValueError(
-                f"offload_device_map: GPU {index} is not here ({visible} CUDA device(s) visible); "
-                "pass device='cpu' to keep the dense parts on the CPU"
-            )
+        _check_gpu("offload_device_map", device if isinstance(device, int) else int(str(device).partition(":")[2] or 0))
     names = expert_module_names(model)
     if not names:
         raise ValueError(f"{type(model).__name__} has no supported sparse MoE block")
@@ -88,6 +91,8 @@ def move_dense(model: nn.Module, device: str | torch.device) -> nn.Module:
     MoE blocks, which stay where they are (the recipe for ``expert_cache`` on a CPU-loaded model).
     Parameter objects are kept (``param.data`` is replaced). Returns ``model``."""
     device = torch.device(device)
+    if device.type == "cuda":
+        _check_gpu("move_dense", device.index if device.index is not None else 0)
     skip = set()
     for _, block in _sparse_blocks(model):
         experts = getattr(block, "experts", None)

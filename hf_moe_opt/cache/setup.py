@@ -26,7 +26,7 @@ __all__ = ["ExpertCachePlan", "check_policy", "plan_expert_cache"]
 
 def check_policy(cache_policy: str) -> str:
     """The normalised policy name. Raises ValueError for unknown names."""
-    key = str(cache_policy).lower()
+    key = str(cache_policy).strip().lower()
     if key not in POLICY_NAMES:
         raise ValueError(f"unknown cache_policy {cache_policy!r}; choose one of {', '.join(map(repr, POLICY_NAMES))}")
     return key
