@@ -130,8 +130,12 @@ def _plan(args: argparse.Namespace) -> int:
     from .placement import RoutingTrace, plan_placement
 
     _check_writable(args.out, (".json",))
+    if args.spare_slots is not None and args.strategy != "replicate":
+        raise ValueError(f"--spare-slots applies to --strategy replicate, not {args.strategy}")
+    if args.spare_slots is not None and args.spare_slots < 0:
+        raise ValueError(f"--spare-slots must be >= 0, got {args.spare_slots}")
     trace = RoutingTrace.load(args.trace)
-    spare = {"replicate": args.spare_slots}
+    spare = {"replicate": 1 if args.spare_slots is None else args.spare_slots}
     # The chosen strategy first: if it cannot place this trace, that is the error to report.
     chosen = plan_placement(trace, args.devices, strategy=args.strategy, spare_slots=spare.get(args.strategy, 0))
     if min(trace.num_batches(layer) for layer in trace.layers) < 2:
@@ -226,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("trace", help="a trace written by `hf-moe-opt profile` (.json/.npz)")
     plan.add_argument("--devices", type=int, default=2)
     plan.add_argument("--strategy", choices=["round_robin", "greedy", "anticorrelation", "replicate"], default="greedy")
-    plan.add_argument("--spare-slots", type=int, default=1, help="extra expert slots per device for 'replicate'")
+    plan.add_argument(
+        "--spare-slots", type=int, default=None, help="extra expert slots per device for 'replicate' (default 1)"
+    )
     plan.add_argument("--out", default="placement_plan.json")
     plan.set_defaults(func=_plan)
     return parser

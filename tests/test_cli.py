@@ -86,6 +86,13 @@ def test_profile_then_plan(tmp_path, capsys):
     assert main(["plan", str(one_path), "--devices", "2", "--out", str(plan_path)]) == 0
     assert "one batch" in capsys.readouterr().out
     assert PlacementPlan.load(plan_path).num_devices == 2
+    # --spare-slots: only for replicate, never negative; said at once instead of ignored.
+    assert main(["plan", str(trace), "--spare-slots", "1", "--out", str(plan_path)]) == 2
+    assert "applies to --strategy replicate" in capsys.readouterr().err
+    assert main(["plan", str(trace), "--strategy", "replicate", "--spare-slots", "-3", "--out", str(plan_path)]) == 2
+    assert ">= 0" in capsys.readouterr().err
+    assert main(["plan", str(trace), "--strategy", "replicate", "--spare-slots", "2", "--out", str(plan_path)]) == 0
+    assert PlacementPlan.load(plan_path).strategy == "replicate"
 
 
 @pytest.mark.parametrize(

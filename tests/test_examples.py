@@ -48,6 +48,11 @@ def test_expert_parallel_two_gloo_ranks():
     assert all(e < 1e-4 for e in errors), errors
 
 
+def test_quickstart():
+    out = _run("quickstart.py")
+    assert "identical tokens: True; warm generate" in out and "restored: True" in out
+
+
 def test_translation_nllb():
     out = _run("translation_nllb.py", "--num-sentences", "2", "--max-new-tokens", "24", "--threads", "1")
     assert "en:        A small library for reading and writing configuration files." in out
