@@ -236,7 +236,7 @@ def test_a_fused_model_pickles_and_loads_in_a_fresh_process(make, tmp_path):
         "with torch.no_grad():\n"
         "    got = model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits\n"
         f"want = torch.load({str(tmp_path / 'want.pt')!r})\n"
-        "torch.testing.assert_close(got, want, rtol=0, atol=0)\n"
+        "torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)\n"  # other threads: other fp32 sum order
         "norms = [m for m in model.modules() if 'forward' in m.__dict__]\n"
         "assert (len(norms) > 0) == (model.config.model_type == 'switch_transformers'), norms\n"
         "print('ok')\n"
