@@ -254,6 +254,10 @@ def run_demo(
             "on the CPU the cache's slots and its host copy share one memory: 'expert MiB' counts the slots, "
             "what a GPU would hold; here the cache saves nothing"
         )
+        result.notes.append(
+            "CPU times of these tiny models are indicative only: on shared cores they can differ many-fold "
+            "between runs; the GPU benchmarks (`hf-moe-opt bench`) measure speed"
+        )
     if dev.type != "cuda" or torch.cuda.device_count() < 2:
         result.notes.append("'2 devices' ran as two copies of one device here: it shows placement, not its speed")
     return result
