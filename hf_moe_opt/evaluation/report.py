@@ -314,4 +314,6 @@ def format_report(report: dict) -> str:
     lines.append(f"peak memory: {mem}")
     for note in report["notes"]:
         lines.append(f"note: {note}")
+    if str(s["device"]).startswith("cpu"):
+        lines.append("note: CPU throughput is indicative only (shared cores vary many-fold between runs)")
     return "\n".join(lines)
