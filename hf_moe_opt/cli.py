@@ -214,9 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_commands(sub)
     bench = sub.add_parser("bench", help="CUDA benchmarks: `bench layer|model|families ...` (see --help of each)")
     bench.add_argument("which", choices=["layer", "model", "families"], help="which benchmark")
-    bench.add_argument(
-        "rest", nargs=argparse.REMAINDER, metavar="...", default=[], help="arguments for that benchmark"
-    )
+    bench.add_argument("rest", nargs=argparse.REMAINDER, metavar="...", default=[], help="arguments for that benchmark")
     bench.set_defaults(func=_bench)
     prof = sub.add_parser("profile", help="record per-layer expert routing of a model on text data")
     prof.add_argument("--model", default="switch-tiny-ddtp", help="shipped model name, local path or hub name")
