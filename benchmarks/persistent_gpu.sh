@@ -5,7 +5,8 @@
 #   bash benchmarks/persistent_gpu.sh OUT_DIR [tests] [tune] [layer]
 #
 # STAGE_TIMEOUT (s) bounds each tuning point; TUNE_POINTS lists "E,D,F,k:tokens" points to tune (each
-# against the table's entry, timed in the same run); FLATTEN the flatten values tried ("0 1"); TESTS
+# against the table's entry, timed in the same run); FLATTEN the flatten values tried ("0 1"), PERSISTENT
+# the programs per SM ("0 1 2"), TAILS the tail tile heights ("0 64"); TESTS
 # the test files, TESTS_K a -k selection; LAYER_SHAPES the layer benchmark's shapes.
 set -u
 out=${1:?usage: persistent_gpu.sh OUT_DIR [tests] [tune] [layer]}
@@ -28,8 +29,8 @@ for stage in $stages; do
             for point in $points; do
                 echo "== ${point%%:*} tokens ${point##*:}" >> "$out/persistent_tune.log"
                 timeout "${STAGE_TIMEOUT:-150}" "$py" benchmarks/tune_triton.py --shape "${point%%:*}" \
-                    --tokens "${point##*:}" --block-m 128 --num-warps 8 --tma only --tail-m 0 \
-                    --persistent 0 1 2 --flatten ${FLATTEN:-1} --precompile 14 --out "$out/cfg/NVIDIA_H200.json" \
+                    --tokens "${point##*:}" --block-m 128 --num-warps 8 --tma only --tail-m ${TAILS:-0} \
+                    --persistent ${PERSISTENT:-0 1 2} --flatten ${FLATTEN:-1} --precompile 14 --out "$out/cfg/NVIDIA_H200.json" \
                     >> "$out/persistent_tune.log" 2>&1 || { status=$?; echo "rc=$status" >> "$out/persistent_tune.log"; }
             done ;;
         layer)

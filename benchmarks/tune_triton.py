@@ -95,10 +95,10 @@ def _candidates(
         splits = (1, 2, 4, 8) if split and small and not quick else (1,)
         # Short last row tiles of an expert as tail_m-row tiles (0: off); only heights below BLOCK_M.
         tails = [tail for tail in tail_ms if tail == 0 or 16 <= tail < m]
-        # Persistent launches (programs per SM looping over the tiles), without split-K or tail tiles.
+        # Persistent launches (programs per SM looping over the tiles), without split-K.
         loops = [(p, f) for p in persistents for f in (flattens if p else (1,))]
         for split_k, t, g, tail, (persist, flat) in itertools.product(splits, tma_states, group_ms, tails, loops):
-            if persist and (split_k > 1 or tail):
+            if persist and split_k > 1:
                 continue
             yield KernelConfig(
                 block_m=m,

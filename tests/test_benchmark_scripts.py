@@ -322,11 +322,13 @@ def test_tuner_persistent_candidates() -> None:
             512, quick=False, gated=False, split=True, tail_ms=(0, 64), persistents=(0, 2), flattens=(0, 1)
         )
     )
-    with_tails = [c for c in looped if c.persistent == 0]
-    # Each candidate without tails also persistent, flattened and not; never with tail tiles.
-    assert len(looped) == len(with_tails) + 2 * sum(c.tail_m == 0 for c in with_tails)
-    assert all(c.tail_m == 0 and c.split_k == 1 for c in looped if c.persistent)
-    assert {(c.persistent, c.flatten) for c in looped} == {(0, 1), (2, 0), (2, 1)}
+    one_per_tile = [c for c in looped if c.persistent == 0]
+    # Each unsplit candidate also persistent, flattened and not, with and without tail tiles; never split.
+    assert len(looped) == len(one_per_tile) + 2 * sum(c.split_k == 1 for c in one_per_tile)
+    assert all(c.split_k == 1 for c in looped if c.persistent)
+    assert {(c.persistent, c.flatten, c.tail_m) for c in looped if c.block_m == 128} == {
+        (p, f, t) for (p, f) in ((0, 1), (2, 0), (2, 1)) for t in (0, 64)
+    }
     import torch
 
     args = tune.argparse.Namespace(

@@ -763,6 +763,50 @@ def test_persistent_launch_equals_one_tile_per_program(block_m, top_k, dtype, ac
         assert not torch.isnan(slots).any() and (slots[dropped_slots] == 0).all()
 
 
+@pytest.mark.parametrize(
+    ("block_m", "tail_m", "top_k", "dtype", "act", "dropped", "tma", "flatten"),
+    [
+        (64, 16, 1, torch.float32, "relu", 0, 0, 1),
+        (32, 16, 2, torch.bfloat16, "glu_silu", 6, 1, 0),
+        (64, 32, 1, torch.bfloat16, "gelu", 40, 1, 1),
+    ],
+    ids=["64-16-fp32", "32-16-bf16-glu-top2-tma-unflattened", "64-32-bf16-many-dropped"],
+)
+def test_persistent_launch_with_tail_tiles(monkeypatch, block_m, tail_m, top_k, dtype, act, dropped, tma, flatten):
+    # Tail tiles inside the persistent loop: each looped tile takes its height's branch. Groups end in
+    # every kind of last tile; the result equals one full-height tile per program bit for bit (CPU).
+    from hf_moe_opt.kernels.moe_ffn import _grid
+
+    shape = (32, 48)
+    kept = _tail_counts(block_m, tail_m)
+    plan, keep, x, activation, w1, b1, w2, b2 = _crafted_problem(
+        kept, top_k, dropped, act, dtype, True, shape, seed=110 + block_m + tail_m + dropped
+    )
+    plain = KernelConfig(block_m=block_m, block_n=32, block_k=16, num_stages=2, tma=tma)
+    looped = KernelConfig(
+        block_m=block_m, block_n=32, block_k=16, num_stages=2, tma=tma, tail_m=tail_m, persistent=1, flatten=flatten
+    )
+    if DEVICE.type == "cpu":  # the 3 interpreted "SMs" loop over more tiles than they are
+        assert (
+            _grid(plan.num_rows, len(kept), block_m, shape[1], 32, 1, DEVICE)[0]
+            < _grid(plan.num_rows, len(kept), block_m, shape[1], 32, 0, DEVICE)[0]
+        )
+    heights = _tile_heights(monkeypatch) if kernels_interpreted() else None
+    out = _check(x, plan, w1, b1, w2, b2, activation, out_scale=0.5, config=looped)
+    if heights is not None:
+        assert heights == {"gemm1": {block_m, tail_m}, "gemm2": {block_m, tail_m}}
+    ref = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, activation, 0.5, plain, plain)
+    if DEVICE.type == "cpu" and dtype != torch.float32:
+        assert torch.equal(out, ref)
+    elif DEVICE.type == "cpu":  # the interpreter's fp32 matmul (BLAS) may order an M-row tile's FMAs by M
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    else:
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    if dropped:
+        assert (out[~keep.any(dim=1).to(DEVICE)] == 0).all()
+
+
 @pytest.mark.parametrize("num_tokens", [1, 2, 37])
 def test_persistent_launch_one_expert_and_few_tokens(num_tokens: int) -> None:
     # Every token on one expert of four (the rest empty); one token; grids smaller than the SMs.
@@ -774,9 +818,10 @@ def test_persistent_launch_one_expert_and_few_tokens(num_tokens: int) -> None:
 
 
 def test_persistent_config() -> None:
-    for bad in ({"persistent": -1}, {"flatten": 2}, {"persistent": 1, "split_k": 2}, {"persistent": 1, "tail_m": 32}):
+    for bad in ({"persistent": -1}, {"flatten": 2}, {"persistent": 1, "split_k": 2}):
         with pytest.raises(ValueError, match="persistent|flatten"):
             KernelConfig(64, 64, 32, **bad)
+    assert KernelConfig(64, 64, 32, persistent=1, tail_m=32).tail_m == 32  # tail tiles inside the loop
     cfg = KernelConfig(128, 256, 64, num_warps=8, persistent=2, flatten=0)
     assert cfg.to_dict()["persistent"] == 2 and KernelConfig.from_dict(cfg.to_dict()) == cfg
     plain = KernelConfig(128, 128, 64).to_dict()

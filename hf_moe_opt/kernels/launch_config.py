@@ -63,7 +63,8 @@ class KernelConfig:
     tail_m: int = 0
     # Persistent launch: this many programs per SM loop over the tiles (0 = one program per tile), so
     # a tile's epilogue overlaps the next tile's loads instead of a program's exit and start; with
-    # `flatten` the tile and K loops are pipelined as one. Not with split_k or tail_m.
+    # `flatten` the tile and K loops are pipelined as one. Not with split_k; with tail_m each tile
+    # takes its height's branch inside the loop.
     persistent: int = 0
     flatten: int = 1
 
@@ -81,8 +82,8 @@ class KernelConfig:
                 raise ValueError(f"{name}={value} must be a power of two >= 16")
         if self.persistent < 0 or self.flatten not in (0, 1):
             raise ValueError(f"persistent={self.persistent} must be >= 0 and flatten={self.flatten} 0 or 1")
-        if self.persistent and (self.split_k > 1 or self.tail_m):
-            raise ValueError("a persistent launch (persistent > 0) takes neither split_k > 1 nor tail_m")
+        if self.persistent and self.split_k > 1:
+            raise ValueError("a persistent launch (persistent > 0) does not take split_k > 1")
         if self.tail_m and (self.tail_m < 16 or self.tail_m & (self.tail_m - 1) or self.tail_m >= self.block_m):
             raise ValueError(f"tail_m={self.tail_m} must be 0 or a power of two >= 16 below block_m={self.block_m}")
 

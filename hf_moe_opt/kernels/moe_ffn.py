@@ -25,6 +25,10 @@ most ``tail_m`` rows (``row_end - row_start <= tail_m``: only a group's last til
 left) runs the same K loop and epilogue instantiated for ``tail_m``-row tiles: both heights are compiled
 into the kernel and each program takes one branch on the device. The grid, tile order and each
 output element's accumulation order stay those of ``BLOCK_M``; only a mostly empty tile's MMA shrinks.
+
+With ``KernelConfig.persistent`` a fixed grid of programs loops over the same tiles in the same order
+(each looped tile takes its height's branch when tail tiles are on), so results are those of one
+program per tile.
 """
 
 from __future__ import annotations
@@ -69,18 +73,19 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _group_tiles(counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Row tiles of each group (``[BLOCK_E]``): the experts, then the dropped rows as group
-    ``num_experts``; zeros past it."""
+    ``num_experts``; zeros past it. Also the kept row count (loaded once per program)."""
     idx = tl.arange(0, BLOCK_E)
     kept = tl.load(offsets_ptr + num_experts - 1).to(tl.int32)
     cnt = tl.load(counts_ptr + idx, mask=idx < num_experts, other=0).to(tl.int32)
     cnt = tl.where(idx == num_experts, num_rows - kept, cnt)
-    return (cnt + BLOCK_M - 1) // BLOCK_M
+    return (cnt + BLOCK_M - 1) // BLOCK_M, kept
 
 
 @triton.jit
 def _tile_coords(
     pid,
     tiles,
+    kept,
     counts_ptr,
     offsets_ptr,
     num_rows,
@@ -91,8 +96,8 @@ def _tile_coords(
     GROUP_M: tl.constexpr,
 ):
     """Group, row range ``[start, end)`` and column tile of tile ``pid``, given the groups' row
-    tiles (:func:`_group_tiles`). A group past ``num_experts`` means an unused program of the
-    worst-case grid."""
+    tiles and the kept row count (:func:`_group_tiles`). A group past ``num_experts`` means an
+    unused program of the worst-case grid."""
     idx = tl.arange(0, BLOCK_E)
     prog_end = tl.cumsum(tiles, axis=0) * num_n
     # Groups whose programs end at or before this one precede it; their number is this group.
@@ -108,7 +113,6 @@ def _tile_coords(
     tile_n = (local % width) // size_m
     is_expert = group < num_experts
     last = tl.minimum(group, num_experts - 1)
-    kept = tl.load(offsets_ptr + num_experts - 1).to(tl.int32)
     end = tl.where(is_expert, tl.load(offsets_ptr + last).to(tl.int32), num_rows)
     size = tl.where(is_expert, tl.load(counts_ptr + last).to(tl.int32), num_rows - kept)
     start = end - size + tile_m * BLOCK_M
@@ -306,7 +310,7 @@ def _gather_gemm_act_kernel(
 ):
     wait_for_producer(USE_PDL)
     num_n = tl.cdiv(N, BLOCK_N)
-    tiles = _group_tiles(counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M, BLOCK_E)
+    tiles, kept = _group_tiles(counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M, BLOCK_E)
     if PERSISTENT:
         # A fixed grid of programs loops over the experts' tiles (the dropped rows are never
         # computed); flattened, the next tile's loads start during this tile's epilogue. Same tiles,
@@ -315,17 +319,25 @@ def _gather_gemm_act_kernel(
             tl.program_id(0), _expert_tiles(tiles, num_experts, num_n, BLOCK_E), tl.num_programs(0), flatten=FLATTEN
         ):
             group, row_start, row_end, pid_n = _tile_coords(
-                pid, tiles, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
+                pid, tiles, kept, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
             )
-            _gather_gemm_act_tile(
-                x_ptr, token_ptr, w_ptr, b_ptr, h_ptr, w_desc, group, row_start, row_end, pid_n, N, K, w_rows,
-                row_mul, up_offset, alpha, limit, stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be,
-                stride_bn, stride_hm, stride_hn, HAS_BIAS, ACTIVATION, GLU, DOT_PRECISION, DOT_FP32, EVEN_K, EVEN_N,
-                MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA,
-            )  # fmt: skip
+            if TAIL_M > 0 and row_end - row_start <= TAIL_M:  # a short last tile, as below
+                _gather_gemm_act_tile(
+                    x_ptr, token_ptr, w_ptr, b_ptr, h_ptr, w_desc, group, row_start, row_end, pid_n, N, K, w_rows,
+                    row_mul, up_offset, alpha, limit, stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
+                    stride_be, stride_bn, stride_hm, stride_hn, HAS_BIAS, ACTIVATION, GLU, DOT_PRECISION, DOT_FP32,
+                    EVEN_K, EVEN_N, MASK_ROWS, TAIL_M, BLOCK_N, BLOCK_K, USE_TMA,
+                )  # fmt: skip
+            else:
+                _gather_gemm_act_tile(
+                    x_ptr, token_ptr, w_ptr, b_ptr, h_ptr, w_desc, group, row_start, row_end, pid_n, N, K, w_rows,
+                    row_mul, up_offset, alpha, limit, stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
+                    stride_be, stride_bn, stride_hm, stride_hn, HAS_BIAS, ACTIVATION, GLU, DOT_PRECISION, DOT_FP32,
+                    EVEN_K, EVEN_N, MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA,
+                )  # fmt: skip
         return
     group, row_start, row_end, pid_n = _tile_coords(
-        tl.program_id(0), tiles, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
+        tl.program_id(0), tiles, kept, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
     )
     if group >= num_experts:  # dropped rows are never computed; unused programs exit
         return
@@ -519,29 +531,37 @@ def _gemm_scatter_kernel(
 ):
     wait_for_producer(USE_PDL)
     num_n = tl.cdiv(N, BLOCK_N)
-    tiles = _group_tiles(counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M, BLOCK_E)
+    tiles, kept = _group_tiles(counts_ptr, offsets_ptr, num_rows, num_experts, BLOCK_M, BLOCK_E)
     if PERSISTENT:  # never split (see KernelConfig): the experts' tiles as in kernel A, then the dropped rows'
         expert_tiles = _expert_tiles(tiles, num_experts, num_n, BLOCK_E)
         for pid in tl.range(tl.program_id(0), expert_tiles, tl.num_programs(0), flatten=FLATTEN):
             group, row_start, row_end, pid_n = _tile_coords(
-                pid, tiles, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
+                pid, tiles, kept, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
             )
-            _gemm_scatter_tile(
-                h_ptr, order_ptr, gate_ptr, w_ptr, b_ptr, out_ptr, h_desc, w_desc, group, row_start, row_end,
-                pid_n, out_scale, num_rows, num_experts, N, K, stride_hm, stride_hk, stride_we, stride_wn,
-                stride_wk, stride_be, stride_bn, stride_om, stride_on, k_per_split, HAS_BIAS, False, DOT_PRECISION,
-                DOT_FP32, EVEN_K, EVEN_N, MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, TMA_A, TMA_W,
-            )  # fmt: skip
+            if TAIL_M > 0 and row_end - row_start <= TAIL_M:  # a short last tile, h by pointer (as below)
+                _gemm_scatter_tile(
+                    h_ptr, order_ptr, gate_ptr, w_ptr, b_ptr, out_ptr, h_desc, w_desc, group, row_start, row_end,
+                    pid_n, out_scale, num_rows, num_experts, N, K, stride_hm, stride_hk, stride_we, stride_wn,
+                    stride_wk, stride_be, stride_bn, stride_om, stride_on, k_per_split, HAS_BIAS, False,
+                    DOT_PRECISION, DOT_FP32, EVEN_K, EVEN_N, MASK_ROWS, TAIL_M, BLOCK_N, BLOCK_K, False, TMA_W,
+                )  # fmt: skip
+            else:
+                _gemm_scatter_tile(
+                    h_ptr, order_ptr, gate_ptr, w_ptr, b_ptr, out_ptr, h_desc, w_desc, group, row_start, row_end,
+                    pid_n, out_scale, num_rows, num_experts, N, K, stride_hm, stride_hk, stride_we, stride_wn,
+                    stride_wk, stride_be, stride_bn, stride_om, stride_on, k_per_split, HAS_BIAS, False,
+                    DOT_PRECISION, DOT_FP32, EVEN_K, EVEN_N, MASK_ROWS, BLOCK_M, BLOCK_N, BLOCK_K, TMA_A, TMA_W,
+                )  # fmt: skip
         dropped_tiles = tl.sum(tl.where(tl.arange(0, BLOCK_E) == num_experts, tiles, 0), axis=0) * num_n
         for pid in range(tl.program_id(0), dropped_tiles, tl.num_programs(0)):
             dropped, row_start, row_end, pid_n = _tile_coords(
-                expert_tiles + pid, tiles, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E,
-                GROUP_M,
+                expert_tiles + pid, tiles, kept, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M,
+                BLOCK_E, GROUP_M,
             )  # fmt: skip
             _dropped_tile(order_ptr, out_ptr, row_start, row_end, pid_n, N, stride_om, stride_on, BLOCK_M, BLOCK_N)
         return
     group, row_start, row_end, pid_n = _tile_coords(
-        tl.program_id(0), tiles, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
+        tl.program_id(0), tiles, kept, counts_ptr, offsets_ptr, num_rows, num_experts, num_n, BLOCK_M, BLOCK_E, GROUP_M
     )
     if group > num_experts or (SPLIT and group == num_experts):  # split: the combine writes dropped rows
         return
