@@ -52,6 +52,13 @@ class EncoderGraphs:
         # Names of the forward's parameters after self (transformers' wrappers hide them from __code__).
         self._names = list(inspect.signature(type(encoder).forward).parameters)[1:]
 
+    def __getstate__(self) -> dict:
+        # A graph replays this encoder's memory (a copy's would compute with the original's weights):
+        # a copy (deepcopy, pickle) starts without graphs.
+        state = dict(self.__dict__)
+        state.update(graphs=OrderedDict(), uncapturable=set(), counts=dict.fromkeys(self.counts, 0), eager_reasons={})
+        return state
+
     def clear(self) -> None:
         """Drop every graph (their memory is freed once nothing else holds it)."""
         self.graphs.clear()

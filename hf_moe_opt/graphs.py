@@ -54,6 +54,10 @@ class GraphCache:
         self.graphs: dict[tuple, GraphedCompute] = {}
         self.warned_off_cuda = False
 
+    def __getstate__(self) -> dict:
+        # The graphs replay the original layer's weights and buffers: a copy captures its own.
+        return {**self.__dict__, "graphs": {}}
+
     def clear(self) -> None:
         self.graphs.clear()
 

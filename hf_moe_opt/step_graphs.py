@@ -87,6 +87,9 @@ class CudaGraphCapture:
     def __init__(self) -> None:
         self._pools: dict[torch.device, Any] = {}
 
+    def __getstate__(self) -> dict:
+        return {"_pools": {}}  # a copy's graphs get pools of their own (a handle means nothing elsewhere)
+
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda"
 
@@ -371,9 +374,17 @@ class StepGraphs:
         # transformers 5.24 names the forward's cache argument "cache", 5.17 "past_key_values".
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
-    def __deepcopy__(self, memo: dict) -> StepGraphs:
-        # Graphs and caches belong to this model's memory: a copied model starts without any.
-        return StepGraphs(copy.deepcopy(self.model, memo), self.capture)
+    def __getstate__(self) -> dict:
+        # Graphs and caches belong to this model's memory: a copy (deepcopy, pickle) starts without any.
+        state = dict(self.__dict__)
+        state.update(
+            slots=OrderedDict(),
+            counts=dict.fromkeys(self.counts, 0),
+            broken=None,
+            _weights_key=None,
+            _index=ModelIndex(self.model, _indexed_module),
+        )
+        return state
 
     def clear(self) -> None:
         """Drop every cache and graph (their memory is freed once nothing else holds it)."""

@@ -70,6 +70,42 @@ def test_replays_equal_eager_and_generate_unchanged(make):
 
 
 @cpu_interpreted
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_captures_its_own_graphs(how):
+    # A graph replays its encoder's memory: a copy inheriting it would compute with the original's
+    # weights. The copy starts without graphs, so new weights of the copy are used; the original keeps
+    # replaying its own.
+    import copy
+    import io
+
+    model = tiny_switch()
+    runner = _graphed(model)
+    ids = _ids(2, 6, 0)
+    with torch.no_grad():
+        first = model.get_encoder()(input_ids=ids).last_hidden_state
+        model.get_encoder()(input_ids=ids)  # captured and replayed
+        if how == "deepcopy":
+            clone = copy.deepcopy(model)
+        else:
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            buffer.seek(0)
+            clone = torch.load(buffer, weights_only=False)
+        copied = encoder_graphs.runner_of(clone)
+        assert copied is not runner and copied.encoder is clone.get_encoder() and not copied.graphs
+        for p in clone.parameters():
+            p.mul_(0.9)
+        encoder = clone.get_encoder()
+        want = type(encoder).forward(encoder, input_ids=ids).last_hidden_state  # no runner in between
+        for _ in range(2):  # captured, then replayed
+            torch.testing.assert_close(encoder(input_ids=ids).last_hidden_state, want, rtol=0, atol=0)
+        assert not torch.equal(want, first)
+        assert torch.equal(model.get_encoder()(input_ids=ids).last_hidden_state, first)
+    assert copied.counts["captures"] == 1 and copied.counts["replays"] == 1, copied.counts
+    assert runner.counts["replays"] == 2
+
+
+@cpu_interpreted
 def test_positional_arguments_share_the_keyword_graph():
     model = tiny_switch()
     runner = _graphed(model)

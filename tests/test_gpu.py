@@ -150,6 +150,45 @@ def test_cuda_graphs_option_gives_identical_generation(backend, family):
     assert sum(len(layer.graphs.graphs) for _, layer in layers) > 0
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("graphs", [True, ("encoder", "step")], ids=["layers", "encoder+step"])
+def test_copies_of_graphed_models_capture_their_own(graphs, how):
+    # Captured graphs replay the original model's memory. A copy (deepcopy, torch.save + load) starts
+    # without them: after the copy's weights change, its tokens are a plain model's with those weights,
+    # and the original still generates what it did.
+    import io
+
+    model = tiny_switch(num_experts=8).cuda().to(torch.bfloat16)
+    plain = copy.deepcopy(model)
+    hf_moe_opt.optimize(plain)
+    hf_moe_opt.optimize(model, cuda_graphs=graphs)
+    ids = torch.randint(3, VOCAB, (3, 10), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        before = model.generate(ids, **kw)
+        model.generate(ids, **kw)  # everything captured is replayed once
+        if how == "deepcopy":
+            clone = copy.deepcopy(model)
+        else:
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            buffer.seek(0)
+            clone = torch.load(buffer, weights_only=False)
+        for model_ in (clone, plain):  # new weights everywhere (experts included), other tokens
+            for param in model_.parameters():
+                param.mul_(0.75)
+            model_.lm_head.weight.mul_(-1.0)
+        want = plain.generate(ids, **kw)
+        for _ in range(2):  # captured, then replayed
+            got = clone.generate(ids, **kw)
+            assert torch.equal(got.sequences, want.sequences)
+            torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores))
+        assert not torch.equal(want.sequences, before.sequences)
+        again = model.generate(ids, **kw)
+    assert torch.equal(again.sequences, before.sequences)
+    torch.testing.assert_close(torch.stack(again.scores), torch.stack(before.scores), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_static_cache_generate_and_torch_compile(backend):
     """transformers may torch.compile a static-cache decode step; the layers run between its graphs."""

@@ -322,16 +322,33 @@ def test_replaced_module_drops_graphs():
     assert runner.counts["captures"] == 2 and len(runner.slots) == 1
 
 
-def test_deepcopy_gets_its_own_runner():
-    _, model = _pair(_build("switch"))
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_gets_its_own_runner(how):
+    # A copy's steps run its own weights: it starts without the original's caches and graphs (which
+    # replay the original's memory), captures its own, and leaves the original as it was.
+    plain, model = _pair(_build("switch"))
+    kw = _inputs(model)
     with torch.no_grad():
-        model.generate(**_inputs(model))
-        clone = copy.deepcopy(model)
+        before = model.generate(**kw)
+        clone = copy.deepcopy(model) if how == "deepcopy" else _pickled(model)
         runner, runner_clone = runner_of(model), runner_of(clone)
         assert runner_clone is not runner and runner_clone.model is clone and not runner_clone.slots
-        runner_clone.capture = EagerCapture()
-        assert torch.equal(clone.generate(**_inputs(model)), model.generate(**_inputs(model)))
-    assert runner_clone.counts["replays"] > 0
+        assert runner_clone.counts["captures"] == 0
+        for model_ in (clone, plain):
+            for p in model_.parameters():
+                p.mul_(0.9)
+        assert torch.equal(clone.generate(**kw), plain.generate(**kw))
+        assert torch.equal(model.generate(**kw), before)
+    assert runner_clone.counts["captures"] > 0 and runner_clone.counts["replays"] > 0
+
+
+def _pickled(model):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 # -- fallbacks and errors -----------------------------------------------------------------------
