@@ -76,6 +76,8 @@ def test_expert_buffering(args):
         pytest.importorskip("triton")
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
+    if "triton" in args and torch.cuda.is_available():
+        args = (*args, "--device", "cuda")  # compiled Triton kernels need the model on the GPU
     size = ("1", "5") if "read" in args else ("2", "12")  # the interpreted kernels are slow on a CPU
     out = _run("expert_buffering.py", *args, "--num-prompts", size[0], "--max-new-tokens", size[1], "--threads", "1")
     for fraction in ("0.25",) if "--fractions" in args else ("0.25", "0.5"):

@@ -212,9 +212,10 @@ def add_stack_probe_args(parser, *, warmup: int, steps: int, batches: bool = Tru
 
 
 def probe_device(smoke: bool, script: str) -> torch.device | None:
-    """The CPU for a smoke run, else CUDA; None (with a message) when CUDA is wanted but missing."""
+    """CUDA, or for a smoke run the CPU where there is no GPU (compiled Triton kernels need CUDA; the
+    CPU smoke run needs ``TRITON_INTERPRET=1``); None (with a message) when CUDA is wanted but missing."""
     if smoke:
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         print(f"{script} needs CUDA (--smoke runs on the CPU)", file=sys.stderr)
         return None
