@@ -125,6 +125,29 @@ def test_all_tokens_on_one_expert():
     assert (gates[:, 0] > gates[:, 1]).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("tokens", [3, MAX_TOKENS + 9])
+@pytest.mark.parametrize("mode", ["switch", "nllb", "softmax_topk"])
+def test_non_finite_tokens_pick_experts_in_range(mode, tokens, bad):
+    """A token with a NaN/inf feature (both launch paths): its experts are in range and distinct;
+    Switch and NLLB pick what torch's argmax picks (NaN ranks first); the other tokens are untouched."""
+    x, w, _ = _inputs(tokens, 12, 32, torch.float32, bias=False, seed=tokens)
+    x[1, 5] = bad
+    k = {"switch": 1, "nllb": 2}.get(mode, 2)
+    top_k = k if mode == "softmax_topk" else None
+    kw = {"mode": mode, "top_k": top_k, "logits_dtype": torch.float32, "gates_dtype": torch.float32}
+    _, index, gates = fused_router(x, w, None, **kw)
+    assert ((index >= 0) & (index < 12)).all()
+    assert len(set(index[1].tolist())) == k
+    assert not torch.isfinite(gates[1]).all()
+    ref_i, ref_g = _torch_router(mode, F.linear(x, w), x.dtype, top_k, False, torch.float32)
+    if mode != "softmax_topk":  # torch.topk's order among NaNs is unspecified
+        assert torch.equal(index[1], ref_i[1])
+    rest = torch.arange(tokens, device=DEVICE) != 1
+    assert torch.equal(index[rest], ref_i[rest])
+    torch.testing.assert_close(gates[rest], ref_g[rest])
+
+
 def test_bad_arguments():
     x, w, _ = _inputs(2, 8, 16, torch.float32, bias=False, seed=0)
     kwargs = {"logits_dtype": torch.float32, "gates_dtype": torch.float32}
@@ -328,6 +351,34 @@ def _model(family: str):
     # "_long": 2 x 40 encoder tokens, above MAX_TOKENS (the one-launch kernel; Switch's capacity of 3 binds).
     ids = torch.randint(3, VOCAB, (2, 40 if family.endswith("_long") else 5), generator=g)
     return model, {"input_ids": ids, "decoder_input_ids": ids[:, :3]}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_a_nan_token_gives_nan_through_the_fused_router(tokens, backend, monkeypatch):
+    """A NaN hidden state through the optimized Switch layer routed by the fused kernels (one token:
+    the GEMV path): that token's output is NaN as the reference's, never stale memory or another
+    expert's weights; the other tokens match the reference."""
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    from hf_moe_opt.patches import SwitchTransformersPatch
+    from tests.reference import switch_reference
+
+    calls = _force_fused(monkeypatch)
+    torch.manual_seed(tokens)
+    cfg = SwitchTransformersConfig(d_model=16, d_ff=32, num_experts=6, expert_capacity=64, router_dtype="float32")
+    block = SwitchTransformersSparseMLP(cfg).eval().to(DEVICE)
+    x = torch.randn(1, tokens, 16, device=DEVICE)
+    x[0, tokens // 2, 3] = float("nan")
+    layer = SwitchTransformersPatch().build(block, cfg, capacity="model", backend=backend)
+    with torch.no_grad():
+        want = switch_reference(block, x, 64)
+        got = layer(x)
+    assert calls
+    assert torch.isnan(want[0, tokens // 2]).all() and torch.isnan(got[0, tokens // 2]).all()
+    rest = torch.arange(tokens, device=DEVICE) != tokens // 2
+    torch.testing.assert_close(got[0, rest], want[0, rest])
 
 
 @pytest.mark.parametrize("family", ["switch", "nllb", "qwen3_moe", "switch_long", "nllb_long"])
