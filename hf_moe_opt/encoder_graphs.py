@@ -28,7 +28,18 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .host_sync import HostReadError, no_host_reads
-from .step_graphs import Capture, CudaGraphCapture, _describe, _is_opaque, _own, _pretend_capturing, _StepGraph
+from .model_index import ModelIndex
+from .step_graphs import (
+    Capture,
+    CudaGraphCapture,
+    _describe,
+    _indexed_module,
+    _is_opaque,
+    _own,
+    _pretend_capturing,
+    _StepGraph,
+    refresh_router_casts,
+)
 
 # Graphs kept per encoder (each holds its input buffers and activations).
 MAX_GRAPHS = 8
@@ -49,6 +60,8 @@ class EncoderGraphs:
         self.warned_off_cuda = False
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
         self.eager_reasons: dict[str, int] = {}
+        self._index = ModelIndex(encoder, _indexed_module)
+        self._weights_key: tuple | None = None
         # Names of the forward's parameters after self (transformers' wrappers hide them from __code__).
         self._names = list(inspect.signature(type(encoder).forward).parameters)[1:]
 
@@ -56,7 +69,14 @@ class EncoderGraphs:
         # A graph replays this encoder's memory (a copy's would compute with the original's weights):
         # a copy (deepcopy, pickle) starts without graphs.
         state = dict(self.__dict__)
-        state.update(graphs=OrderedDict(), uncapturable=set(), counts=dict.fromkeys(self.counts, 0), eager_reasons={})
+        state.update(
+            graphs=OrderedDict(),
+            uncapturable=set(),
+            counts=dict.fromkeys(self.counts, 0),
+            eager_reasons={},
+            _index=ModelIndex(self.encoder, _indexed_module),
+            _weights_key=None,
+        )
         return state
 
     def clear(self) -> None:
@@ -93,6 +113,11 @@ class EncoderGraphs:
             return self._eager("no CUDA graphs here", kwargs)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return self._eager("no CUDA graphs here", kwargs)
+        weights_key = self._index.weights_key()
+        if weights_key != self._weights_key:
+            self.clear()  # moved, cast or re-pointed since: the graphs read the old weights
+            self._weights_key = weights_key
+        refresh_router_casts(self._index)
         leaves, spec = pytree.tree_flatten(kwargs, is_leaf=_is_opaque)
         key = (spec, tuple(_describe(leaf) for leaf in leaves))
         if key in self.uncapturable:

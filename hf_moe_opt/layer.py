@@ -18,6 +18,7 @@ from .experts.activation import Activation
 from .experts.backends import choose_backend
 from .experts.store import ExpertStore, ResidentStore
 from .graphs import GraphCache
+from .routing.types import refresh_router_cast
 
 CAPACITY_MODES = ("model", "none")
 
@@ -96,7 +97,14 @@ class OptimizedMoE(nn.Module):
         calls this by itself; see :func:`hf_moe_opt.sync_expert_copies` for other in-place edits."""
         hook = getattr(self.store, "weights_changed", None)
         if callable(hook):
+            stacks = self._stack_key()
             hook()
+            if self.graphs is not None and self._stack_key() != stacks:
+                self.graphs.clear()  # they read the old stacks
+        refresh_router_cast_of(self.router)
+
+    def _stack_key(self) -> tuple:
+        return tuple(s.tensor.data_ptr() for s in self.weights.stacks())
 
     @property
     def original_block(self) -> nn.Module:
@@ -154,7 +162,7 @@ class OptimizedMoE(nn.Module):
         for observer in self.observers:
             observer(self, routing)
         x = hidden_states.reshape(-1, hidden)
-        if self.graphs is not None and isinstance(self.store, ResidentStore):
+        if self.graphs is not None and isinstance(self.store, ResidentStore) and not _needs_grad(x, routing.gates):
             out = self.graphs.run(self._compute, x, *routing)
         else:
             out = self._compute(x, *routing)
@@ -162,9 +170,26 @@ class OptimizedMoE(nn.Module):
 
     def _compute(self, x, expert_index, gates, keep) -> torch.Tensor:
         """Dispatch, experts and combine for routed tokens ``x`` ``[N, D]``."""
-        return self.store.run_routed(
-            x, expert_index, gates, keep, self._backend_name(x.device), self._ffn, self.activation, self.out_scale
-        )
+        backend, ffn_for = self._backend_name(x.device), self._ffn
+        if backend != "torch" and _needs_grad(x, gates):
+            # The Triton kernels have no backward: torch's ops carry gradients to the inputs and router.
+            backend, ffn_for = "torch", _torch_ffn
+        return self.store.run_routed(x, expert_index, gates, keep, backend, ffn_for, self.activation, self.out_scale)
+
+
+def _needs_grad(x: torch.Tensor, gates: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or gates.requires_grad)
+
+
+def _torch_ffn(device: torch.device, rows: int) -> Callable:
+    return get_backend("torch")
+
+
+def refresh_router_cast_of(router: object) -> None:
+    """Bring the float32 copy of ``router``'s classifier (kept by ``router_logits``) up to date."""
+    classifier = getattr(router, "classifier", None)
+    if isinstance(classifier, nn.Module):
+        refresh_router_cast(classifier)
 
 
 _GRAD_WARNED = False

@@ -58,12 +58,14 @@ class ModelIndex:
         self._select = select
         self._version: int | None = None
         self._params: list[nn.Parameter] = []
+        self._buffers: list = []
         self._modules: list[tuple[str, nn.Module]] = []
 
     def _fresh(self) -> None:
         version = structure_version()
         if version != self._version:
             self._params = list(self.model.parameters())
+            self._buffers = list(self.model.buffers())
             self._modules = [(n, m) for n, m in self.model.named_modules() if self._select(n, m)]
             self._version = structure_version()  # the walk itself registers nothing, but be exact
 
@@ -73,7 +75,8 @@ class ModelIndex:
         return self._modules
 
     def weights_key(self) -> tuple[int, ...]:
-        """Where every parameter's data lives now: changes when the model is moved, cast or given new
-        weights (``param.data = ...`` included)."""
+        """Where every parameter's and buffer's data lives now: changes when the model is moved, cast or
+        given new weights (``param.data = ...`` included), or a buffer is replaced (NLLB-MoE regrows its
+        position tables for a longer sequence)."""
         self._fresh()
-        return tuple(p.data_ptr() for p in self._params)
+        return tuple(p.data_ptr() for p in self._params) + tuple(b.data_ptr() for b in self._buffers)

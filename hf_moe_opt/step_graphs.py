@@ -52,7 +52,7 @@ from torch import nn
 
 from .cache.host_reads import STEP_MAX_TOKENS, captured_calls
 from .host_sync import no_host_reads
-from .layer import OptimizedMoE
+from .layer import OptimizedMoE, refresh_router_cast_of
 from .model_index import ModelIndex
 
 # Static caches are sized up to a multiple of this many positions, so calls with nearby lengths share
@@ -506,6 +506,7 @@ class StepGraphs:
         if weights_key != self._weights_key:
             self.clear()  # moved or cast since: the graphs point at the old weights
             self._weights_key = weights_key
+        refresh_router_casts(self._index)
         key = (batch, length, encoder_length, dtype, device)
         slot = self.slots.get(key)
         if slot is None:
@@ -652,6 +653,14 @@ def _in_place_reorder(cache) -> AbstractContextManager[None]:
 
 
 _POSITIONS = "NllbMoeSinusoidalPositionalEmbedding"
+
+
+def refresh_router_casts(index: ModelIndex) -> None:
+    """Before replaying graphs: the routers' float32 weight copies take weights written in place since
+    (``load_state_dict``), which the graphs read through the copies without running the router."""
+    for _, module in index.modules():
+        if isinstance(module, OptimizedMoE):
+            refresh_router_cast_of(module.router)
 
 
 def _indexed_module(name: str, module: nn.Module) -> bool:

@@ -1,6 +1,8 @@
 """The public API: optimize/restore round trips, state dicts, checkpoints, memory and errors."""
 
 import copy
+import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -397,3 +399,47 @@ def test_accelerate_hooked_routers_run_our_forward(family):
     hf_moe_opt.restore(model)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, original, rtol=0, atol=0)
+
+
+def _grad_backends() -> list[str]:
+    from hf_moe_opt.kernels import kernels_interpreted
+
+    triton_here = torch.cuda.is_available() or kernels_interpreted()
+    return ["torch", "triton"] if triton_here and importlib.util.find_spec("triton") else ["torch"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", _grad_backends())
+def test_gradients_to_inputs_and_router_match_the_reference(backend, dtype):
+    """With autograd on, the layer's gradients to its input and to the router's weight are the plain
+    reference's, on every backend (the Triton kernels have no backward: torch's ops take over) and for
+    a bf16 model whose router runs in float32."""
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    from hf_moe_opt.patches import SwitchTransformersPatch
+    from tests.reference import switch_reference
+
+    torch.manual_seed(3)
+    cfg = SwitchTransformersConfig(d_model=16, d_ff=32, num_experts=4, expert_capacity=4, router_dtype="float32")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = SwitchTransformersSparseMLP(cfg).eval().to(device, dtype)
+    x0 = torch.randn(2, 6, 16, device=device, dtype=dtype)
+    grads = []
+    for which in ("reference", "optimized"):
+        block = copy.deepcopy(base)
+        x = x0.clone().requires_grad_(True)
+        if which == "reference":
+            out = switch_reference(block, x, cfg.expert_capacity)
+        else:
+            layer = SwitchTransformersPatch().build(block, cfg, capacity="model", backend=backend)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no gradients for expert weights"
+                out = layer(x)
+        (x + out).float().pow(2).sum().backward()
+        grads.append((x.grad.float(), block.router.classifier.weight.grad))
+    (gx_ref, gr_ref), (gx, gr) = grads
+    assert gr is not None and gr.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(gx, gx_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(gr.float(), gr_ref.float(), rtol=tol, atol=tol * gr_ref.abs().max().item())

@@ -106,6 +106,44 @@ def test_a_copy_captures_its_own_graphs(how):
 
 
 @cpu_interpreted
+def test_graphs_are_dropped_when_the_weights_move():
+    """A graph reads the weights' memory: after a cast or re-pointed parameters the encoder captures
+    again (a replay would read freed or stale memory on a GPU); an in-place write keeps the graphs."""
+    model = tiny_switch()
+    plain = tiny_switch()
+    hf_moe_opt.optimize(plain, backend=BACKEND)
+    runner = _graphed(model)
+    ids = _ids(2, 6, 0)
+
+    def check() -> None:
+        with torch.no_grad():
+            got = model.get_encoder()(input_ids=ids).last_hidden_state
+            want = plain.get_encoder()(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    check()
+    check()
+    assert runner.counts == {"captures": 1, "replays": 1, "eager": 0}
+    for m in (model, plain):
+        m.to(torch.bfloat16)
+    check()
+    assert runner.counts["captures"] == 2, runner.counts
+    with torch.no_grad():
+        for m in (model, plain):
+            for p in m.parameters():
+                p.data = p.data * 0.5
+            hf_moe_opt.sync_expert_copies(m)
+    check()
+    assert runner.counts["captures"] == 3, runner.counts
+    with torch.no_grad():
+        for m in (model, plain):
+            for p in m.parameters():
+                p.mul_(0.5)
+    check()
+    assert runner.counts["captures"] == 3 and runner.counts["replays"] == 2, runner.counts
+
+
+@cpu_interpreted
 def test_positional_arguments_share_the_keyword_graph():
     model = tiny_switch()
     runner = _graphed(model)

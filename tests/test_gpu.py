@@ -189,6 +189,57 @@ def test_copies_of_graphed_models_capture_their_own(graphs, how):
     torch.testing.assert_close(torch.stack(again.scores), torch.stack(before.scores), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("change", ["load_state_dict", "cast", "re-point"])
+@pytest.mark.parametrize("graphs", [True, ("encoder", "step")], ids=["layers", "encoder+step"])
+def test_graphed_models_follow_weight_changes(graphs, change, monkeypatch):
+    # New weights after graphs were captured: loaded in place (the unfused torch router reads a float32
+    # copy of its weight, brought up to date before a replay), a cast (graphs dropped), re-pointed
+    # parameters gathered again (graphs dropped). Tokens and scores are a fresh model's with those weights.
+    monkeypatch.setenv("HF_MOE_OPT_FUSED_ROUTER", "0")
+    model = tiny_switch(num_experts=8).cuda().to(torch.bfloat16)
+    other = tiny_switch(num_experts=8, seed=5).cuda().to(torch.bfloat16)
+    other.lm_head.weight.data.mul_(-1.0)
+    hf_moe_opt.optimize(model, cuda_graphs=graphs)
+    ids = torch.randint(3, VOCAB, (3, 10), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        before = model.generate(ids, **kw)
+        model.generate(ids, **kw)  # everything captured is replayed once
+        if change == "load_state_dict":
+            model.load_state_dict(other.state_dict())
+        elif change == "cast":
+            model.half()
+            other.half()
+        else:
+            for mine, theirs in zip(model.parameters(), other.parameters(), strict=True):
+                mine.data = theirs.data.clone()
+            hf_moe_opt.sync_expert_copies(model)
+        plain = hf_moe_opt.optimize(copy.deepcopy(other))
+        want = plain.generate(ids, **kw)
+        for _ in range(2):  # captured or replayed, then replayed
+            got = model.generate(ids, **kw)
+            assert torch.equal(got.sequences, want.sequences)
+            torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores))
+    assert not torch.equal(want.sequences, before.sequences)
+
+
+def test_restore_after_moving_an_expert_cached_model():
+    # Optimized on the GPU with an expert cache, then moved to the CPU: restore() leaves the experts
+    # where the model now is, and the restored model is the plain one.
+    base = tiny_switch(num_experts=8).cuda()
+    model = hf_moe_opt.optimize(copy.deepcopy(base), expert_cache=2)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids.cuda(), decoder_input_ids=ids.cuda())
+        model.to("cpu")
+        model(input_ids=ids, decoder_input_ids=ids)
+        hf_moe_opt.restore(model)
+        assert {p.device.type for p in model.parameters()} == {"cpu"}
+        got = model(input_ids=ids, decoder_input_ids=ids).logits
+        want = base.cpu()(input_ids=ids, decoder_input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_static_cache_generate_and_torch_compile(backend):
     """transformers may torch.compile a static-cache decode step; the layers run between its graphs."""

@@ -111,3 +111,42 @@ def test_zero_tokens_give_an_empty_output(top_k: int) -> None:
 def test_plan_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same"):
         make_plan(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 1), torch.ones(3, 2, dtype=torch.bool), 4)
+
+
+def test_grouped_mm_probe_inside_a_capture_is_not_cached_as_unsupported(monkeypatch):
+    """The first call of a process may probe torch._grouped_mm inside a (stand-in) graph capture: the
+    probe makes no host data there, so it gives the same answer as outside one."""
+    from hf_moe_opt.experts import torch_backend
+    from hf_moe_opt.host_sync import no_host_reads
+
+    monkeypatch.setattr(torch_backend, "_GROUPED_MM_OK", {})
+    outside = torch_backend.grouped_mm_supported(torch.device("cpu"), torch.float32, 16, 8)
+    monkeypatch.setattr(torch_backend, "_GROUPED_MM_OK", {})
+    with no_host_reads():
+        inside = torch_backend.grouped_mm_supported(torch.device("cpu"), torch.float32, 16, 8)
+    assert inside == outside and torch_backend._GROUPED_MM_OK == {("cpu", None, torch.float32, 16, 8, False): outside}
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("no torch._grouped_mm in this torch")
+    assert outside
+
+
+def test_layer_graphs_are_dropped_when_the_experts_are_stacked_again():
+    """``cuda_graphs=True`` layer graphs read the stacked experts: re-pointed expert parameters gathered
+    into a new stack (``sync_expert_copies``) drop them; an in-place write keeps them."""
+    import hf_moe_opt
+
+    from .models import tiny_switch
+
+    model = hf_moe_opt.optimize(tiny_switch(num_experts=4), cuda_graphs=True)
+    layer = hf_moe_opt.optimized_layers(model)[0][1]
+    layer.graphs.graphs["captured"] = object()  # stands for a CUDA graph (none on a CPU)
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.mul_(2)
+    hf_moe_opt.sync_expert_copies(model)
+    assert "captured" in layer.graphs.graphs
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.data = p.data * 2
+    hf_moe_opt.sync_expert_copies(model)
+    assert not layer.graphs.graphs

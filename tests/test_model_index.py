@@ -57,3 +57,17 @@ def test_parameter_and_buffer_assignments_count():
     version = structure_version()
     model[0].register_buffer("scale", torch.ones(1))
     assert structure_version() > version
+
+
+def test_replaced_buffers_change_the_weights_key():
+    """A buffer given new memory (NLLB-MoE regrows its position tables for a longer sequence) changes
+    the key as a moved parameter does: graphs that index the old table are dropped."""
+    model = _model()
+    model[1].register_buffer("table", torch.zeros(6, 4))
+    index = ModelIndex(model, _linears)
+    key = index.weights_key()
+    model[1].table = torch.zeros(12, 4)  # reassigned, as the position embedding does
+    assert index.weights_key() != key
+    key = index.weights_key()
+    model[1].table.add_(1)  # in place: the same memory, graphs stay valid
+    assert index.weights_key() == key

@@ -208,9 +208,12 @@ def test_hf_reference_swaps_nllb_blocks_for_the_block_only():
 
 
 def test_router_logits_cast_copy_follows_weight_updates() -> None:
+    """Without gradients the float32 copy is kept and follows the weight; an in-place write goes into
+    the same copy (graphs captured on it read the new values once refreshed, without a router call)."""
     from torch import nn
 
     from hf_moe_opt.routing import router_logits
+    from hf_moe_opt.routing.types import refresh_router_cast
 
     classifier = nn.Linear(8, 4, bias=True).to(torch.bfloat16)
     x = torch.randn(3, 8, dtype=torch.bfloat16)
@@ -218,10 +221,50 @@ def test_router_logits_cast_copy_follows_weight_updates() -> None:
     def expected() -> torch.Tensor:
         return nn.functional.linear(x.float(), classifier.weight.float(), classifier.bias.float())
 
-    torch.testing.assert_close(router_logits(x, classifier, torch.float32), expected(), rtol=0, atol=0)
+    def kept() -> torch.Tensor:
+        return classifier.__dict__["_hf_moe_opt_router_cast"][1][0]
+
     with torch.no_grad():
+        torch.testing.assert_close(router_logits(x, classifier, torch.float32), expected(), rtol=0, atol=0)
+        copy_ptr = kept().data_ptr()
         classifier.weight.mul_(-2)  # in place: same storage, new version
-    torch.testing.assert_close(router_logits(x, classifier, torch.float32), expected(), rtol=0, atol=0)
-    classifier.bias = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))  # new storage
-    torch.testing.assert_close(router_logits(x, classifier, torch.float32), expected(), rtol=0, atol=0)
+        refresh_router_cast(classifier)
+        assert kept().data_ptr() == copy_ptr and torch.equal(kept(), classifier.weight.float())
+        classifier.weight.mul_(3)
+        torch.testing.assert_close(router_logits(x, classifier, torch.float32), expected(), rtol=0, atol=0)
+        assert kept().data_ptr() == copy_ptr
+        classifier.bias = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))  # new storage
+        torch.testing.assert_close(router_logits(x, classifier, torch.float32), expected(), rtol=0, atol=0)
     assert classifier.weight.dtype == torch.bfloat16  # the module is not cast in place
+
+
+def test_router_logits_with_inference_tensors_and_autograd() -> None:
+    """Weights made under inference_mode (no version counter) are cast per call; a copy kept during an
+    inference_mode call serves a later call with autograd on; with autograd on the router's own weight
+    gets its gradient through the cast."""
+    from torch import nn
+
+    from hf_moe_opt.routing import router_logits
+
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        frozen = nn.Linear(8, 4).to(torch.bfloat16)
+    want = nn.functional.linear(x.float(), frozen.weight.float(), frozen.bias.float())
+    with torch.no_grad():
+        torch.testing.assert_close(router_logits(x, frozen, torch.float32), want, rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(router_logits(x, frozen, torch.float32), want, rtol=0, atol=0)
+
+    classifier = nn.Linear(8, 4).to(torch.bfloat16).requires_grad_(False)
+    with torch.inference_mode():
+        router_logits(x, classifier, torch.float32)  # keeps a copy
+    xg = x.clone().requires_grad_(True)
+    router_logits(xg, classifier, torch.float32).sum().backward()  # saves the kept copy for backward
+    torch.testing.assert_close(xg.grad, classifier.weight.float().sum(0).expand(3, 8).to(xg.dtype))
+
+    classifier.requires_grad_(True)
+    router_logits(x, classifier, torch.float32).pow(2).sum().backward()
+    logits = nn.functional.linear(x.float(), classifier.weight.float(), classifier.bias.float())
+    want_grad = (2 * logits).t() @ x.float()
+    assert classifier.weight.grad is not None and classifier.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(classifier.weight.grad.float(), want_grad, rtol=2e-2, atol=2e-2)

@@ -350,6 +350,7 @@ class CachedExpertStore(ExpertStore):
         moved_to = next((s.params[0].device for s in self.weights.stacks() if s.params[0].device.type != "cpu"), None)
         if moved_to is not None:
             self.device = moved_to
+            self.home_device = moved_to  # the whole model was moved there: restore() leaves it there
         self._home()
         self._alloc_slots()
         self._checked_key = None
@@ -668,6 +669,8 @@ class CachedExpertStore(ExpertStore):
         if x.device != self.device:
             # The dense parts were moved after optimizing: follow the input (and pin for a GPU).
             self.device = x.device
+            if self.home_device.type != "cpu":
+                self.home_device = x.device  # restore() brings the experts to where the model now is
             if self.device.type == "cuda" and self.pin_memory and not self.host_pinned:
                 self._home()
             self._alloc_slots()

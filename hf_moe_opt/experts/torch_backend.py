@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import DispatchPlan
+from ..host_sync import HostReadError
 from .activation import Activation
 
 _GROUPED_MM_OK: dict[tuple, bool] = {}
@@ -35,8 +36,11 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, k: int, n: in
                     b = torch.zeros(2, k, n, device=device, dtype=dtype)
                 else:
                     b = torch.zeros(2, n, k, device=device, dtype=dtype).transpose(1, 2)
-                offs = torch.tensor([2, 4], device=device, dtype=torch.int32)
+                # Made on the device: the probe may first run inside a graph capture (no host data).
+                offs = torch.arange(2, 5, 2, device=device, dtype=torch.int32)
                 torch._grouped_mm(a, b, offs=offs)
+            except HostReadError:
+                raise  # says nothing about support: never cached as "unsupported"
             except (RuntimeError, NotImplementedError, TypeError):
                 ok = False
         _GROUPED_MM_OK[key] = ok
