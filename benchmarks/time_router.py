@@ -1,9 +1,15 @@
-"""Large-batch router timing, graph-replayed: torch's float32 projection + routing vs the one-launch
-Triton router, with a tile sweep (python benchmarks/time_router.py).
+"""Router timing, graph-replayed: torch's float32 projection + routing vs the fused Triton router, with
+a tile sweep of the large-batch kernel (python benchmarks/time_router.py).
+
+``--against FILE``: also time another version of ``hf_moe_opt/kernels/router.py`` (e.g. the file at an
+earlier commit, ``git show REV:hf_moe_opt/kernels/router.py > old.py``) side by side, decode batches
+included, and print the ratio; ``--no-sweep`` skips the tile sweep.
 """
 
 # The timed closures run inside the loop iteration that defines them.
 # ruff: noqa: B023, B008
+import argparse
+import importlib.util
 import sys
 
 import torch
@@ -45,10 +51,22 @@ CASES = [
     ("nllb-moe-54b, bf16 W", 128, 2048, torch.bfloat16),
     ("nllb-moe-54b, fp32 W", 128, 2048, torch.float32),
 ]
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--against", help="another router.py to time beside this one")
+parser.add_argument("--no-sweep", action="store_true", help="skip the tile sweep")
+args = parser.parse_args()
+other = None
+if args.against:
+    # A name inside the package: its relative imports resolve.
+    spec = importlib.util.spec_from_file_location("hf_moe_opt.kernels._router_against", args.against)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    print(f"against: {args.against}", flush=True)
+
 default_config = R.large_batch_config
 for name, E, D, wdt in CASES:
     mode = "switch" if name.startswith("switch") else "nllb"
-    for N in (512, 4096, 16384):
+    for N in (1, 64, 512, 4096, 16384) if other is not None else (512, 4096, 16384):
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(N, D, device="cuda", generator=g).bfloat16()
         w = (torch.randn(E, D, device="cuda", generator=g) / D**0.5).to(wdt)
@@ -76,7 +94,16 @@ for name, E, D, wdt in CASES:
             f"same choice {agree:.4f} max|dlogit| {err:.2e}",
             flush=True,
         )
-        if N == 512:
+        if other is not None:
+
+            def against():
+                return other.fused_router(x, w, None, mode=mode, logits_dtype=torch.float32, gates_dtype=x.dtype)
+
+            assert torch.equal(against()[1], index)
+            times = [(gpu_us(new), gpu_us(against)) for _ in range(3)]  # interleaved
+            mine, theirs = sorted(t for t, _ in times)[1], sorted(t for _, t in times)[1]
+            print(f"    this {mine:6.1f} us  against {theirs:6.1f} us  ratio {mine / theirs:.3f}", flush=True)
+        if N <= 512 or args.no_sweep:
             continue
         sweep = []
         for bt in (16, 32, 64, 128):
