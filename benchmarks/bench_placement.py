@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # uninstalled: torchrun's workers too
 from hf_moe_opt.benchmarking.common import (  # noqa: E402
     LAYER_SHAPES,
     environment,

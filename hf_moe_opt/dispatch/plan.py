@@ -92,7 +92,8 @@ def make_plan(
             f"expert_index {tuple(expert_index.shape)}, gates {tuple(gates.shape)} and keep "
             f"{None if keep is None else tuple(keep.shape)} must have the same [tokens, top_k] shape"
         )
-    if expert_index.is_cuda:
+    # The fused planners sort the gates in a kernel (no backward): with autograd on, torch's ops.
+    if expert_index.is_cuda and not (torch.is_grad_enabled() and gates.requires_grad):
         planner = _fused_planner()
         if planner is not None:
             num_rows = expert_index.numel()
