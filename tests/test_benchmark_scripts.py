@@ -42,8 +42,9 @@ def test_serve_offloaded_tiny(tmp_path) -> None:
         else:
             assert run["link_floor_ms_per_step"] is None  # no pinned rate without CUDA
     # On a CPU there is no pinned host memory to read from, so "read" copies like "copy"; on a GPU
-    # "read" serves misses by reading host memory.
-    assert all((r["host_reads"] > 0) == (r["mode"] == "read" and torch.cuda.is_available()) for r in runs)
+    # "read" serves misses by reading host memory where its policy chooses to.
+    assert all(r["host_reads"] == 0 for r in runs if r["mode"] == "copy" or not torch.cuda.is_available())
+    assert any(r["host_reads"] > 0 for r in runs if r["mode"] == "read") == torch.cuda.is_available()
 
 
 def test_bench_model_cpu_smoke(tmp_path) -> None:

@@ -207,9 +207,10 @@ def test_graphed_models_follow_weight_changes(graphs, change, monkeypatch):
         model.generate(ids, **kw)  # everything captured is replayed once
         if change == "load_state_dict":
             model.load_state_dict(other.state_dict())
-        elif change == "cast":  # float16 overflows in these random Switch models: float32
+        elif change == "cast":  # then loaded in place (float16 overflows in these random models: float32)
             model.float()
             other.float()
+            model.load_state_dict(other.state_dict())
         else:
             for mine, theirs in zip(model.parameters(), other.parameters(), strict=True):
                 mine.data = theirs.data.clone()

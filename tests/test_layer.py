@@ -150,3 +150,42 @@ def test_layer_graphs_are_dropped_when_the_experts_are_stacked_again():
             p.data = p.data * 2
     hf_moe_opt.sync_expert_copies(model)
     assert not layer.graphs.graphs
+
+
+def test_dropped_rows_never_leak_into_input_gradients(monkeypatch):
+    # torch._grouped_mm leaves rows past the last offset undefined, in its backward as in its forward:
+    # stand-in that writes NaN there. A dropped token's gradient is exactly zero, every other is finite.
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("no torch._grouped_mm in this torch")
+    real = torch._grouped_mm
+
+    class UndefinedTail(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, offs):
+            ctx.save_for_backward(a, b, offs)
+            out = real(a, b, offs=offs)
+            out[int(offs[-1]) :] = float("nan")
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b, offs = ctx.saved_tensors
+            grad_a = real(grad, b.transpose(-2, -1), offs=offs)
+            grad_a[int(offs[-1]) :] = float("nan")
+            return grad_a, None, None
+
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: UndefinedTail.apply(a, b, offs))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g, requires_grad=True)
+    idx = torch.tensor([[0], [1], [0], [1], [0], [1]])
+    keep = torch.tensor([[True], [False], [True], [True], [False], [True]])
+    w1, w2 = torch.randn(2, 16, 8, generator=g), torch.randn(2, 8, 16, generator=g)
+    plan = make_plan(idx, torch.ones(6, 1), keep, 2)
+    out = torch_moe_ffn(x, plan, w1, None, w2, None, Activation("relu", torch.relu))
+    out.pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.equal(x.grad[[1, 4]], torch.zeros(2, 8))
+    ref = x.detach().clone().requires_grad_(True)
+    want = moe_ffn_reference(ref, idx, torch.ones(6, 1), keep, w1, None, w2, None, torch.relu)
+    want.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-4, atol=1e-4)

@@ -90,6 +90,10 @@ def torch_moe_ffn(
     """
     num_tokens, top_k = plan.num_tokens, plan.top_k
     rows = x[plan.token].to(w1.dtype)
+    if plan.may_drop and rows.requires_grad:
+        # The grouped GEMMs' backward leaves the dropped rows' input gradient undefined, as their forward
+        # leaves their output: select it away before it reaches the tokens.
+        rows = torch.where(plan.kept_rows()[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     use_grouped = _layout_supported(x.device, w1) and _layout_supported(x.device, w2)
     expert = plan.expert.clamp(max=plan.num_experts - 1)
     h = _grouped_linear(rows, w1, plan, use_grouped)
