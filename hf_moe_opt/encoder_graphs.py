@@ -38,6 +38,7 @@ from .step_graphs import (
     _own,
     _pretend_capturing,
     _StepGraph,
+    forget_pools,
     refresh_router_casts,
 )
 
@@ -83,6 +84,7 @@ class EncoderGraphs:
         """Drop every graph (their memory is freed once nothing else holds it)."""
         self.graphs.clear()
         self.uncapturable.clear()
+        forget_pools(self.capture)
 
     def _forward(self, **kwargs) -> Any:
         """The encoder's own forward (the module's ``forward`` attribute is this runner)."""

@@ -59,6 +59,10 @@ class GraphCache:
         return {**self.__dict__, "graphs": {}}
 
     def clear(self) -> None:
+        if self.graphs:
+            # Later captures take a fresh pool: PyTorch refuses one whose graphs are all gone while
+            # memory made during their capture is still held (see CudaGraphCapture.forget_pools).
+            _POOLS.clear()
         self.graphs.clear()
 
     def run(self, fn: Callable, x, expert_index, gates, keep) -> torch.Tensor:

@@ -80,6 +80,9 @@ class Capture(Protocol):
     def capture(self, fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
         """Record ``fn``; the returned callable replays it on the same buffers and returns its outputs."""
 
+    def forget_pools(self) -> None:
+        """Every graph was dropped: later captures take fresh memory pools."""
+
 
 class CudaGraphCapture:
     """Steps captured in CUDA graphs; the graphs of one runner share a memory pool (never run concurrently)."""
@@ -100,6 +103,11 @@ class CudaGraphCapture:
             out = fn()
         torch.cuda.current_stream(device).wait_stream(side)
         return out
+
+    def forget_pools(self) -> None:
+        # PyTorch refuses a capture into a pool whose graphs are all gone while some of its memory is
+        # still held (outputs handed out, buffers made during a capture): never reuse such a pool.
+        self._pools.clear()
 
     def capture(self, fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
         if device not in self._pools:
@@ -145,6 +153,9 @@ class EagerCapture:
 
     def warm_up(self, fn: Callable[[], Any], device: torch.device) -> Any:
         return fn()
+
+    def forget_pools(self) -> None:
+        pass
 
     def capture(self, fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
         def replay() -> Any:
@@ -390,6 +401,7 @@ class StepGraphs:
         """Drop every cache and graph (their memory is freed once nothing else holds it)."""
         self.slots.clear()
         self._weights_key = None
+        forget_pools(self.capture)
 
     # -- generate -------------------------------------------------------------------------------
 
@@ -653,6 +665,13 @@ def _in_place_reorder(cache) -> AbstractContextManager[None]:
 
 
 _POSITIONS = "NllbMoeSinusoidalPositionalEmbedding"
+
+
+def forget_pools(capture: object) -> None:
+    """``capture.forget_pools()`` where the capture has it (one written before it existed may not)."""
+    forget = getattr(capture, "forget_pools", None)
+    if callable(forget):
+        forget()
 
 
 def refresh_router_casts(index: ModelIndex) -> None:
