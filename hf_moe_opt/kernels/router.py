@@ -102,10 +102,12 @@ def _logits_kernel(
 @triton.jit
 def _first_argmax(v, e, BLOCK_E: tl.constexpr):
     """Value and lowest index of the maximum of ``v`` (as ``torch.argmax``: a NaN ranks above every
-    number, so a non-finite token picks an expert in range and its NaN gate carries to the output)."""
+    number, so a non-finite token picks an expert in range and its NaN gate carries to the output).
+    The value is exact for probabilities (never infinite); an infinite maximum comes back as NaN."""
     key = tl.where(v != v, float("inf"), v)
-    idx = tl.min(tl.where(key == tl.max(key, axis=0), e, BLOCK_E), axis=0)
-    return tl.sum(tl.where(e == idx, v, 0.0), axis=0), idx
+    best = tl.max(key, axis=0)
+    idx = tl.min(tl.where(key == best, e, BLOCK_E), axis=0)
+    return tl.where(best == float("inf"), float("nan"), best), idx
 
 
 @triton.jit
@@ -167,8 +169,9 @@ def _row_argmax(v, e, BLOCK_E: tl.constexpr):
     """Row-wise maximum of ``v`` ``[T, BLOCK_E]`` and its lowest column index (as ``torch.argmax``,
     NaN first: see ``_first_argmax``)."""
     key = tl.where(v != v, float("inf"), v)
-    idx = tl.min(tl.where(key == tl.max(key, axis=1)[:, None], e[None, :], BLOCK_E), axis=1)
-    return tl.sum(tl.where(e[None, :] == idx[:, None], v, 0.0), axis=1), idx
+    best = tl.max(key, axis=1)
+    idx = tl.min(tl.where(key == best[:, None], e[None, :], BLOCK_E), axis=1)
+    return tl.where(best == float("inf"), float("nan"), best), idx
 
 
 @triton.jit
