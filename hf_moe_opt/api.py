@@ -341,9 +341,10 @@ def optimize(
             layer._hf_moe_opt_patch = patch
             if True in graph_modes:
                 layer.graphs = GraphCache()
+            # Installed before the experts are placed: a failure there is rolled back with the rest.
+            setattr(parent, child_name, layer)
             if placer is not None:
                 placer.after_build(name, layer)
-            setattr(parent, child_name, layer)
         if placer is not None:
             placer.finish()
         if cache_plan is not None:

@@ -251,3 +251,52 @@ def test_bad_devices_and_expert_parallel_arguments_are_explained():
         with pytest.raises(error, match=match):
             hf_moe_opt.optimize(model, **kwargs)
         assert not hf_moe_opt.is_optimized(model), kwargs
+
+
+@pytest.mark.parametrize("make", [tiny_switch, tiny_nllb], ids=["switch", "nllb"])
+def test_replicas_follow_load_state_dict(make):
+    """A load tells each expert module as soon as it is loaded: the replicas (copies on other devices)
+    are taken once the whole load is done, so every replica serves the loaded weights."""
+    model, other = make(num_experts=4, seed=0), make(num_experts=4, seed=1)
+    layers = [n for n, _ in hf_moe_opt.optimized_layers(hf_moe_opt.optimize(copy.deepcopy(model)))]
+    plan = _hand_plan(layers, 4, 2)
+    placed = hf_moe_opt.optimize(copy.deepcopy(model), placement=plan, devices=DEVICES[:2])
+    batch = _batch(3)
+    with torch.no_grad():
+        placed(**batch)  # copies in use
+        placed.load_state_dict(other.state_dict())
+        got = placed(**batch).logits
+        want = hf_moe_opt.optimize(copy.deepcopy(other))(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    store = hf_moe_opt.optimized_layers(placed)[0][1].store
+    for name in ("w1", "w2"):  # expert 0's copies on both devices are the same loaded values
+        first, second = (g.tensors[name][g.experts.index(0)] for g in store.groups)
+        assert torch.equal(first, second)
+
+
+def test_a_failure_while_placing_leaves_the_model_as_it_was(monkeypatch):
+    """All or nothing: experts that cannot be placed (out of memory on a device, simulated here) leave
+    the model unoptimized and runnable; the meta device is refused before anything is built."""
+    import hf_moe_opt.placement.store as store_module
+
+    model = tiny_switch(num_experts=4)
+    layers = [n for n, _ in hf_moe_opt.optimized_layers(hf_moe_opt.optimize(copy.deepcopy(model)))]
+    plan = PlacementPlan(num_devices=2, strategy="hand", layers={n: [[(e % 2, 1.0)] for e in range(4)] for n in layers})
+    batch = _batch(4)
+    with torch.no_grad():
+        want = model(**batch).logits
+    with pytest.raises(ValueError, match="meta device"):
+        hf_moe_opt.optimize(model, placement=plan, devices=["cpu", "meta"])
+    original = store_module._place_stacks
+
+    def out_of_memory(weights, groups, home):
+        if any(group.experts for group in groups[1:]):
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return original(weights, groups, home)
+
+    monkeypatch.setattr(store_module, "_place_stacks", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        hf_moe_opt.optimize(model, placement=plan, devices=DEVICES[:2])
+    assert not hf_moe_opt.is_optimized(model)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, want)

@@ -48,6 +48,8 @@ def _resolve_devices(devices: Sequence[Any] | None, plan: PlacementPlan) -> list
             out.append(torch.device("cuda", d) if isinstance(d, int) else torch.device(d))
         except (RuntimeError, TypeError, ValueError) as err:
             raise ValueError(f"devices=: {d!r} is not a torch device ({err})") from None
+    if any(d.type == "meta" for d in out):
+        raise ValueError("devices=: the meta device holds no weights; name devices that can compute")
     visible = visible_gpus()
     missing = [str(d) for d in out if d.type == "cuda" and (d.index or 0) >= visible]
     if missing:

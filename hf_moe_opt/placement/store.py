@@ -292,8 +292,15 @@ class PlacedExpertStore(ExpertStore):
             self._place()
 
     def weights_changed(self) -> None:
-        """The parameters were written in place: take the copies (fused slices, replicas) again."""
-        self._place()
+        """The parameters were written in place: the copies (fused slices, replicas) are taken again
+        before the next call. Not now: a ``load_state_dict`` tells each expert module as soon as that
+        module is loaded, before its siblings."""
+        self._stale = True
+
+    def _take_copies(self) -> None:
+        if self.__dict__.get("_stale"):
+            self._place()
+            self._stale = False
 
     @torch.no_grad()
     def release(self) -> None:
@@ -321,6 +328,7 @@ class PlacedExpertStore(ExpertStore):
     def run(
         self, x: torch.Tensor, plan: DispatchPlan, ffn_for: FfnFactory, activation: Activation, out_scale: float
     ) -> torch.Tensor:
+        self._take_copies()
         num_devices = self.table.num_devices
         home = x.device
         target = self.table.targets(plan)
