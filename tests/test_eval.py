@@ -195,6 +195,9 @@ def test_eval_lm_capacity_none_changes_only_dropped(tmp_path):
     # capacity="model" reproduces the drops: unchanged.
     same = _run([*common, "--capacity", "model"], tmp_path, "model")
     assert same["unchanged"]["unchanged"] is True
+    # "changed without a drop" answers the capacity="none" question only (as eval-mt reports it).
+    same_cmp = same["comparisons"][f"optimized_vs_{same['baseline']}"]
+    assert not [k for k in same_cmp if "drop" in k]
     assert same["dropped_by_original"]["dropped"] == drops["dropped"]
 
 
@@ -260,6 +263,7 @@ def _error_line(capsys, argv: list[str]) -> str:
         (["eval-lm", "--backend", "magic"], "backend"),
         (["eval-lm", "--model", "./no/such/model"], "does not exist"),
         (["eval-lm", "--data", "x.txt", "--dataset", "y"], "either"),
+        (["eval-lm", "--split", "validation"], "--split needs --dataset"),
         (["eval-mt", "--num-beams", "0"], "--num-beams"),
         (["eval-mt", "--metrics", "meteor"], "--metrics"),
         (["eval-lm", "--json", str(Path(__file__).parent)], "is a folder"),
@@ -318,6 +322,8 @@ def test_local_formats_lm(tmp_path):
     assert read_local(DataSpec(path=tmp_path / "a.tsv", text_field="1"), pairs=False) == ["ignored"] * 3
     with pytest.raises(EvalError, match="column number"):  # never silently column 0
         read_local(DataSpec(path=tmp_path / "a.tsv", text_field="body"), pairs=False)
+    with pytest.raises(EvalError, match="plain text"):  # a field named on plain text is not ignored
+        read_local(DataSpec(path=tmp_path / "a.txt", text_field="body"), pairs=False)
     assert read_local(DataSpec(path=tmp_path / "a.txt", limit=2), pairs=False) == texts[:2]
 
 

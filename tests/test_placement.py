@@ -506,6 +506,11 @@ def test_loading_foreign_or_damaged_files_raises_value_error(tmp_path):
     (tmp_path / "zipjunk.npz").write_bytes(b"PK\x03\x04junk")
     with pytest.raises(ValueError, match="not a routing trace"):
         RoutingTrace.load(tmp_path / "zipjunk.npz")
+    (tmp_path / "binary.json").write_bytes(b"\x1f\x8b\x08\x00binary")  # e.g. a gzipped file named .json
+    with pytest.raises(ValueError, match="not a routing trace"):
+        RoutingTrace.load(tmp_path / "binary.json")
+    with pytest.raises(ValueError, match="not a placement plan"):
+        PlacementPlan.load(tmp_path / "binary.json")
     dup = {"format": "hf_moe_opt.routing_trace", "version": 1, "layers": [{"name": "l", "counts": [[1, 2]]}] * 2}
     with pytest.raises(ValueError, match="twice"):
         RoutingTrace.from_dict(dup)

@@ -281,6 +281,11 @@ def read_local(spec: DataSpec, pairs: bool) -> list:
                 else:
                     if pairs:
                         raise EvalError(f"{path}: translation data must be TSV or JSON lines, not plain text")
+                    if spec.text_field != DataSpec.text_field:
+                        raise EvalError(
+                            f"{path}: --text-field {spec.text_field!r} names a field, but this file is plain text "
+                            "(one example a line)"
+                        )
                     item = line
                 if pairs and not (item[0].strip() and item[1].strip()):
                     continue

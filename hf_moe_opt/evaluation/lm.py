@@ -396,9 +396,9 @@ def run(args: argparse.Namespace) -> dict:
     for phase in phases:
         if phase.name == baseline:
             continue
-        cmp = compare_teacher_forced(
-            results[phase.name], results[baseline], setup.dtype, drops is not None and phase.name == "optimized"
-        )
+        # As eval-mt: "changed only where the original drops" is the capacity="none" question.
+        drops_known = drops is not None and args.capacity == "none" and phase.name == "optimized"
+        cmp = compare_teacher_forced(results[phase.name], results[baseline], setup.dtype, drops_known)
         if phase.name in generations:
             cmp["generation"] = compare_generations(generations[phase.name], generations[baseline])
         comparisons[f"{phase.name}_vs_{baseline}"] = cmp

@@ -77,7 +77,7 @@ def add_common_arguments(
     )
     d.add_argument("--dataset", help="`datasets` name or path (instead of --data)")
     d.add_argument("--dataset-config", help="`datasets` configuration name")
-    d.add_argument("--split", default="test", help="`datasets` split (default test)")
+    d.add_argument("--split", default=None, help="`datasets` split, with --dataset (default test)")
     d.add_argument("--limit", type=int, default=None, help="use the first N records")
 
 
@@ -120,6 +120,8 @@ def setup_run(
         raise EvalError("pass either --data or --dataset, not both")
     if args.dataset_config and not args.dataset:
         raise EvalError("--dataset-config needs --dataset")
+    if args.split is not None and not args.dataset:
+        raise EvalError("--split needs --dataset (a local file has no splits)")
     if args.json:
         parent = Path(args.json).expanduser().resolve().parent
         if not parent.is_dir():
@@ -132,7 +134,7 @@ def setup_run(
     if args.data:
         spec = {"path": Path(args.data).expanduser(), "limit": args.limit}
     elif args.dataset:
-        spec = {"dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.split}
+        spec = {"dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.split or "test"}
         spec["limit"] = args.limit
     else:
         spec = {"path": default_data_file(default_data), "limit": args.limit}

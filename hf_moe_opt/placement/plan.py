@@ -300,5 +300,5 @@ class PlacementPlan:
         """
         try:
             return cls.from_json(Path(path).read_text(encoding="utf-8"))
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{str(path)!r} is not a placement plan written by PlacementPlan.save ({err!r})") from None

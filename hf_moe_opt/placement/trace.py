@@ -403,7 +403,14 @@ class RoutingTrace:
         path = Path(path)
         try:
             return cls._load(path)
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, zipfile.BadZipFile) as err:
+        except (
+            KeyError,
+            TypeError,
+            AttributeError,
+            json.JSONDecodeError,
+            UnicodeDecodeError,
+            zipfile.BadZipFile,
+        ) as err:
             raise ValueError(f"{str(path)!r} is not a routing trace written by RoutingTrace.save ({err!r})") from None
         except ValueError as err:
             if "pickle" in str(err):  # numpy's advice to unpickle a foreign file: not ours to follow
