@@ -361,6 +361,24 @@ def test_changepoint_matches_a_plain_reference(options, seed):
     assert pruned
 
 
+@pytest.mark.parametrize("num_experts", [128, 256])
+def test_changepoint_with_many_experts_and_prefills(num_experts):
+    """A prefill newly needs hundreds of experts among hundreds of idle ones: the runs' likelihoods
+    (products of that many probabilities) and the new run's uniform one leave the float range unless
+    taken in logarithms. The mixture still matches the plain reference at every step."""
+    g = np.random.default_rng(num_experts)
+    trace = [
+        list(range(num_experts)) if t % 5 == 0 else g.choice(num_experts, 3, replace=False).tolist() for t in range(40)
+    ]
+    p = make_policy("changepoint", num_experts // 2, num_experts)
+    full = {"hazard": 0.005, "prior": 1.5, "continuation_weight": 0.3, "max_runs": 4, "evidence": 0.7, "open_every": 8}
+    ref = _reference_changepoint(trace, num_experts, **full)
+    for step, (ref_p, ref_starts) in zip(trace, ref, strict=True):
+        p.step(step)
+        np.testing.assert_allclose([p.probability(e) for e in range(num_experts)], ref_p, rtol=1e-9, atol=0)
+        assert sorted(p.run_starts) == ref_starts
+
+
 def test_changepoint_counts_a_continued_use_less_than_an_arrival():
     # As for adaptive: 1 arrives three times, 0 arrives once and stays three more steps (1 + 3 * 0.3).
     trace = [[1], [2], [1], [2], [1], [0], [0], [0], [0], [3]]

@@ -849,8 +849,7 @@ class ChangePointPolicy(EvictionPolicy):
 
     def _reset_history(self) -> None:
         # One entry per run: its first step, each expert's weighted uses since then,
-        # their sum, and the run's weight (up to a shared factor; the heaviest is rescaled to 1
-        # before the weights could underflow).
+        # their sum, and the run's weight (up to a shared factor: the heaviest is 1 after every step).
         self._zeros = [0.0] * self.num_experts
         self._starts = [0]
         self._uses = [self._zeros.copy()]
@@ -880,49 +879,51 @@ class ChangePointPolicy(EvictionPolicy):
         return p
 
     def _begin_step(self, order: list[int], counts: dict[int, int] | None) -> None:
-        # Runs on every decode step of a cached layer, so plain Python over a handful of runs and no
-        # logarithms: at this size a few numpy calls per step would cost more than the whole update.
+        # Runs on every decode step of a cached layer, so plain Python over a handful of runs (a few
+        # numpy calls per step would cost more than the whole update). The likelihoods are taken in
+        # logarithms and the heaviest run is rescaled to weight 1 every step: a prefill brings
+        # hundreds of fresh experts among hundreds of idle ones, whose product of probabilities
+        # underflows (and the uniform run's inverse overflows) in plain floats.
         prev_set, prior = self._prev_set, self.prior
         uses_all, totals, weights, prev_uses = self._uses, self._totals, self._weights, self._prev_uses
         fresh = [e for e in order if e not in prev_set]
         idle = self.num_experts - len(prev_set)
         temper = self.evidence
+        log = math.log
         opening = self._step % self.open_every == 0
         if opening:  # the new run predicts this step's fresh experts uniformly among the idle ones
-            new_weight = sum(weights) * self._odds / idle ** (len(fresh) * temper)
+            log_new = log(sum(weights) * self._odds) - (len(fresh) * temper * log(idle) if fresh else 0.0)
+        logs = [log(w) for w in weights]
         if fresh:
             # How well each run predicted the fresh experts among those idle in the previous step.
             for i, uses in enumerate(uses_all):
                 mass = totals[i] + prior * idle - prev_uses[i]
-                likelihood = 1.0
-                for e in fresh:
-                    likelihood *= (uses[e] + prior) / mass
-                weights[i] *= likelihood if temper == 1.0 else likelihood**temper
+                logs[i] += temper * (sum(log(uses[e] + prior) for e in fresh) - len(fresh) * log(mass))
+        top = max(max(logs), log_new) if opening else max(logs)
+        weights[:] = [math.exp(x - top) for x in logs]
         # Drop runs far lighter than the heaviest; at an opening, open this step's run.
-        top = max(max(weights), new_weight) if opening else max(weights)
-        floor = top * self._DROP
-        if min(weights) <= floor:
-            keep = [i for i, w in enumerate(weights) if w > floor]
+        if min(weights) <= self._DROP:
+            keep = [i for i, w in enumerate(weights) if w > self._DROP]
             self._starts = [self._starts[i] for i in keep]
             self._uses = uses_all = [uses_all[i] for i in keep]
             self._totals = totals = [totals[i] for i in keep]
             self._weights = weights = [weights[i] for i in keep]
             self._prev_uses = prev_uses = [prev_uses[i] for i in keep]
-        if opening and len(weights) >= self.max_runs:  # the new run takes the lightest one's place
-            i = weights.index(min(weights))
-            self._starts[i] = self._step
-            uses_all[i][:] = self._zeros
-            totals[i] = 0.0
-            weights[i] = new_weight
-            prev_uses[i] = 0.0
-        elif opening:
-            self._starts.append(self._step)
-            uses_all.append(self._zeros.copy())
-            totals.append(0.0)
-            weights.append(new_weight)
-            prev_uses.append(0.0)
-        if top < 1e-200:  # rescale before the weights underflow
-            weights[:] = [w / top for w in weights]
+        if opening:
+            new_weight = math.exp(log_new - top)
+            if len(weights) >= self.max_runs:  # the new run takes the lightest one's place
+                i = weights.index(min(weights))
+                self._starts[i] = self._step
+                uses_all[i][:] = self._zeros
+                totals[i] = 0.0
+                weights[i] = new_weight
+                prev_uses[i] = 0.0
+            else:
+                self._starts.append(self._step)
+                uses_all.append(self._zeros.copy())
+                totals.append(0.0)
+                weights.append(new_weight)
+                prev_uses.append(0.0)
         # This step's uses, into every run.
         weight = self.continuation_weight
         step_uses = [(e, weight if e in prev_set else 1.0) for e in order]
