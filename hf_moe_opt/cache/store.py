@@ -605,6 +605,9 @@ class CachedExpertStore(ExpertStore):
         if not needed:
             return torch.zeros_like(x)
         weights = self._slot_tensors()
+        # Autograd keeps the weights each group ran with, and later loads (this step's next chunk, the
+        # next step) write the slots in place: with gradients on, each group computes on a copy.
+        grads = torch.is_grad_enabled() and (x.requires_grad or gates.requires_grad)
         # The resident layer's plan-free decode kernels, over the slots (not for run(plan): no backend).
         found = supported_direct_ffn(backend, x, lambda: weights, activation) if backend else None
         direct = found[0] if found is not None else None
@@ -616,6 +619,8 @@ class CachedExpertStore(ExpertStore):
                 self._wait(self._issue(list(outcome.loads)))
             # The decode kernels look each expert's slot up themselves; a plan is built over the slots.
             table = self._full_table()
+            if grads:
+                weights = _copies(weights)
             out = self._experts(x, key, gates, keep, direct, ffn_for, weights, activation, out_scale, table)
             self._resolve_if_many()
             return out
@@ -655,7 +660,8 @@ class CachedExpertStore(ExpertStore):
                     events[g] = self._issue(loads)
                 self._wait(events[g])
             slots = tables[g][key]
-            y = self._experts(x, slots, gates, slots < num_slots, direct, ffn_for, weights, activation, out_scale)
+            used = _copies(weights) if grads else weights
+            y = self._experts(x, slots, gates, slots < num_slots, direct, ffn_for, used, activation, out_scale)
             acc = y if acc is None else acc + y
         self._resolve_if_many()
         if direct is not None or top_k == 1:
@@ -836,3 +842,7 @@ class CachedExpertStore(ExpertStore):
     def _resolve_if_many(self) -> None:
         if len(self._pending) > _MAX_PENDING_EVENTS:
             self._resolve_events(wait=False)
+
+
+def _copies(tensors: tuple) -> tuple:
+    return tuple(None if t is None else t.clone() for t in tensors)
