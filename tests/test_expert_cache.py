@@ -723,3 +723,26 @@ def test_input_gradients_through_the_cache_equal_the_resident_layers(slots):
     torch.testing.assert_close(input_grad(model), want, rtol=0, atol=0)
     if slots == 1:
         assert any(st["chunked_steps"] > 0 for st in hf_moe_opt.stats(model).values())
+
+
+def test_fused_experts_re_pointed_are_followed():
+    """Fused expert tensors (one parameter for all experts) given new data (``p.data = ...``, as
+    accelerate does) are read afresh: the slots filled from the old data are emptied, as the
+    per-expert families' are."""
+    from .test_families import tiny_model
+
+    base = tiny_model("mixtral")
+    ids = torch.randint(3, 64, (3, 7), generator=torch.Generator().manual_seed(2))
+    kw = {"max_new_tokens": 8, "do_sample": False}
+    plain = hf_moe_opt.optimize(copy.deepcopy(base), backend="torch")
+    model = copy.deepcopy(base)
+    _quiet_optimize(model, backend="torch", expert_cache=2)
+    with torch.no_grad():
+        model.generate(ids, **kw)  # the slots hold experts now
+        for m in (plain, model):
+            for name, p in m.named_parameters():
+                if ".experts." in name:
+                    p.data = p.data.clone() * 0.5
+        assert torch.equal(model.generate(ids, **kw), plain.generate(ids, **kw))
+        out = model(ids).logits
+        torch.testing.assert_close(out, plain(ids).logits, rtol=0, atol=0)

@@ -290,6 +290,7 @@ class CachedExpertStore(ExpertStore):
             torch.empty((self.num_slots, *h.shape[1:]), dtype=h.dtype, device=self.device) for h in self._host_tensors()
         ]
         self._views = None  # _slot_tensors(), built once per allocation
+        self._slots_from = self._host_pointers()  # the host memory the slots were filled from
         self._expert_nbytes = expert_nbytes(self.weights)  # the dtype may have changed (refresh)
         self._reset_table()
         self.policy.reset()
@@ -332,6 +333,9 @@ class CachedExpertStore(ExpertStore):
     def _weights_key(self) -> list[int]:
         """Where the first and last expert parameter of every stack point now (cheap: no views made)."""
         return [p.data_ptr() for p in self._key_params]
+
+    def _host_pointers(self) -> list[int]:
+        return [h.data_ptr() for h in self._host_tensors()]
 
     def _host_tensors(self) -> list[torch.Tensor]:
         """Each stack's host tensor in storage layout: ``[j]`` is expert ``j``'s slice."""
@@ -684,6 +688,12 @@ class CachedExpertStore(ExpertStore):
         if key != self._checked_key:
             if not all(s.is_current() for s in self.weights.stacks()):
                 self.refresh()
+            elif self._host_pointers() != self._slots_from:
+                # Fused experts re-pointed (p.data = ...): read from the parameter, they are "current",
+                # but the slots hold the old data and the host copy may be unpinned: home it, start cold.
+                self._home()
+                self.clear()
+                self._slots_from = self._host_pointers()
             self._checked_key = self._weights_key()
 
     def _needed(self, key: torch.Tensor, guess: torch.Tensor | None) -> tuple[list[int], list[int], list[int]]:
