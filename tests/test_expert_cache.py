@@ -746,3 +746,36 @@ def test_fused_experts_re_pointed_are_followed():
         assert torch.equal(model.generate(ids, **kw), plain.generate(ids, **kw))
         out = model(ids).logits
         torch.testing.assert_close(out, plain(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_of_a_prefetching_model_keep_their_own_chain(how):
+    """Each optimized model has its own look-ahead chain, so that its last layer never prefetches into
+    another model's first; copies of it get one each as well (not the process-wide chain)."""
+    import io
+
+    from .test_families import tiny_model
+
+    base = tiny_model("mixtral", num_hidden_layers=3)
+    ids = torch.randint(3, 64, (1, 1), generator=torch.Generator().manual_seed(2))
+    model = copy.deepcopy(base)
+    _quiet_optimize(model, backend="torch", expert_cache=1, cache_prefetch=True)
+
+    def copied():
+        if how == "deepcopy":
+            return copy.deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    copies = [copied(), copied()]
+    with torch.no_grad():
+        for _ in range(3):  # decode-sized calls of the two copies, one after the other
+            for m in copies:
+                m(input_ids=ids)
+    for m in copies:
+        stores = [layer.store for _, layer in hf_moe_opt.optimized_layers(m)]
+        assert len({id(s._chain_of) for s in stores}) == 1
+        last = stores[-1]
+        assert last._next is not None and last._next() is stores[0]  # its own first layer, not the other's

@@ -19,7 +19,7 @@ from ..experts.layout import expert_layout
 from .budget import LayerGeometry, slots_per_layer
 from .offload import check_offloaded_experts, take_over_offloaded_experts
 from .policies import POLICY_NAMES, make_policy
-from .store import CachedExpertStore
+from .store import CachedExpertStore, PrefetchChain
 
 __all__ = ["ExpertCachePlan", "check_policy", "plan_expert_cache"]
 
@@ -144,7 +144,7 @@ class ExpertCachePlan:
     def attach(self, layers: Sequence[tuple[str, nn.Module]]) -> dict[str, CachedExpertStore]:
         """Give every layer a :class:`CachedExpertStore`; warns once if pinned memory was unavailable."""
         stores = {}
-        chain: dict = {}  # this model's look-ahead chain (see CachedExpertStore.enable_prefetch)
+        chain = PrefetchChain()  # this model's look-ahead chain (see CachedExpertStore.enable_prefetch)
         for name, layer in layers:
             store = CachedExpertStore(
                 layer.weights,

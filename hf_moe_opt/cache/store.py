@@ -89,8 +89,20 @@ HOST_CHOICES_MAX = 256
 # computing the hits while the misses copy saves less than the second group's launches cost the host.
 OVERLAP_MIN_ASSIGNMENTS = 64
 # The cached store that ran last on each device: the next one to run learns its predecessor from it.
+
+
+class PrefetchChain(dict):
+    """``{device: weak reference to the cached store that ran last there}``, shared by the stores that
+    may follow each other (one model's). A copy of those stores (``copy.deepcopy``, pickling) shares
+    one new, empty chain: weak references do not copy, and two copies must not prefetch into each
+    other's slots."""
+
+    def __reduce__(self):
+        return (PrefetchChain, ())
+
+
 # The process-wide chain of stores enabled without one of their own (optimize gives each call its own).
-_LAST_STORE: dict[torch.device, weakref.ref] = {}
+_LAST_STORE: PrefetchChain = PrefetchChain()
 # Resolve finished CUDA timing events once this many are pending.
 _MAX_PENDING_EVENTS = 256
 
@@ -231,8 +243,9 @@ class CachedExpertStore(ExpertStore):
         if hasattr(self, "_pending"):
             self._resolve_events(wait=True)
         state = dict(self.__dict__)
-        # The look-ahead chain is per process (weak references, which do not pickle): the copy joins it.
-        state.update(_prefetch_done=None, _unwaited_done=None, _last_compute=None, _next=None, _chain_of=None)
+        # A model's own look-ahead chain copies as a new empty one; the process-wide one stays that.
+        chain = None if self._chain_of is _LAST_STORE else self._chain_of
+        state.update(_prefetch_done=None, _unwaited_done=None, _last_compute=None, _next=None, _chain_of=chain)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -241,7 +254,8 @@ class CachedExpertStore(ExpertStore):
         # holds the original's host addresses, and page-locking is not copied. The copy starts cold at
         # its first call, with all of that rebuilt (_follow).
         self.__dict__.update(state)
-        self._chain_of = _LAST_STORE
+        if self._chain_of is None:
+            self._chain_of = _LAST_STORE
         self._copied = True
 
     def _rebuild_copy(self) -> None:
