@@ -441,6 +441,17 @@ def test_changepoint_options_and_the_defaults():
         assert 1 <= len(p.run_starts) <= 8
 
 
+@pytest.mark.parametrize(
+    ("policy", "option"),
+    [("adaptive", "restart_every"), ("adaptive", "horizon"), ("adaptive", "recheck"), ("changepoint", "max_runs")]
+    + [("changepoint", "open_every")],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 2.5, "8"])
+def test_integer_options_refuse_non_integers_by_name(policy, option, value):
+    with pytest.raises(ValueError, match=option):
+        make_policy(policy, 4, 8, **{option: value})
+
+
 def test_repeated_ids_in_a_step_count_once_and_merge_counts():
     p = make_policy("lfru", 2, 3, half_life=1000.0)
     out = p.step([1, 0, 1], [1, 1, 8])  # expert 1: 9 tokens, expert 0: 1 token

@@ -149,6 +149,14 @@ def _normalise_step(
     return order, (merged if counts is not None else None)
 
 
+def _whole(value: object) -> bool:
+    """A finite number with no fractional part (an int option given as ``8`` or ``8.0``; not inf/NaN)."""
+    try:
+        return math.isfinite(value) and value == int(value)
+    except (TypeError, ValueError):
+        return False
+
+
 class EvictionPolicy(ABC):
     """Slot bookkeeping for one MoE layer; subclasses only rank eviction candidates.
 
@@ -592,11 +600,11 @@ class AdaptiveLFUPolicy(EvictionPolicy):
             raise ValueError(f"threshold must be a positive finite number, got {threshold}")
         if not 0.0 <= continuation_weight <= 1.0:
             raise ValueError(f"continuation_weight must be in [0, 1], got {continuation_weight}")
-        if restart_every != int(restart_every) or restart_every < 1:
+        if not _whole(restart_every) or restart_every < 1:
             raise ValueError(f"restart_every must be a positive integer, got {restart_every}")
-        if horizon != int(horizon) or horizon < 2 * restart_every:
+        if not _whole(horizon) or horizon < 2 * restart_every:
             raise ValueError(f"horizon must be an integer >= 2 * restart_every ({2 * restart_every}), got {horizon}")
-        if recheck != int(recheck) or recheck < 0:
+        if not _whole(recheck) or recheck < 0:
             raise ValueError(f"recheck must be a non-negative integer, got {recheck}")
         if not 0.0 < recheck_overlap <= 1.0:
             raise ValueError(f"recheck_overlap must be in (0, 1], got {recheck_overlap}")
@@ -829,11 +837,11 @@ class ChangePointPolicy(EvictionPolicy):
             raise ValueError(f"prior must be a positive finite number, got {prior}")
         if not 0.0 <= continuation_weight <= 1.0:
             raise ValueError(f"continuation_weight must be in [0, 1], got {continuation_weight}")
-        if max_runs != int(max_runs) or max_runs < 2:
+        if not _whole(max_runs) or max_runs < 2:
             raise ValueError(f"max_runs must be an integer >= 2, got {max_runs}")
         if not 0.0 < evidence <= 1.0:
             raise ValueError(f"evidence must be in (0, 1], got {evidence}")
-        if open_every != int(open_every) or open_every < 1:
+        if not _whole(open_every) or open_every < 1:
             raise ValueError(f"open_every must be a positive integer, got {open_every}")
         self.open_every = int(open_every)
         self.evidence = float(evidence)
