@@ -295,7 +295,7 @@ def test_numpy_scalars_size_the_cache():
         ({"expert_cache": 0.0}, r"\(0, 1\]"),
         ({"expert_cache": 2, "cache_policy": "belady"}, "unknown cache_policy"),
         ({"expert_cache": 2, "pinned_experts": {"nope": [0]}}, "does not have"),
-        ({"expert_cache": 2, "pinned_experts": [0, 1]}, "no free slot next to the pinned experts"),
+        ({"expert_cache": 2, "pinned_experts": [0, 1]}, "no free slot next to the 2 pinned experts.*at least 3"),
         ({"expert_cache": 2, "pinned_experts": [9]}, "out of range"),
         ({"expert_cache": 2, "pinned_experts": [0, 0]}, "repeat an id"),  # not "no free slot"
         ({"expert_cache": "2GiB", "pinned_experts": [1, 1]}, "repeat an id"),
@@ -779,3 +779,10 @@ def test_copies_of_a_prefetching_model_keep_their_own_chain(how):
         assert len({id(s._chain_of) for s in stores}) == 1
         last = stores[-1]
         assert last._next is not None and last._next() is stores[0]  # its own first layer, not the other's
+
+
+def test_a_fraction_below_the_pinned_experts_says_what_it_gives():
+    model = tiny_switch(num_experts=6)
+    with pytest.warns(UserWarning, match="fewer than its 5 pinned experts.*gets 6.*nothing is cached"):
+        _quiet_optimize(model, expert_cache=0.5, pinned_experts=[0, 1, 2, 3, 4])
+    assert all(st["num_slots"] == 6 for st in hf_moe_opt.stats(model).values())

@@ -25,6 +25,7 @@ import heapq
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -251,9 +252,13 @@ def slots_per_layer(spec: Any, layers: Sequence[LayerGeometry]) -> list[int]:
         largest = max(g.num_experts for g in layers)
         if spec < 1:
             raise ValueError(f"expert_cache={spec}: keep at least one expert per layer on the device")
-        too_small = [g.name for g in layers if spec < g.min_slots]
+        too_small = [g for g in layers if spec < g.min_slots]
         if too_small:
-            raise ValueError(f"expert_cache={spec} leaves no free slot next to the pinned experts of {too_small[0]}")
+            g = too_small[0]
+            raise ValueError(
+                f"expert_cache={spec} leaves no free slot next to the {g.pinned} pinned experts of {g.name}: "
+                f"it needs at least {g.min_slots} slots there"
+            )
         if spec > largest:
             raise ValueError(
                 f"expert_cache={spec} experts per layer is more than the layers have ({largest}): every expert "
@@ -264,7 +269,18 @@ def slots_per_layer(spec: Any, layers: Sequence[LayerGeometry]) -> list[int]:
         spec = float(spec)
         if not 0.0 < spec <= 1.0:
             raise ValueError(f"expert_cache={spec}: a fraction of each layer's experts must lie in (0, 1]")
-        return [max(g.min_slots, int(spec * g.num_experts + 1e-9)) for g in layers]
+        slots = [int(spec * g.num_experts + 1e-9) for g in layers]
+        raised = [(g, s) for g, s in zip(layers, slots, strict=True) if g.pinned and s < g.min_slots]
+        if raised:
+            g, s = raised[0]
+            warnings.warn(
+                f"expert_cache={spec} gives {g.name} {s} slots, fewer than its {g.pinned} pinned experts and one "
+                f"free slot: it gets {g.min_slots}"
+                + (" (all its experts: nothing is cached there)" if g.min_slots == g.num_experts else ""),
+                UserWarning,
+                stacklevel=4,
+            )
+        return [max(g.min_slots, s) for g, s in zip(layers, slots, strict=True)]
     if isinstance(spec, str):
         return allot_slots(parse_bytes(spec), layers)
     if isinstance(spec, CacheBudget):
