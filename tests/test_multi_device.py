@@ -300,3 +300,19 @@ def test_a_failure_while_placing_leaves_the_model_as_it_was(monkeypatch):
     assert not hf_moe_opt.is_optimized(model)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, want)
+
+
+def test_restore_frees_the_replicas():
+    """After restore, the expert parameters hold their own data only: no stack of replicas (copies of
+    experts homed on another device) is kept alive behind them."""
+    model = tiny_switch(num_experts=4)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    layers = [n for n, _ in hf_moe_opt.optimized_layers(hf_moe_opt.optimize(copy.deepcopy(model)))]
+    batch = _batch(6)
+    with torch.no_grad():
+        want = model(**batch).logits
+    hf_moe_opt.optimize(model, placement=_hand_plan(layers, 4, 2), devices=DEVICES[:2])
+    hf_moe_opt.restore(model)
+    assert _unique_storage_bytes(model) == nbytes
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, want, rtol=0, atol=0)

@@ -310,6 +310,13 @@ class PlacedExpertStore(ExpertStore):
         parameters left on their planned devices would make its forward fail.
         """
         home = self.home_device
+        # Parameters left on the home device are views into its groups' stacks; where a stack also
+        # holds replicas (copies of experts homed elsewhere), they get memory of their own, so that
+        # the copies are freed with it.
+        own = any(
+            group.device == home and any(self.table.home[e] != g for e in group.experts)
+            for g, group in enumerate(self.groups)
+        )
         for name in _stack_names(self.weights):
             stack = getattr(self.weights, name)
             if isinstance(stack, FusedExpertTensor):
@@ -319,6 +326,8 @@ class PlacedExpertStore(ExpertStore):
             for p in stack.params:
                 if p.device != home:
                     p.data = p.data.to(home)
+                elif own:
+                    p.data = p.data.clone()
         for group in self.groups:
             group.tensors.clear()
 
