@@ -135,7 +135,14 @@ def test_split_by_batch():
     assert fit.metadata == trace.metadata
     fit, held = trace.split(0.7)
     assert fit.num_batches() == 7 and held.num_batches() == 3
-    for bad in (0.0, 1.0, -0.2, 1.5):
+    fit, held = trace.split(np.float32(0.7))  # numpy numbers are numbers
+    assert fit.num_batches() == 7 and held.num_batches() == 3
+    numpy_made = synthetic_zipf_trace(
+        num_layers=np.int64(2), num_experts=np.int32(8), num_batches=10, tokens_per_batch=64, alpha=np.float32(1.0)
+    )
+    assert numpy_made.num_batches() == 10
+    assert RoutingTrace(num_experts=np.int64(4)).metadata["num_experts"] == 4
+    for bad in (0.0, 1.0, -0.2, 1.5, True):
         with pytest.raises(ValueError, match="strictly between"):
             trace.split(bad)
     with pytest.raises(ValueError, match="part empty"):

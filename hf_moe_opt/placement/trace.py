@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -123,6 +124,8 @@ class RoutingTrace:
                 meta[key] = value
         for key in ("num_experts", "top_k"):
             value = meta.get(key)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                meta[key] = value = int(value)  # numpy and torch integers too (JSON holds plain ints)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{key} must be a positive int, got {value!r}")
         try:
@@ -279,7 +282,7 @@ class RoutingTrace:
         made from), the rest the held-out part (the future it is judged on). Both must be non-empty.
         Co-activation sums cannot be attributed to batches, so neither part carries them.
         """
-        if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
+        if not (isinstance(fraction, numbers.Real) and not isinstance(fraction, bool) and 0.0 < fraction < 1.0):
             raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction!r}")
         if not self._rows:
             raise ValueError("cannot split an empty trace")
@@ -516,15 +519,19 @@ def synthetic_zipf_trace(
         ("top_k", top_k),
         ("group_size", group_size),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if top_k > num_experts:
         raise ValueError(f"top_k ({top_k}) cannot exceed num_experts ({num_experts})")
     for name, value in (("alpha", alpha), ("drift", drift), ("topic_boost", topic_boost)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if alpha < 0 or drift < 0:
         raise ValueError(f"alpha and drift must be non-negative, got alpha={alpha}, drift={drift}")
+    # Plain Python numbers from here (numpy ones are accepted; the metadata is JSON).
+    num_layers, num_experts, num_batches = int(num_layers), int(num_experts), int(num_batches)
+    tokens_per_batch, top_k, group_size = int(tokens_per_batch), int(top_k), int(group_size)
+    alpha, drift, topic_boost = float(alpha), float(drift), float(topic_boost)
     if isinstance(layer_names, str):
         raise TypeError(f"layer_names must be a list of names, not the string {layer_names!r}")
     names = [f"layers.{i}.mlp" for i in range(num_layers)] if layer_names is None else list(layer_names)
