@@ -429,6 +429,8 @@ def test_plan_validation_and_evaluate_errors():
     with pytest.raises(TypeError, match="list of layer names"):
         plan.evaluate(pair, layers="layers.0.mlp")
     assert plan.evaluate(pair, layers=["layers.0.mlp"] * 2)["overall"] == plan.evaluate(pair)["overall"]
+    with pytest.raises(ValueError, match="layers= is empty"):
+        plan.evaluate(pair, layers=[])
     with pytest.raises(ValueError, match="3 experts"):
         plan.evaluate(trace_from([[1, 2, 3]]))
     with pytest.raises(KeyError, match="not in the plan"):

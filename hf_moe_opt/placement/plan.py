@@ -209,7 +209,9 @@ class PlacementPlan:
             raise TypeError(f"layers must be a list of layer names, not the string {layers!r}")
         names = trace.layers if layers is None else list(dict.fromkeys(layers))  # each layer counted once
         if not names:
-            raise ValueError("nothing to evaluate: the trace has no layers")
+            raise ValueError(
+                f"nothing to evaluate: {'the trace has no layers' if layers is None else 'layers= is empty'}"
+            )
         per_layer: dict[str, dict[str, Any]] = {}
         ratios_all: list[np.ndarray] = []
         for name in names:
