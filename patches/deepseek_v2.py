@@ -11,8 +11,10 @@ layer that always runs (it stays resident under any store).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
+from hf_moe_opt.layer import OptimizedMoE
 from hf_moe_opt.routing import deepseek_topk
 
 from .fused import FusedMoELayer, FusedMoEPatch, hf_class
@@ -50,9 +52,22 @@ class DeepseekMoELayer(FusedMoELayer):
         return routed + self.shared_experts(hidden_states)
 
 
+V2_TOPK_METHODS = ("greedy", "group_limited_greedy")  # what DeepSeek-V2's router implements
+
+
 class DeepseekV2Patch(FusedMoEPatch):
     model_type = "deepseek_v2"
     module_path = MODULE
     block_class_name = "DeepseekV2Moe"
     router_class = OptimizedDeepseekV2Router
     layer_class = DeepseekMoELayer
+
+    def build(self, block: nn.Module, config, *, capacity: str, backend: str) -> OptimizedMoE:
+        method = getattr(getattr(block, self.router_name), "topk_method", None)
+        if method not in V2_TOPK_METHODS:
+            # "noaux_tc" is DeepSeek-V3's: V2's own router cannot run it, so neither do we.
+            raise ValueError(
+                f"DeepSeek-V2 topk_method={method!r} is not one its router implements; "
+                f"choose one of {', '.join(V2_TOPK_METHODS)}"
+            )
+        return super().build(block, config, capacity=capacity, backend=backend)

@@ -470,3 +470,13 @@ def test_offloaded_block_without_a_cache_says_how_to_serve_it():
         cpu_offload(layer.mlp.experts, execution_device="cpu")
     with pytest.raises(ValueError, match=r"offloaded by accelerate.*expert_cache="):
         hf_moe_opt.optimize(model)
+
+
+@pytest.mark.parametrize("method", ["noaux_tc", "bogus"])
+def test_deepseek_v2_refuses_top_k_methods_its_router_lacks(method):
+    """V2's router implements greedy and group-limited greedy only ("noaux_tc" is V3's): optimize()
+    refuses the others, naming the two, and leaves the model as it was."""
+    model = tiny_model("deepseek_v2", topk_method=method)
+    with pytest.raises(ValueError, match="greedy, group_limited_greedy$"):
+        hf_moe_opt.optimize(model)
+    assert not hf_moe_opt.is_optimized(model)
