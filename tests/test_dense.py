@@ -243,3 +243,38 @@ def test_a_fused_model_pickles_and_loads_in_a_fresh_process(make, tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+@needs_kernels
+@pytest.mark.parametrize("make", [tiny_switch, tiny_nllb], ids=["switch", "nllb"])
+def test_fused_models_give_the_unfused_gradients_and_attention_weights(make):
+    """With autograd on, the fused norm hands over to the eager one (the kernel has no backward); with
+    output_attentions=True the fused attention computes the weights eagerly (SDPA returns none)."""
+    import copy
+    import warnings
+
+    base = make().to(DEVICE)
+    unfused = hf_moe_opt.optimize(copy.deepcopy(base), capacity="none")
+    fused = hf_moe_opt.optimize(copy.deepcopy(base), capacity="none", fuse_dense=True)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 64, (2, 7), generator=g).to(DEVICE)
+    dec = torch.randint(3, 64, (2, 4), generator=g).to(DEVICE)
+    grads = []
+    for model in (unfused, fused):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no gradients for expert weights"
+            model(inputs_embeds=embeds, decoder_input_ids=dec).logits.square().sum().backward()
+        first_norm = next(p for n, p in model.named_parameters() if "layer_norm" in n)
+        grads.append((embeds.grad, first_norm.grad))
+    (want_x, want_w), (got_x, got_w) = grads
+    assert got_x is not None and got_w is not None
+    torch.testing.assert_close(got_x, want_x, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        want = unfused(input_ids=ids, decoder_input_ids=dec, output_attentions=True)
+        got = fused(input_ids=ids, decoder_input_ids=dec, output_attentions=True)
+    for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        assert len(getattr(got, name)) == len(getattr(want, name)) > 0, name
+        for a, b in zip(getattr(got, name), getattr(want, name), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

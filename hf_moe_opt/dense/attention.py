@@ -87,13 +87,9 @@ def combined_bias(
     """``position_bias + mask`` in ``dtype`` (either may be None), reused while both inputs live."""
     if position_bias is None and mask is None:
         return None
-    hit = _LAST_BIAS.get("sum")
-    if (
-        hit is not None
-        and _deref(_LAST_BIAS["bias"]) is position_bias
-        and _deref(_LAST_BIAS["mask"]) is mask
-        and hit.dtype == dtype
-    ):
+    # One read of each entry: a finalizer may clear the dict at any moment (garbage collection).
+    hit, bias_ref, mask_ref = _LAST_BIAS.get("sum"), _LAST_BIAS.get("bias"), _LAST_BIAS.get("mask")
+    if hit is not None and _deref(bias_ref) is position_bias and _deref(mask_ref) is mask and hit.dtype == dtype:
         return hit
     if position_bias is None:
         total = mask.to(dtype)
@@ -127,7 +123,8 @@ def sdpa_attention_with_bias(
 
     ``query``/``key``/``value`` are ``[B, H, Q|K, D]``; returns ``([B, Q, H, D], None)``.
     """
-    if module.training and dropout > 0.0:
+    # Attention dropout in training, and attention weights asked for (SDPA computes none): eager.
+    if (module.training and dropout > 0.0) or kwargs.get("output_attentions"):
         return _eager_of(module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
             position_bias=position_bias, **kwargs,

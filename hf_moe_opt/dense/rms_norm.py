@@ -76,7 +76,9 @@ def t5_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> 
 
 
 def fused_forward(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """A ``SwitchTransformersLayerNorm.forward`` that runs the kernel where it applies."""
-    if rms_norm_supported(hidden_states, module.weight):
+    """A ``SwitchTransformersLayerNorm.forward`` that runs the kernel where it applies (not where
+    autograd records: the kernel has no backward)."""
+    grads = torch.is_grad_enabled() and (hidden_states.requires_grad or module.weight.requires_grad)
+    if not grads and rms_norm_supported(hidden_states, module.weight):
         return rms_norm(hidden_states, module.weight, module.variance_epsilon)
     return type(module).forward(module, hidden_states)
