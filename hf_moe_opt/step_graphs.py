@@ -408,6 +408,7 @@ class StepGraphs:
     def generate(self, *args, **kwargs):
         """``model.generate(*args, **kwargs)`` with decode steps replayed from CUDA graphs (greedy,
         sampling or beam search). Calls the runner cannot serve run plain ``generate`` with a warning."""
+        args, kwargs = self._by_name(args, kwargs)
         plan = self._plan(args, kwargs)
         if isinstance(plan, str):
             warnings.warn(f'cuda_graphs="step": {plan}; running plain generate', stacklevel=2)
@@ -435,12 +436,23 @@ class StepGraphs:
         with self._forward_through(slot), _in_place_reorder(slot.cache):
             return self._plain_generate(*args, **kwargs)
 
+    def _by_name(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Positional arguments after the inputs by name (``generate(ids, generation_config)``): the plan
+        reads the generation config and the options from the keywords."""
+        if len(args) <= 1:
+            return args, kwargs
+        names = list(inspect.signature(type(self.model).generate).parameters)[2:]  # after self, inputs
+        named = dict(zip(names, args[1:], strict=False))
+        if len(args) - 1 > len(names) or named.keys() & kwargs.keys():
+            return args, kwargs  # generate itself reports the mistake
+        return args[:1], {**named, **kwargs}
+
     def _plain_generate(self, *args, **kwargs):
         return type(self.model).generate(self.model, *args, **kwargs)
 
     def fallback_reason(self, args: tuple = (), kwargs: dict | None = None) -> str | None:
         """Why ``generate(*args, **kwargs)`` would run without step graphs, or None."""
-        plan = self._plan(args, kwargs or {})
+        plan = self._plan(*self._by_name(args, kwargs or {}))
         return plan if isinstance(plan, str) else None
 
     def _plan(self, args: tuple, kwargs: dict) -> tuple | str:

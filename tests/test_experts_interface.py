@@ -139,3 +139,18 @@ def test_activation_name_comes_from_the_config_that_built_act_fn():
     model.set_experts_implementation("hf_moe_opt")
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, **FP32)
+
+
+def test_gradients_with_autograd_on_whatever_backend_auto_picks(monkeypatch):
+    """Eval mode with autograd on: the input gradient is transformers' default's even where "auto"
+    would pick the Triton kernels (which have no backward; forced here)."""
+    from hf_moe_opt.integrations import experts_interface
+
+    monkeypatch.setattr(experts_interface, "choose_backend", lambda *args: "triton")
+    grads = []
+    for implementation in (None, "hf_moe_opt"):
+        model = tiny_model("mixtral", experts_implementation=implementation)
+        embeds = model.get_input_embeddings()(_ids()).detach().requires_grad_(True)
+        model(inputs_embeds=embeds).logits.square().sum().backward()
+        grads.append(embeds.grad)
+    torch.testing.assert_close(grads[1], grads[0], **FP32)

@@ -572,3 +572,19 @@ def test_cuda_fp32_torch_backend_falls_back():
         pytest.skip("torch._grouped_mm runs float32 here")
     with torch.no_grad(), pytest.warns(UserWarning, match="grouped_mm"):
         model.generate(**_to(_inputs(model), "cuda"))
+
+
+def test_a_positional_generation_config_sizes_the_cache_and_batch():
+    """``generate(ids, config)``: the config passed positionally decides the cache length (past the
+    first 64-position bucket) and the batch (beams), as it does by keyword."""
+    from transformers import GenerationConfig
+
+    plain, model = _pair(_build("qwen3_moe"))
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for config in (
+            GenerationConfig(max_new_tokens=70, do_sample=False, pad_token_id=0),
+            GenerationConfig(max_new_tokens=5, num_beams=2, pad_token_id=0),
+        ):
+            assert torch.equal(model.generate(ids, config), plain.generate(ids, config))
+    assert runner_of(model).counts["fallbacks"] == 0
