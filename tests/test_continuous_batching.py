@@ -196,6 +196,21 @@ def test_config_turns_graphs_off_for_uncapturable_layers():
         continuous_batching_config(model, use_cuda_graph=(False, True))
 
 
+def test_read_behind_caches_keep_continuous_batching_out_of_graphs():
+    """A read-behind expert cache runs its policy after each replay of a step graph of ours; in a
+    continuous-batching graph nothing would, and its captured calls are one-token only."""
+    import warnings
+
+    model = tiny_model("qwen3_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no pinned memory without CUDA
+        hf_moe_opt.optimize(model, expert_cache=2, cache_misses="read")
+    assert uncapturable_layers(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert continuous_batching_config(model).use_cuda_graph is False
+    with pytest.raises(ValueError, match='cache_misses="read"'):
+        continuous_batching_config(model, use_cuda_graph=True)
+
+
 def test_uncapturable_store_refuses_capture(monkeypatch):
     model = _with_uncapturable_store()
     ids = torch.tensor([PROMPTS[0]])

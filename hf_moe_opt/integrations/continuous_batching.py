@@ -34,8 +34,14 @@ def continuous_batching_available() -> bool:
 
 
 def uncapturable_layers(model: nn.Module) -> list[str]:
-    """Names of the optimized layers of ``model`` that cannot run inside a CUDA-graph capture."""
-    return [n for n, m in model.named_modules() if isinstance(m, OptimizedMoE) and not m.store.capturable]
+    """Names of the optimized layers of ``model`` that cannot run inside a CUDA-graph capture of
+    continuous batching: stores that read the routing on the host, and read-behind expert caches
+    (``cache_misses="read"``), whose policy runs after each replay of ``cuda_graphs="step"`` only."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, OptimizedMoE) and (not m.store.capturable or getattr(m.store, "read_behind", None) is not None)
+    ]
 
 
 def continuous_batching_config(model: nn.Module | None = None, **options: Any):
@@ -75,7 +81,8 @@ def continuous_batching_config(model: nn.Module | None = None, **options: Any):
         if requested is True or (isinstance(requested, tuple) and any(requested)):
             raise ValueError(
                 f"use_cuda_graph={requested!r}: layers {', '.join(blocked[:3])}{'...' if len(blocked) > 3 else ''} "
-                "read the routing on the host (expert_cache=/placement=) and cannot be captured in a CUDA graph"
+                "read the routing on the host (expert_cache=/placement=) or serve misses from host memory "
+                '(cache_misses="read", graphed by cuda_graphs="step" only) and cannot be captured in a CUDA graph'
             )
         options["use_cuda_graph"] = False
     return ContinuousBatchingConfig(**options)
