@@ -163,3 +163,16 @@ def offloading_hooks(model) -> list[str]:
             if getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None:
                 found.append(name)
     return found
+
+
+def copied(model: nn.Module, how: str) -> nn.Module:
+    """A copy of ``model`` made as users make them: ``"deepcopy"``, or ``"pickle"`` (torch.save + load)."""
+    import copy
+    import io
+
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

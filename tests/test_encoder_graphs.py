@@ -16,7 +16,7 @@ from hf_moe_opt import encoder_graphs  # noqa: E402
 from hf_moe_opt.kernels import kernels_interpreted  # noqa: E402
 from hf_moe_opt.step_graphs import NLLB_MIN_TRANSFORMERS, EagerCapture  # noqa: E402
 
-from .models import tiny_nllb, tiny_switch  # noqa: E402
+from .models import copied, tiny_nllb, tiny_switch  # noqa: E402
 
 # The tests below run the eager stand-in on a CPU with the Triton kernels interpreted; the GPU test at
 # the end captures real CUDA graphs.
@@ -75,24 +75,15 @@ def test_a_copy_captures_its_own_graphs(how):
     # A graph replays its encoder's memory: a copy inheriting it would compute with the original's
     # weights. The copy starts without graphs, so new weights of the copy are used; the original keeps
     # replaying its own.
-    import copy
-    import io
-
     model = tiny_switch()
     runner = _graphed(model)
     ids = _ids(2, 6, 0)
     with torch.no_grad():
         first = model.get_encoder()(input_ids=ids).last_hidden_state
         model.get_encoder()(input_ids=ids)  # captured and replayed
-        if how == "deepcopy":
-            clone = copy.deepcopy(model)
-        else:
-            buffer = io.BytesIO()
-            torch.save(model, buffer)
-            buffer.seek(0)
-            clone = torch.load(buffer, weights_only=False)
-        copied = encoder_graphs.runner_of(clone)
-        assert copied is not runner and copied.encoder is clone.get_encoder() and not copied.graphs
+        clone = copied(model, how)
+        copied_runner = encoder_graphs.runner_of(clone)
+        assert copied_runner is not runner and copied_runner.encoder is clone.get_encoder() and not copied_runner.graphs
         for p in clone.parameters():
             p.mul_(0.9)
         encoder = clone.get_encoder()
@@ -101,7 +92,7 @@ def test_a_copy_captures_its_own_graphs(how):
             torch.testing.assert_close(encoder(input_ids=ids).last_hidden_state, want, rtol=0, atol=0)
         assert not torch.equal(want, first)
         assert torch.equal(model.get_encoder()(input_ids=ids).last_hidden_state, first)
-    assert copied.counts["captures"] == 1 and copied.counts["replays"] == 1, copied.counts
+    assert copied_runner.counts["captures"] == 1 and copied_runner.counts["replays"] == 1, copied_runner.counts
     assert runner.counts["replays"] == 2
 
 

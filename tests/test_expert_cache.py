@@ -752,8 +752,7 @@ def test_fused_experts_re_pointed_are_followed():
 def test_copies_of_a_prefetching_model_keep_their_own_chain(how):
     """Each optimized model has its own look-ahead chain, so that its last layer never prefetches into
     another model's first; copies of it get one each as well (not the process-wide chain)."""
-    import io
-
+    from .models import copied
     from .test_families import tiny_model
 
     base = tiny_model("mixtral", num_hidden_layers=3)
@@ -761,15 +760,7 @@ def test_copies_of_a_prefetching_model_keep_their_own_chain(how):
     model = copy.deepcopy(base)
     _quiet_optimize(model, backend="torch", expert_cache=1, cache_prefetch=True)
 
-    def copied():
-        if how == "deepcopy":
-            return copy.deepcopy(model)
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        buffer.seek(0)
-        return torch.load(buffer, weights_only=False)
-
-    copies = [copied(), copied()]
+    copies = [copied(model, how), copied(model, how)]
     with torch.no_grad():
         for _ in range(3):  # decode-sized calls of the two copies, one after the other
             for m in copies:

@@ -11,7 +11,7 @@ from hf_moe_opt.dispatch import make_plan
 from hf_moe_opt.experts.activation import Activation
 from hf_moe_opt.experts.torch_backend import torch_moe_ffn
 
-from .models import VOCAB, tiny_nllb, tiny_switch, use_reference_blocks
+from .models import VOCAB, copied, tiny_nllb, tiny_switch, use_reference_blocks
 
 pytestmark = pytest.mark.gpu
 BACKENDS = ["torch", "triton"]
@@ -151,41 +151,45 @@ def test_cuda_graphs_option_gives_identical_generation(backend, family):
     assert sum(len(layer.graphs.graphs) for _, layer in layers) > 0
 
 
+GENERATE = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+def _captured_and_replayed(model) -> tuple[torch.Tensor, object]:
+    """``(ids, first output)`` of two generate calls of a graphed model: everything captured is
+    replayed once."""
+    ids = torch.randint(3, VOCAB, (3, 10), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    before = model.generate(ids, **GENERATE)
+    model.generate(ids, **GENERATE)
+    return ids, before
+
+
+def _same_generation(got, want) -> None:
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores))
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("graphs", [True, ("encoder", "step")], ids=["layers", "encoder+step"])
 def test_copies_of_graphed_models_capture_their_own(graphs, how):
     # Captured graphs replay the original model's memory. A copy (deepcopy, torch.save + load) starts
     # without them: after the copy's weights change, its tokens are a plain model's with those weights,
     # and the original still generates what it did.
-    import io
-
     model = tiny_switch(num_experts=8).cuda().to(torch.bfloat16)
     plain = copy.deepcopy(model)
     hf_moe_opt.optimize(plain)
     hf_moe_opt.optimize(model, cuda_graphs=graphs)
-    ids = torch.randint(3, VOCAB, (3, 10), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        before = model.generate(ids, **kw)
-        model.generate(ids, **kw)  # everything captured is replayed once
-        if how == "deepcopy":
-            clone = copy.deepcopy(model)
-        else:
-            buffer = io.BytesIO()
-            torch.save(model, buffer)
-            buffer.seek(0)
-            clone = torch.load(buffer, weights_only=False)
+        ids, before = _captured_and_replayed(model)
+        clone = copied(model, how)
         for model_ in (clone, plain):  # new weights everywhere (experts included), other tokens
             for param in model_.parameters():
                 param.mul_(0.75)
             model_.lm_head.weight.mul_(-1.0)
-        want = plain.generate(ids, **kw)
+        want = plain.generate(ids, **GENERATE)
         for _ in range(2):  # captured, then replayed
-            got = clone.generate(ids, **kw)
-            assert torch.equal(got.sequences, want.sequences)
-            torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores))
+            _same_generation(clone.generate(ids, **GENERATE), want)
         assert not torch.equal(want.sequences, before.sequences)
-        again = model.generate(ids, **kw)
+        again = model.generate(ids, **GENERATE)
     assert torch.equal(again.sequences, before.sequences)
     torch.testing.assert_close(torch.stack(again.scores), torch.stack(before.scores), rtol=0, atol=0)
 
@@ -201,11 +205,8 @@ def test_graphed_models_follow_weight_changes(graphs, change, monkeypatch):
     other = tiny_switch(num_experts=8, seed=5).cuda().to(torch.bfloat16)
     other.lm_head.weight.data.mul_(-1.0)
     hf_moe_opt.optimize(model, cuda_graphs=graphs)
-    ids = torch.randint(3, VOCAB, (3, 10), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        before = model.generate(ids, **kw)
-        model.generate(ids, **kw)  # everything captured is replayed once
+        ids, before = _captured_and_replayed(model)
         if change == "load_state_dict":
             model.load_state_dict(other.state_dict())
         elif change == "cast":  # then loaded in place (float16 overflows in these random models: float32)
@@ -217,13 +218,11 @@ def test_graphed_models_follow_weight_changes(graphs, change, monkeypatch):
                 mine.data = theirs.data.clone()
             hf_moe_opt.sync_expert_copies(model)
         plain = hf_moe_opt.optimize(copy.deepcopy(other))
-        want = plain.generate(ids, **kw)
+        want = plain.generate(ids, **GENERATE)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(2):  # captured or replayed, then replayed
-                got = model.generate(ids, **kw)
-                assert torch.equal(got.sequences, want.sequences)
-                torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores))
+                _same_generation(model.generate(ids, **GENERATE), want)
     assert not torch.equal(want.sequences, before.sequences)
     assert not [w for w in caught if "cannot be captured" in str(w.message)]  # captured again, not eager
 
