@@ -38,8 +38,8 @@ from .step_graphs import (
     _own,
     _pretend_capturing,
     _StepGraph,
+    follow_weights,
     forget_pools,
-    refresh_router_casts,
 )
 
 # Graphs kept per encoder (each holds its input buffers and activations).
@@ -115,11 +115,7 @@ class EncoderGraphs:
             return self._eager("no CUDA graphs here", kwargs)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return self._eager("no CUDA graphs here", kwargs)
-        weights_key = self._index.weights_key()
-        if weights_key != self._weights_key:
-            self.clear()  # moved, cast or re-pointed since: the graphs read the old weights
-            self._weights_key = weights_key
-        refresh_router_casts(self._index)
+        follow_weights(self)
         leaves, spec = pytree.tree_flatten(kwargs, is_leaf=_is_opaque)
         key = (spec, tuple(_describe(leaf) for leaf in leaves))
         if key in self.uncapturable:

@@ -17,6 +17,7 @@ from .experts import ExpertWeights, get_backend, resolve_backend
 from .experts.activation import Activation
 from .experts.backends import choose_backend
 from .experts.store import ExpertStore, ResidentStore
+from .grad_mode import records_grad
 from .graphs import GraphCache
 from .routing.types import refresh_router_cast
 
@@ -162,7 +163,7 @@ class OptimizedMoE(nn.Module):
         for observer in self.observers:
             observer(self, routing)
         x = hidden_states.reshape(-1, hidden)
-        if self.graphs is not None and isinstance(self.store, ResidentStore) and not _needs_grad(x, routing.gates):
+        if self.graphs is not None and isinstance(self.store, ResidentStore) and not records_grad(x, routing.gates):
             out = self.graphs.run(self._compute, x, *routing)
         else:
             out = self._compute(x, *routing)
@@ -171,14 +172,10 @@ class OptimizedMoE(nn.Module):
     def _compute(self, x, expert_index, gates, keep) -> torch.Tensor:
         """Dispatch, experts and combine for routed tokens ``x`` ``[N, D]``."""
         backend, ffn_for = self._backend_name(x.device), self._ffn
-        if backend != "torch" and _needs_grad(x, gates):
+        if backend != "torch" and records_grad(x, gates):
             # The Triton kernels have no backward: torch's ops carry gradients to the inputs and router.
             backend, ffn_for = "torch", _torch_ffn
         return self.store.run_routed(x, expert_index, gates, keep, backend, ffn_for, self.activation, self.out_scale)
-
-
-def _needs_grad(x: torch.Tensor, gates: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or gates.requires_grad)
 
 
 def _torch_ffn(device: torch.device, rows: int) -> Callable:

@@ -526,11 +526,7 @@ class StepGraphs:
         return [r for r in reads if r is not None]
 
     def _slot(self, batch: int, length: int, encoder_length: int | None, dtype, device) -> _Slot:
-        weights_key = self._index.weights_key()
-        if weights_key != self._weights_key:
-            self.clear()  # moved or cast since: the graphs point at the old weights
-            self._weights_key = weights_key
-        refresh_router_casts(self._index)
+        follow_weights(self)
         key = (batch, length, encoder_length, dtype, device)
         slot = self.slots.get(key)
         if slot is None:
@@ -686,10 +682,16 @@ def forget_pools(capture: object) -> None:
         forget()
 
 
-def refresh_router_casts(index: ModelIndex) -> None:
-    """Before replaying graphs: the routers' float32 weight copies take weights written in place since
-    (``load_state_dict``), which the graphs read through the copies without running the router."""
-    for _, module in index.modules():
+def follow_weights(runner: Any) -> None:
+    """Before a graph runner (``_index``, ``_weights_key``, ``clear()``) replays: its graphs are dropped
+    if the weights were moved, cast or re-pointed since (they read the old memory), and the routers'
+    float32 weight copies take weights written in place since (``load_state_dict``), which the graphs
+    read through the copies without running the router."""
+    weights_key = runner._index.weights_key()
+    if weights_key != runner._weights_key:
+        runner.clear()
+        runner._weights_key = weights_key
+    for _, module in runner._index.modules():
         if isinstance(module, OptimizedMoE):
             refresh_router_cast_of(module.router)
 

@@ -76,6 +76,7 @@ from ..experts.activation import Activation
 from ..experts.backends import supported_direct_ffn
 from ..experts.store import ExpertStore, FfnFactory
 from ..experts.weights import ExpertTensor, ExpertWeights
+from ..grad_mode import records_grad
 from .host_reads import HostReads
 from .policies import EvictionPolicy, Load, make_policy
 
@@ -88,7 +89,6 @@ HOST_CHOICES_MAX = 256
 # Steps with fewer assignments than this wait for their loads and run all their experts as one group:
 # computing the hits while the misses copy saves less than the second group's launches cost the host.
 OVERLAP_MIN_ASSIGNMENTS = 64
-# The cached store that ran last on each device: the next one to run learns its predecessor from it.
 
 
 class PrefetchChain(dict):
@@ -101,6 +101,7 @@ class PrefetchChain(dict):
         return (PrefetchChain, ())
 
 
+# The cached store that ran last on each device: the next one to run learns its predecessor from it.
 # The process-wide chain of stores enabled without one of their own (optimize gives each call its own).
 _LAST_STORE: PrefetchChain = PrefetchChain()
 # Resolve finished CUDA timing events once this many are pending.
@@ -625,7 +626,7 @@ class CachedExpertStore(ExpertStore):
         weights = self._slot_tensors()
         # Autograd keeps the weights each group ran with, and later loads (this step's next chunk, the
         # next step) write the slots in place: with gradients on, each group computes on a copy.
-        grads = torch.is_grad_enabled() and (x.requires_grad or gates.requires_grad)
+        grads = records_grad(x, gates)
         # The resident layer's plan-free decode kernels, over the slots (not for run(plan): no backend).
         found = supported_direct_ffn(backend, x, lambda: weights, activation) if backend else None
         direct = found[0] if found is not None else None

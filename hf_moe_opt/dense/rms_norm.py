@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..grad_mode import records_grad
 from ..kernels import kernels_interpreted
 from ..kernels.launch import cdiv, launch, next_power_of_2
 
@@ -78,7 +79,6 @@ def t5_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> 
 def fused_forward(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """A ``SwitchTransformersLayerNorm.forward`` that runs the kernel where it applies (not where
     autograd records: the kernel has no backward)."""
-    grads = torch.is_grad_enabled() and (hidden_states.requires_grad or module.weight.requires_grad)
-    if not grads and rms_norm_supported(hidden_states, module.weight):
+    if not records_grad(hidden_states, module.weight) and rms_norm_supported(hidden_states, module.weight):
         return rms_norm(hidden_states, module.weight, module.variance_epsilon)
     return type(module).forward(module, hidden_states)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compiled_kernels import compiled_kernels
+from ..grad_mode import records_grad
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def make_plan(
             f"{None if keep is None else tuple(keep.shape)} must have the same [tokens, top_k] shape"
         )
     # The fused planners sort the gates in a kernel (no backward): with autograd on, torch's ops.
-    if expert_index.is_cuda and not (torch.is_grad_enabled() and gates.requires_grad):
+    if expert_index.is_cuda and not records_grad(gates):
         planner = _fused_planner()
         if planner is not None:
             num_rows = expert_index.numel()

@@ -31,6 +31,7 @@ from torch import nn
 from ..dispatch import make_plan
 from ..experts.activation import Activation, activation_name, glu_activation
 from ..experts.backends import choose_backend, get_backend
+from ..grad_mode import records_grad
 
 EXPERTS_IMPLEMENTATION = "hf_moe_opt"
 
@@ -99,11 +100,12 @@ def experts_forward(
     keep = top_k_index < num_experts
     plan = make_plan(top_k_index, top_k_weights, keep, num_experts)
     w1, b1, w2, b2 = _weights(self)
-    grads = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden_states, top_k_weights, w1, b1, w2, b2)
-    )
     # The Triton kernels have no backward: with autograd recording, torch's ops.
-    name = "torch" if grads else choose_backend("auto", hidden_states.device, plan.num_rows)
+    name = (
+        "torch"
+        if records_grad(hidden_states, top_k_weights, w1, b1, w2, b2)
+        else choose_backend("auto", hidden_states.device, plan.num_rows)
+    )
     ffn: Callable = get_backend(name)
     return ffn(hidden_states, plan, w1, b1, w2, b2, _activation(self), 1.0)
 

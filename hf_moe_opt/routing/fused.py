@@ -18,6 +18,7 @@ import os
 import torch
 
 from ..compiled_kernels import compiled_kernels
+from ..grad_mode import records_grad
 
 # Device types the fused router serves (tests add "cpu" to run it in Triton's interpreter).
 DEVICE_TYPES = {"cuda"}
@@ -52,7 +53,7 @@ def try_fused_router(
     if x.device.type not in DEVICE_TYPES or not fused_router_enabled():
         return None
     kernels = _kernels()
-    if kernels is None or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if kernels is None or records_grad(x, weight):
         return None
     k = kernels.FIXED_TOP_K.get(mode, top_k) or 0
     if not kernels.fits(x.shape[0], weight.shape[0], k):

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..grad_mode import records_grad
+
 
 class Routing(NamedTuple):
     """Routing decisions for ``N`` tokens choosing ``k`` experts each.
@@ -43,8 +45,7 @@ def router_logits(hidden_states: torch.Tensor, classifier: nn.Linear, router_dty
     weight, bias = classifier.weight, classifier.bias
     if weight.dtype == router_dtype and (bias is None or bias.dtype == router_dtype):
         return nn.functional.linear(hidden_states.to(router_dtype), weight, bias)
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias))
-    cast = None if grads else _cached_cast(classifier, router_dtype)
+    cast = None if records_grad(weight, bias) else _cached_cast(classifier, router_dtype)
     if cast is None:
         cast = (weight.to(router_dtype), None if bias is None else bias.to(router_dtype))
     return nn.functional.linear(hidden_states.to(router_dtype), *cast)
