@@ -1,6 +1,11 @@
 """Router timing, graph-replayed: torch's float32 projection + routing vs the fused Triton router, with
 a tile sweep of the large-batch kernel (python benchmarks/time_router.py).
 
+Each row prints the floor beside it: max(bytes the fused router must move / copy bandwidth, its FLOPs /
+bf16 matmul rate), both rates measured at the start of the run. Bytes: the tokens and the weight read
+once, the float32 logits, expert ids and gates written. fp32 router weights cannot use the bf16 rate,
+so for them the FLOP term is optimistic.
+
 ``--against FILE``: also time another version of ``hf_moe_opt/kernels/router.py`` (e.g. the file at an
 earlier commit, ``git show REV:hf_moe_opt/kernels/router.py > old.py``) side by side, decode batches
 included, and print the ratio; ``--no-sweep`` skips the tile sweep.
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, ".")
 import hf_moe_opt.kernels.router as R
+from hf_moe_opt.benchmarking.common import measure_ceilings, print_ceilings
 from hf_moe_opt.routing import nllb_route, switch_route
 
 
@@ -63,6 +69,17 @@ if args.against:
     spec.loader.exec_module(other)
     print(f"against: {args.against}", flush=True)
 
+ceilings = measure_ceilings(torch.device("cuda"))
+print_ceilings(ceilings, torch.device("cuda"))
+
+
+def floor_us(x, w, outputs) -> float:
+    """max(bytes / copy bandwidth, FLOPs / bf16 matmul rate) of one fused router call, in us."""
+    moved = sum(t.numel() * t.element_size() for t in (x, w, *outputs))
+    flops = 2 * x.shape[0] * w.shape[0] * w.shape[1]
+    return 1e6 * max(moved / ceilings["copy_bytes_per_s"], flops / ceilings["bf16_flops_per_s"])
+
+
 default_config = R.large_batch_config
 for name, E, D, wdt in CASES:
     mode = "switch" if name.startswith("switch") else "nllb"
@@ -89,8 +106,10 @@ for name, E, D, wdt in CASES:
         err = (logits - F.linear(x.float(), w32)).abs().max().item()
         t_old, t_new = gpu_us(old), gpu_us(new)
         cfg = default_config(N, E, D, x.device, max(x.element_size(), w.element_size()), wdt == torch.float32)
+        floor = floor_us(x, w, (logits, index, gates))
         print(
-            f"{name:26s} N={N:5d} torch {t_old:7.1f} us fused {t_new:6.1f} us {tuple(cfg)}",
+            f"{name:26s} N={N:5d} torch {t_old:7.1f} us fused {t_new:6.1f} us"
+            f" floor {floor:5.1f} us ({t_new / floor:4.1f}x) {tuple(cfg)}",
             f"same choice {agree:.4f} max|dlogit| {err:.2e}",
             flush=True,
         )
