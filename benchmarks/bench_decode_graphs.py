@@ -106,7 +106,7 @@ def run_model(name: str, device: torch.device, batches: list[int], args, ceiling
 
 
 def plot(result: dict, path: Path) -> None:
-    plot_models_by_batch(result, path, VARIANTS, "ms per decode step", "weight-read floor",
+    plot_models_by_batch(result, path, VARIANTS, "ms per decode step", "read floor (weights + KV cache)",
                          "decode step time, bf16, random weights")  # fmt: skip
 
 

@@ -54,6 +54,7 @@ import hf_moe_opt  # noqa: E402
 from hf_moe_opt.benchmarking.common import (  # noqa: E402
     environment,
     measure_ceilings,
+    memory_bandwidth,
     print_ceilings,
     pyplot_or_none,
     save_result,
@@ -233,7 +234,7 @@ def ep_floor_ms(floor: dict, world: int, ceilings: dict) -> float:
     """Lower bound of one expert-parallel step from the one-GPU counts of rank 0's batch (module docs)."""
     gib = 2**30
     read = (floor["read_gib"] - floor["expert_read_gib"] + floor["expert_read_gib"] / world) * gib
-    return 1e3 * max(read / ceilings["copy_bytes_per_s"], floor["tflop"] * 1e12 / ceilings["bf16_flops_per_s"])
+    return 1e3 * max(read / memory_bandwidth(ceilings), floor["tflop"] * 1e12 / ceilings["bf16_flops_per_s"])
 
 
 def summarize(args, world: int, ranks: list[dict], floors: dict, ceilings: dict) -> dict:

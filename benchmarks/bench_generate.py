@@ -83,8 +83,8 @@ def run_model(name: str, device: torch.device, batches: list[int], args, ceiling
     for b in batches:
         tokens["optimize"][b] = generated(model, prompts[b], args.new, args.num_beams)
         enc = encoder_floor(model, prompts[b], ceilings)
-        # Beam search decodes batch x beams sequences per step: the floor of that many greedy ones.
-        step = decode_floor(model, prompts[b].repeat_interleave(args.num_beams, 0), 1, args.new, ceilings)
+        # Beam search decodes batch x beams sequences per step, traced as a real beam search.
+        step = decode_floor(model, prompts[b], 1, args.new, ceilings, num_beams=args.num_beams)
         floors[b] = {"encoder_floor_ms": enc["floor_ms"], "step_floor_ms": step["floor_ms"],
                      "floor_ms": enc["floor_ms"] + args.new * step["floor_ms"]}  # fmt: skip
     hf_moe_opt.restore(model)

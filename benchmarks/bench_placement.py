@@ -44,6 +44,7 @@ from hf_moe_opt.benchmarking.common import (  # noqa: E402
     LAYER_SHAPES,
     environment,
     measure_ceilings,
+    memory_bandwidth,
     print_ceilings,
     pyplot_or_none,
 )
@@ -133,7 +134,7 @@ def modelled_ms(layer, plan, xs: list[torch.Tensor], ceilings: dict | None) -> d
     slot_ms = (
         torch.maximum(
             rows * flops_per_row / ceilings["bf16_flops_per_s"],
-            torch.full_like(rows, weight_bytes / ceilings["copy_bytes_per_s"]),
+            torch.full_like(rows, weight_bytes / memory_bandwidth(ceilings)),
         )
         * 1e3
     )

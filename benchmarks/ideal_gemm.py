@@ -192,7 +192,7 @@ def triton_persistent_ms(
 def bench_shape(
     name: str, tokens: int, device: torch.device, ceilings: dict, persistent: bool = False, ws: bool = False
 ) -> dict:
-    from hf_moe_opt.benchmarking.common import LAYER_SHAPES, floor_ms
+    from hf_moe_opt.benchmarking.common import LAYER_SHAPES, floor_ms, memory_bandwidth
     from hf_moe_opt.dispatch import make_plan
     from hf_moe_opt.experts.activation import Activation
     from hf_moe_opt.kernels import moe_ffn
@@ -209,7 +209,7 @@ def bench_shape(
     hs = torch.randn(e, rows, f, device=device, dtype=torch.bfloat16, generator=g)
     half_bytes = e * d * f * 2  # one GEMM's weights
     half_flops = 2 * e * rows * d * f
-    gemm_floor = 1e3 * max(half_bytes / ceilings["copy_bytes_per_s"], half_flops / ceilings["bf16_flops_per_s"])
+    gemm_floor = 1e3 * max(half_bytes / memory_bandwidth(ceilings), half_flops / ceilings["bf16_flops_per_s"])
     row = {
         "shape": name,
         "tokens": tokens,

@@ -12,6 +12,9 @@ its copy bandwidth beside the pinned host-to-device bandwidth measured in the sa
 host link's floor: the timed generations' copies and host reads at that rate, per decode step.
 ``--resident-baseline`` first times the same model fully resident on the GPU, with the same
 ``cuda_graphs`` setting, in the same process, and reports the cached time over it (``x_resident``).
+The two models are timed one after the other, not interleaved (at nllb-moe-54b's size the resident
+model takes most of the GPU, so both cannot be held at once): ``x_resident`` carries the run-to-run
+drift of the host (seen: 0.83-1.12 at batch 1 where the cache hides all its work).
 ``--tiny`` runs a small config on whatever device exists (a smoke test of the script).
 """
 

@@ -1,5 +1,9 @@
 """Sweep of the plan-free decode kernels' block knobs against the plan path, graph-replayed, on one GPU
 (python benchmarks/sweep_gemv.py OUT.json).
+
+The floor of each row counts the experts the batch's routing really chooses (two tokens may share
+one), with each family's expert matrices: two for Switch / NLLB-MoE (biases for NLLB), three for the
+GLU families.
 """
 
 # The timed closures run inside the loop iteration that defines them.
@@ -15,7 +19,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, ".")
 from hf_moe_opt.benchmarking import families
-from hf_moe_opt.benchmarking.common import LAYER_SHAPES, floor_ms, measure_ceilings
+from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, floor_ms, measure_ceilings, print_ceilings
 from hf_moe_opt.benchmarking.layer import build_block, graphed
 from hf_moe_opt.kernels import gemv
 from hf_moe_opt.patches import NllbMoePatch, SwitchTransformersPatch, find_patch
@@ -23,26 +27,40 @@ from hf_moe_opt.timing import median_ms
 
 dev = torch.device("cuda")
 ceil = measure_ceilings(dev)
+print_ceilings(ceil, dev)
 res = []
 VARIANTS = list(itertools.product((16384, 65536, 1 << 40), (8192, 16384), (1, 3)))
 
 
 def blocks():
+    """(name, optimized layer, d_model, floor in us of a [1, n, d_model] input) per shape."""
     for name in ["switch-base-128", "switch-large-128", "nllb-moe-54b"]:
-        e, d, f, k = LAYER_SHAPES[name]
+        _, d, f, k = LAYER_SHAPES[name]
         block, cfg = build_block(name, dev)
         patch = SwitchTransformersPatch() if k == 1 else NllbMoePatch()
-        yield name, patch.build(block, cfg, capacity="model", backend="triton"), (e, d, f, k)
+
+        def floor_us(x, block=block, d=d, f=f, k=k):
+            logits = x.float().reshape(-1, d) @ block.router.classifier.weight.float().T
+            active = int(torch.unique(logits.topk(k, dim=-1).indices).numel())
+            return floor_ms(active, d, f, x.shape[1] * k, ceil, bias=k == 2) * 1e3
+
+        yield name, patch.build(block, cfg, capacity="model", backend="triton"), d, floor_us
     for name in ["qwen3-30b-a3b", "mixtral-8x7b"]:
         block, cfg = families.build_block(name, dev)
-        yield name, find_patch(block).build(block, cfg, capacity="model", backend="triton"), families._dims(cfg)
+        dims = families._dims(cfg)
+
+        def floor_us(x, block=block, d=dims[1], f=dims[2], k=dims[3]):
+            active = int(torch.unique(block.gate(x.view(-1, d))[2]).numel())
+            return families.floor_ms(active, d, f, x.shape[1] * k, ceil) * 1e3
+
+        yield name, find_patch(block).build(block, cfg, capacity="model", backend="triton"), dims[1], floor_us
 
 
 with torch.no_grad():
-    for name, layer, (e, d, f, k) in blocks():
+    for name, layer, d, floor_us in blocks():
         for n in (1, 2):
             x = torch.randn(1, n, d, device=dev, dtype=torch.bfloat16)
-            row = {"shape": name, "tokens": n, "floor_us": floor_ms(min(e, n * k), d, f, n * k, ceil) * 1e3}
+            row = {"shape": name, "tokens": n, "floor_us": floor_us(x)}
             gemv.MAX_TOKENS = 0
             ref = layer(x).float()
             row["plan_us"] = median_ms(graphed(layer, x), dev, 50) * 1e3
@@ -65,4 +83,5 @@ with torch.no_grad():
                 flush=True,
             )
             res.append(row)
-json.dump({"rows": res, "ceilings": ceil, "torch": torch.__version__}, open(sys.argv[1], "w"), indent=1)
+command = "python " + " ".join(sys.argv)
+json.dump({"command": command, "env": environment(), "ceilings": ceil, "rows": res}, open(sys.argv[1], "w"), indent=1)

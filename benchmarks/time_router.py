@@ -1,5 +1,6 @@
 """Router timing, graph-replayed: torch's float32 projection + routing vs the fused Triton router, with
-a tile sweep of the large-batch kernel (python benchmarks/time_router.py).
+a tile sweep of the large-batch kernel (python benchmarks/time_router.py). Times are medians over
+graph replays of 20 calls each.
 
 Each row prints the floor beside it: max(bytes the fused router must move / copy bandwidth, its FLOPs /
 bf16 matmul rate), both rates measured at the start of the run. Bytes: the tokens and the weight read
@@ -15,6 +16,7 @@ included, and print the ratio; ``--no-sweep`` skips the tile sweep.
 # ruff: noqa: B023, B008
 import argparse
 import importlib.util
+import statistics
 import sys
 
 import torch
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, ".")
 import hf_moe_opt.kernels.router as R
-from hf_moe_opt.benchmarking.common import measure_ceilings, print_ceilings
+from hf_moe_opt.benchmarking.common import measure_ceilings, memory_bandwidth, print_ceilings
 from hf_moe_opt.routing import nllb_route, switch_route
 
 
@@ -40,15 +42,17 @@ def gpu_us(fn, reps=20, iters=30):
     with torch.cuda.graph(g):
         for _ in range(reps):
             fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     g.replay()
     torch.cuda.synchronize()
-    a.record()
+    times = []
     for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
         g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / (iters * reps)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / reps)
+    return statistics.median(times)
 
 
 CASES = [
@@ -77,7 +81,7 @@ def floor_us(x, w, outputs) -> float:
     """max(bytes / copy bandwidth, FLOPs / bf16 matmul rate) of one fused router call, in us."""
     moved = sum(t.numel() * t.element_size() for t in (x, w, *outputs))
     flops = 2 * x.shape[0] * w.shape[0] * w.shape[1]
-    return 1e6 * max(moved / ceilings["copy_bytes_per_s"], flops / ceilings["bf16_flops_per_s"])
+    return 1e6 * max(moved / memory_bandwidth(ceilings), flops / ceilings["bf16_flops_per_s"])
 
 
 default_config = R.large_batch_config

@@ -66,6 +66,34 @@ def test_random_policy_keeps_second_expert_with_probability_twice_its_gate():
     torch.testing.assert_close(r.gates[dropped, 0], torch.ones(int(dropped.sum())))
 
 
+@pytest.mark.parametrize("normalize_before", [False, True])
+@pytest.mark.parametrize("capacity", [None, 5])
+def test_random_policy_matches_transformers_router(normalize_before, capacity):
+    """Same random stream, same choices and gates as transformers' NLLB-MoE router (whose random policy
+    reads the raw second probability back: under normalize_before it is the second gate, unrenormalised)."""
+    from transformers import NllbMoeConfig
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeTop2Router
+
+    config = NllbMoeConfig(
+        d_model=16,
+        num_experts=4,
+        second_expert_policy="random",
+        normalize_router_prob_before_dropping=normalize_before,
+        moe_eval_capacity_token_fraction=-1.0 if capacity else 1.0,
+    )
+    router = NllbMoeTop2Router(config).eval()
+    router.expert_capacity = capacity
+    logits = torch.randn(64, 4) * 1.5
+    torch.manual_seed(1)
+    _, expected = router.route_tokens(logits.clone(), torch.float32)
+    torch.manual_seed(1)
+    r = nllb_route(logits, torch.float32, capacity=capacity or 64, second_expert_policy="random",
+                   normalize_before=normalize_before)  # fmt: skip
+    got = torch.zeros_like(expected).scatter_add_(1, r.expert_index, r.gates)
+    assert not r.keep[:, 1].all()  # the draw dropped some second experts
+    torch.testing.assert_close(got, expected)
+
+
 def test_sampling_policy_draws_second_expert_from_softmax_without_first():
     torch.manual_seed(0)
     row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])

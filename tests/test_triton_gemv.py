@@ -216,3 +216,14 @@ def test_layer_decode_step_takes_the_plan_free_path(monkeypatch):
             x = torch.randn(1, tokens, 32, device=DEVICE)
             torch.testing.assert_close(fast(x), slow(x), atol=1e-5, rtol=1e-5)
     assert len(calls) == 1  # one token only; three go through the plan
+
+
+def test_strided_routing_views_read_their_own_values():
+    """Column slices of wider routing tensors (row stride != top_k) give what their copies give."""
+    x, _, _, _, w1, b1, w2, b2 = _case(5, 1, 4, 24, 40, torch.float32, True, False, seed=12)
+    g = torch.Generator().manual_seed(13)
+    index = torch.rand(5, 4, generator=g).argsort(1).to(DEVICE)[:, 1:2]
+    gates = torch.rand(5, 3, generator=g).to(DEVICE)[:, :1]
+    keep = torch.tensor([[True, False], [True, True], [False, True], [True, False], [True, True]]).to(DEVICE)[:, :1]
+    assert not (index.is_contiguous() or gates.is_contiguous() or keep.is_contiguous())
+    _check(x, index, gates, keep, w1, b1, w2, b2, ACTIVATIONS["relu"])

@@ -138,3 +138,18 @@ def test_make_plan_takes_the_large_planner_past_the_small_one() -> None:
         make_plan(index[:16], gates[:16], keep[:16], 128)  # 64 rows: the one-program plan
     assert calls == [4096]
     _assert_same(got, torch_plan(index, gates, keep, 128))
+
+
+@pytest.mark.parametrize("planner", ["fused_plan", "large_plan"])
+def test_strided_routing_views_plan_like_their_contiguous_copies(planner) -> None:
+    """A router's outputs may be column slices (stride != width): the kernels index flat memory, so
+    they must read the values, not the storage behind the view."""
+    from hf_moe_opt.kernels import plan as kernels
+
+    g = torch.Generator().manual_seed(3)
+    wide = torch.rand(37, 6, generator=g).argsort(1).to(DEVICE)
+    index = wide[:, 1:3]  # [N, 2] view, row stride 6
+    gates = torch.rand(37, 4, generator=g).to(DEVICE, torch.bfloat16)[:, ::2]
+    keep = (torch.rand(37, 6, generator=g) > 0.2).to(DEVICE)[:, :2]
+    assert not (index.is_contiguous() or gates.is_contiguous() or keep.is_contiguous())
+    _assert_same(getattr(kernels, planner)(index, gates, keep, 6), torch_plan(index, gates, keep, 6))

@@ -18,7 +18,15 @@ import torch
 from ..argparsing import OneLineErrorParser
 from ..experts import available_backends
 from ..timing import median_ms
-from .common import add_floor_ratios, environment, measure_ceilings, plot_by_shape, print_ceilings, save_result
+from .common import (
+    add_floor_ratios,
+    environment,
+    measure_ceilings,
+    memory_bandwidth,
+    plot_by_shape,
+    print_ceilings,
+    save_result,
+)
 from .layer import graphed, peak_mb
 
 TOKENS = (1, 8, 64, 512, 4096, 16384)
@@ -71,7 +79,7 @@ def floor_ms(active: int, d: int, f: int, assignments: int, ceilings: dict) -> f
     """max(active experts' bytes / copy bandwidth, FLOPs / matmul rate) for three-matrix GLU experts."""
     weight_bytes = active * 3 * d * f * 2
     flops = 2 * assignments * 3 * d * f
-    return 1e3 * max(weight_bytes / ceilings["copy_bytes_per_s"], flops / ceilings["bf16_flops_per_s"])
+    return 1e3 * max(weight_bytes / memory_bandwidth(ceilings), flops / ceilings["bf16_flops_per_s"])
 
 
 def _time_variant(rows, key, fn, inputs, tokens, device, repeats, graph: bool) -> None:

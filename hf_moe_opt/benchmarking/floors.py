@@ -32,6 +32,7 @@ from torch import nn
 
 from ..api import optimized_layers
 from ..layer import OptimizedMoE
+from .common import memory_bandwidth
 
 GIB = 2**30
 
@@ -195,7 +196,7 @@ def attention_score_flops(config, batch: int, seq: int, encoder: bool) -> float:
 
 
 def _floor(read_bytes: float, flops: float, ceilings: dict) -> tuple[float, str]:
-    t_read = read_bytes / ceilings["copy_bytes_per_s"]
+    t_read = read_bytes / memory_bandwidth(ceilings)
     t_flops = flops / ceilings["bf16_flops_per_s"]
     return 1e3 * max(t_read, t_flops), "bandwidth" if t_read >= t_flops else "matmul"
 
@@ -241,16 +242,25 @@ def _kv_bytes(layers: list) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def decode_floor(model: nn.Module, ids: torch.Tensor, short: int, long: int, ceilings: dict) -> dict:
+def decode_floor(
+    model: nn.Module, ids: torch.Tensor, short: int, long: int, ceilings: dict, num_beams: int = 1
+) -> dict:
     """Floor of one decode step of optimized ``model``, averaged over the steps that
     :func:`~hf_moe_opt.benchmarking.model.decode_ms_per_token` times (new tokens ``short + 1 .. long``
-    of a greedy ``generate`` from ``ids``): the step's weights, experts and KV cache read over the
-    copy bandwidth. Also returns the distinct experts per MoE layer (mean over those steps)."""
+    of a ``generate`` from ``ids``, greedy or a beam search of ``num_beams``): the step's weights,
+    experts and KV cache read over the memory bandwidth. Also returns the distinct experts per MoE
+    layer (mean over those steps). Beams are traced as they really run: diverging beams route apart,
+    so ``num_beams`` copies of a greedy sequence would undercount the experts."""
     if not 1 <= short < long:
         raise ValueError("need 1 <= short < long (the first forward is the prefill)")
     with ReadTracer(model, model) as tracer:
         out = model.generate(
-            ids, max_new_tokens=long, min_new_tokens=long, do_sample=False, return_dict_in_generate=True
+            ids,
+            max_new_tokens=long,
+            min_new_tokens=long,
+            do_sample=False,
+            num_beams=num_beams,
+            return_dict_in_generate=True,
         )
     steps = tracer.reads()[short:long]  # forward i produces new token i + 1
     if len(steps) != long - short:
@@ -274,7 +284,7 @@ def decode_floor(model: nn.Module, ids: torch.Tensor, short: int, long: int, cei
             distinct[name] += count / n
     read_bytes = weights + experts + kv_read
     return {
-        "floor_ms": 1e3 * read_bytes / ceilings["copy_bytes_per_s"],
+        "floor_ms": 1e3 * read_bytes / memory_bandwidth(ceilings),
         "read_gib": read_bytes / GIB,
         "weight_read_gib": (weights + experts) / GIB,
         "expert_read_gib": experts / GIB,

@@ -321,9 +321,9 @@ def gemv_moe_ffn(
         return out
     num_rows = num_tokens * top_k
     h = torch.empty((num_rows, ffn), dtype=w2.dtype, device=x.device)
-    index = expert_index.reshape(-1)
-    flat_gates = gates.reshape(-1)
-    keep_arg = keep.reshape(-1).view(torch.uint8) if keep is not None else index  # placeholder, never read
+    index = expert_index.contiguous().view(-1)
+    flat_gates = gates.contiguous().view(-1)
+    keep_arg = keep.contiguous().view(-1).view(torch.uint8) if keep is not None else index  # placeholder, never read
     if x.stride(1) != 1:
         x = x.contiguous()
     pdl = launch_options(x.device)

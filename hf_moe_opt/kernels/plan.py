@@ -129,13 +129,14 @@ def fused_plan(
         raise ValueError(f"fused_plan handles 1..{MAX_ROWS} assignments and <= {MAX_EXPERTS} experts")
     device = expert_index.device
     plan = _empty_plan(expert_index, gates, keep, num_experts)
-    keep_arg = keep.reshape(-1).view(torch.uint8) if keep is not None else plan.order  # placeholder, never read
+    # The kernels index flat memory: strided views (column slices of a router's output) are copied.
+    keep_arg = keep.contiguous().view(-1).view(torch.uint8) if keep is not None else plan.order  # placeholder
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         launch(
             _plan_kernel,
             (1,),
-            expert_index.reshape(-1),
-            gates.reshape(-1),
+            expert_index.contiguous().view(-1),
+            gates.contiguous().view(-1),
             keep_arg,
             plan.order,
             plan.token,
@@ -324,8 +325,8 @@ def large_plan(
     plan = _empty_plan(expert_index, gates, keep, num_experts)
     hist = torch.empty(num_chunks, bins, dtype=torch.int32, device=device)
     totals = torch.empty(bins, dtype=torch.int32, device=device) if not inline_scan else plan.counts  # placeholder
-    index = expert_index.reshape(-1)
-    keep_arg = keep.reshape(-1).view(torch.uint8) if keep is not None else index  # placeholder, never read
+    index = expert_index.contiguous().view(-1)
+    keep_arg = keep.contiguous().view(-1).view(torch.uint8) if keep is not None else index  # placeholder, never read
     # Inline scan: [block_c, bins] tiles of the table (4096 cells). Sort and histogram: 4-8 keys a thread.
     block_c = max(min(4096 // bins, next_power_of_2(num_chunks)), 1)
     num_warps = 4 if chunk <= 512 else 8
@@ -364,7 +365,7 @@ def large_plan(
             _scatter_kernel,
             (num_chunks,),
             index,
-            gates.reshape(-1),
+            gates.contiguous().view(-1),
             keep_arg,
             hist,
             totals,

@@ -4,7 +4,9 @@
 - first expert: argmax of the probabilities; second: argmax of the logits with the first masked
   (``second_expert_policy="sampling"`` adds Gumbel noise to those logits first);
 - ``normalize_before``: gates normalised to sum to 1 before capacity dropping, else after it;
-- ``"random"`` policy: the second expert is kept with probability ``min(1, 2 * gate2)``;
+- ``"random"`` policy: the second expert is kept with probability ``min(1, 2 * p2)``, ``p2`` its raw
+  probability; with ``normalize_before`` that raw probability is also its gate (transformers reads
+  it back after normalising, so the second gate is not renormalised under this policy);
 - padding tokens are removed from routing (they take no capacity and get 0);
 - capacity counts over the flattened batch; second choices queue behind all first choices of
   the same expert; ``batch_prioritized`` orders each queue by the token's top probability
@@ -60,7 +62,7 @@ def nllb_route(
         second_logits = logits - torch.log(-torch.log(uniform))
     top2 = second_logits.scatter(1, top1[:, None], float("-inf")).argmax(dim=-1)
     p1 = probs.gather(1, top1[:, None]).squeeze(1)
-    p2 = probs.gather(1, top2[:, None]).squeeze(1)
+    p2 = raw2 = probs.gather(1, top2[:, None]).squeeze(1)
     if normalize_before:
         p1, p2 = _normalize(p1, p2)
 
@@ -75,7 +77,8 @@ def nllb_route(
     keep1 = torch.ones(num_tokens, dtype=torch.bool, device=logits.device)
     keep2 = keep1
     if second_expert_policy == "random":
-        keep2 = (2 * p2) > torch.rand_like(p2, dtype=torch.float32)
+        p2 = raw2
+        keep2 = (2 * raw2) > torch.rand_like(raw2, dtype=torch.float32)
     if padding is not None:
         keep1 = keep1 & ~padding
         keep2 = keep2 & ~padding
