@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -242,7 +243,7 @@ def optimize(
         raise ValueError("this model is already optimized; call hf_moe_opt.restore(model) before optimizing again")
     blocks = _find_blocks(model)
     if not blocks:
-        from .patches import find_patch
+        from .patches import find_patch, unmatched_moe_blocks
 
         if find_patch(model) is not None:
             raise ValueError(
@@ -258,6 +259,12 @@ def optimize(
                 "; its experts accept experts implementations: hf_moe_opt.register_experts_implementation(), "
                 'then from_pretrained(..., experts_implementation="hf_moe_opt") or '
                 'model.set_experts_implementation("hf_moe_opt")'
+            )
+        subclassed = [f"{name} ({why})" for name, why in unmatched_moe_blocks(model) if "subclasses" in why]
+        if subclassed:
+            raise ValueError(
+                f"{type(model).__name__} has no supported sparse MoE block; these subclass one and are not "
+                f"replaced (a subclass may change the forward): {'; '.join(subclassed)}"
             )
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         block_class = supported_architectures().get(model_type)
@@ -360,6 +367,16 @@ def optimize(
         _restore(model, rolling_back=True)
         raise
     logger.info(f"hf_moe_opt: optimized {len(blocks)} MoE blocks (capacity={capacity}, backend={backend})")
+    from .patches import unmatched_moe_blocks
+
+    left = unmatched_moe_blocks(model)
+    if left:
+        listed = "; ".join(f"{name} ({why})" for name, why in left[:8]) + ("; ..." if len(left) > 8 else "")
+        warnings.warn(
+            f"hf_moe_opt: optimized {len(blocks)} MoE blocks and left {len(left)} module(s) that look like sparse MoE "
+            f"blocks as they are: {listed}",
+            stacklevel=2,
+        )
     return model
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from hf_moe_opt.layer import OptimizedMoE
+
 from .base import MoEPatch
 from .deepseek_v2 import DeepseekV2Patch
 from .deepseek_v3 import DeepseekV3Patch
@@ -47,4 +49,31 @@ def find_patch(module: nn.Module) -> MoEPatch | None:
     return None
 
 
-__all__ = ["MoEPatch", "find_patch", "register_patch", "registered_patches"]
+def unmatched_moe_blocks(model: nn.Module) -> list[tuple[str, str]]:
+    """``(name, reason)`` of every module of ``model`` that looks like a sparse MoE block but no patch
+    matches: a subclass of a supported block (its forward may differ, so it is not replaced) or a
+    module with ``experts`` and a ``gate`` / ``router`` child (another family's block). Modules inside
+    a matched block or an optimized layer are not listed."""
+    classes = [(p, p.block_class()) for p in _REGISTRY]
+    found: list[tuple[str, str]] = []
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip) or not name:
+            continue
+        if find_patch(module) is not None or isinstance(module, OptimizedMoE):
+            skip.append(name + ".")
+            continue
+        parent = next((c for _, c in classes if c is not None and isinstance(module, c)), None)
+        children = dict(module.named_children())
+        if parent is not None:
+            reason = f"{type(module).__name__} subclasses the supported {parent.__name__}, which only matches exactly"
+        elif "experts" in children and ("gate" in children or "router" in children):
+            reason = f"{type(module).__name__} is not a supported block"
+        else:
+            continue
+        found.append((name, reason))
+        skip.append(name + ".")
+    return found
+
+
+__all__ = ["MoEPatch", "find_patch", "register_patch", "registered_patches", "unmatched_moe_blocks"]

@@ -519,3 +519,21 @@ def test_copy_dma_probe_plot(tmp_path) -> None:
         saved.append(str(path))
     assert probe.main(["--replot", *saved]) == 0
     assert (tmp_path / "copy_dma_switch.png").exists()
+
+
+def test_read_probe_sums_every_element_once() -> None:
+    """The bandwidth probe's stream reads each element once (its partial sums add up to the total),
+    for sizes that do not fill the last program; it times nothing off a GPU."""
+    pytest.importorskip("triton")
+    from hf_moe_opt.benchmarking.read_probe import CONFIGS, read_rates, stream_sum
+    from hf_moe_opt.kernels import kernels_interpreted
+
+    if not (torch.cuda.is_available() or kernels_interpreted()):
+        pytest.skip("needs a GPU or the triton interpreter")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randint(-3, 4, (3 * 4096 + 77,), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    for block, loads, warps in [(256, 2, 4), (512, 4, 4)] + ([CONFIGS[0]] if device == "cuda" else []):
+        parts = stream_sum(x, block, loads, warps)
+        assert parts.numel() == -(-x.numel() // (block * loads))
+        assert parts.sum().item() == x.float().sum().item()
+    assert (len(read_rates(x, lambda fn: 1.0)) == len(CONFIGS)) == (device == "cuda")

@@ -480,3 +480,40 @@ def test_deepseek_v2_refuses_top_k_methods_its_router_lacks(method):
     with pytest.raises(ValueError, match="greedy, group_limited_greedy$"):
         hf_moe_opt.optimize(model)
     assert not hf_moe_opt.is_optimized(model)
+
+
+def test_moe_blocks_left_unmatched_are_named():
+    """A model mixing a supported family's blocks with another family's block, or with a subclass of
+    the supported block (whose forward may differ), optimizes the supported ones and warns naming the
+    rest; when all are subclasses, the error says so instead of blaming the config."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    class PatchedBlock(MixtralSparseMoeBlock):
+        pass
+
+    class ForeignBlock(nn.Module):  # another family's block: experts and a router
+        def __init__(self, block: nn.Module):
+            super().__init__()
+            self.gate, self.experts = block.gate, block.experts
+
+        def forward(self, x):
+            return x
+
+    model = tiny_model("mixtral")
+    ids = _ids()
+    model.model.layers[0].mlp = ForeignBlock(model.model.layers[0].mlp)
+    with torch.no_grad():
+        expected = model(ids).logits
+    with pytest.warns(UserWarning, match=r"optimized 1 MoE blocks and left 1 .*layers\.0\.mlp \(ForeignBlock"):
+        hf_moe_opt.optimize(model, backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected)
+
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:
+        patched = PatchedBlock(model.config)
+        patched.load_state_dict(layer.mlp.state_dict())
+        layer.mlp = patched.eval()
+    with pytest.raises(ValueError, match=r"subclass one .*PatchedBlock subclasses the supported MixtralSparseMoeBlock"):
+        hf_moe_opt.optimize(model)
+    assert not hf_moe_opt.is_optimized(model)

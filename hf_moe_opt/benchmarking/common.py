@@ -14,6 +14,8 @@ import torch
 
 from hf_moe_opt.timing import median_ms
 
+from .read_probe import read_rates
+
 # (num_experts, d_model, d_ff, top_k) of real models' MoE layers.
 LAYER_SHAPES = {
     "switch-base-8": (8, 768, 3072, 1),
@@ -44,11 +46,11 @@ def environment() -> dict:
 def measure_ceilings(device: torch.device, copy_numel: int = 1 << 28, matmul_size: int = 8192) -> dict:
     """Device memory bandwidth and bf16 matmul rate, measured now.
 
-    The bandwidth is the fastest of three streams over the same buffer: a copy (bytes read + written),
-    a sum and a matrix-vector product (both read only; the latter is how small batches stream expert
-    weights). A kernel that only reads can beat a copy's rate, so a floor built on the copy alone is
-    no floor. The defaults (512 MiB of bf16, 8192^3 matmul) saturate a data-centre GPU; CPU smoke runs
-    pass less.
+    The bandwidth is the fastest of several streams over the same buffer: a copy (bytes read +
+    written), torch's sum and matrix-vector product, and on GPUs the wide-load reads of
+    :mod:`~hf_moe_opt.benchmarking.read_probe` (all read only). A kernel that only reads can beat a
+    copy's rate, so a floor built on the copy alone is no floor. The defaults (512 MiB of bf16,
+    8192^3 matmul) saturate a data-centre GPU; CPU smoke runs pass less.
     """
     src = torch.ones(copy_numel, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
@@ -60,6 +62,7 @@ def measure_ceilings(device: torch.device, copy_numel: int = 1 << 28, matmul_siz
     reads = [
         nbytes / (median_ms(lambda: src.sum(), device, repeats=10, warmup=3) * 1e-3),
         rows.numel() * rows.element_size() / (median_ms(lambda: rows @ vec, device, repeats=10, warmup=3) * 1e-3),
+        *read_rates(src, lambda fn: median_ms(fn, device, repeats=10, warmup=3)),
     ]
     m = matmul_size
     a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
