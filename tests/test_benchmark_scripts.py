@@ -521,19 +521,23 @@ def test_copy_dma_probe_plot(tmp_path) -> None:
     assert (tmp_path / "copy_dma_switch.png").exists()
 
 
-def test_read_probe_sums_every_element_once() -> None:
-    """The bandwidth probe's stream reads each element once (its partial sums add up to the total),
-    for sizes that do not fill the last program; it times nothing off a GPU."""
+def test_read_probe_streams_its_weights() -> None:
+    """The bandwidth probe's kernel call computes the layer it claims to (so it reads every weight
+    byte it counts), and it times nothing off a GPU."""
     pytest.importorskip("triton")
-    from hf_moe_opt.benchmarking.read_probe import CONFIGS, read_rates, stream_sum
+    from hf_moe_opt.benchmarking.read_probe import probe_inputs, read_rates
+    from hf_moe_opt.dispatch import make_plan
+    from hf_moe_opt.experts.torch_backend import torch_moe_ffn
     from hf_moe_opt.kernels import kernels_interpreted
+    from hf_moe_opt.kernels.gemv import gemv_moe_ffn
 
-    if not (torch.cuda.is_available() or kernels_interpreted()):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not kernels_interpreted():
         pytest.skip("needs a GPU or the triton interpreter")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.randint(-3, 4, (3 * 4096 + 77,), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
-    for block, loads, warps in [(256, 2, 4), (512, 4, 4)] + ([CONFIGS[0]] if device == "cuda" else []):
-        parts = stream_sum(x, block, loads, warps)
-        assert parts.numel() == -(-x.numel() // (block * loads))
-        assert parts.sum().item() == x.float().sum().item()
-    assert (len(read_rates(x, lambda fn: 1.0)) == len(CONFIGS)) == (device == "cuda")
+    args, nbytes = probe_inputs(device, experts=3, hidden=32, ffn=64)
+    x, index, gates, keep, w1, b1, w2, b2, act = args
+    assert nbytes == 2 * 3 * 32 * 64 * 2
+    expected = torch_moe_ffn(x, make_plan(index, gates, keep, 3), w1, b1, w2, b2, act)
+    torch.testing.assert_close(gemv_moe_ffn(*args).float(), expected.float(), atol=1e-4, rtol=1e-2)
+    rates = read_rates(device, lambda fn: 1.0)
+    assert len(rates) == (1 if device.type == "cuda" else 0) and all(r > 0 for r in rates)

@@ -47,7 +47,7 @@ def measure_ceilings(device: torch.device, copy_numel: int = 1 << 28, matmul_siz
     """Device memory bandwidth and bf16 matmul rate, measured now.
 
     The bandwidth is the fastest of several streams over the same buffer: a copy (bytes read +
-    written), torch's sum and matrix-vector product, and on GPUs the wide-load reads of
+    written), torch's sum and matrix-vector product, and on GPUs the weight stream of
     :mod:`~hf_moe_opt.benchmarking.read_probe` (all read only). A kernel that only reads can beat a
     copy's rate, so a floor built on the copy alone is no floor. The defaults (512 MiB of bf16,
     8192^3 matmul) saturate a data-centre GPU; CPU smoke runs pass less.
@@ -62,7 +62,7 @@ def measure_ceilings(device: torch.device, copy_numel: int = 1 << 28, matmul_siz
     reads = [
         nbytes / (median_ms(lambda: src.sum(), device, repeats=10, warmup=3) * 1e-3),
         rows.numel() * rows.element_size() / (median_ms(lambda: rows @ vec, device, repeats=10, warmup=3) * 1e-3),
-        *read_rates(src, lambda fn: median_ms(fn, device, repeats=10, warmup=3)),
+        *read_rates(device, lambda fn: median_ms(fn, device, repeats=10, warmup=3)),
     ]
     m = matmul_size
     a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
