@@ -439,13 +439,15 @@ def stats(model: nn.Module) -> dict[str, dict]:
 
 
 def sync_expert_copies(model: nn.Module) -> None:
-    """Take fresh copies of expert weights that were written in place by other means than
+    """Take fresh copies of expert and router weights that were written in place by other means than
     ``load_state_dict``.
 
     The expert cache's device slots and a placement's per-device copies (slices of fused expert
     tensors, replicas) are copies of the expert parameters. ``load_state_dict`` (on the model, a
     layer or its expert modules) refreshes them by itself; after writing expert parameters in place
-    any other way (``p.data.mul_(...)``, ``p.copy_(...)``), call this before the next forward.
+    any other way (``p.data.mul_(...)``, ``p.copy_(...)``), call this before the next forward. The
+    float32 copy of a half-precision Switch / NLLB-MoE router weight is cast again here too (in-place
+    writes through the parameter itself are followed without it; writes through ``.data`` are not).
     Per-expert parameters re-pointed one by one (``p.data = new_tensor``, as accelerate's
     ``set_module_tensor_to_device`` does) are gathered into the layer's stacked experts again, with or
     without a cache.

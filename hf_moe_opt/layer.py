@@ -102,7 +102,7 @@ class OptimizedMoE(nn.Module):
             hook()
             if self.graphs is not None and self._stack_key() != stacks:
                 self.graphs.clear()  # they read the old stacks
-        refresh_router_cast_of(self.router)
+        refresh_router_cast_of(self.router, force=True)  # a write through .data moves no version counter
 
     def _stack_key(self) -> tuple:
         return tuple(s.tensor.data_ptr() for s in self.weights.stacks())
@@ -182,11 +182,11 @@ def _torch_ffn(device: torch.device, rows: int) -> Callable:
     return get_backend("torch")
 
 
-def refresh_router_cast_of(router: object) -> None:
+def refresh_router_cast_of(router: object, force: bool = False) -> None:
     """Bring the float32 copy of ``router``'s classifier (kept by ``router_logits``) up to date."""
     classifier = getattr(router, "classifier", None)
     if isinstance(classifier, nn.Module):
-        refresh_router_cast(classifier)
+        refresh_router_cast(classifier, force=force)
 
 
 _GRAD_WARNED = False

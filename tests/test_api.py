@@ -85,6 +85,28 @@ def test_restore_gives_back_the_original_modules(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_sync_expert_copies_recasts_half_precision_routers_written_through_data(family):
+    """A bf16 router keeps a float32 copy; a write through ``.data`` moves no version counter, so
+    sync_expert_copies (documented for such writes) casts it again."""
+    base = FAMILIES[family]().to(torch.bfloat16)
+    ids, dec = _ids()
+    model, want_model = copy.deepcopy(base), copy.deepcopy(base)
+    hf_moe_opt.optimize(model)
+    before = _logits(model, ids, dec)
+    g = torch.Generator().manual_seed(3)
+    new = {n: torch.randn(p.shape, generator=g).bfloat16() * 5 for n, p in base.named_parameters() if "router" in n}
+    assert new
+    for m in (model, want_model):
+        for name, p in m.named_parameters():
+            if name in new:
+                p.data.copy_(new[name])
+    want = _logits(hf_moe_opt.optimize(want_model), ids, dec)
+    assert not torch.equal(want, before)
+    hf_moe_opt.sync_expert_copies(model)
+    torch.testing.assert_close(_logits(model, ids, dec), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sync_expert_copies_takes_re_pointed_parameters(family):
     """``p.data = new`` on single expert parameters (as accelerate's set_module_tensor_to_device does)
     leaves the stacked experts behind until sync_expert_copies, resident or cached."""

@@ -51,16 +51,17 @@ def router_logits(hidden_states: torch.Tensor, classifier: nn.Linear, router_dty
     return nn.functional.linear(hidden_states.to(router_dtype), *cast)
 
 
-def refresh_router_cast(classifier: nn.Module) -> None:
+def refresh_router_cast(classifier: nn.Module, force: bool = False) -> None:
     """Bring ``classifier``'s kept cast copy (if any) up to date with its weight, in place where the
     shapes allow: a CUDA graph captured on the copy then replays with the new values. Graph runners
-    call this before a replay, which runs no Python of the router."""
+    call this before a replay, which runs no Python of the router. ``force``: cast again even where
+    the weight's version counter did not move (a write through ``.data`` does not count)."""
     cached = classifier.__dict__.get(_CAST)
     if cached is not None:
-        _cached_cast(classifier, cached[0][-1])
+        _cached_cast(classifier, cached[0][-1], force=force)
 
 
-def _cached_cast(classifier: nn.Module, router_dtype: torch.dtype) -> tuple | None:
+def _cached_cast(classifier: nn.Module, router_dtype: torch.dtype, force: bool = False) -> tuple | None:
     """The kept ``(weight, bias)`` cast to ``router_dtype``; None for inference tensors, which have no
     version counter to tell an in-place write by."""
     weight, bias = classifier.weight, classifier.bias
@@ -71,7 +72,7 @@ def _cached_cast(classifier: nn.Module, router_dtype: torch.dtype) -> tuple | No
         key += (bias.data_ptr(), bias._version)
     key += (router_dtype,)
     cached = classifier.__dict__.get(_CAST)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == key and not force:
         return cached[1]
     # Normal tensors even under inference_mode: a later call with autograd on may save them.
     with torch.no_grad(), torch.inference_mode(False):
