@@ -237,8 +237,7 @@ def optimize(
     if isinstance(cache_misses, str):
         cache_misses = cache_misses.strip().lower()  # checked with the other cache options
     graph_modes = _graph_modes(cuda_graphs)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    module_argument(model, "optimize")
     if is_optimized(model):
         raise ValueError("this model is already optimized; call hf_moe_opt.restore(model) before optimizing again")
     blocks = _find_blocks(model)
@@ -380,22 +379,28 @@ def optimize(
     return model
 
 
+def module_argument(model: object, caller: str) -> nn.Module:
+    """``model``, or a TypeError naming ``caller`` where it is not a module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller} expects a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def optimized_layers(model: nn.Module) -> list[tuple[str, OptimizedMoE]]:
     """``(name, layer)`` for every optimized layer of ``model``."""
+    module_argument(model, "optimized_layers")
     return [(n, m) for n, m in model.named_modules() if isinstance(m, OptimizedMoE)]
 
 
 def is_optimized(model: nn.Module) -> bool:
     """Whether ``model`` holds optimized MoE layers."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"is_optimized expects a torch.nn.Module, got {type(model).__name__}")
+    module_argument(model, "is_optimized")
     return any(isinstance(m, OptimizedMoE) for m in model.modules())
 
 
 def restore(model: nn.Module) -> nn.Module:
     """Put the original HF blocks back (same weights); returns ``model``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"restore expects a torch.nn.Module, got {type(model).__name__}")
+    module_argument(model, "restore")
     return _restore(model)
 
 
@@ -432,7 +437,7 @@ def stats(model: nn.Module) -> dict[str, dict]:
     :meth:`hf_moe_opt.cache.CachedExpertStore.stats`). Layers without a cache give ``{}``. Reading
     CUDA timings waits for the copies recorded so far.
     """
-    layers = optimized_layers(model)
+    layers = optimized_layers(module_argument(model, "stats"))
     if not layers:
         raise ValueError("this model is not optimized (no hf_moe_opt layers found)")
     return {name: layer.store.stats() for name, layer in layers}
@@ -455,7 +460,7 @@ def sync_expert_copies(model: nn.Module) -> None:
     Raises:
         ValueError: ``model`` is not optimized.
     """
-    layers = optimized_layers(model)
+    layers = optimized_layers(module_argument(model, "sync_expert_copies"))
     if not layers:
         raise ValueError("this model is not optimized (no hf_moe_opt layers found)")
     for _, layer in layers:
@@ -464,7 +469,7 @@ def sync_expert_copies(model: nn.Module) -> None:
 
 def reset_stats(model: nn.Module) -> None:
     """Zero the counters of every optimized layer's store (cached experts stay resident)."""
-    layers = optimized_layers(model)
+    layers = optimized_layers(module_argument(model, "reset_stats"))
     if not layers:
         raise ValueError("this model is not optimized (no hf_moe_opt layers found)")
     for _, layer in layers:

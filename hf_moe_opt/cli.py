@@ -30,10 +30,22 @@ def _check_writable(path: str, suffixes: tuple[str, ...]) -> None:
         raise ValueError(f"--out {path}: the folder {str(out.parent)!r} does not exist")
 
 
-def _check_folder(option: str, path: str | None) -> None:
-    """An output's folder must exist before the work starts, not be found missing after it."""
-    if path and not Path(path).expanduser().parent.is_dir():
-        raise ValueError(f"{option} {path}: the folder {str(Path(path).parent)!r} does not exist")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def _check_output(option: str, path: str | None, suffixes: tuple[str, ...] | None = None) -> None:
+    """An output file must be writable where it is named before the work starts, not be found
+    unwritable after it: its folder exists, it is not a folder, and it has a suffix it can be written
+    in (``suffixes``; a plot without one would be written under another name)."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if not target.parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {str(target.parent)!r} does not exist")
+    if target.is_dir():
+        raise ValueError(f"{option} {path} is a folder; name a file")
+    if suffixes is not None and target.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} {path}: name a file ending in one of {', '.join(suffixes)}")
 
 
 def _demo_settings(args: argparse.Namespace) -> dict:
@@ -56,8 +68,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import as_dict, format_table, plot, run_demo
 
     _check_device(args.device)
-    _check_folder("--plot", args.plot)
-    _check_folder("--json", args.json)
+    _check_output("--plot", args.plot, PLOT_SUFFIXES)
+    _check_output("--json", args.json)
     if not 0 < args.cache_fraction <= 1:
         raise ValueError("--cache-fraction must be in (0, 1]")
     if args.repeats < 1:

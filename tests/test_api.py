@@ -465,3 +465,14 @@ def test_gradients_to_inputs_and_router_match_the_reference(backend, dtype):
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(gx, gx_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(gr.float(), gr_ref.float(), rtol=tol, atol=tol * gr_ref.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "call",
+    ["optimize", "restore", "is_optimized", "optimized_layers", "stats", "reset_stats", "sync_expert_copies"],
+)
+def test_public_functions_name_themselves_for_a_non_module(call):
+    with pytest.raises(TypeError, match=f"^{call} expects a torch.nn.Module, got NoneType$"):
+        getattr(hf_moe_opt, call)(None)
+    with pytest.raises(TypeError, match="^move_dense expects a torch.nn.Module, got str$"):
+        hf_moe_opt.cache.move_dense("model", "cpu")

@@ -138,16 +138,26 @@ def test_profile_missing_hub_model_is_one_line(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "no-such-org/no-such-model" in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("option", ["--plot", "--json"])
-def test_demo_checks_output_folders_before_running(monkeypatch, capsys, option):
+@pytest.mark.parametrize(
+    ("option", "name", "message"),
+    [
+        ("--plot", "/nonexistent/folder/out.png", "does not exist"),
+        ("--json", "/nonexistent/folder/out.json", "does not exist"),
+        ("--plot", "{tmp}", "is a folder"),
+        ("--json", "{tmp}", "is a folder"),
+        ("--plot", "{tmp}/plot", "ending in one of .png"),
+        ("--plot", "{tmp}/plot.xyz", "ending in one of .png"),
+    ],
+)
+def test_demo_checks_outputs_before_running(monkeypatch, capsys, tmp_path, option, name, message):
     import hf_moe_opt.demo
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the demo ran although its output cannot be written")
 
     monkeypatch.setattr(hf_moe_opt.demo, "run_demo", must_not_run)
-    assert main(["demo", option, "/nonexistent/folder/out.png"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert main(["demo", option, name.format(tmp=tmp_path)]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_demo_json_has_provenance(monkeypatch, tmp_path):

@@ -90,6 +90,9 @@ def move_dense(model: nn.Module, device: str | torch.device) -> nn.Module:
     """Move every parameter and buffer of ``model`` to ``device`` except the experts of its sparse
     MoE blocks, which stay where they are (the recipe for ``expert_cache`` on a CPU-loaded model).
     Parameter objects are kept (``param.data`` is replaced). Returns ``model``."""
+    from ..api import module_argument
+
+    module_argument(model, "move_dense")
     device = torch.device(device)
     if device.type == "cuda":
         _check_gpu("move_dense", device.index if device.index is not None else 0)
