@@ -149,10 +149,12 @@ def _tiny_nllb(folder: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- end to end
-def test_eval_lm_shipped_switch_unchanged(tmp_path):
+def test_eval_lm_shipped_switch_unchanged(tmp_path, monkeypatch):
     # Without the DDTP split next to the checkout: the test sentences, twice (16 are read).
     data = DDTP / "en.test.txt.gz" if (DDTP / "en.test.txt.gz").is_file() else _lines_file(tmp_path, repeat=2)
-    args = ["eval-lm", "--data", str(data), "--limit", "16", "--batch-size", "8"]
+    monkeypatch.chdir(tmp_path)  # the shipped model named by its package path from outside the checkout
+    args = ["eval-lm", "--model", "hf_moe_opt/assets/switch-tiny-ddtp", "--data", str(data.resolve())]
+    args += ["--limit", "16", "--batch-size", "8"]
     report = _run([*args, "--generate-samples", "4", "--max-new-tokens", "8"], tmp_path, "lm")
     from hf_moe_opt.evaluation.common import transformers_switch_applies_capacity
 
@@ -170,6 +172,7 @@ def test_eval_lm_shipped_switch_unchanged(tmp_path):
     for phase in report["phases"].values():
         assert phase["tokens_per_second"] > 0 and phase["weight_bytes"] > 0
     assert "versions" in report and report["command"].startswith("hf-moe-opt eval-lm")
+    assert report["model_source"] == "hf_moe_opt/assets/switch-tiny-ddtp"
 
 
 def test_eval_lm_capacity_none_changes_only_dropped(tmp_path):
@@ -355,6 +358,25 @@ def test_language_codes_must_be_the_tokenizers():
     _check_language_code(tok, "deu_Latn", "--target-lang")  # a real code passes
 
 
+def test_source_lang_sets_the_sources_code():
+    """The shipped tokenizer has no src_lang setting (a fixed eng_Latn prefix): --source-lang replaces
+    that prefix instead of being checked and then ignored."""
+    import argparse
+
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(NLLB)
+    model = AutoModelForSeq2SeqLM.from_pretrained(NLLB)
+    assert not hasattr(tok, "src_lang")
+    pairs = [("hallo welt", "hello world"), ("guten morgen", "good morning")]
+    for code in (None, "deu_Latn"):
+        args = argparse.Namespace(source_lang=code, target_lang=None, max_source_length=64)
+        sources = mt.prepare(tok, model, pairs, args)["sources"]
+        want = tok.convert_tokens_to_ids(code or "eng_Latn")
+        assert [ids[0] for ids in sources] == [want, want]
+        assert [ids[1:] for ids in sources] == [ids[1:] for ids in tok([s for s, _ in pairs])["input_ids"]]
+
+
 # ----------------------------------------------------------------------------- pieces
 def test_span_corruption_matches_training_script():
     script = REPO / "eval" / "train_tiny_models.py"
@@ -460,6 +482,18 @@ def test_eval_mt_bfloat16_differences_are_told_from_changes(tmp_path, capsys):
     assert f"{v['sentences_differing']}/4 translations differ" in printed and "BFLOAT16 ROUNDING" in printed
 
 
+def test_lm_verdict_counts_every_token():
+    """One changed sequence among thousands moves the corpus perplexity by less than its tolerance:
+    the per-token comparison still makes the verdict CHANGED (capacity='model')."""
+    from hf_moe_opt.evaluation.lm import unchanged_verdict
+
+    cmp = {"perplexity_rel_diff": 5e-5, "sequences_changed": 0, "token_nll_atol": 1e-3}
+    cmp["generation"] = {"all_identical": True, "sequences": 32, "identical_sequences": 32}
+    assert unchanged_verdict(cmp, "model", torch.float32, "original")["unchanged"]
+    changed = unchanged_verdict({**cmp, "sequences_changed": 1}, "model", torch.float32, "original")
+    assert not changed["unchanged"] and changed["perplexity_within_tolerance"] and changed["sequences_changed"] == 1
+
+
 def test_verdict_line_says_how_much_differs():
     from hf_moe_opt.evaluation.report import verdict_line
 
@@ -473,6 +507,8 @@ def test_verdict_line_says_how_much_differs():
         del lm_report["unchanged"][key]
     lm_line = verdict_line(lm_report)
     assert "5/32 greedy generations differ" in lm_line and "a float32 run tells" in lm_line
+    lm_report["unchanged"] |= {"sequences_changed": 1, "token_nll_atol": 0.1, "generations_differing": 0}
+    assert "1 sequences hold a token NLL beyond 0.1 nats" in verdict_line(lm_report)
     v |= {"differences_are_rounding": False}
     v["float32_check"] = {"sentences_differing": 3, "perplexity_rel_diff": 0.0}
     v["float32_check"]["reference_sentences_differing_from_its_float32_run"] = 20

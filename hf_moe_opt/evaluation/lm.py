@@ -441,7 +441,10 @@ def unchanged_verdict(cmp: dict, capacity: str, dtype: torch.dtype, baseline: st
         out["generations"] = gen["sequences"]
         out["generations_differing"] = gen["sequences"] - gen["identical_sequences"]
     if capacity == "model":
-        out["unchanged"] = bool(ppl_ok and gen_ok)
+        # A corpus perplexity hides one changed sequence among thousands: every token counts too.
+        out["sequences_changed"] = cmp["sequences_changed"]
+        out["token_nll_atol"] = cmp["token_nll_atol"]
+        out["unchanged"] = bool(ppl_ok and gen_ok and cmp["sequences_changed"] == 0)
     else:
         out["unchanged"] = bool(ppl_ok and gen_ok)
         if "sequences_changed_without_any_drop" in cmp:

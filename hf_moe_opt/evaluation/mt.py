@@ -117,6 +117,9 @@ def corpus_scores(hyps: list[str], refs: list[str], backend: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- data
+_LANG_CODE = re.compile(r"[a-z]{2,3}_[A-Z][a-z]{3}")  # NLLB's codes: eng_Latn, deu_Latn
+
+
 def _token_id(tokenizer, token: str, what: str) -> int:
     tid = tokenizer.convert_tokens_to_ids(token)
     if tid is None or tid == tokenizer.unk_token_id:
@@ -127,13 +130,26 @@ def _token_id(tokenizer, token: str, what: str) -> int:
 def _check_language_code(tokenizer, code: str | None, what: str) -> None:
     """A multilingual tokenizer's language code is one of its special tokens ('deu_Latn'); a subword
     that happens to be spelled like an ISO code ('de') would be used silently otherwise."""
-    codes = [t for t in tokenizer.all_special_tokens if re.fullmatch(r"[a-z]{2,3}_[A-Z][a-z]{3}", t)]
+    codes = [t for t in tokenizer.all_special_tokens if _LANG_CODE.fullmatch(t)]
     if code and codes and code not in codes:
         examples = codes[:3]
         raise EvalError(
             f"{what} {code!r} is not a language code of this tokenizer (codes look like {examples}); "
             "for 'translation' records keyed by other names pass --translation-keys SRC TGT"
         )
+
+
+def _with_source_code(tokenizer, sources: list[list[int]], code: str) -> list[list[int]]:
+    """Sources whose leading language code is ``code``: a tokenizer without a ``src_lang`` setting
+    (a fast tokenizer saved with a fixed template) prefixes the code it was saved with."""
+    codes = {tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens if _LANG_CODE.fullmatch(t)}
+    if not all(ids and ids[0] in codes for ids in sources):
+        raise EvalError(
+            f"--source-lang {code}: this tokenizer has no src_lang setting and its sources do not start with "
+            "a language code to replace"
+        )
+    wanted = _token_id(tokenizer, code, "--source-lang")
+    return [[wanted, *ids[1:]] for ids in sources]
 
 
 def prepare(tokenizer, model, pairs: list[tuple[str, str]], args: argparse.Namespace) -> dict:
@@ -156,6 +172,8 @@ def prepare(tokenizer, model, pairs: list[tuple[str, str]], args: argparse.Names
     if start is None or eos is None or pad_id is None:
         raise EvalError("the model/tokenizer define no decoder start, EOS or padding token")
     enc = tokenizer([s for s, _ in pairs], truncation=True, max_length=args.max_source_length)["input_ids"]
+    if args.source_lang and not hasattr(tokenizer, "src_lang"):
+        enc = _with_source_code(tokenizer, enc, args.source_lang)
     body = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
     prefix = [forced_bos] if forced_bos is not None else []
     targets = [prefix + t[: args.max_source_length] + [eos] for t in body]

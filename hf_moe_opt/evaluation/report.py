@@ -30,8 +30,10 @@ UNCHANGED_RULES = {
         "capacity='model': unchanged = every compared generation has identical tokens AND the perplexity "
         "differs from the baseline's by at most the relative tolerance of the dtype (float32 1e-4, bfloat16 "
         "2e-2, float16 1e-2: the optimized layer adds the same products in another order, so results agree "
-        "to rounding, not bit for bit). The baseline is the correct model: transformers' own forward, or the "
-        "eager reference where the installed transformers' block is wrong. eval-mt in bfloat16/float16: when "
+        "to rounding, not bit for bit) AND (perplexity runs) no target token's NLL differs by more than the "
+        "per-token tolerance of the dtype (float32 1e-3, bfloat16 0.1, float16 0.05 nats). The baseline is "
+        "the correct model: transformers' own forward, or the eager reference where the installed "
+        "transformers' block is wrong. eval-mt in bfloat16/float16: when "
         "translations differ, the baseline and the optimized model are re-run in float32, and "
         "'differences_are_rounding' is true when they agree there (identical tokens, perplexity within 1e-4)."
     ),
@@ -180,7 +182,9 @@ def finish_report(
         "task": task_name,
         "command": command_line(args),
         "model": model,
-        "model_source": setup.model_source if setup.model_origin != "shipped" else f"hf_moe_opt/assets/{args.model}",
+        "model_source": setup.model_source
+        if setup.model_origin != "shipped"
+        else f"hf_moe_opt/assets/{Path(setup.model_source).name}",
         "data": setup.data.describe(),
         "settings": {
             "device": str(setup.device),
@@ -238,8 +242,11 @@ def verdict_line(report: dict) -> str:
     if "sentences_differing" in v:
         detail = f": {v['sentences_differing']}/{v['sentences']} translations differ, BLEU diff {v['bleu_diff']:+.2f}, "
         detail += f"perplexity {ppl} the {dtype} tolerance"
-    elif v.get("generations_differing"):
-        detail += f", {v['generations_differing']}/{v['generations']} greedy generations differ"
+    else:
+        if v.get("sequences_changed"):
+            detail += f", {v['sequences_changed']} sequences hold a token NLL beyond {v['token_nll_atol']:g} nats"
+        if v.get("generations_differing"):
+            detail += f", {v['generations_differing']}/{v['generations']} greedy generations differ"
     check = v.get("float32_check")
     if check is None:
         hint = ""
