@@ -21,15 +21,6 @@ def _check_device(name: str) -> None:
     parse_device(name)
 
 
-def _check_writable(path: str, suffixes: tuple[str, ...]) -> None:
-    """Fail before the work, not after it, on an output path that cannot be written."""
-    out = Path(path)
-    if out.suffix.lower() not in suffixes:
-        raise ValueError(f"--out {path}: use a {' or '.join(suffixes)} file")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {path}: the folder {str(out.parent)!r} does not exist")
-
-
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
@@ -117,7 +108,7 @@ def _profile(args: argparse.Namespace) -> int:
     if args.batches <= 0 or args.batch_size <= 0 or args.max_length <= 0:
         raise ValueError("--batches, --batch-size and --max-length must be positive")
     _check_device(args.device)
-    _check_writable(args.out, (".json", ".npz"))
+    _check_output("--out", args.out, (".json", ".npz"))
     source, model, tok = _load_model(args.model, args.device, args.dtype)
     texts = read_data(DataSpec(path=Path(args.data), limit=args.batches * args.batch_size), pairs=False)
     batches = []
@@ -141,7 +132,7 @@ def _profile(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from .placement import RoutingTrace, plan_placement
 
-    _check_writable(args.out, (".json",))
+    _check_output("--out", args.out, (".json",))
     if args.spare_slots is not None and args.strategy != "replicate":
         raise ValueError(f"--spare-slots applies to --strategy replicate, not {args.strategy}")
     if args.spare_slots is not None and args.spare_slots < 0:

@@ -83,7 +83,7 @@ def memory_bandwidth(ceilings: dict) -> float:
 
 
 def floor_ms(active_experts: int, d: int, f: int, assignments: int, ceilings: dict, bias: bool = False) -> float:
-    """max(bytes of the active experts' weights / copy bandwidth, FLOPs / matmul rate), in ms."""
+    """max(bytes of the active experts' weights / memory bandwidth, FLOPs / matmul rate), in ms."""
     weight_bytes = active_experts * (2 * d * f + (d + f if bias else 0)) * 2
     flops = 2 * assignments * 2 * d * f
     return 1e3 * max(weight_bytes / memory_bandwidth(ceilings), flops / ceilings["bf16_flops_per_s"])

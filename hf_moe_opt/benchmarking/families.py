@@ -76,7 +76,7 @@ def _dims(config) -> tuple[int, int, int, int]:
 
 
 def floor_ms(active: int, d: int, f: int, assignments: int, ceilings: dict) -> float:
-    """max(active experts' bytes / copy bandwidth, FLOPs / matmul rate) for three-matrix GLU experts."""
+    """max(active experts' bytes / memory bandwidth, FLOPs / matmul rate) for three-matrix GLU experts."""
     weight_bytes = active * 3 * d * f * 2
     flops = 2 * assignments * 3 * d * f
     return 1e3 * max(weight_bytes / memory_bandwidth(ceilings), flops / ceilings["bf16_flops_per_s"])
