@@ -514,3 +514,22 @@ def test_verdict_line_says_how_much_differs():
     v["float32_check"]["reference_sentences_differing_from_its_float32_run"] = 20
     line = verdict_line(report)
     assert line.startswith("CHANGED vs reference") and "not bfloat16 rounding" in line
+
+
+def test_dataset_name_offline_reads_the_cache_only(monkeypatch):
+    """With the Hub out of reach a dataset name is looked up in the local cache at once (no half-minute
+    of retries), the error says why, and the libraries' offline settings are restored."""
+    import time
+
+    datasets = pytest.importorskip("datasets")
+    from huggingface_hub import constants
+
+    from hf_moe_opt.evaluation import common
+
+    monkeypatch.setattr(common, "hub_reachable", lambda: False)
+    before = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    start = time.monotonic()
+    with pytest.raises(EvalError, match="Hub cannot be reached from here and it is not in the local cache"):
+        common.read_dataset(DataSpec(dataset="no-such-org/no-such-dataset", split="test"), pairs=False)
+    assert time.monotonic() - start < 15
+    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == before

@@ -299,16 +299,38 @@ def read_local(spec: DataSpec, pairs: bool) -> list:
     return out
 
 
+@contextmanager
+def _hub_offline(offline: bool):
+    """``datasets`` and ``huggingface_hub`` in offline mode (their import-time settings) while active."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
 def read_dataset(spec: DataSpec, pairs: bool) -> list:
     """Texts or pairs from ``datasets.load_dataset(name, config, split=...)``."""
     try:
         import datasets
     except ImportError as e:
         raise EvalError("--dataset needs the `datasets` package (pip install datasets)") from e
+    # Without a network a Hub name would retry for half a minute: read the local cache only then.
+    offline = not Path(spec.dataset).expanduser().exists() and not hub_reachable()
     try:
-        ds = datasets.load_dataset(spec.dataset, spec.dataset_config, split=spec.split)
+        with _hub_offline(offline):
+            ds = datasets.load_dataset(spec.dataset, spec.dataset_config, split=spec.split)
     except Exception as e:  # datasets raises many types (connection, missing config, missing split)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if offline:
+            first = f"the Hugging Face Hub cannot be reached from here and it is not in the local cache ({first})"
         raise EvalError(f"cannot load dataset {spec.dataset!r}: {first}") from e
     out: list = []
     for i, record in enumerate(ds):
