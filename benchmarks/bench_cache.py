@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 import hf_moe_opt
-from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, save_result
+from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, json_out, save_result
 from hf_moe_opt.benchmarking.copy_trace import trace_copies
 from hf_moe_opt.benchmarking.model import random_model, real_config
 from hf_moe_opt.cache import POLICY_NAMES, BeladyPolicy, hit_rate_curve, synthetic_trace
@@ -674,7 +674,7 @@ SMOKE_SHAPES = {"switch": (8, 32, 64, 1), "nllb": (8, 32, 64, 2)}
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/cache.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/cache.json")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--switch-layers", type=int, default=4, help="MoE-only stack: switch-base-128 blocks")
     p.add_argument("--nllb-layers", type=int, default=2, help="MoE-only stack: nllb-moe-54b blocks")

@@ -31,7 +31,14 @@ import torch
 
 import hf_moe_opt
 from hf_moe_opt.baselines import hf_reference
-from hf_moe_opt.benchmarking.common import bench_device, each_model, environment, plot_models_by_batch, save_result
+from hf_moe_opt.benchmarking.common import (
+    bench_device,
+    each_model,
+    environment,
+    json_out,
+    plot_models_by_batch,
+    save_result,
+)
 from hf_moe_opt.benchmarking.floors import decode_floor
 from hf_moe_opt.benchmarking.model import (
     decode_ms_per_token,
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long", type=int, default=20, help="new tokens of the longer generation")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results/decode_graphs.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/decode_graphs.json")
     args = p.parse_args(argv)
     found = bench_device(args.cpu_smoke)
     if found is None:

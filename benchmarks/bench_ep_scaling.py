@@ -51,8 +51,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hf_moe_opt  # noqa: E402
-from hf_moe_opt.benchmarking.common import (  # noqa: E402
+from hf_moe_opt.benchmarking.common import (
     environment,
+    json_out,  # noqa: E402
     measure_ceilings,
     memory_bandwidth,
     print_ceilings,
@@ -296,7 +297,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/ep_scaling.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/ep_scaling.json")
     p.add_argument("--layers", type=int, default=4, help="encoder layers (the real model has 24)")
     p.add_argument("--sparse-step", type=int, default=2, help="every n-th encoder layer is sparse (real: 4)")
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])

@@ -34,7 +34,14 @@ import torch
 
 import hf_moe_opt
 from hf_moe_opt.baselines import hf_reference
-from hf_moe_opt.benchmarking.common import bench_device, each_model, environment, plot_models_by_batch, save_result
+from hf_moe_opt.benchmarking.common import (
+    bench_device,
+    each_model,
+    environment,
+    json_out,
+    plot_models_by_batch,
+    save_result,
+)
 from hf_moe_opt.benchmarking.floors import decode_floor, encoder_floor
 from hf_moe_opt.benchmarking.model import random_ids, random_model, tiny_config
 from hf_moe_opt.step_graphs import EagerCapture
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny config on the CPU (checks the script runs)")
-    p.add_argument("--out", default="benchmarks/results/generate.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/generate.json")
     args = p.parse_args(argv)
     if args.new < 2:
         p.error("--new must be at least 2 (the floor averages the decode steps after the first)")

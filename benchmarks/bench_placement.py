@@ -40,9 +40,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # uninstalled: torchrun's workers too
-from hf_moe_opt.benchmarking.common import (  # noqa: E402
+from hf_moe_opt.benchmarking.common import (
     LAYER_SHAPES,
     environment,
+    json_out,  # noqa: E402
     measure_ceilings,
     memory_bandwidth,
     print_ceilings,
@@ -405,7 +406,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/placement_h200x2.json"))
+    parser.add_argument("--out", type=json_out, default=Path("benchmarks/results/placement_h200x2.json"))
     parser.add_argument("--shapes", nargs="+", default=None)
     parser.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
     parser.add_argument("--alpha", type=float, default=1.2)

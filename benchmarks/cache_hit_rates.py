@@ -27,7 +27,7 @@ from transformers import (
 
 import hf_moe_opt
 from hf_moe_opt.assets import shipped_model_path
-from hf_moe_opt.benchmarking.common import environment
+from hf_moe_opt.benchmarking.common import environment, json_out
 from hf_moe_opt.cache import POLICY_NAMES, hit_rate_curve, synthetic_trace, trace_from_counts
 
 REQUESTS = [
@@ -87,7 +87,7 @@ def model_traces(new_tokens: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/hit_rates.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/hit_rates.json")
     p.add_argument("--new-tokens", type=int, default=32)
     args = p.parse_args(argv)
     torch.manual_seed(0)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from hf_moe_opt.benchmarking.common import json_out  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # (BLOCK_N, num_stages, num_warps) tried for the plain Triton GEMM; BLOCK_M 128, BLOCK_K 64.
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", choices=list(LAYER_SHAPES), default=list(LAYER_SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
-    p.add_argument("--out", default="benchmarks/results/ideal_gemm.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/ideal_gemm.json")
     p.add_argument("--persistent", action="store_true", help="also time a persistent descriptor GEMM (tile loop)")
     p.add_argument("--warp-specialize", action="store_true", help="the persistent GEMM with warp specialisation")
     args = p.parse_args(argv)

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from bench_cache import token_stream  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, save_result  # noqa: E402
+from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, json_out, save_result  # noqa: E402
 from hf_moe_opt.cache import simulate  # noqa: E402
 from hf_moe_opt.cache.policies import EvictionPolicy, LFRUPolicy  # noqa: E402
 from hf_moe_opt.cache.traces import RoutingTrace, synthetic_steps  # noqa: E402
@@ -181,7 +181,7 @@ def _row(job: tuple[str, int, int]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/policy_bounds.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/policy_bounds.json")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     names = [*SETTINGS, *STACKS]

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ep_scaling import build, ids_for  # noqa: E402
 
 import hf_moe_opt  # noqa: E402
-from hf_moe_opt.benchmarking.common import environment, pyplot_or_none, save_result  # noqa: E402
+from hf_moe_opt.benchmarking.common import environment, json_out, pyplot_or_none, save_result  # noqa: E402
 
 
 def run(encoder, ids: torch.Tensor, backend: str) -> torch.Tensor:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--check-batch", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="tiny config (checks the script)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", type=json_out, default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from hf_moe_opt.benchmarking.common import json_out  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--gap-us", type=float, default=50.0, help="copies closer than this form one load batch")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=json_out)
     p.add_argument("--replot", type=Path, nargs="+", help="only draw the plot of result JSONs (to the first's .png)")
     args = p.parse_args(argv)
     if args.replot:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from hf_moe_opt.benchmarking.common import environment, pyplot_or_none, save_result
+from hf_moe_opt.benchmarking.common import environment, json_out, pyplot_or_none, save_result
 
 SHAPES = {"switch-base-128": [(3072, 768), (768, 3072)], "nllb-moe-54b": [(8192, 2048), (2048, 8192)]}
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=json_out, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_copy_issue: needs a CUDA GPU", file=sys.stderr)

@@ -27,6 +27,8 @@ import sys
 
 import torch
 
+from hf_moe_opt.benchmarking.common import json_out
+
 try:
     import triton
     import triton.language as tl
@@ -122,7 +124,7 @@ def probe_shape(name: str, n: int, k: int, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--out", default="benchmarks/results/zero_copy.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/zero_copy.json")
     args = p.parse_args(argv)
     if triton is None or not torch.cuda.is_available():
         print("error: this probe needs triton and a CUDA device", file=sys.stderr)

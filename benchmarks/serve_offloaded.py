@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hf_moe_opt  # noqa: E402
-from hf_moe_opt.benchmarking.common import environment  # noqa: E402
+from hf_moe_opt.benchmarking.common import environment, json_out  # noqa: E402
 from hf_moe_opt.benchmarking.model import random_model  # noqa: E402
 from hf_moe_opt.cache.offload import move_dense  # noqa: E402
 
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
         "--resident-baseline", action="store_true", help="also time the model fully resident (same graph settings)"
     )
     p.add_argument("--tiny", action="store_true", help="a small config (smoke test, any device)")
-    p.add_argument("--out", default="benchmarks/results/offload.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/offload.json")
     p.add_argument("--replot", metavar="JSON", help="only redraw the plot of a result file")
     args = p.parse_args(argv)
     if args.replot:

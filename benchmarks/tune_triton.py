@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from hf_moe_opt.benchmarking.common import json_out  # noqa: E402
+
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(_TORCH_ACTIVATIONS) + [f"glu_{a}" for a in sorted(_TORCH_ACTIVATIONS)],
         help="the experts' activation; glu_* tunes gated experts (W1 holds gate and up)",
     )
-    parser.add_argument("--out", type=Path, help="JSON file to write (default: the package's table for this GPU)")
+    parser.add_argument("--out", type=json_out, help="JSON file to write (default: the package's table for this GPU)")
     parser.add_argument("--quick", action="store_true", help="a small candidate set")
     parser.add_argument("--wide", action="store_true", help="more K tiles and pipeline depths for large batches")
     parser.add_argument("--block-m", type=int, nargs="+", help="only these BLOCK_M candidates")

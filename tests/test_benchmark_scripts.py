@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -522,13 +525,13 @@ def test_copy_dma_probe_plot(tmp_path) -> None:
 
 
 def test_read_probe_streams_its_weights() -> None:
-    """The bandwidth probe's kernel call computes the layer it claims to (so it reads every weight
-    byte it counts), and it times nothing off a GPU."""
+    """The bandwidth probes' kernel calls compute the layers they claim to (so they read every weight
+    byte they count), and they time nothing off a GPU."""
     pytest.importorskip("triton")
-    from hf_moe_opt.benchmarking.read_probe import probe_inputs, read_rates
+    from hf_moe_opt.benchmarking.read_probe import grouped_probe_inputs, probe_inputs, read_rates
     from hf_moe_opt.dispatch import make_plan
     from hf_moe_opt.experts.torch_backend import torch_moe_ffn
-    from hf_moe_opt.kernels import kernels_interpreted
+    from hf_moe_opt.kernels import kernels_interpreted, moe_ffn
     from hf_moe_opt.kernels.gemv import gemv_moe_ffn
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -539,5 +542,38 @@ def test_read_probe_streams_its_weights() -> None:
     assert nbytes == 2 * 3 * 32 * 64 * 2
     expected = torch_moe_ffn(x, make_plan(index, gates, keep, 3), w1, b1, w2, b2, act)
     torch.testing.assert_close(gemv_moe_ffn(*args).float(), expected.float(), atol=1e-4, rtol=1e-2)
+
+    args, nbytes = grouped_probe_inputs(device, experts=4, hidden=32, ffn=64, rows=3)
+    x, plan, w1, b1, w2, b2, act = args
+    assert nbytes == 2 * 4 * 32 * 64 * 2 and x.shape == (12, 32)
+    assert plan.counts.tolist() == [3, 3, 3, 3]  # every expert (so every weight byte) is used
+    expected = torch_moe_ffn(*args)
+    torch.testing.assert_close(moe_ffn(*args).float(), expected.float(), atol=1e-4, rtol=1e-2)
+
     rates = read_rates(device, lambda fn: 1.0)
-    assert len(rates) == (1 if device.type == "cuda" else 0) and all(r > 0 for r in rates)
+    assert sorted(rates) == (["decode", "grouped"] if device.type == "cuda" else [])
+    assert all(r > 0 for r in rates.values())
+
+
+@pytest.mark.parametrize(("script", "bad"), [("bench_layer.py", "folder"), ("bench_cache.py", "r.png")])
+def test_benchmark_out_is_checked_before_work(script: str, bad: str, tmp_path) -> None:
+    """A folder or a non-JSON name for ``--out`` stops a benchmark at once (argparse, exit 2), not
+    after a long run; a JSON name in a folder that does not exist yet is accepted (created on write)."""
+    import argparse
+
+    from hf_moe_opt.benchmarking.common import json_out
+
+    assert json_out(str(tmp_path / "new" / "r.json")) == tmp_path / "new" / "r.json"
+    for bad in (str(tmp_path), str(tmp_path / "r.png")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            json_out(bad)
+    out = tmp_path if bad == "folder" else tmp_path / bad
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 2 and "--out" in proc.stderr, proc.stderr[-500:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import platform
@@ -47,8 +48,9 @@ def measure_ceilings(device: torch.device, copy_numel: int = 1 << 28, matmul_siz
     """Device memory bandwidth and bf16 matmul rate, measured now.
 
     The bandwidth is the fastest of several streams over the same buffer: a copy (bytes read +
-    written), torch's sum and matrix-vector product, and on GPUs the weight stream of
-    :mod:`~hf_moe_opt.benchmarking.read_probe` (all read only). A kernel that only reads can beat a
+    written), torch's sum and matrix-vector product, and on GPUs the weight streams of
+    :mod:`~hf_moe_opt.benchmarking.read_probe` (all read only; each probe's rate is kept as
+    ``<probe>_read_bytes_per_s``). A kernel that only reads can beat a
     copy's rate, so a floor built on the copy alone is no floor. The defaults (512 MiB of bf16,
     8192^3 matmul) saturate a data-centre GPU; CPU smoke runs pass less.
     """
@@ -59,10 +61,11 @@ def measure_ceilings(device: torch.device, copy_numel: int = 1 << 28, matmul_siz
     cols = min(8192, copy_numel)
     rows = src[: copy_numel // cols * cols].view(-1, cols)
     vec = torch.ones(cols, dtype=torch.bfloat16, device=device)
+    probes = read_rates(device, lambda fn: median_ms(fn, device, repeats=10, warmup=3))
     reads = [
         nbytes / (median_ms(lambda: src.sum(), device, repeats=10, warmup=3) * 1e-3),
         rows.numel() * rows.element_size() / (median_ms(lambda: rows @ vec, device, repeats=10, warmup=3) * 1e-3),
-        *read_rates(device, lambda fn: median_ms(fn, device, repeats=10, warmup=3)),
+        *probes.values(),
     ]
     m = matmul_size
     a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
@@ -72,6 +75,7 @@ def measure_ceilings(device: torch.device, copy_numel: int = 1 << 28, matmul_siz
         "memory_bytes_per_s": max(copy_bw, *reads),
         "copy_bytes_per_s": copy_bw,
         "read_bytes_per_s": max(reads),
+        **{f"{name}_read_bytes_per_s": rate for name, rate in probes.items()},
         "bf16_flops_per_s": 2 * m**3 / (ms * 1e-3),
     }
 
@@ -128,6 +132,19 @@ def save_result(result: dict, out: str | Path, plot: Callable[[dict, Path], None
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def json_out(value: str) -> Path:
+    """``type=`` of a benchmark's ``--out``: a ``.json`` file (its plot goes beside it as ``.png``; a
+    missing folder is created when it is written), checked before any work, not after it."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a folder; name a .json file")
+    if path.suffix.lower() != ".json":
+        raise argparse.ArgumentTypeError(f"{value}: name a file ending in .json")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: {path.parent} is not a folder")
+    return path
 
 
 def add_floor_ratios(row: dict) -> None:
@@ -234,7 +251,7 @@ def add_stack_probe_args(parser, *, warmup: int, steps: int, batches: bool = Tru
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--block", type=int, default=10, help="steps per timed block (blocks alternate settings)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=json_out)
     parser.add_argument("--replot", type=Path, help="only redraw the plot of a result JSON")
 
 

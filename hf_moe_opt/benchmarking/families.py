@@ -21,6 +21,7 @@ from ..timing import median_ms
 from .common import (
     add_floor_ratios,
     environment,
+    json_out,
     measure_ceilings,
     memory_bandwidth,
     plot_by_shape,
@@ -155,7 +156,7 @@ def main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--eager-max-tokens", type=int, default=512, help="skip HF's eager loop above this")
-    p.add_argument("--out", default="benchmarks/results/families.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/families.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the families benchmark needs a CUDA device", file=sys.stderr)

@@ -26,6 +26,7 @@ from .common import (
     add_floor_ratios,
     environment,
     floor_ms,
+    json_out,
     measure_ceilings,
     plot_by_shape,
     print_ceilings,
@@ -146,7 +147,7 @@ def main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(LAYER_SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--out", default="benchmarks/results/layer.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/layer.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the layer benchmark needs a CUDA device", file=sys.stderr)

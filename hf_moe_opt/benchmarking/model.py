@@ -39,7 +39,7 @@ from ..baselines import hf_reference
 from ..dense import fuse_dense, unfuse_dense
 from ..step_graphs import EagerCapture, runner_of
 from ..timing import median_ms
-from .common import add_floor_ratios, environment, measure_ceilings, print_ceilings, save_result
+from .common import add_floor_ratios, environment, json_out, measure_ceilings, print_ceilings, save_result
 from .floors import decode_floor, encoder_floor
 
 DEFAULT_MODELS = ["switch-base-128", "nllb-moe-54b"]
@@ -499,7 +499,7 @@ def main(argv=None, prog: str | None = None) -> int:
                    help="default: 1 8 64 (2 with --cpu-smoke); none: encoder only")  # fmt: skip
     p.add_argument("--seq", type=int, help="encoder tokens per sequence (default: 128; 16 with --cpu-smoke)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny configs on the CPU (checks the benchmark runs)")
-    p.add_argument("--out", default="benchmarks/results/model.json")
+    p.add_argument("--out", type=json_out, default="benchmarks/results/model.json")
     args = p.parse_args(argv)
     sizes = [*(args.batches or []), *(args.decode_batches or []), *([args.seq] if args.seq is not None else [])]
     if any(n < 1 for n in sizes):
