@@ -3,8 +3,8 @@
 The expert kernels stream weights and write little. On an H200 they read faster (4.3-4.6 TB/s for
 nllb-moe-54b-sized experts at 64-512 tokens) than a device copy moves bytes (read + write, 3.9-4.1
 TB/s) or than torch's sum and matrix-vector product read (3.6-3.7 TB/s), so a floor built on those
-rates can be beaten. These probes time our own kernels on bf16 weights, 1 GiB in all, with almost
-nothing else to do:
+rates can be beaten. These probes time our own kernels on bf16 weights (1-2 GiB), captured in a
+CUDA graph (no host launch in the timing), with almost nothing else to do:
 
 * ``decode``: the plan-free decode kernel, one token routed to a few large experts (3.8-3.9 TB/s on
   the H200);
@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 
 EXPERTS, HIDDEN, FFN = 4, 4096, 16384  # decode probe: 4 x 2 x 4096 x 16384 bf16 = 1 GiB
-GROUPED_EXPERTS, GROUPED_HIDDEN, GROUPED_FFN, GROUPED_ROWS = 16, 2048, 8192, 8  # 16 x 2 x 2048 x 8192 = 1 GiB
-CALLS = 5  # per timing, so the launch is a small part
+GROUPED_EXPERTS, GROUPED_HIDDEN, GROUPED_FFN, GROUPED_ROWS = 32, 2048, 8192, 8  # 32 x 2 x 2048 x 8192 = 2 GiB
+CALLS = 5  # per CUDA graph replay
 
 
 def _weights(experts: int, hidden: int, ffn: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -68,6 +68,16 @@ def grouped_probe_inputs(
     return (x, plan, w1, None, w2, None, _relu()), nbytes
 
 
+def _graphed(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (run once first: compiles the kernels); returns the replay."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def read_rates(device: torch.device, time_ms: Callable[[Callable[[], object]], float]) -> dict[str, float]:
     """Bytes per second each probe streams (``{"decode": .., "grouped": ..}``), timed by
     ``time_ms(fn)``; empty off CUDA or without the compiled kernels (the interpreter is no probe).
@@ -91,7 +101,7 @@ def read_rates(device: torch.device, time_ms: Callable[[Callable[[], object]], f
                 for _ in range(CALLS):
                     kernel(*args)
 
-            rates[name] = CALLS * nbytes / (time_ms(calls) * 1e-3)
+            rates[name] = CALLS * nbytes / (time_ms(_graphed(calls)) * 1e-3)
         except (RuntimeError, ValueError) as err:  # the other streams still count
             warnings.warn(f"the {name} bandwidth probe did not run ({type(err).__name__}: {err})", stacklevel=2)
         finally:
