@@ -76,16 +76,20 @@ class SoftmaxTopKRouting:
 
     def forward(self, hidden_states: torch.Tensor):
         x = hidden_states.reshape(-1, self.hidden_dim)
-        fused = try_fused_router(
-            x,
-            self.weight,
-            None,
-            mode="softmax_topk",
-            top_k=self.top_k,
-            logits_dtype=torch.result_type(x, self.weight),
-            gates_dtype=torch.float32 if self.normalize_always else torch.result_type(x, self.weight),
-            normalize=self.normalize_always or bool(self.norm_topk_prob),
-        )
+        # Tokens and weight of two dtypes: transformers' F.linear raises, so the torch path below
+        # must run (and raise) rather than the kernels, which would accept them.
+        fused = None
+        if x.dtype == self.weight.dtype:
+            fused = try_fused_router(
+                x,
+                self.weight,
+                None,
+                mode="softmax_topk",
+                top_k=self.top_k,
+                logits_dtype=x.dtype,
+                gates_dtype=torch.float32 if self.normalize_always else x.dtype,
+                normalize=self.normalize_always or bool(self.norm_topk_prob),
+            )
         if fused is not None:
             logits, indices, weights = fused
             return logits, weights, indices

@@ -402,3 +402,26 @@ def test_optimized_models_route_with_the_fused_router(family, monkeypatch):
         slow = model(**inputs).logits.float()
         assert not calls
     torch.testing.assert_close(fast, slow, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_softmax_topk_router_refuses_mixed_dtypes_as_transformers_does(family, monkeypatch):
+    """bf16 tokens into a float32 router weight: transformers' router raises (``F.linear``); the
+    optimized one must too, on the fused path as on the torch one, instead of routing silently."""
+    from hf_moe_opt import optimize
+    from tests.test_families import tiny_model
+
+    calls = _force_fused(monkeypatch)
+    model = tiny_model(family).to(DEVICE)
+    block = next(m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts"))
+    router = block.gate
+    x = torch.randn(5, model.config.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            router(x.bfloat16())  # transformers' own router
+        optimize(model)
+        with pytest.raises(RuntimeError):
+            router(x.bfloat16())
+        assert calls == []
+        logits, weights, indices = router(x)  # same dtypes: the fused kernels route
+    assert calls == [("softmax_topk", 5)] and indices.shape == (5, model.config.num_experts_per_tok)
