@@ -158,7 +158,15 @@ class OptimizedMoE(nn.Module):
                 "capture; for continuous batching build the config with "
                 "hf_moe_opt.integrations.continuous_batching_config(model) (or use_cuda_graph=False)"
             )
-        batch, seq_len, hidden = hidden_states.shape
+        shape = hidden_states.shape
+        if hidden_states.dim() == 2:  # [tokens, hidden] (DeepSeek's blocks take it): one sequence
+            hidden_states = hidden_states.unsqueeze(0)
+        elif hidden_states.dim() != 3:
+            raise ValueError(
+                f"{type(self).__name__} takes [batch, seq, hidden] or [tokens, hidden] hidden states, "
+                f"got shape {tuple(shape)}"
+            )
+        hidden = shape[-1]
         routing = self.route(self.router, hidden_states, padding_mask)
         for observer in self.observers:
             observer(self, routing)
@@ -167,7 +175,7 @@ class OptimizedMoE(nn.Module):
             out = self.graphs.run(self._compute, x, *routing)
         else:
             out = self._compute(x, *routing)
-        return out.view(batch, seq_len, hidden)
+        return out.view(shape)
 
     def _compute(self, x, expert_index, gates, keep) -> torch.Tensor:
         """Dispatch, experts and combine for routed tokens ``x`` ``[N, D]``."""

@@ -271,6 +271,22 @@ def test_gpt_oss_block_returns_router_scores():
     torch.testing.assert_close(s_opt, s_ref, **FP32)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_block_takes_flat_tokens_as_transformers_does(family):
+    """DeepSeek's blocks accept ``[tokens, hidden]`` as well as ``[batch, seq, hidden]``; so does the
+    optimized block (same output shape and values), and other ranks get a clear error."""
+    ref, opt = _pair(family)
+    block_ref, block_opt = ref.model.layers[-1].mlp, opt.model.layers[-1].mlp
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        out = block_opt(x)
+        torch.testing.assert_close(out, block_ref(x), **FP32)
+        assert out.shape == (7, 32)
+        torch.testing.assert_close(block_opt(x.view(1, 7, 32)), out.view(1, 7, 32), **FP32)
+        with pytest.raises(ValueError, match="batch, seq, hidden"):
+            block_opt(x.view(1, 1, 7, 32))
+
+
 def test_deepseek_v2_greedy_and_v3_without_norm():
     for family, overrides in (("deepseek_v2", dict(topk_method="greedy")), ("deepseek_v3", dict(norm_topk_prob=False))):
         ref, opt = _pair(family, **overrides)
