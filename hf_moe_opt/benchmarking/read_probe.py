@@ -6,10 +6,10 @@ TB/s) or than torch's sum and matrix-vector product read (3.6-3.7 TB/s), so a fl
 rates can be beaten. These probes time our own kernels on bf16 weights (1-2 GiB), captured in a
 CUDA graph (no host launch in the timing), with almost nothing else to do:
 
-* ``decode``: the plan-free decode kernel, one token routed to a few large experts (3.8-3.9 TB/s on
-  the H200);
+* ``decode``: the plan-free decode kernel, one token routed to a few large experts (4.26-4.38 TB/s
+  on the H200; 3.8-4.2 timed without a graph, host launches included);
 * ``grouped``: the grouped kernel on experts of nllb-moe-54b's size, a few rows each, the regime
-  where the expert kernels read fastest.
+  where the expert kernels read fastest (4.33-4.34 TB/s).
 
 A probe that runs our kernels is no proof of what the memory can do; it only makes sure no floor
 sits below a rate we have already reached.
