@@ -633,6 +633,22 @@ def test_belady_on_oversubscribed_steps_is_greedy():
     assert belady(trace, 1).hits == 1
 
 
+def test_belady_oversubscribed_step_ends_holding_the_soonest_needed():
+    """An oversubscribed step loads its misses farthest-needed first, so it ends holding the experts
+    needed soonest (worked by hand: each next step then hits what it needs first)."""
+    cases = [
+        # 1 slot: 0 is next needed at step 2, 1 at step 1 -> end holding 1, hit it, then miss 0.
+        ([[0, 1], [1], [0]], 1, 1, (2, 0, 1)),
+        # 2 slots: next uses 2 -> 1, 1 -> 2, 0 -> 3: end holding {2, 1}.
+        ([[0, 1, 2], [2], [1], [0]], 2, 2, (3, 0, 0, 1)),
+        # 2 slots, 4 misses: 1 and 2 are needed next step, 0 after, 3 never: end holding {1, 2}.
+        ([[3, 0, 1, 2], [1, 2], [0]], 2, 2, (4, 0, 1)),
+    ]
+    for trace, slots, hits, per_step in cases:
+        result = belady(trace, slots)
+        assert (result.hits, result.per_step_misses) == (hits, per_step), trace
+
+
 # ------------------------------------------------------------------------------------ simulator
 def test_simulate_counts_each_needed_expert_once_per_step():
     trace = [[0, 1], [1, 1, 2], [2]]
@@ -840,6 +856,12 @@ def test_prefetch_fills_free_slots_then_evicts_by_the_policy():
     assert [(ld.expert, ld.evicted) for ld in p.prefetch([2])] == [(2, 5)]
     out = p.step([2])
     assert out.hits == (2,) and out.loads == ()
+    # A prefetched expert that no step has used yet ranks as never used: the first to go.
+    p = make_policy("lru", 2, 8)
+    p.step([0])
+    p.step([1])
+    assert [(ld.expert, ld.evicted) for ld in p.prefetch([5])] == [(5, 0)]
+    assert p.step([3]).loads[0].evicted == 5
 
 
 def test_prefetch_never_evicts_an_expert_it_prefetches_or_a_pinned_one():

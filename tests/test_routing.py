@@ -296,3 +296,52 @@ def test_router_logits_with_inference_tensors_and_autograd() -> None:
     want_grad = (2 * logits).t() @ x.float()
     assert classifier.weight.grad is not None and classifier.weight.grad.dtype == torch.bfloat16
     torch.testing.assert_close(classifier.weight.grad.float(), want_grad, rtol=2e-2, atol=2e-2)
+
+
+def _switch_keep_reference(expert: torch.Tensor, capacity: int | None) -> torch.Tensor:
+    """Plain loop: the c-th token (in sequence order) of a sequence routed to an expert is kept while
+    c <= capacity; ``expert`` is ``[B, S]``."""
+    keep = torch.ones_like(expert, dtype=torch.bool)
+    for b in range(expert.shape[0]):
+        used: dict[int, int] = {}
+        for s in range(expert.shape[1]):
+            e = int(expert[b, s])
+            used[e] = used.get(e, 0) + 1
+            keep[b, s] = capacity is None or used[e] <= capacity
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_switch_route_capacity_at_every_boundary(seed):
+    """Random skewed routing over sequence lengths around the capacity (seq = capacity, capacity + 1,
+    ...): the kept assignments are exactly the first ``capacity`` of each (sequence, expert)."""
+    from hf_moe_opt.routing.switch import switch_route
+
+    g = torch.Generator().manual_seed(seed)
+    num_experts = 4
+    for capacity in (1, 2, 3, 5):
+        for seq in (capacity, capacity + 1, capacity + 2, 3 * capacity + 1):
+            batch = int(torch.randint(1, 4, (1,), generator=g))
+            skew = torch.tensor([2.0, 0.0, 0.0, -1.0])  # expert 0 is popular: its queue overflows
+            logits = torch.randn(batch, seq, num_experts, generator=g) + skew
+            routing = switch_route(logits, torch.float32, capacity)
+            expert = routing.expert_index.view(batch, seq)
+            assert torch.equal(expert, logits.argmax(-1))
+            want = _switch_keep_reference(expert, capacity)
+            got = torch.ones_like(want) if routing.keep is None else routing.keep.view(batch, seq)
+            assert torch.equal(got, want), (capacity, seq, batch)
+
+
+def test_switch_choice_ties_in_the_input_dtype_go_to_the_lower_expert():
+    """transformers takes the argmax of the probabilities cast to the input dtype: two probabilities
+    that differ in float32 but round to one bfloat16 value tie, and the lower expert wins."""
+    from hf_moe_opt.routing.switch import switch_choice
+
+    logits = torch.tensor([[0.0, 1e-3, -6.0, -6.0]])
+    probs = torch.softmax(logits, dim=-1)
+    assert probs[0, 1] > probs[0, 0]  # float32 would choose expert 1
+    assert probs.bfloat16()[0, 0] == probs.bfloat16()[0, 1]  # bf16 ties them
+    expert, gate = switch_choice(logits, torch.bfloat16)
+    assert int(expert) == 0 and gate.dtype == torch.bfloat16 and gate.item() == probs.bfloat16()[0, 0].item()
+    expert, _ = switch_choice(logits, torch.float32)
+    assert int(expert) == 1

@@ -29,6 +29,8 @@ from hf_moe_opt.kernels import (  # noqa: E402
 )
 from hf_moe_opt.kernels.launch_config import clear_cache, device_file_stem, shape_key  # noqa: E402
 
+from .reference import moe_ffn_reference  # noqa: E402
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not kernels_interpreted():
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
@@ -116,10 +118,16 @@ def test_random_routing_with_drops(top_k: int, bias: bool, dtype: torch.dtype) -
     x = torch.randn(num_tokens, hidden, generator=g).to(DEVICE, dtype)
     index = _random_index(num_tokens, top_k, num_experts, seed=8)
     keep = torch.rand(num_tokens, top_k, generator=g) > 0.25
-    plan = _plan(index, num_experts, keep)
+    gates = torch.rand(num_tokens, top_k, generator=g)
+    plan = make_plan(index.to(DEVICE), gates.to(DEVICE), keep.to(DEVICE), num_experts)
     assert not bool(plan.kept_rows().all())
     w1, b1, w2, b2 = _weights(num_experts, hidden, ffn, dtype, bias, seed=9)
     out = _check(x, plan, w1, b1, w2, b2, ACTIVATIONS["gelu_new"], out_scale=0.5)
+    # Also against the per-token loop (not only the torch backend, which shares the plan with us).
+    args = (index.to(DEVICE), gates.to(DEVICE), keep.to(DEVICE), w1, b1, w2, b2, ACTIVATIONS["gelu_new"].fn)
+    ref = moe_ffn_reference(x, *args, out_scale=0.5)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
     # Tokens with every assignment dropped get exact zeros (residual only).
     all_dropped = ~keep.any(dim=1)
     assert all_dropped.any()

@@ -425,3 +425,25 @@ def test_softmax_topk_router_refuses_mixed_dtypes_as_transformers_does(family, m
         assert calls == []
         logits, weights, indices = router(x)  # same dtypes: the fused kernels route
     assert calls == [("softmax_topk", 5)] and indices.shape == (5, model.config.num_experts_per_tok)
+
+
+@pytest.mark.parametrize("tokens", [3, 200])  # the two-launch path and the tiled one
+def test_fused_switch_choice_ties_in_the_input_dtype_go_to_the_lower_expert(tokens):
+    """Probabilities that differ in float32 but round to one bfloat16 value tie; the fused kernels
+    choose the lower expert, as transformers' argmax over the bf16 probabilities does."""
+    from hf_moe_opt.routing.switch import switch_choice
+
+    hidden = 16
+    column = torch.tensor([0.0, 1e-3, -6.0, -6.0])
+    weight = torch.zeros(4, hidden)
+    weight[:, 0] = column  # one-hot tokens: the logits are exactly ``column``
+    x = torch.zeros(tokens, hidden, dtype=torch.bfloat16)
+    x[:, 0] = 1
+    probs = torch.softmax(column, dim=-1)
+    assert probs[1] > probs[0] and probs.bfloat16()[0] == probs.bfloat16()[1]
+    logits, index, gates = router_kernels.fused_router(
+        x.to(DEVICE), weight.to(DEVICE), None, mode="switch", logits_dtype=torch.float32, gates_dtype=torch.bfloat16
+    )
+    want_expert, want_gate = switch_choice(column.expand(tokens, 4), torch.bfloat16)
+    assert torch.equal(index.cpu(), want_expert) and int(want_expert[0]) == 0
+    assert torch.equal(gates.cpu(), want_gate)
