@@ -345,3 +345,20 @@ def test_switch_choice_ties_in_the_input_dtype_go_to_the_lower_expert():
     assert int(expert) == 0 and gate.dtype == torch.bfloat16 and gate.item() == probs.bfloat16()[0, 0].item()
     expert, _ = switch_choice(logits, torch.float32)
     assert int(expert) == 1
+
+
+def test_nllb_capacity_rules_worked_by_hand():
+    """Eval-mode capacity: a positive token fraction wins (ceil), else the configured capacity, else
+    transformers' default of twice the even share (reachable only where the config allows None)."""
+    from types import SimpleNamespace
+
+    from patches.nllb_moe import nllb_capacity
+
+    def router(fraction, configured):
+        return SimpleNamespace(moe_eval_capacity_token_fraction=fraction, _hf_moe_opt_config_capacity=configured)
+
+    assert nllb_capacity(router(0.3, 5), 11, 4) == 4  # ceil(3.3)
+    assert nllb_capacity(router(1.0, None), 11, 4) == 11
+    assert nllb_capacity(router(0.0, 5), 11, 4) == 5
+    assert nllb_capacity(router(-1.0, None), 11, 4) == 6  # 2 * ceil(11 / 4)
+    assert nllb_capacity(router(0.0, None), 16, 4) == 8  # 2 * ceil(16 / 4)
