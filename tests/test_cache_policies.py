@@ -163,6 +163,33 @@ def test_adaptive_forgets_the_popularity_before_a_detected_change():
     assert run(make_policy("lru", 3, 6), trace)[41] == (0,)  # LRU drops 0 at the first miss
 
 
+def test_adaptive_recheck_overlap_rule_at_its_boundary():
+    """0 and 1 alternate, then 2 and 0: a change is detected; ``recheck`` steps later the two experts
+    used most since it ({0, 2}) share one of two with those ranked highest before it ({0, 1}). With
+    ``recheck_overlap=0.5`` one of two is enough (1 >= 0.5 * 2): the change is undone at its recheck
+    and the regime start goes back to 0; with 0.75 it is not (1 < 1.5) and the change stays."""
+    trace = [[0], [1]] * 20 + [[2], [0]] * 10
+    for overlap, undone in ((0.5, True), (0.75, False)):
+        p = make_policy("adaptive", 2, 6, recheck=4, recheck_overlap=overlap)
+        run(p, trace)
+        assert len(p.changes) == 1 and p.changes[0] >= 40
+        assert p.undone == ((p.changes[0] + 4,) if undone else ())
+        assert (p.regime_start == 0) == undone and (undone or p.regime_start >= 40)
+    # The most used since the change are 0 (every other step) and one of 2 / 3: still one of two shared.
+    p = make_policy("adaptive", 2, 6, recheck=4)
+    run(p, [[0], [1]] * 20 + [[2], [0], [3], [0]] * 10)
+    assert len(p.changes) == 1 and p.undone == (p.changes[0] + 4,) and p.regime_start == 0
+
+
+def test_adaptive_restarts_at_the_strongest_candidate():
+    """Of the candidate regimes whose evidence passes the threshold, the change goes to the strongest,
+    the one that opened where the popularity really changed (step 40), not an earlier one."""
+    p = make_policy("adaptive", 3, 6, recheck=0, threshold=3.0)
+    run(p, [[0], [1]] * 20 + [[2], [3], [2]])
+    assert len(p.changes) == 1 and p.regime_start == 40
+    assert [p.score(e) for e in range(4)] == [0.0, 0.0, 2.0, 1.0]  # 2 arrived twice, 3 once since step 40
+
+
 def test_adaptive_detects_no_change_in_a_fixed_popularity():
     tr = synthetic_trace(64, 2, 8, 1500, zipf_s=1.0, stickiness=0.5, seed=11)
     p = make_policy("adaptive", 16, 64)

@@ -1,6 +1,7 @@
 """Expert buffering (``optimize(model, expert_cache=...)``): exactness, policy bookkeeping, budgets, errors."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -19,7 +20,7 @@ from hf_moe_opt.cache import (
     simulate,
     trace_from_counts,
 )
-from hf_moe_opt.cache.budget import LayerGeometry
+from hf_moe_opt.cache.budget import LayerGeometry, layer_demand, slots_per_layer
 
 from .models import VOCAB, offloading_hooks, tiny_nllb, tiny_switch
 
@@ -110,11 +111,14 @@ def test_outputs_exact_and_stats_match_simulator(family, policy, slots):
         assert st["copy_time_ms"] >= 0 and st["stall_time_ms"] >= 0 and st["host_time_ms"] > 0
         needs_chunks = any(sum(c > 0 for c in step) > slots for step in family["counts"][name])
         assert (st["chunked_steps"] > 0) == needs_chunks
+        # Cold start, slots never freed: every load past the first fill evicts.
+        assert st["evictions"] == st["misses"] - len(st["resident"])
     if slots == 1:
         assert any(st["chunked_steps"] > 0 for st in stats.values())  # the chunked path ran
     hf_moe_opt.reset_stats(model)
     after = hf_moe_opt.stats(model)
     assert all(st["hits"] == st["misses"] == st["bytes_copied"] == st["host_time_ms"] == 0 for st in after.values())
+    assert all(st["evictions"] == st["chunked_steps"] == st["prefetched"] == 0 for st in after.values())
     assert [st["resident"] for st in after.values()] == [st["resident"] for st in stats.values()]
 
 
@@ -273,6 +277,40 @@ def test_allotment():
         allot_slots(299, layers)
     with pytest.raises(ValueError, match="use no cache"):
         allot_slots(2401, layers)
+
+
+def test_allotment_worked_by_hand():
+    """Each case worked on paper: the extra slots go one at a time to the smallest (slots + 1) / demand
+    (ties to the earlier layer), skipping a layer whose expert no longer fits."""
+    # a's 100-byte expert stops fitting after the minimum (70 bytes left); b's 30-byte ones still do.
+    small = [LayerGeometry("a", 4, 100), LayerGeometry("b", 4, 30)]
+    assert allot_slots(200, small) == [1, 3]
+    assert allot_slots(290, small) == [2, 3]  # a, b, (a no longer fits), b
+    # A layer whose experts are all pinned keeps exactly its experts; the spare slot goes to b.
+    pinned = [LayerGeometry("a", 4, 100, pinned=4), LayerGeometry("b", 8, 100)]
+    assert allot_slots(600, pinned) == [4, 2]
+    assert slots_per_layer(4, pinned) == [4, 4]
+    # Demand: a spreads over 8 experts (8.0), b sends everything to one (1.0), c is missing from the
+    # record and takes the mean (4.5). 9 extra slots: the nine smallest of a: 2/8, 3/8, ..., c: 2/4.5,
+    # 3/4.5, ..., b: 2/1 are six of a's and three of c's.
+    three = [LayerGeometry(n, 8, 100) for n in "abc"]
+    demand = {"a": [10] * 8, "b": [80] + [0] * 7}
+    assert layer_demand(demand, three) == pytest.approx([8.0, 1.0, 4.5])
+    assert allot_slots(1200, three, demand) == [7, 1, 4]
+    # A [steps, E] record sums over steps: a = [24, 8, 0, 0] (exp(entropy) = 1.75), b = [2, 2, 0, 0] (2.0);
+    # the one extra slot goes to b (2 / 2.0 < 2 / 1.75).
+    two = [LayerGeometry("a", 4, 100), LayerGeometry("b", 4, 100)]
+    steps = {"a": [[8, 0, 0, 0]] * 3 + [[0, 8, 0, 0]], "b": [[2, 2, 0, 0]]}
+    assert layer_demand(steps, two) == pytest.approx([effective_experts([24, 8, 0, 0]), 2.0])
+    assert effective_experts([24, 8, 0, 0]) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert allot_slots(300, two, steps) == [1, 2]
+    # A layer the record never routed to counts as one expert of demand, not zero.
+    idle = {"a": [0, 0, 0, 0], "b": [1, 1, 1, 1]}
+    assert layer_demand(idle, two) == [1.0, 4.0]
+    assert allot_slots(400, two, idle) == [1, 3]
+    # Fractions round down, but not below what the decimal fraction means (0.57 * 100 is 56.999...).
+    assert slots_per_layer(0.57, [LayerGeometry("a", 100, 1)]) == [57]
+    assert slots_per_layer(0.29, [LayerGeometry("a", 100, 1)]) == [29]
 
 
 def test_numpy_scalars_size_the_cache():
