@@ -904,6 +904,11 @@ def test_prefetch_never_evicts_an_expert_it_prefetches_or_a_pinned_one():
     assert p.prefetch([1, 2]) == ()
     with pytest.raises(ValueError, match="out of range"):
         p.prefetch([8])
+    # No victim for 2 (0 and 1 are wanted), but the pinned 3 after it needs none: its reserved slot.
+    p = make_policy("lru", 3, 4, pinned=[3])
+    p.step([0, 1])
+    assert [(ld.expert, ld.evicted) for ld in p.prefetch([0, 1, 2, 3])] == [(3, None)]
+    assert p.resident == {0, 1, 3}
 
 
 def test_prefetch_is_no_use_for_frequency_policies():

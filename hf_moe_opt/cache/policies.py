@@ -319,7 +319,8 @@ class EvictionPolicy(ABC):
 
         Each expert of ``experts`` not yet resident gets a slot: a pinned one its reserved slot, an
         unpinned one a free slot, else a victim's, ranked by the policy among the resident unpinned
-        experts outside ``experts``; with no such candidate left the rest is skipped. A prefetch is a
+        experts outside ``experts``; with no such candidate left the remaining unpinned ones are
+        skipped (pinned ones still take their reserved slots). A prefetch is a
         load (it updates load order) but neither a step nor a use: a wrong guess leaves the
         frequencies and recencies the policy ranks by untouched. Returns the loads (chunk 0).
         """
@@ -337,7 +338,7 @@ class EvictionPolicy(ABC):
                 loads.append(Load(e, self._pinned_slot[e], None, 0))
                 continue
             if not self._free and all(r in self._pinned_slot or r in keep for r in self._slot_of):
-                break  # every resident is pinned or wanted: nothing may go
+                continue  # every resident is pinned or wanted: nothing may go (pinned ones still load)
             slot, victim = self._take_slot(keep, set())
             self._slot_of[e] = slot
             self._seq += 1
