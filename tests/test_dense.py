@@ -278,3 +278,17 @@ def test_fused_models_give_the_unfused_gradients_and_attention_weights(make):
         assert len(getattr(got, name)) == len(getattr(want, name)) > 0, name
         for a, b in zip(getattr(got, name), getattr(want, name), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sdpa_attention_default_scaling_is_one_over_sqrt_head_dim():
+    """Without ``scaling`` the function scales by ``head_dim ** -0.5`` (SDPA's and transformers' eager
+    default): head dim 16 gives 0.25, the result of SDPA called without a scale."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 16, generator=g) for _ in range(3))
+    module = torch.nn.Module().eval()
+    out, weights = dense_attention.sdpa_attention_with_bias(module, q, k, v, None)
+    dense_attention._LAST_BIAS.clear()
+    assert weights is None
+    want = _eager_attention(module, *(t.double() for t in (q, k, v)), None, 0.25, None)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2), rtol=0, atol=1e-6)

@@ -360,3 +360,72 @@ def test_graphs_requested_off_cuda_say_so_once():
         ours = [w for w in caught if "CUDA graphs need a CUDA device" in str(w.message)]
         layers = 1 if mode == "encoder" else len(hf_moe_opt.optimized_layers(model))
         assert len(ours) == layers, (mode, [str(w.message) for w in caught])  # once per runner, not per call
+
+
+@cpu_interpreted
+def test_graph_key_holds_the_input_dtype():
+    """A tensor argument's dtype is part of a graph's signature: float64 embeddings into a float32 encoder
+    fail (in the capture, and again eagerly) and mark only their own signature uncapturable; float32
+    embeddings of the same shape then capture once and replay once."""
+    model = tiny_switch()
+    runner = _graphed(model)
+    encoder = model.get_encoder()
+    e64 = torch.randn(2, 5, model.config.d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="cannot be captured"), pytest.raises(RuntimeError):
+        encoder(inputs_embeds=e64)
+    assert len(runner.uncapturable) == 1
+    with torch.no_grad():
+        first = encoder(inputs_embeds=e64.float()).last_hidden_state
+        second = encoder(inputs_embeds=e64.float()).last_hidden_state
+    assert torch.equal(first, second)
+    assert runner.counts["captures"] == 1 and runner.counts["replays"] == 1, runner.counts
+    assert "capture failed before for these inputs" not in runner.eager_reasons
+
+
+@cpu_interpreted
+def test_graphs_are_evicted_least_recently_used(monkeypatch):
+    """With MAX_GRAPHS = 2 the least recently used graph goes, a replay counting as a use: lengths
+    3, 4, 3, 5, 3 capture 3 and 4, replay 3 (3 is now the newest), capture 5 evicting 4, replay 3:
+    3 captures, 2 replays (oldest-captured-first eviction would drop 3 and capture it a third time)."""
+    monkeypatch.setattr(encoder_graphs, "MAX_GRAPHS", 2)
+    model = tiny_switch()
+    runner = _graphed(model)
+    with torch.no_grad():
+        for seq in (3, 4, 3, 5, 3):
+            model.get_encoder()(input_ids=_ids(1, seq, seq))
+    assert runner.counts == {"captures": 3, "replays": 2, "eager": 0}, runner.counts
+    assert [key[1][0][1] for key in runner.graphs] == [(1, 5), (1, 3)]
+
+
+@cpu_interpreted
+def test_inputs_that_failed_to_capture_are_not_tried_again(monkeypatch):
+    """A signature whose capture read the host is remembered: later calls with it run eagerly at once,
+    without another capture attempt or warning. Three calls: the first runs the forward twice (the
+    refused warm-up, then eagerly) and warns once, the next two once each: 4 forwards, 1 warning."""
+    import warnings
+
+    model = tiny_switch()
+    runner = _graphed(model)
+    encoder = model.get_encoder()
+    original = type(encoder).forward
+    runs = []
+
+    def reading_forward(self, *args, **kwargs):
+        runs.append(1)
+        if kwargs["input_ids"].sum().item() < 0:  # a host read
+            raise AssertionError
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(encoder), "forward", reading_forward)
+    ids = _ids(2, 5, 0)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for _ in range(3):
+            encoder(input_ids=ids)
+    ours = [w for w in caught if "reads tensor values on the host" in str(w.message)]
+    assert len(ours) == 1 and len(runs) == 4
+    assert runner.eager_reasons == {
+        "the forward reads tensor values on the host": 1,
+        "capture failed before for these inputs": 2,
+    }, runner.eager_reasons
+    assert runner.counts == {"captures": 0, "replays": 0, "eager": 3}, runner.counts

@@ -306,3 +306,42 @@ def test_dead_rank_raises_instead_of_hanging():
     message = results[0][1]
     assert message.startswith("RuntimeError"), message
     assert "expert-parallel all-to-all" in message and "peer rank died" in message
+
+
+def _call_number_worker(rank: int, world: int, port: int, errors) -> None:
+    """Every expert on rank 0, 5 tokens top-1 on each rank; one call, then rank 1's call counter is
+    moved one ahead and both call the same layer again."""
+    _init(rank, world, port)
+    num_experts, hidden = 4, 8
+    plan = PlacementPlan(num_devices=world, strategy="hand", layers={"l": [[(0, 1.0)]] * num_experts})
+    store = ExpertParallelStore(
+        integer_expert_weights(num_experts, hidden, 12), ReplicaTable(plan, "l", num_experts), None, "l"
+    )
+    act = Activation("relu", torch.relu)
+    x, dispatch = random_routing(rank, 5, 1, hidden, num_experts, 0.0)
+    store.run(x, dispatch, lambda d, n: torch_moe_ffn, act, 1.0)
+    result = {"stats": store.stats()}
+    if rank == 1:
+        store.calls += 1  # same layer, but one call ahead
+    try:
+        store.run(x, dispatch, lambda d, n: torch_moe_ffn, act, 1.0)
+        result["again"] = "no error"
+    except RuntimeError as exc:
+        result["again"] = f"RuntimeError: {exc}"
+    errors.put((rank, result))
+    dist.destroy_process_group()
+
+
+def test_rows_computed_and_call_numbers_checked_per_rank():
+    """``stats()`` counts the rows each rank sent and the rows its experts computed: with every expert
+    on rank 0 and 5 single-expert tokens per rank, rank 0 computes 5 + 5 = 10 rows and rank 1 none,
+    while each sends its 5. The out-of-step check compares the call number as well as the layer: a rank
+    one call ahead in the same layer raises "out of step" on both ranks instead of pairing calls."""
+    results = sorted(_run(2, _call_number_worker), key=lambda r: r[0])
+    assert [r for r, _ in results] == [0, 1], results
+    (_, first), (_, second) = results
+    assert first["stats"] == {"calls": 1, "rows_sent": 5, "rows_computed": 10}, first
+    assert second["stats"] == {"calls": 1, "rows_sent": 5, "rows_computed": 0}, second
+    for _, result in results:
+        assert result["again"].startswith("RuntimeError") and "out of step" in result["again"], result
+    assert "(call 1) while rank 1 is in 'l' (call 2)" in first["again"], first

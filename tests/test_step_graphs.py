@@ -588,3 +588,36 @@ def test_a_positional_generation_config_sizes_the_cache_and_batch():
         ):
             assert torch.equal(model.generate(ids, config), plain.generate(ids, config))
     assert runner_of(model).counts["fallbacks"] == 0
+
+
+def test_encoder_length_is_part_of_the_slot_key():
+    """A slot's key holds the encoder length: the cross-attention cache is as long as the encoder output,
+    so source lengths 10, 14, 10 (same batch and cache-length bucket) need two slots, the third call
+    reusing the first. Each call gives plain generate's tokens with no fallback and no eager step.
+    Counts: 6 new tokens are 6 decoder forwards; a new slot captures 2 (the first decoder step, then
+    the others) and replays 4, a reused slot replays all 6: captures 2 + 2, replays 4 + 4 + 6."""
+    plain, model = _pair(_build("switch"))
+    runner = runner_of(model)
+    with torch.no_grad():
+        for seq in (10, 14, 10):
+            kw = {**_inputs(model, batch=2, seq=seq), "max_new_tokens": 6, "min_new_tokens": 6}
+            assert torch.equal(model.generate(**kw), plain.generate(**kw)), seq
+    assert runner.broken is None
+    assert sorted(key[:3] for key in runner.slots) == [(2, 64, 10), (2, 64, 14)]  # 1 + 6 positions: bucket 64
+    assert runner.counts == {"captures": 4, "replays": 14, "eager": 0, "fallbacks": 0}, runner.counts
+
+
+def test_slots_are_evicted_least_recently_used():
+    """Slots are dropped least recently used first, a reused slot counting as used (MAX_SLOTS = 4).
+    Batches 1, 2, 3, 4 fill four slots; 1 is reused (order 2, 3, 4, 1); 5 evicts 2 (3, 4, 1, 5); the last
+    1 is still there. Five distinct slots made, two graphs each (the first decoder step and the next
+    step of max_new_tokens=2): 10 captures. Evicting oldest-created first would drop 1 for 5 and capture
+    it again (12)."""
+    assert step_graphs.MAX_SLOTS == 4
+    _, model = _pair(_build("switch"))
+    runner = runner_of(model)
+    with torch.no_grad():
+        for batch in (1, 2, 3, 4, 1, 5, 1):
+            model.generate(**{**_inputs(model, batch=batch, seq=6), "max_new_tokens": 2, "min_new_tokens": 2})
+    assert [key[0] for key in runner.slots] == [3, 4, 5, 1]
+    assert runner.counts["captures"] == 10 and runner.counts["replays"] == 2 * 2, runner.counts
