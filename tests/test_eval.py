@@ -533,3 +533,112 @@ def test_dataset_name_offline_reads_the_cache_only(monkeypatch):
         common.read_dataset(DataSpec(dataset="no-such-org/no-such-dataset", split="test"), pairs=False)
     assert time.monotonic() - start < 15
     assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == before
+
+
+# ----------------------------------------------------------------------------- verdict rules
+def test_ppl_tolerance_is_two_sided():
+    """ppl_within_tolerance compares |rel_diff| with the dtype's tolerance: a perplexity that drops
+    by more than the tolerance is a change too, not only one that rises."""
+    from hf_moe_opt.evaluation.common import PPL_RTOL
+    from hf_moe_opt.evaluation.compare import ppl_within_tolerance
+
+    tol = PPL_RTOL[torch.float32]
+    assert ppl_within_tolerance(0.5 * tol, torch.float32) and ppl_within_tolerance(-0.5 * tol, torch.float32)
+    assert not ppl_within_tolerance(2 * tol, torch.float32)
+    assert not ppl_within_tolerance(-2 * tol, torch.float32)
+    assert not ppl_within_tolerance(-0.5, torch.float32)
+    assert not ppl_within_tolerance(-2 * PPL_RTOL[torch.bfloat16], torch.bfloat16)
+
+
+def test_lm_verdict_capacity_none_needs_identical_generations():
+    """capacity='none': equal perplexity is not enough, a differing greedy generation makes it CHANGED."""
+    from hf_moe_opt.evaluation.lm import unchanged_verdict
+
+    cmp = {"perplexity_rel_diff": 0.0, "generation": {"all_identical": False, "sequences": 2, "identical_sequences": 1}}
+    v = unchanged_verdict(cmp, "none", torch.float32, "original")
+    assert v["perplexity_within_tolerance"] is True and v["generations_differing"] == 1
+    assert v["unchanged"] is False
+    cmp["generation"] = {"all_identical": True, "sequences": 2, "identical_sequences": 2}
+    assert unchanged_verdict(cmp, "none", torch.float32, "original")["unchanged"] is True
+
+
+def test_float32_verdict_needs_identical_float32_translations():
+    """The float32 re-run calls the low-precision differences rounding only when the float32
+    translations agree too, not on equal perplexity alone."""
+    from hf_moe_opt.evaluation.compare import TeacherForcedResult
+
+    def result() -> TeacherForcedResult:
+        r = TeacherForcedResult()
+        r.token_nll[0] = torch.tensor([0.5, 1.0], dtype=torch.float64)
+        r.argmax[0] = torch.tensor([1, 2])
+        r.tokens_scored = 2
+        return r
+
+    results32 = {"reference": result(), "optimized": result()}  # equal NLLs: perplexity within tolerance
+    low = {"reference": {0: [5, 6, 7]}, "optimized": {0: [5, 9, 9]}}
+    scores = {"reference": {"bleu": 30.0}, "optimized": {"bleu": 20.0}}
+    differ32 = {"reference": {0: [5, 6, 7]}, "optimized": {0: [5, 9, 9]}}
+    v = mt.float32_verdict(results32, differ32, scores, low, scores, "reference")
+    assert v["float32_check"]["perplexity_within_tolerance"] is True
+    assert v["float32_check"]["sentences_differing"] == 1
+    assert v["differences_are_rounding"] is False
+    same32 = {"reference": {0: [5, 6, 7]}, "optimized": {0: [5, 6, 7]}}
+    assert mt.float32_verdict(results32, same32, scores, low, scores, "reference")["differences_are_rounding"]
+
+
+def test_eval_mt_verdict_counts_differing_translations(tmp_path, monkeypatch):
+    """eval-mt: one translation that differs makes the verdict CHANGED even with equal perplexity."""
+    model = _tiny_nllb(tmp_path / "nllb")  # random and small: the rule, not the model, is tested
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in PAIRS[:2]), encoding="utf-8")
+    real = mt.compare_generations
+
+    def first_differs(got, want):  # the optimized model's first translation gets one more token
+        got = dict(got)
+        got[0] = [*got[0], 7]
+        return real(got, want)
+
+    monkeypatch.setattr(mt, "compare_generations", first_differs)
+    args = ["eval-mt", "--model", str(model), "--data", str(data), "--metrics", "sacrebleu"]
+    report = _run([*args, "--max-new-tokens", "4", "--no-float32-check"], tmp_path, "mt")
+    v = report["unchanged"]
+    assert v["perplexity_within_tolerance"] is True
+    assert v["generated_tokens_identical"] is False and v["sentences_differing"] == 1
+    assert v["unchanged"] is False
+
+
+class _Bigram(torch.nn.Module):
+    """A deterministic stand-in LM over 5 tokens: the logits at a position are table[input token]."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.randn(5, 5, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, input_ids=None, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_teacher_forced_perplexity_is_per_scored_token():
+    """teacher_forced counts only labels != -100 and its perplexity is exp(mean NLL over those tokens),
+    not over padding and not a mean of per-sequence means."""
+    import math
+
+    from hf_moe_opt.evaluation.compare import TeacherForcedBatch, teacher_forced
+
+    model = _Bigram()
+    labels = torch.tensor([[1, 2, 3, 4, 0, 1], [2, 3, -100, -100, -100, -100]])
+    ids = labels.clamp(min=0)
+    batch = TeacherForcedBatch([0, 1], ids, torch.ones_like(ids), labels)
+    got = teacher_forced(model, [batch], torch.device("cpu"), "x", progress=False)
+    nlls = []
+    for row in range(2):
+        for t in range(6):
+            label = int(labels[row, t])
+            if label == -100:
+                continue
+            logits = [float(x) for x in model.table[int(ids[row, t])]]
+            nlls.append(math.log(sum(math.exp(x) for x in logits)) - logits[label])
+    assert got.tokens_scored == len(nlls) == 8
+    assert got.perplexity == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-6)

@@ -527,3 +527,143 @@ def test_loading_foreign_or_damaged_files_raises_value_error(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match="placement plan"):
             PlacementPlan.load(tmp_path / name)
+
+
+# ---------------------------------------------------------------------------------------- pinned rules
+
+
+def test_overall_worst_is_the_worst_batch_not_the_mean():
+    """overall["worst_max_over_mean"] is the maximum over every (layer, batch) ratio, not their mean."""
+    trace = trace_from([[4, 0], [1, 1]])
+    plan = plan_placement(trace, 2, "round_robin")
+    # Batch ratios: [4, 0] -> 4 / 2 = 2.0, [1, 1] -> 1.0; the worst is 2.0 (their mean would be 1.5).
+    overall = plan.evaluate(trace)["overall"]
+    assert overall["worst_max_over_mean"] == pytest.approx(2.0)
+    assert overall["avg_max_over_mean"] == pytest.approx(1.5)
+
+
+def test_device_of_tie_goes_to_the_home_replica():
+    """device_of: with equal shares the replica listed first (the home device) wins the tie."""
+    plan = PlacementPlan(num_devices=2, strategy="hand", layers={"l": [[(0, 0.5), (1, 0.5)], [(1, 0.5), (0, 0.5)]]})
+    assert plan.device_of("l", 0) == 0
+    assert plan.device_of("l", 1) == 1
+
+
+def _split_plan() -> PlacementPlan:
+    # Expert 0 split half/half between devices 0 (home) and 1; expert 1 only on device 1.
+    return PlacementPlan(num_devices=2, strategy="hand", layers={"l": [[(0, 0.5), (1, 0.5)], [(1, 1.0)]]})
+
+
+def test_replica_table_home_is_the_first_replica():
+    """ReplicaTable.home is each expert's first listed replica (its home), not its last copy."""
+    from hf_moe_opt.placement.store import ReplicaTable
+
+    assert ReplicaTable(_split_plan(), "l", 2).home == [0, 1]
+
+
+def test_replica_rows_split_at_rounded_half_up_bounds():
+    """targets(): replica i takes rows [round(c_{i-1} n), round(c_i n)) of its expert's n rows, with
+    halves rounded up: 3 rows at shares 0.5/0.5 -> bound round(1.5) = 2, so rows 0, 1 go to device 0
+    and row 2 to device 1 (floor would give 1 row / 2 rows)."""
+    from hf_moe_opt.dispatch import make_plan
+    from hf_moe_opt.placement.store import ReplicaTable
+
+    expert_index = torch.zeros(3, 1, dtype=torch.int64)
+    keep = torch.ones(3, 1, dtype=torch.bool)
+    dispatch = make_plan(expert_index, torch.ones(3, 1), keep, 2)
+    assert ReplicaTable(_split_plan(), "l", 2).targets(dispatch).tolist() == [0, 0, 1]
+
+
+def test_device_map_budget_counts_every_replica():
+    """device_map_for charges each device for every expert copy it holds, not only the homes: with
+    every expert replicated on both devices each device needs all experts' bytes."""
+    from hf_moe_opt.placement.device_map import _moe_blocks
+    from tests.models import tiny_switch
+
+    model = tiny_switch(num_experts=4)
+    blocks = _moe_blocks(model)
+    every = {n: [[(e % 2, 0.5), ((e + 1) % 2, 0.5)] for e in range(4)] for n in blocks}
+    plan = PlacementPlan(num_devices=2, strategy="hand", layers=every)
+    # Bytes of all experts of all layers: what each device holds (float32 weights).
+    need = sum(p.numel() * p.element_size() for b in blocks.values() for p in b.experts.parameters())
+    budget = need * 3 // 4  # more than the homes alone (need / 2), less than every copy
+    with pytest.raises(ValueError, match="need"):
+        plan.device_map(model, max_memory={0: budget, 1: budget, "cpu": 10**9})
+    dm = plan.device_map(model, max_memory={0: need, 1: need, "cpu": 10**9})  # exactly enough
+    assert {dm[f"{n}.experts.expert_{e}"] for n in blocks for e in range(4)} == {0, 1}
+
+
+def _reference_anticorrelation(counts: np.ndarray, num_devices: int, weight: float = 0.5) -> list[int]:
+    """The documented rule, written out plainly: hottest expert first (stable on ties), to the device
+    with room of least score = load / ideal + weight * corr(expert's batch fractions, the SUM of the
+    fractions of the device's experts), 0 while the device is empty; ties to the lower device."""
+    c = counts.astype(np.float64)
+    mean = c.mean(axis=0)
+    load = mean * num_devices / mean.sum()
+    frac = c / c.sum(axis=1, keepdims=True)
+    num_experts = c.shape[1]
+    members: list[list[int]] = [[] for _ in range(num_devices)]
+    home = [0] * num_experts
+    for e in sorted(range(num_experts), key=lambda j: (-load[j], j)):
+        best, best_score = None, None
+        for d in range(num_devices):
+            if len(members[d]) >= num_experts // num_devices:
+                continue
+            score = sum(load[j] for j in members[d])
+            if members[d]:
+                summed = frac[:, members[d]].sum(axis=1)
+                score += weight * float(np.corrcoef(frac[:, e], summed)[0, 1])
+            if best_score is None or score < best_score:
+                best, best_score = d, score
+        home[e] = best
+        members[best].append(e)
+    return home
+
+
+def test_anticorrelation_correlates_with_the_devices_summed_load():
+    """anticorrelation scores a device by the correlation with the summed series of ALL the experts
+    already on it (not the last one placed): the homes equal a plain re-implementation of the rule."""
+    counts = np.array([[28, 2, 18, 17, 26, 8], [27, 20, 26, 5, 22, 28]])
+    plan = plan_placement(trace_from(counts), 2, "anticorrelation")
+    homes = [plan.device_of("layers.0.mlp", e) for e in range(6)]
+    assert homes == _reference_anticorrelation(counts, 2)
+
+
+def test_replicate_uses_a_spare_slot_on_every_device_when_that_balances():
+    """replicate fills spare slots on every device (spare_slots * D copies), considers every hot
+    expert (here all 4), and judges each batch against its own mean load.
+
+    Greedy homes: expert 3 (mean 52) and 2 on device 0, experts 1 and 0 on device 1; device 0 is
+    overloaded in both batches (65 vs 26, 73 vs 49). Moving share s of expert 3 to device 1 and share
+    t of expert 0 to device 0 balances both batches exactly: 50s - 7t = 19.5 and 54s - 28t = 12 give
+    s = 0.452, t = 0.443. So a copy on each device reaches max / mean ~ 1 (within the 0.01 share steps).
+    """
+    counts = [[7, 19, 15, 50], [28, 21, 19, 54]]
+    trace = trace_from(counts)
+    greedy = plan_placement(trace, 2, "greedy")
+    assert [greedy.device_of("layers.0.mlp", e) for e in range(4)] == [1, 1, 0, 0]
+    plan = plan_placement(trace, 2, "replicate", spare_slots=1)
+    assert plan.slots("layers.0.mlp") == [3, 3]
+    assert plan.evaluate(trace)["overall"]["avg_max_over_mean"] <= 1.01
+
+
+def test_replicate_refinement_reaches_the_best_split_of_its_copies():
+    """The share refinement only moves tokens a replica holds (a step is capped at its share), so it
+    ends within its smallest steps of the best split of the copies it placed.
+
+    Greedy homes: experts 0, 1 on device 1, experts 2, 3 on device 0. Device 1 is the busier in batch
+    0 (45 vs 21), device 0 in batch 1 (42 vs 15). The planner copies expert 0 to device 0 and expert
+    3 to device 1. With share x of expert 0 on device 0 and y of expert 3 left on device 0:
+    batch 0 peak max(19 + 16x + 2y, 47 - 16x - 2y) / 33, batch 1 peak (29 + 5x + 13y) / 28.5. y only
+    raises batch 1 faster than it helps batch 0, so y = 0; x grows until batch 0 balances at
+    x = 28 / 32, where the mean over batches is 0.5 * (1 + (29 + 5 * 0.875) / 28.5) = 1.0855.
+    """
+    counts = [[16, 29, 19, 2], [5, 10, 29, 13]]
+    trace = trace_from(counts)
+    plan = plan_placement(trace, 2, "replicate", spare_slots=1)
+    layer = "layers.0.mlp"
+    assert plan.devices_of(layer, 0) == [1, 0] and plan.devices_of(layer, 3) == [0, 1]
+    assert [len(plan.devices_of(layer, e)) for e in (1, 2)] == [1, 1]
+    best = 0.5 * (1.0 + (29 + 5 * 28 / 32) / 28.5)  # 1.0855
+    got = plan.evaluate(trace)["overall"]["avg_max_over_mean"]
+    assert best - 1e-9 <= got <= best + 0.005
