@@ -577,3 +577,211 @@ def test_benchmark_out_is_checked_before_work(script: str, bad: str, tmp_path) -
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 2 and "--out" in proc.stderr, proc.stderr[-500:]
+
+
+def _switch_all_to_expert_zero(capacity: int):
+    """Tiny optimized Switch whose routers are zero: every logit ties, so every token picks expert 0, and
+    a sequence keeps its first ``capacity`` tokens (the rest are dropped)."""
+    import hf_moe_opt
+    from hf_moe_opt.api import optimized_layers
+    from hf_moe_opt.benchmarking.model import random_model, tiny_config
+
+    cfg = tiny_config("switch-tiny")
+    cfg.expert_capacity = capacity
+    model = random_model("switch-tiny", torch.device("cpu"), cfg)
+    hf_moe_opt.optimize(model)
+    with torch.no_grad():
+        for _, layer in optimized_layers(model):
+            for p in layer.router.parameters():
+                p.zero_()
+    return model, cfg
+
+
+def test_encoder_floor_counts_by_hand() -> None:
+    """encoder_floor of a tiny Switch, every term counted by hand: each dense weight once (the router
+    once, though both the MoE layer and its classifier are called), the distinct embedding rows looked
+    up (token ids and relative-position buckets, not the tables, not every lookup), per MoE layer the
+    distinct experts reached by kept assignments only, 2 FLOPs per matrix element per row (experts: per
+    kept assignment), 4 * L * B * S^2 * H * d_kv attention-score FLOPs; the floor is the larger of
+    bytes / bandwidth and FLOPs / matmul rate, and names which one it is."""
+    from hf_moe_opt.benchmarking.floors import GIB, ReadTracer, encoder_floor
+
+    capacity = 2
+    model, cfg = _switch_all_to_expert_zero(capacity)
+    ids = torch.tensor([[5, 5, 6, 7, 5, 9], [5, 6, 6, 9, 10, 11]])  # 6 distinct ids in 12 lookups
+    batch, seq = ids.shape
+    d, inner, heads, num_e, ff, layers, elt = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.num_heads, 8, 64, 2, 2
+    # Per layer q, k, v, o, the router, two norms; then the final norm.
+    dense = layers * (4 * d * inner + d * num_e + 2 * d) + d
+    token_rows = 6 * d
+    bucket_rows = (2 * seq - 1) * heads  # bidirectional relative positions -5..5, all exact buckets
+    weight_bytes = (dense + token_rows + bucket_rows) * elt
+    kept = batch * capacity  # per layer: each sequence keeps its first `capacity` tokens, all on expert 0
+    expert_bytes = layers * 1 * (2 * d * ff) * elt
+    matmul = layers * (2 * batch * seq * (4 * d * inner + d * num_e) + 2 * kept * 2 * d * ff)
+    scores = 4 * layers * batch * seq * seq * heads * cfg.d_kv
+
+    encoder = model.get_encoder()
+    with ReadTracer(model, encoder) as tracer, torch.no_grad():
+        encoder(input_ids=ids)
+    (reads,) = tracer.reads()
+    assert reads.weight_bytes == weight_bytes and reads.expert_bytes == expert_bytes
+    assert reads.matmul_flops == matmul
+    assert set(reads.experts_per_layer.values()) == {1} and set(reads.kept_per_layer.values()) == {kept}
+
+    bw = {"memory_bytes_per_s": 1e9, "copy_bytes_per_s": 1.0, "bf16_flops_per_s": 1e12}
+    f = encoder_floor(model, ids, bw)
+    assert f["read_gib"] * GIB == pytest.approx(weight_bytes + expert_bytes)
+    assert f["expert_read_gib"] * GIB == pytest.approx(expert_bytes)
+    assert f["tflop"] * 1e12 == pytest.approx(matmul + scores)
+    assert f["experts_per_moe_layer"] == 1
+    assert f["floor_bound"] == "bandwidth"
+    assert f["floor_ms"] == pytest.approx(1e3 * (weight_bytes + expert_bytes) / 1e9)
+    mm = {"memory_bytes_per_s": 1e9, "bf16_flops_per_s": 1e7}
+    f = encoder_floor(model, ids, mm)
+    assert f["floor_bound"] == "matmul"
+    assert f["floor_ms"] == pytest.approx(1e3 * (matmul + scores) / 1e7)
+
+
+def test_tied_lm_head_reads_the_embedding_table_once() -> None:
+    """Where the LM head is the embedding table, a forward reads the whole table once (as the head)
+    and no looked-up rows on top; without cache the decoder's cross-attention keys and values are
+    computed, so they count."""
+    from hf_moe_opt.benchmarking.floors import ReadTracer
+
+    model, cfg = _switch_all_to_expert_zero(64)
+    for emb in (model.encoder.embed_tokens, model.decoder.embed_tokens, model.lm_head):
+        emb.weight = model.shared.weight
+    ids = torch.tensor([[5, 5, 6, 7], [8, 6, 6, 9]])
+    dec = torch.tensor([[0, 3, 3], [0, 4, 5]])
+    d, inner, heads, num_e, layers, elt = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.num_heads, 8, 2, 2
+    encoder = layers * (4 * d * inner + d * num_e + 2 * d) + d
+    decoder = layers * (8 * d * inner + d * num_e + 3 * d) + d  # self and cross q, k, v, o; three norms
+    head = cfg.vocab_size * d
+    buckets = (2 * ids.shape[1] - 1) * heads + dec.shape[1] * heads  # bidirectional, then causal
+    with ReadTracer(model, model) as tracer, torch.no_grad():
+        model(input_ids=ids, decoder_input_ids=dec, use_cache=False)
+    (reads,) = tracer.reads()
+    assert reads.weight_bytes == (encoder + decoder + head + buckets) * elt
+
+
+def test_floors_of_a_causal_lm_count_by_hand() -> None:
+    """Tiny Qwen3-MoE (GQA, GLU experts, untied head), batch 1: the prefill's floor counts the head over
+    every row and causal attention scores, 4 * L * B * S(S+1)/2 * H * d_head; a decode step reads the
+    dense weights, one token row, 3 * d * f per distinct expert, and the keys and values (KV heads only)
+    of prompt + i positions at forward i, averaged over forwards short .. long - 1 (not the prefill)."""
+    import hf_moe_opt
+    from hf_moe_opt.benchmarking.floors import GIB, decode_floor, encoder_floor
+    from hf_moe_opt.benchmarking.model import random_model, tiny_config
+
+    cfg = tiny_config("qwen3-tiny")
+    model = random_model("qwen3-tiny", torch.device("cpu"), cfg)
+    hf_moe_opt.optimize(model)
+    ids = torch.tensor([[5, 5, 6, 7, 5, 9]])
+    seq = ids.shape[1]
+    d, heads, kv_heads, hd, layers, k, elt = 32, 4, 2, 8, 2, 2, 2
+    ff, num_e, vocab = cfg.moe_intermediate_size, cfg.num_experts, cfg.vocab_size
+    matrices = heads * hd * d * 2 + kv_heads * hd * d * 2 + num_e * d  # q, o; k, v; router
+    dense = layers * (matrices + 2 * hd + 2 * d) + d + vocab * d  # + q/k norms, two norms; final norm, head
+    per_expert = 3 * d * ff * elt
+    ceilings = {"memory_bytes_per_s": 1e9, "bf16_flops_per_s": 1e12}
+
+    f = encoder_floor(model, ids, ceilings)
+    assert f["read_gib"] * GIB == pytest.approx((dense + 4 * d) * elt + f["expert_read_gib"] * GIB)
+    assert f["expert_read_gib"] * GIB == pytest.approx(f["experts_per_moe_layer"] * layers * per_expert)
+    matmul = 2 * seq * (layers * matrices + vocab * d) + layers * 2 * seq * k * 3 * d * ff
+    scores = 4 * layers * 1 * seq * (seq + 1) / 2 * heads * hd
+    assert f["tflop"] * 1e12 == pytest.approx(matmul + scores)
+
+    short, long = 1, 4
+    f = decode_floor(model, ids, short, long, ceilings)
+    assert (f["weight_read_gib"] - f["expert_read_gib"]) * GIB == pytest.approx((dense + d) * elt)
+    assert f["expert_read_gib"] * GIB == pytest.approx(sum(f["distinct_experts_per_layer"].values()) * per_expert)
+    assert all(1 <= n <= k for n in f["distinct_experts_per_layer"].values())  # one token: at most k
+    per_position = layers * 2 * kv_heads * hd * elt
+    mean_positions = sum(seq + i for i in range(short, long)) / (long - short)
+    assert f["kv_read_gib"] * GIB == pytest.approx(per_position * mean_positions)
+
+
+def test_expert_bytes_count_the_biases() -> None:
+    """An expert with biases (NLLB-MoE) reads both matrices and both bias vectors: (2 d f + d + f) elements."""
+    import hf_moe_opt
+    from hf_moe_opt.benchmarking.floors import ReadTracer
+    from hf_moe_opt.benchmarking.model import random_model, tiny_config
+
+    cfg = tiny_config("nllb-tiny")
+    model = random_model("nllb-tiny", torch.device("cpu"), cfg)
+    hf_moe_opt.optimize(model)
+    encoder = model.get_encoder()
+    with ReadTracer(model, encoder) as tracer, torch.no_grad():
+        encoder(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]]))
+    (reads,) = tracer.reads()
+    d, ff = cfg.d_model, cfg.encoder_ffn_dim
+    assert reads.experts_per_layer and reads.expert_bytes == sum(reads.experts_per_layer.values()) * (
+        2 * d * ff + d + ff
+    ) * 2
+
+
+def test_attention_score_flops_by_hand() -> None:
+    """QK^T and AV: 2 FLOPs per multiply-add each, 4 * L * B * pairs * H * d_head, with all S^2 pairs in an
+    encoder and S(S+1)/2 in a causal prefill; d_head is d_kv (Switch), head_dim (Qwen3) or d_model / H
+    (NLLB); 0 where the config lacks the sizes."""
+    from types import SimpleNamespace
+
+    from hf_moe_opt.benchmarking.floors import attention_score_flops
+    from hf_moe_opt.benchmarking.model import tiny_config
+
+    b, s = 3, 5
+    switch = tiny_config("switch-tiny")  # 2 layers, 4 heads, d_kv 8 (d_model 32)
+    switch.d_kv = 16  # not d_model / heads: d_kv must win
+    assert attention_score_flops(switch, b, s, encoder=True) == 4 * 2 * b * s * s * 4 * 16
+    nllb = tiny_config("nllb-tiny")  # 2 encoder layers, 4 heads, d_model 32
+    assert attention_score_flops(nllb, b, s, encoder=True) == 4 * 2 * b * s * s * 4 * 8
+    qwen = tiny_config("qwen3-tiny")  # 2 layers, 4 heads, head_dim 8
+    assert attention_score_flops(qwen, b, s, encoder=False) == 4 * 2 * b * (s * (s + 1) / 2) * 4 * 8
+    assert attention_score_flops(SimpleNamespace(d_model=32), b, s, encoder=True) == 0
+
+
+def test_measure_ceilings_takes_the_fastest_stream(monkeypatch) -> None:
+    """memory_bytes_per_s is the fastest of the copy (2 bytes moved per byte) and every read-only stream;
+    read_bytes_per_s the fastest read-only stream (not their sum); each probe keeps its own rate; the
+    matmul rate is 2 m^3 FLOPs per product."""
+    from hf_moe_opt.benchmarking import common
+
+    numel, m = 1 << 12, 8
+    nbytes = numel * 2
+    for times, probes in (((1.0, 4.0, 8.0, 2.0), {"decode": 5e6}), ((1.0, 8.0, 4.0, 2.0), {"decode": 1e6})):
+        # median_ms is called for the copy, the sum, the matrix-vector product, then the matmul.
+        it = iter(times)
+        monkeypatch.setattr(common, "median_ms", lambda *a, it=it, **kw: next(it))
+        monkeypatch.setattr(common, "read_rates", lambda device, time_ms, probes=probes: dict(probes))
+        c = common.measure_ceilings(torch.device("cpu"), copy_numel=numel, matmul_size=m)
+        copy, summed, gemv = 2 * nbytes / 1e-3, nbytes / (times[1] * 1e-3), nbytes / (times[2] * 1e-3)
+        reads = max(summed, gemv, probes["decode"])
+        assert c["copy_bytes_per_s"] == pytest.approx(copy)
+        assert c["read_bytes_per_s"] == pytest.approx(reads)
+        assert c["memory_bytes_per_s"] == pytest.approx(max(copy, reads))
+        assert c["decode_read_bytes_per_s"] == probes["decode"]
+        assert c["bf16_flops_per_s"] == pytest.approx(2 * m**3 / 2e-3)
+
+
+def test_layer_floor_helpers_by_hand() -> None:
+    """floor_ms: active experts' bf16 bytes (2 d f, + d + f with biases) over the bandwidth, or 2 FLOPs
+    per element per assignment over the matmul rate, whichever is longer; the GLU families' floor uses
+    3 d f; memory_bandwidth prefers the fastest stream to the copy; add_floor_ratios divides every
+    other *_ms by floor_ms and gives floor_ms no ratio of its own."""
+    from hf_moe_opt.benchmarking import families
+    from hf_moe_opt.benchmarking.common import add_floor_ratios, floor_ms, memory_bandwidth
+
+    d, f = 4, 8
+    c = {"memory_bytes_per_s": 1e3, "copy_bytes_per_s": 1.0, "bf16_flops_per_s": 1e9}
+    assert memory_bandwidth(c) == 1e3 and memory_bandwidth({"copy_bytes_per_s": 7.0}) == 7.0
+    assert floor_ms(3, d, f, 5, c) == pytest.approx(1e3 * 3 * 2 * d * f * 2 / 1e3)
+    assert floor_ms(3, d, f, 5, c, bias=True) == pytest.approx(1e3 * 3 * (2 * d * f + d + f) * 2 / 1e3)
+    assert families.floor_ms(3, d, f, 5, c) == pytest.approx(1e3 * 3 * 3 * d * f * 2 / 1e3)
+    slow = {"memory_bytes_per_s": 1e12, "bf16_flops_per_s": 1e3}  # matmul-bound
+    assert floor_ms(3, d, f, 5, slow) == pytest.approx(1e3 * 2 * 5 * 2 * d * f / 1e3)
+    assert families.floor_ms(3, d, f, 5, slow) == pytest.approx(1e3 * 2 * 5 * 3 * d * f / 1e3)
+    row = {"floor_ms": 2.0, "hf_ms": 6.0, "opt_ms": 3.0, "tokens": 4}
+    add_floor_ratios(row)
+    assert row == {"floor_ms": 2.0, "hf_ms": 6.0, "opt_ms": 3.0, "tokens": 4, "hf_x_floor": 3.0, "opt_x_floor": 1.5}
