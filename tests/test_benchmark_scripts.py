@@ -717,9 +717,10 @@ def test_expert_bytes_count_the_biases() -> None:
         encoder(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]]))
     (reads,) = tracer.reads()
     d, ff = cfg.d_model, cfg.encoder_ffn_dim
-    assert reads.experts_per_layer and reads.expert_bytes == sum(reads.experts_per_layer.values()) * (
-        2 * d * ff + d + ff
-    ) * 2
+    assert (
+        reads.experts_per_layer
+        and reads.expert_bytes == sum(reads.experts_per_layer.values()) * (2 * d * ff + d + ff) * 2
+    )
 
 
 def test_attention_score_flops_by_hand() -> None:
@@ -750,7 +751,8 @@ def test_measure_ceilings_takes_the_fastest_stream(monkeypatch) -> None:
 
     numel, m = 1 << 12, 8
     nbytes = numel * 2
-    for times, probes in (((1.0, 4.0, 8.0, 2.0), {"decode": 5e6}), ((1.0, 8.0, 4.0, 2.0), {"decode": 1e6})):
+    # The copy moves 2 * nbytes per 1 ms (16.4 MB/s): first a probe beats it, then the copy is fastest.
+    for times, probes in (((1.0, 4.0, 8.0, 2.0), {"decode": 5e7}), ((1.0, 8.0, 4.0, 2.0), {"decode": 1e6})):
         # median_ms is called for the copy, the sum, the matrix-vector product, then the matmul.
         it = iter(times)
         monkeypatch.setattr(common, "median_ms", lambda *a, it=it, **kw: next(it))
