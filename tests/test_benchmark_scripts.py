@@ -787,3 +787,15 @@ def test_layer_floor_helpers_by_hand() -> None:
     row = {"floor_ms": 2.0, "hf_ms": 6.0, "opt_ms": 3.0, "tokens": 4}
     add_floor_ratios(row)
     assert row == {"floor_ms": 2.0, "hf_ms": 6.0, "opt_ms": 3.0, "tokens": 4, "hf_x_floor": 3.0, "opt_x_floor": 1.5}
+
+
+@pytest.mark.parametrize("name", ["switch-base-128", "nllb-moe-54b", "qwen3-30b-a3b"])
+def test_random_model_keeps_tied_weights_tied(name):
+    """The benchmarks' random models share the embedding and the LM head exactly where the config ties
+    them (as a real checkpoint does), so their memory and the floors' tied-head rule match it."""
+    from hf_moe_opt.benchmarking.model import random_model, tiny_config
+
+    config = tiny_config(name)
+    model = random_model(name, torch.device("cpu"), config)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert tied == bool(getattr(config, "tie_word_embeddings", False))

@@ -100,6 +100,7 @@ def random_model(name: str, device: torch.device, config=None):
     finally:
         torch.set_default_dtype(default)
     model = model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives tied weights (embedding and LM head) storage of their own
     # Host memory: 54B normal_ draws take minutes on a few cores; copies of a shared random pool at
     # random offsets take seconds and still give every matrix its own values.
     pool = torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 0.02
