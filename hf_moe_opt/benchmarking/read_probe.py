@@ -68,16 +68,6 @@ def grouped_probe_inputs(
     return (x, plan, w1, None, w2, None, _relu()), nbytes
 
 
-def _graphed(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` captured in a CUDA graph (run once first: compiles the kernels); returns the replay."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def read_rates(device: torch.device, time_ms: Callable[[Callable[[], object]], float]) -> dict[str, float]:
     """Bytes per second each probe streams (``{"decode": .., "grouped": ..}``), timed by
     ``time_ms(fn)``; empty off CUDA or without the compiled kernels (the interpreter is no probe).
@@ -91,6 +81,7 @@ def read_rates(device: torch.device, time_ms: Callable[[Callable[[], object]], f
         from ..kernels.gemv import gemv_moe_ffn
     except ImportError:  # no triton
         return {}
+    from .layer import graphed  # here: layer imports common, which imports this module
 
     rates = {}
     for name, kernel, inputs in (("decode", gemv_moe_ffn, probe_inputs), ("grouped", moe_ffn, grouped_probe_inputs)):
@@ -101,7 +92,7 @@ def read_rates(device: torch.device, time_ms: Callable[[Callable[[], object]], f
                 for _ in range(CALLS):
                     kernel(*args)
 
-            rates[name] = CALLS * nbytes / (time_ms(_graphed(calls)) * 1e-3)
+            rates[name] = CALLS * nbytes / (time_ms(graphed(lambda _: calls(), None)) * 1e-3)
         except (RuntimeError, ValueError) as err:  # the other streams still count
             warnings.warn(f"the {name} bandwidth probe did not run ({type(err).__name__}: {err})", stacklevel=2)
         finally:
