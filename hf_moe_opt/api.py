@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers.utils import logging
 
@@ -259,11 +260,18 @@ def optimize(
                 'then from_pretrained(..., experts_implementation="hf_moe_opt") or '
                 'model.set_experts_implementation("hf_moe_opt")'
             )
-        subclassed = [f"{name} ({why})" for name, why in unmatched_moe_blocks(model) if "subclasses" in why]
+        unmatched = unmatched_moe_blocks(model)
+        subclassed = [f"{name} ({why})" for name, why in unmatched if "subclasses" in why]
         if subclassed:
             raise ValueError(
                 f"{type(model).__name__} has no supported sparse MoE block; these subclass one and are not "
                 f"replaced (a subclass may change the forward): {'; '.join(subclassed)}"
+            )
+        changed = [f"{name} ({why})" for name, why in unmatched if "is not matched" in why]
+        if changed:
+            raise ValueError(
+                f"{type(model).__name__} has no supported sparse MoE block; the installed transformers "
+                f"{transformers.__version__} changed code its family shares with another: {'; '.join(changed[:2])}"
             )
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         block_class = supported_architectures().get(model_type)

@@ -9,6 +9,7 @@ from hf_moe_opt.layer import OptimizedMoE
 from .base import MoEPatch
 from .deepseek_v2 import DeepseekV2Patch
 from .deepseek_v3 import DeepseekV3Patch
+from .derived import DerivedPatch, derived_patches
 from .gpt_oss import GptOssPatch
 from .mixtral import MixtralPatch
 from .nllb_moe import NllbMoePatch
@@ -27,6 +28,7 @@ _REGISTRY: list[MoEPatch] = [
     DeepseekV2Patch(),
     DeepseekV3Patch(),
     GptOssPatch(),
+    *derived_patches(),
 ]
 
 
@@ -67,6 +69,8 @@ def unmatched_moe_blocks(model: nn.Module) -> list[tuple[str, str]]:
         children = dict(module.named_children())
         if parent is not None:
             reason = f"{type(module).__name__} subclasses the supported {parent.__name__}, which only matches exactly"
+        elif (why := _copied_code_changed(module)) is not None:
+            reason = f"{type(module).__name__} is not matched: {why}"
         elif "experts" in children and ("gate" in children or "router" in children):
             reason = f"{type(module).__name__} is not a supported block"
         else:
@@ -74,6 +78,19 @@ def unmatched_moe_blocks(model: nn.Module) -> list[tuple[str, str]]:
         found.append((name, reason))
         skip.append(name + ".")
     return found
+
+
+def _copied_code_changed(module: nn.Module) -> str | None:
+    """Why a block of a family copying another's code is not matched (see :mod:`.derived`), if so."""
+    cls = type(module)
+    for patch in _REGISTRY:
+        if (
+            isinstance(patch, DerivedPatch)
+            and cls.__name__ == patch.block_class_name
+            and cls.__module__ == patch.module_path
+        ):
+            return patch.mismatch()
+    return None
 
 
 __all__ = ["MoEPatch", "find_patch", "register_patch", "registered_patches", "unmatched_moe_blocks"]

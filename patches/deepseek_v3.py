@@ -21,26 +21,32 @@ from .fused import FusedMoEPatch, hf_class
 MODULE = "transformers.models.deepseek_v3.modeling_deepseek_v3"
 DeepseekV3TopkRouter = hf_class(MODULE, "DeepseekV3TopkRouter")
 
+
+class DeepseekV3Routing:
+    """Forward for DeepSeek-V3-style routers (mixed in before the HF class): the routing of
+    :func:`deepseek_topk`, returned as ``(logits, weights, indices)``."""
+
+    def forward(self, hidden_states: torch.Tensor):
+        flat = hidden_states.view(-1, self.hidden_dim)
+        logits = F.linear(flat.type(torch.float32), self.weight.type(torch.float32))
+        weights, indices = deepseek_topk(
+            logits,
+            self.top_k,
+            scoring="sigmoid",
+            method="noaux_tc",
+            n_group=self.num_group,
+            topk_group=self.topk_group,
+            correction_bias=self.e_score_correction_bias,
+            normalize=self.norm_topk_prob,
+            scaling=self.routed_scaling_factor,
+        )
+        return logits, weights, indices
+
+
 if DeepseekV3TopkRouter is not None:
 
-    class OptimizedDeepseekV3Router(DeepseekV3TopkRouter):
-        """Same module, routing from :func:`deepseek_topk`; returns ``(logits, weights, indices)``."""
-
-        def forward(self, hidden_states: torch.Tensor):
-            flat = hidden_states.view(-1, self.hidden_dim)
-            logits = F.linear(flat.type(torch.float32), self.weight.type(torch.float32))
-            weights, indices = deepseek_topk(
-                logits,
-                self.top_k,
-                scoring="sigmoid",
-                method="noaux_tc",
-                n_group=self.num_group,
-                topk_group=self.topk_group,
-                correction_bias=self.e_score_correction_bias,
-                normalize=self.norm_topk_prob,
-                scaling=self.routed_scaling_factor,
-            )
-            return logits, weights, indices
+    class OptimizedDeepseekV3Router(DeepseekV3Routing, DeepseekV3TopkRouter):
+        """Same module, routing from :func:`deepseek_topk`."""
 
 else:  # pragma: no cover - transformers without the model
     OptimizedDeepseekV3Router = None

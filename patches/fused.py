@@ -71,8 +71,10 @@ class SoftmaxTopKRouting:
     :func:`~hf_moe_opt.routing.softmax_topk`.
     """
 
-    #: Mixtral renormalises the top-k weights unconditionally and keeps them in float32.
+    #: Renormalise the top-k weights whatever ``norm_topk_prob`` says (Mixtral, Qwen3.5-MoE).
     normalize_always = False
+    #: Keep the weights in float32 instead of the logits' dtype (Mixtral).
+    float32_weights = False
 
     def forward(self, hidden_states: torch.Tensor):
         x = hidden_states.reshape(-1, self.hidden_dim)
@@ -87,19 +89,19 @@ class SoftmaxTopKRouting:
                 mode="softmax_topk",
                 top_k=self.top_k,
                 logits_dtype=x.dtype,
-                gates_dtype=torch.float32 if self.normalize_always else x.dtype,
+                gates_dtype=torch.float32 if self.float32_weights else x.dtype,
                 normalize=self.normalize_always or bool(self.norm_topk_prob),
             )
         if fused is not None:
             logits, indices, weights = fused
             return logits, weights, indices
         logits = F.linear(x, self.weight)
-        if self.normalize_always:
-            weights, indices = softmax_topk(logits, self.top_k, normalize=True)
-        else:
-            weights, indices = softmax_topk(
-                logits, self.top_k, normalize=self.norm_topk_prob, weights_dtype=logits.dtype
-            )
+        weights, indices = softmax_topk(
+            logits,
+            self.top_k,
+            normalize=self.normalize_always or bool(self.norm_topk_prob),
+            weights_dtype=None if self.float32_weights else logits.dtype,
+        )
         return logits, weights, indices
 
 

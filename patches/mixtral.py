@@ -18,6 +18,7 @@ if MixtralTopKRouter is not None:
         """Same module, routing from :func:`~hf_moe_opt.routing.softmax_topk`."""
 
         normalize_always = True
+        float32_weights = True
 
 else:  # pragma: no cover - transformers without the model
     OptimizedMixtralRouter = None

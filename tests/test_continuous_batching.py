@@ -40,7 +40,7 @@ NEW_TOKENS = 6
 SMALL_CACHE = dict(page_size=16, num_blocks=32, max_batch_tokens=24)  # CPU: auto-sizing is slow
 # DeepSeek-V2/V3 are left out: transformers' paged cache cannot hold their MLA keys/values (the
 # un-optimized models fail the same way in 5.17 and 5.24).
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"]
 
 
 def _greedy() -> GenerationConfig:

@@ -107,7 +107,7 @@ def test_layer_forward_has_no_host_reads(family):
 # -- generate through the runner, on a CPU -------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["switch", *CAUSAL])
+@pytest.mark.parametrize("family", ["switch", *CAUSAL, "glm4_moe", "flex_olmo"])
 def test_step_generate_matches_plain_generate(family):
     plain, model = _pair(_build(family))
     kw = _inputs(model)
@@ -437,9 +437,20 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
     assert counts["captures"] == 2 and counts["replays"] > 0 and counts["fallbacks"] == 0 and counts["eager"] == 0
 
 
-def test_sliding_window_models_raise():
-    with pytest.raises(ValueError, match="StaticSlidingWindowLayer"):
-        hf_moe_opt.optimize(tiny_model("gpt_oss"), cuda_graphs="step")
+@pytest.mark.parametrize(
+    "family, layer",
+    [
+        ("gpt_oss", "StaticSlidingWindowLayer"),
+        ("qwen3_next", "LinearAttentionLayer"),
+        ("deepseek_v32", "StaticIndexedLayer"),
+    ],
+)
+def test_models_whose_cache_tracks_state_in_python_raise(family, layer):
+    # Sliding windows, linear-attention states, DeepSeek-V3.2's indexer cache.
+    model = tiny_model(family)
+    with pytest.raises(ValueError, match=f"cannot capture .*{layer}"):
+        hf_moe_opt.optimize(model, cuda_graphs="step")
+    assert not hf_moe_opt.is_optimized(model)
 
 
 @pytest.mark.parametrize("option", [{"expert_cache": 2}, {"cuda_graphs": "steps"}, {"cuda_graphs": 2}])

@@ -1,0 +1,212 @@
+"""Families whose MoE block copies another family's code (hf_moe_opt.patches.derived): the code
+comparison that decides whether they are matched, and what happens when the copy has drifted.
+Each family's outputs against transformers are tested with the others in test_families.py."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import transformers
+
+import hf_moe_opt
+from hf_moe_opt.patches import derived
+from hf_moe_opt.patches.derived import derived_patches, same_class_code, same_code
+
+from .test_families import _COMMON, VOCAB, _ids, _spread, tiny_model
+
+
+def _scaled(x):
+    """Doubles x."""
+    return x * 2.0
+
+
+def _scaled_again(x):
+    """The same code under another name and docstring."""
+    return x * 2.0
+
+
+def _scaled_more(x):
+    return x * 3.0
+
+
+def _through_helper(x):
+    return _scaled(x)
+
+
+def _through_other_helper(x):
+    return _scaled_more(x)
+
+
+def _sqrt(x):
+    return math.sqrt(x)
+
+
+def test_same_code_compares_code_names_constants_and_globals():
+    assert same_code(_scaled, _scaled_again)
+    assert not same_code(_scaled, _scaled_more)  # a constant differs
+    assert not same_code(_through_helper, _through_other_helper)  # the names they call differ
+    # The same name resolving to another object in the function's module (source compiled alike: the
+    # bytecode of a call depends on whether the name was bound by an import).
+    source = "import {} as math\n\ndef _sqrt(x):\n    return math.sqrt(x)\n"
+    namespace = {}
+    exec(source.format("torch"), namespace)  # torch.sqrt, not math.sqrt
+    assert not same_code(_sqrt, namespace["_sqrt"])
+    same = {}
+    exec(source.format("math"), same)
+    assert same_code(_sqrt, same["_sqrt"])
+    # A global function with different code behind the same name.
+    helper = {}
+    exec("def _scaled(x):\n    return x * 5.0\n\ndef _through_helper(x):\n    return _scaled(x)\n", helper)
+    assert not same_code(_through_helper, helper["_through_helper"])
+
+
+def test_same_class_code_needs_the_same_methods():
+    class A(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = 1
+
+        def forward(self, x):
+            return x + 1
+
+    class B(torch.nn.Module):
+        def __init__(self):  # another __init__ is fine: it only stores values
+            super().__init__()
+            self.k = 2
+
+        def forward(self, x):
+            return x + 1
+
+    class C(B):
+        def extra(self):
+            return 0
+
+    assert same_class_code(A, B)
+    assert not same_class_code(A, C)
+
+
+@pytest.fixture
+def fresh_checks():
+    derived._mismatch.cache_clear()
+    yield
+    derived._mismatch.cache_clear()
+
+
+def test_installed_copies_are_matched():
+    # Every family this transformers has is matched: its code still equals the family it copies.
+    for patch in derived_patches():
+        if patch._hf(patch.block_class_name) is None:
+            continue
+        assert patch.mismatch() is None, patch.model_type
+        assert patch.block_class() is not None and patch.router_class is not None
+
+
+def test_drifted_copy_is_refused_with_the_reason(fresh_checks, monkeypatch):
+    """A transformers whose GLM-4.5 router no longer equals DeepSeek-V3's: the family is not matched
+    and optimize() says why, instead of routing as DeepSeek-V3 does."""
+    module = pytest.importorskip("transformers.models.glm4_moe.modeling_glm4_moe")
+    original = module.Glm4MoeTopkRouter.forward
+
+    def forward(self, hidden_states):  # e.g. a new routing option
+        return original(self, hidden_states * 1.0)
+
+    model = tiny_model("glm4_moe")
+    monkeypatch.setattr(module.Glm4MoeTopkRouter, "forward", forward)
+    drifted = r"changed code .*Glm4MoeMoE is not matched: its Glm4MoeTopkRouter code differs"
+    with pytest.raises(ValueError, match=drifted):
+        hf_moe_opt.optimize(model)
+    assert not hf_moe_opt.is_optimized(model)
+    monkeypatch.undo()
+    derived._mismatch.cache_clear()
+    hf_moe_opt.optimize(model, backend="torch")
+    assert len(hf_moe_opt.optimized_layers(model)) == 1
+
+
+def test_drifted_copy_beside_matched_blocks_is_named(fresh_checks, monkeypatch):
+    # A model with a matched family's blocks and a drifted family's block: the first are optimized, the
+    # other runs as transformers' and the warning names it with the reason.
+    module = pytest.importorskip("transformers.models.glm4_moe.modeling_glm4_moe")
+    original = module.Glm4MoeTopkRouter.forward
+    model = tiny_model("mixtral")
+    model.model.layers[0].mlp = tiny_model("glm4_moe").model.layers[-1].mlp  # same hidden size
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    monkeypatch.setattr(module.Glm4MoeTopkRouter, "forward", lambda self, x: original(self, x))
+    with pytest.warns(UserWarning, match=r"left 1 .*layers\.0\.mlp \(Glm4MoeMoE is not matched: its Glm4MoeTopkRouter"):
+        hf_moe_opt.optimize(model, backend="torch")
+    assert [name for name, _ in hf_moe_opt.optimized_layers(model)] == ["model.layers.1.mlp"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_qwen3_vl_moe_text_model_matches_transformers():
+    """Qwen3-VL-MoE: the MoE blocks of the language model inside the vision-language model; text-only
+    input, logits and restore against transformers."""
+    if getattr(transformers, "Qwen3VLMoeConfig", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3-VL-MoE")
+    text = dict(
+        _COMMON,
+        head_dim=8,
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        num_experts=6,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=24,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=4,
+        spatial_merge_size=1,
+        temporal_patch_size=1,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0],
+    )
+    config = transformers.Qwen3VLMoeConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=VOCAB - 1,
+        video_token_id=VOCAB - 2,
+        vision_start_token_id=VOCAB - 3,
+    )
+    torch.manual_seed(0)
+    ref = transformers.Qwen3VLMoeForConditionalGeneration(config).eval()
+    _spread(ref)
+    opt = copy.deepcopy(ref)
+    hf_moe_opt.optimize(opt, backend="torch")
+    layers = hf_moe_opt.optimized_layers(opt)
+    assert len(layers) == 2
+    assert all(layer.family == "qwen3_vl_moe" and layer.activation.name == "glu_silu" for _, layer in layers)
+    ids = _ids()
+    with torch.no_grad():
+        expected = ref(input_ids=ids).logits
+        torch.testing.assert_close(opt(input_ids=ids).logits, expected, atol=2e-5, rtol=2e-5)
+        hf_moe_opt.restore(opt)
+        torch.testing.assert_close(opt(input_ids=ids).logits, expected, atol=0, rtol=0)
+
+
+def test_optimized_model_unpickles_where_its_router_class_was_never_built(monkeypatch):
+    # A model saved whole (torch.save) and loaded in a fresh process: the router's class, made at
+    # run time, is found by name in hf_moe_opt.patches.derived and built on demand.
+    import pickle
+
+    model = tiny_model("glm4_moe")
+    hf_moe_opt.optimize(model, backend="torch")
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    blob = pickle.dumps(model)
+    monkeypatch.delitem(vars(derived), "OptimizedGlm4MoeTopkRouter")  # as in a fresh process
+    derived._router_class.cache_clear()
+    loaded = pickle.loads(blob)
+    assert type(loaded.model.layers[-1].mlp.gate) is derived.OptimizedGlm4MoeTopkRouter
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=0, rtol=0)
+    derived._router_class.cache_clear()
