@@ -11,6 +11,7 @@ from .deepseek_v2 import DeepseekV2Patch
 from .deepseek_v3 import DeepseekV3Patch
 from .derived import DerivedPatch, derived_patches
 from .gpt_oss import GptOssPatch
+from .minimax_m2 import MiniMaxM2Patch
 from .mixtral import MixtralPatch
 from .nllb_moe import NllbMoePatch
 from .olmoe import OlmoePatch
@@ -28,6 +29,7 @@ _REGISTRY: list[MoEPatch] = [
     DeepseekV2Patch(),
     DeepseekV3Patch(),
     GptOssPatch(),
+    MiniMaxM2Patch(),
     *derived_patches(),
 ]
 

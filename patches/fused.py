@@ -148,6 +148,10 @@ class FusedMoELayer(OptimizedMoE):
         self._modules.clear()
         self._modules.update(block._modules)
         self._modules.update(added)
+        # Tensors the block holds itself (MiniMax-M2's correction bias) keep their names too.
+        self._parameters.update(block._parameters)
+        self._buffers.update(block._buffers)
+        self._non_persistent_buffers_set |= block._non_persistent_buffers_set
         self._router_name = router_name
         self.returns_router_scores = returns_router_scores
         self._last_gates: torch.Tensor | None = None
@@ -212,6 +216,15 @@ class FusedMoEPatch(MoEPatch):
             down_bias=getattr(experts, "down_proj_bias", None),
             transposed=self.transposed,
         )
+
+    def restore(self, layer: OptimizedMoE) -> nn.Module:
+        block = super().restore(layer)
+        # The layer's own tensors may have been replaced (moved, cast): the block takes them back.
+        for name in block._parameters:
+            block._parameters[name] = layer._parameters[name]
+        for name in block._buffers:
+            block._buffers[name] = layer._buffers[name]
+        return block
 
     def build(self, block: nn.Module, config, *, capacity: str, backend: str) -> OptimizedMoE:
         # These families have no capacity: "model" and "none" route identically.

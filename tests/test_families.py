@@ -132,6 +132,11 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             ),
         ),
+        "minimax_m2": (
+            "MiniMaxM2Config",
+            "MiniMaxM2ForCausalLM",
+            dict(head_dim=8, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -171,6 +176,7 @@ BLOCKS = {
     "deepseek_v2": "DeepseekV2Moe",
     "deepseek_v3": "DeepseekV3MoE",
     "gpt_oss": "GptOssMLP",
+    "minimax_m2": "MiniMaxM2SparseMoeBlock",
     "minimax": "MiniMaxSparseMoeBlock",
     "qwen3_next": "Qwen3NextSparseMoeBlock",
     "qwen3_5_moe": "Qwen3_5MoeSparseMoeBlock",
@@ -223,7 +229,7 @@ def _spread(model: nn.Module) -> None:
         elif ".mlp.experts." in name:
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 3 else 0.2))
     for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith("e_score_correction_bias"):  # on the router, or on the block (MiniMax-M2)
             b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
@@ -295,7 +301,9 @@ def test_family_fp32_matches_transformers(family):
         torch.testing.assert_close(opt(ids, attention_mask=mask).logits, r.logits, **FP32)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "minimax", "qwen3_5_moe", "glm4_moe"])
+@pytest.mark.parametrize(
+    "family", ["mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "minimax", "qwen3_5_moe", "glm4_moe"]
+)
 def test_family_bf16_matches_transformers(family):
     ref, opt = _pair(family, torch.bfloat16)
     ids = _ids()
@@ -322,6 +330,22 @@ def test_supported_architectures_lists_families():
     supported = hf_moe_opt.supported_architectures()
     for family, block in BLOCKS.items():
         assert supported[family] == block
+
+
+def test_block_tensors_follow_the_layer_and_come_back_on_restore():
+    # MiniMax-M2 keeps its correction bias on the block: the layer holds it under the same name, a
+    # cast while optimized reaches it, and restore hands the cast tensor back to the block.
+    ref, opt = _pair("minimax_m2")
+    ref.to(torch.bfloat16)
+    opt.to(torch.bfloat16)
+    layer = dict(hf_moe_opt.optimized_layers(opt))["model.layers.1.mlp"]
+    assert layer.e_score_correction_bias.dtype == torch.bfloat16
+    hf_moe_opt.restore(opt)
+    block = opt.model.layers[1].mlp
+    assert block.e_score_correction_bias is layer.e_score_correction_bias
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).logits, ref(ids).logits, atol=0, rtol=0)
 
 
 def test_gpt_oss_block_returns_router_scores():
@@ -417,10 +441,15 @@ def _hf_router(family: str, **overrides) -> nn.Module:
 def test_routing_functions_match_transformers_routers(family):
     router = _hf_router(family)
     x = torch.randn(40, 32) * 2
+    bias = torch.randn(router.num_experts) * 0.1  # MiniMax-M2's block passes its correction bias
     family = ROUTES.get(family, family)
     with torch.no_grad():
-        logits, weights, indices = router(x)
-        if family in ("deepseek_v2", "deepseek_v3"):
+        logits, weights, indices = router(x, bias) if family == "minimax_m2" else router(x)
+        if family == "minimax_m2":
+            w, i = deepseek_topk(
+                logits.float(), router.top_k, scoring="sigmoid", method="greedy", correction_bias=bias, normalize=True
+            )
+        elif family in ("deepseek_v2", "deepseek_v3"):
             method = router.topk_method if family == "deepseek_v2" else "noaux_tc"
             w, i = deepseek_topk(
                 logits,
