@@ -49,6 +49,10 @@ class DemoResult:
     notes: list[str] = field(default_factory=list)
 
 
+# The demo runs offline on shipped checkpoints; transformers >= 5.25 would fetch Hub kernels by default.
+OFFLINE = {"use_kernels": False}
+
+
 def _cache_stats(model: torch.nn.Module) -> list[dict]:
     return [s for s in stats(model).values() if "slot_bytes" in s] if is_optimized(model) else []
 
@@ -125,7 +129,7 @@ def _switch_rows(device, dtype, backend, cache_fraction, repeats: int, result: D
     name = "switch-tiny-ddtp (LM)"
     path = shipped_model_path("switch-tiny-ddtp")
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, **OFFLINE).to(device).eval()
     pairs = span_corruption_pairs(ENGLISH, tok, max_length=112, seed=1234)
     batches = seq2seq_batches(pairs, batch_size=8, pad_id=tok.pad_token_id)
     prompts = tok(ENGLISH[:8], return_tensors="pt", padding=True).to(device)
@@ -176,7 +180,7 @@ def _nllb_rows(device, dtype, backend, cache_fraction, repeats: int, result: Dem
     name = "nllb-moe-tiny-ddtp (en->de)"
     path = shipped_model_path("nllb-moe-tiny-ddtp")
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, **OFFLINE).to(device).eval()
     src = [s for s, _ in PAIRS]
     refs = [t for _, t in PAIRS]
     batch = tok(src, return_tensors="pt", padding=True).to(device)
