@@ -10,6 +10,7 @@ from .base import MoEPatch
 from .deepseek_v2 import DeepseekV2Patch
 from .deepseek_v3 import DeepseekV3Patch
 from .derived import DerivedPatch, derived_patches
+from .ernie4_5_moe import Ernie4_5_MoePatch
 from .gpt_oss import GptOssPatch
 from .minimax_m2 import MiniMaxM2Patch
 from .mixtral import MixtralPatch
@@ -30,6 +31,7 @@ _REGISTRY: list[MoEPatch] = [
     DeepseekV3Patch(),
     GptOssPatch(),
     MiniMaxM2Patch(),
+    Ernie4_5_MoePatch(),
     *derived_patches(),
 ]
 

@@ -137,6 +137,19 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
             "MiniMaxM2ForCausalLM",
             dict(head_dim=8, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
         ),
+        "ernie4_5_moe": (
+            "Ernie4_5_MoeConfig",
+            "Ernie4_5_MoeForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                moe_num_experts=6,
+                moe_k=3,
+                moe_num_shared_experts=1,
+                moe_layer_start_index=1,
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -177,6 +190,7 @@ BLOCKS = {
     "deepseek_v3": "DeepseekV3MoE",
     "gpt_oss": "GptOssMLP",
     "minimax_m2": "MiniMaxM2SparseMoeBlock",
+    "ernie4_5_moe": "Ernie4_5_MoeSparseMoeBlock",
     "minimax": "MiniMaxSparseMoeBlock",
     "qwen3_next": "Qwen3NextSparseMoeBlock",
     "qwen3_5_moe": "Qwen3_5MoeSparseMoeBlock",
@@ -228,6 +242,8 @@ def _spread(model: nn.Module) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
         elif ".mlp.experts." in name:
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 3 else 0.2))
+        elif name.endswith("e_score_correction_bias"):  # a parameter in ERNIE 4.5's router
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):  # on the router, or on the block (MiniMax-M2)
             b.copy_(torch.randn(b.shape, generator=g) * 0.1)
@@ -302,7 +318,7 @@ def test_family_fp32_matches_transformers(family):
 
 
 @pytest.mark.parametrize(
-    "family", ["mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "minimax", "qwen3_5_moe", "glm4_moe"]
+    "family", ["mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "minimax", "qwen3_5_moe", "glm4_moe"]
 )
 def test_family_bf16_matches_transformers(family):
     ref, opt = _pair(family, torch.bfloat16)
@@ -346,6 +362,15 @@ def test_block_tensors_follow_the_layer_and_come_back_on_restore():
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(opt(ids).logits, ref(ids).logits, atol=0, rtol=0)
+
+
+def test_ernie_block_without_shared_experts():
+    ref, opt = _pair("ernie4_5_moe", moe_num_shared_experts=0)
+    assert ref.model.layers[-1].mlp.shared_experts is None
+    assert "shared_experts" not in dict(opt.model.layers[-1].mlp.named_children())
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).logits, ref(ids).logits, **FP32)
 
 
 def test_gpt_oss_block_returns_router_scores():
@@ -445,7 +470,12 @@ def test_routing_functions_match_transformers_routers(family):
     family = ROUTES.get(family, family)
     with torch.no_grad():
         logits, weights, indices = router(x, bias) if family == "minimax_m2" else router(x)
-        if family == "minimax_m2":
+        if family == "ernie4_5_moe":
+            probs = logits.softmax(-1)
+            i = torch.topk(probs + router.moe_statics.e_score_correction_bias, router.top_k).indices
+            w = probs.gather(-1, i)
+            w = w / w.sum(-1, keepdim=True)
+        elif family == "minimax_m2":
             w, i = deepseek_topk(
                 logits.float(), router.top_k, scoring="sigmoid", method="greedy", correction_bias=bias, normalize=True
             )
