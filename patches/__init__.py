@@ -12,6 +12,7 @@ from .deepseek_v3 import DeepseekV3Patch
 from .derived import DerivedPatch, derived_patches
 from .ernie4_5_moe import Ernie4_5_MoePatch
 from .gpt_oss import GptOssPatch
+from .granitemoe import GraniteMoePatch
 from .minimax_m2 import MiniMaxM2Patch
 from .mixtral import MixtralPatch
 from .nllb_moe import NllbMoePatch
@@ -32,6 +33,7 @@ _REGISTRY: list[MoEPatch] = [
     GptOssPatch(),
     MiniMaxM2Patch(),
     Ernie4_5_MoePatch(),
+    GraniteMoePatch(),
     *derived_patches(),
 ]
 

@@ -117,6 +117,7 @@ class DerivedPatch(FusedMoEPatch):
         self.transposed = base.transposed
         self.returns_router_scores = base.returns_router_scores
         self.layer_class = base.layer_class
+        self.route_function = base.route_function
 
     def activation(self, block: nn.Module, config):
         return self.base.activation(block, config)
@@ -190,6 +191,7 @@ def __getattr__(name: str) -> type:
 def derived_patches() -> list[DerivedPatch]:
     """The families this module adds, in the registry's order."""
     from .deepseek_v3 import DeepseekV3Patch
+    from .granitemoe import GraniteMoePatch
     from .mixtral import MixtralPatch
     from .olmoe import OlmoePatch
     from .qwen2_moe import Qwen2MoePatch
@@ -200,6 +202,7 @@ def derived_patches() -> list[DerivedPatch]:
     qwen3 = (Qwen3MoePatch(), "Qwen3MoeExperts")
     olmoe = (OlmoePatch(), "OlmoeExperts")
     v3 = (DeepseekV3Patch(), "DeepseekV3Experts")
+    granite = (GraniteMoePatch(), "GraniteMoeExperts")
     # Qwen3.5-MoE and Qwen3-VL-MoE route as Qwen3-MoE with the weights always renormalised.
     renormalized = (SoftmaxTopKRouting, {"normalize_always": True})
     families = [
@@ -220,6 +223,14 @@ def derived_patches() -> list[DerivedPatch]:
         (v3, "dots1", "Dots1MoE", "Dots1TopkRouter", "Dots1Experts", None),
         (v3, "deepseek_v32", "DeepseekV32MoE", "DeepseekV32TopkRouter", "DeepseekV32Experts", None),
         (v3, "solar_open", "SolarOpenMoE", "SolarOpenTopkRouter", "SolarOpenExperts", None),
+        *(
+            (granite, model_type, f"{prefix}MoE", f"{prefix}TopKRouter", f"{prefix}Experts", None)
+            for model_type, prefix in [
+                ("granitemoeshared", "GraniteMoeShared"),
+                ("granitemoehybrid", "GraniteMoeHybrid"),  # Granite 4.0
+                ("granitemoe_swa", "GraniteMoeSWA"),
+            ]
+        ),
     ]
     # The model type names the modeling module in all of these.
     return [

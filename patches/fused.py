@@ -193,7 +193,7 @@ class FusedMoEPatch(MoEPatch):
 
     Subclasses set ``model_type``, ``module_path``, ``block_class_name`` and ``router_class`` (the
     optimized router subclass, None when the installed transformers lacks the family), and may
-    override ``router_name``, ``transposed``, ``layer_class`` and :meth:`activation`.
+    override ``router_name``, ``transposed``, ``layer_class``, ``route_function`` and :meth:`activation`.
     """
 
     router_name: str = "gate"
@@ -201,6 +201,8 @@ class FusedMoEPatch(MoEPatch):
     transposed: bool = False
     returns_router_scores: bool = False
     layer_class: type[FusedMoELayer] = FusedMoELayer
+    #: ``(router, hidden_states, padding_mask) -> Routing``: how the layer calls the router.
+    route_function: Callable = staticmethod(route_topk)
 
     def activation(self, block: nn.Module, config) -> Activation:
         """The experts' GLU: ``act(gate) * up`` on ``gate_up_proj``'s concatenated halves."""
@@ -237,7 +239,7 @@ class FusedMoEPatch(MoEPatch):
             block,
             weights,
             activation,
-            route_topk,
+            self.route_function,
             router_name=self.router_name,
             returns_router_scores=self.returns_router_scores,
             backend=backend,

@@ -15,7 +15,7 @@ import hf_moe_opt
 from hf_moe_opt.patches import derived
 from hf_moe_opt.patches.derived import derived_patches, same_class_code, same_code
 
-from .test_families import _COMMON, VOCAB, _ids, _spread, tiny_model
+from .test_families import _COMMON, FAMILIES, VOCAB, _ids, _spread, tiny_model
 
 
 def _scaled(x):
@@ -96,12 +96,17 @@ def fresh_checks():
 
 
 def test_installed_copies_are_matched():
-    # Every family this transformers has is matched: its code still equals the family it copies.
+    # Every family the tests run against transformers is matched in the installed version (its code
+    # still equals the family it copies); others may have drifted there (Granite MoE SWA's block in
+    # 5.17 unpacks its router's outputs in another order than Granite MoE's) and are then refused.
     for patch in derived_patches():
         if patch._hf(patch.block_class_name) is None:
             continue
-        assert patch.mismatch() is None, patch.model_type
-        assert patch.block_class() is not None and patch.router_class is not None
+        if patch.model_type in FAMILIES:
+            assert patch.mismatch() is None, patch.model_type
+            assert patch.block_class() is not None and patch.router_class is not None
+        elif patch.mismatch() is not None:
+            assert patch.block_class() is None
 
 
 def test_drifted_copy_is_refused_with_the_reason(fresh_checks, monkeypatch):

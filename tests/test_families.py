@@ -54,6 +54,8 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
     )
     mla = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4)
     dsv = dict(v3, **mla)
+    # Granite with its shared MLP (beside the block, in the decoder layer).
+    granite = dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, shared_intermediate_size=20)
     # Hybrid models (gated delta-net and full attention layers) with Qwen2-MoE's shared expert.
     gated_delta = dict(
         head_dim=8,
@@ -150,6 +152,11 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 moe_layer_start_index=1,
             ),
         ),
+        "granitemoe": (
+            "GraniteMoeConfig",
+            "GraniteMoeForCausalLM",
+            dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -174,6 +181,20 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
         "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", dict(v3, **mla)),
         "dots1": ("Dots1Config", "Dots1ForCausalLM", dict(v3, head_dim=8, norm_topk_prob=False)),
         "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", dict(v3, **mla)),
+        "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", granite),
+        "granitemoehybrid": (
+            "GraniteMoeHybridConfig",
+            "GraniteMoeHybridForCausalLM",
+            dict(
+                granite,
+                layer_types=["mamba", "attention"],
+                mamba_n_heads=4,
+                mamba_d_head=16,
+                mamba_d_state=8,
+                mamba_n_groups=1,
+                mamba_chunk_size=8,
+            ),
+        ),
         "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(v3, head_dim=8, routed_scaling_factor=1.0)),
     }
 
@@ -191,6 +212,9 @@ BLOCKS = {
     "gpt_oss": "GptOssMLP",
     "minimax_m2": "MiniMaxM2SparseMoeBlock",
     "ernie4_5_moe": "Ernie4_5_MoeSparseMoeBlock",
+    "granitemoe": "GraniteMoeMoE",
+    "granitemoeshared": "GraniteMoeSharedMoE",
+    "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
     "qwen3_next": "Qwen3NextSparseMoeBlock",
     "qwen3_5_moe": "Qwen3_5MoeSparseMoeBlock",
@@ -209,12 +233,18 @@ ROUTES = {
     "qwen3_next": "qwen2_moe",
     "qwen3_5_moe": "renormalized",
     "flex_olmo": "olmoe",
+    "granitemoeshared": "granitemoe",
+    "granitemoehybrid": "granitemoe",
     **dict.fromkeys(["glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32", "solar_open"], "deepseek_v3"),
 }
 
 
 def _blocks(model: nn.Module, family: str) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ == BLOCKS[family]]
+
+
+def _router_of(block: nn.Module) -> nn.Module:
+    return block.router if "router" in dict(block.named_children()) else block.gate
 
 
 def tiny_model(family: str, seed: int = 0, experts_implementation: str | None = None, **overrides) -> nn.Module:
@@ -238,9 +268,10 @@ def _spread(model: nn.Module) -> None:
     # decisive and the experts move the logits. Nonzero biases and correction biases are exercised.
     g = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():
-        if ".mlp.gate.weight" in name or ".mlp.router." in name:
+        moe = ".mlp." in name or ".block_sparse_moe." in name  # Granite's block is block_sparse_moe
+        if moe and (".gate.weight" in name or ".router." in name) and "shared" not in name:
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
-        elif ".mlp.experts." in name:
+        elif moe and ".experts." in name:
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 3 else 0.2))
         elif name.endswith("e_score_correction_bias"):  # a parameter in ERNIE 4.5's router
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
@@ -311,14 +342,18 @@ def test_family_fp32_matches_transformers(family):
     hf_moe_opt.restore(opt)
     assert not hf_moe_opt.is_optimized(opt)
     assert len(_blocks(opt, family)) == expected
-    router = opt.model.layers[-1].mlp.router if family == "gpt_oss" else opt.model.layers[-1].mlp.gate
+    router = _router_of(_blocks(opt, family)[-1])
     assert not type(router).__name__.startswith("Optimized")
     with torch.no_grad():
         torch.testing.assert_close(opt(ids, attention_mask=mask).logits, r.logits, **FP32)
 
 
 @pytest.mark.parametrize(
-    "family", ["mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "minimax", "qwen3_5_moe", "glm4_moe"]
+    "family",
+    [
+        *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid"),
+        *("minimax", "qwen3_5_moe", "glm4_moe"),
+    ],
 )
 def test_family_bf16_matches_transformers(family):
     ref, opt = _pair(family, torch.bfloat16)
@@ -371,6 +406,21 @@ def test_ernie_block_without_shared_experts():
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(opt(ids).logits, ref(ids).logits, **FP32)
+
+
+@pytest.mark.parametrize("family", ["granitemoe", "granitemoehybrid"])
+def test_granite_router_keeps_the_installed_output_order(family):
+    # The order of the router's outputs changed between transformers versions; anything reading them
+    # (the block, transformers' router-logit recorder) gets the installed version's order.
+    ref, opt = _pair(family)
+    x = torch.randn(12, 32)
+    with torch.no_grad():
+        want = _router_of(_blocks(ref, family)[-1])(x)
+        got = hf_moe_opt.optimized_layers(opt)[-1][1].router(x)
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_gpt_oss_block_returns_router_scores():
@@ -458,8 +508,7 @@ def test_composite_model_experts_activation():
 
 def _hf_router(family: str, **overrides) -> nn.Module:
     model = tiny_model(family, **overrides)
-    block = model.model.layers[-1].mlp
-    return block.router if family == "gpt_oss" else block.gate
+    return _router_of(_blocks(model, family)[-1])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -469,7 +518,12 @@ def test_routing_functions_match_transformers_routers(family):
     bias = torch.randn(router.num_experts) * 0.1  # MiniMax-M2's block passes its correction bias
     family = ROUTES.get(family, family)
     with torch.no_grad():
-        logits, weights, indices = router(x, bias) if family == "minimax_m2" else router(x)
+        out = router(x, bias) if family == "minimax_m2" else router(x)
+        if family == "granitemoe":  # transformers 5.17 returns (indices, weights, logits)
+            from patches.granitemoe import output_order
+
+            out = [out[at] for at in output_order(type(router))]
+        logits, weights, indices = out
         if family == "ernie4_5_moe":
             probs = logits.softmax(-1)
             i = torch.topk(probs + router.moe_statics.e_score_correction_bias, router.top_k).indices
@@ -492,7 +546,7 @@ def test_routing_functions_match_transformers_routers(family):
                 normalize=family == "deepseek_v3" and router.norm_topk_prob,
                 scaling=router.routed_scaling_factor,
             )
-        elif family == "gpt_oss":
+        elif family in ("gpt_oss", "granitemoe"):
             w, i = topk_softmax(logits, router.top_k)
         elif family == "mixtral":
             w, i = softmax_topk(logits, router.top_k, normalize=True)
