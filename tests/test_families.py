@@ -408,6 +408,25 @@ def test_ernie_block_without_shared_experts():
         torch.testing.assert_close(opt(ids).logits, ref(ids).logits, **FP32)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_cuda_triton_matches_transformers(family):
+    """Every family through the Triton kernels on a GPU, fp32, against transformers on the GPU."""
+    from hf_moe_opt.experts.backends import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not available")
+    ref = tiny_model(family).cuda()
+    ref.set_attn_implementation("eager")  # cuDNN's SDPA faults on the tiny MLA head sizes
+    opt = copy.deepcopy(ref)
+    hf_moe_opt.optimize(opt, backend="triton")
+    ids = _ids().cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).logits, ref(ids).logits, atol=2e-4, rtol=2e-4)
+    device = ids.device
+    assert all(layer._backend_name(device) == "triton" for _, layer in hf_moe_opt.optimized_layers(opt))
+
+
 @pytest.mark.parametrize("family", ["granitemoe", "granitemoehybrid"])
 def test_granite_router_keeps_the_installed_output_order(family):
     # The order of the router's outputs changed between transformers versions; anything reading them
