@@ -13,6 +13,8 @@ from .derived import DerivedPatch, derived_patches
 from .ernie4_5_moe import Ernie4_5_MoePatch
 from .gpt_oss import GptOssPatch
 from .granitemoe import GraniteMoePatch
+from .hunyuan_v1_moe import HunYuanMoEV1Patch
+from .lfm2_moe import Lfm2MoePatch
 from .minimax_m2 import MiniMaxM2Patch
 from .mixtral import MixtralPatch
 from .nllb_moe import NllbMoePatch
@@ -34,6 +36,8 @@ _REGISTRY: list[MoEPatch] = [
     MiniMaxM2Patch(),
     Ernie4_5_MoePatch(),
     GraniteMoePatch(),
+    HunYuanMoEV1Patch(),
+    Lfm2MoePatch(),
     *derived_patches(),
 ]
 

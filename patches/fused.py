@@ -188,6 +188,26 @@ class FusedMoELayer(OptimizedMoE):
         return out
 
 
+class BlockBiasLayer(FusedMoELayer):
+    """A layer whose router is called with a bias the block holds itself (MiniMax-M2's
+    ``e_score_correction_bias``, LFM2-MoE's ``expert_bias``): a buffer of this layer under the same
+    name, so moving or casting the layer reaches it; None where the block has none."""
+
+    #: The block's attribute holding the bias.
+    bias_name: str = ""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._family_route = self._route_with_bias
+        if not self.returns_router_scores:
+            self.route = self._route_with_bias
+
+    def _route_with_bias(self, router: nn.Module, hidden_states: torch.Tensor, padding_mask) -> Routing:
+        bias = self._buffers.get(self.bias_name)
+        _, weights, indices = router(hidden_states.reshape(-1, hidden_states.shape[-1]), bias)
+        return topk_routing(weights, indices)
+
+
 class FusedMoEPatch(MoEPatch):
     """A family whose block has a top-k router child and a fused experts child.
 

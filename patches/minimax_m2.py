@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from hf_moe_opt.routing import Routing, deepseek_topk, topk_routing
+from hf_moe_opt.routing import deepseek_topk
 
-from .fused import FusedMoELayer, FusedMoEPatch, hf_class
+from .fused import BlockBiasLayer, FusedMoEPatch, hf_class
 
 MODULE = "transformers.models.minimax_m2.modeling_minimax_m2"
 MiniMaxM2TopKRouter = hf_class(MODULE, "MiniMaxM2TopKRouter")
@@ -41,12 +41,8 @@ else:  # pragma: no cover - transformers without the model
     OptimizedMiniMaxM2Router = None
 
 
-class MiniMaxM2Layer(FusedMoELayer):
-    """The router is called with the correction bias, a buffer of the block (and so of this layer)."""
-
-    def route_with_bias(self, router, hidden_states: torch.Tensor, padding_mask) -> Routing:
-        _, weights, indices = router(hidden_states.reshape(-1, hidden_states.shape[-1]), self.e_score_correction_bias)
-        return topk_routing(weights, indices)
+class MiniMaxM2Layer(BlockBiasLayer):
+    bias_name = "e_score_correction_bias"
 
 
 class MiniMaxM2Patch(FusedMoEPatch):
@@ -55,8 +51,3 @@ class MiniMaxM2Patch(FusedMoEPatch):
     block_class_name = "MiniMaxM2SparseMoeBlock"
     router_class = OptimizedMiniMaxM2Router
     layer_class = MiniMaxM2Layer
-
-    def build(self, block, config, *, capacity: str, backend: str):
-        layer = super().build(block, config, capacity=capacity, backend=backend)
-        layer.route = layer._family_route = layer.route_with_bias
-        return layer

@@ -157,6 +157,25 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
             "GraniteMoeForCausalLM",
             dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
         ),
+        "hunyuan_v1_moe": (
+            "HunYuanMoEV1Config",
+            "HunYuanMoEV1ForCausalLM",
+            dict(head_dim=8, intermediate_size=24, num_experts=6, moe_topk=2),
+        ),
+        "lfm2_moe": (
+            "Lfm2MoeConfig",
+            "Lfm2MoeForCausalLM",
+            dict(
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                num_experts=6,
+                num_experts_per_tok=2,
+                num_dense_layers=0,
+                use_expert_bias=True,
+                routed_scaling_factor=1.5,
+                layer_types=["conv", "full_attention"],
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -213,6 +232,8 @@ BLOCKS = {
     "minimax_m2": "MiniMaxM2SparseMoeBlock",
     "ernie4_5_moe": "Ernie4_5_MoeSparseMoeBlock",
     "granitemoe": "GraniteMoeMoE",
+    "hunyuan_v1_moe": "HunYuanMoEV1Moe",
+    "lfm2_moe": "Lfm2MoeSparseMoeBlock",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -273,10 +294,12 @@ def _spread(model: nn.Module) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
         elif moe and ".experts." in name:
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 3 else 0.2))
+        elif name.endswith("gate.wg.weight"):  # Hunyuan's router holds a float32 linear
+            p.copy_(torch.randn(p.shape, generator=g) * 0.7)
         elif name.endswith("e_score_correction_bias"):  # a parameter in ERNIE 4.5's router
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):  # on the router, or on the block (MiniMax-M2)
+        if name.endswith(("e_score_correction_bias", "expert_bias")):  # on the router or the block
             b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
@@ -351,7 +374,7 @@ def test_family_fp32_matches_transformers(family):
 @pytest.mark.parametrize(
     "family",
     [
-        *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid"),
+        *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe"),
     ],
 )
@@ -440,6 +463,14 @@ def test_granite_router_keeps_the_installed_output_order(family):
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_lfm2_block_without_expert_bias():
+    ref, opt = _pair("lfm2_moe", use_expert_bias=False, norm_topk_prob=False)
+    assert not any(name.endswith("expert_bias") for name, _ in ref.named_buffers())
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).logits, ref(ids).logits, **FP32)
 
 
 def test_gpt_oss_block_returns_router_scores():
@@ -537,13 +568,19 @@ def test_routing_functions_match_transformers_routers(family):
     bias = torch.randn(router.num_experts) * 0.1  # MiniMax-M2's block passes its correction bias
     family = ROUTES.get(family, family)
     with torch.no_grad():
-        out = router(x, bias) if family == "minimax_m2" else router(x)
+        out = router(x, bias) if family in ("minimax_m2", "lfm2_moe") else router(x)
         if family == "granitemoe":  # transformers 5.17 returns (indices, weights, logits)
             from patches.granitemoe import output_order
 
             out = [out[at] for at in output_order(type(router))]
         logits, weights, indices = out
-        if family == "ernie4_5_moe":
+        if family == "lfm2_moe":
+            i = torch.topk(logits.sigmoid() + bias, router.top_k).indices
+            w = logits.sigmoid().gather(1, i)
+            w = w / (w.sum(-1, keepdim=True) + 1e-6) * router.routed_scaling_factor
+        elif family == "hunyuan_v1_moe":
+            w, i = softmax_topk(logits, router.top_k, normalize=True, weights_dtype=logits.dtype)
+        elif family == "ernie4_5_moe":
             probs = logits.softmax(-1)
             i = torch.topk(probs + router.moe_statics.e_score_correction_bias, router.top_k).indices
             w = probs.gather(-1, i)
