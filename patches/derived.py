@@ -223,6 +223,14 @@ def derived_patches() -> list[DerivedPatch]:
         (v3, "dots1", "Dots1MoE", "Dots1TopkRouter", "Dots1Experts", None),
         (v3, "deepseek_v32", "DeepseekV32MoE", "DeepseekV32TopkRouter", "DeepseekV32Experts", None),
         (v3, "solar_open", "SolarOpenMoE", "SolarOpenTopkRouter", "SolarOpenExperts", None),
+        (v3, "exaone_moe", "ExaoneMoeSparseMoEBlock", "ExaoneMoeTopkRouter", "ExaoneMoeExperts", None),
+        (v3, "kimi_linear", "KimiLinearMoE", "KimiLinearTopkRouter", "KimiLinearExperts", None),
+        (v3, "glm_moe_dsa", "GlmMoeDsaMoE", "GlmMoeDsaTopkRouter", "GlmMoeDsaExperts", None),
+        (v3, "glm4v_moe", "Glm4vMoeTextMoE", "Glm4vMoeTextTopkRouter", "Glm4vMoeTextExperts", None),
+        (v3, "bailing_hybrid", "BailingHybridMoE", "BailingHybridTopkRouter", "BailingHybridExperts", None),
+        (v3, "dots3_note", "Dots3NoteTextMoE", "Dots3NoteTextTopkRouter", "Dots3NoteExperts", None),
+        (qwen3, "mellum", "MellumSparseMoeBlock", "MellumTopKRouter", "MellumExperts", None),
+        (qwen2, "qwen4_exp", "Qwen4ExpTextSparseMoeBlock", "Qwen4ExpTextTopKRouter", "Qwen4ExpTextExperts", None),
         *(
             (granite, model_type, f"{prefix}MoE", f"{prefix}TopKRouter", f"{prefix}Experts", None)
             for model_type, prefix in [
