@@ -16,6 +16,7 @@ from .granitemoe import GraniteMoePatch
 from .hunyuan_v1_moe import HunYuanMoEV1Patch
 from .lfm2_moe import Lfm2MoePatch
 from .minimax_m2 import MiniMaxM2Patch
+from .mistral4 import Mistral4Patch, MistralLarge4Patch
 from .mixtral import MixtralPatch
 from .nllb_moe import NllbMoePatch
 from .olmoe import OlmoePatch
@@ -38,6 +39,8 @@ _REGISTRY: list[MoEPatch] = [
     GraniteMoePatch(),
     HunYuanMoEV1Patch(),
     Lfm2MoePatch(),
+    Mistral4Patch(),
+    MistralLarge4Patch(),
     *derived_patches(),
 ]
 

@@ -157,6 +157,7 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
             "GraniteMoeForCausalLM",
             dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
         ),
+        "mistral4": ("Mistral4Config", "Mistral4ForCausalLM", dict(dsv, norm_topk_prob=False)),
         "hunyuan_v1_moe": (
             "HunYuanMoEV1Config",
             "HunYuanMoEV1ForCausalLM",
@@ -278,6 +279,7 @@ BLOCKS = {
     "ernie4_5_moe": "Ernie4_5_MoeSparseMoeBlock",
     "granitemoe": "GraniteMoeMoE",
     "hunyuan_v1_moe": "HunYuanMoEV1Moe",
+    "mistral4": "Mistral4MoE",
     "lfm2_moe": "Lfm2MoeSparseMoeBlock",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
@@ -430,7 +432,7 @@ def test_family_fp32_matches_transformers(family):
     "family",
     [
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
-        *("minimax", "qwen3_5_moe", "glm4_moe"),
+        *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4"),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -616,7 +618,7 @@ def _hf_router(family: str, **overrides) -> nn.Module:
     return _router_of(_blocks(model, family)[-1])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mistral4"])  # its own test below
 def test_routing_functions_match_transformers_routers(family):
     router = _hf_router(family)
     x = torch.randn(40, 32) * 2
@@ -625,7 +627,7 @@ def test_routing_functions_match_transformers_routers(family):
     with torch.no_grad():
         out = router(x, bias) if family in ("minimax_m2", "lfm2_moe") else router(x)
         if family == "granitemoe":  # transformers 5.17 returns (indices, weights, logits)
-            from patches.granitemoe import output_order
+            from hf_moe_opt.patches.granitemoe import output_order
 
             out = [out[at] for at in output_order(type(router))]
         logits, weights, indices = out
@@ -669,6 +671,61 @@ def test_routing_functions_match_transformers_routers(family):
     order_ref, order = indices.argsort(-1), i.argsort(-1)
     torch.testing.assert_close(w.gather(-1, order), weights.gather(-1, order_ref), atol=0, rtol=0)
     assert w.dtype == weights.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("large", [False, True])
+def test_mistral_routers_match_transformers(large, dtype):
+    """Mistral 4 (model-dtype softmax, optional renormalisation) and Mistral Large 3 (float32, always
+    renormalised): the optimized router's outputs equal transformers' on the same router."""
+    from hf_moe_opt.patches.base import swap_router_class
+    from hf_moe_opt.patches.mistral4 import OptimizedMistral4Router, OptimizedMistralLarge4Router
+
+    if large:
+        if getattr(transformers, "MistralLarge4TextConfig", None) is None:
+            pytest.skip(f"transformers {transformers.__version__} has no Mistral Large 3")
+        from transformers.models.mistral_large4.modeling_mistral_large4 import MistralLarge4TextTopkRouter as Router
+
+        optimized = OptimizedMistralLarge4Router
+        config = transformers.MistralLarge4TextConfig(**{**_COMMON, **_configs()["deepseek_v3"][2], "head_dim": 8})
+    else:
+        if getattr(transformers, "Mistral4Config", None) is None:
+            pytest.skip(f"transformers {transformers.__version__} has no Mistral 4")
+        from transformers.models.mistral4.modeling_mistral4 import Mistral4TopkRouter as Router
+
+        optimized = OptimizedMistral4Router
+        config = transformers.Mistral4Config(**{**_COMMON, **_configs()["mistral4"][2]})
+    torch.manual_seed(0)
+    hf = Router(config).to(dtype)
+    with torch.no_grad():
+        hf.weight.normal_(0, 0.7)
+    ours = copy.deepcopy(hf)
+    swap_router_class(ours, optimized)
+    x = (torch.randn(50, 32) * 2).to(dtype)
+    with torch.no_grad():
+        want, got = hf(x), ours(x)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_mistral_large_3_text_model_matches_transformers():
+    if getattr(transformers, "MistralLarge4TextConfig", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Mistral Large 3")
+    extra = dict(index_topk=4, index_head_dim=8, index_n_heads=2, head_dim=8)
+    config = transformers.MistralLarge4TextConfig(**{**_COMMON, **_configs()["deepseek_v3"][2], **extra})
+    torch.manual_seed(0)
+    ref = transformers.MistralLarge4TextModel(config).eval()
+    _spread(ref)
+    opt = copy.deepcopy(ref)
+    hf_moe_opt.optimize(opt, backend="torch")
+    assert [layer.family for _, layer in hf_moe_opt.optimized_layers(opt)] == ["mistral_large4"]
+    ids = _ids()
+    with torch.no_grad():
+        expected = ref(ids).last_hidden_state
+        torch.testing.assert_close(opt(ids).last_hidden_state, expected, atol=2e-5, rtol=2e-5)
+        hf_moe_opt.restore(opt)
+        torch.testing.assert_close(opt(ids).last_hidden_state, expected, atol=0, rtol=0)
 
 
 def test_deepseek_group_limit_restricts_choice():

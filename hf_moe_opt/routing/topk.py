@@ -54,7 +54,7 @@ def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return torch.softmax(values, dim=1, dtype=values.dtype), indices
 
 
-def _group_mask(group_scores: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor:
+def group_mask(group_scores: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor:
     """``[N, E]`` bool, True for the experts of each token's ``topk_group`` best groups."""
     num_group = group_scores.shape[-1]
     group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
@@ -97,7 +97,7 @@ def deepseek_topk(
     if method == "noaux_tc":
         choice = scores if correction_bias is None else scores + correction_bias
         group_scores = choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
-        choice = choice.masked_fill(~_group_mask(group_scores, topk_group, num_experts), float("-inf"))
+        choice = choice.masked_fill(~group_mask(group_scores, topk_group, num_experts), float("-inf"))
         indices = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, indices)
         if normalize:
@@ -106,7 +106,7 @@ def deepseek_topk(
         choice = scores if correction_bias is None else scores + correction_bias
         if method == "group_limited_greedy":
             group_scores = choice.view(-1, n_group, num_experts // n_group).max(dim=-1).values
-            choice = choice.masked_fill(~_group_mask(group_scores, topk_group, num_experts), 0.0)
+            choice = choice.masked_fill(~group_mask(group_scores, topk_group, num_experts), 0.0)
         if correction_bias is None:
             weights, indices = torch.topk(choice, k=top_k, dim=-1, sorted=False)
         else:
