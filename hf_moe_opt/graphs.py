@@ -8,8 +8,10 @@ router itself stays eager, so hooks on it (transformers' router-logit recorders)
 
 from __future__ import annotations
 
+import gc
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -23,6 +25,21 @@ def _pool(device: torch.device):
     return _POOLS[device]
 
 
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a CUDA graph is captured. An automatic collection
+    inside the capture would run the destructors of unreachable objects, which may free CUDA resources
+    (an earlier graph and its pool's memory, pinned buffers): calls a capture does not allow, which
+    invalidate it. ``torch.cuda.graph`` collects once before the capture begins."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class GraphedCompute:
     """``fn(x, expert_index, gates, keep)`` captured for one set of shapes and dtypes."""
 
@@ -34,7 +51,7 @@ class GraphedCompute:
             fn(*self.static)  # warm-up outside the capture: lazy initialisation, backend probes
         torch.cuda.current_stream(x.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=_pool(x.device)):
+        with collection_paused(), torch.cuda.graph(self.graph, pool=_pool(x.device)):
             self.out = fn(*self.static)
 
     def __call__(self, x, expert_index, gates, keep) -> torch.Tensor:

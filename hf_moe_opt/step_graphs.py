@@ -51,6 +51,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .cache.host_reads import STEP_MAX_TOKENS, captured_calls
+from .graphs import collection_paused
 from .host_sync import no_host_reads
 from .layer import OptimizedMoE, refresh_router_cast_of
 from .model_index import ModelIndex
@@ -113,7 +114,7 @@ class CudaGraphCapture:
         if device not in self._pools:
             self._pools[device] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pools[device]):
+        with collection_paused(), torch.cuda.graph(graph, pool=self._pools[device]):
             out = fn()
 
         def replay() -> Any:  # holds the graph (and its memory) for as long as the step is kept

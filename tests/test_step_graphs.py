@@ -632,3 +632,26 @@ def test_slots_are_evicted_least_recently_used():
             model.generate(**{**_inputs(model, batch=batch, seq=6), "max_new_tokens": 2, "min_new_tokens": 2})
     assert [key[0] for key in runner.slots] == [3, 4, 5, 1]
     assert runner.counts["captures"] == 10 and runner.counts["replays"] == 2 * 2, runner.counts
+
+
+def test_collection_paused_during_a_capture():
+    # A collection inside a CUDA graph capture may free CUDA resources of unreachable objects, which
+    # invalidates the capture: the collector is off while one runs, and back on afterwards.
+    import gc
+
+    from hf_moe_opt.graphs import collection_paused
+
+    assert gc.isenabled()
+    with collection_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError), collection_paused():
+        raise KeyError  # restored on errors too
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collection_paused():
+            pass
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
