@@ -30,7 +30,8 @@ def collection_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off while a CUDA graph is captured. An automatic collection
     inside the capture would run the destructors of unreachable objects, which may free CUDA resources
     (an earlier graph and its pool's memory, pinned buffers): calls a capture does not allow, which
-    invalidate it. ``torch.cuda.graph`` collects once before the capture begins."""
+    invalidate it. (``torch.cuda.graph`` itself collects first only under
+    ``torch.compiler.config.force_cudagraph_gc``.)"""
     enabled = gc.isenabled()
     gc.disable()
     try:

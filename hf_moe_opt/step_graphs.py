@@ -606,7 +606,10 @@ class StepGraphs:
             device = next(self.model.parameters()).device
             state = None
             if isinstance(is_updated, dict):
-                state = (lambda: dict(slot.cache.is_updated), lambda snap: slot.cache.is_updated.update(snap))
+                # Through the cache, not the slot: a graph holding its slot would form a reference cycle,
+                # so dropped graphs (and their CUDA memory) would wait for the cyclic collector.
+                cache = slot.cache
+                state = (lambda: dict(cache.is_updated), lambda snap: cache.is_updated.update(snap))
             try:
                 with captured_calls() as reads:
                     graph = _StepGraph(forward, leaves, spec, self.capture, device, state)

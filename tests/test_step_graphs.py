@@ -655,3 +655,28 @@ def test_collection_paused_during_a_capture():
         assert not gc.isenabled()  # left as the caller had it
     finally:
         gc.enable()
+
+
+def test_dropped_step_graphs_are_freed_at_once():
+    # A captured step holds CUDA memory: when the runner drops it, reference counting must free it
+    # then, not a later cyclic collection (which could fall inside another capture and invalidate it).
+    import gc
+    import weakref
+
+    from hf_moe_opt.step_graphs import _StepGraph
+
+    plain, model = _pair(_build("switch"))
+    kw = _inputs(model)
+    gc.collect()
+    with torch.no_grad():
+        model.generate(**kw)
+    refs = [weakref.ref(o) for o in gc.get_objects() if isinstance(o, _StepGraph)]
+    assert refs and all(r() is not None for r in refs)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        runner_of(model).clear()
+        assert all(r() is None for r in refs)
+    finally:
+        if enabled:
+            gc.enable()
