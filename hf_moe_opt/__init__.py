@@ -19,6 +19,7 @@ from .api import (
 from .integrations import register_experts_implementation
 from .layer import OptimizedMoE
 from .placement import PlacementPlan, RoutingTrace, plan_placement, profile
+from .support import SupportReport, check_support
 
 __version__ = "0.1.0"
 
@@ -28,7 +29,9 @@ __all__ = [
     "OptimizedMoE",
     "PlacementPlan",
     "RoutingTrace",
+    "SupportReport",
     "__version__",
+    "check_support",
     "is_optimized",
     "optimize",
     "optimized_layers",

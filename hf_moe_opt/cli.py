@@ -101,6 +101,20 @@ def _load_model(name: str, device: str, dtype: str):
     return source, model, tokenizer
 
 
+def _check(args: argparse.Namespace) -> int:
+    from .evaluation.common import load_config, resolve_model
+    from .support import check_support, write_report
+
+    _check_output("--json", args.json, (".json",))
+    source, _ = resolve_model(args.model)
+    report = check_support(load_config(source), dtype=DTYPES[args.dtype], gpu_memory=args.gpu_memory)
+    print(report.summary())
+    if args.json:
+        write_report(report, args.json)
+        print(f"wrote {args.json}")
+    return 0 if report.supported else 1
+
+
 def _profile(args: argparse.Namespace) -> int:
     from .evaluation.common import DataSpec, read_data
     from .placement import profile
@@ -214,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", default="hf_moe_opt_demo.png", help="where to save the plot ('' for none)")
     demo.add_argument("--json", help="also write the table as JSON to this path")
     demo.set_defaults(func=_demo)
+    check = sub.add_parser(
+        "check", help="from the config alone: which MoE blocks optimize() replaces, and the experts' size"
+    )
+    check.add_argument("model", help="shipped model name, local folder or hub name (only config.json is read)")
+    check.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the byte counts")
+    check.add_argument(
+        "--gpu-memory", help="one GPU's memory, e.g. 80GiB: how much of the experts fits beside the rest"
+    )
+    check.add_argument("--json", help="also write the report as JSON to this path")
+    check.set_defaults(func=_check)
     _add_eval_commands(sub)
     bench = sub.add_parser("bench", help="CUDA benchmarks: `bench layer|model|families ...` (see --help of each)")
     bench.add_argument("which", choices=["layer", "model", "families"], help="which benchmark")

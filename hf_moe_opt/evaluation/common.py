@@ -113,16 +113,20 @@ def load_model(source: str, kind: str, dtype: torch.dtype, device: torch.device)
     return model.to(device).eval(), tokenizer
 
 
-def model_kind(source: str) -> str:
-    """``"seq2seq"`` or ``"causal"`` from the config (encoder-decoder or not)."""
+def load_config(source: str):
+    """The model's config (only ``config.json`` is read or fetched). Errors become one line."""
     from transformers import AutoConfig
 
     options = _load_options(source)
     try:
-        config = AutoConfig.from_pretrained(source, **options)
+        return AutoConfig.from_pretrained(source, **options)
     except (OSError, ValueError) as e:
         raise _load_error("the config of", source, options, e) from e
-    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def model_kind(source: str) -> str:
+    """``"seq2seq"`` or ``"causal"`` from the config (encoder-decoder or not)."""
+    return "seq2seq" if getattr(load_config(source), "is_encoder_decoder", False) else "causal"
 
 
 def weight_bytes(model: nn.Module) -> int:

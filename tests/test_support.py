@@ -1,0 +1,132 @@
+"""check_support / `hf-moe-opt check`: what optimize() would do, from a config on the meta device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import hf_moe_opt
+from hf_moe_opt.assets import shipped_model_path
+from hf_moe_opt.cli import main
+from hf_moe_opt.patches import derived
+
+from .test_families import _COMMON, BLOCKS, _blocks, tiny_model
+
+
+def _expert_bytes(model, dtype_size: int) -> list[int]:
+    """Bytes of each sparse block's experts in a real (loaded) model."""
+    return [
+        sum(p.numel() for p in layer.get_submodule("experts").parameters()) * dtype_size
+        for _, layer in hf_moe_opt.optimized_layers(model)
+    ]
+
+
+@pytest.mark.parametrize("name", ["switch-tiny-ddtp", "nllb-moe-tiny-ddtp", "qwen3-moe-tiny-ddtp"])
+def test_shipped_models_against_the_loaded_model(name):
+    path = shipped_model_path(name)
+    config = transformers.AutoConfig.from_pretrained(path)
+    report = hf_moe_opt.check_support(config, dtype=torch.float32)
+    auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(path)
+    total = sum(p.numel() for p in model.parameters()) * 4
+    hf_moe_opt.optimize(model, backend="torch")
+    layers = hf_moe_opt.optimized_layers(model)
+    assert report.supported and not report.unmatched
+    assert [layer.name for layer in report.layers] == [name for name, _ in layers]
+    assert [layer.family for layer in report.layers] == [layer.family for _, layer in layers]
+    assert [layer.num_experts for layer in report.layers] == [layer.weights.num_experts for _, layer in layers]
+    assert [layer.num_experts * layer.expert_bytes for layer in report.layers] == _expert_bytes(model, 4)
+    assert report.total_bytes == total
+    assert report.dense_bytes == total - sum(_expert_bytes(model, 4))
+    # bf16 halves every count.
+    half = hf_moe_opt.check_support(config)
+    assert half.dtype == "bfloat16" and half.total_bytes * 2 == report.total_bytes
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "glm4_moe", "minimax_m2", "granitemoehybrid"])
+def test_fused_families_from_their_config(family):
+    model = tiny_model(family)
+    report = hf_moe_opt.check_support(model)  # a model: its config is used, its weights are not
+    assert report.supported and len(report.layers) == len(_blocks(model, family))
+    assert {layer.block_class for layer in report.layers} == {BLOCKS[family]}
+    assert {layer.family for layer in report.layers} == {family}
+    experts = _blocks(model, family)[0].experts
+    assert report.layers[0].num_experts == experts.gate_up_proj.shape[0]
+    per_expert = sum(p.numel() for p in experts.parameters()) * 2 // experts.gate_up_proj.shape[0]
+    assert report.layers[0].expert_bytes == per_expert
+
+
+def test_models_without_or_with_unsupported_blocks():
+    dense = transformers.LlamaConfig(**_COMMON, intermediate_size=40)
+    report = hf_moe_opt.check_support(dense)
+    assert not report.supported and not report.layers and not report.unmatched
+    assert "no sparse MoE block found" in report.summary()
+    if getattr(transformers, "PhimoeConfig", None) is not None:  # a MoE family without a patch
+        phimoe = transformers.PhimoeConfig(**_COMMON, intermediate_size=24, num_local_experts=4)
+        report = hf_moe_opt.check_support(phimoe)
+        assert not report.supported and report.unmatched
+        assert "not a supported block" in report.summary()
+
+
+def test_a_drifted_copy_is_reported(monkeypatch):
+    module = pytest.importorskip("transformers.models.glm4_moe.modeling_glm4_moe")
+    original = module.Glm4MoeTopkRouter.forward
+    config = tiny_model("glm4_moe").config
+    derived._mismatch.cache_clear()
+    monkeypatch.setattr(module.Glm4MoeTopkRouter, "forward", lambda self, x: original(self, x))
+    try:
+        report = hf_moe_opt.check_support(config)
+    finally:
+        monkeypatch.undo()
+        derived._mismatch.cache_clear()
+    assert not report.supported and not report.layers
+    assert "Glm4MoeTopkRouter code differs" in report.summary()
+
+
+def test_gpu_memory_arithmetic():
+    config = tiny_model("mixtral").config
+    report = hf_moe_opt.check_support(config, gpu_memory=10**9)
+    assert report.resident_fraction == 1.0 and "fits whole" in report.summary()
+    dense, experts = report.dense_bytes, report.expert_bytes
+    half = hf_moe_opt.check_support(config, gpu_memory=dense + experts // 2)
+    assert half.resident_fraction == pytest.approx((experts // 2) / experts)
+    assert "about 50% of the experts fit" in half.summary()
+    none = hf_moe_opt.check_support(config, gpu_memory=f"{dense - 1}B")
+    assert none.resident_fraction == 0.0 and "does not fit" in none.summary()
+    assert hf_moe_opt.check_support(config).resident_fraction is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"model": 3}, TypeError, "config, a model or a name"),
+        ({"model": torch.nn.Linear(2, 2)}, TypeError, "with a .config"),
+        ({"dtype": torch.int8}, TypeError, "floating torch.dtype"),
+        ({"gpu_memory": 0}, ValueError, "positive"),
+        ({"gpu_memory": "lots"}, ValueError, "byte size"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    kwargs = {"model": tiny_model("mixtral").config, **kwargs}
+    with pytest.raises(error, match=match):
+        hf_moe_opt.check_support(kwargs.pop("model"), **kwargs)
+
+
+def test_cli_check(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    assert main(["check", "nllb-moe-tiny-ddtp", "--gpu-memory", "5MiB", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 sparse MoE blocks optimize() replaces (nllb-moe; 8 experts" in printed and "supported" in printed
+    data = json.loads(out.read_text())
+    assert data["supported"] and len(data["layers"]) == 3 and data["gpu_bytes"] == 5 * 2**20
+    assert data["expert_bytes"] + data["dense_bytes"] == data["total_bytes"]
+    # A dense model: exit status 1; a missing folder: a one-line error, exit status 2.
+    folder = tmp_path / "dense"
+    transformers.LlamaConfig(**_COMMON, intermediate_size=40).save_pretrained(folder)
+    assert main(["check", str(folder)]) == 1
+    assert main(["check", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["check", "switch-tiny-ddtp", "--json", str(tmp_path)]) == 2  # a folder, not a file
