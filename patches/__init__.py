@@ -45,11 +45,24 @@ _REGISTRY: list[MoEPatch] = [
 ]
 
 
+# Patches by block class name: find_patch runs on every module of a model (thousands), and a name
+# lookup rules out almost all of them before any patch is asked.
+_BY_NAME: dict[str, list[MoEPatch]] = {}
+
+
+def _by_name() -> dict[str, list[MoEPatch]]:
+    if not _BY_NAME:
+        for patch in _REGISTRY:
+            _BY_NAME.setdefault(patch.block_class_name, []).append(patch)
+    return _BY_NAME
+
+
 def register_patch(patch: MoEPatch) -> None:
     """Add support for another architecture."""
     if any(p.model_type == patch.model_type for p in _REGISTRY):
         raise ValueError(f"a patch for {patch.model_type!r} is already registered")
     _REGISTRY.append(patch)
+    _BY_NAME.clear()
 
 
 def registered_patches() -> list[MoEPatch]:
@@ -58,7 +71,7 @@ def registered_patches() -> list[MoEPatch]:
 
 def find_patch(module: nn.Module) -> MoEPatch | None:
     """The patch whose sparse MoE block ``module`` is, if any."""
-    for patch in _REGISTRY:
+    for patch in _by_name().get(type(module).__name__, ()):
         if patch.matches(module):
             return patch
     return None

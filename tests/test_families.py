@@ -881,3 +881,42 @@ def test_moe_blocks_left_unmatched_are_named():
     with pytest.raises(ValueError, match=r"subclass one .*PatchedBlock subclasses the supported MixtralSparseMoeBlock"):
         hf_moe_opt.optimize(model)
     assert not hf_moe_opt.is_optimized(model)
+
+
+def test_register_patch_adds_an_architecture(monkeypatch):
+    """A user's block class (here a Mixtral block under another class) becomes supported through
+    register_patch; a second patch for the same model type is refused."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    import hf_moe_opt.patches as patches
+    from hf_moe_opt.patches.mixtral import MixtralPatch
+
+    monkeypatch.setattr(patches, "_REGISTRY", list(patches._REGISTRY))
+    monkeypatch.setattr(patches, "_BY_NAME", {})
+
+    class MyBlock(MixtralSparseMoeBlock):
+        pass
+
+    class MyPatch(MixtralPatch):
+        model_type = "my_mixtral"
+        block_class_name = "MyBlock"
+
+        def block_class(self):
+            return MyBlock
+
+    ref = tiny_model("mixtral")
+    model = copy.deepcopy(ref)
+    for layer in model.model.layers:
+        mine = MyBlock(model.config)
+        mine.load_state_dict(layer.mlp.state_dict())
+        layer.mlp = mine.eval()
+    assert patches.find_patch(model.model.layers[0].mlp) is None
+    patches.register_patch(MyPatch())
+    with pytest.raises(ValueError, match="already registered"):
+        patches.register_patch(MyPatch())
+    assert isinstance(patches.find_patch(model.model.layers[0].mlp), MyPatch)
+    hf_moe_opt.optimize(model, backend="torch")
+    assert [layer.family for _, layer in hf_moe_opt.optimized_layers(model)] == ["my_mixtral", "my_mixtral"]
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, **FP32)
