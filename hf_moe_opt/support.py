@@ -40,6 +40,7 @@ class SupportReport:
     unmatched: list[tuple[str, str]] = field(default_factory=list)  # (module name, why not replaced)
     total_bytes: int = 0
     gpu_bytes: int | None = None  # the memory --gpu-memory / gpu_memory= named, if any
+    step_graphs: str | None = None  # why cuda_graphs="step" cannot capture this model; None: it can
 
     @property
     def supported(self) -> bool:
@@ -92,6 +93,9 @@ class SupportReport:
                     f"  in {gpu}: about {fraction:.0%} of the experts fit beside the rest (weights only): "
                     f"expert_cache= up to {budget!r}, less to leave room for activations and the KV cache"
                 )
+        if self.layers:
+            why = self.step_graphs
+            lines.append('  cuda_graphs="step": ' + ("available" if why is None else f"not available ({why})"))
         lines.append("  supported" if self.supported else "  NOT fully supported")
         return "\n".join(lines)
 
@@ -146,6 +150,7 @@ def check_support(
     """
     from transformers import AutoConfig, PretrainedConfig
 
+    from . import step_graphs
     from .api import _find_blocks
     from .patches import unmatched_moe_blocks
 
@@ -177,6 +182,10 @@ def check_support(
         count, numel = _experts(block)
         report.layers.append(MoELayerInfo(name, type(block).__name__, patch.model_type, count, numel * size // count))
     report.unmatched = list(unmatched_moe_blocks(meta))
+    try:
+        step_graphs.check_supported(meta)
+    except ValueError as e:
+        report.step_graphs = str(e).removeprefix('cuda_graphs="step": ')
     return report
 
 

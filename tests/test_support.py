@@ -57,6 +57,13 @@ def test_fused_families_from_their_config(family):
     assert report.layers[0].num_experts == experts.gate_up_proj.shape[0]
     per_expert = sum(p.numel() for p in experts.parameters()) * 2 // experts.gate_up_proj.shape[0]
     assert report.layers[0].expert_bytes == per_expert
+    # Whole-step CUDA graphs: what optimize(..., cuda_graphs="step") would say.
+    if family == "gpt_oss":
+        assert "StaticSlidingWindowLayer" in report.step_graphs and "not available" in report.summary()
+    elif family == "granitemoehybrid":
+        assert "LinearAttentionLayer" in report.step_graphs
+    else:
+        assert report.step_graphs is None and 'cuda_graphs="step": available' in report.summary()
 
 
 def test_models_without_or_with_unsupported_blocks():
