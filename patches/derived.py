@@ -188,6 +188,9 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+_PARTS = ("SparseMoeBlock", "TopKRouter", "Experts")
+
+
 def derived_patches() -> list[DerivedPatch]:
     """The families this module adds, in the registry's order."""
     from .deepseek_v3 import DeepseekV3Patch
@@ -230,6 +233,9 @@ def derived_patches() -> list[DerivedPatch]:
         (v3, "bailing_hybrid", "BailingHybridMoE", "BailingHybridTopkRouter", "BailingHybridExperts", None),
         (v3, "dots3_note", "Dots3NoteTextMoE", "Dots3NoteTextTopkRouter", "Dots3NoteExperts", None),
         (qwen3, "mellum", "MellumSparseMoeBlock", "MellumTopKRouter", "MellumExperts", None),
+        # Qwen3-Omni-MoE: the thinker's blocks are Qwen3-MoE's, the talker's Qwen2-MoE's (shared expert).
+        (qwen3, "qwen3_omni_moe", *(f"Qwen3OmniMoeThinkerText{part}" for part in _PARTS), None),
+        (qwen2, "qwen3_omni_moe_talker", *(f"Qwen3OmniMoeTalkerText{part}" for part in _PARTS), None),
         (qwen2, "qwen4_exp", "Qwen4ExpTextSparseMoeBlock", "Qwen4ExpTextTopKRouter", "Qwen4ExpTextExperts", None),
         *(
             (granite, model_type, f"{prefix}MoE", f"{prefix}TopKRouter", f"{prefix}Experts", None)
@@ -240,8 +246,8 @@ def derived_patches() -> list[DerivedPatch]:
             ]
         ),
     ]
-    # The model type names the modeling module in all of these.
+    # The model type names the modeling module, but for the Qwen3-Omni talker (two families in one module).
     return [
-        DerivedPatch(base, base_experts, model_type, model_type, block, router, experts, routing)
-        for (base, base_experts), model_type, block, router, experts, routing in families
+        DerivedPatch(base, experts_of_base, model_type, model_type.removesuffix("_talker"), *classes, routing)
+        for (base, experts_of_base), model_type, *classes, routing in families
     ]

@@ -215,3 +215,40 @@ def test_optimized_model_unpickles_where_its_router_class_was_never_built(monkey
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, atol=0, rtol=0)
     derived._router_class.cache_clear()
+
+
+@pytest.mark.parametrize("part", ["thinker", "talker"])
+def test_qwen3_omni_moe_text_models_match_transformers(part):
+    """Qwen3-Omni-MoE holds two families: the thinker's blocks are Qwen3-MoE's, the talker's Qwen2-MoE's
+    (with a shared expert). Their text models against transformers, and restore."""
+    if getattr(transformers, "Qwen3OmniMoeTextConfig", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3-Omni-MoE")
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as omni
+
+    text = dict(
+        _COMMON,
+        head_dim=8,
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        num_experts=6,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+    )
+    if part == "thinker":
+        ref = omni.Qwen3OmniMoeThinkerTextModel(transformers.Qwen3OmniMoeTextConfig(**text))
+        inputs = {"input_ids": _ids()}
+    else:
+        config = transformers.Qwen3OmniMoeTalkerTextConfig(**text, shared_expert_intermediate_size=20)
+        ref = omni.Qwen3OmniMoeTalkerModel(config)  # it takes embeddings from the thinker
+        inputs = {"inputs_embeds": torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(0))}
+    ref.eval()
+    _spread(ref)
+    opt = copy.deepcopy(ref)
+    hf_moe_opt.optimize(opt, backend="torch")
+    family = "qwen3_omni_moe" if part == "thinker" else "qwen3_omni_moe_talker"
+    assert [layer.family for _, layer in hf_moe_opt.optimized_layers(opt)] == [family, family]
+    with torch.no_grad():
+        expected = ref(**inputs).last_hidden_state
+        torch.testing.assert_close(opt(**inputs).last_hidden_state, expected, atol=2e-5, rtol=2e-5)
+        hf_moe_opt.restore(opt)
+        torch.testing.assert_close(opt(**inputs).last_hidden_state, expected, atol=0, rtol=0)
