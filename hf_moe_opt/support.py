@@ -111,10 +111,12 @@ class SupportReport:
 
 
 def _meta_model(config) -> nn.Module:
+    import transformers
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     classes = [AutoModelForSeq2SeqLM] if getattr(config, "is_encoder_decoder", False) else [AutoModelForCausalLM]
-    classes.append(AutoModel)  # e.g. a vision-language model, which has no causal-LM class
+    # A vision-language model has no causal-LM class: its generating class, else the bare model.
+    classes += [c for c in (getattr(transformers, "AutoModelForImageTextToText", None), AutoModel) if c is not None]
     last: Exception | None = None
     for cls in classes:
         try:

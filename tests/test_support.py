@@ -137,3 +137,23 @@ def test_cli_check(tmp_path, capsys):
     assert main(["check", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["check", "switch-tiny-ddtp", "--json", str(tmp_path)]) == 2  # a folder, not a file
+
+
+def test_a_vision_language_model_is_built_with_its_generating_class():
+    if getattr(transformers, "Qwen3VLMoeConfig", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3-VL-MoE")
+    text = dict(
+        _COMMON,
+        head_dim=8,
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        num_experts=6,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+    )
+    vision = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, patch_size=4)
+    config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=63)
+    report = hf_moe_opt.check_support(config)
+    assert report.model_class == "Qwen3VLMoeForConditionalGeneration"
+    assert report.supported and [layer.family for layer in report.layers] == ["qwen3_vl_moe"] * 2
+    assert "generate()" not in (report.step_graphs or "")
