@@ -17,6 +17,17 @@ from hf_moe_opt.patches.derived import derived_patches, same_class_code, same_co
 
 from .test_families import _COMMON, FAMILIES, VOCAB, _ids, _spread, tiny_model
 
+# The text config of the Qwen3 vision/omni models' language models (multimodal rotary sections).
+QWEN3_MROPE_TEXT = dict(
+    _COMMON,
+    head_dim=8,
+    intermediate_size=40,
+    moe_intermediate_size=24,
+    num_experts=6,
+    num_experts_per_tok=2,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+)
+
 
 def _scaled(x):
     """Doubles x."""
@@ -153,15 +164,7 @@ def test_qwen3_vl_moe_text_model_matches_transformers():
     input, logits and restore against transformers."""
     if getattr(transformers, "Qwen3VLMoeConfig", None) is None:
         pytest.skip(f"transformers {transformers.__version__} has no Qwen3-VL-MoE")
-    text = dict(
-        _COMMON,
-        head_dim=8,
-        intermediate_size=40,
-        moe_intermediate_size=24,
-        num_experts=6,
-        num_experts_per_tok=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-    )
+    text = dict(QWEN3_MROPE_TEXT)
     vision = dict(
         depth=1,
         hidden_size=16,
@@ -225,15 +228,7 @@ def test_qwen3_omni_moe_text_models_match_transformers(part):
         pytest.skip(f"transformers {transformers.__version__} has no Qwen3-Omni-MoE")
     from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as omni
 
-    text = dict(
-        _COMMON,
-        head_dim=8,
-        intermediate_size=40,
-        moe_intermediate_size=24,
-        num_experts=6,
-        num_experts_per_tok=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-    )
+    text = dict(QWEN3_MROPE_TEXT)
     if part == "thinker":
         ref = omni.Qwen3OmniMoeThinkerTextModel(transformers.Qwen3OmniMoeTextConfig(**text))
         inputs = {"input_ids": _ids()}

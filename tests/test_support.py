@@ -13,6 +13,7 @@ from hf_moe_opt.assets import shipped_model_path
 from hf_moe_opt.cli import main
 from hf_moe_opt.patches import derived
 
+from .test_derived_families import QWEN3_MROPE_TEXT
 from .test_families import _COMMON, BLOCKS, _blocks, tiny_model
 
 
@@ -142,15 +143,7 @@ def test_cli_check(tmp_path, capsys):
 def test_a_vision_language_model_is_built_with_its_generating_class():
     if getattr(transformers, "Qwen3VLMoeConfig", None) is None:
         pytest.skip(f"transformers {transformers.__version__} has no Qwen3-VL-MoE")
-    text = dict(
-        _COMMON,
-        head_dim=8,
-        intermediate_size=40,
-        moe_intermediate_size=24,
-        num_experts=6,
-        num_experts_per_tok=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-    )
+    text = dict(QWEN3_MROPE_TEXT)
     vision = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, patch_size=4)
     config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=63)
     report = hf_moe_opt.check_support(config)
