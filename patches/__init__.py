@@ -15,6 +15,7 @@ from .gpt_oss import GptOssPatch
 from .granitemoe import GraniteMoePatch
 from .hunyuan_v1_moe import HunYuanMoEV1Patch
 from .lfm2_moe import Lfm2MoePatch
+from .llama4 import Llama4Patch
 from .minimax_m2 import MiniMaxM2Patch
 from .mistral4 import Mistral4Patch, MistralLarge4Patch
 from .mixtral import MixtralPatch
@@ -39,6 +40,7 @@ _REGISTRY: list[MoEPatch] = [
     GraniteMoePatch(),
     HunYuanMoEV1Patch(),
     Lfm2MoePatch(),
+    Llama4Patch(),
     Mistral4Patch(),
     MistralLarge4Patch(),
     *derived_patches(),

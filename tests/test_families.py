@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from torch import nn
+from torch.nn import functional as F
 
 import hf_moe_opt
 from hf_moe_opt.experts import ExpertWeights, FusedExpertTensor
@@ -177,6 +178,20 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 layer_types=["conv", "full_attention"],
             ),
         ),
+        # Experts fed router-scaled copies of the tokens; top-2 exercises the copies' sum (every
+        # released Llama 4 routes top-1: test_llama4_top1_interleaved).
+        "llama4": (
+            "Llama4TextConfig",
+            "Llama4ForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=24,
+                intermediate_size_mlp=40,
+                num_local_experts=6,
+                num_experts_per_tok=2,
+                interleave_moe_layer_step=1,
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -281,6 +296,7 @@ BLOCKS = {
     "hunyuan_v1_moe": "HunYuanMoEV1Moe",
     "mistral4": "Mistral4MoE",
     "lfm2_moe": "Lfm2MoeSparseMoeBlock",
+    "llama4": "Llama4TextMoe",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -346,7 +362,8 @@ def _spread(model: nn.Module) -> None:
     # decisive and the experts move the logits. Nonzero biases and correction biases are exercised.
     g = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():
-        moe = ".mlp." in name or ".block_sparse_moe." in name  # Granite's block is block_sparse_moe
+        # Granite's block is block_sparse_moe, Llama 4's feed_forward.
+        moe = ".mlp." in name or ".block_sparse_moe." in name or ".feed_forward." in name
         if moe and (".gate.weight" in name or ".router." in name) and "shared" not in name:
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
         elif moe and ".experts." in name:
@@ -367,8 +384,8 @@ def _ids(batch: int = 3, seq: int = 9, seed: int = 2) -> torch.Tensor:
 
 def _records_router_logits(model: nn.Module) -> bool:
     # transformers 5.17 records no router logits for DeepSeek-V2/V3 (no recorder, no output field).
-    return "router_logits" in getattr(model, "_can_record_outputs", {}) or "router_logits" in getattr(
-        model.model, "_can_record_outputs", {}
+    return "router_logits" in (getattr(model, "_can_record_outputs", None) or {}) or "router_logits" in (
+        getattr(model.model, "_can_record_outputs", None) or {}
     )
 
 
@@ -432,7 +449,7 @@ def test_family_fp32_matches_transformers(family):
     "family",
     [
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
-        *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4"),
+        *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4"),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -618,7 +635,7 @@ def _hf_router(family: str, **overrides) -> nn.Module:
     return _router_of(_blocks(model, family)[-1])
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mistral4"])  # its own test below
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("mistral4", "llama4")])  # own tests below
 def test_routing_functions_match_transformers_routers(family):
     router = _hf_router(family)
     x = torch.randn(40, 32) * 2
@@ -726,6 +743,106 @@ def test_mistral_large_3_text_model_matches_transformers():
         torch.testing.assert_close(opt(ids).last_hidden_state, expected, atol=2e-5, rtol=2e-5)
         hf_moe_opt.restore(opt)
         torch.testing.assert_close(opt(ids).last_hidden_state, expected, atol=0, rtol=0)
+
+
+def _llama4_or_skip():
+    if getattr(transformers, "Llama4TextConfig", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Llama 4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama4_router_matches_transformers(dtype):
+    """Called as transformers calls it, the optimized router returns transformers' ``(scores [N, E],
+    logits)`` exactly; with ``return_topk`` its weights and experts are those scores' nonzero entries."""
+    from hf_moe_opt.patches.base import swap_router_class
+    from hf_moe_opt.patches.llama4 import OptimizedLlama4Router
+
+    _llama4_or_skip()
+    router = _hf_router("llama4").to(dtype)
+    x = (torch.randn(40, 32) * 2).to(dtype)
+    with torch.no_grad():
+        scores, logits = router(x)
+        swap_router_class(router, OptimizedLlama4Router)
+        got_scores, got_logits = router(x)
+        weights, logits_k, indices = router(x, return_topk=True)
+    for a, b in ((got_scores, scores), (got_logits, logits), (logits_k, logits)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert weights.dtype == dtype and indices.shape == (40, router.top_k)
+    torch.testing.assert_close(scores.gather(1, indices), weights, atol=0, rtol=0)
+    rest = torch.ones_like(scores, dtype=torch.bool).scatter_(1, indices, False)
+    assert (scores[rest] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama4_top1_interleaved(dtype):
+    """The released configurations: top-1 (one scaled copy per token, no sum) with MoE blocks on every
+    other layer (Maverick's interleaving); logits, greedy tokens and the block's outputs as transformers."""
+    _llama4_or_skip()
+    ref, opt = _pair("llama4", dtype, num_experts_per_tok=1, interleave_moe_layer_step=2, num_hidden_layers=4)
+    names = [name for name, _ in hf_moe_opt.optimized_layers(opt)]
+    assert names == ["model.layers.1.feed_forward", "model.layers.3.feed_forward"]
+    ids = _ids()
+    tol = FP32 if dtype == torch.float32 else BF16
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).logits.float(), ref(ids).logits.float(), **tol)
+        x = torch.randn(2, 5, 32).to(dtype)
+        h_ref, logits_ref = ref.model.layers[1].feed_forward(x)
+        h_opt, logits_opt = opt.model.layers[1].feed_forward(x)
+    assert h_opt.shape == h_ref.shape == (10, 32)  # flattened tokens, as transformers returns them
+    torch.testing.assert_close(h_opt.float(), h_ref.float(), **tol)
+    torch.testing.assert_close(logits_opt, logits_ref, atol=0, rtol=0)
+    prompt = _ids(batch=2, seq=5, seed=3)
+    with torch.no_grad():
+        g_ref = ref.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        g_opt = opt.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    if dtype == torch.float32:
+        assert torch.equal(g_opt, g_ref)
+    else:  # bf16: a near-tie may flip a late token; most must agree
+        assert (g_opt == g_ref).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_llama4_triton_backend_matches_transformers(top_k):
+    """The scaled copies through the Triton kernels (on CPU in the interpreter): prefill and
+    one-token decode steps (the GEMV path), against transformers."""
+    _llama4_or_skip()
+    if not _triton_runs_here():
+        pytest.skip("the Triton kernels run neither on a GPU nor in the interpreter here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = tiny_model("llama4", num_experts_per_tok=top_k).to(device)
+    opt = copy.deepcopy(ref)
+    hf_moe_opt.optimize(opt, backend="triton")
+    assert all(layer._backend_name(torch.device(device)) == "triton" for _, layer in hf_moe_opt.optimized_layers(opt))
+    prompt = _ids(batch=1, seq=4, seed=5).to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(prompt).logits, ref(prompt).logits, atol=2e-4, rtol=2e-4)
+        g_ref = ref.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        g_opt = opt.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(g_opt, g_ref)
+
+
+def test_llama4_scales_inputs_not_outputs():
+    """The score multiplies each expert's input: with the activation nonlinear this differs from
+    scaling the output, so a layer that scaled outputs (as every other family) would fail here."""
+    _llama4_or_skip()
+    ref, opt = _pair("llama4")
+    block_ref, block_opt = ref.model.layers[0].feed_forward, opt.model.layers[0].feed_forward
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        h_ref, _ = block_ref(x)
+        weights, _, indices = block_opt.router(x, return_topk=True)
+        shared = block_ref.shared_expert(x)
+        w1, w2 = block_ref.experts.gate_up_proj, block_ref.experts.down_proj
+        by_output = shared.clone()
+        for t in range(7):
+            for j in range(indices.shape[1]):
+                e = int(indices[t, j])
+                gate, up = (x[t] @ w1[e]).chunk(2)
+                by_output[t] += weights[t, j] * ((up * F.silu(gate)) @ w2[e])
+        h_opt, _ = block_opt(x)
+    torch.testing.assert_close(h_opt, h_ref, **FP32)
+    assert (h_opt - by_output).abs().max() > 1e-3
 
 
 def test_deepseek_group_limit_restricts_choice():

@@ -38,7 +38,9 @@ Modes (the semantics of :mod:`hf_moe_opt.routing`, same dtypes at every step):
   probabilities renormalised in the input dtype (the no-drop case: policy "all", no padding, no
   binding capacity);
 * ``softmax_topk`` -- Mixtral / Qwen-MoE / OLMoE: top-k of the float32 probabilities (descending,
-  ties to the lower expert), optionally renormalised, cast to the weights' dtype.
+  ties to the lower expert), optionally renormalised, cast to the weights' dtype;
+* ``topk_sigmoid`` -- Llama 4: top-k of the logits as stored (descending, ties to the lower expert),
+  gate = sigmoid of the chosen logit in float32, cast to the gates' dtype.
 
 Results equal the torch routers' up to the order of the sums (last-bit differences in the logits; a
 choice can differ only where two experts' scores tie to that precision).
@@ -58,7 +60,7 @@ from .launch import cdiv, launch, next_power_of_2
 from .moe_ffn import kernels_interpreted
 from .pdl import launch_options, wait_for_producer
 
-MODES = {"switch": 0, "nllb": 1, "softmax_topk": 2}
+MODES = {"switch": 0, "nllb": 1, "softmax_topk": 2, "topk_sigmoid": 3}
 # Experts per token of the modes whose k is fixed.
 FIXED_TOP_K = {"switch": 1, "nllb": 2}
 # Largest batch of the two-launch path (GEMV logits, one routing program per token); larger batches
@@ -111,6 +113,22 @@ def _first_argmax(v, e, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _first_free_argmax(v, free, e, BLOCK_E: tl.constexpr):
+    """Largest ``v`` among the ``free`` entries and its lowest index (NaN first, as ``torch.topk``),
+    returned as stored (NaN, -inf and all). Unlike :func:`_first_argmax` it takes raw logits, which
+    may be -inf: taken entries are masked by ``free``, not by a sentinel value."""
+    key = tl.where(free, tl.where(v != v, float("inf"), v), float("-inf"))
+    best = tl.max(key, axis=0)
+    idx = tl.min(tl.where((key == best) & free, e, BLOCK_E), axis=0)
+    return tl.sum(tl.where(e == idx, v, 0.0), axis=0), idx
+
+
+@triton.jit
 def _route_kernel(
     logits_ptr,
     index_ptr,
@@ -146,6 +164,18 @@ def _route_kernel(
             weights = weights / tl.sum(weights, axis=0)
         tl.store(index_ptr + t * TOP_K + k, chosen.to(tl.int64), mask=k < TOP_K)
         tl.store(gates_ptr + t * TOP_K + k, weights.to(gate_ty), mask=k < TOP_K)
+    elif MODE == 3:
+        k = tl.arange(0, BLOCK_K)
+        weights = tl.zeros([BLOCK_K], dtype=tl.float32)
+        chosen = tl.zeros([BLOCK_K], dtype=tl.int32)
+        free = e_ok
+        for i in tl.static_range(TOP_K):
+            best, idx = _first_free_argmax(logits, free, e, BLOCK_E)
+            weights = tl.where(k == i, _sigmoid(best), weights)
+            chosen = tl.where(k == i, idx, chosen)
+            free = free & (e != idx)
+        tl.store(index_ptr + t * TOP_K + k, chosen.to(tl.int64), mask=k < TOP_K)
+        tl.store(gates_ptr + t * TOP_K + k, weights.to(gate_ty), mask=k < TOP_K)
     else:
         # Switch and NLLB choose on the probabilities rounded to the input (= gates') dtype.
         rounded = tl.where(e_ok, probs.to(gate_ty).to(tl.float32), -1.0)
@@ -172,6 +202,15 @@ def _row_argmax(v, e, BLOCK_E: tl.constexpr):
     best = tl.max(key, axis=1)
     idx = tl.min(tl.where(key == best[:, None], e[None, :], BLOCK_E), axis=1)
     return tl.where(best == float("inf"), float("nan"), best), idx
+
+
+@triton.jit
+def _row_free_argmax(v, free, e, BLOCK_E: tl.constexpr):
+    """Row-wise :func:`_first_free_argmax` of ``v`` ``[T, BLOCK_E]``."""
+    key = tl.where(free, tl.where(v != v, float("inf"), v), float("-inf"))
+    best = tl.max(key, axis=1)
+    idx = tl.min(tl.where((key == best[:, None]) & free, e[None, :], BLOCK_E), axis=1)
+    return tl.sum(tl.where(e[None, :] == idx[:, None], v, 0.0), axis=1), idx
 
 
 @triton.jit
@@ -265,6 +304,20 @@ def _large_router_kernel(
             left = tl.where(e[None, :] == idx[:, None], -1.0, left)
         if NORMALIZE:
             weights = weights / tl.sum(weights, axis=1)[:, None]
+        out = row[:, None] * TOP_K + k[None, :]
+        k_ok = t_ok[:, None] & (k[None, :] < TOP_K)
+        tl.store(index_ptr + out, chosen.to(tl.int64), mask=k_ok)
+        tl.store(gates_ptr + out, weights.to(gate_ty), mask=k_ok)
+    elif MODE == 3:
+        k = tl.arange(0, BLOCK_K)
+        weights = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        chosen = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+        free = e_ok[None, :] & t_ok[:, None]
+        for i in tl.static_range(TOP_K):
+            best, idx = _row_free_argmax(logits, free, e, BLOCK_E)
+            weights = tl.where(k[None, :] == i, _sigmoid(best)[:, None], weights)
+            chosen = tl.where(k[None, :] == i, idx[:, None], chosen)
+            free = free & (e[None, :] != idx[:, None])
         out = row[:, None] * TOP_K + k[None, :]
         k_ok = t_ok[:, None] & (k[None, :] < TOP_K)
         tl.store(index_ptr + out, chosen.to(tl.int64), mask=k_ok)
@@ -382,7 +435,8 @@ def fused_router(
     Args:
         x: the tokens; ``weight``: the router's ``[E, D]`` weight (any float dtype; its values are
             used exactly); ``bias``: ``[E]`` or None.
-        mode: ``"switch"`` (k = 1), ``"nllb"`` (k = 2) or ``"softmax_topk"`` (k = ``top_k``).
+        mode: ``"switch"`` (k = 1), ``"nllb"`` (k = 2), ``"softmax_topk"`` or ``"topk_sigmoid"``
+            (k = ``top_k``).
         logits_dtype: dtype the logits are rounded to (the router dtype of Switch/NLLB, the model
             dtype of the softmax-top-k families).
         gates_dtype: the input dtype (Switch/NLLB; the probabilities are rounded to it before the
@@ -393,7 +447,7 @@ def fused_router(
         raise ValueError(f"unknown router mode {mode!r}; choose one of {', '.join(MODES)}")
     k = FIXED_TOP_K.get(mode, top_k)
     if k is None:
-        raise ValueError("mode 'softmax_topk' needs top_k")
+        raise ValueError(f"mode {mode!r} needs top_k")
     if top_k is not None and top_k != k:
         raise ValueError(f"mode {mode!r} routes to {k} expert(s), got top_k={top_k}")
     num_tokens, hidden = x.shape
