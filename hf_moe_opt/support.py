@@ -115,8 +115,12 @@ def _meta_model(config) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     classes = [AutoModelForSeq2SeqLM] if getattr(config, "is_encoder_decoder", False) else [AutoModelForCausalLM]
-    # A vision-language model has no causal-LM class: its generating class, else the bare model.
-    classes += [c for c in (getattr(transformers, "AutoModelForImageTextToText", None), AutoModel) if c is not None]
+    # A vision-language model: its generating class (what its checkpoints hold; some, Llama 4's, have
+    # a causal-LM class too, which builds the text model alone), else the bare model.
+    vision_text = getattr(transformers, "AutoModelForImageTextToText", None)
+    if vision_text is not None and getattr(config, "vision_config", None) is not None:
+        classes.insert(0, vision_text)
+    classes += [c for c in (vision_text, AutoModel) if c is not None]
     last: Exception | None = None
     for cls in classes:
         try:

@@ -789,6 +789,29 @@ def test_layer_floor_helpers_by_hand() -> None:
     assert row == {"floor_ms": 2.0, "hf_ms": 6.0, "opt_ms": 3.0, "tokens": 4, "hf_x_floor": 3.0, "opt_x_floor": 1.5}
 
 
+@pytest.mark.parametrize("family", ["mixtral", "llama4"])
+def test_families_bench_reads_each_blocks_routing(family) -> None:
+    """The families benchmark counts active experts from the HF block's own router (Mixtral's
+    ``(logits, weights, indices)``, Llama 4's ``(scores, logits)``) and compares hidden states
+    whichever the block returns; its Llama 4 shapes are the released ones."""
+    from hf_moe_opt.benchmarking import families
+    from tests.test_families import _blocks, tiny_model
+
+    block = _blocks(tiny_model(family), family)[-1]
+    k = 2
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        chosen = families._chosen_experts(block, x, k)
+        out = block(x.unsqueeze(0))
+    logits = block.gate(x)[0] if family == "mixtral" else block.router(x)[1]
+    assert chosen.shape == (9, k)
+    assert torch.equal(chosen.sort(1).values, torch.topk(logits, k, dim=1).indices.sort(1).values)
+    assert families._hidden(out).shape[-1] == 32 and isinstance(families._hidden(out), torch.Tensor)
+    scout, maverick = families.FAMILY_SHAPES["llama4-scout"][3], families.FAMILY_SHAPES["llama4-maverick"][3]
+    assert (scout["num_local_experts"], maverick["num_local_experts"]) == (16, 128)
+    assert scout["hidden_size"] == 5120 and scout["intermediate_size"] == 8192 and scout["num_experts_per_tok"] == 1
+
+
 @pytest.mark.parametrize("name", ["switch-base-128", "nllb-moe-54b", "qwen3-30b-a3b"])
 def test_random_model_keeps_tied_weights_tied(name):
     """The benchmarks' random models share the embedding and the LM head exactly where the config ties

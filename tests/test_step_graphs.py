@@ -84,7 +84,7 @@ def test_host_read_detector():
     assert x.tolist()  # restored afterwards
 
 
-@pytest.mark.parametrize("family", ["switch", "nllb", *CAUSAL])
+@pytest.mark.parametrize("family", ["switch", "nllb", *CAUSAL, "llama4"])
 def test_layer_forward_has_no_host_reads(family):
     """The optimized layer's forward reads nothing on the host, capacity drops and padding included."""
     if family == "nllb":
@@ -95,7 +95,7 @@ def test_layer_forward_has_no_host_reads(family):
         model = tiny_model(family)
     hf_moe_opt.optimize(model, backend="torch")
     name, layer = hf_moe_opt.optimized_layers(model)[-1]
-    x = torch.randn(3, 7, model.config.get_text_config().hidden_size if family in CAUSAL else 32)
+    x = torch.randn(3, 7, model.config.get_text_config().hidden_size if family in (*CAUSAL, "llama4") else 32)
     padding = torch.zeros(3, 1, 7, 7)
     padding[0, ..., :2] = torch.finfo(torch.float32).min
     with torch.no_grad():
@@ -441,12 +441,13 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
     "family, layer",
     [
         ("gpt_oss", "StaticSlidingWindowLayer"),
+        ("llama4", "StaticSlidingWindowLayer"),  # chunked attention
         ("qwen3_next", "LinearAttentionLayer"),
         ("deepseek_v32", "StaticIndexedLayer"),
     ],
 )
 def test_models_whose_cache_tracks_state_in_python_raise(family, layer):
-    # Sliding windows, linear-attention states, DeepSeek-V3.2's indexer cache.
+    # Sliding windows (Llama 4's attention chunks too), linear-attention states, DeepSeek-V3.2's indexer cache.
     model = tiny_model(family)
     with pytest.raises(ValueError, match=f"cannot capture .*{layer}"):
         hf_moe_opt.optimize(model, cuda_graphs="step")

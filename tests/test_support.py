@@ -150,3 +150,44 @@ def test_a_vision_language_model_is_built_with_its_generating_class():
     assert report.model_class == "Qwen3VLMoeForConditionalGeneration"
     assert report.supported and [layer.family for layer in report.layers] == ["qwen3_vl_moe"] * 2
     assert "generate()" not in (report.step_graphs or "")
+
+
+def test_llama4_is_built_as_its_checkpoints_are():
+    """Llama 4 has a causal-LM class too, which holds the text model alone; the report is about the
+    vision-language model its checkpoints hold (vision tower bytes included), and, from the text
+    config alone, about the causal LM. Every other layer is MoE here, as in Maverick."""
+    if getattr(transformers, "Llama4Config", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Llama 4")
+    text = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=24,
+        intermediate_size_mlp=40,
+        num_local_experts=16,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=32,
+    )
+    full = hf_moe_opt.check_support(transformers.Llama4Config(text_config=text, vision_config=vision))
+    alone = hf_moe_opt.check_support(transformers.Llama4TextConfig(**text))
+    assert full.model_class == "Llama4ForConditionalGeneration" and alone.model_class == "Llama4ForCausalLM"
+    for report in (full, alone):
+        assert report.supported and [layer.family for layer in report.layers] == ["llama4"] * 2
+        # 16 experts of (32 x 48 + 24 x 32) bf16 values each.
+        assert all(layer.num_experts == 16 and layer.expert_bytes == 2 * (32 * 48 + 24 * 32) for layer in report.layers)
+        assert "StaticSlidingWindowLayer" in report.step_graphs
+    assert full.expert_bytes == alone.expert_bytes and full.total_bytes > alone.total_bytes

@@ -6,6 +6,9 @@ For the Mixtral-8x7B and Qwen3-30B-A3B MoE blocks (random weights, bf16), in one
 the HF block with ``experts_implementation="grouped_mm"`` (transformers' default on CUDA) and
 ``"eager"``, and our layer with the torch and Triton backends; each eager and, where capturable,
 CUDA-graph replayed; the floor from the bandwidth and matmul rate measured in the same run; ratios.
+Llama 4's blocks (Scout: 16 experts; Maverick's MoE layers: 128) have one transformers
+implementation, every expert on every token (``hf_dense``); their floor counts the shared MLP, which
+runs for every token, as one more expert.
 """
 
 from __future__ import annotations
@@ -53,6 +56,17 @@ FAMILY_SHAPES = {
         },
     ),
 }
+_LLAMA4 = {"hidden_size": 5120, "intermediate_size": 8192, "intermediate_size_mlp": 16384, "num_experts_per_tok": 1}
+for _name, _experts in (("llama4-scout", 16), ("llama4-maverick", 128)):
+    FAMILY_SHAPES[_name] = (
+        "Llama4TextConfig",
+        "transformers.models.llama4.modeling_llama4",
+        "Llama4TextMoe",
+        {**_LLAMA4, "num_local_experts": _experts},
+    )
+# Largest batch of Llama 4's every-expert HF block per shape (Maverick's [128, N, 2F] intermediate
+# alone is 17 GB at 4096 tokens).
+DENSE_MAX_TOKENS = {"llama4-scout": 16384, "llama4-maverick": 4096}
 
 
 def build_block(name: str, device: torch.device):
@@ -62,8 +76,13 @@ def build_block(name: str, device: torch.device):
 
     config_name, module, block_name, kwargs = FAMILY_SHAPES[name]
     config = getattr(transformers, config_name)(num_hidden_layers=1, **kwargs)
-    with torch.device(device):
-        block = getattr(importlib.import_module(module), block_name)(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: Maverick's float32 block would take 64 GB
+    try:
+        with torch.device(device):
+            block = getattr(importlib.import_module(module), block_name)(config)
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():
         for p in block.parameters():  # fused expert parameters start uninitialised
             p.normal_(0.0, 0.02)
@@ -74,6 +93,19 @@ def _dims(config) -> tuple[int, int, int, int]:
     e = getattr(config, "num_local_experts", None) or config.num_experts
     f = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     return e, config.hidden_size, f, config.num_experts_per_tok
+
+
+def _chosen_experts(block, x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``[N, k]`` experts the HF block routes tokens ``x`` ``[N, D]`` to."""
+    if hasattr(block, "gate"):
+        return block.gate(x)[2]
+    _, logits = block.router(x)  # Llama 4: (scores, logits)
+    return torch.topk(logits, k, dim=1).indices
+
+
+def _hidden(out):
+    """A block's hidden states (Llama 4's block returns ``(hidden, router_logits)``)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def floor_ms(active: int, d: int, f: int, assignments: int, ceilings: dict) -> float:
@@ -105,35 +137,43 @@ def bench_family(name: str, device, ceilings, tokens, repeats, eager_max_tokens:
 
     block, config = build_block(name, device)
     e, d, f, k = _dims(config)
+    shared = 1 if name in DENSE_MAX_TOKENS else 0  # Llama 4's shared MLP: an expert every token runs
     inputs = {n: torch.randn(1, n, d, device=device, dtype=torch.bfloat16) for n in tokens}
     rows = {n: {"shape": name, "tokens": n, "E": e, "D": d, "F": f, "k": k} for n in tokens}
     with torch.no_grad():
         for n in tokens:
-            _, _, index = block.gate(inputs[n].view(-1, d))
+            index = _chosen_experts(block, inputs[n].view(-1, d), k)
             active = int(torch.unique(index).numel())
             rows[n]["active_experts"] = active
-            rows[n]["floor_ms"] = floor_ms(active, d, f, n * k, ceilings)
-        config._experts_implementation = "grouped_mm"
-        _time_variant(rows, "hf_grouped_mm", block, inputs, tokens, device, repeats, graph=True)
-        config._experts_implementation = "eager"
-        small = [n for n in tokens if n <= eager_max_tokens]
-        _time_variant(rows, "hf_eager", block, inputs, small, device, max(3, repeats // 4), graph=False)
-        config._experts_implementation = "grouped_mm"
-        reference = {n: block(inputs[n]) for n in tokens}
+            rows[n]["floor_ms"] = floor_ms(active + shared, d, f, n * (k + shared), ceilings)
+        if name in DENSE_MAX_TOKENS:
+            checked = [n for n in tokens if n <= DENSE_MAX_TOKENS[name]]
+            _time_variant(rows, "hf_dense", block, inputs, checked, device, max(3, repeats // 4), graph=True)
+        else:
+            checked = tokens
+            config._experts_implementation = "grouped_mm"
+            _time_variant(rows, "hf_grouped_mm", block, inputs, tokens, device, repeats, graph=True)
+            config._experts_implementation = "eager"
+            small = [n for n in tokens if n <= eager_max_tokens]
+            _time_variant(rows, "hf_eager", block, inputs, small, device, max(3, repeats // 4), graph=False)
+            config._experts_implementation = "grouped_mm"
+        reference = {n: _hidden(block(inputs[n])) for n in checked}
+        torch.cuda.empty_cache()
         layer = find_patch(block).build(block, config, capacity="model", backend="torch")
         for backend in [b for b in ("torch", "triton") if b in available_backends()]:
             layer.backend = backend
             layer._resolved.clear()
             _time_variant(rows, backend, layer, inputs, tokens, device, repeats, graph=True)
-            for n in tokens:
-                diff = (layer(inputs[n]).float() - reference[n].float()).abs().max().item()
+            for n in checked:
+                diff = (_hidden(layer(inputs[n])).float() - reference[n].float()).abs().max().item()
                 rows[n][f"{backend}_max_abs_diff_vs_hf"] = diff
     for r in rows.values():
         add_floor_ratios(r)
-        for ours in ("torch", "triton"):
-            for suffix in ("", "_graph"):
-                if f"hf_grouped_mm{suffix}_ms" in r and f"{ours}{suffix}_ms" in r:
-                    r[f"hf_grouped_mm_over_{ours}{suffix}"] = r[f"hf_grouped_mm{suffix}_ms"] / r[f"{ours}{suffix}_ms"]
+        for hf in ("hf_grouped_mm", "hf_dense"):
+            for ours in ("torch", "triton"):
+                for suffix in ("", "_graph"):
+                    if f"{hf}{suffix}_ms" in r and f"{ours}{suffix}_ms" in r:
+                        r[f"{hf}_over_{ours}{suffix}"] = r[f"{hf}{suffix}_ms"] / r[f"{ours}{suffix}_ms"]
     return list(rows.values())
 
 
@@ -142,6 +182,8 @@ def plot(result: dict, path: Path) -> None:
         ("hf_eager_ms", "HF eager"),
         ("hf_grouped_mm_ms", "HF grouped_mm"),
         ("hf_grouped_mm_graph_ms", "HF grouped_mm, graph"),
+        ("hf_dense_ms", "HF, every expert (Llama 4)"),
+        ("hf_dense_graph_ms", "HF, every expert, graph"),
         ("torch_graph_ms", "ours torch, graph"),
         ("triton_ms", "ours triton"),
         ("triton_graph_ms", "ours triton, graph"),
