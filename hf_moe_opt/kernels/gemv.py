@@ -40,6 +40,10 @@ _NUM_WARPS = 8
 _BYTES_PER_PROGRAM = 1 << 16
 _MIN_PROGRAMS = 256
 _LOOP_STAGES = 3
+# Column block for weights stored ``[E, in, out]`` (Llama 4, GPT-OSS: ``x @ W``), whose columns are
+# contiguous: the blocks above would load 4-8 contiguous elements per row of a tile (a fraction of
+# a memory sector); this many make each row of a tile whole sectors. 0 turns the rule off.
+_CONTIGUOUS_BLOCK_N = 64
 # The CPU interpreter runs programs one after another: fewer, wider ones (tests only).
 _INTERPRETED = kernels_interpreted()
 
@@ -255,8 +259,13 @@ def fits(num_tokens: int, limit: int | None = None) -> bool:
     return 0 < num_tokens <= (MAX_TOKENS if limit is None else limit)
 
 
-def _blocks(columns: int, depth: int, rows: int, item_bytes: int) -> tuple[int, int]:
-    """Column and depth blocks: enough programs to keep loads in flight, tiles of about ``_TILE`` elements."""
+def _blocks(columns: int, depth: int, rows: int, item_bytes: int, columns_contiguous: bool = False) -> tuple[int, int]:
+    """Column and depth blocks: enough programs to keep loads in flight, tiles of about ``_TILE``
+    elements; with ``columns_contiguous`` (``[E, in, out]`` storage) column blocks wide enough for
+    whole memory sectors."""
+    if columns_contiguous and _CONTIGUOUS_BLOCK_N:
+        block_n = min(next_power_of_2(columns), _CONTIGUOUS_BLOCK_N)
+        return block_n, min(next_power_of_2(depth), max(_TILE // block_n, 16))
     weight_bytes = columns * depth * rows * item_bytes
     programs = max(_MIN_PROGRAMS, weight_bytes // _BYTES_PER_PROGRAM)
     block_n = next_power_of_2(max(columns * rows // programs, 1))
@@ -328,7 +337,7 @@ def gemv_moe_ffn(
         x = x.contiguous()
     pdl = launch_options(x.device)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        block_n, block_k = _blocks(w1.shape[1], hidden, num_rows, w1.element_size())
+        block_n, block_k = _blocks(w1.shape[1], hidden, num_rows, w1.element_size(), w1.stride(1) == 1)
         launch(
             _gemv_act_kernel,
             (num_rows, cdiv(ffn, block_n)),
@@ -363,7 +372,7 @@ def gemv_moe_ffn(
             num_warps=_NUM_WARPS,
             **pdl,
         )
-        block_n, block_k = _blocks(hidden, ffn * top_k, num_tokens, w2.element_size())
+        block_n, block_k = _blocks(hidden, ffn * top_k, num_tokens, w2.element_size(), w2.stride(1) == 1)
         launch(
             _gemv_combine_kernel,
             (num_tokens, cdiv(hidden, block_n)),

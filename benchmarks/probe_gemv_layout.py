@@ -1,0 +1,88 @@
+"""One-token decode through the plan-free GEMV kernels on experts stored ``[E, in, out]`` (Llama 4,
+GPT-OSS), by column block of the contiguous-columns rule (0: the rule off, blocks sized as for
+``[E, out, in]`` storage), beside the torch backend; CUDA-graph replayed, one GPU.
+
+    python benchmarks/probe_gemv_layout.py OUT.json
+
+The floor: the chosen experts' bytes (and Llama 4's shared MLP, which every token runs) over the
+read bandwidth measured in the same run.
+"""
+
+# The timed closures run inside the loop iteration that defines them.
+# ruff: noqa: B023
+import json
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    sys.exit("probe_gemv_layout.py needs a CUDA GPU")
+
+sys.path.insert(0, ".")
+import transformers  # noqa: E402
+
+from hf_moe_opt.benchmarking import families  # noqa: E402
+from hf_moe_opt.benchmarking.common import environment, measure_ceilings, memory_bandwidth, print_ceilings  # noqa: E402
+from hf_moe_opt.benchmarking.layer import graphed  # noqa: E402
+from hf_moe_opt.kernels import gemv  # noqa: E402
+from hf_moe_opt.patches import find_patch  # noqa: E402
+from hf_moe_opt.timing import median_ms  # noqa: E402
+
+dev = torch.device("cuda")
+ceil = measure_ceilings(dev)
+print_ceilings(ceil, dev)
+BLOCKS = (0, 16, 32, 64, 128, 256)
+
+
+def gpt_oss_block():
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    config = transformers.GptOssConfig(
+        hidden_size=2880, intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4, num_hidden_layers=1
+    )
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(dev):
+            block = GptOssMLP(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    return block.eval(), config
+
+
+rows = []
+with torch.no_grad():
+    for name in ("llama4-scout", "llama4-maverick", "gpt-oss-120b"):
+        if name == "gpt-oss-120b":
+            block, config = gpt_oss_block()
+            d, f, k, shared = 2880, 2880, 4, 0
+            bytes_per_expert = 2 * (3 * d * f + 2 * f + d)
+        else:
+            block, config = families.build_block(name, dev)
+            _, d, f, k = families._dims(config)
+            shared, bytes_per_expert = 1, 2 * 3 * d * f
+        layer = find_patch(block).build(block, config, capacity="model", backend="torch")
+        x = torch.randn(1, 1, d, device=dev, dtype=torch.bfloat16)
+        row = {"shape": name, "tokens": 1, "floor_us": 1e6 * (k + shared) * bytes_per_expert / memory_bandwidth(ceil)}
+        ref = families._hidden(layer(x)).float()
+        row["torch_graph_us"] = 1e3 * median_ms(graphed(layer, x), dev, 50)
+        layer.backend = "triton"
+        layer._resolved.clear()
+        for bn in BLOCKS:
+            gemv._CONTIGUOUS_BLOCK_N = bn
+            out = families._hidden(layer(x)).float()
+            row[f"err_{bn}"] = (out - ref).abs().max().item()
+            row[f"triton_graph_us_{bn}"] = 1e3 * median_ms(graphed(layer, x), dev, 50)
+        print(
+            f"{name:16s} floor {row['floor_us']:7.1f} us  torch {row['torch_graph_us']:7.1f}  "
+            + " ".join(f"bn{bn}={row[f'triton_graph_us_{bn}']:.1f}" for bn in BLOCKS)
+            + f"  maxerr {max(row[f'err_{bn}'] for bn in BLOCKS):.3g}",
+            flush=True,
+        )
+        rows.append(row)
+        del block, layer
+        torch.cuda.empty_cache()
+command = "python " + " ".join(sys.argv)
+json.dump({"command": command, "env": environment(), "ceilings": ceil, "rows": rows}, open(sys.argv[1], "w"), indent=1)
