@@ -2,7 +2,9 @@
 GPT-OSS), by column block of the contiguous-columns rule (0: the rule off, blocks sized as for
 ``[E, out, in]`` storage), beside the torch backend; CUDA-graph replayed, one GPU.
 
-    python benchmarks/probe_gemv_layout.py OUT.json
+    python benchmarks/probe_gemv_layout.py OUT.json [--tiles]
+
+``--tiles``: column blocks 8-32 by elements per tile (``_TILE``) 4096-16384 instead.
 
 The floor: the chosen experts' bytes (and Llama 4's shared MLP, which every token runs) over the
 read bandwidth measured in the same run.
@@ -31,7 +33,8 @@ from hf_moe_opt.timing import median_ms  # noqa: E402
 dev = torch.device("cuda")
 ceil = measure_ceilings(dev)
 print_ceilings(ceil, dev)
-BLOCKS = (0, 16, 32, 64, 128, 256)
+BLOCKS = (0, 16, 32, 64, 128, 256) if "--tiles" not in sys.argv else (8, 16, 32)
+TILES = (8192,) if "--tiles" not in sys.argv else (4096, 8192, 16384)
 
 
 def gpt_oss_block():
@@ -70,15 +73,17 @@ with torch.no_grad():
         row["torch_graph_us"] = 1e3 * median_ms(graphed(layer, x), dev, 50)
         layer.backend = "triton"
         layer._resolved.clear()
-        for bn in BLOCKS:
-            gemv._CONTIGUOUS_BLOCK_N = bn
+        variants = [(bn, tile) for bn in BLOCKS for tile in TILES]
+        for bn, tile in variants:
+            gemv._CONTIGUOUS_BLOCK_N, gemv._TILE = bn, tile
+            key = f"{bn}" if len(TILES) == 1 else f"{bn}_{tile}"
             out = families._hidden(layer(x)).float()
-            row[f"err_{bn}"] = (out - ref).abs().max().item()
-            row[f"triton_graph_us_{bn}"] = 1e3 * median_ms(graphed(layer, x), dev, 50)
+            row[f"err_{key}"] = (out - ref).abs().max().item()
+            row[f"triton_graph_us_{key}"] = 1e3 * median_ms(graphed(layer, x), dev, 50)
         print(
             f"{name:16s} floor {row['floor_us']:7.1f} us  torch {row['torch_graph_us']:7.1f}  "
-            + " ".join(f"bn{bn}={row[f'triton_graph_us_{bn}']:.1f}" for bn in BLOCKS)
-            + f"  maxerr {max(row[f'err_{bn}'] for bn in BLOCKS):.3g}",
+            + " ".join(f"{k[16:]}={v:.1f}" for k, v in row.items() if k.startswith("triton_graph_us_"))
+            + f"  maxerr {max(v for k, v in row.items() if k.startswith('err_')):.3g}",
             flush=True,
         )
         rows.append(row)

@@ -43,7 +43,7 @@ _LOOP_STAGES = 3
 # Column block for weights stored ``[E, in, out]`` (Llama 4, GPT-OSS: ``x @ W``), whose columns are
 # contiguous: the blocks above would load 4-8 contiguous elements per row of a tile (a fraction of
 # a memory sector); this many make each row of a tile whole sectors. 0 turns the rule off.
-_CONTIGUOUS_BLOCK_N = 64
+_CONTIGUOUS_BLOCK_N = 16
 # The CPU interpreter runs programs one after another: fewer, wider ones (tests only).
 _INTERPRETED = kernels_interpreted()
 
