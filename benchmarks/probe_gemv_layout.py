@@ -4,7 +4,7 @@ GPT-OSS), by column block of the contiguous-columns rule (0: the rule off, block
 
     python benchmarks/probe_gemv_layout.py OUT.json [--tiles]
 
-``--tiles``: column blocks 8-32 by elements per tile (``_TILE``) 4096-16384 instead.
+``--tiles``: column blocks 8-32 by elements per tile 4096-16384 instead.
 
 The floor: the chosen experts' bytes (and Llama 4's shared MLP, which every token runs) over the
 read bandwidth measured in the same run.
@@ -75,7 +75,7 @@ with torch.no_grad():
         layer._resolved.clear()
         variants = [(bn, tile) for bn in BLOCKS for tile in TILES]
         for bn, tile in variants:
-            gemv._CONTIGUOUS_BLOCK_N, gemv._TILE = bn, tile
+            gemv._CONTIGUOUS_BLOCK_N, gemv._CONTIGUOUS_TILE = bn, tile
             key = f"{bn}" if len(TILES) == 1 else f"{bn}_{tile}"
             out = families._hidden(layer(x)).float()
             row[f"err_{key}"] = (out - ref).abs().max().item()

@@ -42,8 +42,10 @@ _MIN_PROGRAMS = 256
 _LOOP_STAGES = 3
 # Column block for weights stored ``[E, in, out]`` (Llama 4, GPT-OSS: ``x @ W``), whose columns are
 # contiguous: the blocks above would load 4-8 contiguous elements per row of a tile (a fraction of
-# a memory sector); this many make each row of a tile whole sectors. 0 turns the rule off.
-_CONTIGUOUS_BLOCK_N = 16
+# a memory sector); this many make each row of a tile whole sectors, in tiles of _CONTIGUOUS_TILE
+# elements (best of an H200 probe, benchmarks/results/probe_gemv_layout_tiles_h200.log). 0 turns it off.
+_CONTIGUOUS_BLOCK_N = 32
+_CONTIGUOUS_TILE = 16384
 # The CPU interpreter runs programs one after another: fewer, wider ones (tests only).
 _INTERPRETED = kernels_interpreted()
 
@@ -265,7 +267,7 @@ def _blocks(columns: int, depth: int, rows: int, item_bytes: int, columns_contig
     whole memory sectors."""
     if columns_contiguous and _CONTIGUOUS_BLOCK_N:
         block_n = min(next_power_of_2(columns), _CONTIGUOUS_BLOCK_N)
-        return block_n, min(next_power_of_2(depth), max(_TILE // block_n, 16))
+        return block_n, min(next_power_of_2(depth), max(_CONTIGUOUS_TILE // block_n, 16))
     weight_bytes = columns * depth * rows * item_bytes
     programs = max(_MIN_PROGRAMS, weight_bytes // _BYTES_PER_PROGRAM)
     block_n = next_power_of_2(max(columns * rows // programs, 1))
