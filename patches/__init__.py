@@ -7,6 +7,7 @@ from torch import nn
 from hf_moe_opt.layer import OptimizedMoE
 
 from .base import MoEPatch
+from .cohere2_moe import Cohere2MoePatch
 from .deepseek_v2 import DeepseekV2Patch
 from .deepseek_v3 import DeepseekV3Patch
 from .derived import DerivedPatch, derived_patches
@@ -21,6 +22,7 @@ from .mistral4 import Mistral4Patch, MistralLarge4Patch
 from .mixtral import MixtralPatch
 from .nllb_moe import NllbMoePatch
 from .olmoe import OlmoePatch
+from .phimoe import PhimoePatch
 from .qwen2_moe import Qwen2MoePatch
 from .qwen3_moe import Qwen3MoePatch
 from .switch_transformers import SwitchTransformersPatch
@@ -42,6 +44,8 @@ _REGISTRY: list[MoEPatch] = [
     Lfm2MoePatch(),
     Llama4Patch(),
     Mistral4Patch(),
+    PhimoePatch(),
+    Cohere2MoePatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

@@ -192,6 +192,24 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 interleave_moe_layer_step=1,
             ),
         ),
+        # A wide routing margin, so both of SparseMixer's masked softmaxes keep several experts.
+        "phimoe": (
+            "PhimoeConfig",
+            "PhimoeForCausalLM",
+            dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, router_jitter_noise=0.3),
+        ),
+        "cohere2_moe": (
+            "Cohere2MoeConfig",
+            "Cohere2MoeForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=24,
+                num_experts=6,
+                num_experts_per_tok=2,
+                num_shared_experts=1,
+                shared_expert_combination_strategy="average",
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -297,6 +315,8 @@ BLOCKS = {
     "mistral4": "Mistral4MoE",
     "lfm2_moe": "Lfm2MoeSparseMoeBlock",
     "llama4": "Llama4TextMoe",
+    "phimoe": "PhimoeSparseMoeBlock",
+    "cohere2_moe": "Cohere2MoeSparseMoeBlock",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -449,7 +469,7 @@ def test_family_fp32_matches_transformers(family):
     "family",
     [
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
-        *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4"),
+        *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe"),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -494,6 +514,30 @@ def test_block_tensors_follow_the_layer_and_come_back_on_restore():
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(opt(ids).logits, ref(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(expert_selection_fn="sigmoid", norm_topk_prob=True, shared_expert_combination_strategy="sum"),
+        dict(expert_selection_fn="sigmoid", norm_topk_prob=False, num_shared_experts=0),
+        dict(expert_selection_fn="softmax", num_shared_experts=2, shared_expert_combination_strategy="sum"),
+    ],
+)
+def test_cohere2_moe_router_and_shared_expert_options(overrides):
+    """Cohere2-MoE's sigmoid routing (renormalised or not) and each way of combining shared experts."""
+    if getattr(transformers, "Cohere2MoeConfig", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Cohere2-MoE")
+    ref, opt = _pair("cohere2_moe", **overrides)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).logits, ref(ids).logits, **FP32)
+        x = torch.randn(11, 32) * 2
+        want = _router_of(_blocks(ref, "cohere2_moe")[-1])(x)
+        got = hf_moe_opt.optimized_layers(opt)[-1][1].router(x)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_ernie_block_without_shared_experts():
@@ -652,6 +696,17 @@ def test_routing_functions_match_transformers_routers(family):
             i = torch.topk(logits.sigmoid() + bias, router.top_k).indices
             w = logits.sigmoid().gather(1, i)
             w = w / (w.sum(-1, keepdim=True) + 1e-6) * router.routed_scaling_factor
+        elif family == "phimoe":  # transformers' own SparseMixer, at inference
+            from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+            w, i = sparsemixer(logits, jitter_eps=router.router_jitter_noise, training=False)
+        elif family == "cohere2_moe":
+            top, i = torch.topk(logits, router.top_k, dim=-1)
+            if router.expert_selection_fn == "softmax":
+                w = torch.softmax(top.float(), dim=-1).to(x.dtype)
+            else:
+                w = torch.sigmoid(top)
+                w = (w / w.sum(-1, keepdim=True) if router.norm_topk_prob else w).to(x.dtype)
         elif family == "hunyuan_v1_moe":
             w, i = softmax_topk(logits, router.top_k, normalize=True, weights_dtype=logits.dtype)
         elif family == "ernie4_5_moe":
@@ -1037,3 +1092,26 @@ def test_register_patch_adds_an_architecture(monkeypatch):
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, **FP32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("margin", [0.01, 0.1, 0.5, 2.0])
+def test_sparsemixer_matches_transformers(margin, dtype):
+    """PhiMoE's inference routing against transformers' ``sparsemixer`` on random logits (with exact
+    ties and a dominant expert mixed in): same experts in the same order, same weights, every margin."""
+    phimoe = pytest.importorskip("transformers.models.phimoe.modeling_phimoe")
+    from hf_moe_opt.patches.phimoe import sparsemixer_top2
+
+    g = torch.Generator().manual_seed(int(margin * 100))
+    logits = (torch.randn(64, 16, generator=g) * 2).to(dtype)
+    logits[:8, 3] = logits[:8, 5] = 4.0  # a tie for the first expert
+    logits[8:16, 2] = 50.0  # a clear winner
+    want_w, want_i = phimoe.sparsemixer(logits, jitter_eps=margin, training=False)
+    got_w, got_i = sparsemixer_top2(logits, margin)
+    assert torch.equal(got_i, want_i) and got_w.dtype == want_w.dtype == dtype
+    torch.testing.assert_close(got_w, want_w, atol=0, rtol=0)
+    # The margin matters: narrow, a clear winner keeps all its weight; wide, weights spread.
+    if margin == 0.01:
+        assert (got_w[8:16, 0] == 1).all()
+    if margin == 2.0:
+        assert (got_w < 1).float().mean() > 0.5

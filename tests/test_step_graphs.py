@@ -107,7 +107,7 @@ def test_layer_forward_has_no_host_reads(family):
 # -- generate through the runner, on a CPU -------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["switch", *CAUSAL, "glm4_moe", "flex_olmo"])
+@pytest.mark.parametrize("family", ["switch", *CAUSAL, "glm4_moe", "flex_olmo", "phimoe"])
 def test_step_generate_matches_plain_generate(family):
     plain, model = _pair(_build(family))
     kw = _inputs(model)
@@ -442,6 +442,7 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
     [
         ("gpt_oss", "StaticSlidingWindowLayer"),
         ("llama4", "StaticSlidingWindowLayer"),  # chunked attention
+        ("cohere2_moe", "StaticSlidingWindowLayer"),
         ("qwen3_next", "LinearAttentionLayer"),
         ("deepseek_v32", "StaticIndexedLayer"),
     ],

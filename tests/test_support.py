@@ -72,9 +72,11 @@ def test_models_without_or_with_unsupported_blocks():
     report = hf_moe_opt.check_support(dense)
     assert not report.supported and not report.layers and not report.unmatched
     assert "no sparse MoE block found" in report.summary()
-    if getattr(transformers, "PhimoeConfig", None) is not None:  # a MoE family without a patch
-        phimoe = transformers.PhimoeConfig(**_COMMON, intermediate_size=24, num_local_experts=4)
-        report = hf_moe_opt.check_support(phimoe)
+    if getattr(transformers, "AfmoeConfig", None) is not None:  # a MoE family without a patch
+        afmoe = transformers.AfmoeConfig(
+            **_COMMON, head_dim=8, intermediate_size=40, moe_intermediate_size=24, num_experts=4, num_dense_layers=1
+        )
+        report = hf_moe_opt.check_support(afmoe)
         assert not report.supported and report.unmatched
         assert "not a supported block" in report.summary()
 
