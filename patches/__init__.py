@@ -15,6 +15,7 @@ from .ernie4_5_moe import Ernie4_5_MoePatch
 from .gpt_oss import GptOssPatch
 from .granitemoe import GraniteMoePatch
 from .hunyuan_v1_moe import HunYuanMoEV1Patch
+from .jamba import JambaPatch
 from .lfm2_moe import Lfm2MoePatch
 from .llama4 import Llama4Patch
 from .minimax_m2 import MiniMaxM2Patch
@@ -46,6 +47,7 @@ _REGISTRY: list[MoEPatch] = [
     Mistral4Patch(),
     PhimoePatch(),
     Cohere2MoePatch(),
+    JambaPatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

@@ -210,6 +210,21 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 shared_expert_combination_strategy="average",
             ),
         ),
+        # MoE in both layers, one Mamba and one attention layer.
+        "jamba": (
+            "JambaConfig",
+            "JambaForCausalLM",
+            dict(
+                intermediate_size=24,
+                num_experts=6,
+                num_experts_per_tok=2,
+                expert_layer_period=1,
+                expert_layer_offset=0,
+                attn_layer_period=2,
+                attn_layer_offset=1,
+                mamba_d_state=8,
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -317,6 +332,7 @@ BLOCKS = {
     "llama4": "Llama4TextMoe",
     "phimoe": "PhimoeSparseMoeBlock",
     "cohere2_moe": "Cohere2MoeSparseMoeBlock",
+    "jamba": "JambaSparseMoeBlock",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -367,6 +383,11 @@ def tiny_model(family: str, seed: int = 0, experts_implementation: str | None = 
     config_cls = getattr(transformers, config_name, None)
     if config_cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
+    if family == "jamba":
+        from hf_moe_opt.patches.jamba import OptimizedJambaRouter
+
+        if OptimizedJambaRouter is None:
+            pytest.skip(f"transformers {transformers.__version__}'s Jamba routes inside its block (not matched)")
     config = config_cls(**{**_COMMON, **kwargs, **overrides})
     if experts_implementation is not None:
         config._experts_implementation = experts_implementation
@@ -469,7 +490,7 @@ def test_family_fp32_matches_transformers(family):
     "family",
     [
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
-        *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe"),
+        *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -700,6 +721,8 @@ def test_routing_functions_match_transformers_routers(family):
             from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
             w, i = sparsemixer(logits, jitter_eps=router.router_jitter_noise, training=False)
+        elif family == "jamba":  # never renormalised
+            w, i = softmax_topk(logits, router.top_k, normalize=False, weights_dtype=logits.dtype)
         elif family == "cohere2_moe":
             top, i = torch.topk(logits, router.top_k, dim=-1)
             if router.expert_selection_fn == "softmax":

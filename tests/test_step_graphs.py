@@ -444,6 +444,7 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
         ("llama4", "StaticSlidingWindowLayer"),  # chunked attention
         ("cohere2_moe", "StaticSlidingWindowLayer"),
         ("qwen3_next", "LinearAttentionLayer"),
+        ("jamba", "LinearAttentionLayer"),  # its Mamba layers
         ("deepseek_v32", "StaticIndexedLayer"),
     ],
 )
