@@ -21,6 +21,7 @@ from .llama4 import Llama4Patch
 from .minimax_m2 import MiniMaxM2Patch
 from .mistral4 import Mistral4Patch, MistralLarge4Patch
 from .mixtral import MixtralPatch
+from .nemotron_h import NemotronHPatch
 from .nllb_moe import NllbMoePatch
 from .olmoe import OlmoePatch
 from .phimoe import PhimoePatch
@@ -48,6 +49,7 @@ _REGISTRY: list[MoEPatch] = [
     PhimoePatch(),
     Cohere2MoePatch(),
     JambaPatch(),
+    NemotronHPatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

@@ -225,6 +225,24 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 mamba_d_state=8,
             ),
         ),
+        # Group-limited sigmoid routing in float32, squared-ReLU experts, shared experts; MoE layers
+        # around an attention layer (Mamba layers left out: nothing MoE about them).
+        "nemotron_h": (
+            "NemotronHConfig",
+            "NemotronHForCausalLM",
+            dict(
+                layers_block_type=["moe", "full_attention", "moe"],
+                head_dim=8,
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                moe_shared_expert_intermediate_size=20,
+                n_routed_experts=8,
+                num_experts_per_tok=3,
+                n_group=2,
+                topk_group=1,
+                routed_scaling_factor=2.0,
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -333,6 +351,7 @@ BLOCKS = {
     "phimoe": "PhimoeSparseMoeBlock",
     "cohere2_moe": "Cohere2MoeSparseMoeBlock",
     "jamba": "JambaSparseMoeBlock",
+    "nemotron_h": "NemotronHMoE",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -403,8 +422,8 @@ def _spread(model: nn.Module) -> None:
     # decisive and the experts move the logits. Nonzero biases and correction biases are exercised.
     g = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():
-        # Granite's block is block_sparse_moe, Llama 4's feed_forward.
-        moe = ".mlp." in name or ".block_sparse_moe." in name or ".feed_forward." in name
+        # Granite's block is block_sparse_moe, Llama 4's feed_forward, Nemotron-H's mixer.
+        moe = any(part in name for part in (".mlp.", ".block_sparse_moe.", ".feed_forward.", ".mixer."))
         if moe and (".gate.weight" in name or ".router." in name) and "shared" not in name:
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
         elif moe and ".experts." in name:
@@ -491,6 +510,7 @@ def test_family_fp32_matches_transformers(family):
     [
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
+        "nemotron_h",
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -559,6 +579,27 @@ def test_cohere2_moe_router_and_shared_expert_options(overrides):
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nemotron_h_latent_projection(dtype):
+    """With ``moe_latent_size`` the experts run on the projected tokens while the router sees the hidden
+    states; the block as transformers' (fp32 and bf16), and in fp32 the whole model and its tokens."""
+    if getattr(transformers, "NemotronHConfig", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Nemotron-H")
+    ref, opt = _pair("nemotron_h", dtype, moe_latent_size=16)
+    layer = hf_moe_opt.optimized_layers(opt)[0][1]
+    assert layer.weights.w1.tensor.shape == (8, 24, 16) and layer.activation.name == "relu2"
+    x = torch.randn(2, 5, 32).to(dtype)
+    tol = FP32 if dtype == torch.float32 else BF16
+    with torch.no_grad():
+        torch.testing.assert_close(opt.model.layers[0].mixer(x), ref.model.layers[0].mixer(x), **tol)
+        if dtype == torch.float32:
+            ids = _ids()
+            torch.testing.assert_close(opt(ids).logits, ref(ids).logits, **FP32)
+            prompt = _ids(batch=2, seq=5, seed=3)
+            g_ref = ref.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            assert torch.equal(opt.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), g_ref)
 
 
 def test_ernie_block_without_shared_experts():
@@ -721,6 +762,18 @@ def test_routing_functions_match_transformers_routers(family):
             from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
             w, i = sparsemixer(logits, jitter_eps=router.router_jitter_noise, training=False)
+        elif family == "nemotron_h":
+            w, i = deepseek_topk(
+                logits,
+                router.top_k,
+                scoring="sigmoid",
+                method="noaux_tc",
+                n_group=router.num_group,
+                topk_group=router.topk_group,
+                correction_bias=router.e_score_correction_bias,
+                normalize=router.norm_topk_prob,
+                scaling=router.routed_scaling_factor,
+            )
         elif family == "jamba":  # never renormalised
             w, i = softmax_topk(logits, router.top_k, normalize=False, weights_dtype=logits.dtype)
         elif family == "cohere2_moe":
@@ -878,6 +931,25 @@ def test_llama4_top1_interleaved(dtype):
         assert torch.equal(g_opt, g_ref)
     else:  # bf16: a near-tie may flip a late token; most must agree
         assert (g_opt == g_ref).float().mean() > 0.9
+
+
+def test_nemotron_h_triton_backend_matches_transformers():
+    """Squared-ReLU experts on a latent projection through the Triton kernels (on CPU in the
+    interpreter): prefill and one-token decode steps (the GEMV path), against transformers."""
+    if getattr(transformers, "NemotronHConfig", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Nemotron-H")
+    if not _triton_runs_here():
+        pytest.skip("the Triton kernels run neither on a GPU nor in the interpreter here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = tiny_model("nemotron_h", moe_latent_size=16).to(device)
+    opt = copy.deepcopy(ref)
+    hf_moe_opt.optimize(opt, backend="triton")
+    prompt = _ids(batch=1, seq=4, seed=5).to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(prompt).logits, ref(prompt).logits, atol=2e-4, rtol=2e-4)
+        g_ref = ref.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(opt.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0), g_ref)
+    assert all(layer._backend_name(torch.device(device)) == "triton" for _, layer in hf_moe_opt.optimized_layers(opt))
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

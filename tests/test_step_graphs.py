@@ -445,6 +445,7 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
         ("cohere2_moe", "StaticSlidingWindowLayer"),
         ("qwen3_next", "LinearAttentionLayer"),
         ("jamba", "LinearAttentionLayer"),  # its Mamba layers
+        ("nemotron_h", "(DummyLayer|LinearAttentionLayer)"),  # its cache's layers for MoE / Mamba layers
         ("deepseek_v32", "StaticIndexedLayer"),
     ],
 )

@@ -46,6 +46,7 @@ ACTIVATIONS = {
     "gelu_new": Activation("gelu_new", _gelu_tanh),
     "gelu_pytorch_tanh": Activation("gelu_pytorch_tanh", _gelu_tanh),
     "silu": Activation("silu", torch.nn.functional.silu),
+    "relu2": Activation("relu2", lambda x: torch.relu(x).square()),  # Nemotron-H's experts
 }
 # Small tiles so the tiny test shapes still span several M/N tiles and K iterations (the interpreter's
 # cost grows with the number of programs, so not the smallest tiles everywhere).

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 # Names the fused kernels implement natively; other activations run through ``fn``.
-KERNEL_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu")
+KERNEL_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "relu2")
 
 GLU_LAYOUTS = ("concatenated", "interleaved", "clamped_swiglu", "custom")
 

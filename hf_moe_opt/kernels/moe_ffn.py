@@ -66,6 +66,7 @@ _KERNEL_ACTIVATION = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
     "silu": "silu",
+    "relu2": "relu2",
 }
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -138,6 +139,9 @@ def _activate(x, ACTIVATION: tl.constexpr):
         x = x * tl.sigmoid(2.0 * u)
     elif ACTIVATION == "silu":
         x = x * tl.sigmoid(x)
+    elif ACTIVATION == "relu2":  # squared ReLU (Nemotron-H's experts)
+        x = tl.maximum(x, 0.0)
+        x = x * x
     return x
 
 
@@ -833,7 +837,7 @@ def gather_gemm_act(
     """Kernel A into ``h`` ([A, F]): ``act(x[plan.token] @ w1[e].T + b1[e])`` for the kept rows.
 
     ``activation`` is a :class:`KernelActivation` or an elementwise kernel name (``relu``, ``gelu``,
-    ``gelu_tanh``, ``silu``). For gated activations ``w1`` has ``2F`` rows and ``h`` ``F`` columns.
+    ``gelu_tanh``, ``silu``, ``relu2``). For gated activations ``w1`` has ``2F`` rows and ``h`` ``F`` columns.
     Rows of dropped assignments are left unwritten.
     """
     if isinstance(activation, str):
