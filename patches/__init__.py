@@ -6,6 +6,7 @@ from torch import nn
 
 from hf_moe_opt.layer import OptimizedMoE
 
+from .aria import AriaPatch
 from .base import MoEPatch
 from .cohere2_moe import Cohere2MoePatch
 from .deepseek_v2 import DeepseekV2Patch
@@ -50,6 +51,7 @@ _REGISTRY: list[MoEPatch] = [
     Cohere2MoePatch(),
     JambaPatch(),
     NemotronHPatch(),
+    AriaPatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

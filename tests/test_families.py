@@ -243,6 +243,20 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 routed_scaling_factor=2.0,
             ),
         ),
+        # Aria's language model: transposed experts, shared experts; a gelu hidden_act that the
+        # routed experts ignore (always SiLU-gated).
+        "aria": (
+            "AriaTextConfig",
+            "AriaTextForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=24,
+                moe_num_experts=6,
+                moe_topk=2,
+                moe_num_shared_experts=1,
+                hidden_act="gelu",
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -352,6 +366,7 @@ BLOCKS = {
     "cohere2_moe": "Cohere2MoeSparseMoeBlock",
     "jamba": "JambaSparseMoeBlock",
     "nemotron_h": "NemotronHMoE",
+    "aria": "AriaTextMoELayer",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -402,11 +417,11 @@ def tiny_model(family: str, seed: int = 0, experts_implementation: str | None = 
     config_cls = getattr(transformers, config_name, None)
     if config_cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
-    if family == "jamba":
-        from hf_moe_opt.patches.jamba import OptimizedJambaRouter
+    if family in ("jamba", "aria"):
+        from hf_moe_opt.patches import aria, jamba
 
-        if OptimizedJambaRouter is None:
-            pytest.skip(f"transformers {transformers.__version__}'s Jamba routes inside its block (not matched)")
+        if (jamba.OptimizedJambaRouter if family == "jamba" else aria.OptimizedAriaRouter) is None:
+            pytest.skip(f"transformers {transformers.__version__}'s {family} routes inside its block (not matched)")
     config = config_cls(**{**_COMMON, **kwargs, **overrides})
     if experts_implementation is not None:
         config._experts_implementation = experts_implementation
@@ -510,7 +525,7 @@ def test_family_fp32_matches_transformers(family):
     [
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
-        "nemotron_h",
+        *("nemotron_h", "aria"),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -600,6 +615,14 @@ def test_nemotron_h_latent_projection(dtype):
             prompt = _ids(batch=2, seq=5, seed=3)
             g_ref = ref.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
             assert torch.equal(opt.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), g_ref)
+
+
+def test_aria_experts_are_silu_gated_whatever_hidden_act_says():
+    """Aria's routed experts build their SiLU themselves (the config's gelu is the shared experts'): the
+    kernels must take SiLU, named so, not the config's activation."""
+    _, opt = _pair("aria")
+    assert [layer.activation.name for _, layer in hf_moe_opt.optimized_layers(opt)] == ["glu_silu"] * 2
+    assert opt.config.hidden_act == "gelu"
 
 
 def test_ernie_block_without_shared_experts():
@@ -807,7 +830,7 @@ def test_routing_functions_match_transformers_routers(family):
                 normalize=family == "deepseek_v3" and router.norm_topk_prob,
                 scaling=router.routed_scaling_factor,
             )
-        elif family in ("gpt_oss", "granitemoe"):
+        elif family in ("gpt_oss", "granitemoe", "aria"):
             w, i = topk_softmax(logits, router.top_k)
         elif family == "mixtral":
             w, i = softmax_topk(logits, router.top_k, normalize=True)
