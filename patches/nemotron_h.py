@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from hf_moe_opt.experts import ExpertWeights, FusedExpertTensor
 from hf_moe_opt.experts.activation import Activation
 from hf_moe_opt.layer import OptimizedMoE
-from hf_moe_opt.routing import Routing, deepseek_topk
+from hf_moe_opt.routing import Routing
 
+from .deepseek_v3 import DeepseekV3Routing
 from .fused import FusedMoELayer, FusedMoEPatch, hf_class, route_topk
 
 MODULE = "transformers.models.nemotron_h.modeling_nemotron_h"
@@ -31,25 +31,8 @@ NemotronHTopkRouter = hf_class(MODULE, "NemotronHTopkRouter")
 
 if NemotronHTopkRouter is not None:
 
-    class OptimizedNemotronHRouter(NemotronHTopkRouter):
-        """Same module, routing from :func:`~hf_moe_opt.routing.deepseek_topk`; returns ``(logits,
-        weights, indices)``."""
-
-        def forward(self, hidden_states: torch.Tensor):
-            x = hidden_states.view(-1, self.hidden_dim)
-            logits = F.linear(x.float(), self.weight.float())
-            weights, indices = deepseek_topk(
-                logits,
-                self.top_k,
-                scoring="sigmoid",
-                method="noaux_tc",
-                n_group=self.num_group,
-                topk_group=self.topk_group,
-                correction_bias=self.e_score_correction_bias,
-                normalize=self.norm_topk_prob,
-                scaling=self.routed_scaling_factor,
-            )
-            return logits, weights, indices
+    class OptimizedNemotronHRouter(DeepseekV3Routing, NemotronHTopkRouter):
+        """Same module, DeepSeek-V3's routing (the same code under other names)."""
 
 else:  # pragma: no cover - transformers without the model
     OptimizedNemotronHRouter = None

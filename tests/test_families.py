@@ -397,7 +397,7 @@ ROUTES = {
     "mellum": "qwen3_moe",
     **dict.fromkeys(
         ["glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32", "solar_open", "exaone_moe", "glm_moe_dsa"]
-        + ["kimi_linear", "bailing_hybrid"],
+        + ["kimi_linear", "bailing_hybrid", "nemotron_h"],
         "deepseek_v3",
     ),
 }
@@ -785,18 +785,6 @@ def test_routing_functions_match_transformers_routers(family):
             from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
             w, i = sparsemixer(logits, jitter_eps=router.router_jitter_noise, training=False)
-        elif family == "nemotron_h":
-            w, i = deepseek_topk(
-                logits,
-                router.top_k,
-                scoring="sigmoid",
-                method="noaux_tc",
-                n_group=router.num_group,
-                topk_group=router.topk_group,
-                correction_bias=router.e_score_correction_bias,
-                normalize=router.norm_topk_prob,
-                scaling=router.routed_scaling_factor,
-            )
         elif family == "jamba":  # never renormalised
             w, i = softmax_topk(logits, router.top_k, normalize=False, weights_dtype=logits.dtype)
         elif family == "cohere2_moe":
