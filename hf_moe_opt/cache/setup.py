@@ -37,7 +37,7 @@ def _geometry(name: str, block: nn.Module, pinned: int) -> LayerGeometry:
     if layout is None:
         raise ValueError(
             f"{name}: expert_cache needs experts stored as separate modules (experts.expert_<j>) or as fused "
-            f"[E, ...] tensors (experts.gate_up_proj / down_proj); {type(block).__name__} has neither"
+            f"[E, ...] tensors (experts.gate_up_proj or up_proj, and down_proj); {type(block).__name__} has neither"
         )
     return LayerGeometry(name, layout.num_experts, layout.expert_bytes, pinned)
 

@@ -7,7 +7,8 @@ still there). Two layouts exist:
 
 * per-expert modules ``experts.expert_{j}`` (Switch Transformers, NLLB-MoE);
 * fused ``[E, ...]`` parameters of the ``experts`` module (``gate_up_proj``, ``down_proj`` and
-  GPT-OSS's biases), as transformers 5.x keeps Mixtral, Qwen, OLMoE, DeepSeek and GPT-OSS.
+  GPT-OSS's biases), as transformers 5.x keeps Mixtral, Qwen, OLMoE, DeepSeek and GPT-OSS, or
+  ``up_proj`` / ``down_proj`` for two-matrix experts (Nemotron-H).
 
 Shared experts (Qwen2-MoE ``shared_expert``, DeepSeek ``shared_experts``) are siblings of
 ``experts``, so they count in neither: they are dense weights of the layer.
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-FUSED_PARAM_NAMES = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+FUSED_PARAM_NAMES = ("gate_up_proj", "gate_up_proj_bias", "up_proj", "down_proj", "down_proj_bias")
+# The fused parameter that marks the layout (its first dimension is the expert count).
+_FIRST_PARAMS = ("gate_up_proj", "up_proj")
 
 
 def expert_modules(block: nn.Module) -> list[str]:
@@ -32,7 +35,7 @@ def expert_modules(block: nn.Module) -> list[str]:
 def fused_expert_params(block: nn.Module) -> dict[str, nn.Parameter]:
     """The ``experts`` module's fused ``[E, ...]`` parameters by name (empty for other layouts)."""
     experts = getattr(block, "experts", None)
-    if experts is None or not isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter):
+    if experts is None or not any(isinstance(getattr(experts, n, None), nn.Parameter) for n in _FIRST_PARAMS):
         return {}
     return {n: p for n, p in experts.named_parameters(recurse=False) if n in FUSED_PARAM_NAMES}
 
@@ -64,5 +67,5 @@ def expert_layout(block: nn.Module, dtype_size: int | None = None) -> ExpertLayo
     fused = fused_expert_params(block)
     if not fused:
         return None
-    num_experts = fused["gate_up_proj"].shape[0]
+    num_experts = next(fused[n] for n in _FIRST_PARAMS if n in fused).shape[0]
     return ExpertLayout(num_experts, sum(nbytes(p, p[0].numel()) for p in fused.values()), True)

@@ -104,7 +104,8 @@ class Placer:
             if layout is None:
                 raise ValueError(
                     f"{name}: expert placement needs experts stored as separate modules (experts.expert_<j>) or "
-                    f"as fused [E, ...] tensors (experts.gate_up_proj / down_proj); {type(block).__name__} has neither"
+                    "as fused [E, ...] tensors (experts.gate_up_proj or up_proj, and down_proj); "
+                    f"{type(block).__name__} has neither"
                 )
             counts[name] = layout.num_experts
         self.group = None
