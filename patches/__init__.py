@@ -6,6 +6,7 @@ from torch import nn
 
 from hf_moe_opt.layer import OptimizedMoE
 
+from .afmoe import AfmoePatch
 from .aria import AriaPatch
 from .base import MoEPatch
 from .cohere2_moe import Cohere2MoePatch
@@ -19,6 +20,7 @@ from .hunyuan_v1_moe import HunYuanMoEV1Patch
 from .jamba import JambaPatch
 from .lfm2_moe import Lfm2MoePatch
 from .llama4 import Llama4Patch
+from .mimo_v2_flash import MiMoV2FlashPatch
 from .minimax_m2 import MiniMaxM2Patch
 from .mistral4 import Mistral4Patch, MistralLarge4Patch
 from .mixtral import MixtralPatch
@@ -52,6 +54,8 @@ _REGISTRY: list[MoEPatch] = [
     JambaPatch(),
     NemotronHPatch(),
     AriaPatch(),
+    MiMoV2FlashPatch(),
+    AfmoePatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

@@ -190,8 +190,9 @@ class FusedMoELayer(OptimizedMoE):
 
 class BlockBiasLayer(FusedMoELayer):
     """A layer whose router is called with a bias the block holds itself (MiniMax-M2's
-    ``e_score_correction_bias``, LFM2-MoE's ``expert_bias``): a buffer of this layer under the same
-    name, so moving or casting the layer reaches it; None where the block has none."""
+    ``e_score_correction_bias``, LFM2-MoE's and AFMoE's ``expert_bias``): a buffer (or parameter) of
+    this layer under the same name, so moving or casting the layer reaches it; None where the block
+    has none."""
 
     #: The block's attribute holding the bias.
     bias_name: str = ""
@@ -204,6 +205,8 @@ class BlockBiasLayer(FusedMoELayer):
 
     def _route_with_bias(self, router: nn.Module, hidden_states: torch.Tensor, padding_mask) -> Routing:
         bias = self._buffers.get(self.bias_name)
+        if bias is None:  # AFMoE holds its bias as a (frozen) parameter
+            bias = self._parameters.get(self.bias_name)
         _, weights, indices = router(hidden_states.reshape(-1, hidden_states.shape[-1]), bias)
         return topk_routing(weights, indices)
 

@@ -95,22 +95,21 @@ def test_exported_from_package():
 
 def test_unsupported_block_error_points_to_the_experts_implementation():
     """A family without a patch whose experts take implementations: the error says how to use ours there."""
-    from transformers import AfmoeConfig, AfmoeForCausalLM, BertConfig, BertModel
+    from transformers import BertConfig, BertModel, DeepseekV4Config, DeepseekV4ForCausalLM
 
-    config = AfmoeConfig(
+    config = DeepseekV4Config(
         hidden_size=32,
         intermediate_size=64,
         moe_intermediate_size=24,
         num_hidden_layers=2,
-        num_dense_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=16,
-        num_experts=4,
+        n_routed_experts=4,
         vocab_size=64,
     )
     with pytest.raises(ValueError, match=r"no supported sparse MoE block; .*experts_implementation=\"hf_moe_opt\""):
-        hf_moe_opt.optimize(AfmoeForCausalLM(config))
+        hf_moe_opt.optimize(DeepseekV4ForCausalLM(config))
     dense = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match=r"no supported sparse MoE block\. Supported:"):
         hf_moe_opt.optimize(dense)

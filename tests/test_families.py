@@ -257,6 +257,40 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 hidden_act="gelu",
             ),
         ),
+        # DeepSeek-V3's router without shared experts; sliding-window and full attention layers.
+        "mimo_v2_flash": (
+            "MiMoV2FlashConfig",
+            "MiMoV2FlashForCausalLM",
+            dict(
+                head_dim=8,
+                v_head_dim=8,
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                n_routed_experts=8,
+                num_experts_per_tok=3,
+                n_group=4,
+                topk_group=2,
+                routed_scaling_factor=2.5,
+                mlp_layer_types=["dense", "sparse"],
+                layer_types=["full_attention", "sliding_attention"],
+                sliding_window=8,
+            ),
+        ),
+        # Sigmoid routing with an expert bias held by the block (a frozen parameter), shared experts.
+        "afmoe": (
+            "AfmoeConfig",
+            "AfmoeForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                num_experts=6,
+                num_experts_per_tok=2,
+                num_shared_experts=1,
+                num_dense_layers=1,
+                route_scale=1.5,
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -367,6 +401,8 @@ BLOCKS = {
     "jamba": "JambaSparseMoeBlock",
     "nemotron_h": "NemotronHMoE",
     "aria": "AriaTextMoELayer",
+    "mimo_v2_flash": "MiMoV2FlashMoE",
+    "afmoe": "AfmoeSparseMoeBlock",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -397,7 +433,7 @@ ROUTES = {
     "mellum": "qwen3_moe",
     **dict.fromkeys(
         ["glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32", "solar_open", "exaone_moe", "glm_moe_dsa"]
-        + ["kimi_linear", "bailing_hybrid", "nemotron_h"],
+        + ["kimi_linear", "bailing_hybrid", "nemotron_h", "mimo_v2_flash"],
         "deepseek_v3",
     ),
 }
@@ -445,7 +481,7 @@ def _spread(model: nn.Module) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 3 else 0.2))
         elif name.endswith("gate.wg.weight"):  # Hunyuan's router holds a float32 linear
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
-        elif name.endswith("e_score_correction_bias"):  # a parameter in ERNIE 4.5's router
+        elif name.endswith(("e_score_correction_bias", "expert_bias")):  # ERNIE 4.5's router, AFMoE's block
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     for name, b in model.named_buffers():
         if name.endswith(("e_score_correction_bias", "expert_bias")):  # on the router or the block
@@ -525,7 +561,7 @@ def test_family_fp32_matches_transformers(family):
     [
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
-        *("nemotron_h", "aria"),
+        *("nemotron_h", "aria", "mimo_v2_flash", "afmoe"),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -771,7 +807,12 @@ def test_routing_functions_match_transformers_routers(family):
     bias = torch.randn(router.num_experts) * 0.1  # MiniMax-M2's block passes its correction bias
     family = ROUTES.get(family, family)
     with torch.no_grad():
-        out = router(x, bias) if family in ("minimax_m2", "lfm2_moe") else router(x)
+        if family == "afmoe":  # its router takes [B, S, D] tokens
+            out = router(x.view(4, 10, 32), bias)
+        elif family in ("minimax_m2", "lfm2_moe"):
+            out = router(x, bias)
+        else:
+            out = router(x)
         if family == "granitemoe":  # transformers 5.17 returns (indices, weights, logits)
             from hf_moe_opt.patches.granitemoe import output_order
 
@@ -785,6 +826,10 @@ def test_routing_functions_match_transformers_routers(family):
             from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
             w, i = sparsemixer(logits, jitter_eps=router.router_jitter_noise, training=False)
+        elif family == "afmoe":
+            i = torch.topk(logits.sigmoid() + bias, router.top_k, dim=1).indices
+            w = logits.sigmoid().gather(1, i)
+            w = w / (w.sum(-1, keepdim=True) + 1e-20) * router.route_scale
         elif family == "jamba":  # never renormalised
             w, i = softmax_topk(logits, router.top_k, normalize=False, weights_dtype=logits.dtype)
         elif family == "cohere2_moe":

@@ -443,6 +443,8 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
         ("gpt_oss", "StaticSlidingWindowLayer"),
         ("llama4", "StaticSlidingWindowLayer"),  # chunked attention
         ("cohere2_moe", "StaticSlidingWindowLayer"),
+        ("afmoe", "StaticSlidingWindowLayer"),
+        ("mimo_v2_flash", "StaticSlidingWindowLayer"),
         ("qwen3_next", "LinearAttentionLayer"),
         ("jamba", "LinearAttentionLayer"),  # its Mamba layers
         ("nemotron_h", "(DummyLayer|LinearAttentionLayer)"),  # its cache's layers for MoE / Mamba layers
