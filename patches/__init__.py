@@ -17,6 +17,7 @@ from .ernie4_5_moe import Ernie4_5_MoePatch
 from .gpt_oss import GptOssPatch
 from .granitemoe import GraniteMoePatch
 from .hunyuan_v1_moe import HunYuanMoEV1Patch
+from .hy_v3 import HYV3Patch
 from .jamba import JambaPatch
 from .lfm2_moe import Lfm2MoePatch
 from .llama4 import Llama4Patch
@@ -56,6 +57,7 @@ _REGISTRY: list[MoEPatch] = [
     AriaPatch(),
     MiMoV2FlashPatch(),
     AfmoePatch(),
+    HYV3Patch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

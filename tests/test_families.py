@@ -291,6 +291,20 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 route_scale=1.5,
             ),
         ),
+        # Float32 sigmoid routing with a block-held correction bias, shared experts, float32 combine.
+        "hy_v3": (
+            "HYV3Config",
+            "HYV3ForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                num_experts=6,
+                num_experts_per_tok=2,
+                router_scaling_factor=2.5,
+                mlp_layer_types=["dense", "sparse"],
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -403,6 +417,7 @@ BLOCKS = {
     "aria": "AriaTextMoELayer",
     "mimo_v2_flash": "MiMoV2FlashMoE",
     "afmoe": "AfmoeSparseMoeBlock",
+    "hy_v3": "HYV3MoE",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -561,7 +576,7 @@ def test_family_fp32_matches_transformers(family):
     [
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
-        *("nemotron_h", "aria", "mimo_v2_flash", "afmoe"),
+        *("nemotron_h", "aria", "mimo_v2_flash", "afmoe", "hy_v3"),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -659,6 +674,17 @@ def test_aria_experts_are_silu_gated_whatever_hidden_act_says():
     _, opt = _pair("aria")
     assert [layer.activation.name for _, layer in hf_moe_opt.optimized_layers(opt)] == ["glu_silu"] * 2
     assert opt.config.hidden_act == "gelu"
+
+
+def test_hy_v3_combine_in_the_model_dtype():
+    """HY-V3 with ``enable_moe_fp32_combine=False``: routed and shared outputs added in the model dtype."""
+    if getattr(transformers, "HYV3Config", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no HY-V3")
+    for dtype, tol in ((torch.float32, FP32), (torch.bfloat16, dict(atol=3e-2, rtol=3e-2))):
+        ref, opt = _pair("hy_v3", dtype, enable_moe_fp32_combine=False)
+        x = torch.randn(2, 5, 32).to(dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(opt.model.layers[1].mlp(x), ref.model.layers[1].mlp(x), **tol)
 
 
 def test_ernie_block_without_shared_experts():
@@ -809,7 +835,7 @@ def test_routing_functions_match_transformers_routers(family):
     with torch.no_grad():
         if family == "afmoe":  # its router takes [B, S, D] tokens
             out = router(x.view(4, 10, 32), bias)
-        elif family in ("minimax_m2", "lfm2_moe"):
+        elif family in ("minimax_m2", "lfm2_moe", "hy_v3"):
             out = router(x, bias)
         else:
             out = router(x)
@@ -826,10 +852,11 @@ def test_routing_functions_match_transformers_routers(family):
             from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
             w, i = sparsemixer(logits, jitter_eps=router.router_jitter_noise, training=False)
-        elif family == "afmoe":
+        elif family in ("afmoe", "hy_v3"):
             i = torch.topk(logits.sigmoid() + bias, router.top_k, dim=1).indices
             w = logits.sigmoid().gather(1, i)
-            w = w / (w.sum(-1, keepdim=True) + 1e-20) * router.route_scale
+            scale = router.route_scale if family == "afmoe" else router.router_scaling_factor
+            w = w / (w.sum(-1, keepdim=True) + 1e-20) * scale
         elif family == "jamba":  # never renormalised
             w, i = softmax_topk(logits, router.top_k, normalize=False, weights_dtype=logits.dtype)
         elif family == "cohere2_moe":
