@@ -18,6 +18,7 @@ from .gpt_oss import GptOssPatch
 from .granitemoe import GraniteMoePatch
 from .hunyuan_v1_moe import HunYuanMoEV1Patch
 from .hy_v3 import HYV3Patch
+from .hy_v4 import HYV4Patch
 from .jamba import JambaPatch
 from .lfm2_moe import Lfm2MoePatch
 from .llama4 import Llama4Patch
@@ -58,6 +59,7 @@ _REGISTRY: list[MoEPatch] = [
     MiMoV2FlashPatch(),
     AfmoePatch(),
     HYV3Patch(),
+    HYV4Patch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

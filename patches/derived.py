@@ -195,6 +195,7 @@ def derived_patches() -> list[DerivedPatch]:
     """The families this module adds, in the registry's order."""
     from .deepseek_v3 import DeepseekV3Patch
     from .granitemoe import GraniteMoePatch
+    from .hy_v4 import HYV4Patch
     from .mixtral import MixtralPatch
     from .olmoe import OlmoePatch
     from .qwen2_moe import Qwen2MoePatch
@@ -206,6 +207,7 @@ def derived_patches() -> list[DerivedPatch]:
     olmoe = (OlmoePatch(), "OlmoeExperts")
     v3 = (DeepseekV3Patch(), "DeepseekV3Experts")
     granite = (GraniteMoePatch(), "GraniteMoeExperts")
+    hy_v4 = (HYV4Patch(), "HYV4Experts")
     # Qwen3.5-MoE and Qwen3-VL-MoE route as Qwen3-MoE with the weights always renormalised.
     renormalized = (SoftmaxTopKRouting, {"normalize_always": True})
     families = [
@@ -233,6 +235,9 @@ def derived_patches() -> list[DerivedPatch]:
         (v3, "bailing_hybrid", "BailingHybridMoE", "BailingHybridTopkRouter", "BailingHybridExperts", None),
         (v3, "dots3_note", "Dots3NoteTextMoE", "Dots3NoteTextTopkRouter", "Dots3NoteExperts", None),
         (qwen3, "mellum", "MellumSparseMoeBlock", "MellumTopKRouter", "MellumExperts", None),
+        # HY-V4's limited-SwiGLU experts under DeepSeek-V3's block and router.
+        (hy_v4, "glm5_next", "Glm5NextTextMoE", "Glm5NextTextTopkRouter", "Glm5NextTextExperts", None),
+        (hy_v4, "hy_v4_vl", "HYV4VLMoE", "HYV4VLTopkRouter", "HYV4VLExperts", None),
         # Qwen3-Omni-MoE: the thinker's blocks are Qwen3-MoE's, the talker's Qwen2-MoE's (shared expert).
         (qwen3, "qwen3_omni_moe", *(f"Qwen3OmniMoeThinkerText{part}" for part in _PARTS), None),
         (qwen2, "qwen3_omni_moe_talker", *(f"Qwen3OmniMoeTalkerText{part}" for part in _PARTS), None),

@@ -247,3 +247,61 @@ def test_qwen3_omni_moe_text_models_match_transformers(part):
         torch.testing.assert_close(opt(**inputs).last_hidden_state, expected, atol=2e-5, rtol=2e-5)
         hf_moe_opt.restore(opt)
         torch.testing.assert_close(opt(**inputs).last_hidden_state, expected, atol=0, rtol=0)
+
+
+# Block fields plus what the full configs' validation asks (DSA attention without rotary dims, an
+# indexer pool dividing its top-k).
+_LIMITED = dict(
+    _COMMON, num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=24, n_routed_experts=8,
+    num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+    swiglu_limit=0.5, q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=0, v_head_dim=8,
+    index_topk=16, index_kpool=4, index_head_dim=8, index_n_heads=2,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config_name", "module", "block", "extra"),
+    [
+        ("Glm5NextTextConfig", "glm5_next", "Glm5NextTextMoE", {}),
+        (
+            "HYV4VLTextConfig",
+            "hy_v4_vl",
+            "HYV4VLMoE",
+            dict(
+                qk_nope_head_dim=4,
+                qk_rope_head_dim=6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 1]},
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_limited_swiglu_copies_match_transformers(config_name, module, block, extra, dtype):
+    """GLM-5-Next's and HY-V4-VL's MoE blocks (HY-V4's code under other names; their whole models
+    need sparse-attention and vision settings beyond a tiny test): the optimized block against
+    transformers' on random tokens, with a swiglu_limit that binds."""
+    config_cls = getattr(transformers, config_name, None)
+    if config_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
+    fields = {k: v for k, v in {**_LIMITED, **extra}.items() if hasattr(config_cls, k)}
+    config = config_cls(**fields)
+    mod = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=[block])
+    torch.manual_seed(0)
+    hf_block = getattr(mod, block)(config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in hf_block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        hf_block.gate.e_score_correction_bias.copy_(torch.randn(8, generator=g) * 0.1)
+    hf_block = hf_block.to(dtype)
+    from hf_moe_opt.patches import find_patch
+
+    patch = find_patch(hf_block)
+    assert patch is not None and patch.model_type == module
+    layer = patch.build(copy.deepcopy(hf_block), config, capacity="model", backend="torch")
+    assert layer.activation.glu == "limited_swiglu" and layer.activation.limit == 0.5
+    x = (torch.randn(2, 7, 32, generator=g) * 2).to(dtype)
+    with torch.no_grad():
+        want, got = hf_block(x), layer(x)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got, want, **tol)

@@ -305,6 +305,22 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 mlp_layer_types=["dense", "sparse"],
             ),
         ),
+        # DeepSeek-V3's block and router with limited-SwiGLU experts (a tight limit, so the clamps bind);
+        # multi-head latent attention and a sparse-attention indexer.
+        "hy_v4": (
+            "HYV4Config",
+            "HYV4ForCausalLM",
+            dict(
+                dsv,
+                q_lora_rank=12,
+                head_dim=8,
+                index_topk=4,
+                index_head_dim=8,
+                index_n_heads=2,
+                mlp_layer_types=["dense", "sparse"],
+                swiglu_limit=0.5,
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -418,6 +434,7 @@ BLOCKS = {
     "mimo_v2_flash": "MiMoV2FlashMoE",
     "afmoe": "AfmoeSparseMoeBlock",
     "hy_v3": "HYV3MoE",
+    "hy_v4": "HYV4MoE",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -448,7 +465,7 @@ ROUTES = {
     "mellum": "qwen3_moe",
     **dict.fromkeys(
         ["glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32", "solar_open", "exaone_moe", "glm_moe_dsa"]
-        + ["kimi_linear", "bailing_hybrid", "nemotron_h", "mimo_v2_flash"],
+        + ["kimi_linear", "bailing_hybrid", "nemotron_h", "mimo_v2_flash", "hy_v4"],
         "deepseek_v3",
     ),
 }
@@ -576,7 +593,7 @@ def test_family_fp32_matches_transformers(family):
     [
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
-        *("nemotron_h", "aria", "mimo_v2_flash", "afmoe", "hy_v3"),
+        *("nemotron_h", "aria", "mimo_v2_flash", "afmoe", "hy_v3", "hy_v4"),
     ],
 )
 def test_family_bf16_matches_transformers(family):

@@ -449,6 +449,7 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
         ("jamba", "LinearAttentionLayer"),  # its Mamba layers
         ("nemotron_h", "(DummyLayer|LinearAttentionLayer)"),  # its cache's layers for MoE / Mamba layers
         ("deepseek_v32", "StaticIndexedLayer"),
+        ("hy_v4", "StaticIndexedLayer"),
     ],
 )
 def test_models_whose_cache_tracks_state_in_python_raise(family, layer):

@@ -11,7 +11,12 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 from hf_moe_opt.dispatch import make_plan  # noqa: E402
-from hf_moe_opt.experts.activation import Activation, clamped_swiglu_activation, glu_activation  # noqa: E402
+from hf_moe_opt.experts.activation import (  # noqa: E402
+    Activation,
+    clamped_swiglu_activation,
+    glu_activation,
+    limited_swiglu_activation,
+)
 from hf_moe_opt.experts.torch_backend import torch_moe_ffn  # noqa: E402
 from hf_moe_opt.kernels import kernels_interpreted  # noqa: E402
 from hf_moe_opt.kernels.gemv import fits, gemv_moe_ffn  # noqa: E402
@@ -29,6 +34,7 @@ ACTIVATIONS = {
     "glu_silu": glu_activation("silu", torch.nn.functional.silu),
     "glu_gelu_interleaved": glu_activation("gelu", torch.nn.functional.gelu, interleaved=True),
     "clamped_swiglu": clamped_swiglu_activation(alpha=1.702, limit=0.8),
+    "limited_swiglu": limited_swiglu_activation(limit=0.8),
 }
 
 

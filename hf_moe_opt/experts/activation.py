@@ -9,6 +9,8 @@ Two-matrix experts apply ``fn`` elementwise to ``x W1``. Gated (GLU) experts com
 * ``glu="clamped_swiglu"``: GPT-OSS's variant on interleaved columns,
   ``g = min(h[:, 0::2], limit)``, ``u = clamp(h[:, 1::2], -limit, limit)``,
   ``(u + 1) * g * sigmoid(alpha * g)``;
+* ``glu="limited_swiglu"``: on the concatenated halves, ``g = min(gate, limit)``,
+  ``u = clamp(up, -limit, limit)``, ``silu(g) * u`` (GLM-5-Next, HY-V4);
 * ``glu="custom"``: ``gate_fn`` maps ``[rows, 2F]`` to ``[rows, F]`` (an experts module's own
   ``_apply_gate``); nothing can specialise on it.
 
@@ -25,7 +27,7 @@ import torch
 # Names the fused kernels implement natively; other activations run through ``fn``.
 KERNEL_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "relu2")
 
-GLU_LAYOUTS = ("concatenated", "interleaved", "clamped_swiglu", "custom")
+GLU_LAYOUTS = ("concatenated", "interleaved", "clamped_swiglu", "limited_swiglu", "custom")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class Activation:
             raise ValueError(f"unknown GLU layout {self.glu!r}; choose one of {', '.join(GLU_LAYOUTS)}")
         if self.glu == "clamped_swiglu" and (self.alpha is None or self.limit is None):
             raise ValueError("a clamped SwiGLU needs alpha and limit")
+        if self.glu == "limited_swiglu" and self.limit is None:
+            raise ValueError("a limited SwiGLU needs limit")
         if self.glu == "custom" and self.gate_fn is None:
             raise ValueError("a custom GLU needs gate_fn")
 
@@ -78,6 +82,10 @@ class Activation:
             gate = h[..., 0::2].clamp(min=None, max=self.limit)
             up = h[..., 1::2].clamp(min=-self.limit, max=self.limit)
             return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        if self.glu == "limited_swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            gate = gate.clamp(min=None, max=self.limit)
+            return torch.nn.functional.silu(gate) * up.clamp(min=-self.limit, max=self.limit)
         return self.gate_fn(h)
 
 
@@ -103,6 +111,11 @@ def activation_name(act_fn: Callable, configs: Iterable[object]) -> str:
 def glu_activation(name: str, fn: Callable[[torch.Tensor], torch.Tensor], *, interleaved: bool = False) -> Activation:
     """``act(gate) * up`` over GEMM1's ``2F`` columns (gate first half, or even columns if ``interleaved``)."""
     return Activation(f"glu_{name}", fn, glu="interleaved" if interleaved else "concatenated")
+
+
+def limited_swiglu_activation(limit: float) -> Activation:
+    """SiLU-GLU on concatenated gate/up halves, the gate clamped above and the up clamped to ``±limit``."""
+    return Activation("limited_swiglu", torch.nn.functional.silu, glu="limited_swiglu", limit=float(limit))
 
 
 def clamped_swiglu_activation(alpha: float, limit: float) -> Activation:

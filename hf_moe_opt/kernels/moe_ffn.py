@@ -152,6 +152,9 @@ def _glu(gate, up, alpha, limit, ACTIVATION: tl.constexpr, GLU: tl.constexpr):
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+    if GLU == "limited_swiglu":  # plain SiLU-GLU on clamped halves
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
     return _activate(gate, ACTIVATION) * up
 
 
@@ -673,7 +676,8 @@ def _slot_sum_kernel(
 class KernelActivation:
     """What kernel A applies: an elementwise activation, optionally gated.
 
-    ``glu`` is ``"none"``, ``"glu"`` (``act(gate) * up``) or ``"clamped_swiglu"``; output column ``n``
+    ``glu`` is ``"none"``, ``"glu"`` (``act(gate) * up``), ``"clamped_swiglu"`` or ``"limited_swiglu"``;
+    output column ``n``
     of a gated expert reads W1 rows ``n * row_mul`` (gate) and ``n * row_mul + up_offset`` (up).
     """
 
@@ -693,6 +697,8 @@ class KernelActivation:
             return None if name is None else cls(name)
         if activation.glu == "clamped_swiglu":
             return cls("silu", "clamped_swiglu", 2, 1, float(activation.alpha), float(activation.limit))
+        if activation.glu == "limited_swiglu":
+            return cls("silu", "limited_swiglu", 1, ffn, 0.0, float(activation.limit))
         base = activation.name.removeprefix("glu_")
         name = _KERNEL_ACTIVATION.get(base)
         if name is None or activation.glu not in ("concatenated", "interleaved"):
