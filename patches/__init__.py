@@ -8,6 +8,7 @@ from hf_moe_opt.layer import OptimizedMoE
 
 from .afmoe import AfmoePatch
 from .aria import AriaPatch
+from .axk2 import AXK2Patch
 from .base import MoEPatch
 from .cohere2_moe import Cohere2MoePatch
 from .deepseek_v2 import DeepseekV2Patch
@@ -20,6 +21,7 @@ from .hunyuan_v1_moe import HunYuanMoEV1Patch
 from .hy_v3 import HYV3Patch
 from .hy_v4 import HYV4Patch
 from .jamba import JambaPatch
+from .kolibri1 import Kolibri1Patch
 from .lfm2_moe import Lfm2MoePatch
 from .llama4 import Llama4Patch
 from .mimo_v2_flash import MiMoV2FlashPatch
@@ -60,6 +62,8 @@ _REGISTRY: list[MoEPatch] = [
     AfmoePatch(),
     HYV3Patch(),
     HYV4Patch(),
+    AXK2Patch(),
+    Kolibri1Patch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

@@ -321,6 +321,35 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 swiglu_limit=0.5,
             ),
         ),
+        # DeepSeek-V3's block with a router that masks other groups with 0 (group routing on here;
+        # test_axk2_without_groups turns it off as the light checkpoints do).
+        "axk2": (
+            "AXK2Config",
+            "AXK2ForCausalLM",
+            dict(
+                dsv,
+                q_lora_rank=12,
+                head_dim=8,
+                index_topk=4,
+                index_head_dim=8,
+                index_n_heads=2,
+                mlp_layer_types=["dense", "sparse"],
+            ),
+        ),
+        # DeepSeek-V3's block with a router whose bias corrects the logits; sliding and full attention.
+        "kolibri1": (
+            "Kolibri1Config",
+            "Kolibri1ForCausalLM",
+            dict(
+                head_dim=8,
+                moe_intermediate_size=24,
+                shared_expert_intermediate_size=20,
+                num_experts=8,
+                num_experts_per_tok=3,
+                norm_topk_prob=True,
+                sliding_window=8,
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -435,6 +464,8 @@ BLOCKS = {
     "afmoe": "AfmoeSparseMoeBlock",
     "hy_v3": "HYV3MoE",
     "hy_v4": "HYV4MoE",
+    "axk2": "AXK2MoE",
+    "kolibri1": "Kolibri1SparseMoeBlock",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -593,7 +624,7 @@ def test_family_fp32_matches_transformers(family):
     [
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
-        *("nemotron_h", "aria", "mimo_v2_flash", "afmoe", "hy_v3", "hy_v4"),
+        *("nemotron_h", "aria", "mimo_v2_flash", "afmoe", "hy_v3", "hy_v4", "axk2", "kolibri1"),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -702,6 +733,16 @@ def test_hy_v3_combine_in_the_model_dtype():
         x = torch.randn(2, 5, 32).to(dtype)
         with torch.no_grad():
             torch.testing.assert_close(opt.model.layers[1].mlp(x), ref.model.layers[1].mlp(x), **tol)
+
+
+def test_axk2_without_groups():
+    """AXK2's light checkpoints route without groups (``n_group=None``): every expert competes."""
+    if getattr(transformers, "AXK2Config", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no AXK2")
+    ref, opt = _pair("axk2", n_group=None, topk_group=None)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).logits, ref(ids).logits, **FP32)
 
 
 def test_ernie_block_without_shared_experts():
@@ -894,6 +935,20 @@ def test_routing_functions_match_transformers_routers(family):
             w, i = deepseek_topk(
                 logits.float(), router.top_k, scoring="sigmoid", method="greedy", correction_bias=bias, normalize=True
             )
+        elif family == "kolibri1":  # the bias corrects the logits; sigmoid of the chosen logits
+            i = torch.topk(logits + router.e_score_correction_bias, router.top_k, dim=-1).indices
+            w = logits.gather(1, i).sigmoid()
+            w = w / w.sum(-1, keepdim=True) if router.norm_topk_prob else w
+        elif family == "axk2":  # V3's routing, but other groups' experts masked to 0
+            scores = logits.sigmoid()
+            choice = scores + router.e_score_correction_bias
+            if router.num_group is not None:
+                groups = choice.view(-1, router.num_group, 8 // router.num_group).topk(2, dim=-1)[0].sum(-1)
+                kept = torch.zeros_like(groups).scatter_(1, groups.topk(router.topk_group, dim=-1)[1], 1)
+                choice = choice.masked_fill(~kept.repeat_interleave(8 // router.num_group, dim=1).bool(), 0.0)
+            i = torch.topk(choice, router.top_k, dim=-1).indices
+            w = scores.gather(1, i)
+            w = w / (w.sum(-1, keepdim=True) + 1e-20) * router.routed_scaling_factor
         elif family in ("deepseek_v2", "deepseek_v3"):
             method = router.topk_method if family == "deepseek_v2" else "noaux_tc"
             w, i = deepseek_topk(

@@ -450,6 +450,8 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
         ("nemotron_h", "(DummyLayer|LinearAttentionLayer)"),  # its cache's layers for MoE / Mamba layers
         ("deepseek_v32", "StaticIndexedLayer"),
         ("hy_v4", "StaticIndexedLayer"),
+        ("axk2", "StaticIndexedLayer"),
+        ("kolibri1", "StaticSlidingWindowLayer"),
     ],
 )
 def test_models_whose_cache_tracks_state_in_python_raise(family, layer):
