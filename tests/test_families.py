@@ -55,6 +55,16 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
     )
     mla = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4)
     dsv = dict(v3, **mla)
+    # Multi-head latent attention with a sparse-attention indexer, MoE in the second layer.
+    dsa = dict(
+        dsv,
+        q_lora_rank=12,
+        head_dim=8,
+        index_topk=4,
+        index_head_dim=8,
+        index_n_heads=2,
+        mlp_layer_types=["dense", "sparse"],
+    )
     # Granite with its shared MLP (beside the block, in the decoder layer).
     granite = dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, shared_intermediate_size=20)
     # Hybrid models (gated delta-net and full attention layers) with Qwen2-MoE's shared expert.
@@ -305,37 +315,11 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 mlp_layer_types=["dense", "sparse"],
             ),
         ),
-        # DeepSeek-V3's block and router with limited-SwiGLU experts (a tight limit, so the clamps bind);
-        # multi-head latent attention and a sparse-attention indexer.
-        "hy_v4": (
-            "HYV4Config",
-            "HYV4ForCausalLM",
-            dict(
-                dsv,
-                q_lora_rank=12,
-                head_dim=8,
-                index_topk=4,
-                index_head_dim=8,
-                index_n_heads=2,
-                mlp_layer_types=["dense", "sparse"],
-                swiglu_limit=0.5,
-            ),
-        ),
+        # DeepSeek-V3's block and router with limited-SwiGLU experts (a tight limit, so the clamps bind).
+        "hy_v4": ("HYV4Config", "HYV4ForCausalLM", dict(dsa, swiglu_limit=0.5)),
         # DeepSeek-V3's block with a router that masks other groups with 0 (group routing on here;
         # test_axk2_without_groups turns it off as the light checkpoints do).
-        "axk2": (
-            "AXK2Config",
-            "AXK2ForCausalLM",
-            dict(
-                dsv,
-                q_lora_rank=12,
-                head_dim=8,
-                index_topk=4,
-                index_head_dim=8,
-                index_n_heads=2,
-                mlp_layer_types=["dense", "sparse"],
-            ),
-        ),
+        "axk2": ("AXK2Config", "AXK2ForCausalLM", dict(dsa)),
         # DeepSeek-V3's block with a router whose bias corrects the logits; sliding and full attention.
         "kolibri1": (
             "Kolibri1Config",
