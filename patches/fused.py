@@ -188,6 +188,28 @@ class FusedMoELayer(OptimizedMoE):
         return out
 
 
+class PreroutedLayer(FusedMoELayer):
+    """A layer whose forward routes before it makes the experts' inputs (Llama 4's scaled token copies,
+    Nemotron-H's latent projection): :meth:`run_experts` hands that routing to the base forward, which
+    then dispatches the given tokens (observers, caches and graphs see it as any routing)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending: Routing | None = None
+        self.route = self._pending_routing
+
+    def _pending_routing(self, router: nn.Module, hidden_states: torch.Tensor, padding_mask) -> Routing:
+        return self._pending
+
+    def run_experts(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The experts on ``tokens`` ``[N, D]`` routed by ``routing`` (``N`` rows), combined."""
+        self._pending = routing
+        try:
+            return OptimizedMoE.forward(self, tokens)
+        finally:
+            self._pending = None
+
+
 class BlockBiasLayer(FusedMoELayer):
     """A layer whose router is called with a bias the block holds itself (MiniMax-M2's
     ``e_score_correction_bias``, LFM2-MoE's and AFMoE's ``expert_bias``): a buffer (or parameter) of

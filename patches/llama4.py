@@ -19,14 +19,12 @@ then up) and ``down_proj [E, F, D]``.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from hf_moe_opt.layer import OptimizedMoE
-from hf_moe_opt.routing import Routing, topk_routing
+from hf_moe_opt.routing import topk_routing
 from hf_moe_opt.routing.fused import try_fused_router
 
-from .fused import FusedMoELayer, FusedMoEPatch, hf_class
+from .fused import FusedMoEPatch, PreroutedLayer, hf_class
 
 MODULE = "transformers.models.llama4.modeling_llama4"
 Llama4Router = hf_class(MODULE, "Llama4Router")
@@ -70,19 +68,9 @@ else:  # pragma: no cover - transformers without the model
     OptimizedLlama4Router = None
 
 
-class Llama4Layer(FusedMoELayer):
+class Llama4Layer(PreroutedLayer):
     """Routed experts on router-scaled token copies, plus the shared MLP; returns
     ``(hidden [N, D], router_logits)`` as ``Llama4TextMoe`` does."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._copy_experts: torch.Tensor | None = None
-        self.route = self._route_copies
-
-    def _route_copies(self, router: nn.Module, hidden_states: torch.Tensor, padding_mask) -> Routing:
-        # The copies' experts, chosen by forward below; each copy is already scaled: gate 1.
-        index = self._copy_experts
-        return topk_routing(torch.ones(index.shape, dtype=hidden_states.dtype, device=index.device), index)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -93,11 +81,8 @@ class Llama4Layer(FusedMoELayer):
         else:  # copy j of every token, j-major as transformers repeats the tokens
             copies = (x.unsqueeze(0) * weights.t().unsqueeze(-1)).reshape(-1, x.shape[-1])
             experts = indices.t().reshape(-1, 1)
-        self._copy_experts = experts
-        try:
-            routed = OptimizedMoE.forward(self, copies)
-        finally:
-            self._copy_experts = None
+        gates = torch.ones(experts.shape, dtype=x.dtype, device=x.device)  # each copy is already scaled
+        routed = self.run_experts(copies, topk_routing(gates, experts))
         if k > 1:
             routed = routed.view(k, -1, x.shape[-1]).sum(dim=0)
         return self.shared_expert(x) + routed, logits

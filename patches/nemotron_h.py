@@ -20,11 +20,9 @@ from torch import nn
 
 from hf_moe_opt.experts import ExpertWeights, FusedExpertTensor
 from hf_moe_opt.experts.activation import Activation
-from hf_moe_opt.layer import OptimizedMoE
-from hf_moe_opt.routing import Routing
 
 from .deepseek_v3 import DeepseekV3Routing
-from .fused import FusedMoELayer, FusedMoEPatch, hf_class, route_topk
+from .fused import FusedMoEPatch, PreroutedLayer, hf_class, route_topk
 
 MODULE = "transformers.models.nemotron_h.modeling_nemotron_h"
 NemotronHTopkRouter = hf_class(MODULE, "NemotronHTopkRouter")
@@ -38,26 +36,13 @@ else:  # pragma: no cover - transformers without the model
     OptimizedNemotronHRouter = None
 
 
-class NemotronHLayer(FusedMoELayer):
+class NemotronHLayer(PreroutedLayer):
     """Routed on the hidden states, experts on their latent projection, plus the shared experts."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._routing: Routing | None = None
-        self.route = self._route_of_hidden
-
-    def _route_of_hidden(self, router: nn.Module, hidden_states: torch.Tensor, padding_mask) -> Routing:
-        # Routed in forward below, on the hidden states, not on the latent tokens the experts take.
-        return self._routing
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         shape = hidden_states.shape
-        self._routing = route_topk(self.router, hidden_states, None)
-        try:
-            latent = self.fc1_latent_proj(hidden_states.reshape(-1, shape[-1]))
-            routed = OptimizedMoE.forward(self, latent)
-        finally:
-            self._routing = None
+        routing = route_topk(self.router, hidden_states, None)
+        routed = self.run_experts(self.fc1_latent_proj(hidden_states.reshape(-1, shape[-1])), routing)
         return self.fc2_latent_proj(routed).view(shape) + self.shared_experts(hidden_states)
 
 
