@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hf_moe_opt.layer import OptimizedMoE
 from hf_moe_opt.routing import deepseek_topk
 
 from .fused import FusedMoELayer, FusedMoEPatch, hf_class
@@ -62,7 +61,7 @@ class DeepseekV2Patch(FusedMoEPatch):
     router_class = OptimizedDeepseekV2Router
     layer_class = DeepseekMoELayer
 
-    def build(self, block: nn.Module, config, *, capacity: str, backend: str) -> OptimizedMoE:
+    def check_block(self, block: nn.Module) -> None:
         method = getattr(getattr(block, self.router_name), "topk_method", None)
         if method not in V2_TOPK_METHODS:
             # "noaux_tc" is DeepSeek-V3's: V2's own router cannot run it, so neither do we.
@@ -70,4 +69,3 @@ class DeepseekV2Patch(FusedMoEPatch):
                 f"DeepSeek-V2 topk_method={method!r} is not one its router implements; "
                 f"choose one of {', '.join(V2_TOPK_METHODS)}"
             )
-        return super().build(block, config, capacity=capacity, backend=backend)

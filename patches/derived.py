@@ -122,6 +122,9 @@ class DerivedPatch(FusedMoEPatch):
     def activation(self, block: nn.Module, config):
         return self.base.activation(block, config)
 
+    def check_block(self, block: nn.Module) -> None:
+        self.base.check_block(block)
+
     def _hf(self, name: str) -> type | None:
         return hf_class(self.module_path, name)
 
@@ -193,6 +196,7 @@ _PARTS = ("SparseMoeBlock", "TopKRouter", "Experts")
 
 def derived_patches() -> list[DerivedPatch]:
     """The families this module adds, in the registry's order."""
+    from .deepseek_v2 import DeepseekV2Patch
     from .deepseek_v3 import DeepseekV3Patch
     from .granitemoe import GraniteMoePatch
     from .hy_v4 import HYV4Patch
@@ -205,6 +209,7 @@ def derived_patches() -> list[DerivedPatch]:
     qwen2 = (Qwen2MoePatch(), "Qwen2MoeExperts")
     qwen3 = (Qwen3MoePatch(), "Qwen3MoeExperts")
     olmoe = (OlmoePatch(), "OlmoeExperts")
+    v2 = (DeepseekV2Patch(), "DeepseekV2Experts")
     v3 = (DeepseekV3Patch(), "DeepseekV3Experts")
     granite = (GraniteMoePatch(), "GraniteMoeExperts")
     hy_v4 = (HYV4Patch(), "HYV4Experts")
@@ -235,6 +240,9 @@ def derived_patches() -> list[DerivedPatch]:
         (v3, "bailing_hybrid", "BailingHybridMoE", "BailingHybridTopkRouter", "BailingHybridExperts", None),
         (v3, "dots3_note", "Dots3NoteTextMoE", "Dots3NoteTextTopkRouter", "Dots3NoteExperts", None),
         (qwen3, "mellum", "MellumSparseMoeBlock", "MellumTopKRouter", "MellumExperts", None),
+        # OCR models around a DeepSeek-V2 language model (V2's topk_method check comes with the base).
+        (v2, "deepseek_ocr2", "DeepseekOcr2TextMoe", "DeepseekOcr2TextTopkRouter", "DeepseekOcr2TextExperts", None),
+        (v2, "unlimited_ocr", "UnlimitedOcrTextMoe", "UnlimitedOcrTextTopkRouter", "UnlimitedOcrTextExperts", None),
         # HY-V4's limited-SwiGLU experts under DeepSeek-V3's block and router.
         (hy_v4, "glm5_next", "Glm5NextTextMoE", "Glm5NextTextTopkRouter", "Glm5NextTextExperts", None),
         (hy_v4, "hy_v4_vl", "HYV4VLMoE", "HYV4VLTopkRouter", "HYV4VLExperts", None),

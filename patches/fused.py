@@ -273,10 +273,14 @@ class FusedMoEPatch(MoEPatch):
             block._buffers[name] = layer._buffers[name]
         return block
 
+    def check_block(self, block: nn.Module) -> None:
+        """Raise ValueError for a block this family's routing cannot run (a setting the router lacks)."""
+
     def build(self, block: nn.Module, config, *, capacity: str, backend: str) -> OptimizedMoE:
         # These families have no capacity: "model" and "none" route identically.
         if self.router_class is None:
             raise ValueError(f"the installed transformers has no router class for {self.model_type}")
+        self.check_block(block)
         weights = self.weights(block)
         activation = self.activation(block, config)
         swap_router_class(getattr(block, self.router_name), self.router_class)

@@ -305,3 +305,49 @@ def test_limited_swiglu_copies_match_transformers(config_name, module, block, ex
         want, got = hf_block(x), layer(x)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(got, want, **tol)
+
+
+# DeepSeek-V2's routing, softmax group-limited (the OCR models' language models copy V2's block).
+_V2_TEXT = dict(
+    _COMMON, intermediate_size=40, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=3,
+    n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=1.5, topk_method="group_limited_greedy",
+    kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
+    num_key_value_heads=4,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config_name", "module", "block"),
+    [
+        ("DeepseekOcr2TextConfig", "deepseek_ocr2", "DeepseekOcr2TextMoe"),
+        ("UnlimitedOcrTextConfig", "unlimited_ocr", "UnlimitedOcrTextMoe"),
+    ],
+)
+def test_deepseek_v2_copies_match_transformers_and_keep_its_checks(config_name, module, block):
+    """The OCR models' DeepSeek-V2 blocks: the optimized block against transformers' (fp32), and
+    DeepSeek-V3's ``noaux_tc`` refused as for DeepSeek-V2 itself (its router cannot run it)."""
+    config_cls = getattr(transformers, config_name, None)
+    if config_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
+    mod = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=[block])
+    from hf_moe_opt.patches import find_patch
+
+    config = config_cls(**{k: v for k, v in _V2_TEXT.items() if hasattr(config_cls, k)})
+    torch.manual_seed(0)
+    hf_block = getattr(mod, block)(config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in hf_block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    patch = find_patch(hf_block)
+    if patch is None:  # this transformers' copy differs from DeepSeek-V2's: refused, as it must be
+        assert any(p.model_type == module and p.mismatch() for p in derived_patches())
+        return
+    assert patch.model_type == module
+    layer = patch.build(copy.deepcopy(hf_block), config, capacity="model", backend="torch")
+    x = torch.randn(2, 7, 32, generator=g) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), hf_block(x), atol=2e-5, rtol=2e-5)
+    hf_block.gate.topk_method = "noaux_tc"
+    with pytest.raises(ValueError, match="topk_method='noaux_tc'"):
+        patch.build(copy.deepcopy(hf_block), config, capacity="model", backend="torch")
