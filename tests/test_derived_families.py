@@ -15,7 +15,7 @@ import hf_moe_opt
 from hf_moe_opt.patches import derived
 from hf_moe_opt.patches.derived import derived_patches, same_class_code, same_code
 
-from .test_families import _COMMON, FAMILIES, VOCAB, _ids, _spread, tiny_model
+from .test_families import _COMMON, FAMILIES, KNOWN_DRIFT, VOCAB, _ids, _spread, tiny_model
 
 # The text config of the Qwen3 vision/omni models' language models (multimodal rotary sections).
 QWEN3_MROPE_TEXT = dict(
@@ -113,7 +113,10 @@ def test_installed_copies_are_matched():
     for patch in derived_patches():
         if patch._hf(patch.block_class_name) is None:
             continue
-        if patch.model_type in FAMILIES:
+        if patch.model_type in KNOWN_DRIFT and patch.mismatch() is not None:
+            assert KNOWN_DRIFT[patch.model_type] in patch.mismatch()  # changed where expected, and refused
+            assert patch.block_class() is None
+        elif patch.model_type in FAMILIES:
             assert patch.mismatch() is None, patch.model_type
             assert patch.block_class() is not None and patch.router_class is not None
         elif patch.mismatch() is not None:

@@ -236,12 +236,13 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
             ),
         ),
         # Group-limited sigmoid routing in float32, squared-ReLU experts, shared experts; MoE layers
-        # around an attention layer (Mamba layers left out: nothing MoE about them).
+        # after an attention layer (Mamba layers left out: nothing MoE about them; transformers 5.25's
+        # model fails when its first layer is a MoE one, as no released checkpoint's is).
         "nemotron_h": (
             "NemotronHConfig",
             "NemotronHForCausalLM",
             dict(
-                layers_block_type=["moe", "full_attention", "moe"],
+                layers_block_type=["full_attention", "moe", "moe"],
                 head_dim=8,
                 intermediate_size=40,
                 moe_intermediate_size=24,
@@ -547,7 +548,27 @@ def _records_router_logits(model: nn.Module) -> bool:
     )
 
 
+# Copied families whose code a later transformers changed (patches.derived refuses them there), with
+# the class that changed: Bailing hybrid's experts gained per-layer SwiGLU limits, clamped after the
+# activation, in 5.25.
+KNOWN_DRIFT = {"bailing_hybrid": "BailingHybridExperts"}
+
+
+def refused_copy(family: str) -> str | None:
+    """Why the installed transformers' code of a copied family is refused, or None (matched, or not a copy)."""
+    from hf_moe_opt.patches.derived import derived_patches
+
+    return next((p.mismatch() for p in derived_patches() if p.model_type == family), None)
+
+
+def _skip_known_drift(family: str) -> None:
+    reason = refused_copy(family) if family in KNOWN_DRIFT else None
+    if reason is not None:
+        pytest.skip(f"transformers {transformers.__version__} refuses {family} ({reason}): test_known_drift_is_refused")
+
+
 def _pair(family: str, dtype: torch.dtype = torch.float32, capacity: str = "model", **kw):
+    _skip_known_drift(family)
     ref = tiny_model(family, **kw).to(dtype)
     opt = copy.deepcopy(ref)
     hf_moe_opt.optimize(opt, capacity=capacity, backend="torch")
@@ -633,6 +654,18 @@ def test_capacity_none_equals_model(family):
         assert torch.equal(a(ids).logits, b(ids).logits)
 
 
+@pytest.mark.parametrize("family", sorted(KNOWN_DRIFT))
+def test_known_drift_is_refused(family):
+    """Where the installed transformers changed a copied family's code, optimize refuses its blocks and
+    names the changed class instead of running the copied family's computation."""
+    reason = refused_copy(family)
+    if reason is None:
+        pytest.skip(f"transformers {transformers.__version__}'s {family} still matches the family it copies")
+    assert KNOWN_DRIFT[family] in reason
+    with pytest.raises(ValueError, match=f"{KNOWN_DRIFT[family]} code differs"):
+        hf_moe_opt.optimize(tiny_model(family))
+
+
 def test_supported_architectures_lists_families():
     supported = hf_moe_opt.supported_architectures()
     for family, block in BLOCKS.items():
@@ -691,7 +724,7 @@ def test_nemotron_h_latent_projection(dtype):
     x = torch.randn(2, 5, 32).to(dtype)
     tol = FP32 if dtype == torch.float32 else BF16
     with torch.no_grad():
-        torch.testing.assert_close(opt.model.layers[0].mixer(x), ref.model.layers[0].mixer(x), **tol)
+        torch.testing.assert_close(opt.model.layers[1].mixer(x), ref.model.layers[1].mixer(x), **tol)
         if dtype == torch.float32:
             ids = _ids()
             torch.testing.assert_close(opt(ids).logits, ref(ids).logits, **FP32)
@@ -746,6 +779,7 @@ def test_family_cuda_triton_matches_transformers(family):
 
     if "triton" not in available_backends():
         pytest.skip("triton backend not available")
+    _skip_known_drift(family)
     ref = tiny_model(family).cuda()
     ref.set_attn_implementation("eager")  # cuDNN's SDPA faults on the tiny MLA head sizes
     opt = copy.deepcopy(ref)
