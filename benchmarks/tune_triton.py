@@ -387,18 +387,16 @@ def main(argv: list[str] | None = None) -> int:
     table["device"] = name
     table.setdefault("shapes", {})
     for shape in shapes:
-        old = {e["tokens"]: e for e in table["shapes"].get(shape_key(*shape), [])}
-        entries = [
-            tune_shape(shape, t, dtype, args.activation, args, incumbent=None if args.replace else old.get(t))
-            for t in sorted(set(args.tokens))
-        ]
-        # Entries at token counts not tuned now are kept.
-        kept = [e for e in table["shapes"].get(shape_key(*shape), []) if e["tokens"] not in set(args.tokens)]
-        table["shapes"][shape_key(*shape)] = sorted(kept + entries, key=lambda e: e["tokens"])
-        # The first tuned shape also serves shapes this GPU has no entry for.
-        table.setdefault("default", entries)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(table, indent=2) + "\n")  # after every shape: a long run keeps its work
+        key = shape_key(*shape)
+        old = {e["tokens"]: e for e in table["shapes"].get(key, [])}
+        for t in sorted(set(args.tokens)):
+            entry = tune_shape(shape, t, dtype, args.activation, args, incumbent=None if args.replace else old.get(t))
+            old[t] = entry  # entries at token counts not tuned now are kept
+            table["shapes"][key] = sorted(old.values(), key=lambda e: e["tokens"])
+            # The first tuned shape also serves shapes this GPU has no entry for.
+            table.setdefault("default", table["shapes"][key])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(table, indent=2) + "\n")  # after every entry: a long run keeps its work
         print(f"wrote {out}")
     clear_cache()
     return 0
