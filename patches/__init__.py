@@ -34,6 +34,7 @@ from .olmoe import OlmoePatch
 from .phimoe import PhimoePatch
 from .qwen2_moe import Qwen2MoePatch
 from .qwen3_moe import Qwen3MoePatch
+from .step3p7 import Step3p7Patch
 from .switch_transformers import SwitchTransformersPatch
 
 _REGISTRY: list[MoEPatch] = [
@@ -64,6 +65,7 @@ _REGISTRY: list[MoEPatch] = [
     HYV4Patch(),
     AXK2Patch(),
     Kolibri1Patch(),
+    Step3p7Patch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

@@ -10,6 +10,8 @@ uncorrected scores of the chosen experts, renormalised (``+ 1e-20``) when ``norm
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.nn import functional as F
 
@@ -24,11 +26,15 @@ DeepseekV3TopkRouter = hf_class(MODULE, "DeepseekV3TopkRouter")
 
 class DeepseekV3Routing:
     """Forward for DeepSeek-V3-style routers (mixed in before the HF class): the routing of
-    :func:`deepseek_topk`, returned as ``(logits, weights, indices)``."""
+    :func:`deepseek_topk`, returned as ``(logits, weights, indices)``. ``autocast_off``: the logits
+    stay float32 under autocast too (routers that turn autocast off around them)."""
+
+    autocast_off: bool = False
 
     def forward(self, hidden_states: torch.Tensor):
         flat = hidden_states.view(-1, self.hidden_dim)
-        logits = F.linear(flat.type(torch.float32), self.weight.type(torch.float32))
+        with torch.autocast(flat.device.type, enabled=False) if self.autocast_off else contextlib.nullcontext():
+            logits = F.linear(flat.type(torch.float32), self.weight.type(torch.float32))
         weights, indices = deepseek_topk(
             logits,
             self.top_k,

@@ -92,6 +92,9 @@ class DerivedPatch(FusedMoEPatch):
         routing: ``(mixin, attributes)`` of a router forward for a family whose router is its own
             (checked by tests against transformers only); None: the base's routing, after the
             installed router's code is found equal to the base router's.
+        other_experts: ``(patch, experts class name)`` of other families whose experts this family's
+            may copy instead (a family whose experts changed between transformers releases); a
+            block's experts then run with the activation of the family whose code they match.
     """
 
     def __init__(
@@ -104,9 +107,11 @@ class DerivedPatch(FusedMoEPatch):
         router: str,
         experts: str,
         routing: tuple[type, dict] | None = None,
+        other_experts: tuple[tuple[FusedMoEPatch, str], ...] = (),
     ):
         self.base = base
         self.base_experts_class_name = base_experts
+        self.experts_sources = ((base, base_experts), *other_experts)
         self.model_type = model_type
         self.module_path = f"transformers.models.{module}.modeling_{module}"
         self.block_class_name = block
@@ -120,7 +125,7 @@ class DerivedPatch(FusedMoEPatch):
         self.route_function = base.route_function
 
     def activation(self, block: nn.Module, config):
-        return self.base.activation(block, config)
+        return _experts_source(self, type(block.experts)).activation(block, config)
 
     def check_block(self, block: nn.Module) -> None:
         self.base.check_block(block)
@@ -150,14 +155,33 @@ def _mismatch(patch: DerivedPatch) -> str | None:
     if patch.routing is None and base_router is not None:
         hf_router = next(c for c in base_router.__mro__ if c.__module__.startswith("transformers."))
         pairs.append((patch.router_class_name, hf_router.__name__, hf_router.__module__))
-    pairs.append((patch.experts_class_name, patch.base_experts_class_name, base.module_path))
     for ours, theirs, theirs_module in pairs:
         a, b = patch._hf(ours), hf_class(theirs_module, theirs)
         if a is None or b is None:
             return None  # the family (or the copied one) is missing: block_class() says so
         if not same_class_code(a, b):
             return f"its {ours} code differs from {theirs}'s, which {patch.model_type} copied when this was written"
+    experts = patch._hf(patch.experts_class_name)
+    sources = [hf_class(p.module_path, name) for p, name in patch.experts_sources]
+    if experts is None or all(cls is None for cls in sources):
+        return None
+    if not any(cls is not None and same_class_code(experts, cls) for cls in sources):
+        names = " or ".join(f"{name}'s" for _, name in patch.experts_sources)
+        return (
+            f"its {patch.experts_class_name} code differs from {names}, "
+            f"which {patch.model_type} copied when this was written"
+        )
     return None
+
+
+@functools.cache
+def _experts_source(patch: DerivedPatch, experts: type) -> FusedMoEPatch:
+    """The family whose experts code ``experts`` has (the base when none matches)."""
+    for source, name in patch.experts_sources:
+        cls = hf_class(source.module_path, name)
+        if cls is not None and same_class_code(experts, cls):
+            return source
+    return patch.base
 
 
 @functools.cache
@@ -197,13 +221,15 @@ _PARTS = ("SparseMoeBlock", "TopKRouter", "Experts")
 def derived_patches() -> list[DerivedPatch]:
     """The families this module adds, in the registry's order."""
     from .deepseek_v2 import DeepseekV2Patch
-    from .deepseek_v3 import DeepseekV3Patch
+    from .deepseek_v3 import DeepseekV3Patch, DeepseekV3Routing
     from .granitemoe import GraniteMoePatch
     from .hy_v4 import HYV4Patch
+    from .kolibri1 import Kolibri1Patch
     from .mixtral import MixtralPatch
     from .olmoe import OlmoePatch
     from .qwen2_moe import Qwen2MoePatch
     from .qwen3_moe import Qwen3MoePatch
+    from .step3p7 import Step3p7Patch
 
     mixtral = (MixtralPatch(), "MixtralExperts")
     qwen2 = (Qwen2MoePatch(), "Qwen2MoeExperts")
@@ -213,6 +239,12 @@ def derived_patches() -> list[DerivedPatch]:
     v3 = (DeepseekV3Patch(), "DeepseekV3Experts")
     granite = (GraniteMoePatch(), "GraniteMoeExperts")
     hy_v4 = (HYV4Patch(), "HYV4Experts")
+    kolibri1 = (Kolibri1Patch(), "Kolibri1Experts")
+    # Bailing hybrid's experts are DeepSeek-V3's up to transformers 5.24, Step-3.7's (limits after the
+    # activation) from 5.25 on.
+    bailing = {"other_experts": ((Step3p7Patch(), "Step3p7Experts"),)}
+    # MiniCPM5-MoE's router is DeepSeek-V3's with autocast turned off around its float32 logits.
+    fp32_v3 = (DeepseekV3Routing, {"autocast_off": True})
     # Qwen3.5-MoE and Qwen3-VL-MoE route as Qwen3-MoE with the weights always renormalised.
     renormalized = (SoftmaxTopKRouting, {"normalize_always": True})
     families = [
@@ -237,7 +269,8 @@ def derived_patches() -> list[DerivedPatch]:
         (v3, "kimi_linear", "KimiLinearMoE", "KimiLinearTopkRouter", "KimiLinearExperts", None),
         (v3, "glm_moe_dsa", "GlmMoeDsaMoE", "GlmMoeDsaTopkRouter", "GlmMoeDsaExperts", None),
         (v3, "glm4v_moe", "Glm4vMoeTextMoE", "Glm4vMoeTextTopkRouter", "Glm4vMoeTextExperts", None),
-        (v3, "bailing_hybrid", "BailingHybridMoE", "BailingHybridTopkRouter", "BailingHybridExperts", None),
+        (v3, "bailing_hybrid", *(f"BailingHybrid{part}" for part in ("MoE", "TopkRouter", "Experts")), None, bailing),
+        (v3, "minicpm5_moe", "MiniCPM5MoeMoE", "MiniCPM5MoeTopkRouter", "MiniCPM5MoeExperts", fp32_v3),
         (v3, "dots3_note", "Dots3NoteTextMoE", "Dots3NoteTextTopkRouter", "Dots3NoteExperts", None),
         (qwen3, "mellum", "MellumSparseMoeBlock", "MellumTopKRouter", "MellumExperts", None),
         # OCR models around a DeepSeek-V2 language model (V2's topk_method check comes with the base).
@@ -246,6 +279,7 @@ def derived_patches() -> list[DerivedPatch]:
         # HY-V4's limited-SwiGLU experts under DeepSeek-V3's block and router.
         (hy_v4, "glm5_next", "Glm5NextTextMoE", "Glm5NextTextTopkRouter", "Glm5NextTextExperts", None),
         (hy_v4, "hy_v4_vl", "HYV4VLMoE", "HYV4VLTopkRouter", "HYV4VLExperts", None),
+        (kolibri1, "kolibri1_1", "Kolibri1_1SparseMoeBlock", "Kolibri1_1TopKRouter", "Kolibri1_1Experts", None),
         # Qwen3-Omni-MoE: the thinker's blocks are Qwen3-MoE's, the talker's Qwen2-MoE's (shared expert).
         (qwen3, "qwen3_omni_moe", *(f"Qwen3OmniMoeThinkerText{part}" for part in _PARTS), None),
         (qwen2, "qwen3_omni_moe_talker", *(f"Qwen3OmniMoeTalkerText{part}" for part in _PARTS), None),
@@ -260,7 +294,10 @@ def derived_patches() -> list[DerivedPatch]:
         ),
     ]
     # The model type names the modeling module, but for the Qwen3-Omni talker (two families in one module).
-    return [
-        DerivedPatch(base, experts_of_base, model_type, model_type.removesuffix("_talker"), *classes, routing)
-        for (base, experts_of_base), model_type, *classes, routing in families
-    ]
+    patches = []
+    for (base, experts_of_base), model_type, block, router, experts, routing, *options in families:
+        module = model_type.removesuffix("_talker")
+        kwargs = options[0] if options else {}
+        classes = (block, router, experts)
+        patches.append(DerivedPatch(base, experts_of_base, model_type, module, *classes, routing, **kwargs))
+    return patches

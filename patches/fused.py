@@ -170,9 +170,11 @@ class FusedMoELayer(OptimizedMoE):
     def extra_repr(self) -> str:
         w1 = self.weights.w1.tensor
         d_ff = w1.shape[1] // 2 if self.activation.gated else w1.shape[1]
+        act = self.activation
+        limited = f" ({act.glu}, limit={act.limit})" if act.limit is not None else ""
         return (
             f"family={self.family}, num_experts={w1.shape[0]}, d_model={w1.shape[2]}, d_ff={d_ff}, "
-            f"activation={self.activation.name}, backend={self.backend}"
+            f"activation={act.name}{limited}, backend={self.backend}"
         )
 
     def add_shared(self, hidden_states: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:

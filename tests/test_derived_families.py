@@ -354,3 +354,23 @@ def test_deepseek_v2_copies_match_transformers_and_keep_its_checks(config_name, 
     hf_block.gate.topk_method = "noaux_tc"
     with pytest.raises(ValueError, match="topk_method='noaux_tc'"):
         patch.build(copy.deepcopy(hf_block), config, capacity="model", backend="torch")
+
+
+@pytest.mark.parametrize("family", ["minicpm5_moe", "deepseek_v3"])
+def test_router_logits_under_autocast_as_transformers(family):
+    """MiniCPM5-MoE's router (DeepSeek-V3's routing) turns autocast off around its float32 logits;
+    DeepSeek-V3's own does not. Under CPU bf16 autocast each optimized router does what its
+    transformers router does."""
+    from .test_families import _blocks
+
+    model = tiny_model(family)
+    hf_router = copy.deepcopy(_blocks(model, family)[0].gate)
+    hf_moe_opt.optimize(model, backend="torch")
+    (_, layer), *_ = hf_moe_opt.optimized_layers(model)
+    x = torch.randn(10, 32, generator=torch.Generator().manual_seed(3)) * 2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = hf_router(x), layer.gate(x)
+    assert got[0].dtype == want[0].dtype == (torch.float32 if family == "minicpm5_moe" else torch.bfloat16)
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+    assert torch.equal(got[2].sort(-1).values, want[2].sort(-1).values)

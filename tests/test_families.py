@@ -411,6 +411,32 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 head_dim=8,
                 mlp_layer_types=["dense", "sparse"],
                 layer_types=["linear_attention", "full_attention"],
+                swiglu_limits=[0.0, 0.3],  # from transformers 5.25: the limit after the activation binds
+            ),
+        ),
+        "minicpm5_moe": (
+            "MiniCPM5MoeConfig",
+            "MiniCPM5MoeForCausalLM",
+            dict(v3, head_dim=8, mlp_layer_types=["dense", "sparse"]),
+        ),
+        # Kolibri1's code under other names.
+        "kolibri1_1": (
+            "Kolibri1_1Config",
+            "Kolibri1_1ForCausalLM",
+            dict(
+                head_dim=16,  # its attention rounds keys and values to NVFP4 (blocks of 16)
+                moe_intermediate_size=24,
+                shared_expert_intermediate_size=20,
+                num_experts=8,
+                num_experts_per_tok=3,
+                norm_topk_prob=True,
+                sliding_window=8,
+                index_num_heads=2,
+                index_topk=8,
+                index_pool_size=16,
+                index_compression=4,
+                mlp_only_layers=[0],
+                mlp_only_intermediate_size=40,
             ),
         ),
         "mellum": (
@@ -466,6 +492,8 @@ BLOCKS = {
     "glm_moe_dsa": "GlmMoeDsaMoE",
     "kimi_linear": "KimiLinearMoE",
     "bailing_hybrid": "BailingHybridMoE",
+    "minicpm5_moe": "MiniCPM5MoeMoE",
+    "kolibri1_1": "Kolibri1_1SparseMoeBlock",
     "mellum": "MellumSparseMoeBlock",
 }
 
@@ -479,9 +507,10 @@ ROUTES = {
     "granitemoeshared": "granitemoe",
     "granitemoehybrid": "granitemoe",
     "mellum": "qwen3_moe",
+    "kolibri1_1": "kolibri1",
     **dict.fromkeys(
         ["glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32", "solar_open", "exaone_moe", "glm_moe_dsa"]
-        + ["kimi_linear", "bailing_hybrid", "nemotron_h", "mimo_v2_flash", "hy_v4"],
+        + ["kimi_linear", "bailing_hybrid", "nemotron_h", "mimo_v2_flash", "hy_v4", "minicpm5_moe"],
         "deepseek_v3",
     ),
 }
@@ -555,9 +584,9 @@ def _records_router_logits(model: nn.Module) -> bool:
 
 
 # Copied families whose code a later transformers changed (patches.derived refuses them there), with
-# the class that changed: Bailing hybrid's experts gained per-layer SwiGLU limits, clamped after the
-# activation, in 5.25.
-KNOWN_DRIFT = {"bailing_hybrid": "BailingHybridExperts"}
+# the class that changed. None at present: Bailing hybrid's experts, changed in 5.25, now match
+# Step-3.7's (tests/test_act_limited_experts.py).
+KNOWN_DRIFT: dict[str, str] = {}
 
 
 def refused_copy(family: str) -> str | None:
@@ -635,6 +664,7 @@ def test_family_fp32_matches_transformers(family):
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
         *("nemotron_h", "aria", "mimo_v2_flash", "afmoe", "hy_v3", "hy_v4", "axk2", "kolibri1"),
+        *("bailing_hybrid", "minicpm5_moe"),
     ],
 )
 def test_family_bf16_matches_transformers(family):

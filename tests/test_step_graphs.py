@@ -107,7 +107,7 @@ def test_layer_forward_has_no_host_reads(family):
 # -- generate through the runner, on a CPU -------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["switch", *CAUSAL, "glm4_moe", "flex_olmo", "phimoe", "hy_v3"])
+@pytest.mark.parametrize("family", ["switch", *CAUSAL, "glm4_moe", "flex_olmo", "phimoe", "hy_v3", "minicpm5_moe"])
 def test_step_generate_matches_plain_generate(family):
     plain, model = _pair(_build(family))
     kw = _inputs(model)
@@ -452,6 +452,7 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
         ("hy_v4", "StaticIndexedLayer"),
         ("axk2", "StaticIndexedLayer"),
         ("kolibri1", "StaticSlidingWindowLayer"),
+        ("kolibri1_1", "StaticSlidingWindowLayer"),
     ],
 )
 def test_models_whose_cache_tracks_state_in_python_raise(family, layer):

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:Runt
 from hf_moe_opt.dispatch import make_plan  # noqa: E402
 from hf_moe_opt.experts.activation import (  # noqa: E402
     Activation,
+    act_limited_glu_activation,
     clamped_swiglu_activation,
     glu_activation,
     limited_swiglu_activation,
@@ -35,6 +36,7 @@ ACTIVATIONS = {
     "glu_gelu_interleaved": glu_activation("gelu", torch.nn.functional.gelu, interleaved=True),
     "clamped_swiglu": clamped_swiglu_activation(alpha=1.702, limit=0.8),
     "limited_swiglu": limited_swiglu_activation(limit=0.8),
+    "act_limited": act_limited_glu_activation("silu", torch.nn.functional.silu, limit=0.3),
 }
 
 

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:Runt
 from hf_moe_opt.dispatch import DispatchPlan, make_plan  # noqa: E402
 from hf_moe_opt.experts.activation import (  # noqa: E402
     Activation,
+    act_limited_glu_activation,
     clamped_swiglu_activation,
     glu_activation,
     limited_swiglu_activation,
@@ -215,6 +216,7 @@ GATED = {
     "glu_gelu_interleaved": glu_activation("gelu", torch.nn.functional.gelu, interleaved=True),
     "clamped_swiglu": clamped_swiglu_activation(alpha=1.702, limit=0.8),
     "limited_swiglu": limited_swiglu_activation(limit=0.8),
+    "act_limited": act_limited_glu_activation("silu", torch.nn.functional.silu, limit=0.3),
 }
 
 
@@ -236,7 +238,7 @@ def test_gated_experts(act: str, dtype: torch.dtype, bias: bool, top_k: int) -> 
     other = Activation(
         activation.name, activation.fn, glu="interleaved" if activation.glu == "concatenated" else "concatenated"
     )
-    if activation.glu not in ("clamped_swiglu", "limited_swiglu"):
+    if activation.glu not in ("clamped_swiglu", "limited_swiglu", "act_limited"):
         wrong = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, other, 0.5, SMALL, SMALL)
         assert not torch.allclose(wrong.float(), out.float(), atol=1e-2)
 

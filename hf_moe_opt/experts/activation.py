@@ -11,6 +11,8 @@ Two-matrix experts apply ``fn`` elementwise to ``x W1``. Gated (GLU) experts com
   ``(u + 1) * g * sigmoid(alpha * g)``;
 * ``glu="limited_swiglu"``: on the concatenated halves, ``g = min(gate, limit)``,
   ``u = clamp(up, -limit, limit)``, ``silu(g) * u`` (GLM-5-Next, HY-V4);
+* ``glu="act_limited"``: on the concatenated halves, the limit after the activation:
+  ``min(act(gate), limit) * clamp(up, -limit, limit)`` (Step-3.7, Bailing hybrid's later experts);
 * ``glu="custom"``: ``gate_fn`` maps ``[rows, 2F]`` to ``[rows, F]`` (an experts module's own
   ``_apply_gate``); nothing can specialise on it.
 
@@ -27,7 +29,7 @@ import torch
 # Names the fused kernels implement natively; other activations run through ``fn``.
 KERNEL_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "relu2")
 
-GLU_LAYOUTS = ("concatenated", "interleaved", "clamped_swiglu", "limited_swiglu", "custom")
+GLU_LAYOUTS = ("concatenated", "interleaved", "clamped_swiglu", "limited_swiglu", "act_limited", "custom")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class Activation:
             only know elementwise activations never take a gated one for theirs).
         fn: the elementwise activation (for gated experts: applied to the gate half).
         glu: ``None`` for two-matrix experts, else one of :data:`GLU_LAYOUTS`.
-        alpha, limit: the clamped SwiGLU's sigmoid gain and clamp (``glu="clamped_swiglu"`` only).
+        alpha, limit: the clamped SwiGLU's sigmoid gain and clamp (``alpha``: ``glu="clamped_swiglu"``
+            only; ``limit``: the clamped, limited and act-limited layouts).
         gate_fn: ``[rows, 2F] -> [rows, F]`` for ``glu="custom"``.
     """
 
@@ -55,8 +58,8 @@ class Activation:
             raise ValueError(f"unknown GLU layout {self.glu!r}; choose one of {', '.join(GLU_LAYOUTS)}")
         if self.glu == "clamped_swiglu" and (self.alpha is None or self.limit is None):
             raise ValueError("a clamped SwiGLU needs alpha and limit")
-        if self.glu == "limited_swiglu" and self.limit is None:
-            raise ValueError("a limited SwiGLU needs limit")
+        if self.glu in ("limited_swiglu", "act_limited") and self.limit is None:
+            raise ValueError(f"a {self.glu} GLU needs limit")
         if self.glu == "custom" and self.gate_fn is None:
             raise ValueError("a custom GLU needs gate_fn")
 
@@ -86,6 +89,9 @@ class Activation:
             gate, up = h.chunk(2, dim=-1)
             gate = gate.clamp(min=None, max=self.limit)
             return torch.nn.functional.silu(gate) * up.clamp(min=-self.limit, max=self.limit)
+        if self.glu == "act_limited":
+            gate, up = h.chunk(2, dim=-1)
+            return self.fn(gate).clamp(min=None, max=self.limit) * up.clamp(min=-self.limit, max=self.limit)
         return self.gate_fn(h)
 
 
@@ -116,6 +122,11 @@ def glu_activation(name: str, fn: Callable[[torch.Tensor], torch.Tensor], *, int
 def limited_swiglu_activation(limit: float) -> Activation:
     """SiLU-GLU on concatenated gate/up halves, the gate clamped above and the up clamped to ``±limit``."""
     return Activation("limited_swiglu", torch.nn.functional.silu, glu="limited_swiglu", limit=float(limit))
+
+
+def act_limited_glu_activation(name: str, fn: Callable[[torch.Tensor], torch.Tensor], limit: float) -> Activation:
+    """``min(act(gate), limit) * clamp(up, -limit, limit)`` on concatenated gate/up halves."""
+    return Activation(f"glu_{name}", fn, glu="act_limited", limit=float(limit))
 
 
 def clamped_swiglu_activation(alpha: float, limit: float) -> Activation:

@@ -155,6 +155,9 @@ def _glu(gate, up, alpha, limit, ACTIVATION: tl.constexpr, GLU: tl.constexpr):
     if GLU == "limited_swiglu":  # plain SiLU-GLU on clamped halves
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
+    if GLU == "act_limited":  # the gate's limit after its activation
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return tl.minimum(_activate(gate, ACTIVATION), limit) * up
     return _activate(gate, ACTIVATION) * up
 
 
@@ -676,7 +679,8 @@ def _slot_sum_kernel(
 class KernelActivation:
     """What kernel A applies: an elementwise activation, optionally gated.
 
-    ``glu`` is ``"none"``, ``"glu"`` (``act(gate) * up``), ``"clamped_swiglu"`` or ``"limited_swiglu"``;
+    ``glu`` is ``"none"``, ``"glu"`` (``act(gate) * up``), ``"clamped_swiglu"``, ``"limited_swiglu"`` or
+    ``"act_limited"``;
     output column ``n``
     of a gated expert reads W1 rows ``n * row_mul`` (gate) and ``n * row_mul + up_offset`` (up).
     """
@@ -701,6 +705,8 @@ class KernelActivation:
             return cls("silu", "limited_swiglu", 1, ffn, 0.0, float(activation.limit))
         base = activation.name.removeprefix("glu_")
         name = _KERNEL_ACTIVATION.get(base)
+        if name is not None and activation.glu == "act_limited":
+            return cls(name, "act_limited", 1, ffn, 0.0, float(activation.limit))
         if name is None or activation.glu not in ("concatenated", "interleaved"):
             return None
         if activation.glu == "concatenated":
