@@ -15,6 +15,7 @@ from .deepseek_v2 import DeepseekV2Patch
 from .deepseek_v3 import DeepseekV3Patch
 from .derived import DerivedPatch, derived_patches
 from .ernie4_5_moe import Ernie4_5_MoePatch
+from .flint import FlintPatch
 from .gpt_oss import GptOssPatch
 from .granitemoe import GraniteMoePatch
 from .hunyuan_v1_moe import HunYuanMoEV1Patch
@@ -22,6 +23,8 @@ from .hy_v3 import HYV3Patch
 from .hy_v4 import HYV4Patch
 from .jamba import JambaPatch
 from .kolibri1 import Kolibri1Patch
+from .laguna import LagunaPatch
+from .lara_mini import LaraMiniPatch
 from .lfm2_moe import Lfm2MoePatch
 from .llama4 import Llama4Patch
 from .mimo_v2_flash import MiMoV2FlashPatch
@@ -66,6 +69,9 @@ _REGISTRY: list[MoEPatch] = [
     AXK2Patch(),
     Kolibri1Patch(),
     Step3p7Patch(),
+    LagunaPatch(),
+    LaraMiniPatch(),
+    FlintPatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

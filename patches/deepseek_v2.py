@@ -51,6 +51,15 @@ class DeepseekMoELayer(FusedMoELayer):
         return routed + self.shared_experts(hidden_states)
 
 
+class ScaledDeepseekMoELayer(DeepseekMoELayer):
+    """The routed output times the block's ``routed_scaling_factor`` (the layer's ``out_scale``), plus
+    the shared experts (Step-3.7, Laguna: their blocks scale the combined output, not the weights)."""
+
+    def __init__(self, block: nn.Module, *args, **kwargs):
+        super().__init__(block, *args, **kwargs)
+        self.out_scale = float(block.routed_scaling_factor)
+
+
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")  # what DeepSeek-V2's router implements
 
 

@@ -190,6 +190,13 @@ class FusedMoELayer(OptimizedMoE):
         return out
 
 
+class SharedExpertLayer(FusedMoELayer):
+    """Routed experts plus the block's ungated ``shared_expert`` (Lara-mini, Flint)."""
+
+    def add_shared(self, hidden_states: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        return routed + self.shared_expert(hidden_states)
+
+
 class PreroutedLayer(FusedMoELayer):
     """A layer whose forward routes before it makes the experts' inputs (Llama 4's scaled token copies,
     Nemotron-H's latent projection): :meth:`run_experts` hands that routing to the base forward, which

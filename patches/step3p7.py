@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from hf_moe_opt.experts.activation import Activation, act_limited_glu_activation, glu_activation
 from hf_moe_opt.routing import deepseek_topk
 
-from .deepseek_v2 import DeepseekMoELayer
+from .deepseek_v2 import ScaledDeepseekMoELayer
 from .fused import FusedMoEPatch, activation_name, hf_class
 
 MODULE = "transformers.models.step3p7.modeling_step3p7"
@@ -60,20 +60,12 @@ def act_limited_experts_activation(block: nn.Module, config) -> Activation:
     return act_limited_glu_activation(name, act_fn, experts.limit)
 
 
-class Step3p7Layer(DeepseekMoELayer):
-    """Routed experts times the block's ``routed_scaling_factor``, plus the shared expert."""
-
-    def __init__(self, block: nn.Module, *args, **kwargs):
-        super().__init__(block, *args, **kwargs)
-        self.out_scale = float(block.routed_scaling_factor)
-
-
 class Step3p7Patch(FusedMoEPatch):
     model_type = "step3p7"
     module_path = MODULE
     block_class_name = "Step3p7SparseMoeBlock"
     router_class = OptimizedStep3p7Router
-    layer_class = Step3p7Layer
+    layer_class = ScaledDeepseekMoELayer
 
     def activation(self, block: nn.Module, config) -> Activation:
         return act_limited_experts_activation(block, config)

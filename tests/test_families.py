@@ -335,6 +335,59 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 sliding_window=8,
             ),
         ),
+        # Sigmoid routing with a correction bias and softcapped logits; the routed output scaled.
+        "laguna": (
+            "LagunaConfig",
+            "LagunaForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                shared_expert_intermediate_size=20,
+                num_experts=8,
+                num_experts_per_tok=3,
+                moe_routed_scaling_factor=2.5,
+                moe_router_logit_softcapping=2.0,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"],
+                mlp_layer_types=["dense", "sparse"],
+            ),
+        ),
+        # Float32 softmax routing, an ungated shared expert; linear-attention layers.
+        "lara_mini": (
+            "LaraMiniConfig",
+            "LaraMiniForCausalLM",
+            dict(
+                head_dim=8,
+                moe_intermediate_size=24,
+                shared_expert_intermediate_size=20,
+                num_experts=8,
+                num_experts_per_tok=3,
+                norm_topk_prob=True,
+                linear_key_head_dim=8,
+                linear_value_head_dim=8,
+                linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                sliding_window=8,
+            ),
+        ),
+        # Float32 sigmoid routing without bias, an ungated shared expert.
+        "flint": (
+            "FlintConfig",
+            "FlintForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                shared_expert_intermediate_size=20,
+                num_experts=8,
+                num_experts_per_tok=3,
+                norm_topk_prob=True,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"],
+                mlp_only_layers=[0],
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -477,6 +530,9 @@ BLOCKS = {
     "hy_v4": "HYV4MoE",
     "axk2": "AXK2MoE",
     "kolibri1": "Kolibri1SparseMoeBlock",
+    "laguna": "LagunaSparseMoeBlock",
+    "lara_mini": "LaraMiniSparseMoeBlock",
+    "flint": "FlintSparseMoeBlock",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -664,7 +720,7 @@ def test_family_fp32_matches_transformers(family):
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
         *("nemotron_h", "aria", "mimo_v2_flash", "afmoe", "hy_v3", "hy_v4", "axk2", "kolibri1"),
-        *("bailing_hybrid", "minicpm5_moe"),
+        *("bailing_hybrid", "minicpm5_moe", "laguna", "lara_mini", "flint"),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -987,6 +1043,14 @@ def test_routing_functions_match_transformers_routers(family):
             w, i = deepseek_topk(
                 logits.float(), router.top_k, scoring="sigmoid", method="greedy", correction_bias=bias, normalize=True
             )
+        elif family == "laguna":  # logits already softcapped; bias for the choice; weights in x's dtype
+            scores = logits.sigmoid()
+            i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
+            w = scores.gather(1, i)
+            w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        elif family == "flint":  # sigmoid top-k, no bias, float32 weights
+            w, i = torch.topk(logits.sigmoid(), router.top_k, dim=-1)
+            w = w / w.sum(-1, keepdim=True) if router.norm_topk_prob else w
         elif family == "kolibri1":  # the bias corrects the logits; sigmoid of the chosen logits
             i = torch.topk(logits + router.e_score_correction_bias, router.top_k, dim=-1).indices
             w = logits.gather(1, i).sigmoid()

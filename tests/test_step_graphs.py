@@ -453,6 +453,9 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
         ("axk2", "StaticIndexedLayer"),
         ("kolibri1", "StaticSlidingWindowLayer"),
         ("kolibri1_1", "StaticSlidingWindowLayer"),
+        ("laguna", "StaticSlidingWindowLayer"),
+        ("flint", "StaticSlidingWindowLayer"),
+        ("lara_mini", "LinearAttentionLayer"),
     ],
 )
 def test_models_whose_cache_tracks_state_in_python_raise(family, layer):
