@@ -123,3 +123,24 @@ def test_act_limited_glu_clamps_after_the_activation():
     torch.testing.assert_close(act.apply(h), want[None])
     with pytest.raises(ValueError, match="needs limit"):
         type(act)("glu_silu", torch.nn.functional.silu, glu="act_limited")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step3p7_block_triton_backend_on_cuda(dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from hf_moe_opt.experts.backends import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not available")
+    config = _step_config()
+    block = _step_block(config, dtype).cuda()
+    layer = find_patch(block).build(copy.deepcopy(block), config, capacity="model", backend="triton")
+    x = (torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(4)) * 2).to("cuda", dtype)
+    with torch.no_grad():
+        want, got = block(x), layer(x)
+        assert layer._backend_name(x.device) == "triton"
+    scale = want.float().abs().max().item()
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=1e-2 * scale, rtol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
