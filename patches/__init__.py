@@ -27,6 +27,7 @@ from .laguna import LagunaPatch
 from .lara_mini import LaraMiniPatch
 from .lfm2_moe import Lfm2MoePatch
 from .llama4 import Llama4Patch
+from .longcat_flash import LongcatFlashPatch
 from .mimo_v2_flash import MiMoV2FlashPatch
 from .minimax_m2 import MiniMaxM2Patch
 from .mistral4 import Mistral4Patch, MistralLarge4Patch
@@ -72,6 +73,7 @@ _REGISTRY: list[MoEPatch] = [
     LagunaPatch(),
     LaraMiniPatch(),
     FlintPatch(),
+    LongcatFlashPatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

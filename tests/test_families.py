@@ -388,6 +388,27 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 mlp_only_layers=[0],
             ),
         ),
+        # Softmax routing over routed and "zero" (identity) experts with a correction bias, scaled.
+        "longcat_flash": (
+            "LongcatFlashConfig",
+            "LongcatFlashForCausalLM",
+            dict(
+                num_layers=2,
+                ffn_hidden_size=40,
+                expert_ffn_hidden_size=24,
+                n_routed_experts=8,
+                zero_expert_num=4,
+                moe_topk=3,
+                routed_scaling_factor=2.5,
+                kv_lora_rank=16,
+                q_lora_rank=12,
+                qk_nope_head_dim=4,
+                qk_rope_head_dim=4,
+                v_head_dim=8,
+                head_dim=4,
+                num_key_value_heads=4,
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -533,6 +554,7 @@ BLOCKS = {
     "laguna": "LagunaSparseMoeBlock",
     "lara_mini": "LaraMiniSparseMoeBlock",
     "flint": "FlintSparseMoeBlock",
+    "longcat_flash": "LongcatFlashMoE",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -720,7 +742,7 @@ def test_family_fp32_matches_transformers(family):
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
         *("nemotron_h", "aria", "mimo_v2_flash", "afmoe", "hy_v3", "hy_v4", "axk2", "kolibri1"),
-        *("bailing_hybrid", "minicpm5_moe", "laguna", "lara_mini", "flint"),
+        *("bailing_hybrid", "minicpm5_moe", "laguna", "lara_mini", "flint", "longcat_flash"),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -1048,6 +1070,10 @@ def test_routing_functions_match_transformers_routers(family):
             i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
             w = scores.gather(1, i)
             w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        elif family == "longcat_flash":  # over routed and zero experts; not renormalised, scaled
+            scores = logits.softmax(-1)
+            i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
+            w = scores.gather(1, i) * router.routed_scaling_factor
         elif family == "flint":  # sigmoid top-k, no bias, float32 weights
             w, i = torch.topk(logits.sigmoid(), router.top_k, dim=-1)
             w = w / w.sum(-1, keepdim=True) if router.norm_topk_prob else w
@@ -1481,3 +1507,31 @@ def test_sparsemixer_matches_transformers(margin, dtype):
         assert (got_w[8:16, 0] == 1).all()
     if margin == 2.0:
         assert (got_w < 1).float().mean() > 0.5
+
+
+def test_longcat_flash_zero_experts_add_their_tokens():
+    """LongCat-Flash's zero experts: a slot routed to one adds the token times its weight. The test
+    model routes a good share of slots there, and leaving that share out changes the output."""
+    ref = tiny_model("longcat_flash")
+    block = _blocks(ref, "longcat_flash")[0]
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, _, indices = block.router(x.reshape(-1, 32))
+    assert 0.1 < (indices >= 8).float().mean() < 0.9
+    layer = hf_moe_opt.patches.find_patch(block).build(
+        copy.deepcopy(block), ref.config, capacity="model", backend="torch"
+    )
+    with torch.no_grad():
+        want = block(x)
+        torch.testing.assert_close(layer(x), want, **FP32)
+        layer.add_shared = lambda hidden_states, routed: routed
+        assert not torch.allclose(layer(x), want, atol=1e-3)
+
+
+def test_longcat_flash_router_bias_is_refused():
+    model = tiny_model("longcat_flash")
+    block = _blocks(model, "longcat_flash")[0]
+    block.router.classifier.bias = nn.Parameter(torch.zeros(12))
+    with pytest.raises(ValueError, match="router_bias=True"):
+        hf_moe_opt.optimize(model)
+    assert not hf_moe_opt.is_optimized(model)

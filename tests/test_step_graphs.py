@@ -107,7 +107,9 @@ def test_layer_forward_has_no_host_reads(family):
 # -- generate through the runner, on a CPU -------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["switch", *CAUSAL, "glm4_moe", "flex_olmo", "phimoe", "hy_v3", "minicpm5_moe"])
+@pytest.mark.parametrize(
+    "family", ["switch", *CAUSAL, "glm4_moe", "flex_olmo", "phimoe", "hy_v3", "minicpm5_moe", "longcat_flash"]
+)
 def test_step_generate_matches_plain_generate(family):
     plain, model = _pair(_build(family))
     kw = _inputs(model)
