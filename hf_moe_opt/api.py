@@ -62,7 +62,10 @@ def _patches():
 
 
 def supported_architectures() -> dict[str, str]:
-    """``{config.model_type: sparse MoE block class name}`` for every architecture ``optimize`` handles."""
+    """``{config.model_type: sparse MoE block class name}`` for every architecture ``optimize`` has a
+    patch for. The installed transformers may lack some of them, or have one in an older form that is
+    not matched (Jamba, Aria and LongCat-Flash in transformers 5.17): ``optimize`` and
+    :func:`check_support` name such blocks as unsupported."""
     return {p.model_type: p.block_class_name for p in _patches()}
 
 

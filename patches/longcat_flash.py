@@ -22,7 +22,16 @@ from .fused import FusedMoELayer, FusedMoEPatch, hf_class
 MODULE = "transformers.models.longcat_flash.modeling_longcat_flash"
 LongcatFlashTopkRouter = hf_class(MODULE, "LongcatFlashTopkRouter")
 
-if LongcatFlashTopkRouter is not None:
+
+def _block_handles_zero_experts() -> bool:
+    """Whether the installed block handles the zero experts itself, with a router returning
+    ``(logits, weights, indices)`` (later releases; 5.17's experts do it, its router returns no
+    logits: that form is not matched)."""
+    block = hf_class(MODULE, "LongcatFlashMoE")
+    return block is not None and "zero_expert_num" in block.forward.__code__.co_names
+
+
+if LongcatFlashTopkRouter is not None and _block_handles_zero_experts():
 
     class OptimizedLongcatFlashRouter(LongcatFlashTopkRouter):
         """Same module and routing; returns ``(logits, weights, indices)`` over routed and zero experts."""
@@ -73,6 +82,9 @@ class LongcatFlashPatch(FusedMoEPatch):
     router_name = "router"
     router_class = OptimizedLongcatFlashRouter
     layer_class = LongcatFlashLayer
+
+    def matches(self, module: nn.Module) -> bool:
+        return OptimizedLongcatFlashRouter is not None and super().matches(module)
 
     def check_block(self, block: nn.Module) -> None:
         if getattr(block.router.classifier, "bias", None) is not None:
