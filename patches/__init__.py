@@ -21,6 +21,7 @@ from .granitemoe import GraniteMoePatch
 from .hunyuan_v1_moe import HunYuanMoEV1Patch
 from .hy_v3 import HYV3Patch
 from .hy_v4 import HYV4Patch
+from .inkling import InklingPatch
 from .jamba import JambaPatch
 from .kolibri1 import Kolibri1Patch
 from .laguna import LagunaPatch
@@ -74,6 +75,7 @@ _REGISTRY: list[MoEPatch] = [
     LaraMiniPatch(),
     FlintPatch(),
     LongcatFlashPatch(),
+    InklingPatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

@@ -409,6 +409,25 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 num_key_value_heads=4,
             ),
         ),
+        # Sigmoid routing over routed and shared experts; the shared experts weighted per token.
+        "inkling": (
+            "InklingTextConfig",
+            "InklingForCausalLM",
+            dict(
+                head_dim=8,
+                swa_num_attention_heads=4,
+                swa_num_key_value_heads=2,
+                swa_head_dim=8,
+                sliding_window_size=8,
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                n_routed_experts=8,
+                num_experts_per_tok=3,
+                n_shared_experts=2,
+                route_scale=2.5,
+                mlp_layer_types=["dense", "sparse"],
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -555,6 +574,7 @@ BLOCKS = {
     "lara_mini": "LaraMiniSparseMoeBlock",
     "flint": "FlintSparseMoeBlock",
     "longcat_flash": "LongcatFlashMoE",
+    "inkling": "InklingMoE",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -649,6 +669,8 @@ def _spread(model: nn.Module) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
         elif name.endswith(("e_score_correction_bias", "expert_bias")):  # ERNIE 4.5's router, AFMoE's block
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        elif name.endswith("gate.global_scale"):  # Inkling's router
+            p.fill_(1.3)
     for name, b in model.named_buffers():
         if name.endswith(("e_score_correction_bias", "expert_bias")):  # on the router or the block
             b.copy_(torch.randn(b.shape, generator=g) * 0.1)
@@ -721,7 +743,7 @@ def test_family_fp32_matches_transformers(family):
         assert opt_state[key].dtype == value.dtype
         torch.testing.assert_close(opt_state[key], value, atol=0, rtol=0)
     for name, p in opt.named_parameters():
-        if name.endswith("gate_up_proj") or name.endswith("down_proj"):
+        if ".experts." in name and name.endswith(("gate_up_proj", "down_proj")):  # not shared experts
             layer = dict(layers)[name.rsplit(".experts.", 1)[0]]
             fused = layer.weights.w1 if name.endswith("gate_up_proj") else layer.weights.w2
             assert fused.param is p and fused.tensor.data_ptr() == p.data_ptr()
@@ -747,7 +769,7 @@ def test_family_fp32_matches_transformers(family):
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
         *("nemotron_h", "aria", "mimo_v2_flash", "afmoe", "hy_v3", "hy_v4", "axk2", "kolibri1"),
-        *("bailing_hybrid", "minicpm5_moe", "laguna", "lara_mini", "flint", "longcat_flash"),
+        *("bailing_hybrid", "minicpm5_moe", "laguna", "lara_mini", "flint", "longcat_flash", "inkling"),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -1036,7 +1058,7 @@ def test_routing_functions_match_transformers_routers(family):
             from hf_moe_opt.patches.granitemoe import output_order
 
             out = [out[at] for at in output_order(type(router))]
-        logits, weights, indices = out
+        logits, weights, indices = out[:3]  # Inkling's router returns its shared experts' gammas too
         if family == "lfm2_moe":
             i = torch.topk(logits.sigmoid() + bias, router.top_k).indices
             w = logits.sigmoid().gather(1, i)
@@ -1075,6 +1097,17 @@ def test_routing_functions_match_transformers_routers(family):
             i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
             w = scores.gather(1, i)
             w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        elif family == "inkling":  # sigmoids of the k chosen and the shared logits over their sum, scaled
+            shared_logits = F.linear(x, router.weight)[:, -router.n_shared_experts :]
+            i = torch.topk(logits.sigmoid() + router.e_score_correction_bias, router.top_k, dim=-1).indices
+            s = torch.cat([logits.gather(1, i), shared_logits], dim=-1).sigmoid()
+            s = s / s.sum(-1, keepdim=True) * router.route_scale * router.global_scale
+            torch.testing.assert_close(out[3], s[:, router.top_k :], atol=1e-6, rtol=1e-6)
+            assert torch.equal(i.sort(-1).values, indices.sort(-1).values)
+            order_ref, order = indices.argsort(-1), i.argsort(-1)
+            w = s[:, : router.top_k]
+            torch.testing.assert_close(w.gather(-1, order), weights.gather(-1, order_ref), atol=1e-6, rtol=1e-6)
+            return
         elif family == "longcat_flash":  # over routed and zero experts; not renormalised, scaled
             scores = logits.softmax(-1)
             i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices

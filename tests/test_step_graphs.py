@@ -458,6 +458,7 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
         ("laguna", "StaticSlidingWindowLayer"),
         ("flint", "StaticSlidingWindowLayer"),
         ("lara_mini", "LinearAttentionLayer"),
+        ("inkling", "LinearAttentionAndStaticSlidingWindowAttentionLayer"),  # short convolutions
     ],
 )
 def test_models_whose_cache_tracks_state_in_python_raise(family, layer):
