@@ -1573,3 +1573,24 @@ def test_longcat_flash_router_bias_is_refused():
     with pytest.raises(ValueError, match="router_bias=True"):
         hf_moe_opt.optimize(model)
     assert not hf_moe_opt.is_optimized(model)
+
+
+@pytest.mark.parametrize("family", ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe"])
+def test_newer_families_triton_backend_matches_transformers(family):
+    """Zero experts (LongCat-Flash), per-token shared-expert gammas (Inkling), scaled routed outputs
+    (Laguna) and ungated shared experts through the Triton kernels (on CPU in the interpreter): a
+    prefill and one-token decode steps (the GEMV path), against transformers."""
+    if not _triton_runs_here():
+        pytest.skip("the Triton kernels run neither on a GPU nor in the interpreter here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = tiny_model(family).to(device)
+    if device == "cuda":
+        ref.set_attn_implementation("eager")
+    opt = copy.deepcopy(ref)
+    hf_moe_opt.optimize(opt, backend="triton")
+    prompt = _ids(batch=1, seq=4, seed=5).to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(prompt).logits, ref(prompt).logits, atol=2e-4, rtol=2e-4)
+        g_ref = ref.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(opt.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0), g_ref)
+    assert all(layer._backend_name(torch.device(device)) == "triton" for _, layer in hf_moe_opt.optimized_layers(opt))
