@@ -31,6 +31,7 @@ from .llama4 import Llama4Patch
 from .longcat_flash import LongcatFlashPatch
 from .mimo_v2_flash import MiMoV2FlashPatch
 from .minimax_m2 import MiniMaxM2Patch
+from .minimax_m3_vl import MiniMaxM3VLPatch
 from .mistral4 import Mistral4Patch, MistralLarge4Patch
 from .mixtral import MixtralPatch
 from .nemotron_h import NemotronHPatch
@@ -76,6 +77,7 @@ _REGISTRY: list[MoEPatch] = [
     FlintPatch(),
     LongcatFlashPatch(),
     InklingPatch(),
+    MiniMaxM3VLPatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

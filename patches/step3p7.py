@@ -28,23 +28,29 @@ from .fused import FusedMoEPatch, activation_name, hf_class
 MODULE = "transformers.models.step3p7.modeling_step3p7"
 Step3p7TopKRouter = hf_class(MODULE, "Step3p7TopKRouter")
 
+
+class Step3p7Routing:
+    """Forward for Step-3.7-style routers (mixed in before the HF class; MiniMax-M3's router is the
+    same code): returns ``(logits, weights, indices)``."""
+
+    def forward(self, hidden_states: torch.Tensor):
+        flat = hidden_states.reshape(-1, self.hidden_dim)
+        logits = F.linear(flat.to(self.weight.dtype), self.weight)
+        weights, indices = deepseek_topk(
+            logits.float(),
+            self.top_k,
+            scoring="sigmoid",
+            method="greedy",
+            correction_bias=self.e_score_correction_bias,
+            normalize=True,
+        )
+        return logits, weights, indices
+
+
 if Step3p7TopKRouter is not None:
 
-    class OptimizedStep3p7Router(Step3p7TopKRouter):
-        """Same module and routing; returns ``(logits, weights, indices)``."""
-
-        def forward(self, hidden_states: torch.Tensor):
-            flat = hidden_states.reshape(-1, self.hidden_dim)
-            logits = F.linear(flat.to(self.weight.dtype), self.weight)
-            weights, indices = deepseek_topk(
-                logits.float(),
-                self.top_k,
-                scoring="sigmoid",
-                method="greedy",
-                correction_bias=self.e_score_correction_bias,
-                normalize=True,
-            )
-            return logits, weights, indices
+    class OptimizedStep3p7Router(Step3p7Routing, Step3p7TopKRouter):
+        """Same module and routing."""
 
 else:  # pragma: no cover - transformers without the model
     OptimizedStep3p7Router = None

@@ -428,6 +428,27 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 mlp_layer_types=["dense", "sparse"],
             ),
         ),
+        # Step-3.7's block and router; GPT-OSS's clamped SwiGLU on concatenated halves (a limit that binds).
+        "minimax_m3_vl": (
+            "MiniMaxM3VLTextConfig",
+            "MiniMaxM3VLForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=24,
+                dense_intermediate_size=40,
+                shared_intermediate_size=20,
+                num_local_experts=8,
+                num_experts_per_tok=3,
+                routed_scaling_factor=2.5,
+                rotary_dim=4,
+                swiglu_limit=0.5,
+                mlp_layer_types=["dense", "sparse"],
+                index_n_heads=2,
+                index_head_dim=8,
+                index_block_size=4,
+                index_topk_blocks=2,
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -575,6 +596,7 @@ BLOCKS = {
     "flint": "FlintSparseMoeBlock",
     "longcat_flash": "LongcatFlashMoE",
     "inkling": "InklingMoE",
+    "minimax_m3_vl": "MiniMaxM3VLSparseMoeBlock",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -769,7 +791,16 @@ def test_family_fp32_matches_transformers(family):
         *("mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "granitemoehybrid", "lfm2_moe"),
         *("minimax", "qwen3_5_moe", "glm4_moe", "mistral4", "llama4", "phimoe", "cohere2_moe", "jamba"),
         *("nemotron_h", "aria", "mimo_v2_flash", "afmoe", "hy_v3", "hy_v4", "axk2", "kolibri1"),
-        *("bailing_hybrid", "minicpm5_moe", "laguna", "lara_mini", "flint", "longcat_flash", "inkling"),
+        *(
+            "bailing_hybrid",
+            "minicpm5_moe",
+            "laguna",
+            "lara_mini",
+            "flint",
+            "longcat_flash",
+            "inkling",
+            "minimax_m3_vl",
+        ),
     ],
 )
 def test_family_bf16_matches_transformers(family):
@@ -1108,6 +1139,11 @@ def test_routing_functions_match_transformers_routers(family):
             w = s[:, : router.top_k]
             torch.testing.assert_close(w.gather(-1, order), weights.gather(-1, order_ref), atol=1e-6, rtol=1e-6)
             return
+        elif family == "minimax_m3_vl":  # Step-3.7's routing: sigmoid, bias for the choice, renormalised
+            scores = logits.float().sigmoid()
+            i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
+            w = scores.gather(1, i)
+            w = w / w.sum(-1, keepdim=True)
         elif family == "longcat_flash":  # over routed and zero experts; not renormalised, scaled
             scores = logits.softmax(-1)
             i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
@@ -1575,7 +1611,9 @@ def test_longcat_flash_router_bias_is_refused():
     assert not hf_moe_opt.is_optimized(model)
 
 
-@pytest.mark.parametrize("family", ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe"])
+@pytest.mark.parametrize(
+    "family", ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe", "minimax_m3_vl"]
+)
 def test_newer_families_triton_backend_matches_transformers(family):
     """Zero experts (LongCat-Flash), per-token shared-expert gammas (Inkling), scaled routed outputs
     (Laguna) and ungated shared experts through the Triton kernels (on CPU in the interpreter): a
@@ -1594,3 +1632,25 @@ def test_newer_families_triton_backend_matches_transformers(family):
         g_ref = ref.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert torch.equal(opt.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0), g_ref)
     assert all(layer._backend_name(torch.device(device)) == "triton" for _, layer in hf_moe_opt.optimized_layers(opt))
+
+
+def test_minimax_m3_clamped_swiglu_reads_concatenated_halves():
+    """MiniMax-M3's experts: GPT-OSS's clamped SwiGLU on gate_up_proj's concatenated halves. The same
+    formula on interleaved columns (GPT-OSS's layout) gives other outputs."""
+    from hf_moe_opt.experts.activation import clamped_swiglu_activation
+
+    ref = tiny_model("minimax_m3_vl")
+    opt = copy.deepcopy(ref)
+    hf_moe_opt.optimize(opt, backend="torch")
+    (_, layer), *_ = hf_moe_opt.optimized_layers(opt)
+    assert (layer.activation.glu, layer.activation.alpha, layer.activation.limit) == (
+        "clamped_swiglu_halves",
+        1.702,
+        0.5,
+    )
+    ids = _ids()
+    with torch.no_grad():
+        want = ref(ids).logits
+        torch.testing.assert_close(opt(ids).logits, want, **FP32)
+        layer.activation = clamped_swiglu_activation(1.702, 0.5)  # interleaved
+        assert not torch.allclose(opt(ids).logits, want, atol=1e-3)

@@ -35,6 +35,7 @@ ACTIVATIONS = {
     "glu_silu": glu_activation("silu", torch.nn.functional.silu),
     "glu_gelu_interleaved": glu_activation("gelu", torch.nn.functional.gelu, interleaved=True),
     "clamped_swiglu": clamped_swiglu_activation(alpha=1.702, limit=0.8),
+    "clamped_swiglu_halves": clamped_swiglu_activation(alpha=1.702, limit=0.8, interleaved=False),
     "limited_swiglu": limited_swiglu_activation(limit=0.8),
     "act_limited": act_limited_glu_activation("silu", torch.nn.functional.silu, limit=0.3),
 }

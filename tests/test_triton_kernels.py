@@ -215,6 +215,7 @@ GATED = {
     "glu_silu": glu_activation("silu", torch.nn.functional.silu),
     "glu_gelu_interleaved": glu_activation("gelu", torch.nn.functional.gelu, interleaved=True),
     "clamped_swiglu": clamped_swiglu_activation(alpha=1.702, limit=0.8),
+    "clamped_swiglu_halves": clamped_swiglu_activation(alpha=1.702, limit=0.8, interleaved=False),
     "limited_swiglu": limited_swiglu_activation(limit=0.8),
     "act_limited": act_limited_glu_activation("silu", torch.nn.functional.silu, limit=0.3),
 }
@@ -238,7 +239,7 @@ def test_gated_experts(act: str, dtype: torch.dtype, bias: bool, top_k: int) -> 
     other = Activation(
         activation.name, activation.fn, glu="interleaved" if activation.glu == "concatenated" else "concatenated"
     )
-    if activation.glu not in ("clamped_swiglu", "limited_swiglu", "act_limited"):
+    if activation.glu not in ("clamped_swiglu", "clamped_swiglu_halves", "limited_swiglu", "act_limited"):
         wrong = moe_ffn_with_configs(x, plan, w1, b1, w2, b2, other, 0.5, SMALL, SMALL)
         assert not torch.allclose(wrong.float(), out.float(), atol=1e-2)
 

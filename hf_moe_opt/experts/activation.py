@@ -9,6 +9,7 @@ Two-matrix experts apply ``fn`` elementwise to ``x W1``. Gated (GLU) experts com
 * ``glu="clamped_swiglu"``: GPT-OSS's variant on interleaved columns,
   ``g = min(h[:, 0::2], limit)``, ``u = clamp(h[:, 1::2], -limit, limit)``,
   ``(u + 1) * g * sigmoid(alpha * g)``;
+* ``glu="clamped_swiglu_halves"``: the same on the concatenated halves (MiniMax-M3);
 * ``glu="limited_swiglu"``: on the concatenated halves, ``g = min(gate, limit)``,
   ``u = clamp(up, -limit, limit)``, ``silu(g) * u`` (GLM-5-Next, HY-V4);
 * ``glu="act_limited"``: on the concatenated halves, the limit after the activation:
@@ -29,7 +30,15 @@ import torch
 # Names the fused kernels implement natively; other activations run through ``fn``.
 KERNEL_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "relu2")
 
-GLU_LAYOUTS = ("concatenated", "interleaved", "clamped_swiglu", "limited_swiglu", "act_limited", "custom")
+GLU_LAYOUTS = (
+    "concatenated",
+    "interleaved",
+    "clamped_swiglu",
+    "clamped_swiglu_halves",
+    "limited_swiglu",
+    "act_limited",
+    "custom",
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class Activation:
     def __post_init__(self) -> None:
         if self.glu is not None and self.glu not in GLU_LAYOUTS:
             raise ValueError(f"unknown GLU layout {self.glu!r}; choose one of {', '.join(GLU_LAYOUTS)}")
-        if self.glu == "clamped_swiglu" and (self.alpha is None or self.limit is None):
+        if self.glu in ("clamped_swiglu", "clamped_swiglu_halves") and (self.alpha is None or self.limit is None):
             raise ValueError("a clamped SwiGLU needs alpha and limit")
         if self.glu in ("limited_swiglu", "act_limited") and self.limit is None:
             raise ValueError(f"a {self.glu} GLU needs limit")
@@ -81,9 +90,10 @@ class Activation:
             return self.fn(gate) * up
         if self.glu == "interleaved":
             return self.fn(h[..., 0::2]) * h[..., 1::2]
-        if self.glu == "clamped_swiglu":
-            gate = h[..., 0::2].clamp(min=None, max=self.limit)
-            up = h[..., 1::2].clamp(min=-self.limit, max=self.limit)
+        if self.glu in ("clamped_swiglu", "clamped_swiglu_halves"):
+            gate, up = (h[..., 0::2], h[..., 1::2]) if self.glu == "clamped_swiglu" else h.chunk(2, dim=-1)
+            gate = gate.clamp(min=None, max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
             return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
         if self.glu == "limited_swiglu":
             gate, up = h.chunk(2, dim=-1)
@@ -129,6 +139,8 @@ def act_limited_glu_activation(name: str, fn: Callable[[torch.Tensor], torch.Ten
     return Activation(f"glu_{name}", fn, glu="act_limited", limit=float(limit))
 
 
-def clamped_swiglu_activation(alpha: float, limit: float) -> Activation:
-    """GPT-OSS's clamped SwiGLU on interleaved gate/up columns."""
-    return Activation("clamped_swiglu", torch.sigmoid, glu="clamped_swiglu", alpha=float(alpha), limit=float(limit))
+def clamped_swiglu_activation(alpha: float, limit: float, *, interleaved: bool = True) -> Activation:
+    """GPT-OSS's clamped SwiGLU on interleaved gate/up columns (or, not ``interleaved``, on the
+    concatenated halves, as MiniMax-M3 stores them)."""
+    glu = "clamped_swiglu" if interleaved else "clamped_swiglu_halves"
+    return Activation("clamped_swiglu", torch.sigmoid, glu=glu, alpha=float(alpha), limit=float(limit))

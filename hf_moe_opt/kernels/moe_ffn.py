@@ -701,6 +701,8 @@ class KernelActivation:
             return None if name is None else cls(name)
         if activation.glu == "clamped_swiglu":
             return cls("silu", "clamped_swiglu", 2, 1, float(activation.alpha), float(activation.limit))
+        if activation.glu == "clamped_swiglu_halves":
+            return cls("silu", "clamped_swiglu", 1, ffn, float(activation.alpha), float(activation.limit))
         if activation.glu == "limited_swiglu":
             return cls("silu", "limited_swiglu", 1, ffn, 0.0, float(activation.limit))
         base = activation.name.removeprefix("glu_")
