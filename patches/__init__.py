@@ -10,6 +10,7 @@ from .afmoe import AfmoePatch
 from .aria import AriaPatch
 from .axk2 import AXK2Patch
 from .base import MoEPatch
+from .beam import BeamPatch
 from .cohere2_moe import Cohere2MoePatch
 from .deepseek_v2 import DeepseekV2Patch
 from .deepseek_v3 import DeepseekV3Patch
@@ -78,6 +79,7 @@ _REGISTRY: list[MoEPatch] = [
     LongcatFlashPatch(),
     InklingPatch(),
     MiniMaxM3VLPatch(),
+    BeamPatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

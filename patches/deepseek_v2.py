@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from hf_moe_opt.routing import deepseek_topk
 
-from .fused import FusedMoELayer, FusedMoEPatch, hf_class
+from .fused import FusedMoELayer, FusedMoEPatch, ScaledOutput, hf_class
 
 MODULE = "transformers.models.deepseek_v2.modeling_deepseek_v2"
 DeepseekV2TopkRouter = hf_class(MODULE, "DeepseekV2TopkRouter")
@@ -51,13 +51,8 @@ class DeepseekMoELayer(FusedMoELayer):
         return routed + self.shared_experts(hidden_states)
 
 
-class ScaledDeepseekMoELayer(DeepseekMoELayer):
-    """The routed output times the block's ``routed_scaling_factor`` (the layer's ``out_scale``), plus
-    the shared experts (Step-3.7, Laguna: their blocks scale the combined output, not the weights)."""
-
-    def __init__(self, block: nn.Module, *args, **kwargs):
-        super().__init__(block, *args, **kwargs)
-        self.out_scale = float(block.routed_scaling_factor)
+class ScaledDeepseekMoELayer(ScaledOutput, DeepseekMoELayer):
+    """The routed output times the block's ``routed_scaling_factor``, plus the shared experts."""
 
 
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")  # what DeepSeek-V2's router implements

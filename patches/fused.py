@@ -190,6 +190,16 @@ class FusedMoELayer(OptimizedMoE):
         return out
 
 
+class ScaledOutput:
+    """Mixed in before a layer class: the combined routed output times the block's
+    ``routed_scaling_factor`` (the layer's ``out_scale``), for blocks that scale after the experts
+    rather than in the router's weights (Step-3.7, Laguna, MiniMax-M3, Beam)."""
+
+    def __init__(self, block: nn.Module, *args, **kwargs):
+        super().__init__(block, *args, **kwargs)
+        self.out_scale = float(block.routed_scaling_factor)
+
+
 class SharedExpertLayer(FusedMoELayer):
     """Routed experts plus the block's ungated ``shared_expert`` (Lara-mini, Flint)."""
 

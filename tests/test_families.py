@@ -449,6 +449,24 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 index_topk_blocks=2,
             ),
         ),
+        # DeepSeek-V3's routing unscaled; the block scales the routed output; no shared experts.
+        "beam": (
+            "BeamConfig",
+            "BeamForCausalLM",
+            dict(
+                head_dim=8,
+                intermediate_size=40,
+                moe_intermediate_size=24,
+                num_experts=8,
+                num_experts_per_tok=3,
+                n_group=4,
+                topk_group=2,
+                routed_scaling_factor=2.5,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"],
+                mlp_layer_types=["dense", "sparse"],
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -597,6 +615,7 @@ BLOCKS = {
     "longcat_flash": "LongcatFlashMoE",
     "inkling": "InklingMoE",
     "minimax_m3_vl": "MiniMaxM3VLSparseMoeBlock",
+    "beam": "BeamMoE",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -1139,6 +1158,17 @@ def test_routing_functions_match_transformers_routers(family):
             w = s[:, : router.top_k]
             torch.testing.assert_close(w.gather(-1, order), weights.gather(-1, order_ref), atol=1e-6, rtol=1e-6)
             return
+        elif family == "beam":  # DeepSeek-V3's routing, the scaling left to the block
+            w, i = deepseek_topk(
+                logits,
+                router.top_k,
+                scoring="sigmoid",
+                method="noaux_tc",
+                n_group=router.num_group,
+                topk_group=router.topk_group,
+                correction_bias=router.e_score_correction_bias,
+                normalize=router.norm_topk_prob,
+            )
         elif family == "minimax_m3_vl":  # Step-3.7's routing: sigmoid, bias for the choice, renormalised
             scores = logits.float().sigmoid()
             i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
@@ -1612,7 +1642,7 @@ def test_longcat_flash_router_bias_is_refused():
 
 
 @pytest.mark.parametrize(
-    "family", ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe", "minimax_m3_vl"]
+    "family", ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe", "minimax_m3_vl", "beam"]
 )
 def test_newer_families_triton_backend_matches_transformers(family):
     """Zero experts (LongCat-Flash), per-token shared-expert gammas (Inkling), scaled routed outputs

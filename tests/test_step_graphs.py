@@ -461,6 +461,7 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
         ("flint", "StaticSlidingWindowLayer"),
         ("lara_mini", "LinearAttentionLayer"),
         ("inkling", "LinearAttentionAndStaticSlidingWindowAttentionLayer"),  # short convolutions
+        ("beam", "StaticSlidingWindowLayer"),
     ],
 )
 def test_models_whose_cache_tracks_state_in_python_raise(family, layer):
