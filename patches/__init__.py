@@ -38,6 +38,7 @@ from .mixtral import MixtralPatch
 from .nemotron_h import NemotronHPatch
 from .nllb_moe import NllbMoePatch
 from .olmoe import OlmoePatch
+from .openai_privacy_filter import OpenAIPrivacyFilterPatch
 from .phimoe import PhimoePatch
 from .qwen2_moe import Qwen2MoePatch
 from .qwen3_moe import Qwen3MoePatch
@@ -80,6 +81,7 @@ _REGISTRY: list[MoEPatch] = [
     InklingPatch(),
     MiniMaxM3VLPatch(),
     BeamPatch(),
+    OpenAIPrivacyFilterPatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]
