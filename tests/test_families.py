@@ -55,6 +55,11 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
     )
     mla = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4)
     dsv = dict(v3, **mla)
+    # Eight experts, three per token, and a sliding-window layer before a full-attention one (the newer
+    # families' common shape).
+    moe8 = dict(head_dim=8, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=3)
+    swa_full = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    kolibri = dict(moe8, shared_expert_intermediate_size=20, norm_topk_prob=True, sliding_window=8)
     # Multi-head latent attention with a sparse-attention indexer, MoE in the second layer.
     dsa = dict(
         dsv,
@@ -322,34 +327,18 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
         # test_axk2_without_groups turns it off as the light checkpoints do).
         "axk2": ("AXK2Config", "AXK2ForCausalLM", dict(dsa)),
         # DeepSeek-V3's block with a router whose bias corrects the logits; sliding and full attention.
-        "kolibri1": (
-            "Kolibri1Config",
-            "Kolibri1ForCausalLM",
-            dict(
-                head_dim=8,
-                moe_intermediate_size=24,
-                shared_expert_intermediate_size=20,
-                num_experts=8,
-                num_experts_per_tok=3,
-                norm_topk_prob=True,
-                sliding_window=8,
-            ),
-        ),
+        "kolibri1": ("Kolibri1Config", "Kolibri1ForCausalLM", kolibri),
         # Sigmoid routing with a correction bias and softcapped logits; the routed output scaled.
         "laguna": (
             "LagunaConfig",
             "LagunaForCausalLM",
             dict(
-                head_dim=8,
+                moe8,
+                **swa_full,
                 intermediate_size=40,
-                moe_intermediate_size=24,
                 shared_expert_intermediate_size=20,
-                num_experts=8,
-                num_experts_per_tok=3,
                 moe_routed_scaling_factor=2.5,
                 moe_router_logit_softcapping=2.0,
-                sliding_window=8,
-                layer_types=["sliding_attention", "full_attention"],
                 mlp_layer_types=["dense", "sparse"],
             ),
         ),
@@ -358,11 +347,8 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
             "LaraMiniConfig",
             "LaraMiniForCausalLM",
             dict(
-                head_dim=8,
-                moe_intermediate_size=24,
+                moe8,
                 shared_expert_intermediate_size=20,
-                num_experts=8,
-                num_experts_per_tok=3,
                 norm_topk_prob=True,
                 linear_key_head_dim=8,
                 linear_value_head_dim=8,
@@ -376,15 +362,11 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
             "FlintConfig",
             "FlintForCausalLM",
             dict(
-                head_dim=8,
+                moe8,
+                **swa_full,
                 intermediate_size=40,
-                moe_intermediate_size=24,
                 shared_expert_intermediate_size=20,
-                num_experts=8,
-                num_experts_per_tok=3,
                 norm_topk_prob=True,
-                sliding_window=8,
-                layer_types=["sliding_attention", "full_attention"],
                 mlp_only_layers=[0],
             ),
         ),
@@ -454,16 +436,12 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
             "BeamConfig",
             "BeamForCausalLM",
             dict(
-                head_dim=8,
+                moe8,
+                **swa_full,
                 intermediate_size=40,
-                moe_intermediate_size=24,
-                num_experts=8,
-                num_experts_per_tok=3,
                 n_group=4,
                 topk_group=2,
                 routed_scaling_factor=2.5,
-                sliding_window=8,
-                layer_types=["sliding_attention", "full_attention"],
                 mlp_layer_types=["dense", "sparse"],
             ),
         ),
@@ -556,13 +534,8 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
             "Kolibri1_1Config",
             "Kolibri1_1ForCausalLM",
             dict(
+                kolibri,
                 head_dim=16,  # its attention rounds keys and values to NVFP4 (blocks of 16)
-                moe_intermediate_size=24,
-                shared_expert_intermediate_size=20,
-                num_experts=8,
-                num_experts_per_tok=3,
-                norm_topk_prob=True,
-                sliding_window=8,
                 index_num_heads=2,
                 index_topk=8,
                 index_pool_size=16,
