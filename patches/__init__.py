@@ -8,6 +8,7 @@ from hf_moe_opt.layer import OptimizedMoE
 
 from .afmoe import AfmoePatch
 from .aria import AriaPatch
+from .axk1 import AXK1Patch
 from .axk2 import AXK2Patch
 from .base import MoEPatch
 from .beam import BeamPatch
@@ -82,6 +83,7 @@ _REGISTRY: list[MoEPatch] = [
     MiniMaxM3VLPatch(),
     BeamPatch(),
     OpenAIPrivacyFilterPatch(),
+    AXK1Patch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

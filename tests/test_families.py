@@ -326,6 +326,8 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
         # DeepSeek-V3's block with a router that masks other groups with 0 (group routing on here;
         # test_axk2_without_groups turns it off as the light checkpoints do).
         "axk2": ("AXK2Config", "AXK2ForCausalLM", dict(dsa)),
+        # DeepSeek-V3's block with an RMSNorm on its output.
+        "axk1": ("AXK1Config", "AXK1ForCausalLM", dict(dsv, mlp_layer_types=["dense", "sparse"])),
         # DeepSeek-V3's block with a router whose bias corrects the logits; sliding and full attention.
         "kolibri1": ("Kolibri1Config", "Kolibri1ForCausalLM", kolibri),
         # Sigmoid routing with a correction bias and softcapped logits; the routed output scaled.
@@ -589,6 +591,7 @@ BLOCKS = {
     "inkling": "InklingMoE",
     "minimax_m3_vl": "MiniMaxM3VLSparseMoeBlock",
     "beam": "BeamMoE",
+    "axk1": "AXK1MoE",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -622,7 +625,7 @@ ROUTES = {
     "kolibri1_1": "kolibri1",
     **dict.fromkeys(
         ["glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32", "solar_open", "exaone_moe", "glm_moe_dsa"]
-        + ["kimi_linear", "bailing_hybrid", "nemotron_h", "mimo_v2_flash", "hy_v4", "minicpm5_moe"],
+        + ["kimi_linear", "bailing_hybrid", "nemotron_h", "mimo_v2_flash", "hy_v4", "minicpm5_moe", "axk1"],
         "deepseek_v3",
     ),
 }
@@ -792,6 +795,8 @@ def test_family_fp32_matches_transformers(family):
             "longcat_flash",
             "inkling",
             "minimax_m3_vl",
+            "beam",
+            "axk1",
         ),
     ],
 )
@@ -1614,9 +1619,10 @@ def test_longcat_flash_router_bias_is_refused():
     assert not hf_moe_opt.is_optimized(model)
 
 
-@pytest.mark.parametrize(
-    "family", ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe", "minimax_m3_vl", "beam"]
-)
+NEWER = ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe", "minimax_m3_vl", "beam", "axk1"]
+
+
+@pytest.mark.parametrize("family", NEWER)
 def test_newer_families_triton_backend_matches_transformers(family):
     """Zero experts (LongCat-Flash), per-token shared-expert gammas (Inkling), scaled routed outputs
     (Laguna) and ungated shared experts through the Triton kernels (on CPU in the interpreter): a
