@@ -24,6 +24,7 @@ from .hunyuan_v1_moe import HunYuanMoEV1Patch
 from .hy_v3 import HYV3Patch
 from .hy_v4 import HYV4Patch
 from .inkling import InklingPatch
+from .inkling2 import Inkling2Patch
 from .jamba import JambaPatch
 from .kolibri1 import Kolibri1Patch
 from .laguna import LagunaPatch
@@ -84,6 +85,7 @@ _REGISTRY: list[MoEPatch] = [
     BeamPatch(),
     OpenAIPrivacyFilterPatch(),
     AXK1Patch(),
+    Inkling2Patch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

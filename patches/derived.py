@@ -224,6 +224,7 @@ def derived_patches() -> list[DerivedPatch]:
     from .deepseek_v3 import DeepseekV3Patch, DeepseekV3Routing
     from .granitemoe import GraniteMoePatch
     from .hy_v4 import HYV4Patch
+    from .inkling2 import Inkling2Patch
     from .kolibri1 import Kolibri1Patch
     from .mixtral import MixtralPatch
     from .olmoe import OlmoePatch
@@ -240,6 +241,7 @@ def derived_patches() -> list[DerivedPatch]:
     granite = (GraniteMoePatch(), "GraniteMoeExperts")
     hy_v4 = (HYV4Patch(), "HYV4Experts")
     kolibri1 = (Kolibri1Patch(), "Kolibri1Experts")
+    inkling2 = (Inkling2Patch(), "Inkling2Experts")
     # Bailing hybrid's experts are DeepSeek-V3's up to transformers 5.24, Step-3.7's (limits after the
     # activation) from 5.25 on.
     bailing = {"other_experts": ((Step3p7Patch(), "Step3p7Experts"),)}
@@ -280,6 +282,7 @@ def derived_patches() -> list[DerivedPatch]:
         (hy_v4, "glm5_next", "Glm5NextTextMoE", "Glm5NextTextTopkRouter", "Glm5NextTextExperts", None),
         (hy_v4, "hy_v4_vl", "HYV4VLMoE", "HYV4VLTopkRouter", "HYV4VLExperts", None),
         (kolibri1, "kolibri1_1", "Kolibri1_1SparseMoeBlock", "Kolibri1_1TopKRouter", "Kolibri1_1Experts", None),
+        (inkling2, "inkling2_loop", *(f"Inkling2Loop{part}" for part in _PARTS), None),
         # Qwen3-Omni-MoE: the thinker's blocks are Qwen3-MoE's, the talker's Qwen2-MoE's (shared expert).
         (qwen3, "qwen3_omni_moe", *(f"Qwen3OmniMoeThinkerText{part}" for part in _PARTS), None),
         (qwen2, "qwen3_omni_moe_talker", *(f"Qwen3OmniMoeTalkerText{part}" for part in _PARTS), None),

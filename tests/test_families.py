@@ -447,6 +447,29 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 mlp_layer_types=["dense", "sparse"],
             ),
         ),
+        # Float32 sigmoid routing with a correction bias; softcapped SwiGLU experts (caps that bind).
+        "inkling2": (
+            "Inkling2TextConfig",
+            "Inkling2ForCausalLM",
+            dict(
+                head_dim=8,
+                swa_num_attention_heads=4,
+                swa_num_key_value_heads=2,
+                swa_head_dim=8,
+                sliding_window_size=8,
+                unpadded_vocab_size=VOCAB,
+                moe_intermediate_size=24,
+                n_routed_experts=8,
+                num_experts_per_tok=3,
+                route_scale=2.5,
+                mlp_gate_softcap=1.0,
+                mlp_up_softcap=2.0,
+                n_layers_per_attn_res_block=1,
+                log_scaling_n_floor=16,
+                d_rel=4,
+                rel_extent=16,
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -592,6 +615,7 @@ BLOCKS = {
     "minimax_m3_vl": "MiniMaxM3VLSparseMoeBlock",
     "beam": "BeamMoE",
     "axk1": "AXK1MoE",
+    "inkling2": "Inkling2SparseMoeBlock",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -724,8 +748,19 @@ def _skip_known_drift(family: str) -> None:
         pytest.skip(f"transformers {transformers.__version__} refuses {family} ({reason}): test_known_drift_is_refused")
 
 
+def _keep_float32(model: nn.Module) -> None:
+    """What ``from_pretrained`` does for a 16-bit model: the tensors its class names in
+    ``_keep_in_fp32_modules_strict`` (Inkling 2's router weight, ...) stay float32."""
+    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if any(k in name for k in keep) and t.is_floating_point():
+                t.data = t.data.float()
+
+
 def _pair(family: str, dtype: torch.dtype = torch.float32, capacity: str = "model", **kw):
     ref = tiny_model(family, **kw).to(dtype)
+    _keep_float32(ref)
     opt = copy.deepcopy(ref)
     hf_moe_opt.optimize(opt, capacity=capacity, backend="torch")
     return ref, opt
@@ -797,6 +832,7 @@ def test_family_fp32_matches_transformers(family):
             "minimax_m3_vl",
             "beam",
             "axk1",
+            "inkling2",
         ),
     ],
 )
@@ -1136,6 +1172,11 @@ def test_routing_functions_match_transformers_routers(family):
             w = s[:, : router.top_k]
             torch.testing.assert_close(w.gather(-1, order), weights.gather(-1, order_ref), atol=1e-6, rtol=1e-6)
             return
+        elif family == "inkling2":  # float32 sigmoid scores, bias for the choice, renormalised, scaled
+            scores = logits.sigmoid()
+            i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
+            w = scores.gather(1, i)
+            w = w / (w.sum(-1, keepdim=True) + 1e-20) * router.routed_scaling_factor
         elif family == "beam":  # DeepSeek-V3's routing, the scaling left to the block
             w, i = deepseek_topk(
                 logits,
@@ -1620,6 +1661,7 @@ def test_longcat_flash_router_bias_is_refused():
 
 
 NEWER = ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe", "minimax_m3_vl", "beam", "axk1"]
+NEWER += ["inkling2"]
 
 
 @pytest.mark.parametrize("family", NEWER)
@@ -1662,4 +1704,24 @@ def test_minimax_m3_clamped_swiglu_reads_concatenated_halves():
         want = ref(ids).logits
         torch.testing.assert_close(opt(ids).logits, want, **FP32)
         layer.activation = clamped_swiglu_activation(1.702, 0.5)  # interleaved
+        assert not torch.allclose(opt(ids).logits, want, atol=1e-3)
+
+
+def test_inkling2_softcapped_swiglu_binds():
+    """Inkling 2's experts: the softcaps of the tiny model (1 and 2) bind, so a plain SwiGLU gives other
+    outputs; the optimized model equals transformers'."""
+    from hf_moe_opt.experts.activation import glu_activation
+
+    ref = tiny_model("inkling2")
+    opt = copy.deepcopy(ref)
+    hf_moe_opt.optimize(opt, backend="torch")
+    layers = hf_moe_opt.optimized_layers(opt)
+    act = layers[0][1].activation
+    assert (act.glu, act.alpha, act.limit) == ("softcapped_swiglu", 1.0, 2.0)
+    ids = _ids()
+    with torch.no_grad():
+        want = ref(ids).logits
+        torch.testing.assert_close(opt(ids).logits, want, **FP32)
+        for _, layer in layers:
+            layer.activation = glu_activation("silu", F.silu)
         assert not torch.allclose(opt(ids).logits, want, atol=1e-3)

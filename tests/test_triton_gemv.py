@@ -17,6 +17,7 @@ from hf_moe_opt.experts.activation import (  # noqa: E402
     clamped_swiglu_activation,
     glu_activation,
     limited_swiglu_activation,
+    softcapped_swiglu_activation,
 )
 from hf_moe_opt.experts.torch_backend import torch_moe_ffn  # noqa: E402
 from hf_moe_opt.kernels import kernels_interpreted  # noqa: E402
@@ -38,6 +39,7 @@ ACTIVATIONS = {
     "clamped_swiglu_halves": clamped_swiglu_activation(alpha=1.702, limit=0.8, interleaved=False),
     "limited_swiglu": limited_swiglu_activation(limit=0.8),
     "act_limited": act_limited_glu_activation("silu", torch.nn.functional.silu, limit=0.3),
+    "softcapped_swiglu": softcapped_swiglu_activation(gate_cap=0.5, up_cap=0.7),
 }
 
 

@@ -14,6 +14,9 @@ Two-matrix experts apply ``fn`` elementwise to ``x W1``. Gated (GLU) experts com
   ``u = clamp(up, -limit, limit)``, ``silu(g) * u`` (GLM-5-Next, HY-V4);
 * ``glu="act_limited"``: on the concatenated halves, the limit after the activation:
   ``min(act(gate), limit) * clamp(up, -limit, limit)`` (Step-3.7, Bailing hybrid's later experts);
+* ``glu="softcapped_swiglu"``: on the concatenated halves, computed in float32,
+  ``cap(gate, alpha) * sigmoid(gate) * cap(up, limit)`` with ``cap(x, c) = c * tanh(x / c)``
+  (Inkling 2: the softcaps bound the linear gate factor and the up half, the sigmoid sees the raw gate);
 * ``glu="custom"``: ``gate_fn`` maps ``[rows, 2F]`` to ``[rows, F]`` (an experts module's own
   ``_apply_gate``); nothing can specialise on it.
 
@@ -37,6 +40,7 @@ GLU_LAYOUTS = (
     "clamped_swiglu_halves",
     "limited_swiglu",
     "act_limited",
+    "softcapped_swiglu",
     "custom",
 )
 
@@ -50,8 +54,9 @@ class Activation:
             only know elementwise activations never take a gated one for theirs).
         fn: the elementwise activation (for gated experts: applied to the gate half).
         glu: ``None`` for two-matrix experts, else one of :data:`GLU_LAYOUTS`.
-        alpha, limit: the clamped SwiGLU's sigmoid gain and clamp (``alpha``: ``glu="clamped_swiglu"``
-            only; ``limit``: the clamped, limited and act-limited layouts).
+        alpha, limit: the clamped SwiGLU's sigmoid gain and clamp (``alpha``: the clamped layouts only;
+            ``limit``: the clamped, limited and act-limited layouts); for ``glu="softcapped_swiglu"``
+            the gate's and the up half's softcaps.
         gate_fn: ``[rows, 2F] -> [rows, F]`` for ``glu="custom"``.
     """
 
@@ -69,6 +74,8 @@ class Activation:
             raise ValueError("a clamped SwiGLU needs alpha and limit")
         if self.glu in ("limited_swiglu", "act_limited") and self.limit is None:
             raise ValueError(f"a {self.glu} GLU needs limit")
+        if self.glu == "softcapped_swiglu" and (not self.alpha or not self.limit):
+            raise ValueError("a softcapped SwiGLU needs nonzero gate and up softcaps (alpha, limit)")
         if self.glu == "custom" and self.gate_fn is None:
             raise ValueError("a custom GLU needs gate_fn")
 
@@ -99,6 +106,10 @@ class Activation:
             gate, up = h.chunk(2, dim=-1)
             gate = gate.clamp(min=None, max=self.limit)
             return torch.nn.functional.silu(gate) * up.clamp(min=-self.limit, max=self.limit)
+        if self.glu == "softcapped_swiglu":
+            gate, up = (t.float() for t in h.chunk(2, dim=-1))
+            capped = torch.tanh(gate / self.alpha) * self.alpha * torch.sigmoid(gate)
+            return (capped * (torch.tanh(up / self.limit) * self.limit)).to(h.dtype)
         if self.glu == "act_limited":
             gate, up = h.chunk(2, dim=-1)
             return self.fn(gate).clamp(min=None, max=self.limit) * up.clamp(min=-self.limit, max=self.limit)
@@ -137,6 +148,13 @@ def limited_swiglu_activation(limit: float) -> Activation:
 def act_limited_glu_activation(name: str, fn: Callable[[torch.Tensor], torch.Tensor], limit: float) -> Activation:
     """``min(act(gate), limit) * clamp(up, -limit, limit)`` on concatenated gate/up halves."""
     return Activation(f"glu_{name}", fn, glu="act_limited", limit=float(limit))
+
+
+def softcapped_swiglu_activation(gate_cap: float, up_cap: float) -> Activation:
+    """Inkling 2's SwiGLU: ``cap(gate) * sigmoid(gate) * cap(up)``, ``cap(x, c) = c * tanh(x / c)``."""
+    return Activation(
+        "softcapped_swiglu", torch.sigmoid, glu="softcapped_swiglu", alpha=float(gate_cap), limit=float(up_cap)
+    )
 
 
 def clamped_swiglu_activation(alpha: float, limit: float, *, interleaved: bool = True) -> Activation:

@@ -155,6 +155,10 @@ def _glu(gate, up, alpha, limit, ACTIVATION: tl.constexpr, GLU: tl.constexpr):
     if GLU == "limited_swiglu":  # plain SiLU-GLU on clamped halves
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
+    if GLU == "softcapped_swiglu":  # alpha, limit: the gate and up softcaps; c * tanh(x / c) via sigmoid
+        capped_gate = alpha * (2.0 * tl.sigmoid(2.0 * gate / alpha) - 1.0)
+        capped_up = limit * (2.0 * tl.sigmoid(2.0 * up / limit) - 1.0)
+        return capped_gate * tl.sigmoid(gate) * capped_up
     if GLU == "act_limited":  # the gate's limit after its activation
         up = tl.minimum(tl.maximum(up, -limit), limit)
         return tl.minimum(_activate(gate, ACTIVATION), limit) * up
@@ -679,8 +683,8 @@ def _slot_sum_kernel(
 class KernelActivation:
     """What kernel A applies: an elementwise activation, optionally gated.
 
-    ``glu`` is ``"none"``, ``"glu"`` (``act(gate) * up``), ``"clamped_swiglu"``, ``"limited_swiglu"`` or
-    ``"act_limited"``;
+    ``glu`` is ``"none"``, ``"glu"`` (``act(gate) * up``), ``"clamped_swiglu"``, ``"limited_swiglu"``,
+    ``"act_limited"`` or ``"softcapped_swiglu"``;
     output column ``n``
     of a gated expert reads W1 rows ``n * row_mul`` (gate) and ``n * row_mul + up_offset`` (up).
     """
@@ -701,6 +705,8 @@ class KernelActivation:
             return None if name is None else cls(name)
         if activation.glu == "clamped_swiglu":
             return cls("silu", "clamped_swiglu", 2, 1, float(activation.alpha), float(activation.limit))
+        if activation.glu == "softcapped_swiglu":
+            return cls("silu", "softcapped_swiglu", 1, ffn, float(activation.alpha), float(activation.limit))
         if activation.glu == "clamped_swiglu_halves":
             return cls("silu", "clamped_swiglu", 1, ffn, float(activation.alpha), float(activation.limit))
         if activation.glu == "limited_swiglu":
