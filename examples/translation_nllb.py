@@ -7,7 +7,7 @@ Runs offline on the shipped English->German model (``nllb-moe-tiny-ddtp``)::
     python examples/translation_nllb.py --model facebook/nllb-moe-54b --src-lang eng_Latn --tgt-lang deu_Latn \
         --device cuda --dtype bfloat16
 
-transformers 5.0-5.24's own ``NllbMoeExperts.forward`` only ever runs experts 0 and 1, so the plain
+transformers 5.0-5.25's own ``NllbMoeExperts.forward`` only ever runs experts 0 and 1, so the plain
 HF model is not a fair reference. ``hf_moe_opt.baselines.use_nllb_eager_reference`` swaps in a correct
 eager block (HF's router, a loop over the experts as transformers 4.57 did); the example runs it on a
 deep copy of the model and compares its greedy tokens with those of ``hf_moe_opt.optimize(model)``.

@@ -1,6 +1,6 @@
 """Eager baselines to compare against where the installed transformers runs a block wrongly.
 
-* NLLB-MoE: transformers 5.0-5.24 ship an expert loop that only ever runs experts 0 and 1.
+* NLLB-MoE: transformers 5.0-5.25 ship an expert loop that only ever runs experts 0 and 1.
   :class:`NllbMoeEagerReference` reuses the HF router (whose routing is right) and loops over experts
   with the router's combine weights, as 4.57 did.
 * Switch Transformers: transformers 5.0-5.17 never apply expert capacity (the router's cumsum runs over

@@ -507,7 +507,7 @@ def transformers_nllb_block_is_correct() -> bool:
     """Whether the installed transformers' ``NllbMoeSparseMLP`` matches the correct eager reference.
 
     Checked numerically on a small random block (eval mode, capacity fraction 1.0): transformers
-    5.0-5.24 run only experts 0 and 1 and fail this.
+    5.0-5.25 run only experts 0 and 1 and fail this.
     """
     from transformers import NllbMoeConfig
     from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeSparseMLP
