@@ -37,6 +37,7 @@ from .minimax_m2 import MiniMaxM2Patch
 from .minimax_m3_vl import MiniMaxM3VLPatch
 from .mistral4 import Mistral4Patch, MistralLarge4Patch
 from .mixtral import MixtralPatch
+from .muse_spark import MuseSparkPatch
 from .nemotron_h import NemotronHPatch
 from .nllb_moe import NllbMoePatch
 from .olmoe import OlmoePatch
@@ -86,6 +87,7 @@ _REGISTRY: list[MoEPatch] = [
     OpenAIPrivacyFilterPatch(),
     AXK1Patch(),
     Inkling2Patch(),
+    MuseSparkPatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]
