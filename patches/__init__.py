@@ -16,6 +16,7 @@ from .cohere2_moe import Cohere2MoePatch
 from .deepseek_v2 import DeepseekV2Patch
 from .deepseek_v3 import DeepseekV3Patch
 from .derived import DerivedPatch, derived_patches
+from .ergo import ErgoPatch
 from .ernie4_5_moe import Ernie4_5_MoePatch
 from .flint import FlintPatch
 from .gpt_oss import GptOssPatch
@@ -88,6 +89,7 @@ _REGISTRY: list[MoEPatch] = [
     AXK1Patch(),
     Inkling2Patch(),
     MuseSparkPatch(),
+    ErgoPatch(),
     MistralLarge4Patch(),
     *derived_patches(),
 ]

@@ -470,6 +470,20 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
                 rel_extent=16,
             ),
         ),
+        # Squared-ReLU experts [E, in, out] with a per-expert norm on each output; a shared expert.
+        "ergo": (
+            "ErgoConfig",
+            "ErgoForCausalLM",
+            dict(
+                first_dense_intermediate_size=40,
+                moe_intermediate_size=24,
+                shared_intermediate_size=20,
+                num_experts=8,
+                num_experts_per_tok=3,
+                moe_routed_scaling_factor=2.5,
+                sliding_window=8,
+            ),
+        ),
         # Families whose block copies another's (hf_moe_opt.patches.derived).
         "minimax": (
             "MiniMaxConfig",
@@ -616,6 +630,7 @@ BLOCKS = {
     "beam": "BeamMoE",
     "axk1": "AXK1MoE",
     "inkling2": "Inkling2SparseMoeBlock",
+    "ergo": "ErgoMoE",
     "granitemoeshared": "GraniteMoeSharedMoE",
     "granitemoehybrid": "GraniteMoeHybridMoE",
     "minimax": "MiniMaxSparseMoeBlock",
@@ -710,6 +725,10 @@ def _spread(model: nn.Module) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
         elif name.endswith(("e_score_correction_bias", "expert_bias")):  # ERNIE 4.5's router, AFMoE's block
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        elif moe and name.endswith(".gate.linear.weight"):  # Ergo's router holds a float32-output linear
+            p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+        elif name.endswith("post_expert_norm.weight"):  # Ergo's per-expert norms
+            p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.3)
         elif name.endswith("gate.global_scale"):  # Inkling's router
             p.fill_(1.3)
     for name, b in model.named_buffers():
@@ -833,6 +852,7 @@ def test_family_fp32_matches_transformers(family):
             "beam",
             "axk1",
             "inkling2",
+            "ergo",
         ),
     ],
 )
@@ -1109,7 +1129,7 @@ def _hf_router(family: str, **overrides) -> nn.Module:
 def test_routing_functions_match_transformers_routers(family):
     router = _hf_router(family)
     x = torch.randn(40, 32) * 2
-    bias = torch.randn(router.num_experts) * 0.1  # MiniMax-M2's block passes its correction bias
+    bias = torch.randn(getattr(router, "num_experts", 8)) * 0.1  # MiniMax-M2's block passes its correction bias
     family = ROUTES.get(family, family)
     with torch.no_grad():
         if family == "afmoe":  # its router takes [B, S, D] tokens
@@ -1172,6 +1192,11 @@ def test_routing_functions_match_transformers_routers(family):
             w = s[:, : router.top_k]
             torch.testing.assert_close(w.gather(-1, order), weights.gather(-1, order_ref), atol=1e-6, rtol=1e-6)
             return
+        elif family == "ergo":  # sigmoid, bias for the choice, renormalised, scaled; in x's dtype, then float32
+            scores = logits.sigmoid()
+            i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
+            w = scores.gather(1, i)
+            w = (w / (w.sum(-1, keepdim=True) + 1e-20) * router.routed_scaling_factor).to(x.dtype).float()
         elif family == "inkling2":  # float32 sigmoid scores, bias for the choice, renormalised, scaled
             scores = logits.sigmoid()
             i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
@@ -1661,7 +1686,7 @@ def test_longcat_flash_router_bias_is_refused():
 
 
 NEWER = ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe", "minimax_m3_vl", "beam", "axk1"]
-NEWER += ["inkling2"]
+NEWER += ["inkling2", "ergo"]
 
 
 @pytest.mark.parametrize("family", NEWER)
@@ -1725,3 +1750,20 @@ def test_inkling2_softcapped_swiglu_binds():
         for _, layer in layers:
             layer.activation = glu_activation("silu", F.silu)
         assert not torch.allclose(opt(ids).logits, want, atol=1e-3)
+
+
+def test_ergo_per_expert_norms_matter():
+    """Ergo normalises each expert's output with that expert's own RMSNorm weight: with one shared
+    weight (expert 0's) for every expert the block is another function."""
+    ref = tiny_model("ergo")
+    block = _blocks(ref, "ergo")[0]
+    layer = hf_moe_opt.patches.find_patch(block).build(
+        copy.deepcopy(block), ref.config, capacity="model", backend="torch"
+    )
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = block(x)
+        torch.testing.assert_close(layer(x), want, **FP32)
+        norm = layer.experts.post_expert_norm
+        norm.weight.copy_(norm.weight[:1].expand_as(norm.weight).clone())
+        assert not torch.allclose(layer(x), want, atol=1e-3)

@@ -463,6 +463,7 @@ def test_nllb_step_generate_matches_plain_generate(capacity_fraction):
         ("inkling", "LinearAttentionAndStaticSlidingWindowAttentionLayer"),  # short convolutions
         ("beam", "StaticSlidingWindowLayer"),
         ("inkling2", "LinearAttentionAndStaticSlidingWindowAttentionLayer"),
+        ("ergo", "StaticSlidingWindowLayer"),
     ],
 )
 def test_models_whose_cache_tracks_state_in_python_raise(family, layer):
