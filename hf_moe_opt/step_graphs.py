@@ -219,11 +219,27 @@ def check_supported(model: nn.Module) -> None:
         raise ValueError(f'cuda_graphs="step": {type(model).__name__} has no static KV cache ({e})') from e
     other = sorted({type(layer).__name__ for layer in probe.layers if type(layer) is not StaticLayer})
     if other:
+        reasons = sorted({reason for name in other for reason in _cache_layer_reasons(name)})
         raise ValueError(
             f'cuda_graphs="step" cannot capture {type(model).__name__}: its static cache uses {", ".join(other)} '
-            "(sliding-window or other layers that track their fill level in Python, so a replayed step would take "
-            "a stale branch). Use cuda_graphs=True (per-layer graphs)."
+            f"({'; '.join(reasons)}), so a replayed step would take a stale branch. Use cuda_graphs=True "
+            "(per-layer graphs)."
         )
+
+
+# Parts of static-cache layer class names, and why the step runner cannot replay such a layer.
+_CACHE_LAYER_REASONS = (
+    ("Sliding", "sliding-window or chunked attention tracks its fill level in Python"),
+    ("LinearAttention", "linear-attention, Mamba or convolution state is tracked in Python"),
+    ("Indexed", "a sparse-attention indexer cache tracks its fill level in Python"),
+    ("Dummy", "placeholder layers for blocks without attention are not static layers the runner resets"),
+)
+
+
+def _cache_layer_reasons(name: str) -> list[str]:
+    """Why a static-cache layer class named ``name`` keeps a decode step from being captured whole."""
+    found = [reason for part, reason in _CACHE_LAYER_REASONS if part in name]
+    return found or ["a cache layer the step runner does not know"]
 
 
 def _layer_host_read_reason(

@@ -701,3 +701,13 @@ def test_dropped_step_graphs_are_freed_at_once():
     finally:
         if enabled:
             gc.enable()
+
+
+def test_refusal_says_why_each_cache_layer_cannot_be_replayed():
+    from hf_moe_opt.step_graphs import _cache_layer_reasons
+
+    assert "sliding-window" in _cache_layer_reasons("StaticSlidingWindowLayer")[0]
+    assert len(_cache_layer_reasons("LinearAttentionAndStaticSlidingWindowAttentionLayer")) == 2
+    assert "placeholder" in _cache_layer_reasons("DummyLayer")[0]
+    assert "indexer" in _cache_layer_reasons("StaticIndexedLayer")[0]
+    assert _cache_layer_reasons("SomethingNewLayer") == ["a cache layer the step runner does not know"]
