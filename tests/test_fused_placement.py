@@ -230,3 +230,22 @@ def test_placed_copies_follow_weight_writes(family):
                     p.mul_(1.5)
             hf_moe_opt.sync_expert_copies(fresh)
             torch.testing.assert_close(fresh(ids).logits, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", ["longcat_flash", "inkling", "ergo", "laguna"])
+def test_newer_layer_kinds_under_placement(family, one_thread):
+    """Zero-expert slots dropped from the dispatch (LongCat-Flash), per-token shared-expert gammas
+    (Inkling), one top-1 row per slot with a per-expert norm (Ergo) and a scaled routed output (Laguna)
+    through placed experts: the single-device result, and transformers'."""
+    model = tiny_model(family)
+    ids = _ids(7)
+    with torch.no_grad():
+        hf = model(ids).logits
+        want = hf_moe_opt.optimize(copy.deepcopy(model), backend="torch")(ids).logits
+    plan = _plans(model)["round_robin"]
+    placed = hf_moe_opt.optimize(copy.deepcopy(model), backend="torch", placement=plan, devices=DEVICES)
+    with torch.no_grad():
+        got = placed(ids).logits
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got, hf, **FP32)
+    assert all(isinstance(layer.store, PlacedExpertStore) for _, layer in hf_moe_opt.optimized_layers(placed))
