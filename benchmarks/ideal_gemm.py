@@ -11,6 +11,10 @@ stored contiguously in expert order:
 * ``bmm``: ``torch.bmm`` over ``[E, m, .]`` (the vendor library's batched GEMM);
 * ``triton_ideal``: a plain Triton per-expert GEMM over TMA descriptors (no gather, no scatter, no
   epilogue), the best of a few launch configurations;
+* ``grouped_mm_{balanced,random}_gemm{1,2}``: the vendor's grouped GEMM (``torch._grouped_mm``) on
+  rows already sorted by expert, with the balanced groups and with the group sizes of random routing;
+* ``mma_rows_{balanced,random}``: rows the tensor cores multiply per routed row with 128-row tiles
+  and 64-row tail tiles (the tile waste uneven groups cost any wgmma kernel);
 * ``ours_balanced`` / ``ours_random``: :func:`hf_moe_opt.kernels.moe_ffn` (both GEMMs with the row
   gather, bias, activation, gate multiply, scatter and top-k combine) on a plan whose groups are all
   ``m`` rows, and on uniformly random top-k routing (uneven groups), the plan built beforehand.
@@ -191,6 +195,16 @@ def triton_persistent_ms(
     return best and {**best, "failed_configs": failed}
 
 
+def mma_rows(counts: list[int], block_m: int = 128, tail_m: int = 64) -> int:
+    """Rows the tensor cores multiply for groups of ``counts`` rows: whole ``block_m``-row tiles, an
+    expert's last tile shrunk to ``tail_m`` rows where its rows fit (wgmma's smallest height is 64)."""
+    total = 0
+    for c in counts:
+        full, rest = divmod(c, block_m)
+        total += full * block_m + (0 if rest == 0 else tail_m if rest <= tail_m else block_m)
+    return total
+
+
 def bench_shape(
     name: str, tokens: int, device: torch.device, ceilings: dict, persistent: bool = False, ws: bool = False
 ) -> dict:
@@ -239,6 +253,16 @@ def bench_shape(
     for label, index in (("balanced", balanced), ("random", random)):
         plan = make_plan(index, gates, None, e)
         row[f"ours_{label}_ms"] = device_ms(lambda plan=plan: moe_ffn(x, plan, w1, b1, w2, b2, relu, 1.0), device)
+        counts = torch.bincount(index.flatten(), minlength=e)
+        row[f"mma_rows_{label}"] = mma_rows(counts.tolist()) / (tokens * k)
+        if hasattr(torch, "_grouped_mm"):  # the vendor's grouped GEMM on the same group sizes, rows pre-sorted
+            offs = counts.cumsum(0).to(torch.int32)
+            a1 = torch.randn(tokens * k, d, device=device, dtype=torch.bfloat16, generator=g)
+            a2 = torch.randn(tokens * k, f, device=device, dtype=torch.bfloat16, generator=g)
+            for gemm, a, w in (("gemm1", a1, w1), ("gemm2", a2, w2)):
+                row[f"grouped_mm_{label}_{gemm}_ms"] = device_ms(
+                    lambda a=a, w=w, offs=offs: torch._grouped_mm(a, w.transpose(1, 2), offs=offs), device
+                )
     for key in [key for key in row if key.endswith("_ms") and "floor" not in key]:
         floor = row["floor_ms"] if key.startswith("ours") else gemm_floor
         row[key.replace("_ms", "_x_floor")] = row[key] / floor if row[key] else None
@@ -268,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"].append(row)
         parts = ", ".join(f"{key[:-8]} {row[key]:.2f}x" for key in row if key.endswith("_x_floor") and row[key])
         print(f"{name} {tokens} tokens ({row['rows_per_expert']} rows/expert): floor {row['floor_ms']:.3f} ms "
-              f"(each GEMM {row['gemm_floor_ms']:.3f}); {parts}", flush=True)  # fmt: skip
+              f"(each GEMM {row['gemm_floor_ms']:.3f}); {parts}; MMA rows per row: balanced "
+              f"{row['mma_rows_balanced']:.3f}, random {row['mma_rows_random']:.3f}", flush=True)  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
