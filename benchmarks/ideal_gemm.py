@@ -270,6 +270,42 @@ def bench_shape(
     return row
 
 
+# (label, keys averaged) for the plot: per-GEMM ratios average GEMM1 and GEMM2.
+PLOT_SERIES = (
+    ("bmm, equal groups", ("bmm_gemm1_x_floor", "bmm_gemm2_x_floor")),
+    ("grouped_mm, equal groups", ("grouped_mm_balanced_gemm1_x_floor", "grouped_mm_balanced_gemm2_x_floor")),
+    ("grouped_mm, random routing", ("grouped_mm_random_gemm1_x_floor", "grouped_mm_random_gemm2_x_floor")),
+    ("moe_ffn, equal groups", ("ours_balanced_x_floor",)),
+    ("moe_ffn, random routing", ("ours_random_x_floor",)),
+)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Each series' time over its floor per shape and token count, the 1.3x target dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(rows) + 2), 4.8))
+    width = 0.8 / len(PLOT_SERIES)
+    for i, (label, keys) in enumerate(PLOT_SERIES):
+        got = [[r.get(key) for key in keys] for r in rows]
+        ys = [sum(v) / len(v) if all(v) else float("nan") for v in got]
+        ax.bar([j + (i - (len(PLOT_SERIES) - 1) / 2) * width for j in range(len(rows))], ys, width, label=label)
+    ax.axhline(1.3, color="k", linestyle="--", linewidth=1, label="1.3x target")
+    ax.set_xticks(range(len(rows)), [f"{r['shape']}\n{r['tokens']} tok" for r in rows], fontsize=8)
+    ax.set_ylabel("time / floor (per GEMM, or whole layer for moe_ffn)")
+    ax.set_ylim(bottom=1.0)
+    env = result.get("environment", {})
+    where = f"{env.get('device', '')}, torch {env.get('torch', '')}, triton {env.get('triton', '')}"
+    ax.set_title(f"Expert GEMMs against the floor: {where}", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     from hf_moe_opt.benchmarking.common import LAYER_SHAPES, environment, measure_ceilings, print_ceilings
 
@@ -296,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['mma_rows_balanced']:.3f}, random {row['mma_rows_random']:.3f}", flush=True)  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    plot(result, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and its plot")
     return 0
 
 

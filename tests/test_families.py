@@ -18,6 +18,7 @@ from torch.nn import functional as F
 import hf_moe_opt
 from hf_moe_opt.experts import ExpertWeights, FusedExpertTensor
 from hf_moe_opt.experts.activation import Activation, clamped_swiglu_activation, glu_activation
+from hf_moe_opt.patches import find_patch
 from hf_moe_opt.routing import deepseek_topk, softmax_topk, topk_softmax
 
 VOCAB = 64
@@ -1666,9 +1667,7 @@ def test_longcat_flash_zero_experts_add_their_tokens():
     with torch.no_grad():
         _, _, indices = block.router(x.reshape(-1, 32))
     assert 0.1 < (indices >= 8).float().mean() < 0.9
-    layer = hf_moe_opt.patches.find_patch(block).build(
-        copy.deepcopy(block), ref.config, capacity="model", backend="torch"
-    )
+    layer = find_patch(block).build(copy.deepcopy(block), ref.config, capacity="model", backend="torch")
     with torch.no_grad():
         want = block(x)
         torch.testing.assert_close(layer(x), want, **FP32)
@@ -1757,9 +1756,7 @@ def test_ergo_per_expert_norms_matter():
     weight (expert 0's) for every expert the block is another function."""
     ref = tiny_model("ergo")
     block = _blocks(ref, "ergo")[0]
-    layer = hf_moe_opt.patches.find_patch(block).build(
-        copy.deepcopy(block), ref.config, capacity="model", backend="torch"
-    )
+    layer = find_patch(block).build(copy.deepcopy(block), ref.config, capacity="model", backend="torch")
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         want = block(x)
