@@ -15,6 +15,7 @@ from .beam import BeamPatch
 from .cohere2_moe import Cohere2MoePatch
 from .deepseek_v2 import DeepseekV2Patch
 from .deepseek_v3 import DeepseekV3Patch
+from .deepseek_v4 import DeepseekV4Patch
 from .derived import DerivedPatch, derived_patches
 from .ergo import ErgoPatch
 from .ernie4_5_moe import Ernie4_5_MoePatch
@@ -58,6 +59,7 @@ _REGISTRY: list[MoEPatch] = [
     OlmoePatch(),
     DeepseekV2Patch(),
     DeepseekV3Patch(),
+    DeepseekV4Patch(),
     GptOssPatch(),
     MiniMaxM2Patch(),
     Ernie4_5_MoePatch(),

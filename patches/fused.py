@@ -295,14 +295,19 @@ class FusedMoEPatch(MoEPatch):
     def check_block(self, block: nn.Module) -> None:
         """Raise ValueError for a block this family's routing cannot run (a setting the router lacks)."""
 
+    def router_class_for(self, block: nn.Module) -> type[nn.Module] | None:
+        """The optimized router class for ``block``'s router (families with one router class: ``router_class``)."""
+        return self.router_class
+
     def build(self, block: nn.Module, config, *, capacity: str, backend: str) -> OptimizedMoE:
         # These families have no capacity: "model" and "none" route identically.
-        if self.router_class is None:
+        router_class = self.router_class_for(block)
+        if router_class is None:
             raise ValueError(f"the installed transformers has no router class for {self.model_type}")
         self.check_block(block)
         weights = self.weights(block)
         activation = self.activation(block, config)
-        swap_router_class(getattr(block, self.router_name), self.router_class)
+        swap_router_class(getattr(block, self.router_name), router_class)
         return self.layer_class(
             block,
             weights,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -810,6 +811,20 @@ def test_families_bench_reads_each_blocks_routing(family) -> None:
     scout, maverick = families.FAMILY_SHAPES["llama4-scout"][3], families.FAMILY_SHAPES["llama4-maverick"][3]
     assert (scout["num_local_experts"], maverick["num_local_experts"]) == (16, 128)
     assert scout["hidden_size"] == 5120 and scout["intermediate_size"] == 8192 and scout["num_experts_per_tok"] == 1
+
+
+def test_families_bench_builds_deepseek_v4() -> None:
+    """DeepSeek-V4's block takes a layer index: the benchmark builds its learned-routing block at the
+    default config's shape (on the meta device here) and counts its shared expert in the floor."""
+    from hf_moe_opt.benchmarking import families
+
+    if getattr(transformers, "DeepseekV4Config", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no DeepSeek-V4")
+    block, config = families.build_block("deepseek-v4", torch.device("meta"))
+    assert type(block.gate).__name__ == "DeepseekV4TopKRouter"
+    assert families._dims(config) == (256, 4096, 2048, 6)
+    assert tuple(block.experts.gate_up_proj.shape) == (256, 2 * 2048, 4096)
+    assert "deepseek-v4" in families.SHARED_EXPERT
 
 
 @pytest.mark.parametrize("name", ["switch-base-128", "nllb-moe-54b", "qwen3-30b-a3b"])

@@ -590,6 +590,29 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
             dict(head_dim=8, intermediate_size=40, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2),
         ),
         "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(v3, head_dim=8, routed_scaling_factor=1.0)),
+        # Hash routing by token id (layer 0), sqrt-softplus top-k with a correction bias (layer 1),
+        # limited-SwiGLU experts (a limit that binds), a shared expert; hyper-connections around each block.
+        "deepseek_v4": (
+            "DeepseekV4Config",
+            "DeepseekV4ForCausalLM",
+            dict(
+                num_key_value_heads=1,
+                head_dim=16,
+                q_lora_rank=16,
+                moe_intermediate_size=24,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                o_groups=2,
+                o_lora_rank=16,
+                index_n_heads=2,
+                index_head_dim=8,
+                index_topk=4,
+                sliding_window=8,
+                hc_mult=2,
+                mlp_layer_types=["hash_moe", "moe"],
+                swiglu_limit=0.5,
+            ),
+        ),
     }
 
 
@@ -650,6 +673,7 @@ BLOCKS = {
     "minicpm5_moe": "MiniCPM5MoeMoE",
     "kolibri1_1": "Kolibri1_1SparseMoeBlock",
     "mellum": "MellumSparseMoeBlock",
+    "deepseek_v4": "DeepseekV4SparseMoeBlock",
 }
 
 # How each family routes: its own name, or the family whose router it copies ("renormalized": softmax
@@ -735,6 +759,8 @@ def _spread(model: nn.Module) -> None:
     for name, b in model.named_buffers():
         if name.endswith(("e_score_correction_bias", "expert_bias")):  # on the router or the block
             b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+        elif name.endswith("tid2eid"):  # DeepSeek-V4's hash table: k distinct experts per token id
+            b.copy_(torch.rand(b.shape[0], model.config.n_routed_experts, generator=g).topk(b.shape[1]).indices)
 
 
 def _ids(batch: int = 3, seq: int = 9, seed: int = 2) -> torch.Tensor:
@@ -804,7 +830,9 @@ def test_family_fp32_matches_transformers(family):
         o = opt(ids, attention_mask=mask, output_router_logits=record)
     torch.testing.assert_close(o.logits, r.logits, **FP32)
     if record and getattr(r, "router_logits", None) is not None:  # 5.17: not every output class has them
-        assert len(o.router_logits) == len(r.router_logits) == expected
+        # DeepSeek-V4 records its learned routers' logits, not its hash routers'.
+        recorded = expected - (family == "deepseek_v4")
+        assert len(o.router_logits) == len(r.router_logits) == recorded
         for a, b in zip(r.router_logits, o.router_logits, strict=True):
             torch.testing.assert_close(b, a, **FP32)
     # The state dict is unchanged: same keys in the same order, same values, same dtypes, and the
@@ -854,6 +882,7 @@ def test_family_fp32_matches_transformers(family):
             "axk1",
             "inkling2",
             "ergo",
+            "deepseek_v4",
         ),
     ],
 )
@@ -861,7 +890,12 @@ def test_family_bf16_matches_transformers(family):
     ref, opt = _pair(family, torch.bfloat16)
     ids = _ids()
     with torch.no_grad():
-        r = ref(ids).logits.float()
+        try:
+            r = ref(ids).logits.float()
+        except RuntimeError as e:  # transformers 5.17's DeepSeek-V4 mixes float32 and bf16 in a linear
+            if family != "deepseek_v4":
+                raise
+            pytest.skip(f"transformers {transformers.__version__}'s own DeepSeek-V4 fails in bf16: {e}")
         o = opt(ids).logits.float()
     torch.testing.assert_close(o, r, **BF16)
     assert (o.argmax(-1) == r.argmax(-1)).float().mean() > 0.9
@@ -1198,6 +1232,11 @@ def test_routing_functions_match_transformers_routers(family):
             i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
             w = scores.gather(1, i)
             w = (w / (w.sum(-1, keepdim=True) + 1e-20) * router.routed_scaling_factor).to(x.dtype).float()
+        elif family == "deepseek_v4":  # sqrt-softplus scores in x's dtype, bias for the choice, renormalised
+            scores = F.softplus(logits).sqrt()
+            i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
+            w = scores.gather(1, i)
+            w = w / (w.sum(-1, keepdim=True) + 1e-20) * router.routed_scaling_factor
         elif family == "inkling2":  # float32 sigmoid scores, bias for the choice, renormalised, scaled
             scores = logits.sigmoid()
             i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
@@ -1685,7 +1724,7 @@ def test_longcat_flash_router_bias_is_refused():
 
 
 NEWER = ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe", "minimax_m3_vl", "beam", "axk1"]
-NEWER += ["inkling2", "ergo"]
+NEWER += ["inkling2", "ergo", "deepseek_v4"]
 
 
 @pytest.mark.parametrize("family", NEWER)

@@ -8,7 +8,8 @@ the HF block with ``experts_implementation="grouped_mm"`` (transformers' default
 CUDA-graph replayed; the floor from the bandwidth and matmul rate measured in the same run; ratios.
 Llama 4's blocks (Scout: 16 experts; Maverick's MoE layers: 128) have one transformers
 implementation, every expert on every token (``hf_dense``); their floor counts the shared MLP, which
-runs for every token, as one more expert.
+runs for every token, as one more expert, as DeepSeek-V4's (transformers' default config: 256 experts,
+k = 6, limited-SwiGLU experts) counts its shared expert.
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ for _name, _experts in (("llama4-scout", 16), ("llama4-maverick", 128)):
         "Llama4TextMoe",
         {**_LLAMA4, "num_local_experts": _experts},
     )
+# DeepSeek-V4's learned-routing block at transformers' default config (256 experts, k = 6, a shared expert).
+FAMILY_SHAPES["deepseek-v4"] = (
+    "DeepseekV4Config",
+    "transformers.models.deepseek_v4.modeling_deepseek_v4",
+    "DeepseekV4SparseMoeBlock",
+    {
+        "hidden_size": 4096,
+        "moe_intermediate_size": 2048,
+        "n_routed_experts": 256,
+        "num_experts_per_tok": 6,
+        "mlp_layer_types": ["moe"],
+    },
+)
+# Blocks whose shared MLP (one expert's size) runs for every token: one more expert in the floor.
+SHARED_EXPERT = ("llama4-scout", "llama4-maverick", "deepseek-v4")
 # Largest batch of Llama 4's every-expert HF block per shape (Maverick's [128, N, 2F] intermediate
 # alone is 17 GB at 4096 tokens).
 DENSE_MAX_TOKENS = {"llama4-scout": 16384, "llama4-maverick": 4096}
@@ -71,6 +87,7 @@ DENSE_MAX_TOKENS = {"llama4-scout": 16384, "llama4-maverick": 4096}
 
 def build_block(name: str, device: torch.device):
     import importlib
+    import inspect
 
     import transformers
 
@@ -78,9 +95,12 @@ def build_block(name: str, device: torch.device):
     config = getattr(transformers, config_name)(num_hidden_layers=1, **kwargs)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: Maverick's float32 block would take 64 GB
+    block_class = getattr(importlib.import_module(module), block_name)
+    # DeepSeek-V4's block takes its layer index (which picks a hash or a learned router).
+    extra = (0,) if "layer_idx" in inspect.signature(block_class).parameters else ()
     try:
         with torch.device(device):
-            block = getattr(importlib.import_module(module), block_name)(config)
+            block = block_class(config, *extra)
     finally:
         torch.set_default_dtype(default)
     with torch.no_grad():
@@ -137,7 +157,7 @@ def bench_family(name: str, device, ceilings, tokens, repeats, eager_max_tokens:
 
     block, config = build_block(name, device)
     e, d, f, k = _dims(config)
-    shared = 1 if name in DENSE_MAX_TOKENS else 0  # Llama 4's shared MLP: an expert every token runs
+    shared = 1 if name in SHARED_EXPERT else 0
     inputs = {n: torch.randn(1, n, d, device=device, dtype=torch.bfloat16) for n in tokens}
     rows = {n: {"shape": name, "tokens": n, "E": e, "D": d, "F": f, "k": k} for n in tokens}
     with torch.no_grad():
