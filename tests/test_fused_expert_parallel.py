@@ -11,6 +11,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
+import transformers
 
 import hf_moe_opt
 from hf_moe_opt.placement import plan_placement, profile
@@ -19,6 +20,8 @@ from .test_expert_parallel import _init, _run
 from .test_families import BF16, tiny_model
 
 CASES = [("qwen2_moe", "fp32", "replicate"), ("gpt_oss", "bf16", "greedy"), ("deepseek_v3", "fp32", "round_robin")]
+if hasattr(transformers, "DeepseekV4Config"):  # hash routing by token id on every rank's own batch
+    CASES.append(("deepseek_v4", "fp32", "greedy"))
 
 
 def _ids(seed: int, batch: int, seq: int = 7) -> torch.Tensor:

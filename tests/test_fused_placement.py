@@ -232,11 +232,12 @@ def test_placed_copies_follow_weight_writes(family):
             torch.testing.assert_close(fresh(ids).logits, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("family", ["longcat_flash", "inkling", "ergo", "laguna"])
+@pytest.mark.parametrize("family", ["longcat_flash", "inkling", "ergo", "laguna", "deepseek_v4"])
 def test_newer_layer_kinds_under_placement(family, one_thread):
     """Zero-expert slots dropped from the dispatch (LongCat-Flash), per-token shared-expert gammas
-    (Inkling), one top-1 row per slot with a per-expert norm (Ergo) and a scaled routed output (Laguna)
-    through placed experts: the single-device result, and transformers'."""
+    (Inkling), one top-1 row per slot with a per-expert norm (Ergo), a scaled routed output (Laguna)
+    and hash routing by token id (DeepSeek-V4) through placed experts: the single-device result, and
+    transformers'."""
     model = tiny_model(family)
     ids = _ids(7)
     with torch.no_grad():
@@ -246,6 +247,11 @@ def test_newer_layer_kinds_under_placement(family, one_thread):
     placed = hf_moe_opt.optimize(copy.deepcopy(model), backend="torch", placement=plan, devices=DEVICES)
     with torch.no_grad():
         got = placed(ids).logits
-    assert torch.equal(got, want)
+    if family == "deepseek_v4":
+        # Its limited SwiGLU runs torch's CPU SiLU on a contiguous tensor whose length differs per device:
+        # the same element may fall in the vectorised body or the scalar tail, one rounding apart.
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    else:
+        assert torch.equal(got, want)
     torch.testing.assert_close(got, hf, **FP32)
     assert all(isinstance(layer.store, PlacedExpertStore) for _, layer in hf_moe_opt.optimized_layers(placed))
