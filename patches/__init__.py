@@ -19,6 +19,7 @@ from .deepseek_v4 import DeepseekV4Patch
 from .derived import DerivedPatch, derived_patches
 from .ergo import ErgoPatch
 from .ernie4_5_moe import Ernie4_5_MoePatch
+from .ernie4_5_vl_moe import Ernie4_5_VLMoePatch
 from .flint import FlintPatch
 from .gpt_oss import GptOssPatch
 from .granitemoe import GraniteMoePatch
@@ -63,6 +64,7 @@ _REGISTRY: list[MoEPatch] = [
     GptOssPatch(),
     MiniMaxM2Patch(),
     Ernie4_5_MoePatch(),
+    Ernie4_5_VLMoePatch(),
     GraniteMoePatch(),
     HunYuanMoEV1Patch(),
     Lfm2MoePatch(),

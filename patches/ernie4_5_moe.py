@@ -17,20 +17,26 @@ from .fused import FusedMoELayer, FusedMoEPatch, hf_class
 MODULE = "transformers.models.ernie4_5_moe.modeling_ernie4_5_moe"
 Ernie4_5_MoeTopKRouter = hf_class(MODULE, "Ernie4_5_MoeTopKRouter")
 
+
+class Ernie4_5Routing:
+    """Forward for ERNIE 4.5 routers (mixed in before the HF class; ERNIE 4.5 VL's is the same code):
+    returns ``(logits, weights, indices)``."""
+
+    def forward(self, hidden_states: torch.Tensor):
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            logits = F.linear(hidden_states.float(), self.weight.float())
+            probs = F.softmax(logits, dim=1, dtype=torch.float)
+            bias = self.moe_statics.e_score_correction_bias.squeeze()
+            indices = torch.topk(probs + bias, self.top_k, dim=-1).indices
+            weights = probs.gather(-1, indices)
+            weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=self.norm_min)
+        return logits, weights.to(hidden_states.dtype), indices
+
+
 if Ernie4_5_MoeTopKRouter is not None:
 
-    class OptimizedErnie4_5_MoeRouter(Ernie4_5_MoeTopKRouter):  # noqa: N801 - the HF class's name
+    class OptimizedErnie4_5_MoeRouter(Ernie4_5Routing, Ernie4_5_MoeTopKRouter):  # noqa: N801 - the HF class's name
         """Same module and routing; returns ``(logits, weights, indices)``."""
-
-        def forward(self, hidden_states: torch.Tensor):
-            with torch.autocast(hidden_states.device.type, enabled=False):
-                logits = F.linear(hidden_states.float(), self.weight.float())
-                probs = F.softmax(logits, dim=1, dtype=torch.float)
-                bias = self.moe_statics.e_score_correction_bias.squeeze()
-                indices = torch.topk(probs + bias, self.top_k, dim=-1).indices
-                weights = probs.gather(-1, indices)
-                weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=self.norm_min)
-            return logits, weights.to(hidden_states.dtype), indices
 
 else:  # pragma: no cover - transformers without the model
     OptimizedErnie4_5_MoeRouter = None
