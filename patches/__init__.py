@@ -50,6 +50,7 @@ from .qwen2_moe import Qwen2MoePatch
 from .qwen3_moe import Qwen3MoePatch
 from .step3p7 import Step3p7Patch
 from .switch_transformers import SwitchTransformersPatch
+from .zaya import ZayaPatch
 
 _REGISTRY: list[MoEPatch] = [
     SwitchTransformersPatch(),
@@ -95,6 +96,7 @@ _REGISTRY: list[MoEPatch] = [
     MuseSparkPatch(),
     ErgoPatch(),
     MistralLarge4Patch(),
+    ZayaPatch(),
     *derived_patches(),
 ]
 

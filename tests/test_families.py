@@ -590,6 +590,12 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
             dict(head_dim=8, intermediate_size=40, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2),
         ),
         "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(v3, head_dim=8, routed_scaling_factor=1.0)),
+        # An MLP router with state carried across layers and a skip class; top-1.
+        "zaya": (
+            "ZayaConfig",
+            "ZayaForCausalLM",
+            dict(head_dim=8, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=1, router_hidden_size=16),
+        ),
         # Hash routing by token id (layer 0), sqrt-softplus top-k with a correction bias (layer 1),
         # limited-SwiGLU experts (a limit that binds), a shared expert; hyper-connections around each block.
         "deepseek_v4": (
@@ -674,6 +680,7 @@ BLOCKS = {
     "kolibri1_1": "Kolibri1_1SparseMoeBlock",
     "mellum": "MellumSparseMoeBlock",
     "deepseek_v4": "DeepseekV4SparseMoeBlock",
+    "zaya": "ZayaSparseMoeBlock",
 }
 
 # How each family routes: its own name, or the family whose router it copies ("renormalized": softmax
@@ -754,6 +761,8 @@ def _spread(model: nn.Module) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
         elif name.endswith("post_expert_norm.weight"):  # Ergo's per-expert norms
             p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.3)
+        elif name.endswith("router_mlp.out_proj.weight"):  # ZAYA's MLP router
+            p.copy_(torch.randn(p.shape, generator=g) * 2.0)
         elif name.endswith("gate.global_scale"):  # Inkling's router
             p.fill_(1.3)
     for name, b in model.named_buffers():
@@ -883,6 +892,7 @@ def test_family_fp32_matches_transformers(family):
             "inkling2",
             "ergo",
             "deepseek_v4",
+            "zaya",
         ),
     ],
 )
@@ -1169,6 +1179,8 @@ def test_routing_functions_match_transformers_routers(family):
     with torch.no_grad():
         if family == "afmoe":  # its router takes [B, S, D] tokens
             out = router(x.view(4, 10, 32), bias)
+        elif family == "zaya":  # [B, S, D] tokens too; no state from a previous layer here
+            out = router(x.view(4, 10, 32))
         elif family in ("minimax_m2", "lfm2_moe", "hy_v3"):
             out = router(x, bias)
         else:
@@ -1232,6 +1244,12 @@ def test_routing_functions_match_transformers_routers(family):
             i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
             w = scores.gather(1, i)
             w = (w / (w.sum(-1, keepdim=True) + 1e-20) * router.routed_scaling_factor).to(x.dtype).float()
+        elif family == "zaya":  # top-k of softmax plus balancing biases over experts and a skip class
+            probs = logits.softmax(-1)
+            i = torch.topk(probs + router.balancing_biases, router.top_k, dim=-1).indices
+            w = probs.gather(1, i)
+            skip = i == router.num_experts
+            w, i = w.masked_fill(skip, 0), i.masked_fill(skip, 0)
         elif family == "deepseek_v4":  # sqrt-softplus scores in x's dtype, bias for the choice, renormalised
             scores = F.softplus(logits).sqrt()
             i = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
@@ -1724,7 +1742,7 @@ def test_longcat_flash_router_bias_is_refused():
 
 
 NEWER = ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe", "minimax_m3_vl", "beam", "axk1"]
-NEWER += ["inkling2", "ergo", "deepseek_v4"]
+NEWER += ["inkling2", "ergo", "deepseek_v4", "zaya"]
 
 
 @pytest.mark.parametrize("family", NEWER)
@@ -1803,3 +1821,25 @@ def test_ergo_per_expert_norms_matter():
         norm = layer.experts.post_expert_norm
         norm.weight.copy_(norm.weight[:1].expand_as(norm.weight).clone())
         assert not torch.allclose(layer(x), want, atol=1e-3)
+
+
+def test_zaya_skip_class_adds_nothing():
+    """ZAYA's router may send a token to its skip class (expert 0 with weight 0 from the router): the
+    layer leaves those assignments out of the dispatch, and the model still equals transformers'."""
+    ref = tiny_model("zaya")
+    x = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        for block in _blocks(ref, "zaya"):  # the skip class competes with the experts: about half skip
+            probs = block.gate(x)[0].softmax(-1)
+            block.gate.balancing_biases[-1] = (probs[:, :-1].max(-1).values - probs[:, -1]).median()
+        _, weights, indices, _ = _blocks(ref, "zaya")[0].gate(x)
+    skipped = (weights == 0) & (indices == 0)
+    assert 0.1 < skipped.float().mean() < 0.9
+    opt = copy.deepcopy(ref)
+    hf_moe_opt.optimize(opt, backend="torch")
+    layer = hf_moe_opt.optimized_layers(opt)[0][1]
+    with torch.no_grad():
+        routing = layer.route(layer.router, x, None)
+        assert torch.equal(routing.keep, ~skipped)
+        ids = _ids()
+        torch.testing.assert_close(opt(ids).logits, ref(ids).logits, **FP32)

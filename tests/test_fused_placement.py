@@ -232,12 +232,12 @@ def test_placed_copies_follow_weight_writes(family):
             torch.testing.assert_close(fresh(ids).logits, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("family", ["longcat_flash", "inkling", "ergo", "laguna", "deepseek_v4"])
+@pytest.mark.parametrize("family", ["longcat_flash", "inkling", "ergo", "laguna", "deepseek_v4", "zaya"])
 def test_newer_layer_kinds_under_placement(family, one_thread):
     """Zero-expert slots dropped from the dispatch (LongCat-Flash), per-token shared-expert gammas
     (Inkling), one top-1 row per slot with a per-expert norm (Ergo), a scaled routed output (Laguna)
-    and hash routing by token id (DeepSeek-V4) through placed experts: the single-device result, and
-    transformers'."""
+    hash routing by token id (DeepSeek-V4) and a router state carried across layers (ZAYA1) through
+    placed experts: the single-device result, and transformers'."""
     model = tiny_model(family)
     ids = _ids(7)
     with torch.no_grad():
