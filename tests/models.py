@@ -176,3 +176,23 @@ def copied(model: nn.Module, how: str) -> nn.Module:
     torch.save(model, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+# A tiny Gemma 4 text model with its MoE (in the decoder layer, no sparse block).
+GEMMA4_MOE = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    global_head_dim=16,
+    enable_moe_block=True,
+    num_experts=4,
+    top_k_experts=2,
+    moe_intermediate_size=24,
+    vocab_size_per_layer_input=64,
+    hidden_size_per_layer_input=8,
+    layer_types=["sliding_attention", "full_attention"],
+)

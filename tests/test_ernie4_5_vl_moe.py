@@ -161,3 +161,22 @@ def test_step_graphs_generate_the_reference_tokens():
         got = model.generate(prompt, **kw)
     assert torch.equal(got, want)
     assert runner_of(model).counts["replays"] == 4 and runner_of(model).counts["fallbacks"] == 0
+
+
+def test_step_graphs_on_cuda_generate_the_reference_tokens():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from hf_moe_opt.step_graphs import runner_of
+
+    model = _vl_model().cuda()
+    plain = copy.deepcopy(model)
+    hf_moe_opt.optimize(plain)
+    hf_moe_opt.optimize(model, cuda_graphs="step")
+    prompt = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(5)).cuda()
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        want = plain.generate(prompt, **kw)
+        got = model.generate(prompt, **kw)
+    assert torch.equal(got, want)
+    counts = runner_of(model).counts
+    assert counts["captures"] == 1 and counts["replays"] == 4 and counts["fallbacks"] == 0

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 
 import hf_moe_opt
 from hf_moe_opt.integrations import (
@@ -15,6 +16,7 @@ from hf_moe_opt.integrations import (
     register_experts_implementation,
 )
 
+from .models import GEMMA4_MOE
 from .test_families import FAMILIES, _ids, tiny_model
 
 moe = pytest.importorskip("transformers.integrations.moe")
@@ -95,21 +97,14 @@ def test_exported_from_package():
 
 def test_unsupported_block_error_points_to_the_experts_implementation():
     """A family without a patch whose experts take implementations: the error says how to use ours there."""
-    from transformers import BertConfig, BertModel, DeepseekV4Config, DeepseekV4ForCausalLM
+    from transformers import BertConfig, BertModel
 
-    config = DeepseekV4Config(
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=16,
-        n_routed_experts=4,
-        vocab_size=64,
-    )
+    if getattr(transformers, "Gemma4TextConfig", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    # Gemma 4's MoE lives inside its decoder layer (router and experts beside the dense MLP): no block.
+    config = transformers.Gemma4TextConfig(**GEMMA4_MOE)
     with pytest.raises(ValueError, match=r"no supported sparse MoE block; .*experts_implementation=\"hf_moe_opt\""):
-        hf_moe_opt.optimize(DeepseekV4ForCausalLM(config))
+        hf_moe_opt.optimize(transformers.Gemma4ForCausalLM(config))
     dense = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match=r"no supported sparse MoE block\. Supported:"):
         hf_moe_opt.optimize(dense)

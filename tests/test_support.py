@@ -72,14 +72,12 @@ def test_models_without_or_with_unsupported_blocks():
     report = hf_moe_opt.check_support(dense)
     assert not report.supported and not report.layers and not report.unmatched
     assert "no sparse MoE block found" in report.summary()
-    if getattr(transformers, "DeepseekV4Config", None) is not None:  # a MoE family without a patch
-        v4 = transformers.DeepseekV4Config(
-            **{**_COMMON, "num_key_value_heads": 4}, head_dim=8, intermediate_size=40, moe_intermediate_size=24,
-            n_routed_experts=4,
-        )  # fmt: skip
-        report = hf_moe_opt.check_support(v4)
+    if getattr(transformers, "Gemma4TextConfig", None) is not None:  # MoE inside the decoder layer: no block
+        from .models import GEMMA4_MOE
+
+        report = hf_moe_opt.check_support(transformers.Gemma4TextConfig(**GEMMA4_MOE))
         assert not report.supported and report.unmatched
-        assert "not a supported block" in report.summary()
+        assert "Gemma4TextDecoderLayer is not a supported block" in report.summary()
 
 
 def test_a_drifted_copy_is_reported(monkeypatch):
