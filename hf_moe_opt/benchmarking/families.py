@@ -78,6 +78,15 @@ FAMILY_SHAPES["deepseek-v4"] = (
         "mlp_layer_types": ["moe"],
     },
 )
+# ZAYA1's block (16 experts, top-1, an MLP router) and ERNIE 4.5 VL's text experts (64, k = 6) at their
+# configs' defaults; ERNIE's shared experts live outside the sparse block, so neither side runs them.
+FAMILY_SHAPES["zaya"] = ("ZayaConfig", "transformers.models.zaya.modeling_zaya", "ZayaSparseMoeBlock", {})
+FAMILY_SHAPES["ernie4.5-vl-text"] = (
+    "Ernie4_5_VLMoeTextConfig",
+    "transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe",
+    "Ernie4_5_VLMoeSparseMoeBlock",
+    {},
+)
 # Blocks whose shared MLP (one expert's size) runs for every token: one more expert in the floor.
 SHARED_EXPERT = ("llama4-scout", "llama4-maverick", "deepseek-v4")
 # Largest batch of Llama 4's every-expert HF block per shape (Maverick's [128, N, 2F] intermediate
@@ -96,8 +105,14 @@ def build_block(name: str, device: torch.device):
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: Maverick's float32 block would take 64 GB
     block_class = getattr(importlib.import_module(module), block_name)
-    # DeepSeek-V4's block takes its layer index (which picks a hash or a learned router).
-    extra = (0,) if "layer_idx" in inspect.signature(block_class).parameters else ()
+    # DeepSeek-V4's and ZAYA1's blocks take their layer index (DeepSeek-V4: a hash or a learned router);
+    # ERNIE 4.5 VL's sparse blocks their experts' width (the text experts' here).
+    params = inspect.signature(block_class).parameters
+    extra: tuple = ()
+    if "layer_idx" in params:
+        extra = (0,)
+    elif "intermediate_size" in params:
+        extra = (config.moe_intermediate_size[0],)
     try:
         with torch.device(device):
             block = block_class(config, *extra)
@@ -112,19 +127,23 @@ def build_block(name: str, device: torch.device):
 def _dims(config) -> tuple[int, int, int, int]:
     e = getattr(config, "num_local_experts", None) or config.num_experts
     f = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    f = f[0] if isinstance(f, list) else f  # ERNIE 4.5 VL: [text, vision] widths
     return e, config.hidden_size, f, config.num_experts_per_tok
 
 
 def _chosen_experts(block, x: torch.Tensor, k: int) -> torch.Tensor:
     """The ``[N, k]`` experts the HF block routes tokens ``x`` ``[N, D]`` to."""
     if hasattr(block, "gate"):
+        if hasattr(block.gate, "router_mlp"):  # ZAYA1's router takes [B, S, D] tokens
+            return block.gate(x.unsqueeze(0))[2]
         return block.gate(x)[2]
     _, logits = block.router(x)  # Llama 4: (scores, logits)
     return torch.topk(logits, k, dim=1).indices
 
 
 def _hidden(out):
-    """A block's hidden states (Llama 4's block returns ``(hidden, router_logits)``)."""
+    """A block's hidden states (Llama 4's and ERNIE 4.5 VL's blocks return ``(hidden, router_logits)``,
+    ZAYA1's ``(hidden, router state)``)."""
     return out[0] if isinstance(out, tuple) else out
 
 
