@@ -295,3 +295,18 @@ def test_fused_cache_pinned_triton_on_gpu(family):
     assert all(st["host_pinned"] for st in hf_moe_opt.stats(model).values())
     for got, want in zip(_run(model), _run(resident), strict=True):
         torch.testing.assert_close(got.float(), want.float(), **BF16)
+
+
+def test_per_expert_norms_go_where_the_layer_computes():
+    """The cache streams the expert weight stacks only: the experts module's other tensors (Ergo's
+    per-expert output norms) are the ones moved to the compute device."""
+    from hf_moe_opt.cache.setup import experts_rest
+
+    model = hf_moe_opt.optimize(tiny_model("ergo"), backend="torch")
+    layer = hf_moe_opt.optimized_layers(model)[0][1]
+    rest = {f"{type(m).__name__}.{key}" for m, key, _ in experts_rest(layer)}
+    assert rest == {f"{type(layer.experts.post_expert_norm).__name__}.weight"}
+    streamed = {id(p) for stack in layer.weights.stacks() for p in stack.params}
+    assert {id(t) for _, _, t in experts_rest(layer)}.isdisjoint(streamed)
+    mixtral = hf_moe_opt.optimize(tiny_model("mixtral"), backend="torch")
+    assert experts_rest(hf_moe_opt.optimized_layers(mixtral)[0][1]) == []

@@ -146,6 +146,7 @@ class ExpertCachePlan:
         stores = {}
         chain = PrefetchChain()  # this model's look-ahead chain (see CachedExpertStore.enable_prefetch)
         for name, layer in layers:
+            _experts_rest_to(layer, self.devices[name])
             store = CachedExpertStore(
                 layer.weights,
                 self.slots[name],
@@ -172,6 +173,34 @@ class ExpertCachePlan:
                 stacklevel=3,
             )
         return stores
+
+
+def experts_rest(layer: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """``(module, name, tensor)`` of every parameter and buffer of the layer's experts module that is not
+    part of an expert weight stack (Ergo's and Muse Spark's per-expert output norms)."""
+    experts = getattr(layer, "experts", None)
+    if not isinstance(experts, nn.Module):
+        return []
+    streamed = {id(p) for stack in layer.weights.stacks() for p in stack.params}
+    return [
+        (module, key, t)
+        for module in experts.modules()
+        for key, t in [*module._parameters.items(), *module._buffers.items()]
+        if t is not None and id(t) not in streamed
+    ]
+
+
+def _experts_rest_to(layer: nn.Module, device: torch.device) -> None:
+    """The store streams the expert weight stacks only: the experts module's other tensors go where the
+    layer computes. A model whose experts module was left in host memory (``move_dense``, an
+    ``offload_device_map``) would otherwise index them there with the device's routing."""
+    for module, key, t in experts_rest(layer):
+        if t.device == device:
+            continue
+        if key in module._parameters:
+            t.data = t.data.to(device)
+        else:
+            module._buffers[key] = t.to(device)
 
 
 def plan_expert_cache(
