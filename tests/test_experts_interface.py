@@ -151,3 +151,39 @@ def test_gradients_with_autograd_on_whatever_backend_auto_picks(monkeypatch):
         model(inputs_embeds=embeds).logits.square().sum().backward()
         grads.append(embeds.grad)
     torch.testing.assert_close(grads[1], grads[0], **FP32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma4_moe_through_the_experts_implementation(dtype):
+    """Gemma 4 has no sparse block to replace (its router and experts sit in the decoder layer beside
+    the dense MLP): ``experts_implementation="hf_moe_opt"`` runs its experts through ours, every MoE
+    layer calls it, and logits and greedy tokens equal transformers' default experts."""
+    if getattr(transformers, "Gemma4TextConfig", None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    torch.manual_seed(0)
+    default = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**GEMMA4_MOE)).eval().to(dtype)
+    with torch.no_grad():  # decisive routing and experts that move the logits
+        g = torch.Generator().manual_seed(1)
+        for name, p in default.named_parameters():
+            if name.endswith(("router.proj.weight", "experts.gate_up_proj", "experts.down_proj")):
+                p.copy_(torch.randn(p.shape, generator=g).to(dtype) * 0.3)
+    ours = copy.deepcopy(default)
+    ours.set_experts_implementation("hf_moe_opt")
+    ids = _ids()
+    calls = []
+    original = moe.ExpertsInterface._global_mapping[EXPERTS_IMPLEMENTATION]
+    moe.ExpertsInterface._global_mapping[EXPERTS_IMPLEMENTATION] = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            got = ours(ids).logits.float()
+    finally:
+        moe.ExpertsInterface._global_mapping[EXPERTS_IMPLEMENTATION] = original
+    assert len(calls) == GEMMA4_MOE["num_hidden_layers"]
+    with torch.no_grad():
+        want = default(ids).logits.float()
+        tol = FP32 if dtype == torch.float32 else dict(atol=1e-2 * want.abs().max().item(), rtol=1e-2)
+        torch.testing.assert_close(got, want, **tol)
+        prompt = _ids(batch=2, seq=5, seed=3)
+        if dtype == torch.float32:
+            a = default.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            assert torch.equal(ours.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), a)
