@@ -22,6 +22,8 @@ from .test_families import BF16, tiny_model
 CASES = [("qwen2_moe", "fp32", "replicate"), ("gpt_oss", "bf16", "greedy"), ("deepseek_v3", "fp32", "round_robin")]
 if hasattr(transformers, "DeepseekV4Config"):  # hash routing by token id on every rank's own batch
     CASES.append(("deepseek_v4", "fp32", "greedy"))
+if hasattr(transformers, "ZayaConfig"):  # a router state carried across layers, top-1
+    CASES.append(("zaya", "bf16", "round_robin"))
 
 
 def _ids(seed: int, batch: int, seq: int = 7) -> torch.Tensor:
