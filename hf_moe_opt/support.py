@@ -69,9 +69,11 @@ class SupportReport:
         if self.layers:
             families = sorted({layer.family for layer in self.layers})
             experts = sorted({layer.num_experts for layer in self.layers})
+            # Blocks of several expert widths (ERNIE 4.5 VL's text and vision experts) list each size.
+            sizes = "/".join(_format_bytes(b) for b in sorted({layer.expert_bytes for layer in self.layers}))
             lines.append(
                 f"  {len(self.layers)} sparse MoE blocks optimize() replaces ({', '.join(families)}; "
-                f"{'/'.join(map(str, experts))} experts of {_format_bytes(self.layers[0].expert_bytes)} each)"
+                f"{'/'.join(map(str, experts))} experts of {sizes} each)"
             )
             lines.append(
                 f"  experts {_format_bytes(self.expert_bytes)}, everything else {_format_bytes(self.dense_bytes)}"

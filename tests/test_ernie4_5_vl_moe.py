@@ -180,3 +180,16 @@ def test_step_graphs_on_cuda_generate_the_reference_tokens():
     assert torch.equal(got, want)
     counts = runner_of(model).counts
     assert counts["captures"] == 1 and counts["replays"] == 4 and counts["fallbacks"] == 0
+
+
+def test_check_support_counts_both_expert_widths():
+    """`hf-moe-opt check`: both sparse blocks of the MoE layer, each modality's expert size, and their total."""
+    _need_model()
+    vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32)
+    report = hf_moe_opt.check_support(transformers.Ernie4_5_VLMoeConfig(text_config=_TEXT, vision_config=vision))
+    assert report.supported and len(report.layers) == 2
+    # bf16 SiLU-GLU experts: 3 matrices of hidden x width, 2 bytes each.
+    text, vision_bytes = (3 * 32 * width * 2 for width in _TEXT["moe_intermediate_size"])
+    assert sorted(layer.expert_bytes for layer in report.layers) == sorted([text, vision_bytes])
+    assert report.expert_bytes == 8 * (text + vision_bytes)
+    assert "8 experts of 3.00 KiB/4.50 KiB each" in report.summary()
