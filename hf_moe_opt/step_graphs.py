@@ -212,6 +212,13 @@ def check_supported(model: nn.Module) -> None:
                 f"host-to-device copy). transformers >= {NLLB_MIN_TRANSFORMERS} does not; with this version use "
                 "cuda_graphs=True (per-layer graphs)."
             )
+    for name, module in model.named_modules():
+        why = _HOST_READING_MODULES.get(type(module).__name__)
+        if why is not None:
+            raise ValueError(
+                f'cuda_graphs="step" cannot capture {type(model).__name__}: {name} ({type(module).__name__}) {why}. '
+                "Use cuda_graphs=True (per-layer graphs)."
+            )
     _, _, StaticCache, StaticLayer = _cache_classes()
     try:
         probe = StaticCache(config=_decoder_config(model), max_cache_len=LENGTH_BUCKET)
@@ -225,6 +232,13 @@ def check_supported(model: nn.Module) -> None:
             f"({'; '.join(reasons)}), so a replayed step would take a stale branch. Use cuda_graphs=True "
             "(per-layer graphs)."
         )
+
+
+# Modules that stay transformers' own after optimize and read tensor values on the host in every
+# forward (a decode step holding one cannot be captured), by class name, and why.
+_HOST_READING_MODULES = {
+    "JetMoeMoA": "is JetMoE's mixture of attention experts, whose gating reads its group sizes on the host",
+}
 
 
 # Parts of static-cache layer class names, and why the step runner cannot replay such a layer.

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .cache.budget import _format_bytes, parse_bytes
+from .experts.layout import expert_containers
 
 
 @dataclass
@@ -134,14 +135,15 @@ def _meta_model(config) -> nn.Module:
 
 
 def _experts(block: nn.Module) -> tuple[int, int]:
-    """``(experts, parameter elements of all of them)`` of a sparse block's ``experts`` child: fused
+    """``(experts, parameter elements of all of them)`` of a sparse block's expert containers: fused
     ``[E, ...]`` parameters, or one child module per expert."""
-    experts = block.get_submodule("experts")
-    numel = sum(p.numel() for p in experts.parameters())
-    fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+    containers = [module for _, module in expert_containers(block)]  # JetMoE: two modules, no experts
+    numel = sum(p.numel() for c in containers for p in c.parameters())
+    fused = [p for c in containers for p in c.parameters(recurse=False) if p.dim() == 3]
+    if fused:
+        return fused[0].shape[0], numel
     # Per-expert children: those with weights (NLLB-MoE's experts module also holds a dropout).
-    count = fused[0].shape[0] if fused else sum(1 for c in experts.children() if next(c.parameters(), None) is not None)
-    return count, numel
+    return sum(1 for c in containers[0].children() if next(c.parameters(), None) is not None), numel
 
 
 def check_support(

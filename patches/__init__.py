@@ -29,6 +29,7 @@ from .hy_v4 import HYV4Patch
 from .inkling import InklingPatch
 from .inkling2 import Inkling2Patch
 from .jamba import JambaPatch
+from .jetmoe import JetMoePatch
 from .kolibri1 import Kolibri1Patch
 from .laguna import LagunaPatch
 from .lara_mini import LaraMiniPatch
@@ -97,6 +98,7 @@ _REGISTRY: list[MoEPatch] = [
     ErgoPatch(),
     MistralLarge4Patch(),
     ZayaPatch(),
+    JetMoePatch(),
     *derived_patches(),
 ]
 

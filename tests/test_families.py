@@ -590,6 +590,12 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
             dict(head_dim=8, intermediate_size=40, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2),
         ),
         "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(v3, head_dim=8, routed_scaling_factor=1.0)),
+        # Two expert modules beside the router (no experts child), a bias on the output; attention experts too.
+        "jetmoe": (
+            "JetMoeConfig",
+            "JetMoeForCausalLM",
+            dict(num_key_value_heads=4, kv_channels=8, intermediate_size=24, num_local_experts=8),
+        ),
         # An MLP router with state carried across layers and a skip class; top-1.
         "zaya": (
             "ZayaConfig",
@@ -681,6 +687,7 @@ BLOCKS = {
     "mellum": "MellumSparseMoeBlock",
     "deepseek_v4": "DeepseekV4SparseMoeBlock",
     "zaya": "ZayaSparseMoeBlock",
+    "jetmoe": "JetMoeMoE",
 }
 
 # How each family routes: its own name, or the family whose router it copies ("renormalized": softmax
@@ -753,6 +760,10 @@ def _spread(model: nn.Module) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
         elif moe and ".experts." in name:
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 3 else 0.2))
+        elif moe and (".input_linear." in name or ".output_linear." in name):  # JetMoE's MLP experts
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        elif moe and name.endswith("mlp.bias"):  # JetMoE's output bias
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         elif name.endswith("gate.wg.weight"):  # Hunyuan's router holds a float32 linear
             p.copy_(torch.randn(p.shape, generator=g) * 0.7)
         elif name.endswith(("e_score_correction_bias", "expert_bias")):  # ERNIE 4.5's router, AFMoE's block
@@ -839,8 +850,9 @@ def test_family_fp32_matches_transformers(family):
         o = opt(ids, attention_mask=mask, output_router_logits=record)
     torch.testing.assert_close(o.logits, r.logits, **FP32)
     if record and getattr(r, "router_logits", None) is not None:  # 5.17: not every output class has them
-        # DeepSeek-V4 records its learned routers' logits, not its hash routers'.
-        recorded = expected - (family == "deepseek_v4")
+        # DeepSeek-V4 records its learned routers' logits, not its hash routers'; JetMoE its attention
+        # experts' routers' too (same class).
+        recorded = expected - (family == "deepseek_v4") + expected * (family == "jetmoe")
         assert len(o.router_logits) == len(r.router_logits) == recorded
         for a, b in zip(r.router_logits, o.router_logits, strict=True):
             torch.testing.assert_close(b, a, **FP32)
@@ -893,6 +905,7 @@ def test_family_fp32_matches_transformers(family):
             "ergo",
             "deepseek_v4",
             "zaya",
+            "jetmoe",
         ),
     ],
 )
@@ -1170,7 +1183,7 @@ def _hf_router(family: str, **overrides) -> nn.Module:
     return _router_of(_blocks(model, family)[-1])
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("mistral4", "llama4")])  # own tests below
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("mistral4", "llama4", "jetmoe")])  # own tests
 def test_routing_functions_match_transformers_routers(family):
     router = _hf_router(family)
     x = torch.randn(40, 32) * 2
@@ -1742,7 +1755,7 @@ def test_longcat_flash_router_bias_is_refused():
 
 
 NEWER = ["longcat_flash", "inkling", "laguna", "lara_mini", "flint", "minicpm5_moe", "minimax_m3_vl", "beam", "axk1"]
-NEWER += ["inkling2", "ergo", "deepseek_v4", "zaya"]
+NEWER += ["inkling2", "ergo", "deepseek_v4", "zaya", "jetmoe"]
 
 
 @pytest.mark.parametrize("family", NEWER)
@@ -1843,3 +1856,38 @@ def test_zaya_skip_class_adds_nothing():
         assert torch.equal(routing.keep, ~skipped)
         ids = _ids()
         torch.testing.assert_close(opt(ids).logits, ref(ids).logits, **FP32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_jetmoe_router_matches_transformers_sorted_rows(dtype):
+    """transformers' JetMoE gating returns rows sorted by expert (with the group sizes read on the
+    host); ours returns each token's choice: the same (token, expert, gate) triples, and the logits."""
+    from hf_moe_opt.patches.jetmoe import OptimizedJetMoeRouter
+
+    router = _hf_router("jetmoe").to(dtype)
+    x = (torch.randn(40, 32, generator=torch.Generator().manual_seed(9)) * 2).to(dtype)
+    with torch.no_grad():
+        sorted_slots, token, gates, sizes, logits = router(x)
+        ours = copy.deepcopy(router)
+        ours.__class__ = OptimizedJetMoeRouter
+        indices, _, weights, _, our_logits = ours(x)
+    expert = torch.repeat_interleave(torch.arange(router.num_experts), torch.tensor(sizes))
+    want = sorted(zip(token.tolist(), expert.tolist(), gates.float().tolist(), strict=True))
+    k = router.top_k
+    got = sorted((t, indices[t, j].item(), weights[t, j].float().item()) for t in range(x.shape[0]) for j in range(k))
+    assert [(t, e) for t, e, _ in got] == [(t, e) for t, e, _ in want]
+    assert [w for *_, w in got] == [w for *_, w in want]
+    assert weights.dtype == gates.dtype == dtype
+    torch.testing.assert_close(our_logits, logits, atol=0, rtol=0)
+
+
+def test_jetmoe_step_graphs_refused_with_the_reason():
+    """JetMoE's attention experts (transformers' own) read their routing on the host in every step:
+    whole-step graphs are refused up front, naming that module; check_support says the same."""
+    model = tiny_model("jetmoe")
+    with pytest.raises(ValueError, match=r"self_attention.experts \(JetMoeMoA\) is JetMoE's mixture of attention"):
+        hf_moe_opt.optimize(copy.deepcopy(model), backend="torch", cuda_graphs="step")
+    report = hf_moe_opt.check_support(model.config)
+    assert report.supported and "JetMoeMoA" in report.summary()
+    hf_moe_opt.optimize(model, backend="torch", cuda_graphs=True)  # per-layer graphs are fine
+    assert len(hf_moe_opt.optimized_layers(model)) == 2

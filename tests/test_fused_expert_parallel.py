@@ -24,6 +24,8 @@ if hasattr(transformers, "DeepseekV4Config"):  # hash routing by token id on eve
     CASES.append(("deepseek_v4", "fp32", "greedy"))
 if hasattr(transformers, "ZayaConfig"):  # a router state carried across layers, top-1
     CASES.append(("zaya", "bf16", "round_robin"))
+if hasattr(transformers, "JetMoeConfig"):  # experts in two modules of the block, an output bias
+    CASES.append(("jetmoe", "fp32", "replicate"))
 
 
 def _ids(seed: int, batch: int, seq: int = 7) -> torch.Tensor:
@@ -32,7 +34,11 @@ def _ids(seed: int, batch: int, seq: int = 7) -> torch.Tensor:
 
 
 def _fused(layer) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in layer.experts.named_parameters() if n.startswith(("gate_up_proj", "down_proj"))}
+    """The layer's fused expert parameters by state-dict key under the layer (JetMoE's are not under
+    an ``experts`` module)."""
+    prefix = "" if layer.family == "jetmoe" else "experts."
+    names = ("gate_up_proj", "down_proj", "input_linear.weight", "output_linear.weight")
+    return {prefix + n: p for n, p in layer.experts.named_parameters() if n.startswith(names)}
 
 
 def _check_case(rank: int, world: int, family: str, dtype_name: str, strategy: str) -> None:
@@ -62,11 +68,12 @@ def _check_case(rank: int, world: int, family: str, dtype_name: str, strategy: s
     for name, layer in hf_moe_opt.optimized_layers(model):
         mine = plan.experts_on(name, rank)
         assert layer.num_experts == trace.num_experts  # routing still sees every expert
+        assert len(_fused(layer)) >= 2  # GPT-OSS: and the biases
         for key, p in _fused(layer).items():
             # The parameter is shrunk to this rank's experts, in plan order: the others are freed.
             assert p.shape[0] == len(mine), (name, key)
             assert torch.equal(p, originals[name][key][mine]), (name, key)
-            assert state[f"{name}.experts.{key}"].data_ptr() == p.data_ptr()
+            assert state[f"{name}.{key}"].data_ptr() == p.data_ptr()
         assert layer.store.stats()["calls"] == 2
     try:
         hf_moe_opt.restore(model)

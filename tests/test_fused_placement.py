@@ -153,7 +153,7 @@ def test_fused_placement_refuses_offloaded_router():
 # ------------------------------------------------------------------------------- device maps
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "jetmoe"])
 def test_fused_device_map_keeps_experts_in_host_memory(family):
     model = tiny_model(family)
     plan = _plans(model)["replicate"]
@@ -168,10 +168,13 @@ def test_fused_device_map_keeps_experts_in_host_memory(family):
         assert not any(o != k and o.startswith(k + ".") for o in keys), k
     for pname in order:
         assert any(pname == k or pname.startswith(k + ".") for k in keys), pname
+    # JetMoE keeps its experts in two modules of the block, the others in one experts module.
+    containers = ("input_linear", "output_linear") if family == "jetmoe" else ("experts",)
     for name in plan.layer_names:
-        assert dm[f"{name}.experts"] == "cpu"  # one fused module: host memory, sliced at optimize
-        assert not any(k.startswith(f"{name}.experts.") for k in keys)
-    dense = {v for k, v in dm.items() if not k.endswith(".experts")}
+        for c in containers:
+            assert dm[f"{name}.{c}"] == "cpu"  # fused modules: host memory, sliced at optimize
+            assert not any(k.startswith(f"{name}.{c}.") for k in keys)
+    dense = {v for k, v in dm.items() if not k.endswith(containers)}
     assert dense <= {0, 1}  # shared experts and routers go to the GPUs
     assert [n for n, _ in model.named_parameters()] == order  # the map leaves the model as it was
 
@@ -232,7 +235,7 @@ def test_placed_copies_follow_weight_writes(family):
             torch.testing.assert_close(fresh(ids).logits, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("family", ["longcat_flash", "inkling", "ergo", "laguna", "deepseek_v4", "zaya"])
+@pytest.mark.parametrize("family", ["longcat_flash", "inkling", "ergo", "laguna", "deepseek_v4", "zaya", "jetmoe"])
 def test_newer_layer_kinds_under_placement(family, one_thread):
     """Zero-expert slots dropped from the dispatch (LongCat-Flash), per-token shared-expert gammas
     (Inkling), one top-1 row per slot with a per-expert norm (Ergo), a scaled routed output (Laguna)

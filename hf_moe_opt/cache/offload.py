@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..devices import visible_gpus
+from ..experts.layout import expert_containers
 
 __all__ = [
     "expert_module_names",
@@ -53,11 +54,11 @@ def _sparse_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def expert_module_names(model: nn.Module) -> list[str]:
-    """Names of the ``experts`` containers of every supported sparse MoE block of ``model``."""
+    """Names of the expert containers (``experts``; JetMoE's ``input_linear`` and ``output_linear``) of every
+    supported sparse MoE block of ``model``."""
     names = []
     for name, block in _sparse_blocks(model):
-        if getattr(block, "experts", None) is not None:
-            names.append(f"{name}.experts" if name else "experts")
+        names += [f"{name}.{child}" if name else child for child, _ in expert_containers(block)]
     return names
 
 
@@ -98,9 +99,8 @@ def move_dense(model: nn.Module, device: str | torch.device) -> nn.Module:
         _check_gpu("move_dense", device.index if device.index is not None else 0)
     skip = set()
     for _, block in _sparse_blocks(model):
-        experts = getattr(block, "experts", None)
-        if experts is not None:
-            skip.update(id(m) for m in experts.modules())
+        for _, container in expert_containers(block):
+            skip.update(id(m) for m in container.modules())
     for module in model.modules():
         if id(module) in skip:
             continue
@@ -167,8 +167,7 @@ def check_offloaded_experts(name: str, block: nn.Module) -> list[nn.Module]:
     from ..api import check_weight_dtypes
 
     hooked = [m for m in block.modules() if getattr(m, "_hf_hook", None) is not None]
-    experts = getattr(block, "experts", None)
-    expert_ids = {id(m) for m in experts.modules()} if experts is not None else set()
+    expert_ids = {id(m) for _, container in expert_containers(block) for m in container.modules()}
     for module in hooked:
         offloads = [h for h in _hooks_of(module) if getattr(h, "offload", False)]
         if id(module) not in expert_ids and offloads:

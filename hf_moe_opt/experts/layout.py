@@ -3,12 +3,14 @@
 Budgets (``expert_cache="24GiB"``), placement checks and device maps need each layer's expert
 count and the bytes of one expert before any layer is built, sometimes on a meta-device skeleton
 or with the experts offloaded by accelerate (parameters on the meta device: shapes and dtypes are
-still there). Two layouts exist:
+still there). Three layouts exist:
 
 * per-expert modules ``experts.expert_{j}`` (Switch Transformers, NLLB-MoE);
 * fused ``[E, ...]`` parameters of the ``experts`` module (``gate_up_proj``, ``down_proj`` and
   GPT-OSS's biases), as transformers 5.x keeps Mixtral, Qwen, OLMoE, DeepSeek and GPT-OSS, or
-  ``up_proj`` / ``down_proj`` for two-matrix experts (Nemotron-H).
+  ``up_proj`` / ``down_proj`` for two-matrix experts (Nemotron-H);
+* fused ``[E, ...]`` weights of two expert modules of the block itself, ``input_linear`` and
+  ``output_linear`` (JetMoE, whose block has no ``experts`` module).
 
 Shared experts (Qwen2-MoE ``shared_expert``, DeepSeek ``shared_experts``) are siblings of
 ``experts``, so they count in neither: they are dense weights of the layer.
@@ -66,6 +68,35 @@ def expert_layout(block: nn.Module, dtype_size: int | None = None) -> ExpertLayo
         return ExpertLayout(len(names), sum(nbytes(p, p.numel()) for p in first.parameters()), False)
     fused = fused_expert_params(block)
     if not fused:
-        return None
+        return _parallel_experts_layout(block, nbytes)
     num_experts = next(fused[n] for n in _FIRST_PARAMS if n in fused).shape[0]
     return ExpertLayout(num_experts, sum(nbytes(p, p[0].numel()) for p in fused.values()), True)
+
+
+def parallel_expert_params(block: nn.Module) -> dict[str, nn.Parameter]:
+    """JetMoE's layout: ``[E, ...]`` weights of two expert modules of the block itself
+    (``input_linear.weight``, ``output_linear.weight``); empty for other layouts."""
+    names = ("input_linear", "output_linear")
+    params = {f"{n}.weight": getattr(getattr(block, n, None), "weight", None) for n in names}
+    if getattr(block, "experts", None) is not None or not all(
+        isinstance(p, nn.Parameter) and p.dim() == 3 for p in params.values()
+    ):
+        return {}
+    return params
+
+
+def _parallel_experts_layout(block: nn.Module, nbytes) -> ExpertLayout | None:
+    params = parallel_expert_params(block)
+    if not params:
+        return None
+    num_experts = params["input_linear.weight"].shape[0]
+    return ExpertLayout(num_experts, sum(nbytes(p, p[0].numel()) for p in params.values()), True)
+
+
+def expert_containers(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the block's children that hold its experts: ``experts``, or JetMoE's
+    ``input_linear`` and ``output_linear``; empty for a block of neither layout."""
+    experts = getattr(block, "experts", None)
+    if isinstance(experts, nn.Module):
+        return [("experts", experts)]
+    return [(n.partition(".")[0], getattr(block, n.partition(".")[0])) for n in parallel_expert_params(block)]

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..devices import visible_gpus
-from ..experts.layout import expert_layout, expert_modules
+from ..experts.layout import expert_containers, expert_layout, expert_modules
 from .plan import PlacementPlan
 
 DeviceKey = int | str
@@ -198,12 +198,12 @@ def device_map_for(
     # Dense placement on the model without its experts (put back in the same order afterwards).
     try:
         for name, block in blocks.items():
-            if name in fused:
-                owner, key = block, "experts"  # the whole experts module: one tensor per weight
+            if name in fused:  # the whole experts module(s): one tensor per weight
+                owner, gone = block, [child for child, _ in expert_containers(block)]
             else:
-                owner, key = block.experts, None
+                owner, gone = block.experts, expert_modules(block)
             keys = list(owner._modules)
-            removed = {n: owner._modules.pop(n) for n in ([key] if key else expert_modules(block))}
+            removed = {n: owner._modules.pop(n) for n in gone}
             detached.append((owner, keys, removed))
         if balanced and len([k for k in memory if k not in ("cpu", "disk")]) > 1:
             memory = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
@@ -217,8 +217,9 @@ def device_map_for(
         def leaf(module: nn.Module, prefix: str, device: DeviceKey, out: dict[str, DeviceKey]) -> None:
             for pname, _ in module.named_parameters(recurse=False):
                 out[prefix + pname] = device
+            containers = {c for c, _ in expert_containers(module)}
             for cname, child in module.named_children():
-                if cname != "experts":
+                if cname not in containers:
                     out[prefix + cname] = device
                     continue
                 if layer in fused:
@@ -239,9 +240,10 @@ def device_map_for(
         owner = next((k for k in result if k == "" or k == name or name.startswith(k + ".")), None)
         if owner is None:
             # accelerate already split inside the block: replace its entries under experts.
-            result = {k: v for k, v in result.items() if not k.startswith(f"{name}.experts")}
+            containers = [f"{name}.{c}" for c, _ in expert_containers(blocks[name])]
+            result = {k: v for k, v in result.items() if not k.startswith(tuple(containers))}
             if name in fused:
-                result[f"{name}.experts"] = "cpu"
+                result.update(dict.fromkeys(containers, "cpu"))
             for j, ename in enumerate(expert_modules(blocks[name])):
                 result[f"{name}.experts.{ename}"] = homes[name][j]
             continue
